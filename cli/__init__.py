@@ -1,0 +1,1 @@
+"""The ``gpuconn`` command-line interface (Typer); one small module per command."""

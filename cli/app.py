@@ -1,0 +1,58 @@
+"""The ``gpuconn`` Typer application and its error handling.
+
+User errors (:class:`gpuconn.errors.GpuconnError`, and operating-system
+errors such as a full disk or a read-only folder) are printed as one line on
+standard error with exit code 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from gpuconn.errors import GpuconnError
+
+from . import info
+
+app = typer.Typer(
+    name="gpuconn",
+    help="GPU-accelerated resting-state fMRI connectivity: denoise, seed maps, ICA, dual regression, randomise.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+
+@app.callback()
+def _root() -> None:
+    """GPU-accelerated resting-state fMRI connectivity."""
+
+
+app.command("info")(info.info)
+
+_err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI with ``argv`` and return its exit code (never raises for user errors)."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="gpuconn", standalone_mode=True)
+    except SystemExit as exc:  # usage errors, --help and normal ends exit here
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except GpuconnError as exc:
+        _err.print(f"gpuconn: error: {exc}", markup=False)
+        return 2
+    except OSError as exc:
+        where = f" {exc.filename}:" if exc.filename else ""
+        _err.print(f"gpuconn: error:{where} {exc.strerror or exc}", markup=False)
+        return 2
+    return 0
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(run(sys.argv[1:]))

@@ -1,0 +1,44 @@
+"""``gpuconn info``: versions, the device found, CUDA and CuPy status."""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+
+def info() -> None:
+    """Print package versions, the device gpuconn would use, and CUDA/CuPy status."""
+    import nibabel
+    import numpy
+    import scipy
+    import torch
+
+    from gpuconn import __version__
+    from gpuconn.backend import resolve_device
+
+    table = Table(show_header=False, box=None)
+    rows = [
+        ("gpuconn", __version__),
+        ("python", platform.python_version()),
+        ("numpy", numpy.__version__),
+        ("scipy", scipy.__version__),
+        ("torch", torch.__version__),
+        ("nibabel", nibabel.__version__),
+        ("device (auto)", str(resolve_device("auto"))),
+        ("torch CUDA build", str(torch.version.cuda)),
+        ("CUDA devices", str(torch.cuda.device_count())),
+    ]
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        rows.append((f"cuda:{index}", f"{props.name}, {props.total_memory / 2**30:.1f} GiB"))
+    # find_spec only: importing CuPy here would initialise CUDA for nothing.
+    rows.append(("cupy", "installed" if importlib.util.find_spec("cupy") else "not installed (optional: gpuconn[gpu])"))
+    for name, value in rows:
+        table.add_row(name, Text(value))
+    Console().print(table)
+    raise typer.Exit(0)

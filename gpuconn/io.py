@@ -1,0 +1,388 @@
+"""NIfTI and table I/O: loading, masking, grid checks and atomic writes.
+
+Images are loaded with nibabel and turned into ``(n_volumes, n_voxels)``
+arrays of the voxels inside a mask, and back. Every output is written to a
+temporary name in the destination folder and renamed when complete, so an
+interrupted or failed write never leaves a partial file under the final name.
+NIfTI and TSV outputs get a JSON sidecar with the parameters that made them
+and the versions of the packages involved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from . import __version__
+from .errors import GpuconnError, InputError
+
+__all__ = [
+    "NIFTI_SUFFIXES",
+    "split_ext",
+    "sidecar_path",
+    "load_image",
+    "load_mask",
+    "check_same_grid",
+    "masked_data",
+    "unmask",
+    "atomic_path",
+    "save_image",
+    "write_json",
+    "write_tsv",
+    "write_text",
+    "read_tsv",
+    "provenance",
+]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_AFFINE_ATOL = 1e-3  # mm; header round-off in float32 qform/sform
+
+
+def split_ext(path: str | os.PathLike) -> tuple[str, str]:
+    """Split a path into stem and extension, treating ``.nii.gz``/``.tsv.gz`` as one."""
+    text = str(path)
+    for suffix in (".nii.gz", ".tsv.gz", ".nii", ".tsv", ".json", ".txt", ".mat", ".con", ".grp", ".fts", ".html"):
+        if text.endswith(suffix):
+            return text[: -len(suffix)], suffix
+    root, ext = os.path.splitext(text)
+    return root, ext
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The JSON sidecar name of an output (``x.nii.gz`` → ``x.json``)."""
+    return Path(split_ext(path)[0] + ".json")
+
+
+def load_image(path: str | os.PathLike, *, ndim: int | None = None, what: str = "image") -> nib.Nifti1Image:
+    """Load a NIfTI image, checking it exists, decodes and has the right rank.
+
+    Parameters
+    ----------
+    path : path-like
+        ``.nii`` or ``.nii.gz`` file.
+    ndim : {3, 4}, optional
+        Required dimensionality. A 4D image with one volume passes as 3D.
+    what : str
+        What the image is for, used in error messages (``'BOLD'``, ``'mask'``).
+
+    Returns
+    -------
+    nibabel.Nifti1Image
+        With its data already read and checked to decode.
+
+    Raises
+    ------
+    InputError
+        Missing, unreadable or truncated file, or wrong dimensionality.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} file not found: {path}")
+    if not str(path).endswith(NIFTI_SUFFIXES):
+        raise InputError(f"{what} {path} is not a NIfTI file (.nii or .nii.gz expected)")
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise InputError(f"cannot read {what} {path}: {type(exc).__name__}: {exc}; is the file complete?") from exc
+    img = nib.Nifti1Image(data, img.affine, img.header)
+    if ndim is not None:
+        shape = data.shape
+        if ndim == 3 and len(shape) == 4 and shape[3] == 1:
+            img = nib.Nifti1Image(data[..., 0], img.affine, img.header)
+        elif len(shape) != ndim:
+            expected = "a 3D volume" if ndim == 3 else "a 4D series (x, y, z, time)"
+            raise InputError(f"{what} {path} has shape {shape}; expected {expected}")
+    return img
+
+
+def check_same_grid(
+    img_a: nib.Nifti1Image,
+    path_a: str | os.PathLike,
+    img_b: nib.Nifti1Image,
+    path_b: str | os.PathLike,
+    *,
+    atol: float = _AFFINE_ATOL,
+) -> None:
+    """Raise a clear error unless two images share their spatial shape and affine.
+
+    Parameters
+    ----------
+    img_a, img_b : nibabel.Nifti1Image
+    path_a, path_b : path-like
+        Their files, named in the error.
+    atol : float
+        Tolerance on affine entries in mm.
+
+    Raises
+    ------
+    InputError
+        Naming both files and the mismatch.
+    """
+    shape_a, shape_b = img_a.shape[:3], img_b.shape[:3]
+    if shape_a != shape_b:
+        raise InputError(
+            f"grid mismatch: {path_a} has shape {shape_a} but {path_b} has shape {shape_b}; "
+            "resample one onto the other's grid"
+        )
+    if not np.allclose(img_a.affine, img_b.affine, atol=atol):
+        diff = float(np.max(np.abs(img_a.affine - img_b.affine)))
+        raise InputError(
+            f"affine mismatch: {path_a} and {path_b} differ by up to {diff:.4g} mm "
+            f"({np.round(img_a.affine[:3], 3).tolist()} vs {np.round(img_b.affine[:3], 3).tolist()}); "
+            "resample one onto the other's grid"
+        )
+
+
+def load_mask(
+    path: str | os.PathLike,
+    *,
+    reference: nib.Nifti1Image | None = None,
+    reference_path: str | os.PathLike | None = None,
+    threshold: float = 0.0,
+    what: str = "mask",
+) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Load a 3D mask (voxels ``> threshold``), optionally checked against a reference grid.
+
+    Returns
+    -------
+    mask : ndarray of bool, shape (x, y, z)
+    img : nibabel.Nifti1Image
+
+    Raises
+    ------
+    InputError
+        Not 3D, empty, or on a different grid from the reference.
+    """
+    img = load_image(path, ndim=3, what=what)
+    if reference is not None:
+        check_same_grid(reference, reference_path or "reference image", img, path)
+    data = np.asarray(img.dataobj)
+    mask = np.nan_to_num(data, nan=0.0) > threshold
+    if not mask.any():
+        raise InputError(f"{what} {path} is empty (no voxel above {threshold}); check the file or threshold")
+    return mask, img
+
+
+def masked_data(
+    img: nib.Nifti1Image,
+    mask: np.ndarray,
+    *,
+    path: str | os.PathLike = "image",
+    dtype: Any = np.float32,
+) -> np.ndarray:
+    """Voxels inside ``mask`` as a ``(n_volumes, n_voxels)`` array (``(1, n_voxels)`` for 3D).
+
+    Raises
+    ------
+    InputError
+        If the image's grid differs from the mask's, or any masked value is
+        NaN or infinite (the message counts them and suggests a tighter mask).
+    """
+    data = np.asarray(img.dataobj)
+    if data.shape[:3] != mask.shape:
+        raise InputError(f"{path} has shape {data.shape[:3]} but the mask has {mask.shape}")
+    values = data[mask]  # (n_voxels,) or (n_voxels, n_volumes)
+    values = values[:, None] if values.ndim == 1 else values
+    values = np.ascontiguousarray(values.T, dtype=dtype)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        n_vox = int(bad.any(axis=0).sum())
+        raise InputError(
+            f"{path} has NaN or Inf in {n_vox} voxel(s) inside the mask; "
+            "fix the image or use a mask that excludes them"
+        )
+    return values
+
+
+def unmask(values: np.ndarray, mask: np.ndarray, *, fill: float = 0.0) -> np.ndarray:
+    """Put ``(n_maps, n_voxels)`` (or ``(n_voxels,)``) values back on the mask's grid.
+
+    Returns
+    -------
+    ndarray, shape (x, y, z, n_maps) or (x, y, z)
+    """
+    values = np.asarray(values)
+    n_vox = int(mask.sum())
+    if values.shape[-1] != n_vox:
+        raise ValueError(f"values have {values.shape[-1]} voxels but the mask has {n_vox}")
+    if values.ndim == 1:
+        out = np.full(mask.shape, fill, dtype=values.dtype)
+        out[mask] = values
+        return out
+    out = np.full(mask.shape + (values.shape[0],), fill, dtype=values.dtype)
+    out[mask] = values.T
+    return out
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` on success.
+
+    The temporary name keeps the extension (so ``.nii.gz`` is still
+    compressed); on any exception the temporary file is removed and nothing
+    appears under the final name.
+
+    Raises
+    ------
+    GpuconnError
+        If the destination folder cannot be created or written.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stem, ext = split_ext(path.name)
+        fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise GpuconnError(f"cannot write to {path.parent}: {exc.strerror}; choose a writable output folder") from exc
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException as exc:
+        tmp_path.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+            raise GpuconnError(f"writing {path} failed: {exc.strerror or exc}; no partial file was left") from exc
+        raise
+
+
+def provenance(params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A JSON-ready record of parameters and package versions for a sidecar."""
+    import scipy
+    import torch
+
+    return {
+        "GeneratedBy": {"Name": "gpuconn", "Version": __version__},
+        "Parameters": _jsonable(dict(params or {})),
+        "Versions": {
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "scipy": scipy.__version__,
+            "torch": torch.__version__,
+            "nibabel": nib.__version__,
+            "pandas": pd.__version__,
+        },
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_jsonable(obj), indent=2) + "\n")
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+def _write_sidecar(path: Path, params: Mapping[str, Any] | None) -> None:
+    write_json(sidecar_path(path), provenance(params))
+
+
+def save_image(
+    data: np.ndarray,
+    reference: nib.Nifti1Image,
+    path: str | os.PathLike,
+    *,
+    params: Mapping[str, Any] | None = None,
+    sidecar: bool = True,
+    dtype: Any = np.float32,
+) -> Path:
+    """Write a 3D/4D array as NIfTI on the reference image's grid, atomically.
+
+    Parameters
+    ----------
+    data : ndarray, shape (x, y, z) or (x, y, z, n)
+        Must match the reference's spatial shape.
+    reference : nibabel.Nifti1Image
+        Source of affine and header (qform/sform codes, units, TR).
+    path : path-like
+        ``.nii`` or ``.nii.gz``.
+    params : mapping, optional
+        Written with package versions to the JSON sidecar.
+    sidecar : bool, default True
+        Write ``<stem>.json`` beside the image.
+    dtype : numpy dtype, default float32
+
+    Returns
+    -------
+    Path
+    """
+    path = Path(path)
+    if not str(path).endswith(NIFTI_SUFFIXES):
+        raise InputError(f"output {path} must end in .nii or .nii.gz")
+    data = np.asarray(data, dtype=dtype)
+    if data.shape[:3] != reference.shape[:3]:
+        raise ValueError(f"data shape {data.shape} does not match reference grid {reference.shape[:3]}")
+    header = reference.header.copy()
+    header.set_data_dtype(dtype)
+    header.set_intent("none")
+    header["scl_slope"], header["scl_inter"] = np.nan, np.nan
+    img = nib.Nifti1Image(data, reference.affine, header)
+    img.header.set_xyzt_units(*reference.header.get_xyzt_units())
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    if sidecar:
+        _write_sidecar(path, params)
+    return path
+
+
+def write_tsv(
+    table: pd.DataFrame,
+    path: str | os.PathLike,
+    *,
+    params: Mapping[str, Any] | None = None,
+    sidecar: bool = False,
+    float_format: str = "%.6g",
+) -> Path:
+    """Write a table as tab-separated values (``n/a`` for missing), atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, sep="\t", index=False, na_rep="n/a", float_format=float_format)
+    if sidecar:
+        _write_sidecar(path, params)
+    return path
+
+
+def read_tsv(path: str | os.PathLike, *, what: str = "table") -> pd.DataFrame:
+    """Read a BIDS-style TSV (``n/a`` as missing) with a clear error when absent or malformed."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} file not found: {path}")
+    try:
+        return pd.read_csv(path, sep="\t", na_values=["n/a", "NaN", "nan"], keep_default_na=True)
+    except Exception as exc:
+        raise InputError(f"cannot read {what} {path}: {exc}") from exc

@@ -1,0 +1,1 @@
+"""Group statistics: designs, GLM, permutations and spatial inference."""
