@@ -71,6 +71,7 @@ def find_runs(
     *,
     participant_label: list[str] | None = None,
     space: str = DEFAULT_SPACE,
+    desc: str = "preproc",
 ) -> list[Run]:
     """List the preprocessed BOLD runs under a derivatives folder.
 
@@ -82,6 +83,9 @@ def find_runs(
         Subjects to keep (with or without ``sub-``).
     space : str, default 'MNI152NLin2009cAsym'
         The ``space-`` entity of the BOLD files.
+    desc : str, default 'preproc'
+        The ``desc-`` entity of the BOLD files (e.g. ``'denoised'`` for
+        ``*_desc-denoised_bold.nii.gz``).
 
     Returns
     -------
@@ -98,14 +102,14 @@ def find_runs(
         raise InputError(f"derivatives folder not found: {root}")
     wanted = {label.removeprefix("sub-") for label in participant_label} if participant_label else None
     runs = []
-    for bold in sorted(root.glob(f"sub-*/**/func/*_space-{space}*_desc-preproc_bold.nii*")):
+    for bold in sorted(root.glob(f"sub-*/**/func/*_space-{space}*_desc-{desc}_bold.nii*")):
         ents = _entities(bold.name)
         subject, session = ents.get("sub"), ents.get("ses")
         if subject is None or (wanted is not None and subject not in wanted):
             continue
         func = bold.parent
         prefix = bold.name.split("_space-")[0]
-        space_part = bold.name.split("_desc-preproc_bold")[0]
+        space_part = bold.name.split(f"_desc-{desc}_bold")[0]
         anat_dirs = [root / f"sub-{subject}" / "anat"]
         if session:
             anat_dirs.insert(0, root / f"sub-{subject}" / f"ses-{session}" / "anat")
@@ -125,7 +129,7 @@ def find_runs(
     if not runs:
         which = f" for participant(s) {sorted(wanted)}" if wanted else ""
         raise InputError(
-            f"no *_space-{space}_desc-preproc_bold.nii.gz files{which} under {root}; "
+            f"no *_space-{space}_desc-{desc}_bold.nii.gz files{which} under {root}; "
             "is this a fMRIPrep derivatives folder?"
         )
     return sorted(runs, key=lambda r: (r.subject, r.session or "", r.bold.name))
