@@ -1,0 +1,183 @@
+"""Cluster labelling, extent and mass against scipy.ndimage.label and nilearn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from gpuconn.errors import InputError
+from gpuconn.stats.clusters import (
+    _label_torch,
+    cluster_maps,
+    cluster_transform,
+    connectivity_offsets,
+    label_maps,
+    neighbour_table,
+)
+
+RANK = {6: 1, 18: 2, 26: 3}
+
+
+def _scipy_labels(volume: np.ndarray, mask: np.ndarray, threshold: float, connectivity: int) -> np.ndarray:
+    structure = ndimage.generate_binary_structure(3, RANK[connectivity])
+    labels, _ = ndimage.label((volume > threshold) & mask, structure)
+    return labels[mask]
+
+
+def _both_labellings(values: np.ndarray, mask: np.ndarray, threshold: float, connectivity: int):
+    """(union-find labels, torch propagation labels), each (n_maps, n_voxels)."""
+    table = neighbour_table(mask, connectivity=connectivity)
+    union_find = label_maps(values, mask, threshold=threshold, connectivity=connectivity).numpy()
+    propagated = _label_torch(torch.as_tensor(values), torch.as_tensor(table).long(), threshold).numpy()
+    return union_find, propagated
+
+
+def test_offsets_counts_and_order():
+    for connectivity in (6, 18, 26):
+        offsets = connectivity_offsets(connectivity)
+        assert offsets.shape == (connectivity, 3)
+        flat = offsets @ np.array([9, 3, 1])
+        assert (flat[: connectivity // 2] < 0).all() and (flat[connectivity // 2 :] > 0).all()
+    with pytest.raises(InputError, match="6, 18, 26"):
+        connectivity_offsets(8)
+
+
+def test_neighbour_table_brute_force(rng):
+    mask = rng.random((4, 5, 3)) > 0.3
+    table = neighbour_table(mask, connectivity=18)
+    coords = np.argwhere(mask)
+    lookup = {tuple(c): i for i, c in enumerate(coords)}
+    for i, c in enumerate(coords):
+        for j, off in enumerate(connectivity_offsets(18)):
+            assert table[i, j] == lookup.get(tuple(c + off), -1)
+
+
+@pytest.mark.parametrize("connectivity", [6, 18, 26])
+def test_random_maps_equal_scipy(rng, connectivity):
+    shape = (9, 11, 8)
+    mask = rng.random(shape) > 0.1
+    maps = rng.normal(size=(6,) + shape).astype(np.float32)
+    union_find, propagated = _both_labellings(maps[:, mask], mask, 0.3, connectivity)
+    for i in range(len(maps)):
+        expected = _scipy_labels(maps[i], mask, 0.3, connectivity)
+        np.testing.assert_array_equal(union_find[i], expected)
+        np.testing.assert_array_equal(propagated[i], expected)
+
+
+def _spiral(size: int = 13) -> np.ndarray:
+    """Two one-voxel-wide square spirals (z = 0 and z = 2) with a gap between rings, joined at (0, 0, 1)."""
+    volume = np.zeros((size, size, 3), dtype=np.float32)
+    steps = [(1, 0), (0, 1), (-1, 0), (0, -1)]
+    lengths = [size - 1, size - 1, size - 1]
+    length = size - 3
+    while length > 0:
+        lengths += [length, length]
+        length -= 2
+    x = y = 0
+    volume[0, 0, 0] = 1
+    for turn, n in enumerate(lengths):
+        dx, dy = steps[turn % 4]
+        for _ in range(n):
+            x, y = x + dx, y + dy
+            volume[x, y, 0] = 1
+    volume[:, :, 2] = volume[:, :, 0].T
+    volume[0, 0, 1] = 1
+    return volume
+
+
+def _bridges(shape=(10, 10, 10)) -> np.ndarray:
+    """Blocks joined by a one-voxel face bridge, an edge-only and a corner-only contact, voxels on the volume's edges."""
+    volume = np.zeros(shape, dtype=np.float32)
+    volume[:3, :3, :3] = 2  # block A in the volume's corner
+    volume[3, 1, 1] = 2  # one-voxel face bridge ...
+    volume[4:7, :3, :3] = 2  # ... to block B
+    volume[7, 3, 1] = 2  # edge-only contact with B's (6, 2, 1): joined for 18 and 26
+    volume[8, 4, 2] = 2  # corner-only contact with (7, 3, 1): joined for 26 only
+    volume[-1, -1, -1] = 2  # isolated voxels on the volume's edges
+    volume[-1, -1, 0] = 2
+    return volume
+
+
+@pytest.mark.parametrize("connectivity", [6, 18, 26])
+@pytest.mark.parametrize("make", [_spiral, _bridges])
+def test_adversarial_shapes_equal_scipy(connectivity, make):
+    volume = make()
+    mask = np.ones(volume.shape, dtype=bool)
+    union_find, propagated = _both_labellings(volume[mask][None], mask, 0.5, connectivity)
+    expected = _scipy_labels(volume, mask, 0.5, connectivity)
+    np.testing.assert_array_equal(union_find[0], expected)
+    np.testing.assert_array_equal(propagated[0], expected)
+
+
+def test_spiral_is_one_long_cluster():
+    volume = _spiral()
+    labels = label_maps(volume.reshape(1, -1), np.ones(volume.shape, bool), threshold=0.5).numpy()
+    assert labels.max() == 1 and (labels > 0).sum() == (volume > 0.5).sum() > 100
+
+
+def test_bridges_depend_on_connectivity():
+    volume = _bridges()
+    mask = np.ones(volume.shape, dtype=bool)
+    counts = [int(label_maps(volume[mask], mask, threshold=0.5, connectivity=c).max()) for c in (6, 18, 26)]
+    assert counts == [5, 4, 3]  # A+B, edge voxel, corner voxel, two isolated; then merged one by one
+
+
+def test_mask_cuts_clusters():
+    volume = np.ones((3, 7, 3), dtype=np.float32)
+    mask = np.ones(volume.shape, dtype=bool)
+    mask[:, 3, :] = False  # a wall of excluded voxels
+    labels = label_maps(volume[mask], mask, threshold=0.5).numpy()[0]
+    assert labels.max() == 2
+
+
+def _reference_cluster_maps(volume, mask, threshold, connectivity):
+    labels = _scipy_labels(volume, mask, threshold, connectivity)
+    values = volume[mask].astype(np.float64)
+    extent = np.bincount(labels)[labels] * (labels > 0)
+    mass = np.bincount(labels, weights=values - threshold)[labels] * (labels > 0)
+    return extent, mass
+
+
+@pytest.mark.parametrize("connectivity", [6, 26])
+def test_extent_and_mass(device, rng, connectivity):
+    shape = (10, 9, 8)
+    mask = rng.random(shape) > 0.05
+    maps = ndimage.gaussian_filter(rng.normal(size=(4,) + shape), (0, 1, 1, 1)).astype(np.float32) * 4
+    values = torch.as_tensor(maps[:, mask], device=device)
+    extent = cluster_maps(values, mask, threshold=0.8, kind="extent", connectivity=connectivity)
+    mass = cluster_maps(values, mask, threshold=0.8, kind="mass", connectivity=connectivity)
+    assert extent.device.type == device.type
+    for i in range(len(maps)):
+        ref_extent, ref_mass = _reference_cluster_maps(maps[i], mask, 0.8, connectivity)
+        np.testing.assert_array_equal(extent[i].cpu().numpy(), ref_extent)
+        # float64 sums of float32 values: differences are summation order only
+        np.testing.assert_allclose(mass[i].cpu().numpy(), ref_mass, rtol=1e-10, atol=1e-10)
+
+
+def test_maxima_equal_nilearn(rng):
+    from nilearn.mass_univariate._utils import calculate_cluster_measures
+
+    shape = (12, 10, 9)
+    mask = np.ones(shape, dtype=bool)
+    maps = ndimage.gaussian_filter(rng.normal(size=(3,) + shape), (0, 1, 1, 1)) * 4
+    values = maps[:, mask].astype(np.float32)
+    extent = cluster_maps(values, mask, threshold=1.0, kind="extent").max(dim=1).values.numpy()
+    mass = cluster_maps(values, mask, threshold=1.0, kind="mass").max(dim=1).values.numpy()
+    arr4d = np.moveaxis(maps.astype(np.float32), 0, -1).astype(np.float64)
+    max_size, max_mass = calculate_cluster_measures(arr4d, 1.0, ndimage.generate_binary_structure(3, 1))
+    np.testing.assert_array_equal(extent, max_size)
+    np.testing.assert_allclose(mass, max_mass, rtol=1e-6)  # float32 inputs
+
+
+def test_transform_shape_dtype_and_errors(rng):
+    mask = np.ones((5, 5, 5), dtype=bool)
+    stats = torch.as_tensor(rng.normal(size=(3, 125)) * 3, dtype=torch.float32)
+    out = cluster_transform(mask, 2.0, kind="mass")(stats)
+    assert out.shape == stats.shape and out.dtype == torch.float32
+    assert ((out > 0) == (stats > 2.0)).all()
+    with pytest.raises(InputError, match="'extent' or 'mass'"):
+        cluster_transform(mask, 2.0, kind="size")
+    with pytest.raises(InputError, match=r"shape \(n_maps, 125\)"):
+        label_maps(np.zeros((2, 124)), mask)

@@ -1,0 +1,154 @@
+"""TFCE: stepped vs nilearn, exact vs a slow integral, convergence, conventions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from gpuconn.errors import InputError
+from gpuconn.stats.tfce import TFCE_2D, tfce, tfce_thresholds, tfce_transform
+
+RANK = {6: 1, 18: 2, 26: 3}
+
+
+def _smooth_maps(rng, n, shape, scale=3.0):
+    maps = ndimage.gaussian_filter(rng.normal(size=(n,) + shape), (0, 1, 1, 1)) * scale
+    return maps.astype(np.float32)
+
+
+def _slow_exact(volume, mask, *, H, E, connectivity):
+    """∫_0^h e(h)^E h^H dh by labelling at every distinct positive value (scipy).
+
+    Between consecutive distinct values u_{i-1} < h <= u_i the set {value >= h}
+    is {value >= u_i}, so the integrand's extent is constant there and the
+    integral of h^H is (u_i^{H+1} - u_{i-1}^{H+1}) / (H+1).
+    """
+    structure = ndimage.generate_binary_structure(3, RANK[connectivity])
+    values = np.where(mask, volume.astype(np.float64), 0.0)
+    levels = np.unique(values[values > 0])
+    out = np.zeros(volume.shape)
+    previous = 0.0
+    for level in levels:
+        labels, _ = ndimage.label(values >= level, structure)
+        extent = np.bincount(labels.ravel())[labels] * (labels > 0)
+        out += extent**E * (level ** (H + 1) - previous ** (H + 1)) / (H + 1)
+        previous = level
+    return out[mask]
+
+
+def _slow_stepped(volume, mask, thresholds, *, H, E, connectivity):
+    """Σ_k e(h_k)^E h_k^H over explicit thresholds, voxels >= h_k (scipy labelling)."""
+    structure = ndimage.generate_binary_structure(3, RANK[connectivity])
+    values = np.where(mask, volume.astype(np.float64), -np.inf)
+    out = np.zeros(volume.shape)
+    for h in thresholds:
+        labels, _ = ndimage.label(values >= h, structure)
+        out += np.bincount(labels.ravel())[labels] ** E * h**H * (labels > 0)
+    return out[mask]
+
+
+@pytest.mark.parametrize(("connectivity", "H", "E"), [(6, 2.0, 0.5), (18, 1.5, 0.7), (26, 2.0, 1.0)])
+def test_stepped_equals_nilearn(rng, connectivity, H, E):
+    from nilearn.mass_univariate._utils import calculate_tfce
+
+    shape = (11, 10, 9)
+    mask = rng.random(shape) > 0.05
+    maps = _smooth_maps(rng, 3, shape)
+    maps[:, ~mask] = 0.0
+    ours = tfce(maps[:, mask], mask, H=H, E=E, connectivity=connectivity).numpy()
+    structure = ndimage.generate_binary_structure(3, RANK[connectivity])
+    for i in range(len(maps)):
+        ref = calculate_tfce(maps[i][..., None].astype(np.float64), structure, E=E, H=H, two_sided_test=False)
+        # float32 output of float64 sums: relative error ~ float32 eps
+        np.testing.assert_allclose(ours[i], ref[..., 0][mask], rtol=2e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("connectivity", [6, 26])
+def test_exact_equals_slow_integral(rng, connectivity):
+    shape = (7, 6, 5)
+    mask = np.ones(shape, dtype=bool)
+    maps = _smooth_maps(rng, 2, shape)
+    ours = tfce(maps[:, mask], mask, connectivity=connectivity, method="exact").numpy()
+    for i in range(len(maps)):
+        ref = _slow_exact(maps[i], mask, H=2.0, E=0.5, connectivity=connectivity)
+        np.testing.assert_allclose(ours[i], ref, rtol=2e-6, atol=1e-6)
+
+
+def test_hand_computed_pair():
+    """Two adjacent voxels, values 1 and 2 (H=2, E=0.5)."""
+    mask = np.ones((3, 3, 3), dtype=bool)
+    volume = np.zeros((3, 3, 3), dtype=np.float32)
+    volume[1, 1, 0], volume[1, 1, 1] = 1.0, 2.0
+    exact = tfce(volume[mask], mask, method="exact").numpy()[0].reshape(3, 3, 3)
+    # voxel 2: ∫_0^1 sqrt(2) h^2 dh + ∫_1^2 h^2 dh ; voxel 1: ∫_0^1 sqrt(2) h^2 dh
+    assert exact[1, 1, 1] == pytest.approx(np.sqrt(2) / 3 + 7 / 3, rel=1e-6)
+    assert exact[1, 1, 0] == pytest.approx(np.sqrt(2) / 3, rel=1e-6)
+    stepped = tfce(volume[mask], mask, dh=0.5).numpy()[0].reshape(3, 3, 3)
+    # thresholds 0.5, 1.0 (both voxels) and 1.5, 2.0 (voxel 2 alone)
+    assert stepped[1, 1, 1] == pytest.approx(np.sqrt(2) * (0.25 + 1) + 2.25 + 4, rel=1e-6)
+    assert stepped[1, 1, 0] == pytest.approx(np.sqrt(2) * (0.25 + 1), rel=1e-6)
+
+
+def test_stepped_converges_to_exact(rng):
+    shape = (9, 8, 7)
+    mask = np.ones(shape, dtype=bool)
+    values = _smooth_maps(rng, 2, shape)[:, mask]
+    exact = tfce(values, mask, method="exact").numpy().astype(np.float64)
+    errors = [np.abs(tfce(values, mask, dh=dh).numpy() * dh - exact).max() for dh in (0.2, 0.02, 0.002)]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 2e-3 * exact.max()  # a right Riemann sum: error O(dh)
+
+
+def test_fixed_step_equals_slow_sum(rng):
+    shape = (8, 7, 6)
+    mask = rng.random(shape) > 0.1
+    maps = _smooth_maps(rng, 2, shape)
+    dh = 0.05
+    ours = tfce(maps[:, mask], mask, dh=dh, connectivity=18).numpy()
+    for i in range(len(maps)):
+        top = maps[i][mask].max()
+        thresholds = dh * np.arange(1, int(np.floor(top / dh)) + 1)
+        ref = _slow_stepped(maps[i], mask, thresholds, H=2.0, E=0.5, connectivity=18)
+        np.testing.assert_allclose(ours[i], ref, rtol=2e-6, atol=1e-5)
+
+
+def test_thresholds_conventions():
+    auto = tfce_thresholds(np.array([3.0, -1.0]))
+    np.testing.assert_array_equal(auto[0], np.linspace(0, 3.0, 101)[1:])
+    assert np.isinf(auto[1]).all()
+    fixed = tfce_thresholds(np.array([1.0, 0.35]), dh=0.1)
+    assert fixed.shape == (2, 10) and np.isinf(fixed[1, 3:]).all()
+    with pytest.raises(InputError, match="larger step"):
+        tfce_thresholds(np.array([10.0]), dh=1e-6)
+
+
+def test_negative_values_and_batch_independence(rng):
+    shape = (6, 6, 6)
+    mask = np.ones(shape, dtype=bool)
+    values = _smooth_maps(rng, 3, shape)[:, mask]
+    out = tfce(values, mask).numpy()
+    exact = tfce(values, mask, method="exact").numpy()
+    assert (out[values <= 0] == 0).all() and (exact[values <= 0] == 0).all() and (exact[values > 0] > 0).all()
+    np.testing.assert_array_equal(tfce(values[1], mask).numpy()[0], out[1])
+    assert not tfce(-np.abs(values), mask, method="exact").numpy().any()
+
+
+def test_transform_and_2d_settings(device, rng):
+    shape = (6, 7, 5)
+    mask = np.ones(shape, dtype=bool)
+    stats = torch.as_tensor(_smooth_maps(rng, 2, shape)[:, mask], device=device)
+    out = tfce_transform(mask, **TFCE_2D)(stats)
+    assert out.shape == stats.shape and out.dtype == torch.float32 and out.device.type == device.type
+    np.testing.assert_array_equal(out.cpu().numpy(), tfce(stats.cpu(), mask, H=2.0, E=1.0, connectivity=26).numpy())
+
+
+def test_bad_parameters():
+    mask = np.ones((3, 3, 3), dtype=bool)
+    with pytest.raises(InputError, match="'stepped' or 'exact'"):
+        tfce(np.zeros(27), mask, method="fast")
+    with pytest.raises(InputError, match="must be positive"):
+        tfce_transform(mask, E=0.0)
+    with pytest.raises(InputError, match=r"shape \(n_maps, 27\)"):
+        tfce(np.zeros((1, 20)), mask)
