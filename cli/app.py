@@ -15,6 +15,7 @@ from rich.console import Console
 from gpuconn.errors import GpuconnError
 
 from . import info
+from . import dualreg
 
 app = typer.Typer(
     name="gpuconn",
@@ -32,6 +33,7 @@ def _root() -> None:
 
 
 app.command("info")(info.info)
+app.command("dualreg")(dualreg.dualreg)
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 

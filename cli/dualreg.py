@@ -1,0 +1,51 @@
+"""``gpuconn dualreg``: FSL-style dual regression of group maps on every subject."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from .options import Device, Quiet
+
+
+def dualreg(
+    maps: Annotated[Path, typer.Argument(help="4D group maps, one volume per map (e.g. melodic_IC.nii.gz).")],
+    subjects: Annotated[
+        list[Path],
+        typer.Argument(help="Subjects' 4D series on the maps' grid; outputs are numbered subject00000.. in this order."),
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created).")],
+    mask: Annotated[
+        Path | None,
+        typer.Option("--mask", "-m", help="3D mask; default: voxels varying over time in every subject (as FSL)."),
+    ] = None,
+    des_norm: Annotated[
+        bool,
+        typer.Option("--des-norm/--no-des-norm", help="Normalise stage-2 regressors to unit std (FSL's des_norm=1)."),
+    ] = True,
+    batch: Annotated[
+        int | None, typer.Option("--batch", help="Subjects per device batch (default: from free memory).")
+    ] = None,
+    device: Device = "auto",
+    quiet: Quiet = False,
+) -> None:
+    """Dual regression as FSL dual_regression: stage 1 time courses, stage 2 subject maps and Z maps.
+
+    Writes dr_stage1_subjectNNNNN.txt, dr_stage2_subjectNNNNN.nii.gz, dr_stage2_subjectNNNNN_Z.nii.gz,
+    dr_stage2_icNNNN.nii.gz (one volume per subject, ready for `gpuconn randomise`), mask.nii.gz and
+    dualreg.json (parameters, subject numbering). Nothing is written unless every subject succeeds.
+    """
+    from gpuconn.dualreg import dual_regression
+
+    result = dual_regression(
+        maps, subjects, out_dir, mask_path=mask, des_norm=des_norm, device=device, batch_size=batch,
+        progress=not quiet,
+    )
+    if not quiet:
+        Console(stderr=True).print(
+            f"dual regression: {len(result.stage1)} subjects x {len(result.components)} maps, "
+            f"{result.n_voxels} voxels -> {result.out_dir}"
+        )

@@ -1,0 +1,623 @@
+"""Dual regression (FSL ``dual_regression``), subjects batched on the device.
+
+For every subject, stage 1 regresses the data spatially on the group maps
+and gives one time course per map; stage 2 regresses the data temporally on
+those time courses and gives subject-specific maps (betas) and their Z
+statistics. The formulas are FSL ``fsl_glm``'s (``melodic/fsl_glm.cc`` and
+``basicGLM::olsfit`` in ``melodic/melhlprfns.cc``), called the way
+``dual_regression`` calls it:
+
+stage 1 (``fsl_glm -i data -d maps --demean -m mask``)
+    design ``X`` = maps, ``(n_voxels, n_maps)``, each map demeaned over the
+    mask; data ``Y`` = the subject's series transposed, ``(n_voxels,
+    n_volumes)``, each volume demeaned over the mask; ``B = pinv(X) Y`` and
+    the time courses are ``B.T``, ``(n_volumes, n_maps)``.
+stage 2 (``fsl_glm -i data -d stage1.txt --demean --des_norm -m mask --out_z``)
+    design ``X`` = the time courses, each demeaned over time and (``des_norm``)
+    divided by its standard deviation (``N - 1`` denominator, as miscmaths
+    ``stdev``); data ``Y`` = the series, each voxel demeaned over time;
+    ``B = pinv(X) Y``; residual variance ``RSS / dof`` with
+    ``dof = n_volumes - rank(X) - 1`` (``ols_dof`` less one for
+    ``--demean``); ``t = B / sqrt(diag((X'X)^-1) sigma^2)`` and ``z`` has the
+    same tail probability under N(0, 1) as ``t`` under Student's t with
+    ``dof`` degrees of freedom.
+
+Outputs carry FSL's names (``dr_stage1_subject00000.txt``,
+``dr_stage2_subject00000.nii.gz``, ``dr_stage2_subject00000_Z.nii.gz``,
+``dr_stage2_ic0000.nii.gz``, ``mask.nii.gz``), numbered in input order, so
+scripts written for ``dual_regression`` keep working. Everything is written
+to a staging folder and moved into place only when every subject succeeded.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from .backend import DESIGN_DTYPE, as_data, chunk_size, resolve_device, to_numpy
+from .errors import InputError
+from .io import (
+    check_same_grid,
+    load_image,
+    load_mask,
+    masked_data,
+    provenance,
+    save_image,
+    unmask,
+    write_json,
+    write_text,
+)
+from .progress import progress_bar
+
+__all__ = [
+    "t_to_z",
+    "spatial_regression",
+    "temporal_regression",
+    "common_mask",
+    "check_subjects",
+    "read_series",
+    "DualRegressionResult",
+    "dual_regression",
+]
+
+#: Smallest ratio of smallest to largest eigenvalue of a design's X'X accepted as full rank.
+_RANK_TOL = 1e-10
+#: Beyond this log tail probability ``ndtri(exp(logp))`` underflows; Newton on ``log_ndtr`` takes over.
+_LOG_P_FLOOR = -600.0
+
+
+# --------------------------------------------------------------------------- t -> z
+
+
+def _series_coefficients(dof: int) -> np.ndarray:
+    """Coefficients ``a_0 .. a_{m-1}`` (``m = dof // 2``) of the central t series.
+
+    Even ``dof``: ``a_k = (2k-1)!! / (2k)!!``; odd: ``a_k = (2k)!! / (2k+1)!!``
+    (Abramowitz & Stegun 26.7.3-4), through ``lgamma`` so that large ``k``
+    neither overflows nor loses precision.
+    """
+    k = np.arange(dof // 2, dtype=np.float64)
+    lg = np.vectorize(math.lgamma, otypes=[np.float64])
+    if dof % 2 == 0:
+        log_a = lg(k + 0.5) - lg(k + 1.0) - 0.5 * math.log(math.pi)
+    else:
+        log_a = lg(k + 1.0) - lg(k + 1.5) + 0.5 * math.log(math.pi) - math.log(2.0)
+    return np.exp(log_a)
+
+
+def _two_sided_central(y: torch.Tensor, s: torch.Tensor, dof: int) -> torch.Tensor:
+    """``P(|T| > |t|)`` as one minus the finite series (accurate while not tiny).
+
+    ``y = cos^2(theta)``, ``s = sin(theta)``, ``theta = atan(|t| / sqrt(dof))``.
+    """
+    head = torch.zeros_like(y)
+    for a in _series_coefficients(dof)[::-1]:  # Horner in y
+        head.mul_(y).add_(float(a))
+    if dof % 2 == 0:
+        return 1.0 - s * head
+    c = torch.sqrt(y)
+    return 1.0 - (2.0 / math.pi) * (torch.atan2(s, c) + s * c * head)
+
+
+def _log_betainc_cf(x: torch.Tensor, log_1mx: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """``log I_x(a, b)`` by the continued fraction (modified Lentz), for ``x < (a+1)/(a+b+2)``.
+
+    Numerical Recipes 6.4 (``betacf``); iterates until every element has
+    converged to float64 round-off.
+    """
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+
+    def guard(v: torch.Tensor) -> torch.Tensor:
+        return v.masked_fill_(v.abs() < tiny, tiny)
+
+    c = torch.ones_like(x)
+    d = guard(1.0 - (qab / qap) * x).reciprocal_()
+    h = d.clone()
+    for m in range(1, 5001):
+        m2 = 2 * m
+        for coef in (m * (b - m) / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) / ((a + m2) * (qap + m2))):
+            aa = coef * x
+            d = guard(d.mul_(aa).add_(1.0)).reciprocal_()
+            c = guard(aa.div_(c).add_(1.0))
+            delta = d * c
+            h.mul_(delta)
+        if m % 4 == 0 and float((delta - 1.0).abs().max()) < 1e-15:
+            break
+    log_front = a * torch.log(x) + b * log_1mx - math.log(a) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+    return log_front + torch.log(h)
+
+
+def _z_from_log_p(log_p: torch.Tensor) -> torch.Tensor:
+    """The upper-tail normal deviate ``z`` with ``log P(Z > z) = log_p`` (``log_p <= log 0.5``)."""
+    z = -torch.special.ndtri(torch.exp(log_p.clamp(min=_LOG_P_FLOOR)))
+    deep = log_p < _LOG_P_FLOOR
+    if bool(deep.any()):
+        lp = log_p[deep]
+        # Mills-ratio asymptote, then Newton on log Phi(-z) = log_p.
+        zz = torch.sqrt(-2.0 * lp - torch.log(-2.0 * lp) - math.log(2.0 * math.pi))
+        for _ in range(4):
+            log_tail = torch.special.log_ndtr(-zz)
+            log_pdf = -0.5 * zz * zz - 0.5 * math.log(2.0 * math.pi)
+            zz = zz + (log_tail - lp) / torch.exp(log_pdf - log_tail)
+        z[deep] = zz
+    return z
+
+
+def t_to_z(t: torch.Tensor, dof: int) -> torch.Tensor:
+    """Convert t statistics to z statistics with the same tail probability.
+
+    ``z = sign(t) * Phi^-1(1 - F_dof(|t|))`` for integer degrees of freedom,
+    to float64 round-off, including far tails where ``1 - F`` is far below
+    float64 resolution. Where ``P(|T| > |t|) >= 1e-3`` it is one minus the
+    finite series of Abramowitz & Stegun 26.7.3-4; beyond, the tail
+    probability ``I_x(dof/2, 1/2)`` (``x = dof / (dof + t^2)``) comes in log
+    space from the incomplete-beta continued fraction.
+
+    Parameters
+    ----------
+    t : torch.Tensor, any shape
+        t statistics (computed in float64; returned in ``t``'s dtype).
+    dof : int
+        Degrees of freedom, a positive integer.
+
+    Returns
+    -------
+    torch.Tensor, same shape, dtype and device as ``t``
+
+    See Also
+    --------
+    scipy.stats.t.sf, scipy.stats.norm.isf : the reference the tests hold this to.
+    """
+    dof = int(dof)
+    if dof < 1:
+        raise ValueError(f"dof must be a positive integer, got {dof}")
+    tt = t.to(torch.float64)
+    a = tt.abs()
+    r2 = dof + a * a
+    two_sided = _two_sided_central(dof / r2, a / torch.sqrt(r2), dof)
+    log_p = torch.log(0.5 * two_sided.clamp(min=1e-300))
+    tail = two_sided < 1e-3
+    if bool(tail.any()):
+        at, rt = a[tail], r2[tail]
+        log_p[tail] = _log_betainc_cf(dof / rt, 2.0 * torch.log(at) - torch.log(rt), dof / 2.0, 0.5) - math.log(2.0)
+    return (torch.sign(tt) * _z_from_log_p(log_p) + 0.0).to(t.dtype)  # + 0.0: no -0.0
+
+
+# --------------------------------------------------------------------------- the two regressions
+
+
+def _check_full_rank(gram: torch.Tensor, what: Sequence[str]) -> None:
+    """Raise InputError naming ``what[i]`` when ``gram[i]`` (``X'X``, ``(K, K)``) is rank deficient."""
+    evals = torch.linalg.eigvalsh(gram)  # ascending
+    ratio = evals[..., 0] / evals[..., -1].clamp(min=torch.finfo(gram.dtype).tiny)
+    bad = torch.nonzero(ratio.reshape(-1) < _RANK_TOL).reshape(-1).tolist()
+    if bad:
+        raise InputError(what[bad[0]])
+
+
+def spatial_regression(
+    data: torch.Tensor,
+    maps: torch.Tensor,
+    *,
+    maps_name: str = "group maps",
+) -> torch.Tensor:
+    """Stage 1: regress each volume on the group maps (``fsl_glm --demean``, spatial design).
+
+    Parameters
+    ----------
+    data : torch.Tensor, shape (n_subjects, n_volumes, n_voxels)
+        Subjects' masked series (float32 is fine; products accumulate in
+        ``data``'s dtype, the ``(K, K)`` solve is float64).
+    maps : torch.Tensor, shape (n_maps, n_voxels)
+        Group maps on the same voxels and device.
+    maps_name : str
+        Named in the error when the maps are collinear.
+
+    Returns
+    -------
+    torch.Tensor, shape (n_subjects, n_volumes, n_maps), float64
+        Time courses ``pinv(X) Y`` transposed, with ``X`` = maps demeaned over
+        voxels and ``Y`` = each volume demeaned over voxels.
+
+    Raises
+    ------
+    InputError
+        If the maps are linearly dependent within the mask.
+    """
+    x = maps.to(DESIGN_DTYPE)
+    x = x - x.mean(dim=1, keepdim=True)  # (K, V)
+    gram = x @ x.T
+    _check_full_rank(
+        gram,
+        [f"{maps_name}: the {maps.shape[0]} maps are linearly dependent (collinear) within the mask; "
+         "drop the duplicated or combined maps"],
+    )
+    y = data - data.mean(dim=2, keepdim=True)  # each volume demeaned over voxels
+    xty = (y @ x.T.to(data.dtype)).to(DESIGN_DTYPE)  # (S, T, K) = Y' X
+    return torch.linalg.solve(gram, xty.transpose(1, 2)).transpose(1, 2)
+
+
+def temporal_regression(
+    data: torch.Tensor,
+    timecourses: torch.Tensor,
+    *,
+    des_norm: bool = True,
+    names: Sequence[str] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 2: regress each voxel's series on the time courses (``fsl_glm --demean [--des_norm]``).
+
+    Parameters
+    ----------
+    data : torch.Tensor, shape (n_subjects, n_volumes, n_voxels)
+        Subjects' masked series.
+    timecourses : torch.Tensor, shape (n_subjects, n_volumes, n_maps)
+        Stage-1 time courses (any float dtype; used in float64).
+    des_norm : bool, default True
+        Scale each demeaned time course to unit standard deviation (``N - 1``
+        denominator, as FSL's ``stdev``) before the fit; changes the betas,
+        not the Z maps.
+    names : sequence of str, optional
+        One name per subject (its file), used in the rank error.
+
+    Returns
+    -------
+    beta : torch.Tensor, shape (n_subjects, n_maps, n_voxels), ``data``'s dtype
+    z : torch.Tensor, shape (n_subjects, n_maps, n_voxels), ``data``'s dtype
+        Z statistics of each beta, from t with ``n_volumes - n_maps - 1``
+        degrees of freedom (see :func:`t_to_z`). Voxels without residual
+        variance get ``z = 0``.
+
+    Raises
+    ------
+    InputError
+        If a subject's time courses are collinear (or one is constant), or
+        there are too few volumes for a residual degree of freedom.
+    """
+    n_subjects, n_volumes, _ = data.shape
+    n_maps = timecourses.shape[2]
+    dof = n_volumes - n_maps - 1
+    names = list(names) if names is not None else [f"subject {i}" for i in range(n_subjects)]
+    if dof < 1:
+        raise InputError(
+            f"{names[0]}: {n_volumes} volumes leave no residual degree of freedom for {n_maps} maps "
+            f"(needs at least {n_maps + 2}); use fewer maps or longer series"
+        )
+    x = timecourses.to(DESIGN_DTYPE)
+    x = x - x.mean(dim=1, keepdim=True)
+    if des_norm:
+        x = x / x.std(dim=1, keepdim=True).clamp(min=torch.finfo(DESIGN_DTYPE).tiny)
+    gram = x.transpose(1, 2) @ x  # (S, K, K)
+    _check_full_rank(
+        gram,
+        [f"{name}: its stage-1 time courses are collinear (rank-deficient design for stage 2); "
+         "the group maps may overlap too much for this subject, or the subject's data are "
+         "degenerate; check the file or remove near-duplicate maps" for name in names],
+    )
+    gram_inv = torch.linalg.inv(gram)
+    pinv = (gram_inv @ x.transpose(1, 2)).to(data.dtype)  # (S, K, T)
+    y = data - data.mean(dim=1, keepdim=True)
+    beta = pinv @ y  # (S, K, V)
+    resid = y - x.to(data.dtype) @ beta
+    sigma2 = (resid * resid).sum(dim=1, keepdim=True) / dof  # (S, 1, V)
+    del resid
+    var_beta = torch.diagonal(gram_inv, dim1=1, dim2=2).to(data.dtype).unsqueeze(2) * sigma2
+    t = torch.where(var_beta > 0, beta / var_beta.clamp(min=torch.finfo(data.dtype).tiny).sqrt(), 0.0)
+    return beta, t_to_z(t, dof)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _subject_name(index: int) -> str:
+    return f"subject{index:05d}"
+
+
+def _lazy_image(path: Path, what: str) -> nib.Nifti1Image:
+    """Open an image's header without reading its data (shape/affine checks)."""
+    if not path.exists():
+        raise InputError(f"{what} file not found: {path}")
+    try:
+        return nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise InputError(f"cannot read {what} {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def check_subjects(
+    subject_paths: Sequence[str | os.PathLike],
+    reference: nib.Nifti1Image,
+    reference_path: str | os.PathLike,
+    *,
+    min_volumes: int,
+    purpose: str,
+) -> list[int]:
+    """Check every subject series against a reference grid, reading headers only.
+
+    Parameters
+    ----------
+    subject_paths : sequence of path-like
+        4D series, in order.
+    reference : nibabel.Nifti1Image
+        Image whose grid (shape and affine) every subject must share.
+    reference_path : path-like
+        Its file, named in errors.
+    min_volumes : int
+        Fewest volumes a subject may have.
+    purpose : str
+        Why ``min_volumes`` are needed, for the error message.
+
+    Returns
+    -------
+    list of int
+        Number of volumes of each subject.
+
+    Raises
+    ------
+    InputError
+        A missing or unreadable file, a 3D image, a grid mismatch, or too few volumes.
+    """
+    if not subject_paths:
+        raise InputError("no subject series given; pass one 4D image per subject")
+    n_volumes = []
+    for path in map(Path, subject_paths):
+        img = _lazy_image(path, "subject series")
+        if len(img.shape) != 4:
+            raise InputError(f"subject series {path} has shape {img.shape}; expected a 4D series (x, y, z, time)")
+        check_same_grid(reference, reference_path, img, path)
+        if img.shape[3] < min_volumes:
+            raise InputError(
+                f"subject series {path} has {img.shape[3]} volumes but {purpose} needs at least {min_volumes}; "
+                "leave this subject out or use fewer components"
+            )
+        n_volumes.append(int(img.shape[3]))
+    return n_volumes
+
+
+def read_series(path: str | os.PathLike, mask: np.ndarray) -> np.ndarray:
+    """A subject's masked series, ``(n_volumes, n_voxels)`` float32."""
+    img = load_image(path, ndim=4, what="subject series")
+    return masked_data(img, mask, path=path)
+
+
+def common_mask(
+    subject_paths: Sequence[str | os.PathLike],
+    *,
+    progress: bool = False,
+) -> np.ndarray:
+    """Voxels with non-zero temporal standard deviation in every subject (FSL's common mask).
+
+    ``dual_regression`` builds its mask as ``fslmaths subj -Tstd -bin`` per
+    subject, then the minimum over subjects; the same here, one subject in
+    memory at a time. Voxels that are NaN or infinite in any subject are left
+    out too.
+
+    Parameters
+    ----------
+    subject_paths : sequence of path-like
+        4D series on one grid (checked by the caller).
+    progress : bool, default False
+
+    Returns
+    -------
+    ndarray of bool, shape (x, y, z)
+
+    Raises
+    ------
+    InputError
+        If no voxel survives.
+    """
+    mask = None
+    with progress_bar("common mask", len(subject_paths), enabled=progress) as advance:
+        for path in subject_paths:
+            data = np.asarray(load_image(path, ndim=4, what="subject series").dataobj, dtype=np.float32)
+            finite = np.isfinite(data).all(axis=3)
+            varying = np.nan_to_num(data).std(axis=3) > 0
+            mask = (finite & varying) if mask is None else (mask & finite & varying)
+            advance()
+    if not mask.any():
+        raise InputError(
+            "no voxel varies over time in every subject (common mask is empty); "
+            "check the inputs or pass --mask"
+        )
+    return mask
+
+
+def _loaded(paths: Sequence[Path], mask: np.ndarray, n_ahead: int) -> Iterator[np.ndarray]:
+    """Masked series of ``paths`` in order, reading up to ``n_ahead`` files ahead in threads."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pending = [pool.submit(read_series, p, mask) for p in paths[:n_ahead]]
+        for index in range(len(paths)):
+            data = pending.pop(0).result()
+            if index + n_ahead < len(paths):
+                pending.append(pool.submit(read_series, paths[index + n_ahead], mask))
+            yield data
+
+
+def _batches(n_volumes: Sequence[int], batch_size: int) -> Iterator[range]:
+    """Consecutive subject ranges of at most ``batch_size`` with equal ``n_volumes``."""
+    start = 0
+    while start < len(n_volumes):
+        stop = start + 1
+        while stop < len(n_volumes) and stop - start < batch_size and n_volumes[stop] == n_volumes[start]:
+            stop += 1
+        yield range(start, stop)
+        start = stop
+
+
+@dataclass
+class DualRegressionResult:
+    """Where :func:`dual_regression` wrote its outputs.
+
+    Attributes
+    ----------
+    out_dir : Path
+    mask : Path
+        ``mask.nii.gz``: the voxels analysed.
+    stage1 : list of Path
+        ``dr_stage1_subjectNNNNN.txt``, ``(n_volumes, n_maps)`` each.
+    stage2, stage2_z : list of Path
+        ``dr_stage2_subjectNNNNN.nii.gz`` and ``..._Z.nii.gz``, ``n_maps`` volumes each.
+    components : list of Path
+        ``dr_stage2_icNNNN.nii.gz``: one 4D file per map, one volume per subject.
+    n_voxels : int
+    """
+
+    out_dir: Path
+    mask: Path
+    stage1: list[Path] = field(default_factory=list)
+    stage2: list[Path] = field(default_factory=list)
+    stage2_z: list[Path] = field(default_factory=list)
+    components: list[Path] = field(default_factory=list)
+    n_voxels: int = 0
+
+
+def _default_batch(n_volumes: int, n_voxels: int, n_maps: int, device: torch.device, n_subjects: int) -> int:
+    # data, demeaned copy, residual (float32) + beta/t/z and float64 t->z temporaries per map
+    per_subject = 4 * 3 * n_volumes * n_voxels + 8 * 10 * n_maps * n_voxels
+    return chunk_size(per_subject, device, n_items=n_subjects, maximum=32 if device.type == "cuda" else 4)
+
+
+def dual_regression(
+    maps_path: str | os.PathLike,
+    subject_paths: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    mask_path: str | os.PathLike | None = None,
+    des_norm: bool = True,
+    device: str | torch.device = "auto",
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> DualRegressionResult:
+    """Run FSL-style dual regression of group maps on every subject's series.
+
+    All inputs are checked (headers of every subject, grids, volume counts)
+    before any computation; outputs are staged in a hidden folder inside
+    ``out_dir`` and moved into place only once every subject succeeded, so a
+    failure (e.g. collinear time courses in subject 57) leaves no partial
+    output.
+
+    Parameters
+    ----------
+    maps_path : path-like
+        4D group maps (e.g. ``melodic_IC.nii.gz``), one volume per map.
+    subject_paths : sequence of path-like
+        4D subject series on the maps' grid; output numbering follows this order.
+    out_dir : path-like
+        Output folder (created).
+    mask_path : path-like, optional
+        3D mask on the same grid; default: voxels varying over time in every
+        subject (:func:`common_mask`, one extra read of every subject).
+    des_norm : bool, default True
+        Normalise stage-2 regressors to unit standard deviation (FSL's ``1``).
+    device : str or torch.device, default 'auto'
+    batch_size : int, optional
+        Subjects per device batch; default from free memory (at most 32 on
+        CUDA, 4 on CPU).
+    progress : bool, default False
+
+    Returns
+    -------
+    DualRegressionResult
+
+    Raises
+    ------
+    InputError
+        Bad files, grid mismatches, too few volumes, collinear maps or a
+        subject with collinear time courses (named).
+
+    See Also
+    --------
+    spatial_regression, temporal_regression : the two stages on tensors.
+    """
+    device = resolve_device(device)
+    maps_path, out_dir = Path(maps_path), Path(out_dir)
+    paths = [Path(p) for p in subject_paths]
+    maps_img = load_image(maps_path, what="group maps")
+    if maps_img.ndim not in (3, 4):
+        raise InputError(f"group maps {maps_path} has shape {maps_img.shape}; expected 4D maps (x, y, z, map)")
+    n_maps = 1 if maps_img.ndim == 3 else maps_img.shape[3]
+    n_volumes = check_subjects(
+        paths, maps_img, maps_path, min_volumes=n_maps + 2,
+        purpose=f"dual regression on {n_maps} maps (stage 2 needs n_maps + 2 for a residual degree of freedom)",
+    )
+    if mask_path is not None:
+        mask, _ = load_mask(mask_path, reference=maps_img, reference_path=maps_path)
+    else:
+        mask = common_mask(paths, progress=progress)
+    maps = masked_data(maps_img, mask, path=maps_path)  # (K, V)
+    n_voxels = int(mask.sum())
+    maps_t = as_data(maps, device)
+    batch = batch_size or _default_batch(max(n_volumes), n_voxels, n_maps, device, len(paths))
+    if batch < 1:
+        raise InputError(f"--batch must be at least 1, got {batch}")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".dualreg-", dir=out_dir))
+    result = DualRegressionResult(out_dir=out_dir, mask=out_dir / "mask.nii.gz", n_voxels=n_voxels)
+    try:
+        stack = np.lib.format.open_memmap(
+            staging / "ic_stack.npy", mode="w+", dtype=np.float32, shape=(n_maps, len(paths), n_voxels)
+        )
+        loaded = _loaded(paths, mask, n_ahead=batch + 1)
+        with progress_bar("dual regression", len(paths), enabled=progress) as advance:
+            for group in _batches(n_volumes, batch):
+                data = as_data(np.stack([next(loaded) for _ in group]), device)
+                timecourses = spatial_regression(data, maps_t, maps_name=f"group maps {maps_path}")
+                beta, z = temporal_regression(
+                    data, timecourses, des_norm=des_norm, names=[f"subject series {paths[i]}" for i in group]
+                )
+                del data
+                for j, index in enumerate(group):
+                    _write_subject(staging, index, to_numpy(timecourses[j]), to_numpy(beta[j]), to_numpy(z[j]),
+                                   mask, maps_img)
+                    stack[:, index, :] = to_numpy(beta[j])
+                advance(len(group))
+        for k in range(n_maps):
+            save_image(unmask(np.asarray(stack[k]), mask), maps_img, staging / f"dr_stage2_ic{k:04d}.nii.gz",
+                       sidecar=False)
+        del stack
+        (staging / "ic_stack.npy").unlink()
+        save_image(mask.astype(np.uint8), maps_img, staging / "mask.nii.gz", sidecar=False, dtype=np.uint8)
+        params = {
+            "maps": maps_path, "mask": mask_path or "common mask (non-zero temporal std in every subject)",
+            "des_norm": des_norm, "device": str(device), "n_voxels": n_voxels,
+            "stage2_dof": {_subject_name(i): n - n_maps - 1 for i, n in enumerate(n_volumes)},
+            "subjects": {_subject_name(i): p for i, p in enumerate(paths)},
+        }
+        write_json(staging / "dualreg.json", provenance(params))
+        for item in sorted(staging.iterdir()):
+            os.replace(item, out_dir / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    result.stage1 = [out_dir / f"dr_stage1_{_subject_name(i)}.txt" for i in range(len(paths))]
+    result.stage2 = [out_dir / f"dr_stage2_{_subject_name(i)}.nii.gz" for i in range(len(paths))]
+    result.stage2_z = [out_dir / f"dr_stage2_{_subject_name(i)}_Z.nii.gz" for i in range(len(paths))]
+    result.components = [out_dir / f"dr_stage2_ic{k:04d}.nii.gz" for k in range(n_maps)]
+    return result
+
+
+def _write_subject(
+    folder: Path,
+    index: int,
+    timecourses: np.ndarray,
+    beta: np.ndarray,
+    z: np.ndarray,
+    mask: np.ndarray,
+    reference: nib.Nifti1Image,
+) -> None:
+    """Write one subject's stage-1 text file and stage-2 beta and Z images into ``folder``."""
+    name = _subject_name(index)
+    lines = "\n".join("  ".join(f"{v:.8g}" for v in row) for row in timecourses)
+    write_text(folder / f"dr_stage1_{name}.txt", lines + "\n")
+    save_image(unmask(beta, mask), reference, folder / f"dr_stage2_{name}.nii.gz", sidecar=False)
+    save_image(unmask(z, mask), reference, folder / f"dr_stage2_{name}_Z.nii.gz", sidecar=False)
