@@ -14,6 +14,7 @@ from rich.console import Console
 
 from gpuconn.errors import GpuconnError
 
+from . import roi, seed
 from . import info
 from . import dualreg
 
@@ -33,6 +34,8 @@ def _root() -> None:
 
 
 app.command("info")(info.info)
+app.command("seed")(seed.seed)
+app.add_typer(roi.app, name="roi")
 app.command("dualreg")(dualreg.dualreg)
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
