@@ -17,6 +17,7 @@ from gpuconn.errors import GpuconnError
 from . import roi, seed
 from . import info
 from . import dualreg
+from . import randomise
 
 app = typer.Typer(
     name="gpuconn",
@@ -37,6 +38,7 @@ app.command("info")(info.info)
 app.command("seed")(seed.seed)
 app.add_typer(roi.app, name="roi")
 app.command("dualreg")(dualreg.dualreg)
+app.command("randomise")(randomise.randomise)
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 

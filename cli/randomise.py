@@ -1,0 +1,95 @@
+"""``gpuconn randomise``: permutation inference with FSL randomise's options and output names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .options import Device, Quiet, Seed
+
+InputImage = Annotated[Path, typer.Option("-i", help="4D input image, one volume per subject/observation.")]
+OutputRoot = Annotated[Path, typer.Option("-o", help="Output root; files are <root>_tstat1.nii.gz, ...")]
+DesignMat = Annotated[Optional[Path], typer.Option("-d", help="Design matrix (FSL VEST design.mat).")]
+DesignCon = Annotated[Optional[Path], typer.Option("-t", help="t contrasts (FSL VEST design.con).")]
+DesignFts = Annotated[Optional[Path], typer.Option("-f", help="F tests (FSL VEST design.fts).")]
+DesignGrp = Annotated[Optional[Path], typer.Option("-e", help="Exchangeability blocks (FSL VEST design.grp).")]
+Mask = Annotated[Optional[Path], typer.Option("-m", help="Mask image (default: voxels non-zero in some volume).")]
+NPerm = Annotated[int, typer.Option("-n", help="Number of permutations (identity included); 0 = exhaustive.")]
+OneSample = Annotated[bool, typer.Option("-1", help="One-sample group mean test (sign flipping); no -d/-t.")]
+Demean = Annotated[bool, typer.Option("-D", help="Demean data and design (the mean becomes a nuisance regressor).")]
+Voxelwise = Annotated[
+    bool, typer.Option("-x", help="Write voxelwise FWER-corrected p (<root>_vox_corrp_*, as 1-p).")
+]
+Uncorrp = Annotated[bool, typer.Option("--uncorrp", help="Write uncorrected p (<root>_vox_p_*, as 1-p).")]
+Fdr = Annotated[bool, typer.Option("--fdr", help="Write Benjamini-Hochberg FDR-adjusted p (<root>_vox_fdrp_*, 1-p).")]
+PermuteBlocks = Annotated[
+    bool, typer.Option("--permute-blocks", help="Shuffle whole exchangeability blocks (equal sizes) instead of within them.")
+]
+Method = Annotated[
+    str,
+    typer.Option(
+        "--method",
+        help="auto (sign flips when a contrast tests the mean, else permutation), permute, flip or both.",
+    ),
+]
+
+
+def randomise(
+    input_image: InputImage,
+    output_root: OutputRoot,
+    design_mat: DesignMat = None,
+    design_con: DesignCon = None,
+    design_fts: DesignFts = None,
+    design_grp: DesignGrp = None,
+    mask: Mask = None,
+    n_perm: NPerm = 5000,
+    one_sample: OneSample = False,
+    demean: Demean = False,
+    voxelwise: Voxelwise = False,
+    uncorrp: Uncorrp = False,
+    fdr: Fdr = False,
+    permute_blocks: PermuteBlocks = False,
+    method: Method = "auto",
+    seed: Seed = 0,
+    device: Device = "auto",
+    quiet: Quiet = False,
+) -> None:
+    """Permutation inference for the GLM (Freedman-Lane, max-statistic FWER), like FSL randomise.
+
+    Voxelwise corrected p-maps are written with -x, and also when no spatial
+    statistic (TFCE, clusters) is requested.
+    """
+    from gpuconn.stats.randomise import randomise as run
+
+    # Spatial statistics (TFCE, clusters) add name -> transform entries here.
+    spatial: dict = {}
+    result = run(
+        input_image,
+        output_root,
+        design_path=design_mat,
+        contrast_path=design_con,
+        ftest_path=design_fts,
+        groups_path=design_grp,
+        mask_path=mask,
+        one_sample=one_sample,
+        n_perm=n_perm,
+        demean=demean,
+        voxelwise=voxelwise or not spatial,
+        uncorrp=uncorrp,
+        fdr=fdr,
+        seed=seed,
+        method=method,
+        permute_blocks=permute_blocks,
+        device=device,
+        spatial=spatial,
+        progress=not quiet,
+    )
+    if not quiet:
+        scheme = result.scheme
+        kind = "exhaustive" if scheme.exhaustive else "random"
+        typer.echo(
+            f"randomise: {scheme.n_perm} {kind} rearrangements ({scheme.method}) of {len(result.contrasts)} "
+            f"contrast(s) on {result.device} in {result.seconds:.1f} s; outputs {output_root}_*"
+        )

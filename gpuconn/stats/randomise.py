@@ -1,0 +1,603 @@
+"""Permutation inference engine: randomise-style GLM with max-statistic FWER.
+
+:func:`run_permutation_test` takes arrays (data ``(n_obs, n_voxels)``, a
+design, contrasts) and returns arrays; :func:`randomise` is the file-level
+wrapper behind ``gpuconn randomise`` that reads NIfTI/VEST inputs and
+writes outputs named as FSL randomise names them (p-maps hold ``1 - p``).
+
+How a run works
+---------------
+1. Each contrast is partitioned into effect of interest and nuisance
+   (:mod:`gpuconn.stats.glm`) and the data are residualised on the nuisance
+   once (Freedman-Lane).
+2. Rearrangements (permutations, sign flips or both; rearrangement 0 is the
+   identity) come from :mod:`gpuconn.stats.permute` in chunks of the
+   permutation index, on the host, from ``seed``.
+3. For each chunk and contrast, the statistics of every rearrangement are
+   one matrix product on the device; the chunk is then reduced to its
+   per-rearrangement maxima (the max-statistic null) and to voxelwise
+   exceedance counts. Chunks are sized from device memory
+   (:func:`gpuconn.backend.chunk_size`) and halved on CUDA OOM
+   (:func:`gpuconn.backend.run_chunked`); results do not depend on the
+   chunk size.
+4. p-values follow randomise's counting rule, the identity included:
+   uncorrected ``p(v) = #{i : T_i(v) >= T_0(v)} / n``, FWER-corrected
+   ``p(v) = #{i : max_w T_i(w) >= T_0(v)} / n``; FDR (Benjamini-Hochberg)
+   is applied to the uncorrected p.
+
+Spatial statistics hook (TFCE, cluster extent/mass)
+---------------------------------------------------
+``spatial`` (for t contrasts) and ``spatial_f`` (for F contrasts) map a
+name to a callable ``transform(stats) -> transformed``:
+
+- ``stats`` is a ``torch.Tensor`` of shape ``(n_perm_chunk, n_voxels)``,
+  float32, on the run's device: one statistic map per rearrangement of the
+  chunk, voxels in mask order (row 0 of the first chunk is the observed
+  map). The tensor must not be modified in place.
+- ``transformed`` must have the same shape (e.g. TFCE values, or each
+  voxel's cluster extent or mass, 0 outside clusters), on the same device.
+- The transform must treat rows independently (a chunk-size-invariant
+  result) and be deterministic.
+
+For each name the engine keeps the observed transformed map and the
+per-rearrangement maximum of the transformed maps (the null), and reports
+``p_fwe(v) = #{i : max_w S_i(w) >= S_0(v)} / n`` in
+:attr:`ContrastResult.spatial`. :func:`write_outputs` writes
+``<root>_<name>_corrp_<tstat|fstat><i>`` (``1 - p``), the null as
+``<root>_perm_<name>_<tstat|fstat><i>.txt``, and for names in
+``write_raw`` (TFCE) the observed transformed map as
+``<root>_<name>_<tstat|fstat><i>``. An OOM inside a transform halves the
+chunk like one in the GLM.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..backend import DESIGN_DTYPE, as_data, chunk_size, resolve_device, run_chunked, to_numpy
+from ..errors import InputError
+from ..io import load_image, load_mask, masked_data, provenance, save_image, unmask, write_json, write_text
+from ..progress import progress_bar
+from .design import Design, check_design, load_design
+from .fdr import fdr_adjust
+from .glm import ContrastModel, contrast_model, f_to_z, partition, permuted_statistics, residualise, t_to_z
+from .permute import PermutationScheme, make_scheme
+
+__all__ = [
+    "SpatialTransform",
+    "MapResult",
+    "ContrastResult",
+    "PermutationTestResult",
+    "METHODS",
+    "run_permutation_test",
+    "write_outputs",
+    "randomise",
+]
+
+#: A spatial statistic: (n_perm_chunk, n_voxels) maps -> same-shape transformed maps.
+SpatialTransform = Callable[[torch.Tensor], torch.Tensor]
+#: Permutation methods: auto, permute (EE), flip (ISE), both (EE + ISE).
+METHODS = ("auto", "permute", "flip", "both")
+# Plan at most this much working memory per chunk on the CPU (shared hosts).
+_CPU_CHUNK_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class MapResult:
+    """A spatial statistic of one contrast.
+
+    Attributes
+    ----------
+    stat : ndarray, shape (n_voxels,)
+        Observed transformed map.
+    p_fwe : ndarray, shape (n_voxels,)
+        FWER-corrected p (max-statistic, randomise's counting rule).
+    null_max : ndarray, shape (n_perm,)
+        Maximum of the transformed map for each rearrangement (0 = observed).
+    """
+
+    stat: np.ndarray
+    p_fwe: np.ndarray
+    null_max: np.ndarray
+
+
+@dataclass(frozen=True)
+class ContrastResult:
+    """Statistics and p-values of one t or F contrast.
+
+    Attributes
+    ----------
+    name : str
+        ``tstat1``, ``tstat2``, ``fstat1``... (randomise's numbering).
+    kind : {'t', 'f'}
+    contrast : ndarray, shape (s, n_regressors)
+    df : tuple of int
+        ``(s, dof)``; a t statistic has ``dof`` degrees of freedom.
+    stat, z, p_uncorrected, p_fwe, p_fdr : ndarray, shape (n_voxels,)
+    null_max : ndarray, shape (n_perm,)
+        Maximum statistic of each rearrangement (0 = observed).
+    spatial : dict of str to MapResult
+    """
+
+    name: str
+    kind: str
+    contrast: np.ndarray
+    df: tuple[int, int]
+    stat: np.ndarray
+    z: np.ndarray
+    p_uncorrected: np.ndarray
+    p_fwe: np.ndarray
+    p_fdr: np.ndarray
+    null_max: np.ndarray
+    spatial: dict[str, MapResult] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PermutationTestResult:
+    """Output of :func:`run_permutation_test`.
+
+    Attributes
+    ----------
+    contrasts : list of ContrastResult
+        t contrasts first, then F tests.
+    scheme : PermutationScheme
+        The rearrangements used (``n_perm``, ``method``, ``exhaustive``...).
+    device : str
+    chunk_size : int
+        Rearrangements per chunk at the start (OOM may have halved it).
+    seconds : float
+        Wall time of the permutation loop.
+    """
+
+    contrasts: list[ContrastResult]
+    scheme: PermutationScheme
+    device: str
+    chunk_size: int
+    seconds: float
+
+    def __getitem__(self, name: str) -> ContrastResult:
+        for result in self.contrasts:
+            if result.name == name:
+                return result
+        raise KeyError(f"no contrast {name!r}; have {[r.name for r in self.contrasts]}")
+
+
+@dataclass
+class _Contrast:
+    name: str
+    kind: str
+    matrix: np.ndarray
+    model: ContrastModel
+    residuals: torch.Tensor
+    sum_squares: torch.Tensor
+    transforms: Mapping[str, SpatialTransform]
+
+
+def _contains_ones(basis: np.ndarray) -> bool:
+    ones = np.ones(basis.shape[0])
+    if basis.shape[1] == 0:
+        return False
+    fit = basis @ np.linalg.lstsq(basis, ones, rcond=None)[0]
+    return bool(np.linalg.norm(fit - ones) < 1e-8 * np.sqrt(basis.shape[0]))
+
+
+def _choose_method(method: str, design: np.ndarray, contrasts: list[np.ndarray]) -> tuple[bool, bool]:
+    """(permute, flip) flags; ``auto`` flips signs when a contrast tests the mean."""
+    if method not in METHODS:
+        raise InputError(f"permutation method {method!r} is not one of {', '.join(METHODS)}")
+    if method != "auto":
+        return method in ("permute", "both"), method in ("flip", "both")
+    if not _contains_ones(design):
+        return True, False
+    tests_mean = any(not _contains_ones(partition(design, c)[1]) for c in contrasts)
+    return not tests_mean, tests_mean
+
+
+def _invariant_vectors(scheme: PermutationScheme) -> np.ndarray | None:
+    """Vectors every rearrangement of the scheme leaves unchanged."""
+    if scheme.flip:
+        return None
+    if scheme.blocks is None or scheme.whole_blocks:
+        return np.ones((scheme.n_obs, 1))
+    labels = np.unique(scheme.blocks)
+    return (scheme.blocks[:, None] == labels[None]).astype(np.float64)
+
+
+def _spatial_maps(
+    transforms: Mapping[str, SpatialTransform], stats: torch.Tensor, name: str
+) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, transform in transforms.items():
+        mapped = transform(stats)
+        if not torch.is_tensor(mapped) or tuple(mapped.shape) != tuple(stats.shape):
+            shape = tuple(mapped.shape) if torch.is_tensor(mapped) else type(mapped).__name__
+            raise ValueError(f"spatial transform {key!r} on {name} returned {shape}; expected {tuple(stats.shape)}")
+        out[key] = mapped
+    return out
+
+
+def _fwe_p(null_max: np.ndarray, observed: np.ndarray) -> np.ndarray:
+    """``#{i : null_max[i] >= observed[v]} / n`` for every voxel."""
+    ordered = np.sort(null_max)
+    return (ordered.size - np.searchsorted(ordered, observed, side="left")) / ordered.size
+
+
+def _prepare_design(
+    design: np.ndarray, contrasts: np.ndarray, demean: bool, source: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Apply ``-D``: demean the columns and add the intercept as nuisance."""
+    if not demean:
+        return design, contrasts
+    centred = design - design.mean(axis=0)
+    constant = [j + 1 for j in range(design.shape[1]) if np.ptp(design[:, j]) == 0]
+    if constant:
+        raise InputError(
+            f"{source}: column(s) {constant} are constant, and -D (demean) removes the mean; "
+            "drop the intercept column or leave -D off"
+        )
+    padded = np.hstack([contrasts, np.zeros((contrasts.shape[0], 1))])
+    return np.hstack([centred, np.ones((design.shape[0], 1))]), padded
+
+
+def _as_design(design: Design | np.ndarray, contrasts: np.ndarray | None, ftests: np.ndarray | None,
+               groups: np.ndarray | None) -> Design:
+    if isinstance(design, Design):
+        return design
+    if contrasts is None:
+        raise TypeError("contrasts are required when design is an array")
+    contrasts = np.atleast_2d(np.asarray(contrasts, dtype=np.float64))
+    ftests = np.zeros((0, contrasts.shape[0]), dtype=int) if ftests is None else np.atleast_2d(ftests).astype(int)
+    return Design(np.asarray(design, dtype=np.float64), contrasts, ftests, groups)
+
+
+def run_permutation_test(
+    data: np.ndarray | torch.Tensor,
+    design: Design | np.ndarray,
+    contrasts: np.ndarray | None = None,
+    *,
+    ftests: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+    n_perm: int = 5000,
+    seed: int = 0,
+    method: str = "auto",
+    permute_blocks: bool = False,
+    demean: bool = False,
+    device: str | torch.device = "auto",
+    spatial: Mapping[str, SpatialTransform] | None = None,
+    spatial_f: Mapping[str, SpatialTransform] | None = None,
+    chunk: int | None = None,
+    progress: bool = False,
+    design_source: str = "design",
+) -> PermutationTestResult:
+    """Permutation test of every contrast of a GLM, voxel by voxel.
+
+    Parameters
+    ----------
+    data : ndarray or torch.Tensor, shape (n_obs, n_voxels)
+        One row per observation (input volume), finite values.
+    design : Design or ndarray, shape (n_obs, n_regressors)
+    contrasts : ndarray, shape (n_contrasts, n_regressors), optional
+        t contrasts (required when ``design`` is an array).
+    ftests : ndarray of 0/1, shape (n_ftests, n_contrasts), optional
+    groups : ndarray of int, shape (n_obs,), optional
+        Exchangeability blocks (overrides ``design.groups``).
+    n_perm : int, default 5000
+        Rearrangements including the identity; 0 = exhaustive. All distinct
+        rearrangements are used when there are fewer than ``n_perm``.
+    seed : int, default 0
+    method : {'auto', 'permute', 'flip', 'both'}
+        ``auto`` flips signs when a contrast tests the mean (one-sample,
+        paired differences) and permutes otherwise.
+    permute_blocks : bool, default False
+        Shuffle whole exchangeability blocks.
+    demean : bool, default False
+        randomise ``-D``: demean design columns; the mean becomes a nuisance
+        regressor (one degree of freedom).
+    device : str or torch.device, default 'auto'
+    spatial, spatial_f : mapping of str to callable, optional
+        Spatial statistics for t and F contrasts (see the module docstring).
+    chunk : int, optional
+        Rearrangements per chunk; default from free device memory.
+    progress : bool, default False
+        Show a progress bar over rearrangements.
+    design_source : str
+        Design file name for error messages.
+
+    Returns
+    -------
+    PermutationTestResult
+    """
+    design = _as_design(design, contrasts, ftests, groups)
+    groups = design.groups if groups is None else np.asarray(groups)
+    data_t = data if torch.is_tensor(data) else torch.as_tensor(np.asarray(data))
+    if data_t.ndim != 2:
+        raise InputError(f"data must be (n_obs, n_voxels), got shape {tuple(data_t.shape)}")
+    check_design(design, source=design_source, n_obs=data_t.shape[0], data_source="the data")
+    if not bool(torch.isfinite(data_t).all()):
+        raise InputError("the data have NaN or Inf values; mask them out")
+    device = resolve_device(device)
+    matrix, t_contrasts = _prepare_design(design.matrix, np.atleast_2d(design.contrasts), demean, design_source)
+    specs = [(f"tstat{i + 1}", "t", row[None]) for i, row in enumerate(t_contrasts)]
+    specs += [(f"fstat{j + 1}", "f", t_contrasts[row == 1]) for j, row in enumerate(np.asarray(design.ftests))]
+    do_permute, do_flip = _choose_method(method, matrix, [c for _, _, c in specs])
+    if demean and do_flip:
+        raise InputError("-D (demean) removes the mean, which sign flipping (-1 or a one-sample test) tests; drop -D")
+    scheme = make_scheme(
+        matrix, n_perm=n_perm, seed=seed, permute=do_permute, flip=do_flip, blocks=groups,
+        whole_blocks=permute_blocks, blocks_source="exchangeability blocks (-e)",
+    )
+    invariant = _invariant_vectors(scheme)
+    values = as_data(data_t, device)
+    contrasts_state = []
+    for name, kind, matrix_c in specs:
+        model = contrast_model(matrix, matrix_c, kind=kind, device=device, invariant=invariant)
+        residuals, sum_squares = residualise(values, model)
+        transforms = dict((spatial if kind == "t" else spatial_f) or {})
+        contrasts_state.append(_Contrast(name, kind, matrix_c, model, residuals, sum_squares, transforms))
+    del values
+    n_vox = data_t.shape[1]
+    rows = max(c.model.rows.shape[0] for c in contrasts_state)
+    n_maps = max(len(c.transforms) for c in contrasts_state)
+    per_item = 4 * max(n_vox, 1) * (rows + 4 + 2 * n_maps)
+    if chunk is None:
+        maximum = None if device.type == "cuda" else max(1, _CPU_CHUNK_BYTES // per_item)
+        chunk = chunk_size(per_item, device, n_items=scheme.n_perm, maximum=maximum)
+    return _run_loop(contrasts_state, scheme, device, int(chunk), progress)
+
+
+def _run_loop(
+    contrasts: list[_Contrast], scheme: PermutationScheme, device: torch.device, chunk: int, progress: bool
+) -> PermutationTestResult:
+    observed: dict[str, torch.Tensor] = {}
+    counts = {c.name: 0 for c in contrasts}
+    maxima: dict[tuple[str, str], list[np.ndarray]] = {}
+
+    def evaluate(start: int, stop: int) -> dict[str, Any]:
+        orders, signs = scheme.chunk(start, stop)
+        orders_t = torch.as_tensor(orders, device=device)
+        signs_t = torch.as_tensor(signs, dtype=DESIGN_DTYPE, device=device)
+        out = {}
+        for c in contrasts:
+            stats = permuted_statistics(c.model, c.residuals, c.sum_squares, orders_t, signs_t)
+            reference = stats[0] if start == 0 else observed[c.name]
+            maps = _spatial_maps(c.transforms, stats, c.name)
+            out[c.name] = {
+                "observed": stats[0].clone() if start == 0 else None,
+                "count": (stats >= reference).sum(0),
+                "max": {"vox": to_numpy(stats.amax(1))} | {k: to_numpy(m.amax(1)) for k, m in maps.items()},
+                "spatial_observed": {k: m[0].clone() for k, m in maps.items()} if start == 0 else {},
+            }
+        return out
+
+    began = time.perf_counter()
+    with progress_bar("randomise", scheme.n_perm, enabled=progress) as advance:
+        for start, stop, out in run_chunked(evaluate, scheme.n_perm, chunk):
+            for c in contrasts:
+                result = out[c.name]
+                if start == 0:
+                    observed[c.name] = result["observed"]
+                    observed.update({(c.name, k): v for k, v in result["spatial_observed"].items()})
+                counts[c.name] = counts[c.name] + result["count"]
+                for key, values in result["max"].items():
+                    maxima.setdefault((c.name, key), []).append(values)
+            advance(stop - start)
+    seconds = time.perf_counter() - began
+    results = [_summarise(c, scheme.n_perm, observed, counts, maxima) for c in contrasts]
+    return PermutationTestResult(results, scheme, str(device), chunk, seconds)
+
+
+def _summarise(c: _Contrast, n_perm: int, observed: dict, counts: dict, maxima: dict) -> ContrastResult:
+    stat = to_numpy(observed[c.name])
+    null_max = np.concatenate(maxima[(c.name, "vox")])
+    p_unc = to_numpy(counts[c.name]).astype(np.float64) / n_perm
+    dof = c.model.dof
+    z = t_to_z(stat, dof) if c.kind == "t" else f_to_z(stat, c.model.rank, dof)
+    spatial = {}
+    for key in c.transforms:
+        mapped = to_numpy(observed[(c.name, key)])
+        key_max = np.concatenate(maxima[(c.name, key)])
+        spatial[key] = MapResult(mapped, _fwe_p(key_max, mapped), key_max)
+    return ContrastResult(
+        name=c.name,
+        kind=c.kind,
+        contrast=c.matrix,
+        df=c.model.df,
+        stat=stat,
+        z=z.astype(np.float32),
+        p_uncorrected=p_unc,
+        p_fwe=_fwe_p(null_max, stat),
+        p_fdr=fdr_adjust(p_unc),
+        null_max=null_max,
+        spatial=spatial,
+    )
+
+
+def write_outputs(
+    result: PermutationTestResult,
+    root: str | os.PathLike,
+    mask: np.ndarray,
+    reference: Any,
+    *,
+    uncorrp: bool = False,
+    voxelwise: bool = True,
+    fdr: bool = False,
+    write_raw: Collection[str] = (),
+    params: Mapping[str, Any] | None = None,
+) -> list[Path]:
+    """Write randomise-named outputs of a permutation test.
+
+    Parameters
+    ----------
+    result : PermutationTestResult
+    root : path-like
+        Output root (randomise ``-o``); files are ``<root>_tstat1.nii.gz``...
+    mask : ndarray of bool, shape (x, y, z)
+        The voxels of ``result`` (mask order).
+    reference : nibabel.Nifti1Image
+        Grid and header of the outputs.
+    uncorrp : bool
+        Write ``<root>_vox_p_<stat>`` (1 - uncorrected p).
+    voxelwise : bool
+        Write ``<root>_vox_corrp_<stat>`` (1 - FWER p).
+    fdr : bool
+        Write ``<root>_vox_fdrp_<stat>`` (1 - FDR-adjusted p).
+    write_raw : collection of str
+        Spatial statistics whose observed map is written too (TFCE).
+    params : mapping, optional
+        Extra parameters for ``<root>.json``.
+
+    Returns
+    -------
+    list of Path
+        Every file written; the statistic maps, the z maps
+        (``<root>_zstat<i>`` / ``<root>_zfstat<i>``), the max-statistic null
+        ``<root>_perm_<stat>.txt`` and the JSON sidecar ``<root>.json``.
+    """
+    root = str(root)
+    written = []
+
+    def image(values: np.ndarray, suffix: str) -> None:
+        path = f"{root}_{suffix}.nii.gz"
+        written.append(save_image(unmask(np.asarray(values, dtype=np.float32), mask), reference, path, sidecar=False))
+
+    def null(values: np.ndarray, suffix: str) -> None:
+        text = "\n".join(f"{v:.9g}" for v in values) + "\n"
+        written.append(write_text(f"{root}_perm_{suffix}.txt", text))
+
+    for c in result.contrasts:
+        image(c.stat, c.name)
+        image(c.z, ("zstat" if c.kind == "t" else "zfstat") + c.name[5:])
+        if uncorrp:
+            image(1 - c.p_uncorrected, f"vox_p_{c.name}")
+        if voxelwise:
+            image(1 - c.p_fwe, f"vox_corrp_{c.name}")
+        if fdr:
+            image(1 - c.p_fdr, f"vox_fdrp_{c.name}")
+        null(c.null_max, c.name)
+        for key, mapped in c.spatial.items():
+            if key in write_raw:
+                image(mapped.stat, f"{key}_{c.name}")
+            image(1 - mapped.p_fwe, f"{key}_corrp_{c.name}")
+            null(mapped.null_max, f"{key}_{c.name}")
+    scheme = result.scheme
+    record = {
+        "n_perm": scheme.n_perm,
+        "n_possible": scheme.n_possible,
+        "exhaustive": scheme.exhaustive,
+        "method": scheme.method,
+        "seed": scheme.seed,
+        "whole_blocks": scheme.whole_blocks,
+        "device": result.device,
+        "chunk_size": result.chunk_size,
+        "permutation_seconds": round(result.seconds, 3),
+        "contrasts": {c.name: {"kind": c.kind, "weights": c.contrast, "df": list(c.df)} for c in result.contrasts},
+        "spatial": sorted({k for c in result.contrasts for k in c.spatial}),
+        **dict(params or {}),
+    }
+    written.append(write_json(root + ".json", provenance(record)))
+    return written
+
+
+def _default_mask(img: Any) -> np.ndarray:
+    data = np.asarray(img.dataobj)
+    mask = np.all(np.isfinite(data), axis=3) & np.any(data != 0, axis=3)
+    if not mask.any():
+        raise InputError("the input has no voxel that is non-zero in any volume; give a mask with -m")
+    return mask
+
+
+def randomise(
+    input_path: str | os.PathLike,
+    output_root: str | os.PathLike,
+    *,
+    design_path: str | os.PathLike | None = None,
+    contrast_path: str | os.PathLike | None = None,
+    ftest_path: str | os.PathLike | None = None,
+    groups_path: str | os.PathLike | None = None,
+    mask_path: str | os.PathLike | None = None,
+    one_sample: bool = False,
+    n_perm: int = 5000,
+    demean: bool = False,
+    voxelwise: bool = True,
+    uncorrp: bool = False,
+    fdr: bool = False,
+    seed: int = 0,
+    method: str = "auto",
+    permute_blocks: bool = False,
+    device: str = "auto",
+    spatial: Mapping[str, SpatialTransform] | Callable[[np.ndarray], Mapping[str, SpatialTransform]] | None = None,
+    spatial_f: Mapping[str, SpatialTransform] | Callable[[np.ndarray], Mapping[str, SpatialTransform]] | None = None,
+    write_raw: Collection[str] = (),
+    params: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> PermutationTestResult:
+    """File-level randomise: NIfTI and VEST in, randomise-named NIfTI out.
+
+    Parameters
+    ----------
+    input_path : path-like
+        4D image, one volume per observation (``-i``).
+    output_root : path-like
+        Output root (``-o``).
+    design_path, contrast_path, ftest_path, groups_path : path-like, optional
+        ``-d``, ``-t``, ``-f``, ``-e``.
+    mask_path : path-like, optional
+        ``-m``; default: voxels non-zero in some volume.
+    one_sample : bool
+        ``-1``: design is a column of ones, contrast ``[1]``, sign flipping;
+        excludes ``-d``/``-t``.
+    n_perm, demean, seed, method, permute_blocks, device
+        As in :func:`run_permutation_test`.
+    voxelwise, uncorrp, fdr, write_raw, params
+        As in :func:`write_outputs`.
+    spatial, spatial_f : mapping, or callable mask -> mapping, optional
+        Spatial statistics; a callable receives the boolean mask
+        ``(x, y, z)`` (to build neighbourhoods) and returns the mapping.
+    progress : bool, default True
+
+    Returns
+    -------
+    PermutationTestResult
+    """
+    img = load_image(input_path, ndim=4, what="input (-i)")
+    n_obs = img.shape[3]
+    if one_sample:
+        if design_path or contrast_path or ftest_path:
+            raise InputError("-1 (one-sample) builds its own design; drop -d/-t/-f or drop -1")
+        design = Design(np.ones((n_obs, 1)), np.ones((1, 1)), contrast_names=["mean>0"])
+        method = "flip" if method == "auto" else method
+        groups = None
+    else:
+        if design_path is None or contrast_path is None:
+            raise InputError("give a design and contrasts (-d design.mat -t design.con), or -1 for a one-sample test")
+        design = load_design(design_path, contrast_path, ftest_path, groups_path, n_obs=n_obs,
+                             data_source=str(input_path))
+        groups = design.groups
+    if mask_path is not None:
+        mask, _ = load_mask(mask_path, reference=img, reference_path=input_path, what="mask (-m)")
+    else:
+        mask = _default_mask(img)
+    data = masked_data(img, mask, path=input_path)
+    spatial = spatial(mask) if callable(spatial) else spatial
+    spatial_f = spatial_f(mask) if callable(spatial_f) else spatial_f
+    result = run_permutation_test(
+        data, design, groups=groups, n_perm=n_perm, seed=seed, method=method, permute_blocks=permute_blocks,
+        demean=demean, device=device, spatial=spatial, spatial_f=spatial_f, progress=progress,
+        design_source=str(design_path or "-1 design"),
+    )
+    inputs = {
+        "input": str(input_path), "design_file": design_path, "contrast_file": contrast_path,
+        "ftest_file": ftest_path, "groups_file": groups_path, "mask": mask_path, "one_sample": one_sample, "demean": demean,
+        "design_matrix": design.matrix, "contrast_names": design.contrast_names,
+    }
+    write_outputs(result, output_root, mask, img, uncorrp=uncorrp, voxelwise=voxelwise, fdr=fdr,
+                  write_raw=write_raw, params={**inputs, **dict(params or {})})
+    return result
