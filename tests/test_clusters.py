@@ -156,6 +156,20 @@ def test_extent_and_mass(device, rng, connectivity):
         np.testing.assert_allclose(mass[i].cpu().numpy(), ref_mass, rtol=1e-10, atol=1e-10)
 
 
+def test_torch_cluster_stats_on_cpu(rng):
+    """The CUDA path's torch code (propagation + index_add), run on the CPU."""
+    from gpuconn.stats.clusters import _per_voxel_cluster_stats
+
+    shape = (8, 9, 7)
+    mask = np.ones(shape, dtype=bool)
+    maps = ndimage.gaussian_filter(rng.normal(size=(3,) + shape), (0, 1, 1, 1)).astype(np.float32) * 4
+    values = torch.as_tensor(maps[:, mask])
+    labels = _label_torch(values, torch.as_tensor(neighbour_table(mask)).long(), 0.8)
+    for kind in ("extent", "mass"):
+        got = _per_voxel_cluster_stats(values, labels, 0.8, kind).numpy()
+        np.testing.assert_allclose(got, cluster_maps(values, mask, threshold=0.8, kind=kind).numpy(), rtol=1e-10)
+
+
 def test_maxima_equal_nilearn(rng):
     from nilearn.mass_univariate._utils import calculate_cluster_measures
 

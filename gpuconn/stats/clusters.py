@@ -180,6 +180,20 @@ def _label_batch(values, table, threshold, labels, n_labels):
         n_labels[m] = count
 
 
+@_njit(parallel=True)
+def _cluster_stat_batch(values, labels, n_labels, threshold, mass, out):
+    """Each voxel's cluster extent (``mass=False``) or mass, from labels (in place)."""
+    n_maps, n_vox = values.shape
+    for m in prange(n_maps):
+        totals = np.zeros(n_labels[m] + 1, dtype=np.float64)
+        for v in range(n_vox):
+            lab = labels[m, v]
+            if lab > 0:
+                totals[lab] += (np.float64(values[m, v]) - threshold) if mass else 1.0
+        for v in range(n_vox):
+            out[m, v] = totals[labels[m, v]] if labels[m, v] > 0 else 0.0
+
+
 # --------------------------------------------------------------------------- torch core (any device)
 
 
@@ -237,15 +251,20 @@ def _as_batch(values, n_vox: int, what: str) -> torch.Tensor:
     return tensor
 
 
+def _label_numpy(data: np.ndarray, table: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Union-find labels (n_maps, n_voxels) int32 and cluster counts (n_maps,) of float32 maps."""
+    _warn_no_numba("cluster labelling")
+    labels = np.empty(data.shape, dtype=np.int32)
+    n_labels = np.empty(data.shape[0], dtype=np.int32)
+    _label_batch(data, table, np.float32(threshold), labels, n_labels)
+    return labels, n_labels
+
+
 def _label_tensor(values: torch.Tensor, table: np.ndarray, threshold: float) -> torch.Tensor:
     """Dispatch: Numba union-find for CPU tensors, torch propagation elsewhere."""
     if values.device.type == "cpu":
-        _warn_no_numba("cluster labelling")
         data = np.ascontiguousarray(values.detach().numpy(), dtype=np.float32)
-        labels = np.empty(data.shape, dtype=np.int32)
-        n_labels = np.empty(data.shape[0], dtype=np.int32)
-        _label_batch(data, table, np.float32(threshold), labels, n_labels)
-        return torch.from_numpy(labels).to(torch.int64)
+        return torch.from_numpy(_label_numpy(data, table, threshold)[0]).to(torch.int64)
     return _label_torch(values, torch.as_tensor(table, device=values.device).to(torch.int64), float(threshold))
 
 
@@ -329,7 +348,13 @@ def cluster_maps(
         raise InputError(f"cluster kind must be 'extent' or 'mass' (got {kind!r})")
     table = neighbour_table(mask, connectivity=connectivity) if table is None else table
     batch = _as_batch(values, table.shape[0], "values")
-    labels = _label_tensor(batch, table, threshold).to(batch.device)
+    if batch.device.type == "cpu":
+        data = np.ascontiguousarray(batch.detach().numpy(), dtype=np.float32)
+        labels, n_labels = _label_numpy(data, table, threshold)
+        out = np.empty(data.shape, dtype=np.float64)
+        _cluster_stat_batch(data, labels, n_labels, float(threshold), kind == "mass", out)
+        return torch.from_numpy(out)
+    labels = _label_torch(batch, torch.as_tensor(table, device=batch.device).to(torch.int64), float(threshold))
     return _per_voxel_cluster_stats(batch, labels, float(threshold), kind)
 
 

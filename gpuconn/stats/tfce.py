@@ -82,10 +82,11 @@ def _find_offset(parent, acc, v):
 
 
 @_njit
-def _sweep(order, meas, table, E, out_row):
+def _sweep(order, meas, table, power, out_row):
     """Add voxels in ``order`` (decreasing value) and write each voxel's TFCE to ``out_row``.
 
-    ``meas[i]`` is the measure M of voxel ``order[i]``'s value (non-increasing).
+    ``meas[i]`` is the measure M of voxel ``order[i]``'s value (non-increasing);
+    ``power[n]`` is ``n ** E``.
     """
     n_vox = table.shape[0]
     parent = np.full(n_vox, -1, dtype=np.int32)
@@ -106,8 +107,8 @@ def _sweep(order, meas, table, E, out_row):
             rv = _find_offset(parent, acc, v)
             if ru == rv:
                 continue
-            acc[ru] += size[ru] ** E * (last[ru] - m)
-            acc[rv] += size[rv] ** E * (last[rv] - m)
+            acc[ru] += power[size[ru]] * (last[ru] - m)
+            acc[rv] += power[size[rv]] * (last[rv] - m)
             last[ru] = m
             last[rv] = m
             if size[ru] < size[rv]:
@@ -118,7 +119,7 @@ def _sweep(order, meas, table, E, out_row):
     for i in range(order.shape[0]):  # close every component at M(0) = 0
         v = order[i]
         if parent[v] == v:
-            acc[v] += size[v] ** E * last[v]
+            acc[v] += power[size[v]] * last[v]
     for i in range(order.shape[0]):  # a voxel's TFCE: its offsets summed up to the root
         v = order[i]
         total = acc[v]
@@ -129,7 +130,7 @@ def _sweep(order, meas, table, E, out_row):
 
 
 @_njit(parallel=True)
-def _tfce_stepped_batch(values, table, thresholds, H, E, out):
+def _tfce_stepped_batch(values, table, thresholds, H, power, out):
     """Stepped TFCE; ``thresholds`` (n_maps, n_thr) ascending, padded with +inf."""
     n_maps, n_vox = values.shape
     n_thr = thresholds.shape[1]
@@ -138,9 +139,18 @@ def _tfce_stepped_batch(values, table, thresholds, H, E, out):
         cum = np.zeros(n_thr + 1, dtype=np.float64)
         for k in range(n_thr):
             cum[k + 1] = cum[k] + (thr[k] ** H if thr[k] < np.inf else 0.0)
-        bins = np.searchsorted(thr, values[m].astype(np.float64), side="right")
+        bins = np.zeros(n_vox, dtype=np.int32)
         counts = np.zeros(n_thr + 2, dtype=np.int64)
+        step = thr[0]
         for v in range(n_vox):
+            x = np.float64(values[m, v])
+            if x >= step:  # bin = number of thresholds <= x; thresholds are ~k * step
+                b = min(int(x / step), n_thr)
+                while b < n_thr and thr[b] <= x:
+                    b += 1
+                while b > 0 and thr[b - 1] > x:
+                    b -= 1
+                bins[v] = b
             counts[n_thr - bins[v] + 1] += 1  # slot 1 = highest bin
         for b in range(1, n_thr + 2):
             counts[b] += counts[b - 1]
@@ -155,13 +165,13 @@ def _tfce_stepped_batch(values, table, thresholds, H, E, out):
                 meas[slot] = cum[b]
                 counts[n_thr - b] += 1
         row = np.zeros(n_vox, dtype=np.float64)
-        _sweep(order, meas, table, E, row)
+        _sweep(order, meas, table, power, row)
         for v in range(n_vox):
             out[m, v] = row[v]
 
 
 @_njit(parallel=True)
-def _tfce_exact_batch(values, table, H, E, out):
+def _tfce_exact_batch(values, table, H, power, out):
     """Exact TFCE integral, M(h) = h^(H+1) / (H+1)."""
     n_maps, n_vox = values.shape
     for m in prange(n_maps):
@@ -170,7 +180,7 @@ def _tfce_exact_batch(values, table, H, E, out):
         order = positive[np.argsort(-row_values[positive], kind="mergesort")].astype(np.int32)
         meas = row_values[order] ** (H + 1.0) / (H + 1.0)
         row = np.zeros(n_vox, dtype=np.float64)
-        _sweep(order, meas, table, E, row)
+        _sweep(order, meas, table, power, row)
         for v in range(n_vox):
             out[m, v] = row[v]
 
@@ -223,11 +233,12 @@ def _tfce_table(values: torch.Tensor, table: np.ndarray, *, H: float, E: float, 
     _warn_no_numba("TFCE")
     data = np.ascontiguousarray(values.detach().cpu().numpy(), dtype=np.float32)
     out = np.zeros(data.shape, dtype=np.float32)
+    power = np.arange(data.shape[1] + 1, dtype=np.float64) ** float(E)  # extent ** E, looked up
     if method == "exact":
-        _tfce_exact_batch(data, table, float(H), float(E), out)
+        _tfce_exact_batch(data, table, float(H), power, out)
     else:
         thresholds = tfce_thresholds(data.max(axis=1) if data.shape[1] else np.zeros(len(data)), dh)
-        _tfce_stepped_batch(data, table, thresholds, float(H), float(E), out)
+        _tfce_stepped_batch(data, table, thresholds, float(H), power, out)
     return torch.from_numpy(out).to(values.device)
 
 
