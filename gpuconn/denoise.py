@@ -1,0 +1,714 @@
+"""Subject-level denoising: one nuisance GLM with the filters in it, then smoothing.
+
+Order of operations for one run (what :func:`denoise_runs` does):
+
+1. Load the BOLD series and brain mask; take aCompCor and the global signal
+   from the **unsmoothed** data (as fMRIPrep does), so smoothing does not mix
+   grey matter into the tissue signals.
+2. Build the nuisance design, columns in this order: motion (6 or Friston 24),
+   physiological (``hr_crf``, ``rv_rrf``), aCompCor, global signal, extra
+   named confounds, motion-outlier spikes, the high-pass discrete cosine set
+   (``cosine_XX``: periods longer than ``1 / high_pass``, exactly nilearn's
+   ``create_cosine_drift`` / SPM), the optional low-pass cosine set
+   (``lowpass_XX``: DCT-II components above ``low_pass``), and a constant.
+   All of them are regressed **jointly** in one least-squares model, so the
+   filter cannot re-introduce nuisance signal (Lindquist et al. 2018). The
+   optional low-pass is the same DCT set at high frequencies, so band-pass
+   filtering stays one orthogonal projection (it costs those degrees of
+   freedom, as any filter does, and the count is reported).
+3. Censoring: motion outliers enter as spike columns (default, as the
+   reference study's ``fsl_motion_outliers`` matrix), or their volumes are
+   dropped (``censor='drop'``: the cosine set is built on the full time grid,
+   then the censored rows are removed from data and design, as nilearn does).
+4. Rank: columns are scaled to unit maximum, a column-pivoted QR finds the
+   rank, and columns that depend on the others are **dropped with a warning
+   naming them** (and listed in the sidecar). Fewer than ``min_dof``
+   (default 10) residual degrees of freedom is an :class:`InputError`.
+5. Residuals ``Y - Q Q^T Y`` (``Q`` orthonormal basis of the kept design, in
+   float64; data are float32 on the device and cast to float64 chunk by
+   chunk for the projection). Residuals have zero mean (the constant is in
+   the model).
+6. Gaussian smoothing with ``fwhm`` mm inside the brain mask:
+   ``sigma = fwhm / (2 sqrt(2 ln 2)) / voxel_size`` per axis, kernel truncated
+   at 4 sigma as :func:`scipy.ndimage.gaussian_filter`, separable 1-D
+   convolutions; the result is ``S(Y * m) / S(m)`` inside the mask ``m`` and
+   0 outside, so voxels near the mask edge are not darkened by the zeros
+   outside the brain. Because the design is shared by all voxels of a run,
+   spatial smoothing and the temporal projection commute exactly: smoothing
+   the residuals equals regressing the smoothed data (FSL FEAT smooths first,
+   then filters; the result is the same).
+
+Runs are batched on the device (zero-padded to a common number of volumes
+and voxels, which leaves each projection unchanged) and streamed: only one
+batch of runs is held in memory at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from scipy import linalg
+
+from . import confounds as cf
+from .backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
+from .errors import InputError
+from .io import check_same_grid, load_image, load_mask, masked_data, read_tsv, save_image, write_tsv
+from .physio import physio_confounds
+
+__all__ = [
+    "DenoiseOptions",
+    "RunFiles",
+    "PreparedRun",
+    "cosine_basis",
+    "lowpass_basis",
+    "nuisance_design",
+    "drop_dependent_columns",
+    "orthonormal_basis",
+    "regress_out",
+    "gaussian_sigma",
+    "gaussian_kernel",
+    "smooth",
+    "repetition_time",
+    "prepare_run",
+    "clean_runs",
+    "denoise_runs",
+    "output_paths",
+]
+
+_VOXEL_CHUNK = 65536  # voxels cast to float64 at a time in the projection
+
+
+@dataclass(frozen=True)
+class DenoiseOptions:
+    """What goes into the nuisance model (defaults: the reference study).
+
+    Attributes
+    ----------
+    motion : {'6', '24', 'none'}
+        Motion parameters, Friston 24 expansion, or none.
+    acompcor : int
+        Number of aCompCor components (0: none).
+    acompcor_mode : {'combined', 'separate'}
+        One PCA of WM and CSF together, or ``acompcor`` components from each.
+    tissue_threshold : float
+        Probability above which a voxel is WM/CSF.
+    erode : int
+        Erosion iterations of the tissue masks.
+    physio : {'auto', 'yes', 'no'}
+        HR/RV regressors when a recording is there, always (error when
+        absent), or never.
+    global_signal : bool
+        Add the mean signal in the brain mask.
+    outlier_metric : {'fd', 'rms', 'none'}
+        Power FD or Jenkinson relative RMS for spike detection.
+    outlier_threshold : float
+        mm; volumes above it are outliers.
+    censor : {'spikes', 'drop'}
+    high_pass : float or None
+        Hz; None for no high-pass.
+    low_pass : float or None
+        Hz; None for no low-pass.
+    fwhm : float
+        mm; 0 for no smoothing.
+    columns : tuple of str
+        Extra confound columns from the confounds TSV.
+    min_dof : int
+        Least residual degrees of freedom accepted.
+    tr : float or None
+        Repetition time (s); None reads it from the BOLD header.
+    """
+
+    motion: Literal["6", "24", "none"] = "6"
+    acompcor: int = 5
+    acompcor_mode: Literal["combined", "separate"] = "combined"
+    tissue_threshold: float = 0.9
+    erode: int = 1
+    physio: Literal["auto", "yes", "no"] = "auto"
+    global_signal: bool = False
+    outlier_metric: Literal["fd", "rms", "none"] = "fd"
+    outlier_threshold: float = 0.5
+    censor: Literal["spikes", "drop"] = "spikes"
+    high_pass: float | None = 0.006
+    low_pass: float | None = None
+    fwhm: float = 6.0
+    columns: tuple[str, ...] = ()
+    min_dof: int = 10
+    tr: float | None = None
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The input files of one run (None where absent).
+
+    ``confounds`` is a fMRIPrep confounds TSV; ``motion_par`` an MCFLIRT
+    ``.par`` (used for motion instead of the TSV's columns);
+    ``censor_file`` an fsl_motion_outliers matrix (used instead of
+    detecting outliers); ``physio`` a BIDS ``*_physio.tsv.gz``; ``wm`` and
+    ``csf`` probability maps (or binary masks) on the BOLD grid.
+    """
+
+    bold: Path
+    mask: Path
+    confounds: Path | None = None
+    motion_par: Path | None = None
+    censor_file: Path | None = None
+    physio: Path | None = None
+    wm: Path | None = None
+    csf: Path | None = None
+    label: str = ""
+
+    @classmethod
+    def from_run(cls, run, **overrides) -> "RunFiles":
+        """From a :class:`gpuconn.bids.Run` (missing mask is an error)."""
+        if run.mask is None:
+            raise InputError(f"no brain mask (*_desc-brain_mask.nii.gz) beside {run.bold}")
+        fields = dict(bold=run.bold, mask=run.mask, confounds=run.confounds, physio=run.physio, wm=run.wm, csf=run.csf, label=run.label)
+        fields.update(overrides)
+        return cls(**fields)
+
+
+@dataclass
+class PreparedRun:
+    """A validated run: its data in the mask and the design that cleans it.
+
+    Attributes
+    ----------
+    files : RunFiles
+    img : nibabel.Nifti1Image
+    mask : ndarray of bool, shape (x, y, z)
+    data : ndarray, shape (n_volumes, n_voxels), float32
+    design : pandas.DataFrame, shape (n_kept, n_columns)
+        The design actually used (dependent columns removed).
+    keep : ndarray of bool, shape (n_volumes,)
+        Volumes kept (all unless ``censor='drop'``).
+    dropped_columns : list of str
+    n_outliers : int
+    tr : float
+    """
+
+    files: RunFiles
+    img: nib.Nifti1Image
+    mask: np.ndarray
+    data: np.ndarray
+    design: pd.DataFrame
+    keep: np.ndarray
+    dropped_columns: list[str] = field(default_factory=list)
+    n_outliers: int = 0
+    tr: float = 0.0
+
+    @property
+    def dof(self) -> int:
+        """Residual degrees of freedom."""
+        return int(self.keep.sum()) - self.design.shape[1]
+
+
+def _dct_columns(n_volumes: int, ks: np.ndarray) -> np.ndarray:
+    t = np.arange(n_volumes)
+    return np.sqrt(2.0 / n_volumes) * np.cos(np.pi / n_volumes * (t[:, None] + 0.5) * ks[None, :])
+
+
+def cosine_basis(n_volumes: int, *, tr: float, high_pass: float) -> np.ndarray:
+    """High-pass discrete cosine set, as nilearn ``create_cosine_drift`` (no constant).
+
+    Parameters
+    ----------
+    n_volumes : int
+    tr : float
+        Seconds.
+    high_pass : float
+        Hz; components with frequency ``k / (2 n TR) <= high_pass`` are kept.
+
+    Returns
+    -------
+    ndarray, shape (n_volumes, floor(2 n TR high_pass))
+    """
+    order = min(n_volumes - 1, int(np.floor(2 * n_volumes * high_pass * tr)))
+    return _dct_columns(n_volumes, np.arange(1, order + 1))
+
+
+def lowpass_basis(n_volumes: int, *, tr: float, low_pass: float) -> np.ndarray:
+    """DCT-II components with frequency ``k / (2 n TR) > low_pass`` (their removal low-passes).
+
+    Returns
+    -------
+    ndarray, shape (n_volumes, n_components)
+    """
+    first = int(np.floor(2 * n_volumes * low_pass * tr)) + 1
+    return _dct_columns(n_volumes, np.arange(max(first, 1), n_volumes))
+
+
+def nuisance_design(
+    confounds: pd.DataFrame,
+    *,
+    tr: float,
+    high_pass: float | None = 0.006,
+    low_pass: float | None = None,
+) -> pd.DataFrame:
+    """Append the cosine sets and a constant to the confounds.
+
+    Parameters
+    ----------
+    confounds : pandas.DataFrame, shape (n_volumes, n_confounds)
+    tr : float
+    high_pass, low_pass : float or None
+        Hz.
+
+    Returns
+    -------
+    pandas.DataFrame, shape (n_volumes, n_confounds + n_cosines + 1)
+    """
+    n = len(confounds)
+    parts = [confounds.reset_index(drop=True)]
+    if high_pass:
+        hp = cosine_basis(n, tr=tr, high_pass=high_pass)
+        parts.append(pd.DataFrame(hp, columns=[f"cosine_{i:02d}" for i in range(hp.shape[1])]))
+    if low_pass:
+        if high_pass and low_pass <= high_pass:
+            raise InputError(f"--low-pass {low_pass} Hz must be above --high-pass {high_pass} Hz")
+        lp = lowpass_basis(n, tr=tr, low_pass=low_pass)
+        parts.append(pd.DataFrame(lp, columns=[f"lowpass_{i:02d}" for i in range(lp.shape[1])]))
+    parts.append(pd.DataFrame({"constant": np.ones(n)}))
+    return pd.concat(parts, axis=1)
+
+
+def drop_dependent_columns(design: pd.DataFrame, *, source: str | os.PathLike = "design") -> tuple[pd.DataFrame, list[str]]:
+    """Remove columns that are linear combinations of the others, with a warning.
+
+    Columns are scaled to unit maximum magnitude; a column-pivoted QR ranks
+    them and those past the numerical rank (``|R_ii| <= max(n, p) eps |R_00|``)
+    are dropped. All-zero columns are always dropped.
+
+    Returns
+    -------
+    design : pandas.DataFrame
+        The kept columns, in their original order.
+    dropped : list of str
+    """
+    values = design.to_numpy(dtype=float)
+    scale = np.abs(values).max(axis=0)
+    scaled = values / np.where(scale > 0, scale, 1.0)
+    _, r, perm = linalg.qr(scaled, mode="economic", pivoting=True)
+    diag = np.abs(np.diag(r))
+    tol = max(scaled.shape) * np.finfo(float).eps * (diag[0] if diag.size else 0.0)
+    rank = int((diag > tol).sum())
+    dropped_idx = sorted(set(perm[rank:].tolist()) | set(np.flatnonzero(scale == 0).tolist()))
+    dropped = [str(design.columns[i]) for i in dropped_idx]
+    if dropped:
+        warnings.warn(
+            f"nuisance design for {source}: dropped {len(dropped)} column(s) that depend on the others: {', '.join(dropped)}",
+            UserWarning,
+            stacklevel=2,
+        )
+    return design.drop(columns=dropped), dropped
+
+
+def orthonormal_basis(design: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+    """Orthonormal basis of the design's column space on the kept volumes.
+
+    Parameters
+    ----------
+    design : ndarray, shape (n_kept, p)
+        Full column rank (see :func:`drop_dependent_columns`).
+    keep : ndarray of bool, shape (n_volumes,), optional
+        Where the kept rows sit; the returned basis has zero rows elsewhere.
+
+    Returns
+    -------
+    ndarray, shape (n_volumes, p), float64
+    """
+    q, _ = np.linalg.qr(np.asarray(design, dtype=float))
+    if keep is None:
+        return q
+    full = np.zeros((keep.size, q.shape[1]))
+    full[keep] = q
+    return full
+
+
+def regress_out(data: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
+    """Residuals of a batch of runs after projecting out their nuisance bases.
+
+    Parameters
+    ----------
+    data : torch.Tensor, shape (n_runs, n_volumes, n_voxels), float32
+    bases : torch.Tensor, shape (n_runs, n_volumes, p), float64
+        Orthonormal columns (zero-padded rows/columns allowed), same device.
+
+    Returns
+    -------
+    torch.Tensor, shape (n_runs, n_volumes, n_voxels), float32
+        ``Y - Q (Q^T Y)`` computed in float64, chunk by chunk over voxels.
+    """
+    out = torch.empty_like(data)
+    qt = bases.transpose(-1, -2)
+    for start in range(0, data.shape[-1], _VOXEL_CHUNK):
+        y = data[..., start : start + _VOXEL_CHUNK].to(DESIGN_DTYPE)
+        out[..., start : start + _VOXEL_CHUNK] = (y - bases @ (qt @ y)).to(data.dtype)
+    return out
+
+
+def gaussian_sigma(fwhm: float, voxel_size: Sequence[float]) -> np.ndarray:
+    """Gaussian sigma in voxels per axis: ``fwhm / (2 sqrt(2 ln 2)) / voxel_size``."""
+    return fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0))) / np.asarray(voxel_size, dtype=float)
+
+
+def gaussian_kernel(sigma: float, *, truncate: float = 4.0) -> np.ndarray:
+    """1-D Gaussian weights as :func:`scipy.ndimage.gaussian_filter1d` uses them.
+
+    Returns
+    -------
+    ndarray, shape (2 r + 1,)
+        ``r = int(truncate sigma + 0.5)``, normalised to sum 1.
+    """
+    radius = int(truncate * float(sigma) + 0.5)
+    x = np.arange(-radius, radius + 1)
+    weights = np.exp(-0.5 * (x / sigma) ** 2)
+    return weights / weights.sum()
+
+
+def _convolve_separable(volumes: torch.Tensor, sigmas: np.ndarray) -> torch.Tensor:
+    """Zero-padded separable Gaussian of (n, x, y, z) volumes."""
+    x = volumes.unsqueeze(1)
+    for axis, sigma in enumerate(sigmas):
+        if sigma <= 0:
+            continue
+        kernel = torch.as_tensor(gaussian_kernel(sigma), dtype=x.dtype, device=x.device)
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = kernel.numel()
+        padding = [0, 0, 0]
+        padding[axis] = kernel.numel() // 2
+        x = torch.nn.functional.conv3d(x, kernel.view(shape), padding=tuple(padding))
+    return x.squeeze(1)
+
+
+def smooth(volumes: torch.Tensor, mask: torch.Tensor, *, fwhm: float, voxel_size: Sequence[float]) -> torch.Tensor:
+    """Gaussian smoothing inside a mask, normalised by the smoothed mask.
+
+    Parameters
+    ----------
+    volumes : torch.Tensor, shape (n, x, y, z)
+    mask : torch.Tensor of bool, shape (x, y, z)
+    fwhm : float
+        mm.
+    voxel_size : 3 floats
+        mm.
+
+    Returns
+    -------
+    torch.Tensor, shape (n, x, y, z)
+        ``S(v m) / S(m)`` inside the mask, 0 outside; ``volumes`` unchanged
+        when ``fwhm`` is 0.
+
+    See Also
+    --------
+    scipy.ndimage.gaussian_filter, nilearn.image.smooth_img : the same
+        kernel (``truncate=4``), without the mask normalisation.
+    """
+    if fwhm <= 0:
+        return volumes
+    sigmas = gaussian_sigma(fwhm, voxel_size)
+    m = mask.to(volumes.dtype)
+    weight = _convolve_separable(m.unsqueeze(0), sigmas)[0]
+    smoothed = _convolve_separable(volumes * m, sigmas)
+    return torch.where(mask, smoothed / weight.clamp(min=torch.finfo(volumes.dtype).tiny), torch.zeros_like(smoothed))
+
+
+def repetition_time(img: nib.Nifti1Image, path, override: float | None = None) -> float:
+    """TR in seconds from ``override`` or the NIfTI header (ms headers converted)."""
+    if override is not None:
+        if override <= 0:
+            raise InputError(f"--tr must be positive, got {override}")
+        return float(override)
+    zooms = img.header.get_zooms()
+    tr = float(zooms[3]) if len(zooms) > 3 else 0.0
+    if img.header.get_xyzt_units()[1] == "msec":
+        tr /= 1000.0
+    if not tr > 0:
+        raise InputError(f"BOLD {path} has no repetition time in its header (pixdim[4] = {tr}); pass --tr")
+    return tr
+
+
+def _tissue_signals(files: RunFiles, img, data_4d: np.ndarray, options: DenoiseOptions) -> list[tuple[str, np.ndarray]]:
+    signals = []
+    for name, path in (("wm", files.wm), ("csf", files.csf)):
+        prob = load_image(path, ndim=3, what=f"{name.upper()} map")
+        check_same_grid(img, files.bold, prob, path)
+        mask = cf.tissue_mask(np.asarray(prob.dataobj), threshold=options.tissue_threshold, erode=options.erode)
+        if mask.sum() < options.acompcor:
+            raise InputError(
+                f"{name.upper()} map {path} leaves {int(mask.sum())} voxels after threshold {options.tissue_threshold} "
+                f"and {options.erode} erosion(s); aCompCor needs at least {options.acompcor}: lower --tissue-threshold or use --erode 0"
+            )
+        signals.append((name, None if data_4d is None else data_4d[mask].T))
+    return signals
+
+
+def _acompcor(files: RunFiles, img, data_4d, options: DenoiseOptions, device) -> pd.DataFrame:
+    k = options.acompcor
+    if files.wm is not None and files.csf is not None:
+        tissues = _tissue_signals(files, img, data_4d, options)
+        if data_4d is None:  # validation pass: right shape, generic values
+            n_cols = k if options.acompcor_mode == "combined" else 2 * k
+            return pd.DataFrame(_placeholder(img.shape[-1], n_cols), columns=[f"placeholder_{i:02d}" for i in range(n_cols)])
+        if options.acompcor_mode == "combined":
+            comps = cf.acompcor(np.hstack([s for _, s in tissues]), n_components=k, device=device)
+            return pd.DataFrame(comps, columns=[f"a_comp_cor_{i:02d}" for i in range(k)])
+        stacked = cf.acompcor([s for _, s in tissues], n_components=k, device=device)
+        return pd.concat(
+            [pd.DataFrame(c, columns=[f"{name}_comp_cor_{i:02d}" for i in range(k)]) for (name, _), c in zip(tissues, stacked)],
+            axis=1,
+        )
+    names = [f"a_comp_cor_{i:02d}" for i in range(k)]
+    if files.confounds is not None:
+        available = read_tsv(files.confounds, what="confounds").columns
+        if all(n in available for n in names):
+            warnings.warn(f"no WM/CSF maps for {files.bold}; using {names[0]}..{names[-1]} from {files.confounds}", UserWarning, stacklevel=3)
+            return cf.read_fmriprep_confounds(files.confounds, names)
+    raise InputError(
+        f"aCompCor needs WM and CSF maps (--wm/--csf) or a_comp_cor_XX columns in the confounds for {files.bold}; "
+        "pass them or use --acompcor 0"
+    )
+
+
+def _outliers(files: RunFiles, params: np.ndarray | None, n_volumes: int, options: DenoiseOptions) -> np.ndarray:
+    """Spike matrix (n_volumes, n_outliers) from a censor file or the motion metric."""
+    if files.censor_file is not None:
+        spikes = cf.read_matrix(files.censor_file, what="censor matrix")
+        cf.check_length(spikes, n_volumes, files.censor_file, files.bold)
+        return spikes
+    if options.outlier_metric == "none":
+        return np.zeros((n_volumes, 0))
+    if params is None:
+        raise InputError(f"outlier detection needs motion parameters for {files.bold}; pass --confounds or --motion-par, or --outlier-metric none")
+    metric = cf.framewise_displacement(params) if options.outlier_metric == "fd" else cf.rms_displacement(params)[1]
+    return cf.spike_regressors(metric, options.outlier_threshold)
+
+
+def _placeholder(n_volumes: int, n_columns: int) -> np.ndarray:
+    """Generic (full-rank) stand-ins for data-derived regressors in the validation pass."""
+    return np.random.default_rng(0).standard_normal((n_volumes, n_columns))
+
+
+def _confound_table(files: RunFiles, img, data_4d, brain: np.ndarray, tr: float, options: DenoiseOptions, device) -> tuple[pd.DataFrame, np.ndarray]:
+    """Nuisance regressors (before the cosine sets) and the spike matrix.
+
+    ``data_4d`` None is the validation pass: data-derived columns get placeholders.
+    """
+    n = img.shape[-1]
+    parts = []
+    params = cf.load_motion(confounds=files.confounds, motion_par=files.motion_par, n_volumes=n, bold=files.bold)
+    if options.motion != "none":
+        if params is None:
+            raise InputError(f"--motion {options.motion} needs --confounds (fMRIPrep TSV) or --motion-par for {files.bold}")
+        if options.motion == "24":
+            parts.append(pd.DataFrame(cf.friston24(params), columns=cf.friston24_names()))
+        else:
+            parts.append(pd.DataFrame(params, columns=list(cf.MOTION_COLUMNS)))
+    if options.physio == "yes" and files.physio is None:
+        raise InputError(f"--physio yes but no *_physio.tsv.gz for {files.bold}; pass --physio FILE or --physio-mode auto")
+    if options.physio != "no" and files.physio is not None:
+        parts.append(physio_confounds(files.physio, tr=tr, n_volumes=n))
+    if options.acompcor > 0:
+        parts.append(_acompcor(files, img, data_4d, options, device))
+    if options.global_signal:
+        gs = _placeholder(n, 1)[:, 0] if data_4d is None else data_4d[brain].mean(axis=0)
+        parts.append(pd.DataFrame({"global_signal": gs}))
+    if options.columns:
+        if files.confounds is None:
+            raise InputError(f"--columns {','.join(options.columns)} needs a confounds TSV for {files.bold}")
+        extra = cf.read_fmriprep_confounds(files.confounds, list(options.columns))
+        cf.check_length(extra, n, files.confounds, files.bold)
+        parts.append(extra)
+    spikes = _outliers(files, params, n, options)
+    table = pd.concat(parts, axis=1) if parts else pd.DataFrame(index=range(n))
+    return table, spikes
+
+
+def _header_only(path: Path) -> nib.Nifti1Image:
+    """The BOLD image with its data left on disk (validation pass)."""
+    if not Path(path).exists():
+        raise InputError(f"BOLD file not found: {path}")
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:
+        raise InputError(f"cannot read BOLD {path}: {type(exc).__name__}: {exc}") from exc
+    if len(img.shape) != 4:
+        raise InputError(f"BOLD {path} has shape {img.shape}; expected a 4D series (x, y, z, time)")
+    return img
+
+
+def prepare_run(
+    files: RunFiles,
+    options: DenoiseOptions = DenoiseOptions(),
+    *,
+    device: torch.device | str = "cpu",
+    load_data: bool = True,
+) -> PreparedRun:
+    """Load and validate one run and build its nuisance design.
+
+    Parameters
+    ----------
+    files : RunFiles
+    options : DenoiseOptions
+    device : torch.device or str
+        Where aCompCor is computed.
+    load_data : bool, default True
+        False is a cheap validation pass: the BOLD data stay on disk, aCompCor
+        and global-signal columns are placeholders, ``data`` is empty; every
+        file, length, column and degrees-of-freedom check still runs.
+
+    Returns
+    -------
+    PreparedRun
+
+    Raises
+    ------
+    InputError
+        Any input problem (grids, lengths, NaNs, missing columns, too few
+        degrees of freedom), naming the file.
+    """
+    img = load_image(files.bold, ndim=4, what="BOLD") if load_data else _header_only(files.bold)
+    brain, _ = load_mask(files.mask, reference=img, reference_path=files.bold, what="brain mask")
+    tr = repetition_time(img, files.bold, options.tr)
+    data_4d = np.asarray(img.dataobj) if load_data else None
+    n = img.shape[-1]
+    table, spikes = _confound_table(files, img, data_4d, brain, tr, options, device)
+    keep = np.ones(n, dtype=bool)
+    if options.censor == "drop":
+        keep = ~spikes.astype(bool).any(axis=1)
+    elif spikes.shape[1]:
+        table = pd.concat([table, pd.DataFrame(spikes, columns=[f"motion_outlier_{i:02d}" for i in range(spikes.shape[1])])], axis=1)
+    design = nuisance_design(table, tr=tr, high_pass=options.high_pass, low_pass=options.low_pass)
+    if design.shape[1] < keep.sum():  # else too few volumes whatever the rank: say so below
+        design, dropped = drop_dependent_columns(design.loc[keep].reset_index(drop=True), source=files.bold)
+    else:
+        dropped = []
+    dof = int(keep.sum()) - design.shape[1]
+    if dof < options.min_dof:
+        raise InputError(
+            f"{files.bold}: only {dof} residual degrees of freedom ({int(keep.sum())} volumes kept, "
+            f"{design.shape[1]} regressors); need at least {options.min_dof}: use fewer regressors or a higher outlier threshold"
+        )
+    data = masked_data(img, brain, path=files.bold) if load_data else np.empty((n, 0), dtype=np.float32)
+    return PreparedRun(files, img, brain, data, design, keep, dropped, int(spikes.shape[1]), tr)
+
+
+def clean_runs(runs: Sequence[PreparedRun], *, fwhm: float, device: torch.device | str = "cpu") -> list[np.ndarray]:
+    """Regress each run's design out of its data (batched), then smooth.
+
+    Parameters
+    ----------
+    runs : sequence of PreparedRun
+    fwhm : float
+        mm; 0 for none.
+    device : torch.device or str
+
+    Returns
+    -------
+    list of ndarray, each shape (x, y, z, n_kept), float32
+    """
+    device = resolve_device(device)
+    n_max = max(r.data.shape[0] for r in runs)
+    v_max = max(r.data.shape[1] for r in runs)
+    p_max = max(r.design.shape[1] for r in runs)
+    data = torch.zeros((len(runs), n_max, v_max), dtype=torch.float32, device=device)
+    bases = torch.zeros((len(runs), n_max, p_max), dtype=DESIGN_DTYPE, device=device)
+    for i, r in enumerate(runs):
+        n, v = r.data.shape
+        keep = np.concatenate([r.keep, np.zeros(n_max - n, dtype=bool)])
+        q = orthonormal_basis(r.design.to_numpy(float), keep)
+        bases[i, :, : q.shape[1]] = torch.as_tensor(q, device=device)
+        data[i, :n, :v] = as_data(r.data, device) * torch.as_tensor(keep[:n, None], device=device)
+    residuals = regress_out(data, bases)
+    del data, bases
+    out = []
+    for i, r in enumerate(runs):
+        n, v = r.data.shape
+        res = residuals[i, :n, :v][torch.as_tensor(r.keep, device=device)]
+        mask = torch.as_tensor(r.mask, device=device)
+        volumes = torch.zeros((res.shape[0],) + r.mask.shape, dtype=res.dtype, device=device)
+        volumes[:, mask] = res
+        volumes = smooth(volumes, mask, fwhm=fwhm, voxel_size=r.img.header.get_zooms()[:3])
+        out.append(np.moveaxis(to_numpy(volumes), 0, -1))
+    return out
+
+
+def output_paths(files: RunFiles, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """BIDS-derivative output names: ``*_desc-denoised_bold.nii.gz`` and ``*_desc-denoised_design.tsv``."""
+    name = files.bold.name
+    stem = name.split("_desc-")[0] if "_desc-" in name else name.split("_bold")[0].split(".nii")[0]
+    folder = Path(out_dir)
+    return {
+        "bold": folder / f"{stem}_desc-denoised_bold.nii.gz",
+        "design": folder / f"{stem}_desc-denoised_design.tsv",
+    }
+
+
+def _params(run: PreparedRun, options: DenoiseOptions) -> dict:
+    from dataclasses import asdict
+
+    return {
+        "Sources": {k: v for k, v in vars(run.files).items() if v is not None and k != "label"},
+        "Options": asdict(options),
+        "RepetitionTime": run.tr,
+        "Columns": list(run.design.columns),
+        "DroppedColumns": run.dropped_columns,
+        "NumberOfOutliers": run.n_outliers,
+        "VolumesKept": int(run.keep.sum()),
+        "CensoredVolumes": np.flatnonzero(~run.keep).tolist(),
+        "ResidualDegreesOfFreedom": run.dof,
+        "Order": "confounds (+aCompCor/global from unsmoothed data) + cosine high-pass (+low-pass) + constant regressed jointly; then Gaussian smoothing inside the brain mask normalised by the smoothed mask",
+    }
+
+
+def denoise_runs(
+    files: Sequence[RunFiles],
+    out_dirs: Sequence[str | os.PathLike],
+    options: DenoiseOptions = DenoiseOptions(),
+    *,
+    device: torch.device | str = "auto",
+    batch_size: int = 1,
+    on_run: Callable[[int], None] | None = None,
+) -> Iterator[dict[str, Path]]:
+    """Denoise runs, streaming ``batch_size`` runs at a time; write NIfTI, design TSV, JSON.
+
+    Each batch is fully validated before any of its outputs is written.
+
+    Parameters
+    ----------
+    files : sequence of RunFiles
+    out_dirs : sequence of path-like
+        Output folder per run.
+    options : DenoiseOptions
+    device : torch.device or str
+    batch_size : int, default 1
+    on_run : callable, optional
+        Called with the number of runs finished (progress).
+
+    Yields
+    ------
+    dict
+        The output paths of each run (see :func:`output_paths`).
+    """
+    device = resolve_device(device)
+    for start in range(0, len(files), batch_size):
+        batch = [prepare_run(f, options, device=device) for f in files[start : start + batch_size]]
+        cleaned = clean_runs(batch, fwhm=options.fwhm, device=device)
+        for run, volumes, out_dir in zip(batch, cleaned, out_dirs[start : start + batch_size]):
+            paths = output_paths(run.files, out_dir)
+            params = _params(run, options)
+            write_tsv(run.design, paths["design"], params=params, sidecar=False, float_format="%.8g")
+            save_image(volumes, run.img, paths["bold"], params=params)
+            yield paths
+        if on_run is not None:
+            on_run(len(batch))
+        del batch, cleaned

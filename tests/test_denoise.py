@@ -1,0 +1,292 @@
+"""Nuisance GLM with high-pass, censoring, low-pass, smoothing; run-level pipeline and its errors."""
+
+from __future__ import annotations
+
+import warnings
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from nilearn import signal as nsignal
+from nilearn.image import smooth_img
+from scipy import fft, ndimage
+
+from gpuconn import denoise as dn
+from gpuconn.errors import InputError
+
+TR = 2.0
+
+
+def _clean(data: np.ndarray, design: pd.DataFrame, device, keep=None) -> np.ndarray:
+    q = dn.orthonormal_basis(design.to_numpy(float), keep)
+    y = torch.as_tensor(data, dtype=torch.float32, device=device)
+    if keep is not None:
+        y = y * torch.as_tensor(keep[:, None], device=device)
+    out = dn.regress_out(y[None], torch.as_tensor(q, device=device)[None])[0].cpu().numpy()
+    return out if keep is None else out[keep]
+
+
+def _nilearn(data, confounds, **kwargs):
+    return nsignal.clean(
+        data.astype(float), confounds=confounds, t_r=TR, high_pass=0.01, filter="cosine",
+        detrend=False, standardize=None, standardize_confounds=True, **kwargs,
+    )
+
+
+def test_cosine_basis_is_nilearn_drift(rng):
+    for n, hp in ((60, 0.01), (120, 0.006), (37, 0.02)):
+        ours = dn.cosine_basis(n, tr=TR, high_pass=hp)
+        theirs = nsignal.create_cosine_drift(hp, np.arange(n) * TR)[:, :-1]
+        assert ours.shape == theirs.shape
+        np.testing.assert_allclose(ours, theirs, atol=1e-12)
+
+
+def test_glm_with_high_pass_matches_nilearn_and_lstsq(device, rng):
+    n, v = 60, 300
+    confounds = rng.standard_normal((n, 5))
+    data = (rng.standard_normal((n, v)) + confounds @ rng.standard_normal((5, v)) + 100).astype(np.float32)
+    design = dn.nuisance_design(pd.DataFrame(confounds), tr=TR, high_pass=0.01)
+    ours = _clean(data, design, device)
+    # nilearn z-scores the confounds, so its model has no constant: ours = nilearn - mean
+    theirs = _nilearn(data, confounds)
+    ref = data - design.to_numpy() @ np.linalg.lstsq(design.to_numpy(), data.astype(float), rcond=None)[0]
+    # float32 data of magnitude 100, float64 projection: |error| ~ 100 * 2^-24 * a few
+    np.testing.assert_allclose(ours, theirs - theirs.mean(axis=0), atol=5e-5)
+    np.testing.assert_allclose(ours, ref, atol=5e-5)
+    np.testing.assert_allclose(ours.mean(axis=0), 0, atol=5e-5)
+
+
+def test_drop_censoring_matches_nilearn_sample_mask(device, rng):
+    n, v = 50, 100
+    confounds = rng.standard_normal((n, 3))
+    data = rng.standard_normal((n, v)).astype(np.float32)
+    keep = np.ones(n, dtype=bool)
+    keep[[4, 20, 21]] = False
+    design = dn.nuisance_design(pd.DataFrame(confounds), tr=TR, high_pass=0.01).loc[keep].reset_index(drop=True)
+    ours = _clean(data, design, device, keep)
+    theirs = _nilearn(data, confounds, sample_mask=np.flatnonzero(keep))
+    np.testing.assert_allclose(ours, theirs - theirs.mean(axis=0), atol=1e-5)
+
+
+def test_spike_regressors_equal_dropping_the_volumes(device, rng):
+    n, v = 40, 50
+    confounds = pd.DataFrame(rng.standard_normal((n, 3)))
+    data = rng.standard_normal((n, v)).astype(np.float32)
+    outliers = [3, 17]
+    keep = np.ones(n, dtype=bool)
+    keep[outliers] = False
+    spikes = pd.DataFrame(np.eye(n)[:, outliers], columns=["s0", "s1"])
+    with_spikes = _clean(data, dn.nuisance_design(pd.concat([confounds, spikes], axis=1), tr=TR, high_pass=0.01), device)
+    dropped = _clean(data, dn.nuisance_design(confounds, tr=TR, high_pass=0.01).loc[keep].reset_index(drop=True), device, keep)
+    np.testing.assert_allclose(with_spikes[outliers], 0, atol=1e-6)
+    np.testing.assert_allclose(with_spikes[keep], dropped, atol=1e-5)
+
+
+def test_low_pass_removes_high_dct_components(rng):
+    n, v = 64, 20
+    data = rng.standard_normal((n, v))
+    design = dn.nuisance_design(pd.DataFrame(index=range(n)), tr=TR, high_pass=0.01, low_pass=0.1)
+    ours = _clean(data, design, "cpu")
+    coef_in, coef_out = fft.dct(data, norm="ortho", axis=0), fft.dct(ours, norm="ortho", axis=0)
+    freq = np.arange(n) / (2 * n * TR)
+    removed = (freq == 0) | (freq <= 0.01) | (freq > 0.1)
+    np.testing.assert_allclose(coef_out[removed], 0, atol=1e-5)
+    np.testing.assert_allclose(coef_out[~removed], coef_in[~removed], atol=1e-5)
+
+
+def test_low_pass_must_exceed_high_pass():
+    with pytest.raises(InputError, match="--low-pass 0.005 Hz must be above --high-pass 0.01 Hz"):
+        dn.nuisance_design(pd.DataFrame(index=range(30)), tr=TR, high_pass=0.01, low_pass=0.005)
+
+
+def test_dependent_columns_dropped_with_warning(rng):
+    a = rng.standard_normal(30)
+    design = pd.DataFrame({"a": a, "b": rng.standard_normal(30), "twice_a": 2 * a, "zero": np.zeros(30)})
+    with pytest.warns(UserWarning, match=r"dropped 2 column\(s\) that depend on the others: (twice_a|a), zero"):
+        kept, dropped = dn.drop_dependent_columns(design, source="x.nii.gz")
+    assert len(dropped) == 2 and "zero" in dropped and kept.shape[1] == 2
+
+
+def test_batched_runs_of_different_sizes_match_single_runs(device, rng):
+    """Zero padding of volumes, voxels and design columns leaves each projection unchanged."""
+    runs = []
+    for n, v, p in ((40, 30, 3), (50, 45, 6)):
+        y = rng.standard_normal((n, v)).astype(np.float32)
+        d = dn.nuisance_design(pd.DataFrame(rng.standard_normal((n, p))), tr=TR, high_pass=0.01)
+        runs.append((y, d))
+    n_max, v_max = 50, 45
+    data = torch.zeros((2, n_max, v_max), dtype=torch.float32, device=device)
+    bases = torch.zeros((2, n_max, 12), dtype=torch.float64, device=device)
+    for i, (y, d) in enumerate(runs):
+        q = dn.orthonormal_basis(d.to_numpy(), np.arange(n_max) < y.shape[0])
+        data[i, : y.shape[0], : y.shape[1]] = torch.as_tensor(y, device=device)
+        bases[i, :, : q.shape[1]] = torch.as_tensor(q, device=device)
+    batched = dn.regress_out(data, bases).cpu().numpy()
+    for i, (y, d) in enumerate(runs):
+        np.testing.assert_allclose(batched[i, : y.shape[0], : y.shape[1]], _clean(y, d, device), atol=1e-6)
+
+
+# ---------------------------------------------------------------- smoothing
+
+
+def test_gaussian_kernel_is_scipy_kernel():
+    for sigma in (0.7, 1.27, 2.5):
+        impulse = np.zeros(41)
+        impulse[20] = 1.0
+        ref = ndimage.gaussian_filter1d(impulse, sigma, truncate=4.0)
+        k = dn.gaussian_kernel(sigma)
+        np.testing.assert_allclose(ref[20 - k.size // 2 : 20 + k.size // 2 + 1], k, atol=1e-15)
+    assert dn.gaussian_sigma(6.0, (2.0, 2.0, 3.0)) == pytest.approx([1.2739827, 1.2739827, 0.8493218], rel=1e-6)
+
+
+def test_smoothing_matches_scipy_inside_a_mask(device, rng):
+    shape = (10, 12, 10)
+    mask = np.zeros(shape, dtype=bool)
+    mask[2:9, 1:11, 2:8] = True
+    mask[5, 5, 5] = False
+    vols = rng.standard_normal((3,) + shape).astype(np.float32)
+    voxel = (2.0, 2.5, 3.0)
+    ours = dn.smooth(torch.as_tensor(vols, device=device), torch.as_tensor(mask, device=device), fwhm=5.0, voxel_size=voxel)
+    sig = dn.gaussian_sigma(5.0, voxel)
+    weight = ndimage.gaussian_filter(mask.astype(float), sig, mode="constant", truncate=4.0)
+    for i in range(3):
+        num = ndimage.gaussian_filter(vols[i].astype(float) * mask, sig, mode="constant", truncate=4.0)
+        ref = np.where(mask, num / np.where(mask, weight, 1), 0)
+        # float32 separable convolution of unit-variance data: ~1e-6
+        np.testing.assert_allclose(ours[i].cpu().numpy(), ref, atol=1e-5)
+
+
+def test_smoothing_with_full_mask_equals_nilearn_away_from_the_edge(rng):
+    shape = (24, 24, 24)
+    data = rng.standard_normal(shape + (2,)).astype(np.float32)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    nl = smooth_img(nib.Nifti1Image(data, affine), fwhm=6.0).get_fdata()
+    vols = torch.as_tensor(np.moveaxis(data, -1, 0))
+    ours = dn.smooth(vols, torch.ones(shape, dtype=torch.bool), fwhm=6.0, voxel_size=(2.0, 2.0, 2.0)).numpy()
+    r = dn.gaussian_kernel(dn.gaussian_sigma(6.0, (2.0,))[0]).size // 2  # 5 voxels
+    inner = (slice(r, -r),) * 3
+    np.testing.assert_allclose(np.moveaxis(ours, 0, -1)[inner], nl[inner], atol=1e-5)
+    scipy_ref = ndimage.gaussian_filter(data[..., 0].astype(float), dn.gaussian_sigma(6.0, (2.0,) * 3))
+    np.testing.assert_allclose(ours[0][inner], scipy_ref[inner], atol=1e-5)
+    # at the edge nilearn reflects, gpuconn renormalises: different on purpose
+    assert not np.allclose(ours[0][0], scipy_ref[0], atol=1e-3)
+
+
+def test_smoothing_commutes_with_the_regression(rng):
+    shape, n = (8, 9, 7), 30
+    mask = np.zeros(shape, dtype=bool)
+    mask[1:7, 1:8, 1:6] = True
+    vols = torch.as_tensor(rng.standard_normal((n,) + shape).astype(np.float32))
+    design = dn.nuisance_design(pd.DataFrame(rng.standard_normal((n, 3))), tr=TR, high_pass=0.01)
+    q = torch.as_tensor(dn.orthonormal_basis(design.to_numpy()))[None]
+    m = torch.as_tensor(mask)
+
+    def regress(v):
+        flat = v.reshape(n, -1)[None]
+        return dn.regress_out(flat, q)[0].reshape(v.shape) * m
+
+    a = dn.smooth(regress(vols), m, fwhm=6.0, voxel_size=(3.0,) * 3)
+    b = regress(dn.smooth(vols, m, fwhm=6.0, voxel_size=(3.0,) * 3))
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+
+
+# ---------------------------------------------------------------- run level
+
+
+def _write_run(tmp_path, rng, *, n=40, shape=(8, 9, 7), name="sub-01_task-rest_space-MNI_desc-preproc_bold.nii.gz"):
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    mask = np.zeros(shape, dtype=np.uint8)
+    mask[1:7, 1:8, 1:6] = 1
+    params = 0.001 * rng.standard_normal((n, 6)).cumsum(axis=0)
+    motion_signal = params[:, 3]
+    data = 100 + rng.standard_normal(shape + (n,)) + 50 * motion_signal
+    img = nib.Nifti1Image(data.astype(np.float32), affine)
+    img.header.set_zooms((3.0, 3.0, 3.0, TR))
+    bold = tmp_path / name
+    nib.save(img, bold)
+    mask_path = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(mask, affine), mask_path)
+    table = pd.DataFrame(params[:, [3, 4, 5, 0, 1, 2]], columns=["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"])
+    table["csf"] = rng.standard_normal(n)
+    conf = tmp_path / "confounds.tsv"
+    table.to_csv(conf, sep="\t", index=False)
+    return dn.RunFiles(bold=bold, mask=mask_path, confounds=conf), data, mask.astype(bool)
+
+
+def _options(**kw):
+    base = dict(acompcor=0, physio="no", fwhm=0.0, high_pass=0.01)
+    base.update(kw)
+    return dn.DenoiseOptions(**base)
+
+
+def test_denoise_runs_writes_outputs_matching_lstsq(tmp_path, rng):
+    files, data, mask = _write_run(tmp_path, rng)
+    out = tmp_path / "out"
+    paths = list(dn.denoise_runs([files], [out], _options(columns=("csf",)), device="cpu"))[0]
+    assert paths["bold"].name == "sub-01_task-rest_space-MNI_desc-denoised_bold.nii.gz"
+    design = pd.read_csv(paths["design"], sep="\t")
+    assert list(design.columns[:7]) == ["rot_x", "rot_y", "rot_z", "trans_x", "trans_y", "trans_z", "csf"]
+    assert design.columns[-1] == "constant"
+    y = data[mask].T
+    x = design.to_numpy()
+    ref = y - x @ np.linalg.lstsq(x, y, rcond=None)[0]
+    cleaned = nib.load(paths["bold"]).get_fdata()[mask].T
+    np.testing.assert_allclose(cleaned, ref, atol=1e-4)  # design TSV written to 8 significant digits
+    assert (paths["bold"].parent / "sub-01_task-rest_space-MNI_desc-denoised_bold.json").exists()
+
+
+def test_too_few_degrees_of_freedom_names_the_file(tmp_path, rng):
+    files, _, _ = _write_run(tmp_path, rng, n=20)
+    with pytest.raises(InputError, match=r"desc-preproc_bold\.nii\.gz: only \d+ residual degrees of freedom"):
+        dn.prepare_run(files, _options(motion="24"))
+
+
+def test_confound_length_mismatch_and_no_partial_output(tmp_path, rng):
+    files, _, _ = _write_run(tmp_path, rng)
+    short = tmp_path / "short.tsv"
+    pd.read_csv(files.confounds, sep="\t").iloc[:-2].to_csv(short, sep="\t", index=False)
+    bad = dn.RunFiles(bold=files.bold, mask=files.mask, confounds=short)
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"short\.tsv has 38 rows but the image .*bold\.nii\.gz has 40 volumes"):
+        list(dn.denoise_runs([bad], [out], _options(), device="cpu"))
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_mask_grid_mismatch(tmp_path, rng):
+    files, _, _ = _write_run(tmp_path, rng)
+    other = tmp_path / "other_mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((5, 5, 5), np.uint8), np.eye(4)), other)
+    with pytest.raises(InputError, match="grid mismatch"):
+        dn.prepare_run(dn.RunFiles(bold=files.bold, mask=other, confounds=files.confounds), _options())
+
+
+def test_validation_pass_and_censoring(tmp_path, rng):
+    files, _, _ = _write_run(tmp_path, rng)
+    options = _options(outlier_threshold=0.0, outlier_metric="fd", motion="none", censor="drop")
+    # every volume after the first moves: threshold 0 censors all but volume 0
+    with pytest.raises(InputError, match="residual degrees of freedom"):
+        dn.prepare_run(files, options, load_data=False)
+    light = dn.prepare_run(files, _options(outlier_threshold=0.2), load_data=False)
+    full = dn.prepare_run(files, _options(outlier_threshold=0.2))
+    assert 0 < full.n_outliers < 20
+    assert light.data.shape[1] == 0 and list(light.design.columns) == list(full.design.columns)
+    assert full.n_outliers == sum(c.startswith("motion_outlier") for c in full.design.columns)
+
+
+def test_acompcor_from_probseg_and_global_signal(tmp_path, rng):
+    files, data, mask = _write_run(tmp_path, rng)
+    wm = np.zeros(mask.shape, np.float32)
+    wm[2:6, 2:7, 2:5] = 1.0
+    csf = np.zeros(mask.shape, np.float32)
+    csf[1:7, 1:8, 1] = 0.95
+    for name, arr in (("wm", wm), ("csf", csf)):
+        nib.save(nib.Nifti1Image(arr, np.diag([3.0, 3.0, 3.0, 1.0])), tmp_path / f"{name}.nii.gz")
+    files = dn.RunFiles(bold=files.bold, mask=files.mask, confounds=files.confounds, wm=tmp_path / "wm.nii.gz", csf=tmp_path / "csf.nii.gz")
+    run = dn.prepare_run(files, _options(acompcor=3, erode=0, global_signal=True, acompcor_mode="separate"))
+    cols = list(run.design.columns)
+    assert cols[6:13] == ["wm_comp_cor_00", "wm_comp_cor_01", "wm_comp_cor_02", "csf_comp_cor_00", "csf_comp_cor_01", "csf_comp_cor_02", "global_signal"]
+    np.testing.assert_allclose(run.design["global_signal"], data[mask].mean(axis=0), rtol=1e-5)
+    with pytest.raises(InputError, match="leaves 0 voxels after threshold 0.9 and 1 erosion"):
+        dn.prepare_run(files, _options(acompcor=3, erode=1))
