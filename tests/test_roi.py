@@ -1,0 +1,151 @@
+"""ROI extraction and ROI-to-ROI matrices; the planted seed coupling of the simulator is recovered."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from gpuconn.cli.app import run
+from gpuconn.errors import InputError
+from gpuconn.roi import ROI_COLUMNS, compute_roi_matrices, extract_roi_values, roi_connectivity
+from gpuconn.seed import BoldInput, Region, region_masks, region_weights, sphere_regions
+
+SHAPE = (10, 12, 10)
+AFFINE = np.array([[-4.0, 0, 0, 18], [0, 4, 0, -22], [0, 0, 4, -18], [0, 0, 0, 1]])
+
+
+def test_roi_connectivity_equals_numpy_corrcoef(device, rng):
+    n_volumes, n_voxels = 50, 120
+    data = (rng.standard_normal((n_volumes, 3)) @ rng.standard_normal((3, n_voxels)) + rng.standard_normal((n_volumes, n_voxels))) * 20 + 800
+    weights = np.zeros((4, n_voxels))
+    for roi in range(4):
+        weights[roi, roi * 30 : roi * 30 + 10] = 0.1
+    r, z, series = roi_connectivity(torch.as_tensor(data, dtype=torch.float32, device=device), torch.as_tensor(weights, dtype=torch.float32, device=device))
+    expected_series = weights @ data.T  # (R, T), float64
+    expected = np.corrcoef(expected_series)
+    # float32 data centred on a float64 mean; 1e-5 in r is ~80 float32 eps.
+    np.testing.assert_allclose(r.cpu().numpy(), expected, atol=1e-5)
+    off = ~np.eye(4, dtype=bool)
+    np.testing.assert_allclose(z.cpu().numpy()[off], np.arctanh(expected[off]), atol=1e-4)
+    assert np.isfinite(z.cpu().numpy()).all()  # diagonal r = 1 -> clipped, finite
+    np.testing.assert_allclose(series.cpu().numpy(), expected_series, rtol=1e-5)
+
+
+def _maps(tmp_path, rng):
+    """A 3D map with known ROI means and a 4D map with a gpuconn-style sidecar."""
+    flat = rng.standard_normal(SHAPE).astype(np.float32)
+    path3 = tmp_path / "sub-07_ses-post_desc-x_zmap.nii.gz"
+    nib.save(nib.Nifti1Image(flat, AFFINE), path3)
+    stack = rng.standard_normal(SHAPE + (2,)).astype(np.float32)
+    path4 = tmp_path / "seed-S1back_stat-z_seedmap.nii.gz"
+    nib.save(nib.Nifti1Image(stack, AFFINE), path4)
+    volumes = [{"subject": "01", "session": "pre", "map": "seed-S1back_stat-z"}, {"subject": "02", "session": None, "map": "seed-S1back_stat-z"}]
+    (tmp_path / "seed-S1back_stat-z_seedmap.json").write_text(json.dumps({"Parameters": {"volumes": volumes}}))
+    return path3, flat, path4, stack
+
+
+def test_extract_roi_values_means_and_labels(tmp_path, rng):
+    path3, flat, path4, stack = _maps(tmp_path, rng)
+    regions = sphere_regions("insula", (-6, 6, 2), 4.0, mirror="union") + [Region("point", ((2.0, -10.0, 6.0),), 0.0)]
+    ref = nib.Nifti1Image(flat, AFFINE)
+    masks = region_masks(regions, ref)
+    table = extract_roi_values([path3, path4], regions)
+    assert list(table.columns) == list(ROI_COLUMNS) and len(table) == 3 * 2
+    expected = [flat[m].mean() for m in masks] + [stack[..., v][m].mean() for v in range(2) for m in masks]
+    np.testing.assert_allclose(table["value"], expected, rtol=1e-5)
+    assert table.iloc[0][["subject", "session", "map", "roi"]].tolist() == ["07", "post", "sub-07_ses-post_desc-x_zmap", "insula"]
+    assert table.iloc[4][["subject", "map", "roi"]].tolist() == ["02", "seed-S1back_stat-z", "insula"]
+    assert pd.isna(table.iloc[4]["session"])
+    assert masks[1].sum() == 1  # radius 0: only the nearest voxel
+
+
+def test_extract_roi_values_errors(tmp_path, rng):
+    path3, flat, _, _ = _maps(tmp_path, rng)
+    with pytest.raises(InputError, match=r"ROI 'far' .* has no voxel on the grid of .*zmap.nii.gz"):
+        extract_roi_values([path3], [Region("far", ((400.0, 0.0, 0.0),), 4.0)])
+    flat[4, 6, 5] = np.nan  # world (2, 2, 2)
+    nib.save(nib.Nifti1Image(flat, AFFINE), tmp_path / "nan.nii.gz")
+    with pytest.raises(InputError, match=r"nan.nii.gz has NaN or Inf in 1 voxel\(s\) inside the mask"):
+        extract_roi_values([tmp_path / "nan.nii.gz"], [Region("mid", ((2.0, 2.0, 2.0),), 4.0)])
+    with pytest.raises(InputError, match="map file not found"):
+        extract_roi_values([tmp_path / "missing.nii.gz"], [Region("mid", ((2.0, 2.0, 2.0),), 4.0)])
+
+
+def _write_runs(tmp_path, rng, n_volumes=40):
+    mask = np.zeros(SHAPE, dtype=bool)
+    mask[1:-1, 1:-1, 1:-1] = True
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), AFFINE), tmp_path / "mask.nii.gz")
+    paths = []
+    for index in range(2):
+        data = (rng.standard_normal(SHAPE + (n_volumes,)) * 5 + 300).astype(np.float32)
+        data[2:5, 2:5, 2:5] += 5 * rng.standard_normal(n_volumes).astype(np.float32)
+        path = tmp_path / f"sub-{index + 1}_task-rest_bold.nii.gz"
+        nib.save(nib.Nifti1Image(data, AFFINE), path)
+        paths.append(path)
+    return paths, mask
+
+
+def test_roi_matrices_files(tmp_path, rng):
+    paths, mask = _write_runs(tmp_path, rng)
+    regions = [Region("a", ((6.0, -10.0, -6.0),), 4.0), Region("b", ((2.0, -10.0, -6.0),), 4.0), Region("c", ((-10.0, 10.0, 10.0),), 4.0)]
+    inputs = [BoldInput(p.name.split("_bold")[0], p, tmp_path / "mask.nii.gz") for p in paths]
+    written = compute_roi_matrices(inputs, regions, tmp_path / "out", device="cpu")
+    assert len(written) == 2 * 3
+    r = pd.read_csv(tmp_path / "out" / "sub-1_task-rest_stat-r_roimatrix.tsv", sep="\t", index_col="roi")
+    data = np.asarray(nib.load(paths[0]).dataobj, dtype=np.float64)[mask].T
+    weights = region_weights(region_masks(regions, nib.load(paths[0]), mask=mask), mask).astype(np.float64)
+    np.testing.assert_allclose(r.to_numpy(), np.corrcoef(weights @ data.T), atol=1e-5)
+    assert list(r.columns) == ["a", "b", "c"] and r.loc["a", "b"] > 0.5  # shared signal in the cube
+    sidecar = json.loads((tmp_path / "out" / "sub-1_task-rest_stat-z_roimatrix.json").read_text())
+    assert sidecar["Parameters"]["subject"] == "1" and sidecar["Parameters"]["stat"] == "z"
+
+
+def test_cli_roi_extract_and_matrix(tmp_path, rng, capsys):
+    path3, flat, path4, _ = _maps(tmp_path, rng)
+    rc = run(["roi", "extract", str(path3), str(path4), "--roi-coord", "-6,6,2", "--radius", "4", "--name", "aIns",
+              "--bilateral", "--out", str(tmp_path / "values.tsv")])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    table = pd.read_csv(tmp_path / "values.tsv", sep="\t", dtype={"subject": str})
+    assert table["roi"].tolist() == ["aIns"] * 3 and table["subject"].tolist() == ["07", "01", "02"]
+    paths, _ = _write_runs(tmp_path, rng)
+    rc = run(["roi", "matrix", "--bold", str(paths[0]), "--mask", str(tmp_path / "mask.nii.gz"), "--roi-coord", "6,-10,-6",
+              "--roi-coord", "-10,10,10", "--radius", "4", "--out", str(tmp_path / "m"), "-q", "--device", "cpu"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    assert (tmp_path / "m" / "sub-1_task-rest_stat-z_roimatrix.tsv").read_text().startswith("roi\troi1\troi2\n")
+    rc = run(["roi", "extract", str(path3), "--roi-coord", "1,2", "--radius", "4", "--out", str(tmp_path / "bad.tsv")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--roi-coord '1,2' is not x,y,z in mm" in err
+    assert not (tmp_path / "bad.tsv").exists()
+
+
+def test_simulated_s1back_coupling_is_recovered(tmp_path):
+    """On the simulator's study: S1back maps are high in its network and in patients' dlPFC, not in aTPJ."""
+    from gpuconn.simulate import simulate_study
+
+    study = simulate_study(tmp_path / "sim", n_patients=3, n_controls=3, n_volumes=40, voxel_size=6.0, seed=0)
+    truth = study.ground_truth
+    assert "aTPJ" in truth["null_regions"]
+    s1back = truth["regions"]["S1back"][0]
+    rc = run(["seed", "--derivatives", str(study.root), "--seed-coord", ",".join(map(str, s1back)), "--radius", "6",
+              "--bilateral", "--name", "S1back", "--layout", "seed", "--out", str(tmp_path / "seed"), "-q"])  # fmt: skip
+    assert rc == 0
+    rois = {name: truth["regions"][name][0] for name in ("S1finger", "dlPFC", "aTPJ")}
+    args = [a for name, xyz in rois.items() for a in ("--roi-coord", ",".join(map(str, xyz)), "--name", name)]
+    rc = run(["roi", "extract", str(tmp_path / "seed" / "seed-S1back_stat-z_seedmap.nii.gz"), "--radius", "6",
+              "--bilateral", "--out", str(tmp_path / "values.tsv"), *args])  # fmt: skip
+    assert rc == 0
+    values = pd.read_csv(tmp_path / "values.tsv", sep="\t", dtype={"subject": str})
+    wide = values.pivot_table(index=["subject", "session"], columns="roi", values="value")
+    assert len(wide) == study.n_runs
+    # same network (sensorimotor) as the seed: higher than the no-effect control in every run
+    assert (wide["S1finger"] > wide["aTPJ"]).all()
+    # planted group effect: S1back-dlPFC coupling higher in patients than controls (pre session)
+    groups = study.participants.set_index(study.participants["participant_id"].str.removeprefix("sub-"))["group"]
+    pre = wide.xs("pre", level="session")
+    by_group = pre["dlPFC"].groupby(groups.reindex(pre.index)).mean()
+    assert by_group["cLBP"] > by_group["HC"] + 0.1
