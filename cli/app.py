@@ -15,9 +15,10 @@ from rich.console import Console
 from gpuconn.errors import GpuconnError
 
 from . import roi, seed
-from . import info, simulate
+from . import info
 from . import dualreg
 from . import randomise
+from . import design
 
 app = typer.Typer(
     name="gpuconn",
@@ -37,9 +38,9 @@ def _root() -> None:
 app.command("info")(info.info)
 app.command("seed")(seed.seed)
 app.add_typer(roi.app, name="roi")
-app.command("simulate")(simulate.simulate)
 app.command("dualreg")(dualreg.dualreg)
 app.command("randomise")(randomise.randomise)
+app.command("design")(design.design)
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 

@@ -593,6 +593,12 @@ def _paired_design(
             f"{source}: a paired design needs each subject once in each of {order[0]} and {order[1]}; "
             f"check {', '.join(incomplete[:10]) or 'duplicated rows'}"
         )
+    within = [c for c in covariates if (long.groupby(subject)[c].nunique() <= 1).all()]
+    if within:
+        raise InputError(
+            f"{source}: covariate(s) {', '.join(within)} do not change within subject; the subject means of a "
+            "paired design already remove them, so drop them (or use --paired-mode differences)"
+        )
     subjects = pd.unique(long[subject].astype(str))
     block = pd.Categorical(long[subject].astype(str), categories=subjects).codes.astype(np.int64) + 1
     condition = np.where(long[session].astype(str) == order[1], 1.0, -1.0)
