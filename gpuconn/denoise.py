@@ -588,14 +588,13 @@ def prepare_run(
     elif spikes.shape[1]:
         table = pd.concat([table, pd.DataFrame(spikes, columns=[f"motion_outlier_{i:02d}" for i in range(spikes.shape[1])])], axis=1)
     design = nuisance_design(table, tr=tr, high_pass=options.high_pass, low_pass=options.low_pass)
-    if design.shape[1] < keep.sum():  # else too few volumes whatever the rank: say so below
-        design, dropped = drop_dependent_columns(design.loc[keep].reset_index(drop=True), source=files.bold)
-    else:
-        dropped = []
+    design, dropped = design.loc[keep].reset_index(drop=True), []
+    if design.shape[1] < keep.sum():  # else too few volumes whatever the rank: said below
+        design, dropped = drop_dependent_columns(design, source=files.bold)
     dof = int(keep.sum()) - design.shape[1]
     if dof < options.min_dof:
         raise InputError(
-            f"{files.bold}: only {dof} residual degrees of freedom ({int(keep.sum())} volumes kept, "
+            f"{files.bold}: {max(dof, 0)} residual degrees of freedom left ({int(keep.sum())} volumes kept, "
             f"{design.shape[1]} regressors); need at least {options.min_dof}: use fewer regressors or a higher outlier threshold"
         )
     data = masked_data(img, brain, path=files.bold) if load_data else np.empty((n, 0), dtype=np.float32)

@@ -239,7 +239,7 @@ def test_denoise_runs_writes_outputs_matching_lstsq(tmp_path, rng):
 
 def test_too_few_degrees_of_freedom_names_the_file(tmp_path, rng):
     files, _, _ = _write_run(tmp_path, rng, n=20)
-    with pytest.raises(InputError, match=r"desc-preproc_bold\.nii\.gz: only \d+ residual degrees of freedom"):
+    with pytest.raises(InputError, match=r"desc-preproc_bold\.nii\.gz: 0 residual degrees of freedom left \(20 volumes kept, \d+ regressors\); need at least 10"):
         dn.prepare_run(files, _options(motion="24"))
 
 
