@@ -15,7 +15,7 @@ from rich.console import Console
 from gpuconn.errors import GpuconnError
 
 from . import roi, seed
-from . import info
+from . import info, simulate
 from . import dualreg
 from . import randomise
 from . import design
@@ -38,6 +38,7 @@ def _root() -> None:
 app.command("info")(info.info)
 app.command("seed")(seed.seed)
 app.add_typer(roi.app, name="roi")
+app.command("simulate")(simulate.simulate)
 app.command("dualreg")(dualreg.dualreg)
 app.command("randomise")(randomise.randomise)
 app.command("design")(design.design)
