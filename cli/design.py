@@ -33,7 +33,7 @@ def design(
         str, typer.Option("--paired-mode", help="full (subject means + blocks) or differences (one-sample).")
     ] = "full",
 ) -> None:
-    """Build a randomise design (design.mat/.con[/.grp]) and a readable TSV from participants.tsv."""
+    """Build a randomise design (design.mat, design.con, design.grp for paired) and a readable TSV."""
     from gpuconn.stats.design import build_design, save_design
 
     built = build_design(
