@@ -16,6 +16,7 @@ from gpuconn.errors import GpuconnError
 
 from . import roi, seed
 from . import info, simulate
+from . import ica
 from . import dualreg
 from . import randomise
 from . import design
@@ -36,6 +37,7 @@ def _root() -> None:
 
 
 app.command("info")(info.info)
+app.add_typer(ica.app, name="ica")
 app.command("seed")(seed.seed)
 app.add_typer(roi.app, name="roi")
 app.command("simulate")(simulate.simulate)

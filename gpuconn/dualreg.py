@@ -66,6 +66,8 @@ __all__ = [
     "common_mask",
     "check_subjects",
     "read_series",
+    "iter_series",
+    "open_header",
     "DualRegressionResult",
     "dual_regression",
 ]
@@ -323,8 +325,15 @@ def _subject_name(index: int) -> str:
     return f"subject{index:05d}"
 
 
-def _lazy_image(path: Path, what: str) -> nib.Nifti1Image:
-    """Open an image's header without reading its data (shape/affine checks)."""
+def open_header(path: str | os.PathLike, what: str) -> nib.Nifti1Image:
+    """Open an image without reading its data (shape and affine checks, output reference).
+
+    Raises
+    ------
+    InputError
+        Missing or unreadable file.
+    """
+    path = Path(path)
     if not path.exists():
         raise InputError(f"{what} file not found: {path}")
     try:
@@ -370,7 +379,7 @@ def check_subjects(
         raise InputError("no subject series given; pass one 4D image per subject")
     n_volumes = []
     for path in map(Path, subject_paths):
-        img = _lazy_image(path, "subject series")
+        img = open_header(path, "subject series")
         if len(img.shape) != 4:
             raise InputError(f"subject series {path} has shape {img.shape}; expected a 4D series (x, y, z, time)")
         check_same_grid(reference, reference_path, img, path)
@@ -432,8 +441,13 @@ def common_mask(
     return mask
 
 
-def _loaded(paths: Sequence[Path], mask: np.ndarray, n_ahead: int) -> Iterator[np.ndarray]:
-    """Masked series of ``paths`` in order, reading up to ``n_ahead`` files ahead in threads."""
+def iter_series(paths: Sequence[Path], mask: np.ndarray, n_ahead: int) -> Iterator[np.ndarray]:
+    """Yield each subject's masked series, ``(n_volumes, n_voxels)`` float32, in order.
+
+    Up to ``n_ahead`` files are read ahead in two threads (NIfTI decoding
+    and gzip release the GIL), so reading overlaps the device work; memory
+    holds at most ``n_ahead + 1`` subjects.
+    """
     with ThreadPoolExecutor(max_workers=2) as pool:
         pending = [pool.submit(read_series, p, mask) for p in paths[:n_ahead]]
         for index in range(len(paths)):
@@ -568,7 +582,7 @@ def dual_regression(
         stack = np.lib.format.open_memmap(
             staging / "ic_stack.npy", mode="w+", dtype=np.float32, shape=(n_maps, len(paths), n_voxels)
         )
-        loaded = _loaded(paths, mask, n_ahead=batch + 1)
+        loaded = iter_series(paths, mask, n_ahead=batch + 1)
         with progress_bar("dual regression", len(paths), enabled=progress) as advance:
             for group in _batches(n_volumes, batch):
                 data = as_data(np.stack([next(loaded) for _ in group]), device)
