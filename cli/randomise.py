@@ -27,6 +27,16 @@ Fdr = Annotated[bool, typer.Option("--fdr", help="Write Benjamini-Hochberg FDR-a
 PermuteBlocks = Annotated[
     bool, typer.Option("--permute-blocks", help="Shuffle whole exchangeability blocks (equal sizes) instead of within them.")
 ]
+Tfce = Annotated[bool, typer.Option("-T", help="TFCE (H=2, E=0.5, 6-connectivity): <root>_tfce_tstat1, <root>_tfce_corrp_tstat1.")]
+Tfce2D = Annotated[bool, typer.Option("--T2", help="TFCE for 2D/skeleton data (H=2, E=1, 26-connectivity).")]
+TfceH = Annotated[Optional[float], typer.Option("--tfce-H", help="TFCE height exponent (default 2).")]
+TfceE = Annotated[Optional[float], typer.Option("--tfce-E", help="TFCE extent exponent (default 0.5; 1 with --T2).")]
+TfceC = Annotated[Optional[int], typer.Option("--tfce-C", help="TFCE connectivity 6, 18 or 26 (default 6; 26 with --T2).")]
+TfceExact = Annotated[bool, typer.Option("--tfce-exact", help="Exact TFCE integral instead of 100 steps (values on the integral's scale).")]
+ClusterT = Annotated[Optional[float], typer.Option("-c", help="Cluster extent FWER for t contrasts at this cluster-forming threshold.")]
+ClusterMassT = Annotated[Optional[float], typer.Option("-C", help="Cluster mass FWER for t contrasts at this threshold.")]
+ClusterF = Annotated[Optional[float], typer.Option("-F", help="Cluster extent FWER for F tests at this threshold.")]
+ClusterMassF = Annotated[Optional[float], typer.Option("-S", help="Cluster mass FWER for F tests at this threshold.")]
 Method = Annotated[
     str,
     typer.Option(
@@ -52,6 +62,16 @@ def randomise(
     fdr: Fdr = False,
     permute_blocks: PermuteBlocks = False,
     method: Method = "auto",
+    tfce: Tfce = False,
+    tfce_2d: Tfce2D = False,
+    tfce_h: TfceH = None,
+    tfce_e: TfceE = None,
+    tfce_c: TfceC = None,
+    tfce_exact: TfceExact = False,
+    cluster_t: ClusterT = None,
+    cluster_mass_t: ClusterMassT = None,
+    cluster_f: ClusterF = None,
+    cluster_mass_f: ClusterMassF = None,
     seed: Seed = 0,
     device: Device = "auto",
     quiet: Quiet = False,
@@ -63,8 +83,17 @@ def randomise(
     """
     from gpuconn.stats.randomise import randomise as run
 
-    # Spatial statistics (TFCE, clusters) add name -> transform entries here.
-    spatial: dict = {}
+    from gpuconn.stats.tfce import TFCE_2D, TFCE_DEFAULTS, spatial_transforms
+
+    tfce_params = None
+    if tfce or tfce_2d:  # --T2 presets; explicit --tfce-H/E/C values win
+        given = {"H": tfce_h, "E": tfce_e, "connectivity": tfce_c}
+        tfce_params = {**(TFCE_2D if tfce_2d else TFCE_DEFAULTS), **{k: v for k, v in given.items() if v is not None}}
+    method_tfce = "exact" if tfce_exact else "stepped"
+    spatial = spatial_transforms(tfce_params=tfce_params, method=method_tfce, cluster_extent=cluster_t,
+                                 cluster_mass=cluster_mass_t)
+    spatial_f = spatial_transforms(tfce_params=tfce_params, method=method_tfce, cluster_extent=cluster_f,
+                                   cluster_mass=cluster_mass_f)
     result = run(
         input_image,
         output_root,
@@ -76,7 +105,7 @@ def randomise(
         one_sample=one_sample,
         n_perm=n_perm,
         demean=demean,
-        voxelwise=voxelwise or not spatial,
+        voxelwise=voxelwise or not (spatial or spatial_f),
         uncorrp=uncorrp,
         fdr=fdr,
         seed=seed,
@@ -84,6 +113,8 @@ def randomise(
         permute_blocks=permute_blocks,
         device=device,
         spatial=spatial,
+        spatial_f=spatial_f if design_fts is not None else None,
+        write_raw=("tfce",),
         progress=not quiet,
     )
     if not quiet:

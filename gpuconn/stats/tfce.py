@@ -55,9 +55,9 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from .clusters import _njit, _warn_no_numba, neighbour_table, prange
+from .clusters import _njit, _warn_no_numba, cluster_transform, connectivity_offsets, neighbour_table, prange
 
-__all__ = ["TFCE_DEFAULTS", "TFCE_2D", "tfce", "tfce_thresholds", "tfce_transform"]
+__all__ = ["TFCE_DEFAULTS", "TFCE_2D", "tfce", "tfce_thresholds", "tfce_transform", "spatial_transforms"]
 
 #: randomise ``-T`` defaults.
 TFCE_DEFAULTS = {"H": 2.0, "E": 0.5, "connectivity": 6}
@@ -314,3 +314,56 @@ def tfce_transform(
         return _tfce_table(stats, table, H=H, E=E, dh=dh, method=method)
 
     return transform
+
+
+def spatial_transforms(
+    *,
+    tfce_params: dict | None = None,
+    method: str = "stepped",
+    cluster_extent: float | None = None,
+    cluster_mass: float | None = None,
+    cluster_connectivity: int = 26,
+) -> Callable[[np.ndarray], dict[str, Callable[[torch.Tensor], torch.Tensor]]] | None:
+    """The spatial statistics of a randomise run, as a mask → transforms factory.
+
+    Parameters
+    ----------
+    tfce_params : dict, optional
+        ``{'H', 'E', 'connectivity'}`` for TFCE (randomise ``-T``/``--T2``);
+        None: no TFCE. Each map uses its own maximum / 100 as the step
+        (nilearn's convention): the engine's transforms are stateless per
+        map, so the unpermuted map's step cannot be fixed in advance as
+        randomise does; both are the same discretisation of one integral.
+    method : {'stepped', 'exact'}
+    cluster_extent, cluster_mass : float, optional
+        Cluster-forming thresholds (randomise ``-c``/``-C``, or ``-F``/``-S``
+        for F tests).
+    cluster_connectivity : {6, 18, 26}, default 26
+        As FSL ``cluster``.
+
+    Returns
+    -------
+    callable or None
+        ``factory(mask)`` returning ``{'tfce': ..., 'clustere': ...,
+        'clusterm': ...}`` (the requested ones), which the permutation
+        engine writes as ``<root>_<name>_corrp_<stat>``; None when nothing
+        is requested.
+    """
+    if tfce_params is None and cluster_extent is None and cluster_mass is None:
+        return None
+    if tfce_params is not None:
+        _check_params(tfce_params["H"], tfce_params["E"], method)
+        connectivity_offsets(tfce_params["connectivity"])  # validate before any input is read
+    connectivity_offsets(cluster_connectivity)
+
+    def factory(mask: np.ndarray) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        out = {}
+        if tfce_params is not None:
+            out["tfce"] = tfce_transform(mask, method=method, **tfce_params)
+        if cluster_extent is not None:
+            out["clustere"] = cluster_transform(mask, cluster_extent, kind="extent", connectivity=cluster_connectivity)
+        if cluster_mass is not None:
+            out["clusterm"] = cluster_transform(mask, cluster_mass, kind="mass", connectivity=cluster_connectivity)
+        return out
+
+    return factory

@@ -1,0 +1,92 @@
+"""``gpuconn randomise -T -c -C -F -S``: output names and values against the CPU twins."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from gpuconn.cli.app import run
+from gpuconn.stats.clusters import cluster_maps
+from gpuconn.stats.design import Design, save_design
+from gpuconn.stats.tfce import spatial_transforms, tfce
+
+SHAPE = (10, 9, 8)
+
+
+@pytest.fixture
+def one_sample(tmp_path, rng):
+    """12 smoothed noise volumes with a planted positive blob, and an all-ones mask."""
+    noise = ndimage.gaussian_filter(rng.normal(size=SHAPE + (12,)), (1, 1, 1, 0))
+    noise /= noise.std()
+    noise[3:7, 3:6, 2:6] += 1.2
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(noise.astype(np.float32), affine), tmp_path / "data.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones(SHAPE, np.uint8), affine), tmp_path / "mask.nii.gz")
+    return tmp_path
+
+
+def _load(path):
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+def _corrp_from_null(observed, null):
+    """1 - p with randomise's rule: p = #{null >= observed} / n (null includes the identity)."""
+    return 1.0 - (null[None, :] >= observed[:, None]).sum(axis=1) / null.size
+
+
+def test_tfce_and_clusters_outputs(one_sample):
+    root = one_sample / "out"
+    rc = run([
+        "randomise", "-i", str(one_sample / "data.nii.gz"), "-o", str(root), "-m", str(one_sample / "mask.nii.gz"),
+        "-1", "-n", "40", "-T", "-c", "2.3", "-C", "2.3", "--seed", "3", "--device", "cpu", "-q",
+    ])
+    assert rc == 0
+    mask = np.ones(SHAPE, dtype=bool)
+    tstat = _load(f"{root}_tstat1.nii.gz")[mask][None]
+    # observed TFCE equals the CPU twin on the written t map
+    tfce_map = _load(f"{root}_tfce_tstat1.nii.gz")[mask]
+    np.testing.assert_allclose(tfce_map, tfce(tstat, mask).numpy()[0], rtol=1e-5, atol=1e-4)
+    for name, observed in [
+        ("tfce", tfce_map),
+        ("clustere", cluster_maps(tstat, mask, threshold=2.3, kind="extent", connectivity=26).numpy()[0]),
+        ("clusterm", cluster_maps(tstat, mask, threshold=2.3, kind="mass", connectivity=26).numpy()[0]),
+    ]:
+        null = np.loadtxt(f"{root}_perm_{name}_tstat1.txt")
+        assert null.shape == (40,)
+        assert null[0] == pytest.approx(observed.max(), rel=1e-5)  # rearrangement 0 is the identity
+        corrp = _load(f"{root}_{name}_corrp_tstat1.nii.gz")[mask]
+        np.testing.assert_allclose(corrp, _corrp_from_null(observed.astype(np.float32), null.astype(np.float32)),
+                                   atol=1e-6)
+    assert _load(f"{root}_clustere_corrp_tstat1.nii.gz").max() > 0.9  # the planted blob
+    # voxelwise corrected p only with -x when spatial statistics are asked for
+    assert not (one_sample / "out_vox_corrp_tstat1.nii.gz").exists()
+
+
+def test_f_test_clusters_and_t2(one_sample, rng):
+    design = Design(np.column_stack([np.ones(12), rng.normal(size=12)]), np.eye(2), np.array([[1, 1]]))
+    save_design(design, one_sample / "design")
+    root = one_sample / "f"
+    rc = run([
+        "randomise", "-i", str(one_sample / "data.nii.gz"), "-o", str(root), "-m", str(one_sample / "mask.nii.gz"),
+        "-d", str(one_sample / "design.mat"), "-t", str(one_sample / "design.con"), "-f", str(one_sample / "design.fts"),
+        "-n", "20", "--T2", "--tfce-E", "0.5", "-F", "4.0", "-S", "4.0", "--device", "cpu", "-q", "--method", "flip",
+    ])
+    assert rc == 0
+    for name in ("tfce_tstat1", "tfce_corrp_tstat2", "tfce_fstat1", "tfce_corrp_fstat1", "clustere_corrp_fstat1",
+                 "clusterm_corrp_fstat1"):
+        assert (one_sample / f"f_{name}.nii.gz").exists(), name
+    assert not (one_sample / "f_clustere_corrp_tstat1.nii.gz").exists()
+    mask = np.ones(SHAPE, dtype=bool)
+    tstat = _load(f"{root}_tstat1.nii.gz")[mask][None]
+    # --T2 presets H=2, E=1, C=26; --tfce-E overrides E
+    np.testing.assert_allclose(_load(f"{root}_tfce_tstat1.nii.gz")[mask],
+                               tfce(tstat, mask, H=2, E=0.5, connectivity=26).numpy()[0], rtol=1e-5, atol=1e-4)
+
+
+def test_spatial_factory_none_and_errors(capsys):
+    assert spatial_transforms() is None
+    rc = run(["randomise", "-i", "missing.nii.gz", "-o", "x", "-1", "-T", "--tfce-C", "7"])
+    assert rc == 2
+    assert "connectivity must be one of 6, 18, 26 (got 7)" in capsys.readouterr().err
