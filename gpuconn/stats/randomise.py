@@ -55,7 +55,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +77,20 @@ __all__ = [
     "ContrastResult",
     "PermutationTestResult",
     "METHODS",
+    "PreparedTest",
+    "Runner",
+    "ChunkMerger",
     "run_permutation_test",
+    "prepare_permutation_test",
+    "evaluate_chunk",
     "write_outputs",
     "randomise",
 ]
 
 #: A spatial statistic: (n_perm_chunk, n_voxels) maps -> same-shape transformed maps.
 SpatialTransform = Callable[[torch.Tensor], torch.Tensor]
+#: Evaluates a prepared test: (prepared, progress) -> PermutationTestResult.
+Runner = Callable[["PreparedTest", bool], "PermutationTestResult"]
 #: Permutation methods: auto, permute (EE), flip (ISE), both (EE + ISE).
 METHODS = ("auto", "permute", "flip", "both")
 # Plan at most this much working memory per chunk on the CPU (shared hosts).
@@ -179,6 +186,38 @@ class _Contrast:
     residuals: torch.Tensor
     sum_squares: torch.Tensor
     transforms: Mapping[str, SpatialTransform]
+
+    def to(self, device: torch.device) -> "_Contrast":
+        model = replace(self.model, nuisance=self.model.nuisance.to(device), rows=self.model.rows.to(device))
+        return replace(self, model=model, residuals=self.residuals.to(device), sum_squares=self.sum_squares.to(device))
+
+
+@dataclass(frozen=True)
+class PreparedTest:
+    """A permutation test ready to evaluate chunk by chunk (:func:`prepare_permutation_test`).
+
+    Attributes
+    ----------
+    contrasts : list
+        Per contrast: its model, residualised data ``(n_obs, n_voxels)``
+        float32 and spatial transforms, on ``device``.
+    scheme : PermutationScheme
+    device : torch.device
+    chunk : int
+        Rearrangements per chunk.
+    """
+
+    contrasts: list[_Contrast]
+    scheme: PermutationScheme
+    device: torch.device
+    chunk: int
+
+    def to(self, device: str | torch.device) -> "PreparedTest":
+        """The same test with its tensors on ``device`` (this object when already there)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        return replace(self, contrasts=[c.to(device) for c in self.contrasts], device=device)
 
 
 def _contains_ones(basis: np.ndarray) -> bool:
@@ -276,6 +315,7 @@ def run_permutation_test(
     chunk: int | None = None,
     progress: bool = False,
     design_source: str = "design",
+    runner: Runner | None = None,
 ) -> PermutationTestResult:
     """Permutation test of every contrast of a GLM, voxel by voxel.
 
@@ -310,10 +350,50 @@ def run_permutation_test(
         Show a progress bar over rearrangements.
     design_source : str
         Design file name for error messages.
+    runner : callable, optional
+        ``runner(prepared, progress) -> PermutationTestResult`` evaluates the
+        chunks elsewhere (e.g. :func:`gpuconn.distributed.dask_runner`);
+        default: one process, chunk after chunk on ``device``.
 
     Returns
     -------
     PermutationTestResult
+    """
+    prepared = prepare_permutation_test(
+        data, design, contrasts, ftests=ftests, groups=groups, n_perm=n_perm, seed=seed, method=method,
+        permute_blocks=permute_blocks, demean=demean, device=device, spatial=spatial, spatial_f=spatial_f,
+        chunk=chunk, design_source=design_source,
+    )
+    return (runner or _run_loop)(prepared, progress)
+
+
+def prepare_permutation_test(
+    data: np.ndarray | torch.Tensor,
+    design: Design | np.ndarray,
+    contrasts: np.ndarray | None = None,
+    *,
+    ftests: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+    n_perm: int = 5000,
+    seed: int = 0,
+    method: str = "auto",
+    permute_blocks: bool = False,
+    demean: bool = False,
+    device: str | torch.device = "auto",
+    spatial: Mapping[str, SpatialTransform] | None = None,
+    spatial_f: Mapping[str, SpatialTransform] | None = None,
+    chunk: int | None = None,
+    design_source: str = "design",
+) -> PreparedTest:
+    """Validate the inputs, draw the scheme and residualise the data, once.
+
+    Parameters are those of :func:`run_permutation_test`. Chunks of the
+    returned model are then evaluated by :func:`evaluate_chunk` and merged
+    by :class:`ChunkMerger`, in one process or as independent tasks.
+
+    Returns
+    -------
+    PreparedTest
     """
     design = _as_design(design, contrasts, ftests, groups)
     groups = design.groups if groups is None else np.asarray(groups)
@@ -350,59 +430,124 @@ def run_permutation_test(
     if chunk is None:
         maximum = None if device.type == "cuda" else max(1, _CPU_CHUNK_BYTES // per_item)
         chunk = chunk_size(per_item, device, n_items=scheme.n_perm, maximum=maximum)
-    return _run_loop(contrasts_state, scheme, device, int(chunk), progress)
+    return PreparedTest(contrasts_state, scheme, device, int(chunk))
 
 
-def _run_loop(
-    contrasts: list[_Contrast], scheme: PermutationScheme, device: torch.device, chunk: int, progress: bool
-) -> PermutationTestResult:
-    observed: dict[str, torch.Tensor] = {}
-    counts = {c.name: 0 for c in contrasts}
-    maxima: dict[tuple[str, str], list[np.ndarray]] = {}
+def evaluate_chunk(
+    prepared: PreparedTest, start: int, stop: int, observed: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Statistics of rearrangements ``start`` to ``stop - 1``, reduced to what the merge needs.
 
-    def evaluate(start: int, stop: int) -> dict[str, Any]:
-        orders, signs = scheme.chunk(start, stop)
-        orders_t = torch.as_tensor(orders, device=device)
-        signs_t = torch.as_tensor(signs, dtype=DESIGN_DTYPE, device=device)
-        out = {}
-        for c in contrasts:
-            stats = permuted_statistics(c.model, c.residuals, c.sum_squares, orders_t, signs_t)
-            reference = stats[0] if start == 0 else observed[c.name]
-            maps = _spatial_maps(c.transforms, stats, c.name)
-            out[c.name] = {
-                "observed": stats[0].clone() if start == 0 else None,
-                "count": (stats >= reference).sum(0),
-                "max": {"vox": to_numpy(stats.amax(1))} | {k: to_numpy(m.amax(1)) for k, m in maps.items()},
-                "spatial_observed": {k: m[0].clone() for k, m in maps.items()} if start == 0 else {},
-            }
-        return out
+    A pure function of its arguments: a chunk gives the same output in
+    whichever process or order it runs (the rearrangements come from
+    :meth:`PermutationScheme.chunk`).
 
+    Parameters
+    ----------
+    prepared : PreparedTest
+    start, stop : int
+        Rearrangement indices, ``0 <= start < stop <= n_perm``.
+    observed : mapping of str to torch.Tensor, shape (n_voxels,), optional
+        Observed statistic map of each contrast (``out[name]['observed']``
+        of chunk 0); required when ``start > 0``.
+
+    Returns
+    -------
+    dict
+        Per contrast name: ``observed`` (the observed map, chunk 0 only, else
+        None), ``count`` (voxelwise ``#{i in chunk : T_i >= T_0}``, int64,
+        shape (n_voxels,)), ``max`` (``{'vox' or spatial name: ndarray,
+        shape (stop - start,)}`` per-rearrangement maxima) and
+        ``spatial_observed`` (observed spatial maps, chunk 0 only).
+    """
+    if start > 0 and observed is None:
+        raise ValueError("chunks after the first need the observed maps of chunk 0")
+    device = prepared.device
+    orders, signs = prepared.scheme.chunk(start, stop)
+    orders_t = torch.as_tensor(orders, device=device)
+    signs_t = torch.as_tensor(signs, dtype=DESIGN_DTYPE, device=device)
+    out = {}
+    for c in prepared.contrasts:
+        stats = permuted_statistics(c.model, c.residuals, c.sum_squares, orders_t, signs_t)
+        reference = stats[0] if start == 0 else observed[c.name]
+        maps = _spatial_maps(c.transforms, stats, c.name)
+        out[c.name] = {
+            "observed": stats[0].clone() if start == 0 else None,
+            "count": (stats >= reference).sum(0),
+            "max": {"vox": to_numpy(stats.amax(1))} | {k: to_numpy(m.amax(1)) for k, m in maps.items()},
+            "spatial_observed": {k: m[0].clone() for k, m in maps.items()} if start == 0 else {},
+        }
+    return out
+
+
+class ChunkMerger:
+    """Merge chunk outputs (any completion order) into a :class:`PermutationTestResult`.
+
+    Exceedance counts are integers, summed as chunks arrive; maxima are kept
+    per chunk and concatenated in rearrangement order, so the result does
+    not depend on the order of :meth:`add` calls.
+
+    Parameters
+    ----------
+    prepared : PreparedTest
+    """
+
+    def __init__(self, prepared: PreparedTest):
+        self.prepared = prepared
+        self.observed: dict = {}
+        self.counts = {c.name: 0 for c in prepared.contrasts}
+        self.maxima: dict[int, dict] = {}
+
+    def add(self, start: int, stop: int, out: Mapping[str, dict]) -> None:
+        """Add the output of :func:`evaluate_chunk` for ``[start, stop)`` (tensors or arrays)."""
+        for c in self.prepared.contrasts:
+            result = out[c.name]
+            if start == 0:
+                self.observed[c.name] = result["observed"]
+                self.observed.update({(c.name, k): v for k, v in result["spatial_observed"].items()})
+            self.counts[c.name] = self.counts[c.name] + result["count"]
+        self.maxima[start] = {c.name: out[c.name]["max"] for c in self.prepared.contrasts}
+
+    def result(self, seconds: float) -> PermutationTestResult:
+        """The merged result; every rearrangement must have been added once."""
+        prepared = self.prepared
+        maxima: dict[tuple[str, str], list[np.ndarray]] = {}
+        for start in sorted(self.maxima):
+            for name, by_key in self.maxima[start].items():
+                for key, values in by_key.items():
+                    maxima.setdefault((name, key), []).append(values)
+        n_done = sum(len(v) for v in next(iter(maxima.values()), []))
+        if n_done != prepared.scheme.n_perm:
+            raise ValueError(f"merged {n_done} rearrangements, expected {prepared.scheme.n_perm}")
+        n_perm = prepared.scheme.n_perm
+        results = [_summarise(c, n_perm, self.observed, self.counts, maxima) for c in prepared.contrasts]
+        return PermutationTestResult(results, prepared.scheme, str(prepared.device), prepared.chunk, seconds)
+
+
+def _run_loop(prepared: PreparedTest, progress: bool) -> PermutationTestResult:
+    merger = ChunkMerger(prepared)
     began = time.perf_counter()
-    with progress_bar("randomise", scheme.n_perm, enabled=progress) as advance:
-        for start, stop, out in run_chunked(evaluate, scheme.n_perm, chunk):
-            for c in contrasts:
-                result = out[c.name]
-                if start == 0:
-                    observed[c.name] = result["observed"]
-                    observed.update({(c.name, k): v for k, v in result["spatial_observed"].items()})
-                counts[c.name] = counts[c.name] + result["count"]
-                for key, values in result["max"].items():
-                    maxima.setdefault((c.name, key), []).append(values)
+    with progress_bar("randomise", prepared.scheme.n_perm, enabled=progress) as advance:
+        evaluate = lambda start, stop: evaluate_chunk(prepared, start, stop, merger.observed)  # noqa: E731
+        for start, stop, out in run_chunked(evaluate, prepared.scheme.n_perm, prepared.chunk):
+            merger.add(start, stop, out)
             advance(stop - start)
-    seconds = time.perf_counter() - began
-    results = [_summarise(c, scheme.n_perm, observed, counts, maxima) for c in contrasts]
-    return PermutationTestResult(results, scheme, str(device), chunk, seconds)
+    return merger.result(time.perf_counter() - began)
+
+
+def _host(values: torch.Tensor | np.ndarray | int) -> np.ndarray:
+    return to_numpy(values) if torch.is_tensor(values) else np.asarray(values)
 
 
 def _summarise(c: _Contrast, n_perm: int, observed: dict, counts: dict, maxima: dict) -> ContrastResult:
-    stat = to_numpy(observed[c.name])
+    stat = _host(observed[c.name])
     null_max = np.concatenate(maxima[(c.name, "vox")])
-    p_unc = to_numpy(counts[c.name]).astype(np.float64) / n_perm
+    p_unc = _host(counts[c.name]).astype(np.float64) / n_perm
     dof = c.model.dof
     z = t_to_z(stat, dof) if c.kind == "t" else f_to_z(stat, c.model.rank, dof)
     spatial = {}
     for key in c.transforms:
-        mapped = to_numpy(observed[(c.name, key)])
+        mapped = _host(observed[(c.name, key)])
         key_max = np.concatenate(maxima[(c.name, key)])
         spatial[key] = MapResult(mapped, _fwe_p(key_max, mapped), key_max)
     return ContrastResult(
@@ -538,6 +683,7 @@ def randomise(
     write_raw: Collection[str] = (),
     params: Mapping[str, Any] | None = None,
     progress: bool = True,
+    runner: Runner | None = None,
 ) -> PermutationTestResult:
     """File-level randomise: NIfTI and VEST in, randomise-named NIfTI out.
 
@@ -562,6 +708,8 @@ def randomise(
         Spatial statistics; a callable receives the boolean mask
         ``(x, y, z)`` (to build neighbourhoods) and returns the mapping.
     progress : bool, default True
+    runner : callable, optional
+        As in :func:`run_permutation_test` (Dask: :func:`gpuconn.distributed.dask_runner`).
 
     Returns
     -------
@@ -590,7 +738,7 @@ def randomise(
     spatial_f = spatial_f(mask) if callable(spatial_f) else spatial_f
     result = run_permutation_test(
         data, design, groups=groups, n_perm=n_perm, seed=seed, method=method, permute_blocks=permute_blocks,
-        demean=demean, device=device, spatial=spatial, spatial_f=spatial_f, progress=progress,
+        demean=demean, device=device, spatial=spatial, spatial_f=spatial_f, progress=progress, runner=runner,
         design_source=str(design_path or "-1 design"),
     )
     inputs = {
