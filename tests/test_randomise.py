@@ -107,3 +107,224 @@ def test_spatial_transform_wrong_shape_is_reported(two_sample):
     data, design, contrast = two_sample
     with pytest.raises(ValueError, match="spatial transform 'bad' on tstat1 returned"):
         run_permutation_test(data, design, contrast, n_perm=10, spatial={"bad": lambda s: s[:, :3]})
+
+
+def test_f_null_matches_numpy_loop(two_sample):
+    data, design, _ = two_sample
+    contrasts = np.array([[1.0, -1.0, 0.0], [0.0, 0.0, 1.0]])
+    result = run_permutation_test(data, design, contrasts, ftests=np.array([[1, 1]]), n_perm=120, seed=5, chunk=50)
+    orders, signs = result.scheme.chunk(0, 120)
+    y = data.astype(np.float64)
+    resid = y - y.mean(0)  # nuisance of this F test: the intercept only
+
+    def f_stat(yy):
+        def rss(x):
+            return ((yy - x @ np.linalg.lstsq(x, yy, rcond=None)[0]) ** 2).sum(0)
+        return ((rss(np.ones((24, 1))) - rss(design)) / 2) / (rss(design) / 21)
+
+    stats = np.array([f_stat(s[:, None] * resid[o]) for o, s in zip(orders, signs)])
+    got = result["fstat1"]
+    assert got.df == (2, 21)
+    np.testing.assert_allclose(got.null_max, stats.max(1), rtol=1e-4)
+    np.testing.assert_array_equal(got.p_fwe, _counting_p(stats)[1])
+
+
+def test_agrees_with_nilearn_permuted_ols(rng):
+    permuted_ols = pytest.importorskip("nilearn.mass_univariate").permuted_ols
+    n, v, n_perm = 40, 200, 2000
+    group = np.r_[np.ones(20), np.zeros(20)]
+    cov = rng.normal(size=(n, 2))
+    data = rng.normal(size=(n, v)) + cov @ rng.normal(size=(2, v))
+    data[:20, :30] += 1.3
+    ref = permuted_ols(group[:, None], data, confounding_vars=cov, model_intercept=True, n_perm=n_perm,
+                       two_sided_test=False, random_state=0, output_type="dict")
+    got = run_permutation_test(data.astype(np.float32), np.c_[group, 1 - group, cov],
+                               np.array([[1.0, -1.0, 0.0, 0.0]]), n_perm=n_perm, seed=0)["tstat1"]
+    np.testing.assert_allclose(got.stat, ref["t"][0], rtol=1e-4, atol=1e-5)
+    p_ref = 10 ** -ref["logp_max_t"][0]
+    # Two independent Monte-Carlo estimates of the same p: 4.5 standard errors of their difference.
+    p_mid = np.clip((p_ref + got.p_fwe) / 2, 1 / n_perm, None)
+    bound = 4.5 * np.sqrt(2 * p_mid * (1 - p_mid) / n_perm) + 2 / n_perm
+    assert np.all(np.abs(got.p_fwe - p_ref) <= bound)
+    assert (got.p_fwe < 0.05).sum() > 5
+
+
+def _null_fwer(make_data, design, contrast, n_sim, seed, **kwargs):
+    """Share of null data sets with any voxel at FWER p <= 0.05."""
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for sim in range(n_sim):
+        result = run_permutation_test(make_data(rng), design, contrast, n_perm=100, seed=sim, **kwargs)
+        hits += result["tstat1"].p_fwe.min() <= 0.05
+    return hits / n_sim
+
+
+@pytest.mark.parametrize("kind", ["one-sample", "two-sample-covariates", "paired"])
+def test_null_fwer_is_nominal(kind):
+    from scipy.stats import binomtest
+
+    n_sim, v = 150, 15
+    base = np.random.default_rng(11)
+    if kind == "one-sample":
+        design, contrast, extra = np.ones((12, 1)), np.ones((1, 1)), {}
+
+        def make_data(rng):
+            return rng.normal(size=(12, v)).astype(np.float32)
+    elif kind == "two-sample-covariates":
+        group = np.r_[np.ones(10), np.zeros(10)]
+        age = base.normal(size=20) + 0.8 * group  # covariate correlated with group
+        design, contrast, extra = np.c_[group, 1 - group, age], np.array([[1.0, -1.0, 0.0]]), {}
+
+        def make_data(rng):
+            return (2.0 * age[:, None] + rng.normal(size=(20, v))).astype(np.float32)
+    else:
+        n_sub = 10
+        design = np.c_[np.r_[-np.ones(n_sub), np.ones(n_sub)], np.vstack([np.eye(n_sub)] * 2)]
+        contrast = np.r_[1.0, np.zeros(n_sub)][None]
+        extra = {"groups": np.tile(np.arange(n_sub), 2)}
+        subject_means = base.normal(scale=3.0, size=(n_sub, v))
+
+        def make_data(rng):
+            return (np.vstack([subject_means] * 2) + rng.normal(size=(2 * n_sub, v))).astype(np.float32)
+
+    rate = _null_fwer(make_data, design, contrast, n_sim, seed=3, **extra)
+    # Valid tests have FWER <= 0.05 (discrete p: exactly 0.05 at n_perm=100); 99.9% binomial check.
+    assert binomtest(round(rate * n_sim), n_sim, 0.05).pvalue > 1e-3, rate
+
+
+def test_chunk_size_does_not_change_results(two_sample):
+    data, design, contrast = two_sample
+    spatial = {"pos": lambda s: s.clamp_min(0)}
+    runs = [run_permutation_test(data, design, contrast, n_perm=90, seed=2, chunk=c, spatial=spatial)["tstat1"]
+            for c in (1, 13, 90)]
+    for other in runs[1:]:
+        for key in ("stat", "p_fwe", "p_uncorrected", "null_max", "z"):
+            np.testing.assert_array_equal(getattr(other, key), getattr(runs[0], key))
+        np.testing.assert_array_equal(other.spatial["pos"].null_max, runs[0].spatial["pos"].null_max)
+
+
+def test_out_of_memory_halves_chunk_with_identical_results(two_sample, monkeypatch):
+    import gpuconn.stats.randomise as engine
+
+    data, design, contrast = two_sample
+    expected = run_permutation_test(data, design, contrast, n_perm=64, seed=4, chunk=64)["tstat1"]
+    real = engine.permuted_statistics
+    failed = []
+
+    def flaky(model, residuals, sum_squares, orders, signs):
+        if orders.shape[0] > 16 and not failed:
+            failed.append(orders.shape[0])
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, residuals, sum_squares, orders, signs)
+
+    monkeypatch.setattr(engine, "permuted_statistics", flaky)
+    got = run_permutation_test(data, design, contrast, n_perm=64, seed=4, chunk=64)["tstat1"]
+    assert failed == [64]
+    for key in ("stat", "p_fwe", "p_uncorrected", "null_max"):
+        np.testing.assert_array_equal(getattr(got, key), getattr(expected, key))
+
+
+def test_demean_equals_intercept_as_nuisance(rng):
+    n = 20
+    x = rng.normal(size=(n, 2)) + 3.0
+    data = (rng.normal(size=(n, 25)) + 5.0).astype(np.float32)
+    demeaned = run_permutation_test(data, x, np.array([[1.0, 0.0]]), n_perm=50, seed=0, demean=True)["tstat1"]
+    explicit = run_permutation_test(data, np.c_[x - x.mean(0), np.ones(n)], np.array([[1.0, 0.0, 0.0]]),
+                                    n_perm=50, seed=0)["tstat1"]
+    assert demeaned.df == (1, n - 3)
+    np.testing.assert_allclose(demeaned.stat, explicit.stat, rtol=1e-5)
+    np.testing.assert_array_equal(demeaned.p_fwe, explicit.p_fwe)
+    with pytest.raises(InputError, match=r"-D \(demean\) removes the mean"):
+        run_permutation_test(data, np.c_[np.ones(n), x], np.array([[0.0, 1.0, 0.0]]), n_perm=10, demean=True)
+
+
+def test_paired_blocks_are_exhaustive_sign_swaps(rng):
+    n_sub = 6
+    design = np.c_[np.r_[-np.ones(n_sub), np.ones(n_sub)], np.vstack([np.eye(n_sub)] * 2)]
+    data = rng.normal(size=(2 * n_sub, 10)).astype(np.float32)
+    result = run_permutation_test(data, design, np.r_[1.0, np.zeros(n_sub)][None], n_perm=5000,
+                                  groups=np.tile(np.arange(n_sub), 2))
+    assert result.scheme.exhaustive and result.scheme.n_perm == 2**n_sub and result.scheme.method == "permute"
+    # Only the condition row moves: subject means are invariant under within-subject swaps.
+    assert result["tstat1"].p_fwe.min() >= 1 / 64
+
+
+def test_data_errors_are_clear(two_sample):
+    data, design, contrast = two_sample
+    with pytest.raises(InputError, match="has 24 rows but the data has 23 volumes"):
+        run_permutation_test(data[:23], design, contrast, n_perm=10)
+    bad = data.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(InputError, match="NaN or Inf"):
+        run_permutation_test(bad, design, contrast, n_perm=10)
+
+
+def _write_study(tmp_path, rng):
+    from gpuconn.stats.design import write_vest
+
+    data = rng.normal(size=(5, 6, 4, 16)).astype(np.float32)
+    data[1:3, 1:3, 1:3, :8] += 2.0
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "in.nii.gz")
+    mask = np.zeros((5, 6, 4), np.uint8)
+    mask[:, :, 1:] = 1
+    nib.save(nib.Nifti1Image(mask, affine), tmp_path / "mask.nii.gz")
+    group = np.r_[np.ones(8), np.zeros(8)]
+    write_vest(tmp_path / "d.mat", np.c_[group, 1 - group])
+    write_vest(tmp_path / "d.con", np.array([[1.0, -1.0], [-1.0, 1.0]]), kind="con", names=["A>B", "B>A"])
+    write_vest(tmp_path / "d.fts", np.array([[1, 0]]), kind="fts")
+    return mask.astype(bool)
+
+
+def test_cli_writes_randomise_outputs(tmp_path, rng):
+    from gpuconn.cli.app import run
+
+    mask = _write_study(tmp_path, rng)
+    root = tmp_path / "out" / "grp"
+    rc = run(["randomise", "-i", str(tmp_path / "in.nii.gz"), "-o", str(root), "-d", str(tmp_path / "d.mat"),
+              "-t", str(tmp_path / "d.con"), "-f", str(tmp_path / "d.fts"), "-m", str(tmp_path / "mask.nii.gz"),
+              "-n", "200", "--seed", "3", "--uncorrp", "--fdr", "-q"])
+    assert rc == 0
+    names = {p.name for p in root.parent.iterdir()}
+    for stat in ("tstat1", "tstat2", "fstat1"):
+        for prefix in ("", "vox_p_", "vox_corrp_", "vox_fdrp_"):
+            assert f"grp_{prefix}{stat}.nii.gz" in names
+        assert f"grp_perm_{stat}.txt" in names
+    assert {"grp_zstat1.nii.gz", "grp_zfstat1.nii.gz", "grp.json"} <= names
+    corrp = nib.load(root.parent / "grp_vox_corrp_tstat1.nii.gz").get_fdata()
+    tstat = nib.load(root.parent / "grp_tstat1.nii.gz").get_fdata()
+    null = np.loadtxt(root.parent / "grp_perm_tstat1.txt")
+    assert null.shape == (200,) and null[0] == pytest.approx(tstat[mask].max(), rel=1e-6)
+    expected = 1 - (null[None, :] >= tstat[mask][:, None].astype(np.float32)).mean(1)
+    np.testing.assert_allclose(corrp[mask], expected, atol=1e-6)
+    assert np.all(corrp[~mask] == 0)
+    sidecar = json.loads((root.parent / "grp.json").read_text())["Parameters"]
+    assert sidecar["seed"] == 3 and sidecar["n_perm"] == 200 and sidecar["method"] == "permute"
+
+
+def test_cli_bad_design_is_one_line_error_and_writes_nothing(tmp_path, rng, capsys):
+    from gpuconn.cli.app import run
+    from gpuconn.stats.design import write_vest
+
+    _write_study(tmp_path, rng)
+    write_vest(tmp_path / "short.mat", np.ones((10, 1)))
+    root = tmp_path / "out" / "grp"
+    rc = run(["randomise", "-i", str(tmp_path / "in.nii.gz"), "-o", str(root), "-d", str(tmp_path / "short.mat"),
+              "-t", str(tmp_path / "d.con"), "-n", "10", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "short.mat has 10 rows but" in err and "in.nii.gz has 16 volumes" in err
+    assert not root.parent.exists()
+    rc = run(["randomise", "-i", str(tmp_path / "in.nii.gz"), "-o", str(root), "-1", "-d", str(tmp_path / "d.mat"),
+              "-n", "10", "-q"])
+    assert rc == 2 and "-1 (one-sample) builds its own design" in capsys.readouterr().err
+
+
+def test_cli_one_sample_sign_flips(tmp_path, rng):
+    from gpuconn.cli.app import run
+
+    _write_study(tmp_path, rng)
+    root = tmp_path / "one"
+    assert run(["randomise", "-i", str(tmp_path / "in.nii.gz"), "-o", str(root), "-1", "-n", "50", "-q"]) == 0
+    sidecar = json.loads((tmp_path / "one.json").read_text())["Parameters"]
+    assert sidecar["method"] == "flip" and (tmp_path / "one_vox_corrp_tstat1.nii.gz").exists()
