@@ -83,6 +83,7 @@ __all__ = [
     "clean_runs",
     "denoise_runs",
     "output_paths",
+    "collect_runs",
 ]
 
 _VOXEL_CHUNK = 65536  # voxels cast to float64 at a time in the projection
@@ -144,6 +145,27 @@ class DenoiseOptions:
     columns: tuple[str, ...] = ()
     min_dof: int = 10
     tr: float | None = None
+
+    def __post_init__(self) -> None:
+        choices = {
+            "motion": ("6", "24", "none"),
+            "acompcor_mode": ("combined", "separate"),
+            "physio": ("auto", "yes", "no"),
+            "outlier_metric": ("fd", "rms", "none"),
+            "censor": ("spikes", "drop"),
+        }
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                option = "--physio-mode" if name == "physio" else "--" + name.replace("_", "-")
+                raise InputError(f"{option} {value!r} is not one of {', '.join(allowed)}")
+        for name in ("acompcor", "erode", "fwhm", "min_dof"):
+            if getattr(self, name) < 0:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("high_pass", "low_pass"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 0 Hz, got {value}")
 
 
 @dataclass(frozen=True)
@@ -437,19 +459,27 @@ def repetition_time(img: nib.Nifti1Image, path, override: float | None = None) -
     return tr
 
 
-def _tissue_signals(files: RunFiles, img, data_4d: np.ndarray, options: DenoiseOptions) -> list[tuple[str, np.ndarray]]:
-    signals = []
+def _tissue_signals(files: RunFiles, img, data_4d: np.ndarray | None, options: DenoiseOptions) -> list[tuple[str, np.ndarray | None]]:
+    """WM and CSF signals (n_volumes, n_voxels) in their thresholded, eroded masks.
+
+    Combined mode needs ``acompcor`` voxels in WM and CSF together; separate
+    mode in each.
+    """
+    masks = []
     for name, path in (("wm", files.wm), ("csf", files.csf)):
         prob = load_image(path, ndim=3, what=f"{name.upper()} map")
         check_same_grid(img, files.bold, prob, path)
-        mask = cf.tissue_mask(np.asarray(prob.dataobj), threshold=options.tissue_threshold, erode=options.erode)
-        if mask.sum() < options.acompcor:
+        masks.append((name, path, cf.tissue_mask(np.asarray(prob.dataobj), threshold=options.tissue_threshold, erode=options.erode)))
+    groups = [masks] if options.acompcor_mode == "combined" else [[m] for m in masks]
+    for group in groups:
+        count = sum(int(m.sum()) for _, _, m in group)
+        if count < options.acompcor:
+            where = " and ".join(f"{name.upper()} map {path}" for name, path, _ in group)
             raise InputError(
-                f"{name.upper()} map {path} leaves {int(mask.sum())} voxels after threshold {options.tissue_threshold} "
+                f"{where} leave{'s' if len(group) == 1 else ''} {count} voxels after threshold {options.tissue_threshold} "
                 f"and {options.erode} erosion(s); aCompCor needs at least {options.acompcor}: lower --tissue-threshold or use --erode 0"
             )
-        signals.append((name, None if data_4d is None else data_4d[mask].T))
-    return signals
+    return [(name, None if data_4d is None else data_4d[m].T) for name, _, m in masks]
 
 
 def _acompcor(files: RunFiles, img, data_4d, options: DenoiseOptions, device) -> pd.DataFrame:
@@ -639,6 +669,28 @@ def clean_runs(runs: Sequence[PreparedRun], *, fwhm: float, device: torch.device
         volumes = smooth(volumes, mask, fwhm=fwhm, voxel_size=r.img.header.get_zooms()[:3])
         out.append(np.moveaxis(to_numpy(volumes), 0, -1))
     return out
+
+
+def collect_runs(
+    derivatives: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    participant_label: Sequence[str] | None = None,
+    space: str | None = None,
+) -> tuple[list[RunFiles], list[Path]]:
+    """The runs of a derivatives folder and their output folders (``out/sub-X[/ses-Y]/func``).
+
+    Returns
+    -------
+    files : list of RunFiles
+    out_dirs : list of Path
+    """
+    from .bids import DEFAULT_SPACE, find_runs
+
+    runs = find_runs(derivatives, participant_label=list(participant_label or []) or None, space=space or DEFAULT_SPACE)
+    files = [RunFiles.from_run(run) for run in runs]
+    out_dirs = [Path(out_dir) / run.bold.parent.relative_to(Path(derivatives)) for run in runs]
+    return files, out_dirs
 
 
 def output_paths(files: RunFiles, out_dir: str | os.PathLike) -> dict[str, Path]:

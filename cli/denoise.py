@@ -1,0 +1,84 @@
+"""``gpuconn denoise``: nuisance regression with high-pass, censoring and smoothing per run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .options import Device, Quiet
+
+_File = Path | None
+
+
+def denoise(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (as sub-X/ses-Y/func with --derivatives).")],
+    bold: Annotated[_File, typer.Option("--bold", help="One 4D BOLD file (single-run mode; needs --mask).")] = None,
+    mask: Annotated[_File, typer.Option("--mask", help="Brain mask on the BOLD grid (single-run mode).")] = None,
+    confounds: Annotated[_File, typer.Option("--confounds", help="fMRIPrep *_desc-confounds_timeseries.tsv (single-run mode).")] = None,
+    motion_par: Annotated[_File, typer.Option("--motion-par", help="MCFLIRT .par file: motion instead of the TSV's columns.")] = None,
+    censor_file: Annotated[_File, typer.Option("--censor-file", help="fsl_motion_outliers matrix: spike columns instead of detecting outliers.")] = None,
+    physio: Annotated[_File, typer.Option("--physio", help="BIDS *_physio.tsv.gz (with its .json) (single-run mode).")] = None,
+    wm: Annotated[_File, typer.Option("--wm", help="WM probability map or mask on the BOLD grid (single-run mode).")] = None,
+    csf: Annotated[_File, typer.Option("--csf", help="CSF probability map or mask on the BOLD grid (single-run mode).")] = None,
+    derivatives: Annotated[_File, typer.Option("--derivatives", help="fMRIPrep-style derivatives folder: every subject and session.")] = None,
+    participant_label: Annotated[list[str], typer.Option("--participant-label", help="Only these subjects (repeatable).")] = [],
+    space: Annotated[str, typer.Option("--space", help="space- entity of the BOLD files under --derivatives.")] = "MNI152NLin2009cAsym",
+    motion: Annotated[str, typer.Option("--motion", help="Motion regressors: 6, 24 (Friston) or none.")] = "6",
+    acompcor: Annotated[int, typer.Option("--acompcor", help="aCompCor components (0: none).")] = 5,
+    acompcor_mode: Annotated[str, typer.Option("--acompcor-mode", help="combined (WM+CSF in one PCA) or separate (k per tissue).")] = "combined",
+    tissue_threshold: Annotated[float, typer.Option("--tissue-threshold", help="WM/CSF probability threshold.")] = 0.9,
+    erode: Annotated[int, typer.Option("--erode", help="Erosions of the WM/CSF masks (voxels).")] = 1,
+    physio_mode: Annotated[str, typer.Option("--physio-mode", help="HR/RV regressors: auto (when a recording exists), yes, no.")] = "auto",
+    global_signal: Annotated[bool, typer.Option("--global-signal", help="Regress the mean signal in the brain mask.")] = False,
+    outlier_metric: Annotated[str, typer.Option("--outlier-metric", help="fd (Power) or rms (Jenkinson relative), or none.")] = "fd",
+    outlier_threshold: Annotated[float, typer.Option("--outlier-threshold", help="Outlier threshold in mm.")] = 0.5,
+    censor: Annotated[str, typer.Option("--censor", help="spikes (a regressor per outlier) or drop (remove the volumes).")] = "spikes",
+    high_pass: Annotated[float, typer.Option("--high-pass", help="High-pass cutoff in Hz (cosine set in the model; 0: none).")] = 0.006,
+    low_pass: Annotated[float, typer.Option("--low-pass", help="Low-pass cutoff in Hz (cosine set in the model; 0: none).")] = 0.0,
+    fwhm: Annotated[float, typer.Option("--fwhm", help="Gaussian smoothing FWHM in mm inside the brain mask (0: none).")] = 6.0,
+    column: Annotated[list[str], typer.Option("--column", help="Extra confounds TSV column (repeatable).")] = [],
+    tr: Annotated[float | None, typer.Option("--tr", help="Repetition time in s (default: the BOLD header).")] = None,
+    min_dof: Annotated[int, typer.Option("--min-dof", help="Least residual degrees of freedom accepted.")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Runs regressed together on the device.")] = 1,
+    device: Device = "auto",
+    quiet: Quiet = False,
+) -> None:
+    """Regress motion, physiological, aCompCor and outlier regressors with the high-pass in one model, then smooth."""
+    import warnings
+
+    from gpuconn.denoise import DenoiseOptions, RunFiles, collect_runs, denoise_runs, prepare_run
+    from gpuconn.errors import InputError
+    from gpuconn.progress import progress_bar
+
+    options = DenoiseOptions(
+        motion=motion, acompcor=acompcor, acompcor_mode=acompcor_mode, tissue_threshold=tissue_threshold,
+        erode=erode, physio=physio_mode, global_signal=global_signal, outlier_metric=outlier_metric,
+        outlier_threshold=outlier_threshold, censor=censor, high_pass=high_pass or None, low_pass=low_pass or None,
+        fwhm=fwhm, columns=tuple(column), min_dof=min_dof, tr=tr,
+    )  # fmt: skip
+    single = dict(confounds=confounds, motion_par=motion_par, censor_file=censor_file, physio=physio, wm=wm, csf=csf)
+    if (bold is None) == (derivatives is None):
+        raise InputError("give either --bold (with --mask) or --derivatives")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    if derivatives is not None:
+        files, out_dirs = collect_runs(derivatives, out, participant_label=participant_label, space=space)
+        extra = {k: v for k, v in single.items() if k in ("motion_par", "censor_file") and v is not None}
+        if extra:
+            raise InputError(f"--{next(iter(extra)).replace('_', '-')} applies to one run; use it with --bold, not --derivatives")
+        files = [RunFiles(**{**vars(f), **{k: v for k, v in single.items() if v is not None}}) for f in files]
+        if mask is not None:
+            files = [RunFiles(**{**vars(f), "mask": mask}) for f in files]
+    else:
+        if mask is None:
+            raise InputError("--bold needs --mask (the brain mask on the BOLD grid)")
+        files, out_dirs = [RunFiles(bold=bold, mask=mask, **single)], [out]
+    with warnings.catch_warnings():  # the full pass warns about the real design
+        warnings.simplefilter("ignore")
+        for f in files:  # every input checked before any output is written
+            prepare_run(f, options, load_data=False)
+    with progress_bar("denoise", len(files), enabled=not quiet) as advance:
+        written = list(denoise_runs(files, out_dirs, options, device=device, batch_size=batch_size, on_run=advance))
+    typer.echo(f"gpuconn denoise: {len(written)} run(s) -> {out}")

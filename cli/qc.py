@@ -1,0 +1,37 @@
+"""``gpuconn qc``: motion summary and exclusion table for a study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def qc(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output TSV (a JSON sidecar is written beside it).")],
+    derivatives: Annotated[Path | None, typer.Option("--derivatives", help="fMRIPrep-style derivatives folder.")] = None,
+    participant_label: Annotated[list[str], typer.Option("--participant-label", help="Only these subjects (repeatable).")] = [],
+    space: Annotated[str, typer.Option("--space", help="space- entity of the BOLD files under --derivatives.")] = "MNI152NLin2009cAsym",
+    motion_par: Annotated[list[Path], typer.Option("--motion-par", help="MCFLIRT .par file (repeatable) instead of --derivatives.")] = [],
+    confounds: Annotated[list[Path], typer.Option("--confounds", help="fMRIPrep confounds TSV (repeatable) instead of --derivatives.")] = [],
+    abs_threshold: Annotated[float, typer.Option("--abs-threshold", help="Exclude above this max absolute RMS displacement (mm).")] = 3.0,
+    rel_threshold: Annotated[float, typer.Option("--rel-threshold", help="Exclude above this max relative RMS displacement (mm).")] = 2.0,
+    outlier_metric: Annotated[str, typer.Option("--outlier-metric", help="fd (Power) or rms (Jenkinson relative) for outlier counts.")] = "fd",
+    outlier_threshold: Annotated[float, typer.Option("--outlier-threshold", help="Outlier threshold in mm.")] = 0.5,
+) -> None:
+    """Mean/max FD, relative and absolute RMS displacement, outliers and exclusion per run."""
+    from gpuconn.io import write_tsv
+    from gpuconn.qc import motion_sources, qc_table
+
+    thresholds = dict(
+        abs_threshold=abs_threshold, rel_threshold=rel_threshold,
+        outlier_metric=outlier_metric, outlier_threshold=outlier_threshold,
+    )  # fmt: skip
+    sources = motion_sources(
+        derivatives=derivatives, participant_label=participant_label, space=space, motion_par=motion_par, confounds=confounds
+    )
+    table = qc_table(sources, **thresholds)
+    write_tsv(table, out, params={"command": "gpuconn qc", **thresholds}, sidecar=True)
+    n_excluded = int(table["excluded"].sum())
+    typer.echo(f"gpuconn qc: {len(table)} run(s), {n_excluded} excluded -> {out}")

@@ -1,0 +1,149 @@
+"""Motion QC per run and the study's exclusion table.
+
+For each run: mean and maximum framewise displacement (Power), mean and
+maximum relative RMS displacement and maximum absolute RMS displacement
+(Jenkinson, as MCFLIRT), and the number of outlier volumes (metric above
+its threshold). A run is excluded when its maximum absolute RMS
+displacement exceeds ``abs_threshold`` (default 3 mm) or its maximum
+relative RMS displacement exceeds ``rel_threshold`` (default 2 mm), as in
+the reference study. ``mean_rel_rms`` is the column later used as a group
+covariate.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from .confounds import framewise_displacement, load_motion, rms_displacement
+from .errors import InputError
+
+__all__ = ["QC_COLUMNS", "motion_summary", "qc_table", "motion_sources"]
+
+#: Columns of :func:`qc_table` after the run identifiers.
+QC_COLUMNS = (
+    "n_volumes",
+    "mean_fd",
+    "max_fd",
+    "mean_rel_rms",
+    "max_rel_rms",
+    "max_abs_rms",
+    "n_outliers",
+    "excluded",
+    "exclusion_reason",
+)
+
+
+def motion_summary(
+    params: np.ndarray,
+    *,
+    outlier_metric: Literal["fd", "rms"] = "fd",
+    outlier_threshold: float = 0.5,
+    abs_threshold: float = 3.0,
+    rel_threshold: float = 2.0,
+) -> dict:
+    """QC figures of one run.
+
+    Parameters
+    ----------
+    params : ndarray, shape (n_volumes, 6)
+        Rotations (radians) then translations (mm).
+    outlier_metric : {'fd', 'rms'}, default 'fd'
+        Which metric counts outlier volumes.
+    outlier_threshold : float, default 0.5
+        mm.
+    abs_threshold, rel_threshold : float, default 3.0 and 2.0
+        mm; exclusion limits on the maximum absolute and relative RMS displacement.
+
+    Returns
+    -------
+    dict
+        Keys :data:`QC_COLUMNS`. ``mean_rel_rms`` averages volumes 1..n-1
+        (as MCFLIRT's ``_rel_mean.rms``; volume 0 has no predecessor).
+    """
+    if outlier_metric not in ("fd", "rms"):
+        raise InputError(f"--outlier-metric {outlier_metric!r} is not one of fd, rms")
+    fd = framewise_displacement(params)
+    absolute, relative = rms_displacement(params)
+    metric = fd if outlier_metric == "fd" else relative
+    reasons = []
+    if absolute.max() > abs_threshold:
+        reasons.append(f"max absolute displacement {absolute.max():.2f} mm > {abs_threshold:g} mm")
+    if relative.max() > rel_threshold:
+        reasons.append(f"max relative displacement {relative.max():.2f} mm > {rel_threshold:g} mm")
+    following = slice(1, None) if len(params) > 1 else slice(None)
+    return {
+        "n_volumes": int(len(params)),
+        "mean_fd": float(fd[following].mean()),
+        "max_fd": float(fd.max()),
+        "mean_rel_rms": float(relative[following].mean()),
+        "max_rel_rms": float(relative.max()),
+        "max_abs_rms": float(absolute.max()),
+        "n_outliers": int((metric > outlier_threshold).sum()),
+        "excluded": bool(reasons),
+        "exclusion_reason": "; ".join(reasons),
+    }
+
+
+def qc_table(runs: Iterable[tuple[dict, np.ndarray]], **thresholds) -> pd.DataFrame:
+    """One row per run: identifiers then :func:`motion_summary`.
+
+    Parameters
+    ----------
+    runs : iterable of (identifiers, params)
+        ``identifiers`` is a dict such as ``{'participant_id': 'sub-01',
+        'session': 'pre'}``; ``params`` the run's motion parameters.
+    **thresholds
+        Passed to :func:`motion_summary`.
+
+    Returns
+    -------
+    pandas.DataFrame
+    """
+    rows = [{**ids, **motion_summary(params, **thresholds)} for ids, params in runs]
+    return pd.DataFrame(rows)
+
+
+def motion_sources(
+    *,
+    derivatives: str | os.PathLike | None = None,
+    participant_label: Sequence[str] = (),
+    space: str | None = None,
+    motion_par: Sequence[str | os.PathLike] = (),
+    confounds: Sequence[str | os.PathLike] = (),
+) -> list[tuple[dict, np.ndarray]]:
+    """Motion parameters of every run, read (and checked) before any output.
+
+    Either a derivatives folder (each run's confounds TSV) or lists of
+    ``.par`` / confounds files.
+
+    Returns
+    -------
+    list of (identifiers, params)
+        Identifiers ``participant_id``, ``session``, ``source`` (the file).
+
+    Raises
+    ------
+    InputError
+        Neither or both kinds of input, or a run without a confounds TSV.
+    """
+    from .bids import DEFAULT_SPACE, find_runs
+
+    files = [*motion_par, *confounds]
+    if (derivatives is None) == (not files):
+        raise InputError("give either --derivatives or --motion-par/--confounds files")
+    if derivatives is not None:
+        sources = []
+        for run in find_runs(derivatives, participant_label=list(participant_label) or None, space=space or DEFAULT_SPACE):
+            if run.confounds is None:
+                raise InputError(f"no *_desc-confounds_timeseries.tsv beside {run.bold}; qc needs the motion parameters")
+            ids = {"participant_id": f"sub-{run.subject}", "session": run.session or "n/a", "source": run.confounds.name}
+            sources.append((ids, load_motion(confounds=run.confounds)))
+        return sources
+    out = [({"source": Path(p).name}, load_motion(motion_par=p)) for p in motion_par]
+    return out + [({"source": Path(p).name}, load_motion(confounds=p)) for p in confounds]
