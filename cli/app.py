@@ -20,7 +20,6 @@ from . import ica
 from . import dualreg
 from . import randomise
 from . import design
-from . import clusters, glm
 from . import denoise, qc
 
 app = typer.Typer(
@@ -47,8 +46,6 @@ app.add_typer(roi.app, name="roi")
 app.command("simulate")(simulate.simulate)
 app.command("dualreg")(dualreg.dualreg)
 app.command("randomise")(randomise.randomise)
-app.command("glm")(glm.glm)
-app.command("clusters")(clusters.clusters)
 app.command("design")(design.design)
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
