@@ -20,7 +20,7 @@ from . import ica
 from . import dualreg
 from . import randomise
 from . import design
-from . import denoise, qc
+from . import clusters, glm
 
 app = typer.Typer(
     name="gpuconn",
@@ -38,14 +38,14 @@ def _root() -> None:
 
 
 app.command("info")(info.info)
-app.command("qc")(qc.qc)
-app.command("denoise")(denoise.denoise)
 app.add_typer(ica.app, name="ica")
 app.command("seed")(seed.seed)
 app.add_typer(roi.app, name="roi")
 app.command("simulate")(simulate.simulate)
 app.command("dualreg")(dualreg.dualreg)
 app.command("randomise")(randomise.randomise)
+app.command("glm")(glm.glm)
+app.command("clusters")(clusters.clusters)
 app.command("design")(design.design)
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True)

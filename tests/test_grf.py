@@ -1,0 +1,123 @@
+"""GRF: smoothness vs the true FWHM, cluster p vs Friston 1994 written out, gpuconn glm."""
+
+from __future__ import annotations
+
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from gpuconn.cli.app import run
+from gpuconn.errors import InputError
+from gpuconn.stats.grf import (
+    Smoothness,
+    cluster_p_values,
+    estimate_smoothness,
+    expected_clusters,
+    grf_cluster_p,
+    ols_residuals,
+)
+
+
+def _smoothed_noise(rng, n, shape, fwhm_voxels):
+    sigma = fwhm_voxels / math.sqrt(8 * math.log(2))
+    return np.stack([ndimage.gaussian_filter(rng.normal(size=shape), sigma) for _ in range(n)])
+
+
+@pytest.mark.parametrize("fwhm", [3.0, 4.5])
+def test_smoothness_within_10_percent(rng, fwhm):
+    shape = (30, 32, 28)
+    volumes = _smoothed_noise(rng, 16, shape, fwhm)
+    mask = np.zeros(shape, dtype=bool)
+    mask[5:-5, 5:-5, 5:-5] = True  # away from the filter's reflected edges
+    design = np.column_stack([np.ones(16), rng.normal(size=16)])
+    import torch
+
+    residuals = ols_residuals(torch.as_tensor(volumes[:, mask]), design)
+    smooth = estimate_smoothness(residuals, mask, voxel_size=(2.0, 2.0, 2.0))
+    np.testing.assert_allclose(smooth.fwhm_voxels, fwhm, rtol=0.10)
+    np.testing.assert_allclose(smooth.fwhm_mm, 2 * smooth.fwhm_voxels)
+    sigma_sq = smooth.fwhm_voxels**2 / (8 * math.log(2))
+    assert smooth.dlh == pytest.approx(1 / math.sqrt(8 * np.prod(sigma_sq)))
+    assert smooth.resels == pytest.approx(np.prod(smooth.fwhm_voxels))
+    assert smooth.volume == mask.sum()
+
+
+def test_unsmoothed_residuals_are_an_error(rng):
+    mask = np.ones((6, 6, 6), dtype=bool)
+    anti = np.indices(mask.shape).sum(axis=0) % 2 * 2.0 - 1.0  # checkerboard: correlation -1
+    residuals = np.stack([anti[mask] * s for s in rng.normal(size=5)])
+    with pytest.raises(InputError, match="lag-1 correlation"):
+        estimate_smoothness(residuals, mask)
+
+
+def _friston_p(k, u, dlh, volume):
+    """Friston et al. (1994) / FSL cluster, D = 3, written out term by term."""
+    em = volume * (2 * math.pi) ** -2 * dlh * (u**2 - 1) * math.exp(-(u**2) / 2)
+    en = volume * 0.5 * math.erfc(u / math.sqrt(2))
+    beta = (math.gamma(2.5) * em / en) ** (2 / 3)
+    return 1 - math.exp(-em * math.exp(-beta * k ** (2 / 3)))
+
+
+def test_cluster_p_worked_numbers():
+    # a typical FSL smoothest output for 2 mm MNI data: DLH 0.0325, VOLUME 228453
+    dlh, volume, u = 0.0325, 228453, 2.3
+    sizes = np.array([1, 50, 200, 500, 1500])
+    p = cluster_p_values(sizes, z_threshold=u, dlh=dlh, volume=volume)
+    expected = [_friston_p(k, u, dlh, volume) for k in sizes]
+    np.testing.assert_allclose(p, expected, rtol=1e-12)
+    assert np.all(np.diff(p) < 0) and p[0] > 0.99 and p[-1] < 1e-3
+    em = expected_clusters(u, dlh=dlh, volume=volume)
+    assert em == pytest.approx(volume * dlh * (u**2 - 1) * math.exp(-(u**2) / 2) / (2 * math.pi) ** 2)
+
+
+def test_cluster_p_threshold_must_exceed_one():
+    with pytest.raises(InputError, match="above 1"):
+        cluster_p_values(np.array([10]), z_threshold=0.9, dlh=0.1, volume=1000)
+
+
+def test_grf_cluster_p_labels(rng):
+    mask = np.ones((12, 12, 12), dtype=bool)
+    z = np.zeros(mask.shape, dtype=np.float32)
+    z[2:5, 2:5, 2:5] = 3.0
+    z[9, 9, 9] = 4.0
+    smooth = Smoothness(dlh=0.1, volume=1728, resels=20.0, fwhm_voxels=np.ones(3), fwhm_mm=np.ones(3))
+    labels, p = grf_cluster_p(z[mask], mask, z_threshold=2.3, smoothness=smooth)
+    assert sorted(np.bincount(labels)[1:]) == [1, 27]
+    assert p[1] < p[2]  # the 27-voxel cluster (raster label 1) is less likely by chance
+
+
+def test_glm_cli_finds_planted_blob(tmp_path, rng):
+    shape = (20, 20, 16)
+    data = _smoothed_noise(rng, 24, shape, 3.0)
+    data /= data.std()
+    data[:, 5:10, 5:10, 4:9] += 1.0
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    affine[:3, 3] = [-30, -30, -24]
+    nib.save(nib.Nifti1Image(np.moveaxis(data, 0, -1).astype(np.float32), affine), tmp_path / "in.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones(shape, np.uint8), affine), tmp_path / "mask.nii.gz")
+    root = tmp_path / "g"
+    rc = run(["glm", "-i", str(tmp_path / "in.nii.gz"), "-o", str(root), "-1", "-m", str(tmp_path / "mask.nii.gz"),
+              "--device", "cpu"])
+    assert rc == 0
+    import pandas as pd
+
+    table = pd.read_csv(f"{root}_cluster_zstat1.tsv", sep="\t")
+    assert len(table) >= 1 and (table["p"] < 0.05).all()
+    top = table.iloc[0]
+    assert 5 <= top["peak_i"] < 10 and 5 <= top["peak_j"] < 10 and 4 <= top["peak_k"] < 9
+    assert top["peak_x"] == pytest.approx(-30 + 3 * top["peak_i"])
+    thresh = np.asarray(nib.load(f"{root}_thresh_zstat1.nii.gz").dataobj)
+    index = np.asarray(nib.load(f"{root}_cluster_index_zstat1.nii.gz").dataobj)
+    assert ((thresh > 0) == (index > 0)).all() and index.max() == table["cluster_index"].max()
+    smooth = pd.read_json(f"{root}_smoothness.json", typ="series")
+    assert 0.8 * 9 < np.mean(smooth["FWHMmm"]) < 1.2 * 9  # FWHM 3 voxels of 3 mm
+
+
+def test_glm_cli_errors(tmp_path, capsys):
+    rc = run(["glm", "-i", str(tmp_path / "none.nii.gz"), "-o", str(tmp_path / "g"), "-1", "--cluster-z", "0.5"])
+    assert rc == 2
+    assert "--cluster-z must be above 1" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
