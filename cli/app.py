@@ -21,6 +21,7 @@ from . import dualreg
 from . import randomise
 from . import design
 from . import clusters, glm
+from . import denoise, qc
 
 app = typer.Typer(
     name="gpuconn",
@@ -38,6 +39,8 @@ def _root() -> None:
 
 
 app.command("info")(info.info)
+app.command("qc")(qc.qc)
+app.command("denoise")(denoise.denoise)
 app.add_typer(ica.app, name="ica")
 app.command("seed")(seed.seed)
 app.add_typer(roi.app, name="roi")
