@@ -90,3 +90,26 @@ def test_spatial_factory_none_and_errors(capsys):
     rc = run(["randomise", "-i", "missing.nii.gz", "-o", "x", "-1", "-T", "--tfce-C", "7"])
     assert rc == 2
     assert "connectivity must be one of 6, 18, 26 (got 7)" in capsys.readouterr().err
+
+
+def test_null_fwer_within_binomial_interval():
+    """TFCE / cluster FWER at alpha = 0.05 on many small null datasets (one-sample sign flips)."""
+    from scipy import stats
+
+    from gpuconn.stats.randomise import run_permutation_test
+
+    rng = np.random.default_rng(11)
+    shape, n_obs, n_sets = (8, 8, 6), 10, 200
+    mask = np.ones(shape, dtype=bool)
+    spatial = spatial_transforms(tfce_params={"H": 2.0, "E": 0.5, "connectivity": 6}, cluster_extent=1.5,
+                                 cluster_mass=1.5)(mask)
+    hits = {name: 0 for name in spatial}
+    for i in range(n_sets):
+        noise = ndimage.gaussian_filter(rng.normal(size=(n_obs,) + shape), (0, 1, 1, 1))
+        result = run_permutation_test(noise[:, mask].astype(np.float32), np.ones((n_obs, 1)), np.ones((1, 1)),
+                                      n_perm=100, seed=i, method="flip", device="cpu", spatial=spatial)
+        for name, mapped in result["tstat1"].spatial.items():
+            hits[name] += bool(mapped.p_fwe.min() <= 0.05)
+    for name, count in hits.items():
+        # exact randomisation test: P(p_fwe <= 0.05) = 0.05; two-sided binomial test at 0.001
+        assert stats.binomtest(count, n_sets, 0.05).pvalue > 0.001, (name, count)
