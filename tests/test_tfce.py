@@ -141,7 +141,41 @@ def test_transform_and_2d_settings(device, rng):
     stats = torch.as_tensor(_smooth_maps(rng, 2, shape)[:, mask], device=device)
     out = tfce_transform(mask, **TFCE_2D)(stats)
     assert out.shape == stats.shape and out.dtype == torch.float32 and out.device.type == device.type
-    np.testing.assert_array_equal(out.cpu().numpy(), tfce(stats.cpu(), mask, H=2.0, E=1.0, connectivity=26).numpy())
+    # CUDA: same float64 sweep, measures from torch's pow instead of Numba's (last-ulp differences)
+    np.testing.assert_allclose(out.cpu().numpy(), tfce(stats.cpu(), mask, H=2.0, E=1.0, connectivity=26).numpy(),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("method", "dh"), [("stepped", None), ("stepped", 0.07), ("exact", None)])
+def test_torch_sweep_inputs_with_cpu_sweep(rng, method, dh):
+    """The CUDA path's host side (torch ordering and measures) fed to the CPU sweep equals tfce()."""
+    from gpuconn.stats.clusters import neighbour_table
+    from gpuconn.stats.tfce import _sweep, _sweep_inputs
+
+    shape = (8, 7, 6)
+    mask = rng.random(shape) > 0.1
+    values = torch.as_tensor(_smooth_maps(rng, 3, shape)[:, mask])
+    table = neighbour_table(mask, connectivity=6)
+    power = np.arange(values.shape[1] + 1, dtype=np.float64) ** 0.5
+    order, meas, n_sel = _sweep_inputs(values, H=2.0, dh=dh, method=method)
+    expected = tfce(values, mask, dh=dh, method=method).numpy()
+    for m in range(values.shape[0]):
+        row = np.zeros(values.shape[1])
+        k = int(n_sel[m])
+        _sweep(order[m, :k].numpy().astype(np.int32), meas[m, :k].numpy(), table, power, row)
+        np.testing.assert_allclose(row, expected[m], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("method", "dh"), [("stepped", None), ("stepped", 0.05), ("exact", None)])
+def test_cuda_kernel_equals_cpu_twin(rng, method, dh):
+    shape = (12, 11, 10)
+    mask = rng.random(shape) > 0.05
+    values = torch.as_tensor(_smooth_maps(rng, 70, shape)[:, mask])  # > 64 maps: two thread blocks
+    for connectivity in (6, 26):
+        cpu = tfce(values, mask, dh=dh, method=method, connectivity=connectivity).numpy()
+        gpu = tfce(values.cuda(), mask, dh=dh, method=method, connectivity=connectivity).cpu().numpy()
+        np.testing.assert_allclose(gpu, cpu, rtol=1e-6, atol=1e-6)
 
 
 def test_bad_parameters():
@@ -152,3 +186,72 @@ def test_bad_parameters():
         tfce_transform(mask, E=0.0)
     with pytest.raises(InputError, match=r"shape \(n_maps, 27\)"):
         tfce(np.zeros((1, 20)), mask)
+
+
+_HOST_SHIM = """
+#include <cstddef>
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__
+struct gpuconn_dim3 { int x; };
+static gpuconn_dim3 blockIdx, blockDim, threadIdx;
+#include "{source}"
+extern "C" void run_grid(const int* order, const double* meas, const long long* n_sel, const int* table,
+                         const double* power, int* parent, int* size, double* last, double* acc, float* out,
+                         int n_maps, int n_vox, int k) {
+    blockDim.x = 64;
+    for (int b = 0; b < (n_maps + 63) / 64; ++b)
+        for (int t = 0; t < 64; ++t) {
+            blockIdx.x = b;
+            threadIdx.x = t;
+            gpuconn_tfce_sweep(order, meas, n_sel, table, power, parent, size, last, acc, out, n_maps, n_vox, k);
+        }
+}
+"""
+
+
+def test_cuda_kernel_source_on_host_equals_twin(rng, tmp_path):
+    """kernels/tfce.cu compiled as host C++ (every thread of the grid run in turn) equals the Numba twin.
+
+    Checks the kernel's logic where no GPU is available; the gpu-marked test
+    above runs it on a device.
+    """
+    import ctypes
+    import importlib.resources
+    import shutil
+    import subprocess
+
+    from gpuconn.stats.clusters import neighbour_table
+    from gpuconn.stats.tfce import _sweep_inputs
+
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("needs g++ to compile the kernel source on the host")
+    source = importlib.resources.files("gpuconn.kernels").joinpath("tfce.cu")
+    (tmp_path / "host.cpp").write_text(_HOST_SHIM.replace("{source}", str(source)))
+    subprocess.run([compiler, "-std=c++14", "-O1", "-shared", "-fPIC", "-o", str(tmp_path / "host.so"),
+                    str(tmp_path / "host.cpp")], check=True)
+    lib = ctypes.CDLL(str(tmp_path / "host.so"))
+    shape = (9, 8, 7)
+    mask = rng.random(shape) > 0.05
+    values = torch.as_tensor(_smooth_maps(rng, 70, shape)[:, mask])
+    n_maps, n_vox = values.shape
+
+    def ptr(array):
+        return array.ctypes.data_as(ctypes.c_void_p)
+
+    for connectivity, method, dh in [(6, "stepped", None), (26, "stepped", 0.05), (18, "exact", None)]:
+        table = neighbour_table(mask, connectivity=connectivity)
+        order, meas, n_sel = (t.numpy() for t in _sweep_inputs(values, H=2.0, dh=dh, method=method))
+        order = np.ascontiguousarray(order, dtype=np.int32)
+        meas = np.ascontiguousarray(meas)
+        n_sel = np.ascontiguousarray(n_sel, dtype=np.int64)
+        power = np.arange(n_vox + 1, dtype=np.float64) ** 0.5
+        parent, size = np.full((2, n_maps, n_vox), -1, dtype=np.int32)
+        last, acc = np.zeros((2, n_maps, n_vox))
+        out = np.zeros((n_maps, n_vox), dtype=np.float32)
+        lib.run_grid(ptr(order), ptr(meas), ptr(n_sel), ptr(table), ptr(power), ptr(parent), ptr(size), ptr(last),
+                     ptr(acc), ptr(out), ctypes.c_int(n_maps), ctypes.c_int(n_vox), ctypes.c_int(table.shape[1]))
+        expected = tfce(values, mask, dh=dh, method=method, connectivity=connectivity).numpy()
+        np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)

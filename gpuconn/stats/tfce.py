@@ -54,6 +54,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ..backend import chunk_size, load_kernel, require_cupy, to_cupy, to_numpy
 from ..errors import InputError
 from .clusters import _njit, _warn_no_numba, cluster_transform, connectivity_offsets, neighbour_table, prange
 
@@ -65,6 +66,8 @@ TFCE_DEFAULTS = {"H": 2.0, "E": 0.5, "connectivity": 6}
 TFCE_2D = {"H": 2.0, "E": 1.0, "connectivity": 26}
 _METHODS = ("stepped", "exact")
 _MAX_STEPS = 100_000  # a dh this small is almost surely a unit mistake
+# CUDA working memory per voxel and map: order, measure, scratch, result and sort temporaries.
+_CUDA_BYTES_PER_VOXEL = 96
 
 
 @_njit
@@ -229,11 +232,69 @@ def _check_params(H: float, E: float, method: str) -> None:
         raise InputError(f"TFCE H and E must be positive (got H={H}, E={E}); randomise uses H=2, E=0.5")
 
 
+def _sweep_inputs(values: torch.Tensor, *, H: float, dh: float | None, method: str):
+    """Order and measures of the sweep, in torch on the values' device (the CUDA path's host side).
+
+    Returns
+    -------
+    order : Tensor of int64, shape (n_maps, n_voxels)
+        Voxels by decreasing value (stepped: by decreasing step bin, then
+        voxel index); the first ``n_sel[m]`` are swept.
+    meas : Tensor of float64, shape (n_maps, n_voxels)
+        Measure ``M`` of each ordered voxel.
+    n_sel : Tensor of int64, shape (n_maps,)
+        Voxels with a non-zero contribution range (positive; stepped: at or
+        above the first step).
+    """
+    v64 = values.to(torch.float64)
+    if method == "exact":
+        ordered, order = torch.sort(v64, dim=1, descending=True, stable=True)
+        meas = ordered.clamp_min(0.0) ** (H + 1.0) / (H + 1.0)
+        return order, meas, (v64 > 0).sum(1)
+    maxima = to_numpy(values.amax(1)) if values.shape[1] else np.zeros(values.shape[0])
+    thresholds = torch.as_tensor(tfce_thresholds(maxima, dh), device=values.device)
+    bins = torch.searchsorted(thresholds, v64.contiguous(), right=True)
+    steps = torch.where(torch.isfinite(thresholds), thresholds**H, torch.zeros_like(thresholds))
+    cum = torch.cat([torch.zeros_like(steps[:, :1]), torch.cumsum(steps, dim=1)], dim=1)
+    order = torch.argsort(bins, dim=1, descending=True, stable=True)
+    meas = torch.gather(cum, 1, torch.gather(bins, 1, order))
+    return order, meas, (bins > 0).sum(1)
+
+
+def _tfce_cuda(values: torch.Tensor, table: np.ndarray, power: np.ndarray, *, H: float, dh: float | None,
+               method: str) -> torch.Tensor:
+    """TFCE of CUDA maps: torch orders the voxels, ``kernels/tfce.cu`` sweeps one map per thread."""
+    cupy = require_cupy()
+    device = values.device
+    kernel = load_kernel("tfce.cu", "gpuconn_tfce_sweep", device.index or 0)
+    table_t = torch.as_tensor(table, device=device).contiguous()
+    power_t = torch.as_tensor(power, device=device)
+    n_maps, n_vox = values.shape
+    out = torch.zeros((n_maps, n_vox), dtype=torch.float32, device=device)
+    step = chunk_size(_CUDA_BYTES_PER_VOXEL * max(n_vox, 1), device, n_items=n_maps)
+    for start in range(0, n_maps, step):
+        block = values[start : start + step]
+        order, meas, n_sel = _sweep_inputs(block, H=H, dh=dh, method=method)
+        b = block.shape[0]
+        scratch_int = torch.full((2, b, n_vox), -1, dtype=torch.int32, device=device)
+        scratch_f64 = torch.zeros((2, b, n_vox), dtype=torch.float64, device=device)
+        result = torch.zeros((b, n_vox), dtype=torch.float32, device=device)
+        args = [order.to(torch.int32).contiguous(), meas.contiguous(), n_sel.contiguous(), table_t, power_t,
+                scratch_int[0], scratch_int[1], scratch_f64[0], scratch_f64[1], result]
+        with cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+            kernel(((b + 63) // 64,), (64,), tuple(to_cupy(a) for a in args)
+                   + (np.int32(b), np.int32(n_vox), np.int32(table.shape[1])))
+        out[start : start + b] = result
+    return out
+
+
 def _tfce_table(values: torch.Tensor, table: np.ndarray, *, H: float, E: float, dh: float | None, method: str) -> torch.Tensor:
+    power = np.arange(values.shape[1] + 1, dtype=np.float64) ** float(E)  # extent ** E, looked up
+    if values.device.type == "cuda":
+        return _tfce_cuda(values, table, power, H=H, dh=dh, method=method)
     _warn_no_numba("TFCE")
-    data = np.ascontiguousarray(values.detach().cpu().numpy(), dtype=np.float32)
+    data = np.ascontiguousarray(values.detach().numpy(), dtype=np.float32)
     out = np.zeros(data.shape, dtype=np.float32)
-    power = np.arange(data.shape[1] + 1, dtype=np.float64) ** float(E)  # extent ** E, looked up
     if method == "exact":
         _tfce_exact_batch(data, table, float(H), power, out)
     else:
@@ -276,8 +337,9 @@ def tfce(
 
     Notes
     -----
-    The sweep runs on the host (Numba, parallel over maps); CUDA inputs
-    are copied to the host and the result copied back.
+    CPU tensors: Numba sweep, parallel over maps. CUDA tensors: torch sorts
+    and bins the voxels on the device and ``kernels/tfce.cu`` (CuPy) runs
+    the same sweep, one thread per map.
     """
     _check_params(H, E, method)
     table = neighbour_table(mask, connectivity=connectivity)
