@@ -195,3 +195,39 @@ def test_transform_shape_dtype_and_errors(rng):
         cluster_transform(mask, 2.0, kind="size")
     with pytest.raises(InputError, match=r"shape \(n_maps, 125\)"):
         label_maps(np.zeros((2, 124)), mask)
+
+
+def test_label_kernel_source_on_host_equals_twin(rng, tmp_path):
+    """kernels/labels.cu compiled as host C++ (every thread of the grid in turn) equals scipy."""
+    from kernel_host import host_kernel
+
+    params = ("const float* values, const int* table, float threshold, int* parent_all, long long* labels, "
+              "long long* n_labels, int n_maps, int n_vox, int k")
+    run = host_kernel("labels.cu", "gpuconn_label_batch", params, tmp_path)
+    shape = (9, 10, 8)
+    mask = rng.random(shape) > 0.1
+    maps = rng.normal(size=(70,) + shape).astype(np.float32)
+    maps[0] = _spiral(10)[:, :, :1].repeat(8, axis=2)[:9]  # a long path
+    values = np.ascontiguousarray(maps[:, mask])
+    for connectivity in (6, 18, 26):
+        table = neighbour_table(mask, connectivity=connectivity)
+        labels = np.zeros(values.shape, dtype=np.int64)
+        n_labels = np.zeros(len(values), dtype=np.int64)
+        parent = np.zeros(values.shape, dtype=np.int32)
+        run(len(values), values, table, 0.3, parent, labels, n_labels, len(values), values.shape[1], connectivity)
+        for i in range(len(values)):
+            expected = _scipy_labels(maps[i], mask, 0.3, connectivity)
+            np.testing.assert_array_equal(labels[i], expected)
+            assert n_labels[i] == expected.max()
+
+
+@pytest.mark.gpu
+def test_label_kernel_on_cuda_equals_scipy(rng):
+    shape = (12, 11, 10)
+    mask = rng.random(shape) > 0.1
+    maps = rng.normal(size=(70,) + shape).astype(np.float32)
+    values = torch.as_tensor(maps[:, mask]).cuda()
+    for connectivity in (6, 26):
+        labels = label_maps(values, mask, threshold=0.3, connectivity=connectivity).cpu().numpy()
+        for i in range(len(maps)):
+            np.testing.assert_array_equal(labels[i], _scipy_labels(maps[i], mask, 0.3, connectivity))

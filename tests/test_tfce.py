@@ -188,70 +188,30 @@ def test_bad_parameters():
         tfce(np.zeros((1, 20)), mask)
 
 
-_HOST_SHIM = """
-#include <cstddef>
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __restrict__
-struct gpuconn_dim3 { int x; };
-static gpuconn_dim3 blockIdx, blockDim, threadIdx;
-#include "{source}"
-extern "C" void run_grid(const int* order, const double* meas, const long long* n_sel, const int* table,
-                         const double* power, int* parent, int* size, double* last, double* acc, float* out,
-                         int n_maps, int n_vox, int k) {
-    blockDim.x = 64;
-    for (int b = 0; b < (n_maps + 63) / 64; ++b)
-        for (int t = 0; t < 64; ++t) {
-            blockIdx.x = b;
-            threadIdx.x = t;
-            gpuconn_tfce_sweep(order, meas, n_sel, table, power, parent, size, last, acc, out, n_maps, n_vox, k);
-        }
-}
-"""
-
 
 def test_cuda_kernel_source_on_host_equals_twin(rng, tmp_path):
-    """kernels/tfce.cu compiled as host C++ (every thread of the grid run in turn) equals the Numba twin.
-
-    Checks the kernel's logic where no GPU is available; the gpu-marked test
-    above runs it on a device.
-    """
-    import ctypes
-    import importlib.resources
-    import shutil
-    import subprocess
-
+    """kernels/tfce.cu compiled as host C++ (every thread of the grid in turn) equals the Numba twin."""
     from gpuconn.stats.clusters import neighbour_table
     from gpuconn.stats.tfce import _sweep_inputs
+    from kernel_host import host_kernel
 
-    compiler = shutil.which("g++")
-    if compiler is None:
-        pytest.skip("needs g++ to compile the kernel source on the host")
-    source = importlib.resources.files("gpuconn.kernels").joinpath("tfce.cu")
-    (tmp_path / "host.cpp").write_text(_HOST_SHIM.replace("{source}", str(source)))
-    subprocess.run([compiler, "-std=c++14", "-O1", "-shared", "-fPIC", "-o", str(tmp_path / "host.so"),
-                    str(tmp_path / "host.cpp")], check=True)
-    lib = ctypes.CDLL(str(tmp_path / "host.so"))
+    params = ("const int* order, const double* meas, const long long* n_sel, const int* table, const double* power, "
+              "int* parent_all, int* size_all, double* last_all, double* acc_all, float* out, int n_maps, int n_vox, "
+              "int k")
+    run = host_kernel("tfce.cu", "gpuconn_tfce_sweep", params, tmp_path)
     shape = (9, 8, 7)
     mask = rng.random(shape) > 0.05
-    values = torch.as_tensor(_smooth_maps(rng, 70, shape)[:, mask])
+    values = torch.as_tensor(_smooth_maps(rng, 70, shape)[:, mask])  # > 64 maps: two thread blocks
     n_maps, n_vox = values.shape
-
-    def ptr(array):
-        return array.ctypes.data_as(ctypes.c_void_p)
-
     for connectivity, method, dh in [(6, "stepped", None), (26, "stepped", 0.05), (18, "exact", None)]:
         table = neighbour_table(mask, connectivity=connectivity)
         order, meas, n_sel = (t.numpy() for t in _sweep_inputs(values, H=2.0, dh=dh, method=method))
-        order = np.ascontiguousarray(order, dtype=np.int32)
-        meas = np.ascontiguousarray(meas)
-        n_sel = np.ascontiguousarray(n_sel, dtype=np.int64)
-        power = np.arange(n_vox + 1, dtype=np.float64) ** 0.5
         parent, size = np.full((2, n_maps, n_vox), -1, dtype=np.int32)
         last, acc = np.zeros((2, n_maps, n_vox))
         out = np.zeros((n_maps, n_vox), dtype=np.float32)
-        lib.run_grid(ptr(order), ptr(meas), ptr(n_sel), ptr(table), ptr(power), ptr(parent), ptr(size), ptr(last),
-                     ptr(acc), ptr(out), ctypes.c_int(n_maps), ctypes.c_int(n_vox), ctypes.c_int(table.shape[1]))
+        power = np.arange(n_vox + 1, dtype=np.float64) ** 0.5
+        run(n_maps, np.ascontiguousarray(order, dtype=np.int32), np.ascontiguousarray(meas),
+            np.ascontiguousarray(n_sel, dtype=np.int64), table, power, parent, size, last, acc, out,
+            n_maps, n_vox, table.shape[1])
         expected = tfce(values, mask, dh=dh, method=method, connectivity=connectivity).numpy()
         np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)

@@ -12,9 +12,11 @@ Maps are handled as a batch ``(n_maps, n_voxels)`` of masked statistic maps
 
 * CPU: union–find over a neighbour table (Numba-compiled; with a visible
   warning it runs as plain Python when Numba is missing).
-* any torch device (the CUDA path): minimum-label propagation over the
-  neighbour table with pointer jumping, iterated to convergence, written
-  once in torch.
+* CUDA: the same union-find in ``kernels/labels.cu`` (CuPy), one map per
+  thread.
+* any torch device (and CUDA without CuPy, with a warning): minimum-label
+  propagation over the neighbour table with pointer jumping, iterated to
+  convergence, written once in torch.
 
 Labels are canonical: cluster ``k`` (1-based) is the ``k``-th cluster met in
 C (raster) order over the grid, which is also what :func:`scipy.ndimage.label`
@@ -29,12 +31,14 @@ nilearn.mass_univariate._utils.calculate_cluster_measures : max extent/mass.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import warnings
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from ..backend import load_kernel, require_cupy, to_cupy
 from ..errors import InputError
 
 try:  # Numba compiles the CPU union-find; without it the same code runs as Python.
@@ -260,11 +264,34 @@ def _label_numpy(data: np.ndarray, table: np.ndarray, threshold: float) -> tuple
     return labels, n_labels
 
 
+def _label_cuda(values: torch.Tensor, table: np.ndarray, threshold: float) -> torch.Tensor:
+    """``kernels/labels.cu`` (one map per thread); torch propagation, with a warning, without CuPy."""
+    table_t = torch.as_tensor(table, device=values.device)
+    if importlib.util.find_spec("cupy") is None:
+        warnings.warn("CuPy is not installed: cluster labelling on CUDA uses the slower torch label propagation; "
+                      "pip install 'gpuconn[gpu]'", RuntimeWarning, stacklevel=3)
+        return _label_torch(values, table_t.to(torch.int64), threshold)
+    cupy = require_cupy()
+    kernel = load_kernel("labels.cu", "gpuconn_label_batch", values.device.index or 0)
+    n_maps, n_vox = values.shape
+    data = values.to(torch.float32).contiguous()
+    parent = torch.empty((n_maps, n_vox), dtype=torch.int32, device=values.device)
+    labels = torch.empty((n_maps, n_vox), dtype=torch.int64, device=values.device)
+    n_labels = torch.empty(n_maps, dtype=torch.int64, device=values.device)
+    args = tuple(to_cupy(a) for a in (data, table_t.to(torch.int32).contiguous()))
+    with cupy.cuda.ExternalStream(torch.cuda.current_stream(values.device).cuda_stream):
+        kernel(((n_maps + 63) // 64,), (64,), args + (np.float32(threshold), to_cupy(parent), to_cupy(labels),
+               to_cupy(n_labels), np.int32(n_maps), np.int32(n_vox), np.int32(table.shape[1])))
+    return labels
+
+
 def _label_tensor(values: torch.Tensor, table: np.ndarray, threshold: float) -> torch.Tensor:
-    """Dispatch: Numba union-find for CPU tensors, torch propagation elsewhere."""
+    """Dispatch: Numba union-find for CPU tensors, the CUDA kernel for CUDA tensors, torch propagation elsewhere."""
     if values.device.type == "cpu":
         data = np.ascontiguousarray(values.detach().numpy(), dtype=np.float32)
         return torch.from_numpy(_label_numpy(data, table, threshold)[0]).to(torch.int64)
+    if values.device.type == "cuda":
+        return _label_cuda(values, table, float(threshold))
     return _label_torch(values, torch.as_tensor(table, device=values.device).to(torch.int64), float(threshold))
 
 
@@ -354,7 +381,7 @@ def cluster_maps(
         out = np.empty(data.shape, dtype=np.float64)
         _cluster_stat_batch(data, labels, n_labels, float(threshold), kind == "mass", out)
         return torch.from_numpy(out)
-    labels = _label_torch(batch, torch.as_tensor(table, device=batch.device).to(torch.int64), float(threshold))
+    labels = _label_tensor(batch, table, float(threshold))
     return _per_voxel_cluster_stats(batch, labels, float(threshold), kind)
 
 

@@ -1,0 +1,69 @@
+"""Compile a ``kernels/*.cu`` kernel as host C++ to check its logic without a GPU.
+
+The CUDA qualifiers become no-ops, and a wrapper runs every thread of the
+launch grid (blocks of 64 threads) in turn. A kernel whose threads write
+disjoint memory (one map per thread, as gpuconn's) gives the same result as
+on a device, so the tests can hold the kernel source to its CPU twin on any
+machine with g++; the gpu-marked tests run it on CUDA.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.resources
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_SHIM = """
+#include <cstddef>
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__
+struct gpuconn_dim3 {{ int x; }};
+static gpuconn_dim3 blockIdx, blockDim, threadIdx;
+#include "{source}"
+extern "C" void run_grid(int n_threads, {params}) {{
+    blockDim.x = 64;
+    for (int b = 0; b < (n_threads + 63) / 64; ++b)
+        for (int t = 0; t < 64; ++t) {{
+            blockIdx.x = b;
+            threadIdx.x = t;
+            {kernel}({args});
+        }}
+}}
+"""
+
+
+def host_kernel(filename: str, kernel: str, params: str, folder: Path):
+    """Compile ``kernel`` from ``filename``; returns ``run(n_threads, *arrays_and_scalars)``.
+
+    ``params`` is the kernel's C parameter list. NumPy arrays are passed as
+    pointers, Python ints as ``int`` and floats as ``float``.
+    """
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("needs g++ to compile the kernel source on the host")
+    source = importlib.resources.files("gpuconn.kernels").joinpath(filename)
+    names = ", ".join(p.strip().split()[-1].lstrip("*") for p in params.split(","))
+    text = _SHIM.format(source=source, params=params, kernel=kernel, args=names)
+    (folder / f"{kernel}.cpp").write_text(text)
+    library = folder / f"{kernel}.so"
+    subprocess.run([compiler, "-std=c++14", "-O1", "-shared", "-fPIC", "-o", str(library),
+                    str(folder / f"{kernel}.cpp")], check=True)
+    lib = ctypes.CDLL(str(library))
+
+    def convert(value):
+        if isinstance(value, np.ndarray):
+            assert value.flags.c_contiguous
+            return value.ctypes.data_as(ctypes.c_void_p)
+        return ctypes.c_float(value) if isinstance(value, float) else ctypes.c_int(value)
+
+    def run(n_threads: int, *args) -> None:
+        lib.run_grid(ctypes.c_int(n_threads), *(convert(a) for a in args))
+
+    return run
