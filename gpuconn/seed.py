@@ -564,27 +564,28 @@ def fisher_z(r: torch.Tensor) -> torch.Tensor:
 
 
 class _Columns(NamedTuple):
-    mean: torch.Tensor  # (..., 1, n) float64
+    mean: torch.Tensor  # (..., 1, n)
     centred: torch.Tensor  # (..., T, n)
-    unit: torch.Tensor  # (..., T, n), 0 for constant columns
     norm: torch.Tensor  # (..., 1, n)
-    inverse: torch.Tensor  # (..., 1, n), 1 / norm or 0 for constant columns
+    inverse: torch.Tensor  # (..., 1, n): 1 / norm, or 0 for constant columns
     constant: torch.Tensor  # (..., 1, n) bool
 
 
-def _centred_unit(x: torch.Tensor) -> _Columns:
-    """Centre columns over volumes (mean in float64) and scale them to unit norm.
+def _centre(x: torch.Tensor) -> _Columns:
+    """Centre columns over volumes; their norms and inverse norms.
 
-    A column is constant when its norm is below the float32 resolution of its
-    mean (``sqrt(n_volumes) * eps * |mean|``); its unit column is 0.
+    A column is constant when its centred values are within a few float32
+    rounding steps of its mean (``norm <= 4 sqrt(n_volumes) eps |mean|``);
+    its inverse norm is 0. The mean is a float32 cascade sum: an error
+    ``d`` in it shifts a centred column by a constant, which changes r by
+    ``d * sum(centred seed) ~ 0``, so float64 would buy nothing here.
     """
-    mean = x.mean(dim=-2, keepdim=True, dtype=torch.float64)
-    centred = x - mean.to(x.dtype)
+    mean = x.mean(dim=-2, keepdim=True)
+    centred = x - mean
     norm = torch.linalg.vector_norm(centred, dim=-2, keepdim=True)
-    tiny = math.sqrt(x.shape[-2]) * torch.finfo(x.dtype).eps * mean.abs().to(x.dtype)
-    constant = norm <= tiny
+    constant = norm <= 4 * math.sqrt(x.shape[-2]) * torch.finfo(x.dtype).eps * mean.abs()
     inverse = torch.where(constant, torch.zeros_like(norm), 1.0 / torch.where(constant, torch.ones_like(norm), norm))
-    return _Columns(mean, centred, centred * inverse, norm, inverse, constant)
+    return _Columns(mean, centred, norm, inverse, constant)
 
 
 def correlate_seeds(data: torch.Tensor, weights: torch.Tensor, *, source: str = "data") -> SeedMaps:
@@ -620,11 +621,11 @@ def correlate_seeds(data: torch.Tensor, weights: torch.Tensor, *, source: str = 
     """
     if data.shape[-2] < 3:
         raise InputError(f"{source} has {data.shape[-2]} volume(s); seed correlation needs at least 3")
-    voxels = _centred_unit(data)
+    voxels = _centre(data)
     # Seed means of the centred data keep float32 sums away from the large baseline.
     seed_centred = region_means(voxels.centred, weights)  # (..., S, T)
-    timeseries = seed_centred + region_means(voxels.mean, weights.to(voxels.mean.dtype)).to(data.dtype)
-    seeds = _centred_unit(seed_centred.transpose(-1, -2))  # (..., T, S)
+    timeseries = seed_centred + region_means(voxels.mean, weights)
+    seeds = _centre(seed_centred.transpose(-1, -2))  # (..., T, S)
     if bool(voxels.constant.any()):
         count = int(voxels.constant.sum())
         warnings.warn(
@@ -638,7 +639,9 @@ def correlate_seeds(data: torch.Tensor, weights: torch.Tensor, *, source: str = 
             RuntimeWarning,
             stacklevel=2,
         )
-    r = torch.matmul(seeds.unit.transpose(-1, -2), voxels.unit).clamp_(-1.0, 1.0)  # (..., S, V)
+    # Scale the small factors, not the (n_volumes, n_voxels) data: one pass less over it.
+    seed_unit = (seeds.centred * seeds.inverse).transpose(-1, -2)  # (..., S, T)
+    r = (torch.matmul(seed_unit, voxels.centred) * voxels.inverse).clamp_(-1.0, 1.0)  # (..., S, V)
     beta = r * voxels.norm * seeds.inverse.transpose(-1, -2)
     return SeedMaps(r=r, z=fisher_z(r), beta=beta, timeseries=timeseries)
 

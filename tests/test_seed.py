@@ -151,6 +151,13 @@ def test_image_and_atlas_regions(tmp_path):
         region_masks(regions, other)
     with pytest.raises(InputError, match=r"seed 'atlaslabel3' \(image .*atlas.nii.gz label 3\) has no voxel"):
         region_masks([image_region(tmp_path / "atlas.nii.gz", label=3)], ref)
+    # the same regions from a table (paths relative to it) and from options
+    (tmp_path / "seeds.tsv").write_text("name\timage\tlabel\nseven\tatlas.nii.gz\t7\nall\tatlas.nii.gz\tn/a\n")
+    from_table = read_regions(tmp_path / "seeds.tsv")
+    assert [(r.name, r.label) for r in from_table] == [("seven", 7), ("all", None)]
+    np.testing.assert_array_equal(region_masks(from_table, ref), masks)
+    from_options = regions_from_options(labels=[f"{tmp_path / 'atlas.nii.gz'}:7"], masks=[tmp_path / "atlas.nii.gz"])
+    assert [r.name for r in from_options] == ["atlas", "atlaslabel7"]
 
 
 def test_seed_table_and_options(tmp_path):
