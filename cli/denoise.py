@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .options import Device, Quiet
+from .options import DaskScheduler, Device, Quiet, Workers
 
 _File = Path | None
 
@@ -43,12 +43,15 @@ def denoise(
     min_dof: Annotated[int, typer.Option("--min-dof", help="Least residual degrees of freedom accepted.")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Runs regressed together on the device.")] = 1,
     device: Device = "auto",
+    dask_scheduler: DaskScheduler = None,
+    workers: Workers = None,
     quiet: Quiet = False,
 ) -> None:
     """Regress motion, physiological, aCompCor and outlier regressors with the high-pass in one model, then smooth."""
     import warnings
 
     from gpuconn.denoise import DenoiseOptions, RunFiles, collect_runs, denoise_runs, prepare_run
+    from gpuconn.distributed import check_options, dask_client, denoise_runs_dask
     from gpuconn.errors import InputError
     from gpuconn.progress import progress_bar
 
@@ -79,6 +82,11 @@ def denoise(
         warnings.simplefilter("ignore")
         for f in files:  # every input checked before any output is written
             prepare_run(f, options, load_data=False)
-    with progress_bar("denoise", len(files), enabled=not quiet) as advance:
-        written = list(denoise_runs(files, out_dirs, options, device=device, batch_size=batch_size, on_run=advance))
+    if not check_options(dask_scheduler, workers):
+        with progress_bar("denoise", len(files), enabled=not quiet) as advance:
+            written = list(denoise_runs(files, out_dirs, options, device=device, batch_size=batch_size, on_run=advance))
+    else:  # one Dask task per batch of runs, written by the workers
+        with dask_client(scheduler=dask_scheduler, workers=workers) as client:
+            written = denoise_runs_dask(client, files, out_dirs, options, device=device, batch_size=batch_size,
+                                        progress=not quiet)
     typer.echo(f"gpuconn denoise: {len(written)} run(s) -> {out}")

@@ -12,3 +12,11 @@ Device = Annotated[
 ]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the NumPy generator behind every random draw.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+DaskScheduler = Annotated[
+    str | None,
+    typer.Option("--dask-scheduler", help="Run the tasks on a running Dask cluster (tcp://host:8786); needs gpuconn[dask]."),
+]
+Workers = Annotated[
+    int | None,
+    typer.Option("--workers", help="Run the tasks on a local Dask cluster of N worker processes (N GPUs with dask-cuda)."),
+]

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import Device, Quiet, Seed
+from .options import DaskScheduler, Device, Quiet, Seed, Workers
 
 InputImage = Annotated[Path, typer.Option("-i", help="4D input image, one volume per subject/observation.")]
 OutputRoot = Annotated[Path, typer.Option("-o", help="Output root; files are <root>_tstat1.nii.gz, ...")]
@@ -74,6 +74,8 @@ def randomise(
     cluster_mass_f: ClusterMassF = None,
     seed: Seed = 0,
     device: Device = "auto",
+    dask_scheduler: DaskScheduler = None,
+    workers: Workers = None,
     quiet: Quiet = False,
 ) -> None:
     """Permutation inference for the GLM (Freedman-Lane, max-statistic FWER), like FSL randomise.
@@ -81,6 +83,7 @@ def randomise(
     Voxelwise corrected p-maps are written with -x, and also when no spatial
     statistic (TFCE, clusters) is requested.
     """
+    from gpuconn.distributed import permutation_runner
     from gpuconn.stats.randomise import randomise as run
 
     from gpuconn.stats.tfce import TFCE_2D, TFCE_DEFAULTS, spatial_transforms
@@ -116,6 +119,7 @@ def randomise(
         spatial_f=spatial_f if design_fts is not None else None,
         write_raw=("tfce",),
         progress=not quiet,
+        runner=permutation_runner(scheduler=dask_scheduler, workers=workers, device=device),
     )
     if not quiet:
         scheme = result.scheme

@@ -1,0 +1,410 @@
+"""Scale past one device with Dask: subjects and permutation chunks as tasks.
+
+Dask (``distributed``) is optional (``pip install 'gpuconn[dask]'``) and
+imported only here, only when a command asks for it. Nothing is scheduled
+by hand: Dask places the tasks, retries them and replaces lost workers.
+
+- :func:`dask_client` connects to an existing scheduler
+  (``--dask-scheduler tcp://host:8786``) or starts a local cluster of
+  ``--workers N`` processes, one thread each: a
+  ``dask_cuda.LocalCUDACluster`` (one worker per GPU) when dask-cuda is
+  installed and torch sees GPUs, else a ``distributed.LocalCluster``.
+- :func:`dask_runner` evaluates the permutation chunks of
+  ``gpuconn randomise`` as tasks. The prepared model (residualised data,
+  contrast bases, the permutation scheme) is scattered to every worker once;
+  each task draws its rearrangements from the same host-side generator
+  (:meth:`gpuconn.stats.permute.PermutationScheme.chunk`, one
+  ``SeedSequence(seed, spawn_key=(i,))`` per rearrangement) and returns only
+  its per-rearrangement maxima and voxelwise exceedance counts, which the
+  client merges in rearrangement order
+  (:class:`gpuconn.stats.randomise.ChunkMerger`). The result is the same,
+  bit for bit, whatever the number of workers, their order of completion or
+  a retried task: chunk 0 runs first and gives the observed maps, the
+  counts are integer sums, the maxima are concatenated by rearrangement
+  index. Each rearrangement's statistics are the same float operations as
+  in one process with the same chunk size; this module's tests check equality
+  with the single-process default too (MKL on CPU computes a row of the
+  batched product identically for any number of rows; a GPU BLAS may
+  choose other kernels for other shapes, so give the single-process run
+  ``chunk=`` the task size to compare bit for bit there).
+- :func:`map_tasks` runs one task per subject (or batch of runs) for the
+  subject-level steps; each task calls the step's own library function and
+  writes its outputs on the worker with the atomic I/O helpers; the client
+  collects the returned paths in input order. :func:`denoise_runs_dask` is
+  ``gpuconn denoise`` this way.
+
+Tasks are submitted with ``retries=2``; a worker that dies mid-task is
+replaced by its nanny and the scheduler re-runs the task elsewhere. A
+progress bar counts completed tasks (:func:`gpuconn.progress.progress_bar`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import math
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from .backend import resolve_device, to_numpy
+from .errors import InputError
+from .progress import progress_bar
+
+__all__ = ["check_options", "dask_client", "dask_runner", "permutation_runner", "map_tasks", "denoise_runs_dask",
+           "n_workers"]
+
+T = TypeVar("T")
+_INSTALL = "install it with pip install 'gpuconn[dask]'"
+# Per worker process: the scattered model moved to the worker's device, by run token.
+_WORKER_MODELS: dict[str, Any] = {}
+
+
+def _distributed():
+    try:
+        import distributed
+    except ImportError as exc:
+        raise InputError(f"--dask-scheduler/--workers need Dask (the distributed package); {_INSTALL}") from exc
+    return distributed
+
+
+def _local_cluster(distributed, workers: int):
+    """``LocalCUDACluster`` when dask-cuda is installed and GPUs are present, else ``LocalCluster``."""
+    if importlib.util.find_spec("dask_cuda") is not None and torch.cuda.is_available():
+        from dask_cuda import LocalCUDACluster
+
+        n_gpus = torch.cuda.device_count()
+        if workers > n_gpus:
+            raise InputError(
+                f"--workers {workers} asks for more GPU workers than the {n_gpus} GPU(s) here "
+                f"(dask-cuda runs one worker per GPU); use --workers {n_gpus} or fewer"
+            )
+        return LocalCUDACluster(n_workers=workers, threads_per_worker=1, dashboard_address=None)
+    return distributed.LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+    )
+
+
+def check_options(scheduler: str | None, workers: int | None) -> bool:
+    """Validate ``--dask-scheduler``/``--workers``; True when Dask is asked for (and installed).
+
+    Raises
+    ------
+    InputError
+        Both options given, ``workers < 1``, or Dask not installed.
+    """
+    if scheduler is None and workers is None:
+        return False
+    if scheduler is not None and workers is not None:
+        raise InputError(
+            "give --dask-scheduler (use a running cluster) or --workers N (start a local one), not both"
+        )
+    if workers is not None and workers < 1:
+        raise InputError(f"--workers must be >= 1, got {workers}")
+    _distributed()
+    return True
+
+
+@contextlib.contextmanager
+def dask_client(*, scheduler: str | None = None, workers: int | None = None, timeout: float = 30.0) -> Iterator[Any]:
+    """A Dask client for the block, or None when neither option is given.
+
+    Parameters
+    ----------
+    scheduler : str, optional
+        Address of a running scheduler (``--dask-scheduler tcp://host:8786``).
+    workers : int, optional
+        Start a local cluster of this many worker processes (``--workers``),
+        one thread each; closed when the block ends.
+    timeout : float, default 30
+        Seconds to wait for the scheduler and for a first worker.
+
+    Yields
+    ------
+    distributed.Client or None
+        None means: run in this process, as without Dask.
+
+    Raises
+    ------
+    InputError
+        Both options, ``workers < 1``, Dask not installed, or no scheduler or
+        worker reachable.
+    """
+    if not check_options(scheduler, workers):
+        yield None
+        return
+    distributed = _distributed()
+    with contextlib.ExitStack() as stack:
+        if scheduler is not None:
+            try:
+                client = stack.enter_context(distributed.Client(scheduler, timeout=timeout))
+            except (OSError, TimeoutError) as exc:
+                raise InputError(
+                    f"--dask-scheduler {scheduler}: cannot connect ({type(exc).__name__}: {exc}); start one with "
+                    "'dask scheduler' and give its tcp://host:port address"
+                ) from exc
+            try:
+                client.wait_for_workers(1, timeout=timeout)
+            except TimeoutError as exc:
+                raise InputError(
+                    f"--dask-scheduler {scheduler}: no worker connected within {timeout:.0f} s; start workers with "
+                    f"'dask worker {scheduler}' (or 'dask cuda worker {scheduler}' on GPU nodes)"
+                ) from exc
+        else:
+            cluster = stack.enter_context(_local_cluster(distributed, workers))
+            client = stack.enter_context(distributed.Client(cluster))
+        yield client
+
+
+def n_workers(client) -> int:
+    """Number of workers connected to ``client``'s scheduler (at least 1)."""
+    return max(1, len(client.scheduler_info()["workers"]))
+
+
+def _host(values: torch.Tensor | np.ndarray | None) -> np.ndarray | None:
+    return to_numpy(values) if torch.is_tensor(values) else values
+
+
+def _chunk_task(token: str, model, start: int, stop: int, observed: dict | None, device: str) -> dict:
+    """Evaluate rearrangements ``[start, stop)`` on this worker; host arrays out."""
+    from .stats.randomise import evaluate_chunk
+
+    prepared = _WORKER_MODELS.get(token)
+    if prepared is None:
+        _WORKER_MODELS.clear()  # one run at a time per worker: drop the previous model
+        prepared = _WORKER_MODELS[token] = model.to(resolve_device(device))
+    if observed is not None:
+        observed = {name: torch.as_tensor(values, device=prepared.device) for name, values in observed.items()}
+    out = evaluate_chunk(prepared, start, stop, observed)
+    return {
+        name: {
+            "observed": _host(r["observed"]),
+            "count": _host(r["count"]),
+            "max": r["max"],
+            "spatial_observed": {k: _host(v) for k, v in r["spatial_observed"].items()},
+        }
+        for name, r in out.items()
+    }
+
+
+def _task_size(n_perm: int, chunk: int, workers: int, tasks_per_worker: int) -> int:
+    return max(1, min(chunk, math.ceil(n_perm / (workers * tasks_per_worker))))
+
+
+def dask_runner(
+    client,
+    *,
+    device: str = "auto",
+    chunk: int | None = None,
+    tasks_per_worker: int = 4,
+    retries: int = 2,
+) -> Callable:
+    """A ``runner`` for :func:`gpuconn.stats.randomise.run_permutation_test` that uses Dask.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    device : str, default 'auto'
+        Device each worker evaluates on, resolved on the worker (with
+        dask-cuda, ``auto`` is that worker's GPU).
+    chunk : int, optional
+        Rearrangements per task. Default: the engine's chunk size, made
+        smaller when needed so each worker gets about ``tasks_per_worker``
+        tasks.
+    tasks_per_worker : int, default 4
+    retries : int, default 2
+        Dask retries of a failed task.
+
+    Returns
+    -------
+    callable
+        ``runner(prepared, progress) -> PermutationTestResult``; its
+        ``device`` reads ``dask:<n> workers`` and ``chunk_size`` is the task
+        size.
+    """
+
+    def run(prepared, progress: bool):
+        return _run_permutations(client, prepared, device=device, chunk=chunk,
+                                 tasks_per_worker=tasks_per_worker, retries=retries, progress=progress)
+
+    return run
+
+
+def permutation_runner(*, scheduler: str | None, workers: int | None, device: str = "auto") -> Callable | None:
+    """The ``runner`` for ``--dask-scheduler``/``--workers``, or None when neither is given.
+
+    The options are checked now; the cluster is started (or connected to)
+    only when the runner is called, after the inputs have been validated and
+    the model prepared, and closed when it returns.
+    """
+    if not check_options(scheduler, workers):
+        return None
+
+    def run(prepared, progress: bool):
+        with dask_client(scheduler=scheduler, workers=workers) as client:
+            return dask_runner(client, device=device)(prepared, progress)
+
+    return run
+
+
+def _run_permutations(client, prepared, *, device: str, chunk: int | None, tasks_per_worker: int, retries: int,
+                      progress: bool):
+    from .stats.randomise import ChunkMerger
+
+    distributed = _distributed()
+    n_perm = prepared.scheme.n_perm
+    workers = n_workers(client)
+    size = int(chunk) if chunk is not None else _task_size(n_perm, prepared.chunk, workers, tasks_per_worker)
+    prepared = replace(prepared, chunk=size)
+    merger = ChunkMerger(prepared)
+    token = uuid.uuid4().hex[:12]
+    began = time.perf_counter()
+    [model] = client.scatter([prepared.to("cpu")], broadcast=True, hash=False)
+    submit = functools.partial(client.submit, _chunk_task, token, model, device=device, retries=retries, pure=False)
+    futures = []
+    try:
+        with progress_bar("randomise (dask)", n_perm, enabled=progress) as advance:
+            first = submit(0, min(size, n_perm), None, key=f"gpuconn-randomise-{token}-0")
+            futures.append(first)
+            merger.add(0, min(size, n_perm), first.result())
+            advance(min(size, n_perm))
+            observed = {name: merger.observed[name] for name in (c.name for c in prepared.contrasts)}
+            [observed_f] = client.scatter([observed], broadcast=True, hash=False)
+            bounds = {}
+            for start in range(size, n_perm, size):
+                stop = min(start + size, n_perm)
+                future = submit(start, stop, observed_f, key=f"gpuconn-randomise-{token}-{start}")
+                bounds[future.key] = (start, stop)
+                futures.append(future)
+            for future in distributed.as_completed(futures[1:]):
+                start, stop = bounds[future.key]
+                merger.add(start, stop, future.result())
+                advance(stop - start)
+    finally:
+        client.cancel(futures + [model])
+    result = merger.result(time.perf_counter() - began)
+    return replace(result, device=f"dask:{workers} workers ({device})")
+
+
+def _capture_warnings(func: Callable[..., T], *args) -> tuple[T, list[str]]:
+    """Run ``func(*args)`` on a worker; its warnings come back as text for the client."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = func(*args)
+    return value, [f"{w.category.__name__}: {w.message}" for w in caught]
+
+
+def map_tasks(
+    client,
+    func: Callable[[Any], T],
+    items: Sequence[Any],
+    *,
+    description: str,
+    progress: bool = True,
+    retries: int = 2,
+) -> list[T]:
+    """Run ``func(item)`` as one Dask task per item; results in input order.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    func : callable
+        Picklable (a module-level function or a ``functools.partial`` of
+        one); it runs on a worker and must write its outputs atomically (a
+        retried task rewrites the same files).
+    items : sequence
+        One per task (a subject, a run, a batch of runs).
+    description : str
+        Progress-bar label and task-key prefix.
+    progress : bool, default True
+        Progress bar over completed tasks.
+    retries : int, default 2
+
+    Returns
+    -------
+    list
+        ``func(item)`` for each item, in the order of ``items``. Warnings a
+        task raised on its worker are re-issued here (``UserWarning``, the
+        worker's category in the text).
+
+    Raises
+    ------
+    Exception
+        The first task error, as raised on the worker; the other tasks are
+        cancelled.
+    """
+    distributed = _distributed()
+    token = uuid.uuid4().hex[:12]
+    futures = [
+        client.submit(_capture_warnings, func, item, key=f"gpuconn-{description}-{token}-{i}", retries=retries,
+                      pure=False)
+        for i, item in enumerate(items)
+    ]
+    order = {future.key: i for i, future in enumerate(futures)}
+    results: list[Any] = [None] * len(items)
+    try:
+        with progress_bar(description, len(items), enabled=progress) as advance:
+            for future in distributed.as_completed(futures):
+                value, messages = future.result()
+                for message in messages:
+                    warnings.warn(message, stacklevel=2)
+                results[order[future.key]] = value
+                advance()
+    finally:
+        client.cancel(futures)
+    return results
+
+
+def _denoise_batch(batch: Sequence[tuple[Any, Path]], options, device: str) -> list[dict[str, Path]]:
+    from .denoise import denoise_runs
+
+    files, out_dirs = zip(*batch)
+    return list(denoise_runs(files, out_dirs, options, device=device, batch_size=len(files)))
+
+
+def denoise_runs_dask(
+    client,
+    files: Sequence[Any],
+    out_dirs: Sequence[str | os.PathLike],
+    options,
+    *,
+    device: str = "auto",
+    batch_size: int = 1,
+    progress: bool = True,
+) -> list[dict[str, Path]]:
+    """:func:`gpuconn.denoise.denoise_runs` with one Dask task per batch of runs.
+
+    Each task runs ``denoise_runs`` on its ``batch_size`` runs on the worker
+    (the same batches as in one process, so the same outputs) and writes them
+    there.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    files : sequence of gpuconn.denoise.RunFiles
+    out_dirs : sequence of path-like
+    options : gpuconn.denoise.DenoiseOptions
+    device : str, default 'auto'
+        Resolved on each worker.
+    batch_size : int, default 1
+    progress : bool, default True
+
+    Returns
+    -------
+    list of dict
+        Output paths of each run (``bold``, ``design``), in input order.
+    """
+    pairs = [(f, Path(d)) for f, d in zip(files, out_dirs, strict=True)]
+    batches = [pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size)]
+    task = functools.partial(_denoise_batch, options=options, device=device)
+    return [paths for batch in map_tasks(client, task, batches, description="denoise", progress=progress)
+            for paths in batch]

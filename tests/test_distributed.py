@@ -1,0 +1,268 @@
+"""Dask execution: the same results as one process, whatever the workers do.
+
+One local cluster of 2 worker processes (1 thread each) serves the module.
+Equality is exact (``assert_array_equal``): each rearrangement's statistics
+are the same float32 operations on the worker as in one process, the
+exceedance counts are integer sums and the maxima are concatenated in
+rearrangement order.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+distributed = pytest.importorskip("distributed")
+cloudpickle = pytest.importorskip("cloudpickle")
+
+from gpuconn import distributed as gd  # noqa: E402
+from gpuconn.errors import InputError  # noqa: E402
+from gpuconn.stats.randomise import run_permutation_test  # noqa: E402
+
+# The worker plugin below is defined here; workers cannot import this module.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def client():
+    with gd.dask_client(workers=2) as c:
+        yield c
+
+
+@pytest.fixture
+def two_sample(rng):
+    n, v = 18, 150
+    group = np.r_[np.ones(9), np.zeros(9)]
+    age = rng.normal(size=n)
+    data = rng.normal(size=(n, v)).astype(np.float32)
+    data[:9, :20] += 1.0
+    design = np.c_[group, 1 - group, age]
+    contrasts = np.array([[1.0, -1.0, 0.0], [0.0, 0.0, 1.0]])
+    return data, design, contrasts
+
+
+def _assert_same(a, b):
+    assert [c.name for c in a.contrasts] == [c.name for c in b.contrasts]
+    assert a.scheme.n_perm == b.scheme.n_perm
+    for x, y in zip(a.contrasts, b.contrasts):
+        for field in ("stat", "z", "p_uncorrected", "p_fwe", "p_fdr", "null_max"):
+            np.testing.assert_array_equal(getattr(x, field), getattr(y, field), err_msg=f"{x.name}.{field}")
+        assert x.spatial.keys() == y.spatial.keys()
+        for key in x.spatial:
+            for field in ("stat", "p_fwe", "null_max"):
+                np.testing.assert_array_equal(getattr(x.spatial[key], field), getattr(y.spatial[key], field))
+
+
+@pytest.mark.parametrize("task_chunk", [None, 7, 61])
+def test_randomise_chunks_on_dask_equal_one_process(client, two_sample, task_chunk):
+    data, design, contrasts = two_sample
+    kw = dict(ftests=np.array([[1, 1]]), n_perm=300, seed=4, device="cpu")
+    single = run_permutation_test(data, design, contrasts, **kw)
+    runner = gd.dask_runner(client, device="cpu", chunk=task_chunk)
+    spread = run_permutation_test(data, design, contrasts, **kw, runner=runner)
+    _assert_same(single, spread)
+    assert spread.device == "dask:2 workers (cpu)"
+    expected = task_chunk or -(-300 // (2 * 4))  # ceil(300 / (2 workers x 4 tasks each))
+    assert spread.chunk_size == expected
+    assert single.chunk_size == 300  # one chunk in one process: equality across chunk sizes too
+
+
+def test_sign_flips_exhaustive_and_spatial_statistic_on_dask(client, rng):
+    mask = np.zeros((5, 6, 4), dtype=bool)
+    mask[1:4, 1:5, 1:3] = True
+    data = rng.normal(size=(8, int(mask.sum()))).astype(np.float32) + 0.4
+    extent = {"clustere": _cluster_extent_transform(mask, threshold=1.5)}
+    kw = dict(n_perm=0, seed=1, device="cpu", spatial=extent)
+    single = run_permutation_test(data, np.ones((8, 1)), np.ones((1, 1)), **kw)
+    spread = run_permutation_test(data, np.ones((8, 1)), np.ones((1, 1)), **kw,
+                                  runner=gd.dask_runner(client, chunk=40))
+    assert single.scheme.exhaustive and single.scheme.n_perm == 2**8
+    _assert_same(single, spread)
+    assert spread["tstat1"].spatial["clustere"].null_max.max() > 0  # the statistic did something
+
+
+def _cluster_extent_transform(mask: np.ndarray, *, threshold: float):
+    from gpuconn.stats.tfce import spatial_transforms
+
+    return spatial_transforms(cluster_extent=threshold)(mask)["clustere"]
+
+
+class _KillOnce(distributed.WorkerPlugin):
+    """Kill the worker process (no clean-up) when it starts the task ``key``, once per ``marker`` file."""
+
+    def __init__(self, key_suffix: str, marker: str):
+        self.key_suffix = key_suffix
+        self.marker = marker
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish == "executing" and str(key).endswith(self.key_suffix) and not os.path.exists(self.marker):
+            Path(self.marker).touch()
+            os._exit(1)
+
+
+def test_worker_killed_mid_run_gives_the_same_result(client, two_sample, tmp_path):
+    data, design, contrasts = two_sample
+    kw = dict(n_perm=200, seed=9, device="cpu")
+    single = run_permutation_test(data, design, contrasts, **kw)
+    marker = tmp_path / "killed"
+    client.register_plugin(_KillOnce("-100", str(marker)), name="kill-once")  # the task of rearrangements 100-119
+    try:
+        spread = run_permutation_test(data, design, contrasts, **kw, runner=gd.dask_runner(client, chunk=20))
+    finally:
+        client.unregister_worker_plugin("kill-once")
+    assert marker.exists()  # a worker did die while starting that task
+    _assert_same(single, spread)
+    client.wait_for_workers(2, timeout=60)  # the nanny restarted it
+
+
+def test_task_error_reaches_the_client(client):
+    def fails(item):
+        if item == 2:
+            raise InputError("bad item 2")
+        return item * 10
+
+    with pytest.raises(InputError, match="bad item 2"):
+        gd.map_tasks(client, fails, [1, 2, 3], description="test", progress=False, retries=0)
+    assert gd.map_tasks(client, fails, [3, 1, 0], description="test", progress=False) == [30, 10, 0]
+
+
+def test_worker_warnings_are_reissued(client):
+    def warns(item):
+        import warnings
+
+        warnings.warn(f"dropped column {item}")
+        return item
+
+    with pytest.warns(UserWarning, match="UserWarning: dropped column 5"):
+        assert gd.map_tasks(client, warns, [5], description="test", progress=False) == [5]
+
+
+# ---------------------------------------------------------------- denoise
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    from gpuconn.simulate import simulate_study
+
+    return simulate_study(tmp_path_factory.mktemp("study"), n_patients=3, n_controls=2, n_volumes=40, voxel_size=6.0,
+                          seed=2)
+
+
+def _outputs(folder: Path) -> dict[str, object]:
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        if path.name.endswith(".nii.gz"):
+            out[path.name] = np.asanyarray(nib.load(path).dataobj)
+        elif path.suffix == ".tsv":
+            out[path.name] = path.read_bytes()
+    return out
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_denoise_on_dask_equals_one_process(client, study, tmp_path, batch_size):
+    from gpuconn.denoise import DenoiseOptions, collect_runs, denoise_runs
+
+    options = DenoiseOptions(fwhm=6.0)
+    files, dirs_a = collect_runs(study.root, tmp_path / "single", participant_label=["001", "004"])
+    _, dirs_b = collect_runs(study.root, tmp_path / "dask", participant_label=["001", "004"])
+    assert len(files) == 3  # a patient's two sessions and a control's one
+    local = list(denoise_runs(files, dirs_a, options, device="cpu", batch_size=batch_size))
+    spread = gd.denoise_runs_dask(client, files, dirs_b, options, device="cpu", batch_size=batch_size,
+                                  progress=False)
+    assert [p["bold"].name for p in spread] == [p["bold"].name for p in local]
+    a, b = _outputs(tmp_path / "single"), _outputs(tmp_path / "dask")
+    assert a.keys() == b.keys() and len(a) == 6
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+# ---------------------------------------------------------------- CLI and options
+
+
+def _write_group_image(tmp_path: Path, rng) -> tuple[Path, Path, Path]:
+    data = rng.normal(size=(5, 6, 4, 12)).astype(np.float32)
+    data[1:3, 1:3, 1:3, :6] += 1.5
+    image = tmp_path / "all.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), image)
+    mat, con = tmp_path / "design.mat", tmp_path / "design.con"
+    rows = "\n".join("1 0" if i < 6 else "0 1" for i in range(12))
+    mat.write_text(f"/NumWaves 2\n/NumPoints 12\n/Matrix\n{rows}\n")
+    con.write_text("/NumWaves 2\n/NumContrasts 1\n/Matrix\n1 -1\n")
+    return image, mat, con
+
+
+def test_cli_randomise_with_scheduler_equals_one_process(client, tmp_path, rng, capsys):
+    from gpuconn.cli.app import run
+
+    image, mat, con = _write_group_image(tmp_path, rng)
+    common = ["randomise", "-i", str(image), "-d", str(mat), "-t", str(con), "-n", "150", "--seed", "3",
+              "--uncorrp", "--device", "cpu", "--quiet"]
+    assert run([*common, "-o", str(tmp_path / "one")]) == 0, capsys.readouterr().err
+    address = client.scheduler.address
+    assert run([*common, "-o", str(tmp_path / "two"), "--dask-scheduler", address]) == 0, capsys.readouterr().err
+    for suffix in ("tstat1", "vox_p_tstat1", "vox_corrp_tstat1"):
+        a = nib.load(tmp_path / f"one_{suffix}.nii.gz").get_fdata()
+        b = nib.load(tmp_path / f"two_{suffix}.nii.gz").get_fdata()
+        np.testing.assert_array_equal(a, b, err_msg=suffix)
+    assert (tmp_path / "one_perm_tstat1.txt").read_text() == (tmp_path / "two_perm_tstat1.txt").read_text()
+
+
+def test_cli_denoise_with_scheduler(client, study, tmp_path, capsys):
+    from gpuconn.cli.app import run
+
+    out = tmp_path / "den"
+    args = ["denoise", "--derivatives", str(study.root), "--participant-label", "003", "--out", str(out), "--quiet",
+            "--device", "cpu", "--dask-scheduler", client.scheduler.address]
+    assert run(args) == 0, capsys.readouterr().err
+    assert len(list(out.rglob("*_desc-denoised_bold.nii.gz"))) == 2  # a patient: ses-pre and ses-post
+
+
+def test_option_errors(capsys):
+    with pytest.raises(InputError, match="not both"):
+        with gd.dask_client(scheduler="tcp://127.0.0.1:1", workers=2):
+            pass
+    with pytest.raises(InputError, match="--workers must be >= 1, got 0"):
+        with gd.dask_client(workers=0):
+            pass
+    with gd.dask_client() as none:
+        assert none is None
+
+
+def test_unreachable_scheduler_is_an_input_error():
+    with pytest.raises(InputError, match=r"--dask-scheduler tcp://127.0.0.1:9: cannot connect"):
+        with gd.dask_client(scheduler="tcp://127.0.0.1:9", timeout=2):
+            pass
+
+
+def test_missing_dask_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed -> ImportError
+    with pytest.raises(InputError, match=r"install it with pip install 'gpuconn\[dask\]'"):
+        with gd.dask_client(workers=1):
+            pass
+
+
+def test_core_import_does_not_import_dask():
+    code = (
+        "import sys, gpuconn.cli.app, gpuconn.stats.randomise, gpuconn.denoise, gpuconn.distributed; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed', 'dask_cuda')); "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_rejects_both_options(tmp_path, rng, capsys):
+    from gpuconn.cli.app import run
+
+    image, mat, con = _write_group_image(tmp_path, rng)
+    rc = run(["randomise", "-i", str(image), "-d", str(mat), "-t", str(con), "-o", str(tmp_path / "x"), "--quiet",
+              "--workers", "2", "--dask-scheduler", "tcp://127.0.0.1:1"])
+    assert rc == 2
+    assert "give --dask-scheduler (use a running cluster) or --workers N (start a local one), not both" in (
+        capsys.readouterr().err)
+    assert not list(tmp_path.glob("x*"))
