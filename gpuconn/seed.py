@@ -26,6 +26,10 @@ among the voxels allowed by the brain mask (all grid voxels without one):
    voxel within 1.8 mm of the seed, already included by rule 1 for radii
    of 2 mm and more).
 
+This is the rule as ``NiftiSpheresMasker.transform`` applies it to images;
+nilearn's image-less branch of the same function (used by ``fit`` for
+reports) skips rule 2, because it compares tuples with lists.
+
 A mirrored sphere is the same sphere at ``(-x, y, z)``; a bilateral seed is
 the union of the two voxel sets.
 """

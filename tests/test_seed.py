@@ -27,7 +27,6 @@ from gpuconn.seed import (
     parse_coord,
     read_regions,
     region_masks,
-    region_weights,
     regions_from_options,
     sphere_mask,
     sphere_regions,
