@@ -22,6 +22,7 @@ from . import randomise
 from . import design
 from . import clusters, glm
 from . import denoise, qc
+from . import demo, study
 
 app = typer.Typer(
     name="gpuconn",
@@ -50,6 +51,9 @@ app.command("randomise")(randomise.randomise)
 app.command("glm")(glm.glm)
 app.command("clusters")(clusters.clusters)
 app.command("design")(design.design)
+
+app.add_typer(study.app, name="study")
+app.command("demo")(demo.demo)
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 

@@ -1,0 +1,57 @@
+"""``gpuconn study``: run a whole study from one TOML file (``run``), or write a template (``init``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from .options import Quiet
+
+app = typer.Typer(help="Run a whole study (QC to report) from one study file.", no_args_is_help=True)
+
+_console = Console(highlight=False, soft_wrap=True)
+
+
+def print_step(record) -> None:
+    """One line per finished step: ran (seconds), skipped (up to date) or disabled."""
+    if record.status == "ran":
+        _console.print(f"  {record.name:<9} done in {record.seconds:.1f} s ({len(record.outputs)} files)")
+    elif record.status == "skipped":
+        _console.print(f"  {record.name:<9} up to date, skipped")
+    else:
+        _console.print(f"  {record.name:<9} disabled in the study file")
+
+
+@app.command("run")
+def run(
+    study_file: Annotated[Path, typer.Argument(help="The study file (TOML).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Results folder (a rerun skips steps that are up to date).")],
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N (default: the study file's).")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Run every step of a study; steps whose outputs are up to date are skipped."""
+    from gpuconn.study import load_study, run_study
+
+    study = load_study(study_file)
+    _console.print(f"study {study.path}: {len(study.runs)} runs -> {out}")
+    result = run_study(study, out, device=device, progress=not quiet, on_step=print_step)
+    _console.print(f"report: {result.report}")
+
+
+@app.command("init")
+def init(
+    path: Annotated[Path, typer.Argument(help="Study file to write (a commented template).")],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented template study file (the reference cLBP analysis)."""
+    from gpuconn.errors import InputError
+    from gpuconn.io import write_text
+    from gpuconn.study import template_text
+
+    if path.exists() and not force:
+        raise InputError(f"{path} exists; choose another name or pass --force")
+    write_text(path, template_text())
+    _console.print(f"wrote {path}; edit inputs.derivatives, then: gpuconn study run {path} -o results")

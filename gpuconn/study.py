@@ -1,0 +1,1009 @@
+"""The study file (TOML) and the runner that chains the whole analysis.
+
+A study file names the inputs (a fMRIPrep-style derivatives folder and its
+``participants.tsv``) and the settings of every step; :func:`load_study`
+validates it completely before anything runs (unknown keys, wrong types,
+missing files and missing participants columns are one-line
+:class:`~gpuconn.errors.InputError` messages naming the key or file), and
+:func:`run_study` runs the steps in order, each by calling the library
+module that owns it:
+
+==========  ==============================================================
+step        library call
+==========  ==============================================================
+qc          :func:`gpuconn.qc.qc_table` on each run's motion parameters
+denoise     :func:`gpuconn.denoise.denoise_runs` (runs passing QC)
+seeds       :func:`gpuconn.seed.compute_seed_maps` (Fisher z per seed)
+ica         :func:`gpuconn.ica.run_group_ica` + :func:`gpuconn.dualreg.dual_regression`
+            (only when ``[ica] enabled = true``)
+group       :func:`gpuconn.stats.design.build_design` and
+            :func:`gpuconn.stats.randomise.run_permutation_test` per model
+            and seed, written by :func:`gpuconn.stats.randomise.write_outputs`
+rois        :func:`gpuconn.roi.extract_roi_values`, then
+            :mod:`gpuconn.roi_stats` (t-tests, correlations, subgroups, FDR)
+table1      :func:`gpuconn.demographics.table_one`
+report      :func:`gpuconn.report.write_report` (``OUT/report.html``)
+==========  ==============================================================
+
+Resuming
+--------
+Each step ends by writing ``OUT/stamps/<step>.json`` (atomically, after all
+of its outputs) holding a SHA-256 of the step's settings, of its input files
+(path, size, modification time) and of the stamps of the steps it depends
+on, plus the list of its outputs. A step whose stamp matches and whose
+outputs all exist is skipped, so a rerun does no work and a run interrupted
+mid-step redoes only that step and the ones after it. Every step is
+deterministic (seeded), so a resumed run gives the same results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import tomllib
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from . import io
+from .bids import DEFAULT_SPACE, Run, find_runs
+from .errors import InputError
+
+__all__ = [
+    "STEPS",
+    "MODEL_KINDS",
+    "INFERENCE_METHODS",
+    "Study",
+    "StepRecord",
+    "StudyResult",
+    "load_study",
+    "template_text",
+    "demo_study_path",
+    "run_study",
+    "model_table",
+    "significant_voxels",
+    "model_contrasts",
+    "check_planted_effects",
+    "FOUND_RADIUS_MM",
+]
+
+#: Steps of :func:`run_study`, in order.
+STEPS = ("qc", "denoise", "seeds", "ica", "group", "clusters", "rois", "table1", "report")
+#: ``[[models]] kind`` values.
+MODEL_KINDS = ("two-sample", "paired", "regression")
+#: ``[inference] method`` values.
+INFERENCE_METHODS = ("cluster", "tfce", "voxel", "grf")
+
+_REQUIRED = object()
+
+#: Defaults of every scalar section; a key absent here is an error.
+_SECTIONS: dict[str, dict[str, Any]] = {
+    "study": {"name": "study", "device": "auto"},
+    "inputs": {
+        "derivatives": _REQUIRED,
+        "participants": "",
+        "space": DEFAULT_SPACE,
+        "subject_column": "participant_id",
+        "group_column": "group",
+        "patients": "cLBP",
+        "controls": "HC",
+        "sessions": ["pre", "post"],
+    },
+    "qc": {"abs_threshold": 3.0, "rel_threshold": 2.0, "outlier_metric": "fd", "outlier_threshold": 0.5},
+    "denoise": {
+        "motion": "6",
+        "acompcor": 5,
+        "physio": "auto",
+        "global_signal": False,
+        "censor": "spikes",
+        "high_pass": 0.006,
+        "low_pass": 0.0,
+        "fwhm": 6.0,
+        "batch_size": 1,
+    },
+    "ica": {"enabled": False, "dim": 10, "seed": 0, "templates": "", "networks": []},
+    "derived": {},
+    "inference": {
+        "method": "cluster",
+        "n_perm": 500,
+        "seed": 0,
+        "cluster_threshold": 2.3,
+        "tfce_H": 2.0,
+        "tfce_E": 0.5,
+        "connectivity": 26,
+        "alpha": 0.05,
+    },
+    "roi_tests": {"alpha": 0.05, "correlate": [], "post_hoc": "tukey"},
+    "subgroups": {"variable": "", "edges": [], "labels": []},
+}
+#: Keys of each entry of the array-of-table sections.
+_TABLES: dict[str, dict[str, Any]] = {
+    "seeds": {"name": _REQUIRED, "center": _REQUIRED, "radius": 6.0, "mirror": "none"},
+    "rois": {"name": _REQUIRED, "center": _REQUIRED, "radius": 4.0, "mirror": "union"},
+    "models": {
+        "name": _REQUIRED,
+        "kind": _REQUIRED,
+        "session": "",
+        "group": "",
+        "contrast": "",
+        "variable": "",
+        "seeds": [],
+        "covariates": [],
+    },
+}
+_CHOICES = {
+    ("qc", "outlier_metric"): ("fd", "rms"),
+    ("denoise", "motion"): ("6", "24", "none"),
+    ("denoise", "physio"): ("auto", "yes", "no"),
+    ("denoise", "censor"): ("spikes", "drop"),
+    ("inference", "method"): INFERENCE_METHODS,
+    ("roi_tests", "post_hoc"): ("tukey", "holm"),
+    ("models", "kind"): MODEL_KINDS,
+    ("seeds", "mirror"): ("none", "add", "union"),
+    ("rois", "mirror"): ("none", "add", "union"),
+}
+#: Covariates computed by the runner rather than read from participants.tsv.
+QC_COVARIATES = ("mean_rel_rms",)
+
+
+@dataclass
+class Study:
+    """A validated study file.
+
+    Attributes
+    ----------
+    path : Path
+        The study file (relative paths in it are relative to its folder).
+    config : dict
+        Every section with defaults filled in.
+    derivatives, participants : Path
+        Resolved input paths.
+    runs : list of gpuconn.bids.Run
+        The preprocessed runs found under ``derivatives``.
+    table : pandas.DataFrame
+        ``participants.tsv`` with the ``[derived]`` columns added.
+    """
+
+    path: Path
+    config: dict
+    derivatives: Path
+    participants: Path
+    runs: list[Run]
+    table: pd.DataFrame
+
+    def section(self, name: str) -> Any:
+        """One section of :attr:`config`."""
+        return self.config[name]
+
+
+@dataclass
+class StepRecord:
+    """What happened to one step: ``ran``, ``skipped`` (up to date) or ``disabled``."""
+
+    name: str
+    status: str
+    seconds: float = 0.0
+    outputs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StudyResult:
+    """Output of :func:`run_study`: the steps in order and the report path."""
+
+    out_dir: Path
+    steps: list[StepRecord]
+    report: Path
+
+    def status(self) -> dict[str, str]:
+        """``{step: status}``."""
+        return {s.name: s.status for s in self.steps}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "true/false", int: "a number", float: "a number", str: "a string", list: "a list"}.get(type(value), type(value).__name__)
+
+
+def _check_value(where: str, key: str, value: Any, default: Any, source: Path) -> Any:
+    if default is _REQUIRED or default is None:
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, (int, float)):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and isinstance(default, float):
+            value = float(value)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise InputError(f"{source}: {where}.{key} must be {_type_name(default)}, got {value!r}")
+    return value
+
+
+def _fill(where: str, given: dict, schema: dict, source: Path) -> dict:
+    unknown = sorted(set(given) - set(schema))
+    if unknown:
+        raise InputError(f"{source}: unknown key {where}.{unknown[0]}; known keys of [{where}]: {', '.join(schema)}")
+    out = {}
+    for key, default in schema.items():
+        if key not in given:
+            if default is _REQUIRED:
+                raise InputError(f"{source}: [{where}] needs the key {key!r}")
+            out[key] = list(default) if isinstance(default, list) else default
+            continue
+        value = _check_value(where, key, given[key], default, source)
+        choices = _CHOICES.get((where, key))
+        if choices is not None and value not in choices:
+            raise InputError(f"{source}: {where}.{key} = {value!r} is not one of {', '.join(map(repr, choices))}")
+        out[key] = value
+    return out
+
+
+def _parse(path: Path) -> dict:
+    if not path.is_file():
+        raise InputError(f"study file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not valid TOML: {exc}") from None
+
+
+def _validate(raw: dict, path: Path) -> dict:
+    known = set(_SECTIONS) | set(_TABLES)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise InputError(f"{path}: unknown section [{unknown[0]}]; known sections: {', '.join(sorted(known))}")
+    config = {}
+    for name, schema in _SECTIONS.items():
+        given = raw.get(name, {})
+        if not isinstance(given, dict):
+            raise InputError(f"{path}: {name} must be a [{name}] table")
+        if name == "derived":
+            bad = [k for k, v in given.items() if not isinstance(v, str)]
+            if bad:
+                raise InputError(f"{path}: derived.{bad[0]} must be an expression string such as \"pain_post - pain_pre\"")
+            config[name] = dict(given)
+            continue
+        config[name] = _fill(name, given, schema, path)
+    for name, schema in _TABLES.items():
+        entries = raw.get(name, [])
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise InputError(f"{path}: {name} must be written as [[{name}]] tables")
+        config[name] = [_fill(name, entry, schema, path) for entry in entries]
+    _check_regions(config, path)
+    _check_models(config, path)
+    _check_inference(config, path)
+    return config
+
+
+def _check_regions(config: dict, path: Path) -> None:
+    from .seed import sphere_regions
+
+    for kind in ("seeds", "rois"):
+        names = [entry["name"] for entry in config[kind]]
+        if len(set(names)) != len(names):
+            raise InputError(f"{path}: [[{kind}]] names must be unique, got {names}")
+        for entry in config[kind]:
+            center = entry["center"]
+            if not (isinstance(center, list) and len(center) == 3 and all(isinstance(v, (int, float)) for v in center)):
+                raise InputError(f"{path}: {kind} {entry['name']!r}: center must be [x, y, z] in MNI mm, got {center!r}")
+            sphere_regions(entry["name"], center, entry["radius"], mirror=entry["mirror"], what="ROI" if kind == "rois" else "seed")
+    if not config["seeds"]:
+        raise InputError(f"{path}: at least one [[seeds]] table is needed")
+
+
+def _region_names(config: dict, kind: str) -> list[str]:
+    return [region.name for region in _regions(config, kind)]
+
+
+def _regions(config: dict, kind: str) -> list:
+    from .seed import sphere_regions
+
+    what = "ROI" if kind == "rois" else "seed"
+    return [r for e in config[kind] for r in sphere_regions(e["name"], e["center"], e["radius"], mirror=e["mirror"], what=what)]
+
+
+def _check_models(config: dict, path: Path) -> None:
+    seeds = _region_names(config, "seeds")
+    inputs = config["inputs"]
+    names = [m["name"] for m in config["models"]]
+    if len(set(names)) != len(names):
+        raise InputError(f"{path}: [[models]] names must be unique, got {names}")
+    if len(inputs["sessions"]) not in (1, 2):
+        raise InputError(f"{path}: inputs.sessions must list one or two sessions (first, second), got {inputs['sessions']}")
+    for model in config["models"]:
+        where = f"{path}: model {model['name']!r}"
+        bad = [s for s in model["seeds"] if s not in seeds]
+        if bad:
+            raise InputError(f"{where}: seed {bad[0]!r} is not a seed of the study ({', '.join(seeds)})")
+        model["seeds"] = model["seeds"] or seeds
+        if model["kind"] == "regression" and not model["variable"]:
+            raise InputError(f"{where}: a regression model needs variable = \"COLUMN\"")
+        if model["kind"] in ("paired",) and len(inputs["sessions"]) != 2:
+            raise InputError(f"{where}: a paired model needs two inputs.sessions")
+        if model["session"] and model["session"] not in inputs["sessions"] + ["change"]:
+            raise InputError(f"{where}: session {model['session']!r} is not one of {inputs['sessions'] + ['change']}")
+        if model["kind"] == "paired":
+            model["session"] = "change"
+        elif not model["session"]:
+            model["session"] = inputs["sessions"][0]
+        if model["kind"] == "two-sample":
+            levels = model["contrast"].split(">") if model["contrast"] else [inputs["patients"], inputs["controls"]]
+            if len(levels) != 2 or not all(levels):
+                raise InputError(f"{where}: contrast must read \"A>B\" with two groups, got {model['contrast']!r}")
+            model["contrast"] = ">".join(s.strip() for s in levels)
+        elif model["kind"] == "paired" and not model["group"]:
+            model["group"] = inputs["patients"]
+
+
+def _check_inference(config: dict, path: Path) -> None:
+    inference = config["inference"]
+    if inference["n_perm"] < 0 or int(inference["n_perm"]) != inference["n_perm"]:
+        raise InputError(f"{path}: inference.n_perm must be a whole number >= 0 (0 = exhaustive), got {inference['n_perm']}")
+    if inference["connectivity"] not in (6, 18, 26):
+        raise InputError(f"{path}: inference.connectivity must be 6, 18 or 26, got {inference['connectivity']}")
+    if not 0 < inference["alpha"] < 1:
+        raise InputError(f"{path}: inference.alpha must be between 0 and 1, got {inference['alpha']}")
+    groups = config["subgroups"]
+    if groups["variable"]:
+        edges, labels = groups["edges"], groups["labels"]
+        if len(edges) < 3 or len(labels) != len(edges) - 1 or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise InputError(
+                f"{path}: subgroups need increasing edges (n + 1 numbers, e.g. [0, 8, 16, 39]) and n labels; "
+                f"got edges {edges} and labels {labels}"
+            )
+
+
+def _add_derived(table: pd.DataFrame, derived: dict[str, str], path: Path) -> pd.DataFrame:
+    table = table.copy()
+    for name, expression in derived.items():
+        try:
+            table[name] = table.eval(expression)
+        except Exception as exc:  # pandas raises several types for a bad expression
+            raise InputError(f"{path}: derived.{name} = {expression!r} cannot be computed from participants.tsv: {exc}") from None
+    return table
+
+
+def _check_columns(config: dict, table: pd.DataFrame, participants: Path, path: Path) -> None:
+    inputs = config["inputs"]
+    needed = {f"inputs.subject_column": inputs["subject_column"], "inputs.group_column": inputs["group_column"]}
+    for model in config["models"]:
+        for cov in model["covariates"]:
+            if cov not in QC_COVARIATES:
+                needed[f"model {model['name']!r} covariate"] = cov
+        if model["variable"]:
+            needed[f"model {model['name']!r} variable"] = model["variable"]
+    for column in config["roi_tests"]["correlate"]:
+        needed["roi_tests.correlate"] = column
+    if config["subgroups"]["variable"]:
+        needed["subgroups.variable"] = config["subgroups"]["variable"]
+    for key, column in needed.items():
+        if column not in table.columns:
+            raise InputError(
+                f"{path}: {key} {column!r} is not a column of {participants} "
+                f"(columns: {', '.join(map(str, table.columns))}); add it or a [derived] expression"
+            )
+    groups = set(table[inputs["group_column"]].astype(str))
+    for key in ("patients", "controls"):
+        if inputs[key] not in groups:
+            raise InputError(f"{path}: inputs.{key} = {inputs[key]!r} is not a value of column {inputs['group_column']!r} in {participants}")
+
+
+def load_study(path: str | os.PathLike, *, check_inputs: bool = True) -> Study:
+    """Read and validate a study file.
+
+    Parameters
+    ----------
+    path : path-like
+        The TOML study file.
+    check_inputs : bool, default True
+        Also check the input folder, ``participants.tsv`` and its columns.
+
+    Returns
+    -------
+    Study
+
+    Raises
+    ------
+    InputError
+        Unknown sections or keys, wrong types or values, missing files or
+        columns; the message names the key or file.
+    """
+    path = Path(path).resolve()
+    config = _validate(_parse(path), path)
+    inputs = config["inputs"]
+    derivatives = (path.parent / inputs["derivatives"]).resolve()
+    participants = (path.parent / inputs["participants"]).resolve() if inputs["participants"] else derivatives / "participants.tsv"
+    if not check_inputs:
+        return Study(path, config, derivatives, participants, [], pd.DataFrame())
+    if not derivatives.is_dir():
+        raise InputError(f"{path}: inputs.derivatives folder not found: {derivatives}")
+    if not participants.is_file():
+        raise InputError(f"{path}: inputs.participants file not found: {participants}")
+    table = _add_derived(io.read_tsv(participants, what="participants"), config["derived"], path)
+    _check_columns(config, table, participants, path)
+    runs = find_runs(derivatives, space=inputs["space"])
+    known = set(table[inputs["subject_column"]].astype(str))
+    missing = sorted({f"sub-{r.subject}" for r in runs} - known)
+    if missing:
+        raise InputError(f"{participants} has no row for {', '.join(missing[:5])} (found under {derivatives}); add them")
+    return Study(path, config, derivatives, participants, runs, table)
+
+
+def demo_study_path() -> Path:
+    """The bundled demo study file (``gpuconn/data/demo_study.toml``)."""
+    return Path(str(resources.files("gpuconn") / "data" / "demo_study.toml"))
+
+
+def template_text() -> str:
+    """A commented study file (the bundled demo study), for ``gpuconn study init``."""
+    return demo_study_path().read_text()
+
+
+# --------------------------------------------------------------------------- stamps
+
+
+def _file_state(paths: Sequence[Path]) -> list:
+    state = []
+    for path in sorted({Path(p) for p in paths}):
+        stat = path.stat()
+        state.append([str(path), stat.st_size, stat.st_mtime_ns])
+    return state
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(io._jsonable(obj), sort_keys=True, default=str).encode()).hexdigest()
+
+
+class _Stamps:
+    """Per-step stamps in ``OUT/stamps``: hash of settings + inputs + dependencies, and outputs."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.folder = out_dir / "stamps"
+
+    def path(self, step: str) -> Path:
+        return self.folder / f"{step}.json"
+
+    def read(self, step: str) -> dict | None:
+        try:
+            return json.loads(self.path(step).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def key(self, settings: Any, inputs: Sequence[Path], depends: Sequence[str]) -> str:
+        parents = {d: (self.read(d) or {}).get("hash") for d in depends}
+        return _digest({"settings": settings, "inputs": _file_state(inputs), "depends": parents})
+
+    def current(self, step: str, key: str) -> bool:
+        stamp = self.read(step)
+        if stamp is None or stamp.get("hash") != key:
+            return False
+        return all((self.out_dir / p).exists() for p in stamp.get("outputs", []))
+
+    def write(self, step: str, key: str, outputs: Sequence[Path], seconds: float) -> list[str]:
+        relative = sorted({str(Path(p).resolve().relative_to(self.out_dir.resolve())) for p in outputs})
+        io.write_json(self.path(step), {"step": step, "hash": key, "seconds": round(seconds, 3), "outputs": relative})
+        return relative
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+@dataclass
+class _Context:
+    study: Study
+    out: Path
+    device: str
+    progress: bool
+
+    def run_label(self, run: Run) -> str:
+        return run.prefix
+
+    def qc_table(self) -> pd.DataFrame:
+        return io.read_tsv(self.out / "qc" / "qc.tsv", what="QC table")
+
+    def kept_runs(self) -> list[Run]:
+        qc = self.qc_table()
+        excluded = set(qc.loc[qc["excluded"].astype(bool), "run"].astype(str))
+        return [r for r in self.study.runs if r.prefix not in excluded]
+
+    def denoised(self, run: Run) -> Path:
+        from .denoise import RunFiles, output_paths
+
+        return output_paths(RunFiles.from_run(run), self._run_dir("denoise", run))["bold"]
+
+    def seed_map(self, run: Run) -> Path:
+        return self.out / "seeds" / f"{run.prefix}_stat-z_seedmap.nii.gz"
+
+    def _run_dir(self, step: str, run: Run) -> Path:
+        parts = [f"sub-{run.subject}"] + ([f"ses-{run.session}"] if run.session else [])
+        return self.out.joinpath(step, *parts, "func")
+
+
+def _run_files(run: Run) -> list[Path]:
+    return [p for p in (run.bold, run.mask, run.confounds, run.physio, run.wm, run.csf) if p is not None]
+
+
+def _step_qc(ctx: _Context) -> list[Path]:
+    from .confounds import load_motion
+    from .qc import qc_table
+
+    settings = ctx.study.section("qc")
+    rows = []
+    with _progress("qc", len(ctx.study.runs), ctx.progress) as advance:
+        for run in ctx.study.runs:
+            if run.confounds is None:
+                raise InputError(f"QC needs motion parameters: no *_desc-confounds_timeseries.tsv beside {run.bold}")
+            params = load_motion(confounds=run.confounds, bold=run.bold)
+            rows.append(({"run": run.prefix, "participant_id": f"sub-{run.subject}", "session": run.session or ""}, params))
+            advance()
+    table = qc_table(rows, **settings)
+    return [io.write_tsv(table, ctx.out / "qc" / "qc.tsv", params={"thresholds": settings}, sidecar=True)]
+
+
+def _denoise_options(ctx: _Context):
+    from .denoise import DenoiseOptions
+
+    s = ctx.study.section("denoise")
+    qc = ctx.study.section("qc")
+    return DenoiseOptions(
+        motion=s["motion"],
+        acompcor=s["acompcor"],
+        physio=s["physio"],
+        global_signal=s["global_signal"],
+        censor=s["censor"],
+        high_pass=s["high_pass"] or None,
+        low_pass=s["low_pass"] or None,
+        fwhm=s["fwhm"],
+        outlier_metric=qc["outlier_metric"],
+        outlier_threshold=qc["outlier_threshold"],
+    )
+
+
+def _step_denoise(ctx: _Context) -> list[Path]:
+    from .denoise import RunFiles, denoise_runs
+
+    runs = ctx.kept_runs()
+    files = [RunFiles.from_run(r) for r in runs]
+    out_dirs = [ctx._run_dir("denoise", r) for r in runs]
+    written = []
+    with _progress("denoise", len(runs), ctx.progress) as advance:
+        for paths in denoise_runs(files, out_dirs, _denoise_options(ctx), device=ctx.device,
+                                  batch_size=ctx.study.section("denoise")["batch_size"], on_run=advance):
+            written.extend(paths.values())
+    return written
+
+
+def _step_seeds(ctx: _Context) -> list[Path]:
+    from .seed import BoldInput, compute_seed_maps
+
+    inputs = [BoldInput(r.prefix, ctx.denoised(r), r.mask) for r in ctx.kept_runs()]
+    regions = _regions(ctx.study.config, "seeds")
+    written = compute_seed_maps(inputs, regions, ctx.out / "seeds", layout="subject", stats=("z",), device=ctx.device, progress=ctx.progress)
+    return written
+
+
+def _step_ica(ctx: _Context) -> list[Path]:
+    from .dualreg import dual_regression
+    from .ica import run_group_ica
+
+    settings = ctx.study.section("ica")
+    runs = ctx.kept_runs()
+    paths = [ctx.denoised(r) for r in runs]
+    folder = ctx.out / "ica"
+    run_group_ica(paths, folder, dim=settings["dim"], seed=settings["seed"], device=ctx.device, progress=ctx.progress)
+    written = sorted(p for p in folder.iterdir() if p.is_file())
+    result = dual_regression(folder / "melodic_IC.nii.gz", paths, folder / "dualreg", device=ctx.device)
+    written += sorted(p for p in (folder / "dualreg").rglob("*") if p.is_file())
+    del result
+    return written
+
+
+def model_table(study: Study, qc: pd.DataFrame, model: dict, runs: Sequence[Run]) -> tuple[pd.DataFrame, list[tuple[Run, ...]]]:
+    """Observations of a group model: one row per subject and the runs behind it.
+
+    Parameters
+    ----------
+    study : Study
+    qc : pandas.DataFrame
+        The QC table (``run``, ``participant_id``, ``session``, ``mean_rel_rms``...).
+    model : dict
+        One validated ``[[models]]`` entry.
+    runs : sequence of Run
+        The runs that passed QC.
+
+    Returns
+    -------
+    table : pandas.DataFrame
+        Participants' rows (with ``mean_rel_rms`` from QC, averaged over the
+        runs used) in subject order.
+    run_sets : list of tuple of Run
+        ``(run,)`` for a session model, ``(first, second)`` for a change model.
+    """
+    inputs = study.section("inputs")
+    subject_col, group_col = inputs["subject_column"], inputs["group_column"]
+    table = study.table.copy()
+    table[subject_col] = table[subject_col].astype(str)
+    by_key = {(f"sub-{r.subject}", r.session or ""): r for r in runs}
+    motion = qc.set_index("run")["mean_rel_rms"].to_dict()
+    if model["kind"] == "two-sample":
+        table = table[table[group_col].astype(str).isin(model["contrast"].split(">"))]
+    elif model["group"]:
+        table = table[table[group_col].astype(str) == model["group"]]
+    sessions = inputs["sessions"] if model["session"] == "change" else [model["session"]]
+    rows, run_sets = [], []
+    for _, row in table.iterrows():
+        found = tuple(by_key.get((row[subject_col], s)) for s in sessions)
+        if any(r is None for r in found):
+            continue
+        rows.append({**row.to_dict(), "mean_rel_rms": float(np.mean([motion[r.prefix] for r in found]))})
+        run_sets.append(found)
+    return pd.DataFrame(rows, columns=list(table.columns) + ["mean_rel_rms"]), run_sets
+
+
+def _design(study: Study, model: dict, table: pd.DataFrame):
+    from .stats.design import build_design
+
+    inputs = study.section("inputs")
+    constant = [c for c in model["covariates"] if table[c].nunique(dropna=False) < 2]
+    if constant:
+        warnings.warn(f"model {model['name']!r}: covariate(s) {', '.join(constant)} take a single value in its "
+                      f"{len(table)} observations and are left out of the design", UserWarning, stacklevel=2)
+    covariates = [c for c in model["covariates"] if c not in constant]
+    common = dict(covariates=covariates, subject=inputs["subject_column"], source=f"model {model['name']!r}")
+    if model["kind"] == "two-sample":
+        return build_design(table, "two-sample", group=inputs["group_column"], levels=model["contrast"].split(">"), **common)
+    if model["kind"] == "paired":
+        return build_design(table, "paired", paired_mode="differences", **common)
+    return build_design(table, "regression", variable=model["variable"], **common)
+
+
+def _spatial(settings: dict, mask: np.ndarray) -> dict:
+    from .stats.tfce import spatial_transforms
+
+    method = settings["method"]
+    factory = spatial_transforms(
+        tfce_params={"H": settings["tfce_H"], "E": settings["tfce_E"], "connectivity": 6} if method == "tfce" else None,
+        cluster_extent=settings["cluster_threshold"] if method == "cluster" else None,
+        cluster_connectivity=settings["connectivity"],
+    )
+    return {} if factory is None else factory(mask)
+
+
+def _group_mask(runs: Sequence[Run]) -> np.ndarray:
+    from .io import load_mask
+
+    masks = [load_mask(path, what="brain mask")[0] for path in sorted({r.mask for r in runs})]
+    return np.logical_and.reduce(masks)
+
+
+def _model_data(ctx: _Context, run_sets: Sequence[tuple[Run, ...]], seed_index: int, mask: np.ndarray) -> np.ndarray:
+    rows = []
+    for runs in run_sets:
+        maps = [np.asarray(nib.load(str(ctx.seed_map(r))).dataobj[..., seed_index], dtype=np.float32)[mask] for r in runs]
+        rows.append(maps[0] if len(maps) == 1 else maps[1] - maps[0])
+    return np.stack(rows)
+
+
+def _stat_root(out: Path, model: str, seed: str) -> Path:
+    return out / "group" / model / f"seed-{seed}"
+
+
+def significant_voxels(out_dir: str | os.PathLike, model: str, seed: str, contrast: int, inference: dict) -> np.ndarray:
+    """Voxels significant at ``inference['alpha']`` for one model, seed and t contrast.
+
+    Parameters
+    ----------
+    out_dir : path-like
+        A study's results folder.
+    model, seed : str
+    contrast : int
+        1-based t contrast (1: the model's stated direction, 2: the reverse).
+    inference : dict
+        The ``[inference]`` settings (``method``, ``alpha``).
+
+    Returns
+    -------
+    ndarray of bool, shape (x, y, z)
+        From the ``*_corrp_tstat<i>`` map of the method (``1 - p > 1 - alpha``),
+        or for ``grf`` the voxels of significant clusters (``*_thresh_zstat<i>``).
+    """
+    root = _stat_root(Path(out_dir), model, seed)
+    if inference["method"] == "grf":
+        return np.asarray(nib.load(f"{root}_thresh_zstat{contrast}.nii.gz").dataobj) != 0
+    prefix = _CORRP[inference["method"]]
+    corrp = np.asarray(nib.load(f"{root}_{prefix}_corrp_tstat{contrast}.nii.gz").dataobj, dtype=np.float64)
+    return corrp > 1.0 - inference["alpha"]
+
+
+_CORRP = {"cluster": "clustere", "tfce": "tfce", "voxel": "vox"}
+
+
+def model_contrasts(out_dir: str | os.PathLike, model: str, seed: str) -> list[int]:
+    """The t contrasts (1-based) a group model has results for (``*_zstat<i>`` maps)."""
+    root = _stat_root(Path(out_dir), model, seed)
+    found = [p.name[len(root.name) + len("_zstat"):].split(".")[0] for p in root.parent.glob(f"{root.name}_zstat*.nii.gz")]
+    return sorted(int(i) for i in found if i.isdigit())
+
+
+def _step_group(ctx: _Context) -> list[Path]:
+    from .stats.design import save_design
+    from .stats.grf import parametric_glm
+    from .stats.randomise import run_permutation_test, write_outputs
+
+    study, settings = ctx.study, ctx.study.section("inference")
+    runs = ctx.kept_runs()
+    qc = ctx.qc_table()
+    mask = _group_mask(runs)
+    seeds = _region_names(study.config, "seeds")
+    reference = nib.load(str(ctx.seed_map(runs[0])))
+    reference = nib.Nifti1Image(np.zeros(reference.shape[:3], np.float32), reference.affine, reference.header)
+    mask_path = io.save_image(mask.astype(np.uint8), reference, ctx.out / "group" / "mask.nii.gz", sidecar=False, dtype=np.uint8)
+    spatial = {} if settings["method"] == "grf" else _spatial(settings, mask)
+    written = [mask_path]
+    jobs = [(m, s) for m in study.section("models") for s in m["seeds"]]
+    with _progress("group models", len(jobs), ctx.progress) as advance:
+        for model, seed in jobs:
+            table, run_sets = model_table(study, qc, model, runs)
+            folder = ctx.out / "group" / model["name"]
+            design = _design(study, model, table)
+            written += save_design(design, folder / "design")
+            written.append(io.write_tsv(table, folder / "observations.tsv"))
+            data = _model_data(ctx, run_sets, seeds.index(seed), mask)
+            root = _stat_root(ctx.out, model["name"], seed)
+            params = {"model": model, "seed": seed, "inference": settings, "runs": [[r.prefix for r in rs] for rs in run_sets]}
+            input_path = io.save_image(io.unmask(data, mask), reference, f"{root}_input.nii.gz", params=params)
+            written.append(input_path)
+            if settings["method"] == "grf":
+                parametric_glm(input_path, root, design_path=folder / "design.mat", contrast_path=folder / "design.con",
+                               mask_path=mask_path, z_threshold=settings["cluster_threshold"], cluster_p=settings["alpha"],
+                               device=ctx.device, params=params)
+                written += sorted(root.parent.glob(f"{root.name}_*"))
+            else:
+                result = run_permutation_test(data, design, n_perm=settings["n_perm"], seed=settings["seed"], device=ctx.device,
+                                              spatial=spatial, design_source=f"model {model['name']}")
+                written += write_outputs(result, root, mask, reference, params=params)
+            advance()
+    return written
+
+
+def _step_clusters(ctx: _Context) -> list[Path]:
+    from .stats.tables import cluster_table
+
+    settings = ctx.study.section("inference")
+    mask, _ = io.load_mask(ctx.out / "group" / "mask.nii.gz", what="group mask")
+    written = []
+    for model in ctx.study.section("models"):
+        for seed in model["seeds"]:
+            root = _stat_root(ctx.out, model["name"], seed)
+            for contrast in model_contrasts(ctx.out, model["name"], seed):
+                img = nib.load(f"{root}_zstat{contrast}.nii.gz")
+                z = np.asarray(img.dataobj, dtype=np.float64)
+                significant = significant_voxels(ctx.out, model["name"], seed, contrast, settings)
+                result = cluster_table(np.where(significant, z, 0.0), img.affine, threshold=0.0, mask=mask, connectivity=settings["connectivity"])
+                table = result.table.assign(model=model["name"], seed=seed, contrast=contrast)
+                written.append(io.write_tsv(table, f"{root}_clusters_tstat{contrast}.tsv"))
+    return written
+
+
+def _step_rois(ctx: _Context) -> list[Path]:
+    from .roi import extract_roi_values
+    from .roi_stats import roi_tests
+
+    study = ctx.study
+    runs = ctx.kept_runs()
+    rois = _regions(study.config, "rois")
+    values = extract_roi_values([ctx.seed_map(r) for r in runs], rois)
+    folder = ctx.out / "rois"
+    written = [io.write_tsv(values, folder / "roi_values.tsv")]
+    tests = roi_tests(values, _roi_models(ctx, runs), roi_settings=study.section("roi_tests"), subgroups=study.section("subgroups"))
+    written.append(io.write_tsv(tests, folder / "roi_tests.tsv", float_format="%.6g"))
+    return written
+
+
+def _roi_models(ctx: _Context, runs: Sequence[Run]) -> list[dict]:
+    """Each model's subjects and their rows, for the ROI-level tests."""
+    qc = ctx.qc_table()
+    out = []
+    for model in ctx.study.section("models"):
+        table, run_sets = model_table(ctx.study, qc, model, runs)
+        out.append({**model, "table": table, "sessions": [[r.session or "" for r in rs] for rs in run_sets],
+                    "subject_column": ctx.study.section("inputs")["subject_column"],
+                    "group_column": ctx.study.section("inputs")["group_column"]})
+    return out
+
+
+def _step_table1(ctx: _Context) -> list[Path]:
+    from .demographics import table_one
+
+    inputs = ctx.study.section("inputs")
+    qc = ctx.qc_table()
+    first = qc[qc["session"].astype(str) == inputs["sessions"][0]]
+    table = ctx.study.table.merge(
+        first[["participant_id", "mean_rel_rms"]].rename(columns={"participant_id": inputs["subject_column"]}),
+        on=inputs["subject_column"], how="left",
+    )
+    columns = [c for c in table.columns if c not in (inputs["subject_column"], inputs["group_column"])]
+    result = table_one(table, group=inputs["group_column"], columns=columns, levels=[inputs["patients"], inputs["controls"]])
+    return [io.write_tsv(result, ctx.out / "table1.tsv", float_format="%.6g")]
+
+
+def _step_report(ctx: _Context) -> list[Path]:
+    from .report import write_report
+
+    return [write_report(ctx.study, ctx.out, ctx.out / "report.html")]
+
+
+_EFFECT_KINDS = {"two_sample": "two-sample", "paired": "paired", "regression": "regression"}
+#: Radius (mm) around a ground-truth node within which a significant voxel counts as finding it.
+FOUND_RADIUS_MM = 10.0
+
+
+def check_planted_effects(study: Study, out_dir: str | os.PathLike, ground_truth: dict) -> pd.DataFrame:
+    """Whether each planted effect of a simulated study was found, and the null regions not.
+
+    An effect is *found on the map* when a voxel within :data:`FOUND_RADIUS_MM`
+    of its target region's nodes is significant in the model's stated
+    direction (:func:`significant_voxels`, contrast 1), and *found at the
+    ROI* when the ROI-level test of that model (``rois/roi_tests.tsv``) has
+    ``p < alpha`` with the planted sign. A null region (``aTPJ``) is checked
+    the same way for every model, in both directions.
+
+    Parameters
+    ----------
+    study : Study
+    out_dir : path-like
+        The study's results folder (after :func:`run_study`).
+    ground_truth : dict
+        ``ground_truth.json`` of :func:`gpuconn.simulate.simulate_study`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per (effect or null region, model): ``kind`` ('effect' or
+        'null'), ``name``, ``model``, ``seed``, ``region``, ``map_voxels``
+        (significant voxels near the region), ``roi_p``, ``roi_effect``,
+        ``found`` (map or ROI) and ``expected`` (True for effects).
+    """
+    from .seed import Region, region_masks
+
+    out = Path(out_dir)
+    inference = study.section("inference")
+    alpha = study.section("roi_tests")["alpha"]
+    mask_img = nib.load(str(out / "group" / "mask.nii.gz"))
+    mask = np.asarray(mask_img.dataobj) > 0
+    tests = io.read_tsv(out / "rois" / "roi_tests.tsv", what="ROI tests")
+    primary = {"two-sample": "two_sample_t", "paired": "paired_t", "regression": "correlation"}
+    regions = ground_truth["regions"]
+
+    def near(region: str) -> np.ndarray:
+        centers = tuple(tuple(float(v) for v in c) for c in regions[region])
+        return region_masks([Region(region, centers, FOUND_RADIUS_MM)], mask_img, mask=mask, what="ROI")[0]
+
+    def row(kind: str, name: str, model: dict, seed: str, region: str, contrasts: tuple[int, ...], sign: float | None) -> dict:
+        where = near(region)
+        contrasts = [c for c in contrasts if c in model_contrasts(out, model["name"], seed)]
+        voxels = sum(int((significant_voxels(out, model["name"], seed, c, inference) & where).sum()) for c in contrasts)
+        hit = tests[(tests["model"] == model["name"]) & (tests["map"] == f"seed-{seed}_stat-z") & (tests["roi"] == region)
+                     & (tests["test"] == primary[model["kind"]])]
+        roi_p = float(hit["p"].iloc[0]) if len(hit) else np.nan
+        roi_effect = float(hit["effect"].iloc[0]) if len(hit) else np.nan
+        roi_found = bool(roi_p < alpha and (sign is None or np.sign(roi_effect) == sign))
+        return {"kind": kind, "name": name, "model": model["name"], "seed": seed, "region": region, "map_voxels": voxels,
+                "roi_p": roi_p, "roi_effect": roi_effect, "found": bool(voxels > 0 or roi_found), "expected": kind == "effect"}
+
+    rows = []
+    for effect in ground_truth["effects"]:
+        for model in study.section("models"):
+            if model["kind"] == _EFFECT_KINDS.get(effect["test"]) and effect["seed"] in model["seeds"] and (
+                effect["test"] != "regression" or model["variable"] == effect.get("variable")
+            ):
+                rows.append(row("effect", effect["name"], model, effect["seed"], effect["target"], (1,), 1.0))
+    seeds = {e["seed"] for e in ground_truth["effects"]}
+    for region in ground_truth.get("null_regions", []):
+        for model in study.section("models"):
+            for seed in sorted(seeds & set(model["seeds"])):
+                rows.append(row("null", region, model, seed, region, (1, 2), None))
+    return pd.DataFrame(rows, columns=["kind", "name", "model", "seed", "region", "map_voxels", "roi_p", "roi_effect", "found", "expected"])
+
+
+def _progress(description: str, total: int, enabled: bool):
+    from .progress import progress_bar
+
+    return progress_bar(description, total, enabled=enabled)
+
+
+@dataclass(frozen=True)
+class _Step:
+    name: str
+    run: Callable[[_Context], list[Path]]
+    settings: Callable[[Study], Any]
+    inputs: Callable[[Study], list[Path]]
+    depends: tuple[str, ...]
+    enabled: Callable[[Study], bool] = lambda study: True
+
+
+def _sections(*names: str) -> Callable[[Study], dict]:
+    return lambda study: {name: study.config[name] for name in names}
+
+
+def _participants(study: Study) -> list[Path]:
+    return [study.participants]
+
+
+_STEP_TABLE = (
+    _Step("qc", _step_qc, _sections("qc", "inputs"), lambda s: [r.confounds for r in s.runs if r.confounds], ()),
+    _Step("denoise", _step_denoise, _sections("denoise", "qc"), lambda s: [p for r in s.runs for p in _run_files(r)], ("qc",)),
+    _Step("seeds", _step_seeds, _sections("seeds"), lambda s: [], ("denoise",)),
+    _Step("ica", _step_ica, _sections("ica"), lambda s: [], ("denoise",), lambda s: s.config["ica"]["enabled"]),
+    _Step("group", _step_group, _sections("models", "inference", "inputs", "derived", "seeds"), _participants, ("qc", "seeds")),
+    _Step("clusters", _step_clusters, _sections("inference"), lambda s: [], ("group",)),
+    _Step("rois", _step_rois, _sections("rois", "models", "roi_tests", "subgroups", "inputs", "derived"), _participants, ("qc", "seeds")),
+    _Step("table1", _step_table1, _sections("inputs", "derived"), _participants, ("qc",)),
+    _Step("report", _step_report, lambda s: s.config, lambda s: [], STEPS[:-1]),
+)
+
+
+def run_study(
+    study: Study | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    device: str | None = None,
+    progress: bool = True,
+    on_step: Callable[[StepRecord], None] | None = None,
+) -> StudyResult:
+    """Run every step of a study, skipping the ones already up to date.
+
+    Parameters
+    ----------
+    study : Study or path-like
+        A loaded study or its TOML file.
+    out_dir : path-like
+        Results folder (created).
+    device : str, optional
+        ``auto``, ``cpu``, ``cuda``...; default: ``[study] device``.
+    progress : bool, default True
+        Rich progress bars inside the steps.
+    on_step : callable, optional
+        Called with each :class:`StepRecord` when its step has finished or
+        been skipped.
+
+    Returns
+    -------
+    StudyResult
+    """
+    if not isinstance(study, Study):
+        study = load_study(study)
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = _Context(study, out, device or study.section("study")["device"], progress)
+    stamps = _Stamps(out)
+    records = []
+    for step in _STEP_TABLE:
+        if not step.enabled(study):
+            record = StepRecord(step.name, "disabled")
+        else:
+            key = stamps.key(step.settings(study), step.inputs(study), step.depends)
+            if stamps.current(step.name, key):
+                record = StepRecord(step.name, "skipped", 0.0, stamps.read(step.name)["outputs"])
+            else:
+                began = time.perf_counter()
+                outputs = step.run(ctx)
+                seconds = time.perf_counter() - began
+                record = StepRecord(step.name, "ran", seconds, stamps.write(step.name, key, outputs, seconds))
+        records.append(record)
+        if on_step is not None:
+            on_step(record)
+    return StudyResult(out, records, out / "report.html")
