@@ -33,9 +33,9 @@ extern "C" __global__ void gpuconn_tfce_sweep(
     const int* __restrict__ table,     // (n_vox, k): neighbours, -1 for none
     const double* __restrict__ power,  // (n_vox + 1,): n ** E
     int* parent_all,                   // (n_maps, n_vox), initialised to -1
-    int* size_all,                     // (n_maps, n_vox)
+    int* size_all,                     // (n_maps, n_vox); size, last and acc are set when a voxel is added
     double* last_all,                  // (n_maps, n_vox)
-    double* acc_all,                   // (n_maps, n_vox), initialised to 0
+    double* acc_all,                   // (n_maps, n_vox)
     float* out,                        // (n_maps, n_vox), initialised to 0
     int n_maps, int n_vox, int k)
 {
@@ -56,11 +56,12 @@ extern "C" __global__ void gpuconn_tfce_sweep(
         parent[v] = v;
         size[v] = 1;
         last[v] = level;
+        acc[v] = 0.0;
+        int rv = v;  // root of v's component, kept up to date through the merges
         for (int j = 0; j < k; ++j) {
             int u = table[(size_t)v * k + j];
             if (u < 0 || parent[u] < 0) continue;
             int ru = gpuconn_find_offset(parent, acc, u);
-            int rv = gpuconn_find_offset(parent, acc, v);
             if (ru == rv) continue;
             acc[ru] += power[size[ru]] * (last[ru] - level);
             acc[rv] += power[size[rv]] * (last[rv] - level);
@@ -72,6 +73,7 @@ extern "C" __global__ void gpuconn_tfce_sweep(
             parent[rv] = ru;
             acc[rv] -= acc[ru];
             size[ru] += size[rv];
+            rv = ru;
         }
     }
     for (long long i = 0; i < count; ++i) {  // close every component at M(0) = 0

@@ -86,28 +86,29 @@ def _find_offset(parent, acc, v):
 
 @_njit
 def _sweep(order, meas, table, power, out_row):
-    """Add voxels in ``order`` (decreasing value) and write each voxel's TFCE to ``out_row``.
+    """Add voxels in ``order`` (decreasing value) and write their TFCE to ``out_row`` (others untouched).
 
     ``meas[i]`` is the measure M of voxel ``order[i]``'s value (non-increasing);
     ``power[n]`` is ``n ** E``.
     """
     n_vox = table.shape[0]
     parent = np.full(n_vox, -1, dtype=np.int32)
-    size = np.zeros(n_vox, dtype=np.int32)
-    last = np.zeros(n_vox, dtype=np.float64)
-    acc = np.zeros(n_vox, dtype=np.float64)
+    size = np.empty(n_vox, dtype=np.int32)  # size, last and acc are set when a voxel is added
+    last = np.empty(n_vox, dtype=np.float64)
+    acc = np.empty(n_vox, dtype=np.float64)
     for i in range(order.shape[0]):
         v = order[i]
         m = meas[i]
         parent[v] = v
         size[v] = 1
         last[v] = m
+        acc[v] = 0.0
+        rv = v  # root of v's component, kept up to date through the merges
         for j in range(table.shape[1]):
             u = table[v, j]
             if u < 0 or parent[u] < 0:
                 continue
             ru = _find_offset(parent, acc, u)
-            rv = _find_offset(parent, acc, v)
             if ru == rv:
                 continue
             acc[ru] += power[size[ru]] * (last[ru] - m)
@@ -119,6 +120,7 @@ def _sweep(order, meas, table, power, out_row):
             parent[rv] = ru
             acc[rv] -= acc[ru]
             size[ru] += size[rv]
+            rv = ru
     for i in range(order.shape[0]):  # close every component at M(0) = 0
         v = order[i]
         if parent[v] == v:
@@ -167,10 +169,7 @@ def _tfce_stepped_batch(values, table, thresholds, H, power, out):
                 order[slot] = v
                 meas[slot] = cum[b]
                 counts[n_thr - b] += 1
-        row = np.zeros(n_vox, dtype=np.float64)
-        _sweep(order, meas, table, power, row)
-        for v in range(n_vox):
-            out[m, v] = row[v]
+        _sweep(order, meas, table, power, out[m])
 
 
 @_njit(parallel=True)
@@ -182,10 +181,7 @@ def _tfce_exact_batch(values, table, H, power, out):
         positive = np.nonzero(row_values > 0)[0]
         order = positive[np.argsort(-row_values[positive], kind="mergesort")].astype(np.int32)
         meas = row_values[order] ** (H + 1.0) / (H + 1.0)
-        row = np.zeros(n_vox, dtype=np.float64)
-        _sweep(order, meas, table, power, row)
-        for v in range(n_vox):
-            out[m, v] = row[v]
+        _sweep(order, meas, table, power, out[m])
 
 
 def tfce_thresholds(maxima: np.ndarray, dh: float | None = None) -> np.ndarray:
