@@ -133,6 +133,10 @@ class Region:
     image: Path | None = None
     label: int | None = None
 
+    def __post_init__(self) -> None:
+        if (self.image is None) == (not self.centers) or (self.centers and self.radius is None):
+            raise ValueError(f"region {self.name!r} needs either centers and a radius, or an image")
+
     def describe(self) -> dict:
         """A JSON-ready definition for sidecars."""
         if self.image is not None:

@@ -124,7 +124,7 @@ def test_cli_roi_extract_and_matrix(tmp_path, rng, capsys):
 
 
 def test_simulated_s1back_coupling_is_recovered(tmp_path):
-    """On the simulator's study: S1back maps are high in its network and in patients' dlPFC, not in aTPJ."""
+    """On the simulator's study: S1back maps are high in its network, in patients' dlPFC and post-session insula; aTPJ is the control."""
     from gpuconn.simulate import simulate_study
 
     study = simulate_study(tmp_path / "sim", n_patients=3, n_controls=3, n_volumes=40, voxel_size=6.0, seed=0)
@@ -134,7 +134,7 @@ def test_simulated_s1back_coupling_is_recovered(tmp_path):
     rc = run(["seed", "--derivatives", str(study.root), "--seed-coord", ",".join(map(str, s1back)), "--radius", "6",
               "--bilateral", "--name", "S1back", "--layout", "seed", "--out", str(tmp_path / "seed"), "-q"])  # fmt: skip
     assert rc == 0
-    rois = {name: truth["regions"][name][0] for name in ("S1finger", "dlPFC", "aTPJ")}
+    rois = {name: truth["regions"][name][0] for name in ("S1finger", "dlPFC", "insula", "aTPJ")}
     args = [a for name, xyz in rois.items() for a in ("--roi-coord", ",".join(map(str, xyz)), "--name", name)]
     rc = run(["roi", "extract", str(tmp_path / "seed" / "seed-S1back_stat-z_seedmap.nii.gz"), "--radius", "6",
               "--bilateral", "--out", str(tmp_path / "values.tsv"), *args])  # fmt: skip
@@ -149,3 +149,6 @@ def test_simulated_s1back_coupling_is_recovered(tmp_path):
     pre = wide.xs("pre", level="session")
     by_group = pre["dlPFC"].groupby(groups.reindex(pre.index)).mean()
     assert by_group["cLBP"] > by_group["HC"] + 0.1
+    # planted session effect: S1back-insula coupling rises after pain exacerbation (patients)
+    sessions = wide["insula"].unstack("session").dropna()
+    assert len(sessions) == 3 and sessions["post"].mean() > sessions["pre"].mean() + 0.1
