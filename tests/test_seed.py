@@ -9,6 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nilearn.maskers import NiftiMasker, NiftiSpheresMasker
 from nilearn.maskers.nifti_spheres_masker import apply_mask_and_get_affinity
 
@@ -86,6 +88,26 @@ def test_sphere_equals_nilearn_voxel_set(affine_name, radius, rng):
             else:
                 want = expected[index]
             assert np.array_equal(got, want), (affine_name, radius, seed, got.sum(), want.sum())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    scales=st.tuples(*[st.sampled_from([-3.0, -2.0, -1.5, 1.0, 2.0, 2.5, 4.0])] * 3),
+    shear=st.floats(-0.3, 0.3),
+    origin=st.tuples(*[st.floats(-20, -5)] * 3),
+    seed=st.tuples(*[st.floats(-6, 6).map(lambda v: round(v * 2) / 2)] * 3),
+    radius=st.sampled_from([0.5, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0]),
+)
+def test_sphere_equals_nilearn_on_random_grids(scales, shear, origin, seed, radius):
+    """Random anisotropic/sheared affines; half-mm seeds put voxels exactly on the radius."""
+    affine = np.diag([*scales, 1.0])
+    affine[0, 1] = shear
+    affine[:3, 3] = [o if sc > 0 else -o for o, sc in zip(origin, scales)]
+    try:
+        want = _nilearn_sets([seed], radius, affine)[0]
+    except ValueError:  # nilearn refuses an empty sphere
+        want = np.zeros(SHAPE, dtype=bool)
+    assert np.array_equal(sphere_mask(seed, radius, affine, SHAPE), want)
 
 
 def test_sphere_boundary_is_inclusive_and_nearest_voxel_is_always_in():
