@@ -1,0 +1,292 @@
+"""The study file (validation) and the runner end to end on a tiny simulated study.
+
+The end-to-end study: 4 patients (pre, post) + 3 controls, 40 volumes on an
+8 mm grid, 50 permutations: every output exists, Table 1 equals pandas/scipy
+computed directly, a rerun does no work, and a run interrupted in the middle
+of the group step resumes to identical results.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from html.parser import HTMLParser
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+import gpuconn.stats.randomise as randomise_module
+from gpuconn.cli.app import run
+from gpuconn.errors import InputError
+from gpuconn.simulate import simulate_study
+from gpuconn.study import STEPS, check_planted_effects, load_study, run_study, template_text
+
+STUDY = """
+[study]
+name = "tiny"
+device = "cpu"
+[inputs]
+derivatives = "data"
+[derived]
+pain_change = "pain_post - pain_pre"
+[denoise]
+fwhm = 8.0
+acompcor = 3
+[[seeds]]
+name = "S1back"
+center = [-18, -38, 72]
+radius = 8.0
+mirror = "union"
+[[rois]]
+name = "insula"
+center = [-32, 20, -2]
+radius = 8.0
+[[rois]]
+name = "dlPFC"
+center = [-26, 42, 32]
+radius = 8.0
+mirror = "union"
+[[rois]]
+name = "aTPJ"
+center = [-60, -32, 32]
+radius = 8.0
+[[models]]
+name = "patients_vs_controls"
+kind = "two-sample"
+contrast = "cLBP>HC"
+covariates = ["age"]
+[[models]]
+name = "post_vs_pre"
+kind = "paired"
+[[models]]
+name = "pain_change"
+kind = "regression"
+group = "cLBP"
+session = "change"
+variable = "pain_change"
+[inference]
+method = "cluster"
+n_perm = 50
+cluster_threshold = 2.0
+[roi_tests]
+correlate = ["pain_change"]
+[subgroups]
+variable = "pcs"
+edges = [0, 16, 39]
+labels = ["low", "high"]
+"""
+
+
+def _write(folder, text=STUDY, name="study.toml"):
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny simulated study, its study file and one complete run."""
+    root = tmp_path_factory.mktemp("study")
+    simulate_study(root / "data", n_patients=4, n_controls=3, n_volumes=40, voxel_size=8.0, seed=5)  # seed 5: 2 patients in each PCS half
+    path = _write(root)
+    result = run_study(path, root / "out", progress=False)
+    return root, path, result
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace("fwhm = 8.0", "fwhmm = 8.0"), r"unknown key denoise\.fwhmm"),
+        (lambda t: t + "\n[extras]\na = 1\n", r"unknown section \[extras\]"),
+        (lambda t: t.replace("n_perm = 50", 'n_perm = "many"'), r"inference\.n_perm must be a number"),
+        (lambda t: t.replace('method = "cluster"', 'method = "magic"'), r"inference\.method = 'magic' is not one of"),
+        (lambda t: t.replace('kind = "paired"', 'kind = "triple"'), r"models\.kind = 'triple'"),
+        (lambda t: t.replace('derivatives = "data"', 'derivatives = "nowhere"'), r"inputs\.derivatives folder not found"),
+        (lambda t: t.replace('covariates = ["age"]', 'covariates = ["weight"]'), r"covariate 'weight' is not a column of .*participants\.tsv"),
+        (lambda t: t.replace('variable = "pain_change"', 'variable = "pain_delta"'), r"variable 'pain_delta' is not a column"),
+        (lambda t: t.replace('center = [-32, 20, -2]', 'center = [-32, 20]'), r"rois 'insula': center must be \[x, y, z\]"),
+        (lambda t: t.replace("edges = [0, 16, 39]", "edges = [0, 39, 16]"), r"subgroups need increasing edges"),
+        (lambda t: t.replace('"pain_post - pain_pre"', '"pain_post - pain_missing"'), r"derived\.pain_change"),
+    ],
+)
+def test_bad_study_files_are_one_line_errors(tiny, edit, message):
+    root, _, _ = tiny
+    path = _write(root, edit(STUDY), name="bad.toml")
+    with pytest.raises(InputError, match=message) as info:
+        load_study(path)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_study_file_from_the_cli_exits_2_with_one_line(tiny, capsys):
+    root, _, _ = tiny
+    path = _write(root, STUDY.replace("fwhm = 8.0", "fwhm = true"), name="bad_cli.toml")
+    assert run(["study", "run", str(path), "-o", str(root / "never")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "denoise.fwhm must be a number" in err
+    assert not (root / "never").exists()
+
+
+def test_init_writes_the_commented_template(tmp_path):
+    path = tmp_path / "my_study.toml"
+    assert run(["study", "init", str(path)]) == 0
+    assert path.read_text() == template_text() and path.read_text().startswith("#")
+    study = load_study(path, check_inputs=False)
+    assert [m["kind"] for m in study.section("models")] == ["two-sample", "paired", "regression"]
+    assert study.section("subgroups")["edges"] == [0, 8, 16, 39]
+    assert run(["study", "init", str(path)]) == 2  # no overwrite without --force
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_every_output_exists(tiny):
+    root, _, result = tiny
+    out = root / "out"
+    assert result.status() == {s: ("disabled" if s == "ica" else "ran") for s in STEPS}
+    qc = pd.read_csv(out / "qc" / "qc.tsv", sep="\t")
+    assert len(qc) == 4 * 2 + 3 and qc["excluded"].sum() == 0
+    assert len(list((out / "denoise").rglob("*_desc-denoised_bold.nii.gz"))) == 11
+    assert len(list((out / "seeds").glob("*_stat-z_seedmap.nii.gz"))) == 11
+    for model, contrasts in (("patients_vs_controls", 2), ("post_vs_pre", 1), ("pain_change", 2)):
+        folder = out / "group" / model
+        assert (folder / "design.mat").exists() and (folder / "design.con").exists()
+        for c in range(1, contrasts + 1):
+            for name in (f"zstat{c}.nii.gz", f"clustere_corrp_tstat{c}.nii.gz", f"clusters_tstat{c}.tsv"):
+                assert (folder / f"seed-S1back_{name}").exists(), name
+    observations = pd.read_csv(out / "group" / "post_vs_pre" / "observations.tsv", sep="\t")
+    assert len(observations) == 4 and set(observations["group"]) == {"cLBP"}
+    tests = pd.read_csv(out / "rois" / "roi_tests.tsv", sep="\t")
+    assert {"two_sample_t", "paired_t", "correlation", "anova", "kruskal", "tukey"} <= set(tests["test"])
+    for step in STEPS:
+        if step != "ica":
+            assert json.loads((out / "stamps" / f"{step}.json").read_text())["outputs"]
+
+
+def test_group_input_equals_the_seed_maps(tiny):
+    """The 4D input of the paired model is post - pre of the subjects' seed maps, in the group mask."""
+    root, _, _ = tiny
+    out = root / "out"
+    data = np.asarray(nib.load(str(out / "group" / "post_vs_pre" / "seed-S1back_input.nii.gz")).dataobj)
+    mask = np.asarray(nib.load(str(out / "group" / "mask.nii.gz")).dataobj) > 0
+    pre = np.asarray(nib.load(str(out / "seeds" / "sub-002_ses-pre_task-rest_stat-z_seedmap.nii.gz")).dataobj)[..., 0]
+    post = np.asarray(nib.load(str(out / "seeds" / "sub-002_ses-post_task-rest_stat-z_seedmap.nii.gz")).dataobj)[..., 0]
+    np.testing.assert_allclose(data[..., 1][mask], (post - pre)[mask], rtol=0, atol=1e-6)  # float32 difference
+
+
+def test_table_one_equals_pandas_and_scipy(tiny):
+    root, _, _ = tiny
+    out = root / "out"
+    table = pd.read_csv(out / "table1.tsv", sep="\t").set_index("variable")
+    participants = pd.read_csv(root / "data" / "participants.tsv", sep="\t")
+    qc = pd.read_csv(out / "qc" / "qc.tsv", sep="\t")
+    participants = participants.merge(qc.loc[qc["session"] == "pre", ["participant_id", "mean_rel_rms"]], on="participant_id")
+    patients, controls = (participants[participants["group"] == g] for g in ("cLBP", "HC"))
+    for column in ("age", "pcs", "mean_rel_rms"):
+        row = table.loc[column]
+        assert row["mean_A"] == pytest.approx(patients[column].mean(), rel=1e-5)  # TSV holds 6 significant digits
+        assert row["sd_B"] == pytest.approx(controls[column].std(), rel=1e-5)
+        assert row["p"] == pytest.approx(stats.ttest_ind(patients[column], controls[column]).pvalue, rel=1e-5)
+    chi2 = stats.chi2_contingency(pd.crosstab(participants["group"], participants["sex"]).to_numpy(), correction=False)
+    if participants["sex"].nunique() > 1:
+        assert table.loc["sex", "p"] == pytest.approx(chi2.pvalue, rel=1e-5)
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.sources.append(dict(attrs)["src"])
+
+
+def test_report_is_self_contained_and_every_image_decodes(tiny):
+    import base64
+    import io as bytes_io
+
+    import matplotlib.image
+
+    root, _, result = tiny
+    text = result.report.read_text()
+    parser = _Images()
+    parser.feed(text)
+    assert len(parser.sources) >= 8  # QC, 3 designs, 5 map views, ROI bars, scatter
+    for source in parser.sources:
+        assert source.startswith("data:image/png;base64,")
+        raw = base64.b64decode(source.split(",", 1)[1], validate=True)
+        assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.image.imread(bytes_io.BytesIO(raw), format="png").ndim == 3
+    for heading in ("Motion QC", "Table 1", "Group models", "ROI-level tests", "Planted effects", "Versions"):
+        assert heading in text
+    assert "http://" not in text and "https://" not in text
+
+
+def test_planted_effect_check_lists_effects_and_null_region(tiny):
+    root, path, _ = tiny
+    study = load_study(path)
+    checks = check_planted_effects(study, root / "out", json.loads((root / "data" / "ground_truth.json").read_text()))
+    assert set(checks.loc[checks["kind"] == "effect", "name"]) == {"post_vs_pre", "pain_change", "patients_vs_controls"}
+    assert set(checks.loc[checks["kind"] == "null", "region"]) == {"aTPJ"}
+    assert checks["roi_p"].between(0, 1).all()
+
+
+def test_rerun_does_no_work(tiny):
+    root, path, _ = tiny
+    again = run_study(path, root / "out", progress=False)
+    assert set(again.status().values()) == {"skipped", "disabled"}
+
+
+def _results(out):
+    maps = {p.name: np.asarray(nib.load(str(p)).dataobj) for p in sorted((out / "group").rglob("*.nii.gz"))}
+    tables = {name: pd.read_csv(out / name, sep="\t") for name in ("rois/roi_tests.tsv", "table1.tsv")}
+    return maps, tables
+
+
+def test_interrupted_run_resumes_to_identical_results(tiny, monkeypatch):
+    root, path, _ = tiny
+    first, second = root / "out", root / "resumed"
+    shutil.copytree(first, second)
+    for step in ("group", "clusters", "rois", "table1", "report"):
+        (second / "stamps" / f"{step}.json").unlink()
+    shutil.rmtree(second / "group")
+    original, calls = randomise_module.write_outputs, []
+
+    def dies_on_the_second_model(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed mid-step")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(randomise_module, "write_outputs", dies_on_the_second_model)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(path, second, progress=False)
+    assert not (second / "stamps" / "group.json").exists()
+    monkeypatch.setattr(randomise_module, "write_outputs", original)
+    resumed = run_study(path, second, progress=False)
+    assert [resumed.status()[s] for s in STEPS] == ["skipped", "skipped", "skipped", "disabled", "ran", "ran", "ran", "ran", "ran"]
+    maps_a, tables_a = _results(first)
+    maps_b, tables_b = _results(second)
+    assert maps_a.keys() == maps_b.keys()
+    for name in maps_a:
+        np.testing.assert_array_equal(maps_a[name], maps_b[name], err_msg=name)
+    for name in tables_a:
+        pd.testing.assert_frame_equal(tables_a[name], tables_b[name])
+
+
+def test_changed_setting_reruns_that_step_and_the_ones_after(tiny):
+    root, path, _ = tiny
+    out = root / "changed"
+    shutil.copytree(root / "out", out)
+    changed = _write(root, STUDY.replace('correlate = ["pain_change"]', 'correlate = ["pain_change", "pcs"]'), name="changed.toml")
+    result = run_study(changed, out, progress=False)
+    status = result.status()
+    assert status["group"] == "skipped" and status["rois"] == "ran" and status["report"] == "ran"
+    tests = pd.read_csv(out / "rois" / "roi_tests.tsv", sep="\t")
+    assert "change~pcs" in set(tests["contrast"])
