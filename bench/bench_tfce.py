@@ -77,6 +77,23 @@ def _time_nilearn(mask: np.ndarray, maps: np.ndarray, which: str) -> float:
     return (time.perf_counter() - start) / len(maps)
 
 
+def _time_engine(mask: np.ndarray, n_perm: int, device) -> dict:
+    """randomise engine, N=181 one-sample sign flips, with and without TFCE (s per permutation)."""
+    from gpuconn.stats.randomise import run_permutation_test
+
+    data = null_maps(mask, 181, seed=1)
+    data += 0.2  # a small mean effect, so the observed TFCE is not trivial
+    design, contrast = np.ones((181, 1)), np.ones((1, 1))
+    out = {}
+    for name, spatial in (("engine_voxelwise", None), ("engine_with_tfce", {"tfce": tfce_transform(mask)})):
+        start = time.perf_counter()
+        run_permutation_test(data, design, contrast, n_perm=n_perm, seed=0, method="flip", device=device,
+                             spatial=spatial)
+        out[f"{name}_s_per_perm"] = (time.perf_counter() - start) / n_perm
+        print(f"{name}: {out[f'{name}_s_per_perm'] * 1e3:.2f} ms per permutation ({n_perm} permutations)", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="half-size grid (for a smoke run)")
@@ -84,6 +101,8 @@ def main() -> None:
     parser.add_argument("--nilearn-maps", type=int, default=3, help="maps timed with nilearn")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--engine-perms", type=int, default=0,
+                        help="also time run_permutation_test with -T (N=181 one-sample, this many permutations)")
     args = parser.parse_args()
 
     shape = tuple(s // 2 for s in GRID) if args.quick else GRID
@@ -109,6 +128,7 @@ def main() -> None:
     nilearn_cluster = _time_nilearn(mask, maps_np[: args.nilearn_maps], "cluster")
     print(f"nilearn calculate_tfce: {nilearn_tfce * 1e3:.1f} ms per permutation", flush=True)
     print(f"nilearn calculate_cluster_measures (z>2.3): {nilearn_cluster * 1e3:.1f} ms per permutation", flush=True)
+    engine = _time_engine(mask, args.engine_perms, device) if args.engine_perms else {}
     summary = {
         "machine": platform.node(),
         "grid": shape,
@@ -122,6 +142,7 @@ def main() -> None:
         "ratio_tfce_exact": nilearn_tfce / rows["tfce_exact"],
         "ratio_cluster_extent": nilearn_cluster / rows["cluster_extent_z2.3"],
         "tfce_10k_perms_min": rows["tfce_stepped"] * 1e4 / 60,
+        **engine,
     }
     print(json.dumps(summary, indent=1))
 
