@@ -49,6 +49,7 @@ from ..io import load_image, load_mask, masked_data, provenance, save_image, unm
 from .clusters import connectivity_offsets, label_maps, neighbour_table
 from .design import Design, load_design
 from .glm import glm_statistic, t_to_z
+from .randomise import _default_mask
 from .tables import cluster_table
 
 __all__ = [
@@ -290,10 +291,7 @@ def parametric_glm(
     if mask_path is not None:
         mask, _ = load_mask(mask_path, reference=img, reference_path=input_path, what="mask (-m)")
     else:
-        data4d = np.asarray(img.dataobj)
-        mask = np.all(np.isfinite(data4d), axis=3) & np.any(data4d != 0, axis=3)
-        if not mask.any():
-            raise InputError(f"{input_path} has no voxel that is non-zero in any volume; give a mask with -m")
+        mask = _default_mask(img)
     dof = n_obs - int(np.linalg.matrix_rank(design.matrix))
     if dof < 1:
         raise InputError(f"the design leaves {dof} residual degrees of freedom for {n_obs} volumes; simplify it")

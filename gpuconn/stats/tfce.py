@@ -337,13 +337,12 @@ def tfce(
     and bins the voxels on the device and ``kernels/tfce.cu`` (CuPy) runs
     the same sweep, one thread per map.
     """
-    _check_params(H, E, method)
-    table = neighbour_table(mask, connectivity=connectivity)
     tensor = torch.as_tensor(values)
     tensor = tensor[None] if tensor.ndim == 1 else tensor
-    if tensor.ndim != 2 or tensor.shape[1] != table.shape[0]:
-        raise InputError(f"values must have shape (n_maps, {table.shape[0]}) to match the mask, got {tuple(tensor.shape)}")
-    return _tfce_table(tensor, table, H=H, E=E, dh=dh, method=method)
+    n_vox = int(np.count_nonzero(mask))
+    if tensor.ndim != 2 or tensor.shape[1] != n_vox:
+        raise InputError(f"values must have shape (n_maps, {n_vox}) to match the mask, got {tuple(tensor.shape)}")
+    return tfce_transform(mask, H=H, E=E, connectivity=connectivity, dh=dh, method=method)(tensor)
 
 
 def tfce_transform(
