@@ -56,6 +56,8 @@ def effect_lines(checks: pd.DataFrame, inference: dict) -> list[str]:
     for row in checks.itertuples():
         detail = (f"{row.map_voxels} significant voxels near {row.region} ({inference['method']}, p < {inference['alpha']}); "
                   f"ROI test p = {row.roi_p:.3g}, effect {row.roi_effect:+.3f}")
+        if row.roi_p < inference["alpha"] and row.roi_effect < 0:
+            detail += " (significant in the direction opposite to the model's hypothesis)"
         if row.kind == "effect":
             verdict = "FOUND" if row.found else "not found"
             lines.append(f"  planted {row.name} (seed {row.seed} -> {row.region}, model {row.model}): {verdict}: {detail}")

@@ -1,0 +1,52 @@
+"""``gpuconn demo``: simulate, run the bundled study, say what was found (tiny size here)."""
+
+from __future__ import annotations
+
+import json
+
+from gpuconn.cli.app import run
+from gpuconn.demo import effect_lines
+from gpuconn.study import demo_study_path, load_study
+
+TINY = ["--n-patients", "4", "--n-controls", "3", "--n-volumes", "40", "--voxel-size", "8", "--n-perm", "20", "-q"]
+
+
+def test_demo_runs_end_to_end_and_reports_each_planted_effect(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert run(["demo", str(out), *TINY]) == 0
+    text = capsys.readouterr().out
+    truth = json.loads((out / "data" / "ground_truth.json").read_text())
+    assert f"report: {out.resolve() / 'results' / 'report.html'}" in text
+    for effect in truth["effects"]:
+        assert f"planted {effect['name']} (seed {effect['seed']} -> {effect['target']}" in text
+    assert text.count("null region aTPJ") == 3  # one line per model
+    assert (out / "results" / "report.html").stat().st_size > 10_000
+    study = load_study(out / "study.toml")
+    assert study.section("inference")["n_perm"] == 20  # --n-perm lands in the study file the demo wrote
+
+    assert run(["demo", str(out), *TINY]) == 0  # a second demo reuses the data and every step
+    again = capsys.readouterr().out
+    assert "is already there" in again and " done in " not in again.replace("demo finished in", "")
+
+
+def test_bundled_study_file_is_valid_and_matches_the_simulator():
+    study = load_study(demo_study_path(), check_inputs=False)
+    from gpuconn.simulate import EFFECTS, SEEDS
+
+    rois = {r["name"]: r for r in study.section("rois")}
+    for effect in EFFECTS:
+        assert effect["target"] in rois and list(rois[effect["target"]]["center"]) == list(SEEDS[effect["target"]][0])
+    assert "aTPJ" in rois
+    assert list(study.section("seeds")[0]["center"]) == list(SEEDS["S1back"][0])
+
+
+def test_effect_lines_say_found_and_false_positive():
+    import pandas as pd
+
+    checks = pd.DataFrame([
+        {"kind": "effect", "name": "e", "model": "m", "seed": "S", "region": "insula", "map_voxels": 3, "roi_p": 0.01, "roi_effect": 0.2, "found": True, "expected": True},
+        {"kind": "null", "name": "aTPJ", "model": "m", "seed": "S", "region": "aTPJ", "map_voxels": 1, "roi_p": 0.5, "roi_effect": 0.0, "found": True, "expected": False},
+    ])
+    lines = effect_lines(checks, {"method": "cluster", "alpha": 0.05})
+    assert lines[0].startswith("  planted e (seed S -> insula, model m): FOUND: 3 significant voxels near insula")
+    assert "FOUND (a false positive)" in lines[1]
