@@ -105,3 +105,26 @@ def test_clusters_cli_errors_write_nothing(tmp_path, capsys):
               "--atlas-labels", str(tmp_path / "x.tsv")])
     assert rc == 2 and "--atlas-labels needs --atlas" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_peak_at_planted_node_of_simulated_study(tmp_path):
+    """On the simulator's MNI grid, the strongest cluster of an S1-back seed map peaks at the planted node (mm)."""
+    from gpuconn.simulate import NETWORKS, simulate_study
+
+    study = simulate_study(tmp_path / "study", n_patients=3, n_controls=2, n_volumes=40, voxel_size=6.0, seed=0)
+    bold = sorted(study.root.glob("sub-*/ses-pre/func/*desc-preproc_bold.nii.gz"))[0]
+    img = nib.load(bold)
+    mask = np.asarray(nib.load(str(bold).replace("desc-preproc_bold", "desc-brain_mask")).dataobj) > 0
+    node = np.array(NETWORKS["sensorimotor"][0], dtype=float)  # (-18, -38, 72): the S1 back seed
+    xyz = np.indices(mask.shape).reshape(3, -1).T @ img.affine[:3, :3].T + img.affine[:3, 3]
+    seed = mask & (np.linalg.norm(xyz - node, axis=1) <= 7.0).reshape(mask.shape)
+    series = np.asarray(img.dataobj, dtype=np.float64)
+    y = series[mask].T - series[mask].T.mean(axis=0)
+    s = series[seed].mean(axis=0) - series[seed].mean()
+    r = np.zeros(mask.shape)
+    r[mask] = (s @ y) / (np.linalg.norm(s) * np.linalg.norm(y, axis=0))
+    top = cluster_table(r, img.affine, threshold=0.5, mask=mask).table.iloc[0]
+    peak = top[["peak_x", "peak_y", "peak_z"]].to_numpy(float)
+    assert np.linalg.norm(peak - node) <= 6.0 * np.sqrt(3) / 2  # the nearest grid point to the node
+    np.testing.assert_allclose(peak, img.affine[:3, :3] @ top[["peak_i", "peak_j", "peak_k"]].to_numpy(float)
+                               + img.affine[:3, 3])

@@ -186,6 +186,19 @@ def test_bad_parameters():
         tfce_transform(mask, E=0.0)
     with pytest.raises(InputError, match=r"shape \(n_maps, 27\)"):
         tfce(np.zeros((1, 20)), mask)
+    with pytest.raises(InputError, match="NaN or Inf"):
+        tfce(np.full(27, np.nan), mask)
+
+
+def test_empty_and_flat_maps():
+    mask = np.ones((3, 3, 3), dtype=bool)
+    for method in ("stepped", "exact"):
+        assert not tfce(np.zeros((2, 27)), mask, method=method).numpy().any()
+        flat = tfce(np.full(27, 2.0), mask, method=method).numpy()[0]
+        # one cluster of 27 voxels at every threshold: stepped sum_k sqrt(27) h_k^2, exact sqrt(27) 2^3 / 3
+        expected = np.sqrt(27) * ((np.linspace(0, 2, 101)[1:] ** 2).sum() if method == "stepped" else 8 / 3)
+        np.testing.assert_allclose(flat, expected, rtol=1e-6)
+    assert tfce(np.zeros((2, 0)), np.zeros((3, 3, 3), dtype=bool)).shape == (2, 0)
 
 
 

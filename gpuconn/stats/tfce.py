@@ -342,6 +342,8 @@ def tfce(
     n_vox = int(np.count_nonzero(mask))
     if tensor.ndim != 2 or tensor.shape[1] != n_vox:
         raise InputError(f"values must have shape (n_maps, {n_vox}) to match the mask, got {tuple(tensor.shape)}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise InputError("TFCE input has NaN or Inf values; mask them out first")
     return tfce_transform(mask, H=H, E=E, connectivity=connectivity, dh=dh, method=method)(tensor)
 
 
@@ -361,8 +363,8 @@ def tfce_transform(
     Returns
     -------
     callable
-        ``f(stats)`` with ``stats`` a Tensor (n_perm_chunk, n_voxels) returns
-        a float32 Tensor of the same shape and device.
+        ``f(stats)`` with ``stats`` a finite Tensor (n_perm_chunk, n_voxels)
+        returns a float32 Tensor of the same shape and device.
     """
     _check_params(H, E, method)
     table = neighbour_table(mask, connectivity=connectivity)
