@@ -43,6 +43,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from scipy import special
 
 from .backend import DESIGN_DTYPE, as_data, chunk_size, resolve_device, to_numpy
 from .errors import InputError
@@ -156,15 +157,36 @@ def _z_from_log_p(log_p: torch.Tensor) -> torch.Tensor:
     return z
 
 
+def _t_to_z_series(t: torch.Tensor, dof: int) -> torch.Tensor:
+    """``t_to_z`` in torch, for any device (the CUDA path; the CPU path's far tail).
+
+    Where ``P(|T| > |t|) >= 1e-3`` it is one minus the finite series of
+    Abramowitz & Stegun 26.7.3-4 (integer ``dof``); beyond, the tail
+    probability ``I_x(dof/2, 1/2)`` (``x = dof / (dof + t^2)``) comes in log
+    space from the incomplete-beta continued fraction, so z stays exact far
+    past the float64 range of ``1 - F``.
+    """
+    tt = t.to(torch.float64)
+    a = tt.abs()
+    r2 = dof + a * a
+    two_sided = _two_sided_central(dof / r2, a / torch.sqrt(r2), dof)
+    log_p = torch.log(0.5 * two_sided.clamp(min=1e-300))
+    tail = two_sided < 1e-3
+    if bool(tail.any()):
+        at, rt = a[tail], r2[tail]
+        log_p[tail] = _log_betainc_cf(dof / rt, 2.0 * torch.log(at) - torch.log(rt), dof / 2.0, 0.5) - math.log(2.0)
+    return (torch.sign(tt) * _z_from_log_p(log_p) + 0.0).to(t.dtype)  # + 0.0: no -0.0
+
+
 def t_to_z(t: torch.Tensor, dof: int) -> torch.Tensor:
     """Convert t statistics to z statistics with the same tail probability.
 
     ``z = sign(t) * Phi^-1(1 - F_dof(|t|))`` for integer degrees of freedom,
     to float64 round-off, including far tails where ``1 - F`` is far below
-    float64 resolution. Where ``P(|T| > |t|) >= 1e-3`` it is one minus the
-    finite series of Abramowitz & Stegun 26.7.3-4; beyond, the tail
-    probability ``I_x(dof/2, 1/2)`` (``x = dof / (dof + t^2)``) comes in log
-    space from the incomplete-beta continued fraction.
+    float64 resolution (FSL's ``T2z`` serves the same purpose). On CUDA it
+    is computed on the device (series and continued fraction in float64);
+    on the CPU ``scipy.special.stdtr``/``ndtri`` are faster and are used,
+    with the device formula only for tails below ``1e-300``.
 
     Parameters
     ----------
@@ -184,16 +206,16 @@ def t_to_z(t: torch.Tensor, dof: int) -> torch.Tensor:
     dof = int(dof)
     if dof < 1:
         raise ValueError(f"dof must be a positive integer, got {dof}")
-    tt = t.to(torch.float64)
-    a = tt.abs()
-    r2 = dof + a * a
-    two_sided = _two_sided_central(dof / r2, a / torch.sqrt(r2), dof)
-    log_p = torch.log(0.5 * two_sided.clamp(min=1e-300))
-    tail = two_sided < 1e-3
-    if bool(tail.any()):
-        at, rt = a[tail], r2[tail]
-        log_p[tail] = _log_betainc_cf(dof / rt, 2.0 * torch.log(at) - torch.log(rt), dof / 2.0, 0.5) - math.log(2.0)
-    return (torch.sign(tt) * _z_from_log_p(log_p) + 0.0).to(t.dtype)  # + 0.0: no -0.0
+    if t.device.type != "cpu":
+        return _t_to_z_series(t, dof)
+    values = t.detach().numpy().astype(np.float64)
+    a = np.abs(values)
+    p = special.stdtr(dof, -a)
+    z = -special.ndtri(p)
+    deep = p < 1e-300
+    if deep.any():
+        z[deep] = _t_to_z_series(torch.from_numpy(a[deep]), dof).numpy()
+    return torch.from_numpy(np.sign(values) * z + 0.0).to(t.dtype)  # + 0.0: no -0.0
 
 
 # --------------------------------------------------------------------------- the two regressions

@@ -24,7 +24,7 @@ import torch
 from scipy import stats
 
 from gpuconn.cli.app import run
-from gpuconn.dualreg import dual_regression, spatial_regression, t_to_z, temporal_regression
+from gpuconn.dualreg import _t_to_z_series, dual_regression, spatial_regression, t_to_z, temporal_regression
 from gpuconn.errors import InputError
 
 SHAPE = (10, 12, 10)
@@ -69,17 +69,27 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("dof", [1, 2, 3, 7, 34, 109, 1000])
-def test_t_to_z_matches_scipy_into_the_far_tail(dof):
+def test_t_to_z_series_matches_scipy_into_the_far_tail(dof):
+    # the device formula (series + continued fraction), run here on the CPU
     t = np.concatenate([np.linspace(-40, 40, 4001), [0.0, 3.2, 3.4, 200.0]])
     ref = np.sign(t) * stats.norm.isf(stats.t.sf(np.abs(t), dof))
-    z = t_to_z(torch.from_numpy(t), dof).numpy()
+    z = _t_to_z_series(torch.from_numpy(t), dof).numpy()
     finite = np.isfinite(ref)  # scipy's isf underflows past |z| ~ 38
     np.testing.assert_allclose(z[finite], ref[finite], rtol=1e-10, atol=1e-10)
     assert np.all(np.diff(z[:4001]) > 0), "z must increase with t"
     assert z[4001] == 0.0 and not np.signbit(z[4001])
-    # near 0, z = t f_dof(0) / phi(0) (scipy's isf loses these digits to cancellation)
-    tiny = t_to_z(torch.tensor([1e-8], dtype=torch.float64), dof).item()
+    # near 0, z = t f_dof(0) / phi(0) (scipy loses these digits to cancellation)
+    tiny = _t_to_z_series(torch.tensor([1e-8], dtype=torch.float64), dof).item()
     assert tiny == pytest.approx(1e-8 * stats.t.pdf(0, dof) / stats.norm.pdf(0), rel=1e-7)
+
+
+def test_t_to_z_public_path_agrees_with_series(device):
+    # cpu: scipy with the series for tails below 1e-300; cuda: the series
+    t = torch.from_numpy(np.r_[np.linspace(-30, 30, 601), 1e3, -1e5]).to(device)
+    for dof in (1, 34, 109):
+        z = t_to_z(t, dof).cpu().numpy()
+        np.testing.assert_allclose(z, _t_to_z_series(t.cpu(), dof).numpy(), rtol=1e-9, atol=1e-8)
+    assert t_to_z(t.float(), 50).dtype == torch.float32
 
 
 def test_t_to_z_beyond_double_tail_is_finite_and_monotone():
