@@ -217,7 +217,9 @@ def cluster_table(
         rows.append(row)
     columns = ["cluster_index", "voxels", "volume_mm3", "peak_value", "peak_i", "peak_j", "peak_k",
                "peak_x", "peak_y", "peak_z", "cog_x", "cog_y", "cog_z"]
-    table = pd.DataFrame(rows, columns=columns + [k for k in (rows[0] if rows else {}) if k not in columns])
+    optional = (["p_corrected_min"] * (corrp is not None) + ["p", "log10_p"] * (cluster_p is not None)
+                + ["peak_label"] * (atlas is not None))  # present even with no cluster
+    table = pd.DataFrame(rows, columns=columns + optional)
     table = table.sort_values("cluster_index", ascending=False, ignore_index=True)
     lmax = local_maxima(stat, index_image, affine, n_per_cluster=n_maxima,
                         min_distance_mm=min_distance_mm) if maxima else None
