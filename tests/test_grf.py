@@ -14,6 +14,7 @@ from gpuconn.errors import InputError
 from gpuconn.stats.grf import (
     Smoothness,
     cluster_p_values,
+    dof_correction,
     estimate_smoothness,
     expected_clusters,
     grf_cluster_p,
@@ -36,13 +37,48 @@ def test_smoothness_within_10_percent(rng, fwhm):
     import torch
 
     residuals = ols_residuals(torch.as_tensor(volumes[:, mask]), design)
-    smooth = estimate_smoothness(residuals, mask, voxel_size=(2.0, 2.0, 2.0))
+    smooth = estimate_smoothness(residuals, mask, dof=14, voxel_size=(2.0, 2.0, 2.0))
     np.testing.assert_allclose(smooth.fwhm_voxels, fwhm, rtol=0.10)
     np.testing.assert_allclose(smooth.fwhm_mm, 2 * smooth.fwhm_voxels)
     sigma_sq = smooth.fwhm_voxels**2 / (8 * math.log(2))
-    assert smooth.dlh == pytest.approx(1 / math.sqrt(8 * np.prod(sigma_sq)))
+    assert smooth.dlh == pytest.approx(dof_correction(14) / math.sqrt(8 * np.prod(sigma_sq)))
     assert smooth.resels == pytest.approx(np.prod(smooth.fwhm_voxels))
     assert smooth.volume == mask.sum()
+
+
+def _smoothest_loop(volumes, mask, dof):
+    """smoothest's algorithm as a plain loop over the grid (3D, > 2 volumes)."""
+    r = np.array(volumes, dtype=np.float64)  # (t, x, y, z)
+    r = (r - r.mean(axis=0)) / r.std(axis=0, ddof=1)
+    ss_minus, s2 = np.zeros(3), np.zeros(3)
+    nx, ny, nz = mask.shape
+    for x in range(1, nx):
+        for y in range(1, ny):
+            for z in range(1, nz):
+                if mask[x, y, z] and mask[x - 1, y, z] and mask[x, y - 1, z] and mask[x, y, z - 1]:
+                    for d, (a, b, c) in enumerate([(x - 1, y, z), (x, y - 1, z), (x, y, z - 1)]):
+                        ss_minus[d] += np.sum(r[:, x, y, z] * r[:, a, b, c])
+                        s2[d] += np.sum(0.5 * (r[:, x, y, z] ** 2 + r[:, a, b, c] ** 2))
+    sigma_sq = -1 / (4 * np.log(ss_minus / s2))
+    return np.prod(sigma_sq) ** -0.5 * 8**-0.5 * dof_correction(dof), np.sqrt(8 * np.log(2) * sigma_sq)
+
+
+def test_smoothness_equals_plain_loop(rng):
+    shape = (9, 8, 7)
+    volumes = _smoothed_noise(rng, 6, shape, 2.5)
+    mask = rng.random(shape) > 0.15
+    smooth = estimate_smoothness(volumes[:, mask], mask, dof=4.5)
+    dlh, fwhm = _smoothest_loop(volumes, mask, 4.5)
+    assert smooth.dlh == pytest.approx(dlh, rel=1e-10)
+    np.testing.assert_allclose(smooth.fwhm_voxels, fwhm, rtol=1e-10)
+
+
+def test_dof_correction_table():
+    # smoothest interpolates between table entries a < dof <= b as sqrt(T[b] + slope * (dof - a))
+    assert dof_correction(20) == pytest.approx(math.sqrt(1.0632924 + (1.0632924 - 1.0674553) * (20 - 19)))
+    assert dof_correction(35.5) == pytest.approx(math.sqrt(1.0281339 + (1.0281339 - 1.0390117) / 10 * 5.5))
+    assert dof_correction(5.9) == 1.1
+    assert dof_correction(1000) == pytest.approx(math.sqrt(1 + 1.0321 / 1000))
 
 
 def test_unsmoothed_residuals_are_an_error(rng):

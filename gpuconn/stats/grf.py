@@ -7,18 +7,19 @@ cluster p-values from Gaussian random field theory as FSL ``cluster`` /
 
 Smoothness (FSL ``smoothest``)
 ------------------------------
-Residuals are scaled to unit sum of squares per voxel. Along each axis
-``d``, the lag-1 correlation ``rho_d`` is the sum over neighbouring in-mask
-voxel pairs and volumes of ``u(v) u(v + e_d)`` divided by the same sum of
-``(u(v)^2 + u(v + e_d)^2) / 2``. For a Gaussian-smoothed field with kernel
+Residuals are standardised per voxel (mean 0, variance 1 over volumes).
+Along each axis ``d``, the lag-1 correlation ``rho_d`` is the sum over the
+non-edge voxels (those whose x-1, y-1, z-1 neighbours are in the mask) and
+volumes of ``u(v) u(v - e_d)`` divided by the same sum of
+``(u(v)^2 + u(v - e_d)^2) / 2``. For a Gaussian-smoothed field with kernel
 variance ``s_d^2`` (voxels²), ``rho_d = exp(-1 / (4 s_d^2))``, so
 
     s_d^2 = -1 / (4 ln rho_d),   FWHM_d = sqrt(8 ln 2 s_d^2)  (voxels),
-    DLH = (s_x^2 s_y^2 s_z^2)^(-1/2) / sqrt(8)  (= |Lambda|^(1/2) per voxel),
-    RESELS = FWHM_x FWHM_y FWHM_z  (voxels per resel).
+    DLH = (s_x^2 s_y^2 s_z^2)^(-1/2) / sqrt(8) * c(dof)  (|Lambda|^(1/2) per voxel),
+    RESELS = FWHM_x FWHM_y FWHM_z  (voxels per resel),
 
-(smoothest also applies a small degrees-of-freedom correction from a lookup
-table, not reproduced here; tests hold the estimate to the true FWHM.)
+with ``c(dof)`` smoothest's temporal degrees-of-freedom correction
+(:func:`dof_correction`).
 
 Cluster p (Friston et al. 1994, as FSL ``cluster``)
 ---------------------------------------------------
@@ -34,6 +35,7 @@ For a z threshold ``u`` in a search volume of ``V`` voxels (D = 3):
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +56,7 @@ from .tables import cluster_table
 
 __all__ = [
     "Smoothness",
+    "dof_correction",
     "estimate_smoothness",
     "expected_clusters",
     "cluster_p_values",
@@ -91,19 +94,55 @@ class Smoothness:
                 "FWHMvoxels": self.fwhm_voxels.tolist(), "FWHMmm": self.fwhm_mm.tolist()}
 
 
+# smoothest's temporal-dof correction of DLH: sqrt of a value interpolated
+# from this table (dof -> factor), 1.1 below 6 dof, 1 + 1.0321/dof above 500.
+_DOF_TABLE = {
+    5: 1.5423138, 6: 1.3757105, 7: 1.2842680, 8: 1.2272151, 9: 1.1885232, 10: 1.1606988, 11: 1.1398000,
+    12: 1.1235677, 13: 1.1106196, 14: 1.1000651, 15: 1.0913060, 16: 1.0839261, 17: 1.0776276, 18: 1.0721920,
+    19: 1.0674553, 20: 1.0632924, 25: 1.0483053, 30: 1.0390117, 40: 1.0281339, 50: 1.0219834, 60: 1.0180339,
+    70: 1.0152850, 80: 1.0132621, 90: 1.0117115, 100: 1.0104851, 150: 1.0068808, 200: 1.0051200,
+    300: 1.0033865, 500: 1.0020191,
+}
+
+
+def dof_correction(dof: float) -> float:
+    """smoothest's multiplier of DLH for residuals with ``dof`` degrees of freedom.
+
+    Reproduces smoothest's interpolation as it is computed there: with ``b``
+    the first table entry at or above ``int(dof)`` and ``a`` the one before,
+    ``sqrt(T[b] + (T[b] - T[a]) / (b - a) * (dof - a))`` (which adds the
+    slope term to the upper entry, not the lower one); 1.1 below 6 dof and
+    ``sqrt(1 + 1.0321 / dof)`` above 500.
+    """
+    if dof < 6:
+        return 1.1
+    keys = sorted(_DOF_TABLE)
+    upper = next((k for k in keys if k >= int(dof)), None)
+    if upper is None:
+        return float(np.sqrt(1.0321 / dof + 1.0))
+    lower = keys[keys.index(upper) - 1]
+    slope = (_DOF_TABLE[upper] - _DOF_TABLE[lower]) / (upper - lower)
+    return float(np.sqrt(slope * (dof - lower) + _DOF_TABLE[upper]))
+
+
 def estimate_smoothness(
     residuals: np.ndarray | torch.Tensor,
     mask: np.ndarray,
     *,
+    dof: float | None = None,
     voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0),
 ) -> Smoothness:
-    """Estimate smoothness from GLM residuals, as FSL ``smoothest``.
+    """Estimate smoothness from GLM residuals, as FSL ``smoothest -r res4d -d dof -m mask``.
 
     Parameters
     ----------
     residuals : ndarray or Tensor, shape (n_obs, n_voxels)
         Residuals in the mask's voxel order (any device).
     mask : ndarray of bool, shape (x, y, z)
+        A z extent of 1 gives smoothest's 2D mode.
+    dof : float, optional
+        Residual degrees of freedom (default ``n_obs - 1``); used for the
+        DLH correction when ``n_obs > 1``.
     voxel_size : tuple of float
         mm per voxel along x, y, z (for ``fwhm_mm``).
 
@@ -111,42 +150,64 @@ def estimate_smoothness(
     -------
     Smoothness
 
+    Notes
+    -----
+    As smoothest: with more than 2 volumes each voxel's residuals are
+    standardised (mean 0, sample variance 1) and voxels of zero variance
+    leave the mask; the sums run over the voxels whose x-1, y-1 (and z-1)
+    neighbours are all in the mask; a ratio above 0.99999999 is set to
+    0.99999 (extreme smoothness, with a warning). Unlike smoothest (which
+    takes ``|ratio|``), a ratio <= 0 is an error.
+
     Raises
     ------
     InputError
-        When an axis has no in-mask neighbour pair, or the residuals are
-        uncorrelated or anticorrelated along an axis (no smoothness to
-        estimate).
+        No voxel with all its backward neighbours in the mask, or residuals
+        uncorrelated or anticorrelated along an axis.
     """
     res = torch.as_tensor(residuals).to(DESIGN_DTYPE)
+    n_obs = res.shape[0]
     if res.ndim != 2 or res.shape[1] != int(mask.sum()):
         raise InputError(f"residuals must be (n_obs, {int(mask.sum())}), got {tuple(res.shape)}")
-    norms = res.norm(dim=0)
-    unit = res / torch.where(norms > 0, norms, torch.ones_like(norms))
-    valid = norms > 0
-    table = torch.as_tensor(neighbour_table(mask, connectivity=6), device=res.device).long()
-    offsets = connectivity_offsets(6)
-    sigma_sq = np.empty(3)
-    for axis in range(3):
-        column = int(np.flatnonzero((offsets == np.eye(3, dtype=int)[axis]).all(axis=1))[0])
-        nb = table[:, column]
-        pair = (nb >= 0) & valid
-        pair[pair.clone()] &= valid[nb[pair]]
-        if not bool(pair.any()):
-            raise InputError(f"the mask has no neighbouring voxel pair along axis {'xyz'[axis]}; cannot estimate smoothness")
-        a, b = unit[:, pair], unit[:, nb[pair]]
-        rho = float((a * b).sum() / (0.5 * (a * a + b * b).sum()))
-        if not 0 < rho < 1:
+    valid = torch.ones(res.shape[1], dtype=torch.bool, device=res.device)
+    if n_obs > 2:
+        centred = res - res.mean(dim=0)
+        var = (centred * centred).sum(dim=0) / (n_obs - 1)
+        valid = var > 0
+        res = centred / torch.where(valid, var, torch.ones_like(var)).sqrt()
+    use_z = mask.shape[2] > 1
+    n_axes = 3 if use_z else 2
+    table = torch.as_tensor(neighbour_table(mask, connectivity=6)[:, :3], device=res.device).long()  # x-1, y-1, z-1
+    backward = table[:, :n_axes]
+    inner = valid & (backward >= 0).all(dim=1)
+    inner[inner.clone()] &= valid[backward[inner]].all(dim=1)
+    if not bool(inner.any()):
+        raise InputError("no mask voxel has its x-1, y-1, z-1 neighbours in the mask; cannot estimate smoothness")
+    centre = res[:, inner]
+    sigma_sq = np.zeros(3)
+    for axis in range(n_axes):
+        other = res[:, backward[inner, axis]]
+        ss_minus = float((centre * other).sum())
+        s2 = float((0.5 * (centre * centre + other * other)).sum())
+        if ss_minus >= 0.99999999 * s2:
+            warnings.warn(f"extreme smoothness along {'xyz'[axis]}: possibly biased estimate (as smoothest)",
+                          RuntimeWarning, stacklevel=2)
+            ss_minus = 0.99999 * s2
+        rho = ss_minus / s2
+        if rho <= 0:
             raise InputError(
                 f"residuals have lag-1 correlation {rho:.3g} along {'xyz'[axis]}: no positive smoothness to estimate "
                 "(unsmoothed or too few volumes)"
             )
         sigma_sq[axis] = -1.0 / (4.0 * np.log(rho))
+    dlh = float(np.prod(sigma_sq[:n_axes]) ** -0.5 * (2.0**n_axes) ** -0.5)
+    if n_obs > 1:
+        dlh *= dof_correction(n_obs - 1 if dof is None else dof)
     fwhm = np.sqrt(8.0 * np.log(2.0) * sigma_sq)
     return Smoothness(
-        dlh=float(np.prod(sigma_sq) ** -0.5 / np.sqrt(8.0)),
-        volume=int(mask.sum()),
-        resels=float(np.prod(fwhm)),
+        dlh=dlh,
+        volume=int(valid.sum()),
+        resels=float(np.prod(fwhm[:n_axes])),
         fwhm_voxels=fwhm,
         fwhm_mm=fwhm * np.asarray(voxel_size, dtype=np.float64),
     )
@@ -297,7 +358,8 @@ def parametric_glm(
         raise InputError(f"the design leaves {dof} residual degrees of freedom for {n_obs} volumes; simplify it")
     torch_device = resolve_device(device)
     data = torch.as_tensor(masked_data(img, mask, path=input_path)).to(torch_device)
-    smooth = estimate_smoothness(ols_residuals(data, design.matrix), mask, voxel_size=tuple(img.header.get_zooms()[:3]))
+    smooth = estimate_smoothness(ols_residuals(data, design.matrix), mask, dof=dof,
+                                 voxel_size=tuple(img.header.get_zooms()[:3]))
     root = str(output_root)
     tables = {}
     for i, contrast in enumerate(np.atleast_2d(design.contrasts), start=1):
