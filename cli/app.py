@@ -7,12 +7,14 @@ standard error with exit code 2 and no traceback.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import typer
 from rich.console import Console
 
 from gpuconn.errors import GpuconnError
+from gpuconn.io import output_transaction
 
 from . import roi, seed
 from . import info, simulate
@@ -61,8 +63,12 @@ _err = Console(stderr=True, highlight=False, soft_wrap=True)
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI with ``argv`` and return its exit code (never raises for user errors)."""
     command = typer.main.get_command(app)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # A failed command leaves no output; a study keeps the steps it completed (it resumes from them).
+    transaction = contextlib.nullcontext() if argv[:1] in (["study"], ["demo"]) else output_transaction()
     try:
-        command.main(args=argv, prog_name="gpuconn", standalone_mode=True)
+        with transaction:
+            command.main(args=argv, prog_name="gpuconn", standalone_mode=True)
     except SystemExit as exc:  # usage errors, --help and normal ends exit here
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except GpuconnError as exc:

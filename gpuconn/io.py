@@ -3,7 +3,9 @@
 Images are loaded with nibabel and turned into ``(n_volumes, n_voxels)``
 arrays of the voxels inside a mask, and back. Every output is written to a
 temporary name in the destination folder and renamed when complete, so an
-interrupted or failed write never leaves a partial file under the final name.
+interrupted or failed write never leaves a partial file under the final name;
+inside :func:`output_transaction` (every CLI command) a command that fails
+also removes the complete files it had already written.
 NIfTI and TSV outputs get a JSON sidecar with the parameters that made them
 and the versions of the packages involved.
 """
@@ -11,6 +13,7 @@ and the versions of the packages involved.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import platform
@@ -36,6 +39,7 @@ __all__ = [
     "masked_data",
     "unmask",
     "atomic_path",
+    "output_transaction",
     "save_image",
     "write_json",
     "write_tsv",
@@ -225,6 +229,40 @@ def unmask(values: np.ndarray, mask: np.ndarray, *, fill: float = 0.0) -> np.nda
     return out
 
 
+# Files created by atomic_path inside the innermost output_transaction.
+_created: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar("gpuconn_created", default=None)
+
+
+@contextlib.contextmanager
+def output_transaction() -> Iterator[list[Path]]:
+    """All or nothing: if the block fails, remove the files it created through :func:`atomic_path`.
+
+    Files that existed before the block (overwritten ones) are kept. A
+    ``SystemExit`` with code 0 or None (a normal CLI end) counts as success.
+    Nested blocks hand their files to the enclosing one on success.
+
+    Yields
+    ------
+    list of Path
+        The files created so far (filled as the block writes).
+    """
+    created: list[Path] = []
+    token = _created.set(created)
+    try:
+        yield created
+    except BaseException as exc:
+        if not (isinstance(exc, SystemExit) and exc.code in (0, None)):
+            for path in reversed(created):
+                path.unlink(missing_ok=True)
+            created.clear()
+        raise
+    finally:
+        _created.reset(token)
+        parent = _created.get()
+        if parent is not None:
+            parent.extend(created)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` on success.
@@ -249,7 +287,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        is_new = not path.exists()
         os.replace(tmp_path, path)
+        if is_new and _created.get() is not None:
+            _created.get().append(path)
     except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
