@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from .options import Device, Quiet
+from .options import Device, Quiet, Seed
 
 
 def dualreg(
@@ -29,6 +29,18 @@ def dualreg(
     batch: Annotated[
         int | None, typer.Option("--batch", help="Subjects per device batch (default: from free memory).")
     ] = None,
+    design: Annotated[
+        Path | None, typer.Option("-d", "--design", help="Stage 3: group design.mat (one row per subject).")
+    ] = None,
+    contrasts: Annotated[Path | None, typer.Option("-t", "--contrasts", help="Stage 3: design.con.")] = None,
+    one_sample: Annotated[
+        bool, typer.Option("-1", "--one-sample", help="Stage 3: group-mean test instead of -d/-t.")
+    ] = False,
+    n_perm: Annotated[
+        int,
+        typer.Option("-n", "--n-perm", help="Stage 3 permutations: 0 none, 1 raw t maps, >1 randomise with TFCE."),
+    ] = 0,
+    seed: Seed = 0,
     device: Device = "auto",
     quiet: Quiet = False,
 ) -> None:
@@ -37,11 +49,13 @@ def dualreg(
     Writes dr_stage1_subjectNNNNN.txt, dr_stage2_subjectNNNNN.nii.gz, dr_stage2_subjectNNNNN_Z.nii.gz,
     dr_stage2_icNNNN.nii.gz (one volume per subject, ready for `gpuconn randomise`), mask.nii.gz and
     dualreg.json (parameters, subject numbering). Nothing is written unless every subject succeeds.
+    With -n and -d/-t (or -1), randomise runs on every component as FSL's stage 3 (dr_stage3_icNNNN_*).
     """
     from gpuconn.dualreg import dual_regression
 
     result = dual_regression(
         maps, subjects, out_dir, mask_path=mask, des_norm=des_norm, device=device, batch_size=batch,
+        design_path=design, contrast_path=contrasts, one_sample=one_sample, n_perm=n_perm, seed=seed,
         progress=not quiet,
     )
     if not quiet:

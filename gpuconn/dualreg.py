@@ -532,6 +532,11 @@ def dual_regression(
     des_norm: bool = True,
     device: str | torch.device = "auto",
     batch_size: int | None = None,
+    design_path: str | os.PathLike | None = None,
+    contrast_path: str | os.PathLike | None = None,
+    one_sample: bool = False,
+    n_perm: int = 0,
+    seed: int = 0,
     progress: bool = False,
 ) -> DualRegressionResult:
     """Run FSL-style dual regression of group maps on every subject's series.
@@ -559,6 +564,19 @@ def dual_regression(
     batch_size : int, optional
         Subjects per device batch; default from free memory (at most 32 on
         CUDA, 4 on CPU).
+    design_path, contrast_path : path-like, optional
+        Group design (``design.mat``, one row per subject in input order)
+        and contrasts (``design.con``) for stage 3, as dual_regression's
+        ``<design.mat> <design.con>``.
+    one_sample : bool, default False
+        Stage 3 as a group-mean test (dual_regression's ``-1``) instead of a design.
+    n_perm : int, default 0
+        Stage 3, as dual_regression: 0 skips it; 1 writes raw t maps only
+        (``randomise -n 1``); more runs :func:`gpuconn.stats.randomise.randomise`
+        with TFCE (``-T``) on every ``dr_stage2_icNNNN`` into
+        ``dr_stage3_icNNNN_*``.
+    seed : int, default 0
+        Seed of the permutations.
     progress : bool, default False
 
     Returns
@@ -596,6 +614,7 @@ def dual_regression(
     batch = batch_size or _default_batch(max(n_volumes), n_voxels, n_maps, device, len(paths))
     if batch < 1:
         raise InputError(f"--batch must be at least 1, got {batch}")
+    _check_stage3(design_path, contrast_path, one_sample, n_perm, len(paths))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".dualreg-", dir=out_dir))
@@ -635,11 +654,49 @@ def dual_regression(
             os.replace(item, out_dir / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if n_perm > 0:
+        _stage3(out_dir, n_maps, design_path, contrast_path, one_sample, n_perm, seed, device, progress)
     result.stage1 = [out_dir / f"dr_stage1_{_subject_name(i)}.txt" for i in range(len(paths))]
     result.stage2 = [out_dir / f"dr_stage2_{_subject_name(i)}.nii.gz" for i in range(len(paths))]
     result.stage2_z = [out_dir / f"dr_stage2_{_subject_name(i)}_Z.nii.gz" for i in range(len(paths))]
     result.components = [out_dir / f"dr_stage2_ic{k:04d}.nii.gz" for k in range(n_maps)]
     return result
+
+
+def _check_stage3(design_path, contrast_path, one_sample: bool, n_perm: int, n_subjects: int) -> None:
+    """Validate stage-3 options before any work (design rows = subjects)."""
+    if n_perm < 0:
+        raise InputError(f"-n must be 0 (no randomise), 1 (raw t maps) or more, got {n_perm}")
+    has_design = design_path is not None or contrast_path is not None
+    if n_perm == 0:
+        if has_design or one_sample:
+            raise InputError("a design (-d/-t or -1) was given but -n is 0; give -n N to run randomise on each map")
+        return
+    if one_sample == has_design:
+        raise InputError("stage 3 needs either -d design.mat -t design.con or -1 (group mean), not both or neither")
+    if has_design:
+        if design_path is None or contrast_path is None:
+            raise InputError("give both -d design.mat and -t design.con")
+        from .stats.design import load_design
+
+        load_design(design_path, contrast_path, n_obs=n_subjects, data_source="dr_stage2_icNNNN (one volume per subject)")
+
+
+def _stage3(out_dir: Path, n_maps: int, design_path, contrast_path, one_sample: bool, n_perm: int, seed: int,
+            device: torch.device, progress: bool) -> None:
+    """Run randomise on every ``dr_stage2_icNNNN`` (as dual_regression's last step)."""
+    from .stats.randomise import randomise
+    from .stats.tfce import TFCE_DEFAULTS, spatial_transforms
+
+    spatial = spatial_transforms(tfce_params=dict(TFCE_DEFAULTS)) if n_perm > 1 else None
+    for k in range(n_maps):
+        randomise(
+            out_dir / f"dr_stage2_ic{k:04d}.nii.gz", out_dir / f"dr_stage3_ic{k:04d}",
+            design_path=design_path, contrast_path=contrast_path, mask_path=out_dir / "mask.nii.gz",
+            one_sample=one_sample, n_perm=n_perm, seed=seed, device=str(device), spatial=spatial,
+            voxelwise=n_perm == 1, write_raw=("tfce",) if spatial else (), progress=progress,
+            params={"dual_regression_stage": 3},
+        )
 
 
 def _write_subject(

@@ -242,3 +242,29 @@ def test_cli_dualreg(tmp_path, rng, capsys):
     rc = run(["dualreg", str(maps_path), str(tmp_path / "missing.nii.gz"), "-o", str(out), "-q"])
     err = capsys.readouterr().err
     assert rc == 2 and "subject series file not found" in err and "missing.nii.gz" in err
+
+
+def test_stage3_randomise_on_each_component(tmp_path, rng):
+    maps_path, subjects, brain, *_ = _study(tmp_path, rng, n_subjects=4, n_volumes=20, n_maps=2)
+    out = tmp_path / "dr"
+    dual_regression(maps_path, subjects, out, device="cpu", one_sample=True, n_perm=1)
+    for k in range(2):
+        tstat = nib.load(out / f"dr_stage3_ic{k:04d}_tstat1.nii.gz").get_fdata()
+        betas = nib.load(out / f"dr_stage2_ic{k:04d}.nii.gz").get_fdata()[brain]  # (V, subjects)
+        ref = betas.mean(axis=1) / (betas.std(axis=1, ddof=1) / 2.0)  # one-sample t, n = 4
+        np.testing.assert_allclose(tstat[brain], ref, rtol=1e-3, atol=1e-3)
+
+
+def test_stage3_design_is_checked_before_any_work(tmp_path, rng):
+    maps_path, subjects, *_ = _study(tmp_path, rng, n_subjects=3, n_volumes=20, n_maps=2)
+    mat, con = tmp_path / "design.mat", tmp_path / "design.con"
+    mat.write_text("/NumWaves 1\n/NumPoints 2\n/Matrix\n1\n1\n")
+    con.write_text("/NumWaves 1\n/NumContrasts 1\n/Matrix\n1\n")
+    with pytest.raises(InputError, match="design.mat has 2 rows but dr_stage2_icNNNN .one volume per subject. has 3"):
+        dual_regression(maps_path, subjects, tmp_path / "dr", device="cpu", design_path=mat,
+                        contrast_path=con, n_perm=10)
+    _assert_no_output(tmp_path / "dr")
+    with pytest.raises(InputError, match="a design .* was given but -n is 0"):
+        dual_regression(maps_path, subjects, tmp_path / "dr", device="cpu", one_sample=True)
+    with pytest.raises(InputError, match="not both or neither"):
+        dual_regression(maps_path, subjects, tmp_path / "dr", device="cpu", n_perm=5)
