@@ -27,7 +27,7 @@ Fdr = Annotated[bool, typer.Option("--fdr", help="Write Benjamini-Hochberg FDR-a
 PermuteBlocks = Annotated[
     bool, typer.Option("--permute-blocks", help="Shuffle whole exchangeability blocks (equal sizes) instead of within them.")
 ]
-Tfce = Annotated[bool, typer.Option("-T", help="TFCE (H=2, E=0.5, 6-connectivity): <root>_tfce_tstat1, <root>_tfce_corrp_tstat1.")]
+Tfce = Annotated[bool, typer.Option("-T", help="TFCE (H=2, E=0.5, 6-connectivity; 100 steps up to each map's maximum, as nilearn): <root>_tfce_tstat1, <root>_tfce_corrp_tstat1.")]
 Tfce2D = Annotated[bool, typer.Option("--T2", help="TFCE for 2D/skeleton data (H=2, E=1, 26-connectivity).")]
 TfceH = Annotated[Optional[float], typer.Option("--tfce-H", help="TFCE height exponent (default 2).")]
 TfceE = Annotated[Optional[float], typer.Option("--tfce-E", help="TFCE extent exponent (default 0.5; 1 with --T2).")]
