@@ -394,7 +394,8 @@ def run_group_ica(
     else:
         mask = common_mask(paths, progress=progress)
     if int(mask.sum()) <= dim:
-        raise InputError(f"the mask has {int(mask.sum())} voxels, too few for {dim} components")
+        raise InputError(f"the mask has {int(mask.sum())} voxels, too few for --dim {dim} components; "
+                         "lower --dim or use a larger mask")
     with progress_bar("group ICA", len(paths), enabled=progress) as advance:
 
         def stream():
