@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -289,7 +288,6 @@ def write_cluster_table(
                            min_voxels=min_voxels, corrp=extra.get("corrp"), atlas=extra.get("atlas"),
                            atlas_labels=labels, maxima=maxima, min_distance_mm=min_distance_mm)
     root = str(output_root)
-    Path(root).parent.mkdir(parents=True, exist_ok=True)
     params = {"stat": str(stat_path), "threshold": threshold, "connectivity": connectivity, "min_voxels": min_voxels}
     write_tsv(result.table, f"{root}_clusters.tsv", params=params, sidecar=True)
     save_image(result.index_image, img, f"{root}_cluster_index.nii.gz", params=params, dtype=np.int32)
