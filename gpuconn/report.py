@@ -143,7 +143,7 @@ def _design_figure(matrix: np.ndarray, names: list[str], title: str):
 
 def _model_section(out: Path, study, model: dict) -> str:
     from .stats.design import read_vest
-    from .study import model_contrasts, significant_voxels
+    from .study import map_keys, model_contrasts, significant_voxels
 
     folder = out / "group" / model["name"]
     parts = [f"<h3>{html.escape(model['name'])} ({html.escape(model['kind'])}, {html.escape(model['session'])})</h3>"]
@@ -156,20 +156,39 @@ def _model_section(out: Path, study, model: dict) -> str:
     mask_path = out / "group" / "mask.nii.gz"
     background = np.asarray(nib.load(str(mask_path)).dataobj, dtype=float) if mask_path.exists() else None
     inference = study.section("inference")
-    for seed in model["seeds"]:
-        root = folder / f"seed-{seed}"
-        for contrast in model_contrasts(out, model["name"], seed):
+    for key in map_keys(model):
+        root = folder / key
+        for contrast in model_contrasts(out, model["name"], key):
             z_path = Path(f"{root}_zstat{contrast}.nii.gz")
             if not z_path.exists() or background is None:
                 continue
             img = nib.load(str(z_path))
             z = np.asarray(img.dataobj, dtype=float)
-            significant = significant_voxels(out, model["name"], seed, contrast, inference)
-            label = f"seed {seed}, contrast {contrast} ({'stated direction' if contrast == 1 else 'reverse'})"
+            significant = significant_voxels(out, model["name"], key, contrast, inference)
+            label = f"{key}, contrast {contrast} ({'stated direction' if contrast == 1 else 'reverse'})"
             parts.append(f"<h4>{html.escape(label)}: {int(significant.sum())} significant voxels "
                          f"({html.escape(inference['method'])}, alpha {inference['alpha']})</h4>")
             parts.append(figure_png(ortho_slices(z, significant, background, img.affine, title=label)))
             parts.append(_table(_read(Path(f"{root}_clusters_tstat{contrast}.tsv"))))
+    return "".join(parts)
+
+
+def _ica_section(out: Path, study) -> str:
+    folder = out / "ica"
+    if not study.section("ica")["enabled"] or not (folder / "melodic_IC.nii.gz").exists():
+        return ""
+    parts = [f"<h2>Group ICA and dual regression</h2><p>{study.section('ica')['dim']} components; "
+             f"dual regression of {len(_read(folder / 'runs.tsv'))} runs.</p>"]
+    best = _read(folder / "match_best.tsv")
+    if best is not None and (folder / "networks.nii.gz").exists():
+        img = nib.load(str(folder / "networks.nii.gz"))
+        maps = np.asarray(img.dataobj, dtype=float).reshape(img.shape[:3] + (-1,))
+        background = np.asarray(nib.load(str(folder / "mask.nii.gz")).dataobj, dtype=float)
+        parts.append(_table(best))
+        for index, row in best.iterrows():
+            shown = maps[..., index] > 2.3
+            title = f"{row['template']}: component {row['component']} (r = {row['r']:.2f}), z > 2.3"
+            parts.append(figure_png(ortho_slices(maps[..., index], shown, background, img.affine, title=title)))
     return "".join(parts)
 
 
@@ -268,6 +287,7 @@ def write_report(study, out_dir: str | os.PathLike, path: str | os.PathLike) -> 
         _planted_section(study, out),
         "<h2>Motion QC</h2>" + _qc_section(out, study),
         "<h2>Table 1</h2>" + _table(_read(out / "table1.tsv")),
+        _ica_section(out, study),
         "<h2>Group models</h2>" + "".join(_model_section(out, study, m) for m in study.section("models")),
         "<h2>ROIs</h2>" + _roi_section(out, study),
         "<h2>Parameters and versions</h2><pre>" + html.escape(json.dumps(study.config, indent=2, default=str)) + "</pre>"

@@ -72,6 +72,7 @@ __all__ = [
     "model_table",
     "significant_voxels",
     "model_contrasts",
+    "map_keys",
     "cluster_t_threshold",
     "check_planted_effects",
     "FOUND_RADIUS_MM",
@@ -111,7 +112,7 @@ _SECTIONS: dict[str, dict[str, Any]] = {
         "fwhm": 6.0,
         "batch_size": 1,
     },
-    "ica": {"enabled": False, "dim": 10, "seed": 0, "templates": "", "networks": []},
+    "ica": {"enabled": False, "dim": 10, "seed": 0, "templates": "", "template_names": []},
     "derived": {},
     "inference": {
         "method": "cluster",
@@ -130,6 +131,7 @@ _SECTIONS: dict[str, dict[str, Any]] = {
 _TABLES: dict[str, dict[str, Any]] = {
     "seeds": {"name": _REQUIRED, "center": _REQUIRED, "radius": 6.0, "mirror": "none"},
     "rois": {"name": _REQUIRED, "center": _REQUIRED, "radius": 4.0, "mirror": "union"},
+    "networks": {"name": _REQUIRED, "nodes": [], "radius": 10.0},
     "models": {
         "name": _REQUIRED,
         "kind": _REQUIRED,
@@ -138,6 +140,7 @@ _TABLES: dict[str, dict[str, Any]] = {
         "contrast": "",
         "variable": "",
         "seeds": [],
+        "networks": [],
         "covariates": [],
     },
 }
@@ -180,6 +183,7 @@ class Study:
     participants: Path
     runs: list[Run]
     table: pd.DataFrame
+    ica_templates: Path | None = None
 
     def section(self, name: str) -> Any:
         """One section of :attr:`config`."""
@@ -315,7 +319,32 @@ def _regions(config: dict, kind: str) -> list:
     return [r for e in config[kind] for r in sphere_regions(e["name"], e["center"], e["radius"], mirror=e["mirror"], what=what)]
 
 
+def _network_names(config: dict) -> list[str]:
+    """ICA networks: the template image's volume names, else the ``[[networks]]`` tables."""
+    return list(config["ica"]["template_names"]) if config["ica"]["templates"] else [n["name"] for n in config["networks"]]
+
+
+def _check_networks(config: dict, path: Path) -> None:
+    ica = config["ica"]
+    if ica["templates"] and not ica["template_names"]:
+        raise InputError(f"{path}: ica.templates needs ica.template_names (one name per template volume)")
+    for network in config["networks"]:
+        nodes = network["nodes"]
+        if ica["templates"]:
+            raise InputError(f"{path}: give ICA templates either as ica.templates (an image) or as [[networks]] nodes, not both")
+        if not nodes or not all(isinstance(n, list) and len(n) == 3 and all(isinstance(v, (int, float)) for v in n) for n in nodes):
+            raise InputError(f"{path}: networks {network['name']!r}: nodes must be a list of [x, y, z] MNI mm, got {nodes!r}")
+    names = _network_names(config)
+    for model in config["models"]:
+        bad = [n for n in model["networks"] if n not in names]
+        if bad:
+            raise InputError(f"{path}: model {model['name']!r}: network {bad[0]!r} is not an ICA network of the study ({', '.join(names) or 'none'})")
+        if model["networks"] and not ica["enabled"]:
+            raise InputError(f"{path}: model {model['name']!r} tests ICA networks but [ica] enabled = false")
+
+
 def _check_models(config: dict, path: Path) -> None:
+    _check_networks(config, path)
     seeds = _region_names(config, "seeds")
     inputs = config["inputs"]
     names = [m["name"] for m in config["models"]]
@@ -328,7 +357,7 @@ def _check_models(config: dict, path: Path) -> None:
         bad = [s for s in model["seeds"] if s not in seeds]
         if bad:
             raise InputError(f"{where}: seed {bad[0]!r} is not a seed of the study ({', '.join(seeds)})")
-        model["seeds"] = model["seeds"] or seeds
+        model["seeds"] = model["seeds"] or ([] if model["networks"] else seeds)
         if model["kind"] == "regression" and not model["variable"]:
             raise InputError(f"{where}: a regression model needs variable = \"COLUMN\"")
         if model["kind"] in ("paired",) and len(inputs["sessions"]) != 2:
@@ -426,8 +455,11 @@ def load_study(path: str | os.PathLike, *, check_inputs: bool = True) -> Study:
     inputs = config["inputs"]
     derivatives = (path.parent / inputs["derivatives"]).resolve()
     participants = (path.parent / inputs["participants"]).resolve() if inputs["participants"] else derivatives / "participants.tsv"
+    templates = (path.parent / config["ica"]["templates"]).resolve() if config["ica"]["templates"] else None
     if not check_inputs:
-        return Study(path, config, derivatives, participants, [], pd.DataFrame())
+        return Study(path, config, derivatives, participants, [], pd.DataFrame(), templates)
+    if templates is not None and not templates.is_file():
+        raise InputError(f"{path}: ica.templates file not found: {templates}")
     if not derivatives.is_dir():
         raise InputError(f"{path}: inputs.derivatives folder not found: {derivatives}")
     if not participants.is_file():
@@ -439,7 +471,7 @@ def load_study(path: str | os.PathLike, *, check_inputs: bool = True) -> Study:
     missing = sorted({f"sub-{r.subject}" for r in runs} - known)
     if missing:
         raise InputError(f"{participants} has no row for {', '.join(missing[:5])} (found under {derivatives}); add them")
-    return Study(path, config, derivatives, participants, runs, table)
+    return Study(path, config, derivatives, participants, runs, table, templates)
 
 
 def demo_study_path() -> Path:
@@ -598,18 +630,33 @@ def _step_seeds(ctx: _Context) -> list[Path]:
 
 def _step_ica(ctx: _Context) -> list[Path]:
     from .dualreg import dual_regression
-    from .ica import run_group_ica
+    from .ica import match_templates, run_group_ica
 
     settings = ctx.study.section("ica")
     runs = ctx.kept_runs()
     paths = [ctx.denoised(r) for r in runs]
     folder = ctx.out / "ica"
+    ic_path = folder / "melodic_IC.nii.gz"
     run_group_ica(paths, folder, dim=settings["dim"], seed=settings["seed"], device=ctx.device, progress=ctx.progress)
-    written = sorted(p for p in folder.iterdir() if p.is_file())
-    result = dual_regression(folder / "melodic_IC.nii.gz", paths, folder / "dualreg", device=ctx.device)
-    written += sorted(p for p in (folder / "dualreg").rglob("*") if p.is_file())
-    del result
-    return written
+    io.write_tsv(pd.DataFrame({"run": [r.prefix for r in runs]}), folder / "runs.tsv")
+    names = _network_names(ctx.study.config)
+    if names:
+        templates = ctx.study.ica_templates or _network_templates(ctx.study.config, ic_path, folder / "templates.nii.gz")
+        match_templates(ic_path, templates, folder / "match", mask_path=folder / "mask.nii.gz", names=names,
+                        select_path=folder / "networks.nii.gz")
+    dual_regression(ic_path, paths, folder / "dualreg", device=ctx.device, progress=ctx.progress)
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def _network_templates(config: dict, ic_path: Path, path: Path) -> Path:
+    """Binary template maps (one volume per ``[[networks]]`` table: spheres at its nodes) on the ICA grid."""
+    from .seed import Region, region_masks
+
+    img = nib.load(str(ic_path))
+    reference = nib.Nifti1Image(np.zeros(img.shape[:3], np.float32), img.affine, img.header)
+    regions = [Region(n["name"], tuple(tuple(float(v) for v in c) for c in n["nodes"]), n["radius"]) for n in config["networks"]]
+    masks = region_masks(regions, reference, what="network template")
+    return io.save_image(np.moveaxis(masks, 0, -1).astype(np.float32), reference, path, params={"networks": config["networks"]})
 
 
 def model_table(study: Study, qc: pd.DataFrame, model: dict, runs: Sequence[Run]) -> tuple[pd.DataFrame, list[tuple[Run, ...]]]:
@@ -702,26 +749,51 @@ def _group_mask(runs: Sequence[Run]) -> np.ndarray:
     return np.logical_and.reduce(masks)
 
 
-def _model_data(ctx: _Context, run_sets: Sequence[tuple[Run, ...]], seed_index: int, mask: np.ndarray) -> np.ndarray:
+def map_keys(model: dict) -> list[str]:
+    """The maps a group model tests: ``seed-<name>`` (seed maps) and ``net-<name>`` (dual-regression maps)."""
+    return [f"seed-{s}" for s in model["seeds"]] + [f"net-{n}" for n in model["networks"]]
+
+
+def _map_source(ctx: _Context, key: str) -> Callable[[Run], np.ndarray]:
+    """Reader of one run's 3D map for a map key."""
+    kind, name = key.split("-", 1)
+    if kind == "seed":
+        index = _region_names(ctx.study.config, "seeds").index(name)
+        return lambda run: np.asarray(nib.load(str(ctx.seed_map(run))).dataobj[..., index], dtype=np.float32)
+    folder = ctx.out / "ica"
+    order = io.read_tsv(folder / "runs.tsv", what="ICA run order")["run"].astype(str).tolist()
+    best = io.read_tsv(folder / "match_best.tsv", what="ICA template match").set_index("template")
+    component, sign = int(best.loc[name, "component"]), float(best.loc[name, "sign"])
+
+    def read(run: Run) -> np.ndarray:
+        path = folder / "dualreg" / f"dr_stage2_subject{order.index(run.prefix):05d}.nii.gz"
+        return sign * np.asarray(nib.load(str(path)).dataobj[..., component], dtype=np.float32)
+
+    return read
+
+
+def _model_data(read: Callable[[Run], np.ndarray], run_sets: Sequence[tuple[Run, ...]], mask: np.ndarray) -> np.ndarray:
     rows = []
     for runs in run_sets:
-        maps = [np.asarray(nib.load(str(ctx.seed_map(r))).dataobj[..., seed_index], dtype=np.float32)[mask] for r in runs]
+        maps = [read(r)[mask] for r in runs]
         rows.append(maps[0] if len(maps) == 1 else maps[1] - maps[0])
     return np.stack(rows)
 
 
-def _stat_root(out: Path, model: str, seed: str) -> Path:
-    return out / "group" / model / f"seed-{seed}"
+def _stat_root(out: Path, model: str, key: str) -> Path:
+    return out / "group" / model / key
 
 
-def significant_voxels(out_dir: str | os.PathLike, model: str, seed: str, contrast: int, inference: dict) -> np.ndarray:
+def significant_voxels(out_dir: str | os.PathLike, model: str, key: str, contrast: int, inference: dict) -> np.ndarray:
     """Voxels significant at ``inference['alpha']`` for one model, seed and t contrast.
 
     Parameters
     ----------
     out_dir : path-like
         A study's results folder.
-    model, seed : str
+    model : str
+    key : str
+        The map tested (:func:`map_keys`: ``seed-<name>`` or ``net-<name>``).
     contrast : int
         1-based t contrast (1: the model's stated direction, 2: the reverse).
     inference : dict
@@ -733,7 +805,7 @@ def significant_voxels(out_dir: str | os.PathLike, model: str, seed: str, contra
         From the ``*_corrp_tstat<i>`` map of the method (``1 - p > 1 - alpha``),
         or for ``grf`` the voxels of significant clusters (``*_thresh_zstat<i>``).
     """
-    root = _stat_root(Path(out_dir), model, seed)
+    root = _stat_root(Path(out_dir), model, key)
     if inference["method"] == "grf":
         return np.asarray(nib.load(f"{root}_thresh_zstat{contrast}.nii.gz").dataobj) != 0
     prefix = _CORRP[inference["method"]]
@@ -744,9 +816,9 @@ def significant_voxels(out_dir: str | os.PathLike, model: str, seed: str, contra
 _CORRP = {"cluster": "clustere", "tfce": "tfce", "voxel": "vox"}
 
 
-def model_contrasts(out_dir: str | os.PathLike, model: str, seed: str) -> list[int]:
+def model_contrasts(out_dir: str | os.PathLike, model: str, key: str) -> list[int]:
     """The t contrasts (1-based) a group model has results for (``*_zstat<i>`` maps)."""
-    root = _stat_root(Path(out_dir), model, seed)
+    root = _stat_root(Path(out_dir), model, key)
     found = [p.name[len(root.name) + len("_zstat"):].split(".")[0] for p in root.parent.glob(f"{root.name}_zstat*.nii.gz")]
     return sorted(int(i) for i in found if i.isdigit())
 
@@ -760,22 +832,21 @@ def _step_group(ctx: _Context) -> list[Path]:
     runs = ctx.kept_runs()
     qc = ctx.qc_table()
     mask = _group_mask(runs)
-    seeds = _region_names(study.config, "seeds")
     reference = nib.load(str(ctx.seed_map(runs[0])))
     reference = nib.Nifti1Image(np.zeros(reference.shape[:3], np.float32), reference.affine, reference.header)
     mask_path = io.save_image(mask.astype(np.uint8), reference, ctx.out / "group" / "mask.nii.gz", sidecar=False, dtype=np.uint8)
     written = [mask_path]
-    jobs = [(m, s) for m in study.section("models") for s in m["seeds"]]
+    jobs = [(m, key) for m in study.section("models") for key in map_keys(m)]
     with _progress("group models", len(jobs), ctx.progress) as advance:
-        for model, seed in jobs:
+        for model, key in jobs:
             table, run_sets = model_table(study, qc, model, runs)
             folder = ctx.out / "group" / model["name"]
             design = _design(study, model, table)
             written += save_design(design, folder / "design")
             written.append(io.write_tsv(table, folder / "observations.tsv"))
-            data = _model_data(ctx, run_sets, seeds.index(seed), mask)
-            root = _stat_root(ctx.out, model["name"], seed)
-            params = {"model": model, "seed": seed, "inference": settings, "runs": [[r.prefix for r in rs] for rs in run_sets]}
+            data = _model_data(_map_source(ctx, key), run_sets, mask)
+            root = _stat_root(ctx.out, model["name"], key)
+            params = {"model": model, "map": key, "inference": settings, "runs": [[r.prefix for r in rs] for rs in run_sets]}
             input_path = io.save_image(io.unmask(data, mask), reference, f"{root}_input.nii.gz", params=params)
             written.append(input_path)
             if settings["method"] == "grf":
@@ -800,14 +871,14 @@ def _step_clusters(ctx: _Context) -> list[Path]:
     mask, _ = io.load_mask(ctx.out / "group" / "mask.nii.gz", what="group mask")
     written = []
     for model in ctx.study.section("models"):
-        for seed in model["seeds"]:
-            root = _stat_root(ctx.out, model["name"], seed)
-            for contrast in model_contrasts(ctx.out, model["name"], seed):
+        for key in map_keys(model):
+            root = _stat_root(ctx.out, model["name"], key)
+            for contrast in model_contrasts(ctx.out, model["name"], key):
                 img = nib.load(f"{root}_zstat{contrast}.nii.gz")
                 z = np.asarray(img.dataobj, dtype=np.float64)
-                significant = significant_voxels(ctx.out, model["name"], seed, contrast, settings)
+                significant = significant_voxels(ctx.out, model["name"], key, contrast, settings)
                 result = cluster_table(np.where(significant, z, 0.0), img.affine, threshold=0.0, mask=mask, connectivity=settings["connectivity"])
-                table = result.table.assign(model=model["name"], seed=seed, contrast=contrast)
+                table = result.table.assign(model=model["name"], map=key, contrast=contrast)
                 written.append(io.write_tsv(table, f"{root}_clusters_tstat{contrast}.tsv"))
     return written
 
@@ -909,7 +980,7 @@ def check_planted_effects(study: Study, out_dir: str | os.PathLike, ground_truth
         return region_masks([Region(region, centers, FOUND_RADIUS_MM)], mask_img, mask=mask, what="ROI")[0]
 
     def row(kind: str, name: str, model: dict, seed: str, region: str) -> dict:
-        voxels = int((significant_voxels(out, model["name"], seed, 1, inference) & near(region)).sum())
+        voxels = int((significant_voxels(out, model["name"], f"seed-{seed}", 1, inference) & near(region)).sum())
         hit = tests[(tests["model"] == model["name"]) & (tests["map"] == f"seed-{seed}_stat-z") & (tests["roi"] == region)
                      & (tests["test"] == primary[model["kind"]])]
         roi_p = float(hit["p"].iloc[0]) if len(hit) else np.nan
@@ -961,8 +1032,9 @@ _STEP_TABLE = (
     _Step("qc", _step_qc, _sections("qc", "inputs"), lambda s: [r.confounds for r in s.runs if r.confounds], ()),
     _Step("denoise", _step_denoise, _sections("denoise", "qc"), lambda s: [p for r in s.runs for p in _run_files(r)], ("qc",)),
     _Step("seeds", _step_seeds, _sections("seeds"), lambda s: [], ("denoise",)),
-    _Step("ica", _step_ica, _sections("ica"), lambda s: [], ("denoise",), lambda s: s.config["ica"]["enabled"]),
-    _Step("group", _step_group, _sections("models", "inference", "inputs", "derived", "seeds"), _participants, ("qc", "seeds")),
+    _Step("ica", _step_ica, _sections("ica", "networks"), lambda s: [s.ica_templates] if s.ica_templates else [], ("denoise",),
+          lambda s: s.config["ica"]["enabled"]),
+    _Step("group", _step_group, _sections("models", "inference", "inputs", "derived", "seeds"), _participants, ("qc", "seeds", "ica")),
     _Step("clusters", _step_clusters, _sections("inference"), lambda s: [], ("group",)),
     _Step("rois", _step_rois, _sections("rois", "models", "roi_tests", "subgroups", "inputs", "derived"), _participants, ("qc", "seeds")),
     _Step("table1", _step_table1, _sections("inputs", "derived"), _participants, ("qc",)),

@@ -290,3 +290,52 @@ def test_changed_setting_reruns_that_step_and_the_ones_after(tiny):
     assert status["group"] == "skipped" and status["rois"] == "ran" and status["report"] == "ran"
     tests = pd.read_csv(out / "rois" / "roi_tests.tsv", sep="\t")
     assert "change~pcs" in set(tests["contrast"])
+
+
+ICA = """
+[[networks]]
+name = "salience"
+nodes = [[-32, 20, -2], [32, 20, -2], [0, 18, 30]]
+[[networks]]
+name = "sensorimotor"
+nodes = [[-18, -38, 72], [18, -38, 72], [-42, -20, 56], [42, -20, 56]]
+[[models]]
+name = "networks_post_vs_pre"
+kind = "paired"
+networks = ["salience", "sensorimotor"]
+"""
+
+
+def test_ica_dual_regression_and_network_models(tiny):
+    root, _, _ = tiny
+    out = root / "ica_out"
+    shutil.copytree(root / "out", out)
+    text = STUDY.replace("[inference]", "[ica]\nenabled = true\ndim = 4\n[inference]") + ICA
+    result = run_study(_write(root, text, name="ica.toml"), out, progress=False)
+    status = result.status()
+    assert status["ica"] == "ran" and status["denoise"] == "skipped" and status["group"] == "ran"
+    best = pd.read_csv(out / "ica" / "match_best.tsv", sep="\t")
+    assert list(best["template"]) == ["salience", "sensorimotor"]
+    order = pd.read_csv(out / "ica" / "runs.tsv", sep="\t")["run"].tolist()
+    assert len(order) == 11
+    # the network model's input is post - pre of the matched component's stage-2 map (sign-corrected)
+    mask = np.asarray(nib.load(str(out / "group" / "mask.nii.gz")).dataobj) > 0
+    data = np.asarray(nib.load(str(out / "group" / "networks_post_vs_pre" / "net-salience_input.nii.gz")).dataobj)
+    component, sign = int(best.loc[0, "component"]), float(best.loc[0, "sign"])
+
+    def stage2(run):
+        path = out / "ica" / "dualreg" / f"dr_stage2_subject{order.index(run):05d}.nii.gz"
+        return sign * np.asarray(nib.load(str(path)).dataobj)[..., component]
+
+    expected = stage2("sub-001_ses-post_task-rest") - stage2("sub-001_ses-pre_task-rest")
+    np.testing.assert_allclose(data[..., 0][mask], expected[mask], rtol=0, atol=1e-5)
+    assert (out / "group" / "networks_post_vs_pre" / "net-sensorimotor_clusters_tstat1.tsv").exists()
+    assert "Group ICA and dual regression" in result.report.read_text()
+
+
+def test_network_model_needs_ica_enabled(tiny):
+    root, _, _ = tiny
+    with pytest.raises(InputError, match=r"tests ICA networks but \[ica\] enabled = false"):
+        load_study(_write(root, STUDY + ICA, name="no_ica.toml"))
+    with pytest.raises(InputError, match=r"network 'visual' is not an ICA network"):
+        load_study(_write(root, STUDY.replace("[inference]", "[ica]\nenabled = true\n[inference]") + ICA.replace('"sensorimotor"]', '"visual"]'), name="bad_net.toml"))
