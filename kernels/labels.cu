@@ -26,7 +26,7 @@ extern "C" __global__ void gpuconn_label_batch(
 {
     int m = blockIdx.x * blockDim.x + threadIdx.x;
     if (m >= n_maps) return;
-    size_t base = (size_t)m * (size_t)n_vox;
+    long long base = (long long)m * (long long)n_vox;
     const float* val = values + base;
     int* parent = parent_all + base;
     long long* lab = labels + base;
@@ -35,7 +35,7 @@ extern "C" __global__ void gpuconn_label_batch(
     for (int v = 0; v < n_vox; ++v) {
         if (parent[v] < 0) continue;
         for (int j = 0; j < half; ++j) {
-            int u = table[(size_t)v * k + j];
+            int u = table[(long long)v * k + j];
             if (u < 0 || parent[u] < 0) continue;
             int ru = gpuconn_find_root(parent, u);
             int rv = gpuconn_find_root(parent, v);

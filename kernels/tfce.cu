@@ -41,7 +41,7 @@ extern "C" __global__ void gpuconn_tfce_sweep(
 {
     int m = blockIdx.x * blockDim.x + threadIdx.x;
     if (m >= n_maps) return;
-    size_t base = (size_t)m * (size_t)n_vox;
+    long long base = (long long)m * (long long)n_vox;
     const int* ord = order + base;
     const double* ms = meas + base;
     int* parent = parent_all + base;
@@ -59,7 +59,7 @@ extern "C" __global__ void gpuconn_tfce_sweep(
         acc[v] = 0.0;
         int rv = v;  // root of v's component, kept up to date through the merges
         for (int j = 0; j < k; ++j) {
-            int u = table[(size_t)v * k + j];
+            int u = table[(long long)v * k + j];
             if (u < 0 || parent[u] < 0) continue;
             int ru = gpuconn_find_offset(parent, acc, u);
             if (ru == rv) continue;
