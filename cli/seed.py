@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .options import Device, Quiet
+from .options import DaskScheduler, Device, Quiet, Workers
 
 BoldFiles = Annotated[list[Path], typer.Option("--bold", help="4D BOLD file (repeatable); needs --mask.")]
 Mask = Annotated[
@@ -55,9 +55,12 @@ def seed(
     layout: Annotated[str, typer.Option("--layout", help="subject: a 4D file per run (a volume per seed); seed: a 4D file per seed (a volume per run, for randomise).")] = "subject",
     beta: Annotated[bool, typer.Option("--beta", help="Also write regression beta maps (voxel on seed).")] = False,
     device: Device = "auto",
+    dask_scheduler: DaskScheduler = None,
+    workers: Workers = None,
     quiet: Quiet = False,
 ) -> None:
     """Correlate mean seed time series with every brain voxel: r and Fisher z maps per run."""
+    from gpuconn.distributed import check_options, dask_client, seed_maps_dask
     from gpuconn.seed import bold_inputs, compute_seed_maps, regions_from_options
 
     regions = regions_from_options(
@@ -68,8 +71,13 @@ def seed(
         bold=bold, mask=mask, derivatives=derivatives, participant_label=participant_label, desc=bold_desc, space=space
     )
     stats = ["r", "z"] + (["beta"] if beta else [])
-    written = compute_seed_maps(
-        inputs, regions, out, layout=layout, stats=stats, device=device, progress=not quiet,
-        params={"command": "gpuconn seed", "layout": layout},
-    )  # fmt: skip
+    params = {"command": "gpuconn seed", "layout": layout}
+    if not check_options(dask_scheduler, workers):
+        written = compute_seed_maps(
+            inputs, regions, out, layout=layout, stats=stats, device=device, progress=not quiet, params=params,
+        )  # fmt: skip
+    else:  # one Dask task per run, written by the workers
+        with dask_client(scheduler=dask_scheduler, workers=workers) as client:
+            written = seed_maps_dask(client, inputs, regions, out, layout=layout, stats=stats, device=device,
+                                     progress=not quiet, params=params)
     typer.echo(f"gpuconn seed: {len(regions)} seed(s) x {len(inputs)} run(s) -> {len(written)} file(s) in {out}")

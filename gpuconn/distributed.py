@@ -30,8 +30,13 @@ by hand: Dask places the tasks, retries them and replaces lost workers.
 - :func:`map_tasks` runs one task per subject (or batch of runs) for the
   subject-level steps; each task calls the step's own library function and
   writes its outputs on the worker with the atomic I/O helpers; the client
-  collects the returned paths in input order. :func:`denoise_runs_dask` is
-  ``gpuconn denoise`` this way.
+  collects the returned paths in input order. :func:`denoise_runs_dask` and
+  :func:`seed_maps_dask` are ``gpuconn denoise`` and ``gpuconn seed`` this
+  way. The outputs are those of the same call in one process, bit for bit
+  when the BLAS sums in the same order: workers run one thread, and a
+  reduction over voxels (the seed means) may be split across threads in a
+  multi-threaded process, which changes float32 results by rounding only
+  (the tests: exact against a 1-thread run, ``rtol=1e-5`` against 2 threads).
 
 Tasks are submitted with ``retries=2``; a worker that dies mid-task is
 replaced by its nanny and the scheduler re-runs the task elsewhere. A
@@ -61,7 +66,7 @@ from .errors import InputError
 from .progress import progress_bar
 
 __all__ = ["check_options", "dask_client", "dask_runner", "permutation_runner", "map_tasks", "denoise_runs_dask",
-           "n_workers"]
+           "seed_maps_dask", "n_workers"]
 
 T = TypeVar("T")
 _INSTALL = "install it with pip install 'gpuconn[dask]'"
@@ -408,3 +413,59 @@ def denoise_runs_dask(
     task = functools.partial(_denoise_batch, options=options, device=device)
     return [paths for batch in map_tasks(client, task, batches, description="denoise", progress=progress)
             for paths in batch]
+
+
+def _seed_run(item, regions, out_dir: Path, stats: list[str], device: str, params: dict | None) -> list[Path]:
+    from .seed import compute_seed_maps
+
+    return compute_seed_maps([item], regions, out_dir, layout="subject", stats=stats, device=device, params=params)
+
+
+def seed_maps_dask(
+    client,
+    inputs: Sequence[Any],
+    regions: Sequence[Any],
+    out_dir: str | os.PathLike,
+    *,
+    layout: str = "subject",
+    stats: Sequence[str] = ("r", "z"),
+    device: str = "auto",
+    progress: bool = True,
+    params: dict | None = None,
+) -> list[Path]:
+    """:func:`gpuconn.seed.compute_seed_maps` with one Dask task per run (``layout='subject'``).
+
+    Every input is checked on the client first (as in one process, nothing is
+    written when one is bad); each task then computes and writes one run's
+    maps and seed time series.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    inputs : sequence of gpuconn.seed.BoldInput
+    regions : sequence of gpuconn.seed.Region
+    out_dir : path-like
+    layout : {'subject'}
+        ``seed`` (one file per seed, a volume per run) stacks every run in one
+        process and is refused here.
+    stats, device, progress, params
+        As in :func:`gpuconn.seed.compute_seed_maps` (``device`` resolved on
+        each worker).
+
+    Returns
+    -------
+    list of Path
+        The files written, run by run in input order.
+    """
+    from .seed import _prepare
+
+    if layout == "seed":
+        raise InputError(
+            f"--layout {layout} stacks every run into one file per seed in one process; use --layout subject "
+            "with --workers/--dask-scheduler, or drop those options"
+        )
+    _prepare(inputs, regions, what="seed")  # seed.py's own validation pass, before any task writes
+    task = functools.partial(_seed_run, regions=list(regions), out_dir=Path(out_dir), stats=list(stats), device=device,
+                             params=params)
+    return [path for paths in map_tasks(client, task, list(inputs), description="seed maps", progress=progress)
+            for path in paths]

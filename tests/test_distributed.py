@@ -17,6 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 distributed = pytest.importorskip("distributed")
 cloudpickle = pytest.importorskip("cloudpickle")
@@ -180,6 +181,33 @@ def test_denoise_on_dask_equals_one_process(client, study, tmp_path, batch_size)
     assert a.keys() == b.keys() and len(a) == 6
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_seed_maps_on_dask_equal_one_process(client, study, tmp_path):
+    from gpuconn.seed import bold_inputs, compute_seed_maps, regions_from_options
+
+    regions = regions_from_options(coords=["-18,-38,72", "0,-52,26"], radii=[8.0], names=["S1back", "PCC"],
+                                   mirror="none", table=None, masks=[], labels=[], what="seed")
+    inputs = bold_inputs(derivatives=study.root, participant_label=["001", "004"], desc="preproc")
+    kw = dict(stats=["r", "z", "beta"], device="cpu", params={"command": "test"})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a worker: the seed means reduce over voxels, which MKL splits across threads
+    try:
+        local = compute_seed_maps(inputs, regions, tmp_path / "single", **kw)
+    finally:
+        torch.set_num_threads(threads)
+    default = compute_seed_maps(inputs, regions, tmp_path / "threads", **kw)
+    spread = gd.seed_maps_dask(client, inputs, regions, tmp_path / "dask", progress=False, **kw)
+    assert [p.name for p in spread] == [p.name for p in local] == [p.name for p in default]
+    assert len(local) == 3 * 4  # a seed time-series TSV and r, z, beta maps per run
+    a, b, c = _outputs(tmp_path / "single"), _outputs(tmp_path / "dask"), _outputs(tmp_path / "threads")
+    assert a.keys() == b.keys() == c.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        if name.endswith(".nii.gz"):  # another thread count: float32 sums over ~1000 voxels in another order
+            np.testing.assert_allclose(b[name], c[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    with pytest.raises(InputError, match="--layout seed stacks every run"):
+        gd.seed_maps_dask(client, inputs, regions, tmp_path / "x", layout="seed", progress=False)
 
 
 # ---------------------------------------------------------------- CLI and options
