@@ -61,9 +61,41 @@ def host_kernel(filename: str, kernel: str, params: str, folder: Path):
         if isinstance(value, np.ndarray):
             assert value.flags.c_contiguous
             return value.ctypes.data_as(ctypes.c_void_p)
-        return ctypes.c_float(value) if isinstance(value, float) else ctypes.c_int(value)
+        return ctypes.c_float(value) if isinstance(value, (float, np.floating)) else ctypes.c_int(value)
 
     def run(n_threads: int, *args) -> None:
         lib.run_grid(ctypes.c_int(n_threads), *(convert(a) for a in args))
 
     return run
+
+
+class _FakeCupy:
+    """The bits of CuPy the launch code touches: a stream context."""
+
+    class cuda:  # noqa: N801 - mirrors cupy.cuda
+        class ExternalStream:
+            def __init__(self, pointer):
+                self.pointer = pointer
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+
+def fake_launch(monkeypatch, module, filename: str, kernel: str, params: str, folder: Path) -> None:
+    """Make ``module``'s CUDA launch code run the host-compiled kernel on CPU tensors.
+
+    Patches ``require_cupy``, ``load_kernel``, ``to_cupy`` (a NumPy view of
+    the tensor, so the kernel writes into it) and ``torch.cuda.current_stream``,
+    so the Python side of a CUDA path (argument order, scratch layout,
+    chunking) runs here.
+    """
+    import torch
+
+    run = host_kernel(filename, kernel, params, folder)
+    monkeypatch.setattr(module, "require_cupy", lambda: _FakeCupy)
+    monkeypatch.setattr(module, "load_kernel", lambda *a, **k: lambda grid, block, args: run(grid[0] * block[0], *args))
+    monkeypatch.setattr(module, "to_cupy", lambda tensor: tensor.contiguous().numpy())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 0})())

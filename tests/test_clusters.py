@@ -197,13 +197,15 @@ def test_transform_shape_dtype_and_errors(rng):
         label_maps(np.zeros((2, 124)), mask)
 
 
+_LABEL_PARAMS = ("const float* values, const int* table, float threshold, int* parent_all, long long* labels, "
+                 "long long* n_labels, int n_maps, int n_vox, int k")
+
+
 def test_label_kernel_source_on_host_equals_twin(rng, tmp_path):
     """kernels/labels.cu compiled as host C++ (every thread of the grid in turn) equals scipy."""
     from kernel_host import host_kernel
 
-    params = ("const float* values, const int* table, float threshold, int* parent_all, long long* labels, "
-              "long long* n_labels, int n_maps, int n_vox, int k")
-    run = host_kernel("labels.cu", "gpuconn_label_batch", params, tmp_path)
+    run = host_kernel("labels.cu", "gpuconn_label_batch", _LABEL_PARAMS, tmp_path)
     shape = (9, 10, 8)
     mask = rng.random(shape) > 0.1
     maps = rng.normal(size=(70,) + shape).astype(np.float32)
@@ -231,3 +233,21 @@ def test_label_kernel_on_cuda_equals_scipy(rng):
         labels = label_maps(values, mask, threshold=0.3, connectivity=connectivity).cpu().numpy()
         for i in range(len(maps)):
             np.testing.assert_array_equal(labels[i], _scipy_labels(maps[i], mask, 0.3, connectivity))
+
+
+def test_cuda_label_launch_code_with_host_kernel(rng, tmp_path, monkeypatch):
+    """_label_cuda (arguments, output dtype) with the kernel compiled for the host."""
+    import importlib.util
+
+    from gpuconn.stats import clusters as clusters_module
+    from kernel_host import fake_launch
+
+    fake_launch(monkeypatch, clusters_module, "labels.cu", "gpuconn_label_batch", _LABEL_PARAMS, tmp_path)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # "CuPy is installed"
+    shape = (9, 8, 7)
+    mask = rng.random(shape) > 0.1
+    maps = rng.normal(size=(5,) + shape).astype(np.float32)
+    labels = clusters_module._label_cuda(torch.as_tensor(maps[:, mask]), neighbour_table(mask, connectivity=26), 0.4)
+    assert labels.dtype == torch.int64
+    for i in range(len(maps)):
+        np.testing.assert_array_equal(labels[i].numpy(), _scipy_labels(maps[i], mask, 0.4, 26))

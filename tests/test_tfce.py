@@ -202,16 +202,18 @@ def test_empty_and_flat_maps():
 
 
 
+_SWEEP_PARAMS = ("const int* order, const double* meas, const long long* n_sel, const int* table, const double* power, "
+                 "int* parent_all, int* size_all, double* last_all, double* acc_all, float* out, int n_maps, "
+                 "int n_vox, int k")
+
+
 def test_cuda_kernel_source_on_host_equals_twin(rng, tmp_path):
     """kernels/tfce.cu compiled as host C++ (every thread of the grid in turn) equals the Numba twin."""
     from gpuconn.stats.clusters import neighbour_table
     from gpuconn.stats.tfce import _sweep_inputs
     from kernel_host import host_kernel
 
-    params = ("const int* order, const double* meas, const long long* n_sel, const int* table, const double* power, "
-              "int* parent_all, int* size_all, double* last_all, double* acc_all, float* out, int n_maps, int n_vox, "
-              "int k")
-    run = host_kernel("tfce.cu", "gpuconn_tfce_sweep", params, tmp_path)
+    run = host_kernel("tfce.cu", "gpuconn_tfce_sweep", _SWEEP_PARAMS, tmp_path)
     shape = (9, 8, 7)
     mask = rng.random(shape) > 0.05
     values = torch.as_tensor(_smooth_maps(rng, 70, shape)[:, mask])  # > 64 maps: two thread blocks
@@ -228,3 +230,22 @@ def test_cuda_kernel_source_on_host_equals_twin(rng, tmp_path):
             n_maps, n_vox, table.shape[1])
         expected = tfce(values, mask, dh=dh, method=method, connectivity=connectivity).numpy()
         np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_cuda_launch_code_with_host_kernel(rng, tmp_path, monkeypatch):
+    """_tfce_cuda (torch ordering, scratch, argument order, sub-chunks) with the kernel compiled for the host."""
+    from gpuconn.stats import tfce as tfce_module
+    from gpuconn.stats.clusters import neighbour_table
+    from kernel_host import fake_launch
+
+    fake_launch(monkeypatch, tfce_module, "tfce.cu", "gpuconn_tfce_sweep", _SWEEP_PARAMS, tmp_path)
+    monkeypatch.setattr(tfce_module, "chunk_size", lambda *a, **k: 30)  # 70 maps in 3 sub-chunks
+    shape = (8, 7, 6)
+    mask = rng.random(shape) > 0.05
+    values = torch.as_tensor(_smooth_maps(rng, 70, shape)[:, mask])
+    table = neighbour_table(mask, connectivity=18)
+    power = np.arange(values.shape[1] + 1, dtype=np.float64) ** 0.7
+    for method, dh in [("stepped", None), ("stepped", 0.05), ("exact", None)]:
+        got = tfce_module._tfce_cuda(values, table, power, H=1.5, dh=dh, method=method).numpy()
+        expected = tfce(values, mask, H=1.5, E=0.7, dh=dh, method=method, connectivity=18).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
