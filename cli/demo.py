@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from .options import Device, Quiet, Seed
-from .study import print_step
+from .study import print_start, print_step
 
 
 def demo(
@@ -31,7 +31,7 @@ def demo(
     console = Console(highlight=False, soft_wrap=True)
     began = time.perf_counter()
     result = run_demo(out, n_patients=n_patients, n_controls=n_controls, n_volumes=n_volumes, voxel_size=voxel_size,
-                      n_perm=n_perm, device=device, seed=seed, progress=not quiet, on_step=print_step, console=console)
+                      n_perm=n_perm, device=device, seed=seed, progress=not quiet, on_step=print_step, on_start=print_start, console=console)
     console.print(f"report: {result.report}")
     for line in result.lines:
         console.print(line)

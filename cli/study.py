@@ -25,6 +25,11 @@ def print_step(record) -> None:
         _console.print(f"  {record.name:<9} disabled in the study file")
 
 
+def print_start(name: str) -> None:
+    """Say which step starts (its progress bars follow on standard error)."""
+    _console.print(f"  {name:<9} running ...")
+
+
 @app.command("run")
 def run(
     study_file: Annotated[Path, typer.Argument(help="The study file (TOML).")],
@@ -37,7 +42,7 @@ def run(
 
     study = load_study(study_file)
     _console.print(f"study {study.path}: {len(study.runs)} runs -> {out}")
-    result = run_study(study, out, device=device, progress=not quiet, on_step=print_step)
+    result = run_study(study, out, device=device, progress=not quiet, on_step=print_step, on_start=print_start)
     _console.print(f"report: {result.report}")
 
 

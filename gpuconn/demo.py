@@ -79,6 +79,7 @@ def run_demo(
     seed: int = 0,
     progress: bool = True,
     on_step: Callable[[StepRecord], None] | None = None,
+    on_start: Callable[[str], None] | None = None,
     console=None,
 ) -> DemoResult:
     """Simulate, analyse and check a demo study.
@@ -93,7 +94,7 @@ def run_demo(
         Replaces the study file's ``[inference] n_perm``.
     device : str
     progress : bool
-    on_step : callable, optional
+    on_step, on_start : callable, optional
         Passed to :func:`gpuconn.study.run_study`.
     console : rich.console.Console, optional
         Where to say what is happening.
@@ -122,6 +123,6 @@ def run_demo(
     study_path = io.write_text(out / "study.toml", text) if not (out / "study.toml").exists() or (out / "study.toml").read_text() != text else out / "study.toml"
     study = load_study(study_path)
     say(f"running {study_path} -> {out / 'results'}")
-    result = run_study(study, out / "results", device=device, progress=progress, on_step=on_step)
+    result = run_study(study, out / "results", device=device, progress=progress, on_step=on_step, on_start=on_start)
     checks = check_planted_effects(study, result.out_dir, json.loads((data / "ground_truth.json").read_text()))
     return DemoResult(result.report, checks, effect_lines(checks, study.section("inference")))

@@ -208,7 +208,9 @@ def _roi_section(out: Path, study) -> str:
     for map_name, part in values.groupby("map", sort=False):
         summary = part.groupby(["roi", "group", "session"], sort=False)["value"].agg(["mean", "sem", "count"]).reset_index()
         figure, axis = plt.subplots(figsize=(8, 3))
-        keys = list(summary[["group", "session"]].drop_duplicates().itertuples(index=False, name=None))
+        sessions = study.section("inputs")["sessions"]
+        keys = sorted(summary[["group", "session"]].drop_duplicates().itertuples(index=False, name=None),
+                      key=lambda k: (k[0] != inputs["patients"], sessions.index(k[1]) if k[1] in sessions else len(sessions)))
         rois = list(pd.unique(summary["roi"]))
         width = 0.8 / max(len(keys), 1)
         for k, (group, session) in enumerate(keys):

@@ -1049,6 +1049,7 @@ def run_study(
     device: str | None = None,
     progress: bool = True,
     on_step: Callable[[StepRecord], None] | None = None,
+    on_start: Callable[[str], None] | None = None,
 ) -> StudyResult:
     """Run every step of a study, skipping the ones already up to date.
 
@@ -1065,6 +1066,8 @@ def run_study(
     on_step : callable, optional
         Called with each :class:`StepRecord` when its step has finished or
         been skipped.
+    on_start : callable, optional
+        Called with a step's name before it runs (not for skipped steps).
 
     Returns
     -------
@@ -1085,6 +1088,8 @@ def run_study(
             if stamps.current(step.name, key):
                 record = StepRecord(step.name, "skipped", 0.0, stamps.read(step.name)["outputs"])
             else:
+                if on_start is not None:
+                    on_start(step.name)
                 began = time.perf_counter()
                 outputs = step.run(ctx)
                 seconds = time.perf_counter() - began

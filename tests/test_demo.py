@@ -27,6 +27,7 @@ def test_demo_runs_end_to_end_and_reports_each_planted_effect(tmp_path, capsys):
     assert run(["demo", str(out), *TINY]) == 0  # a second demo reuses the data and every step
     again = capsys.readouterr().out
     assert "is already there" in again and " done in " not in again.replace("demo finished in", "")
+    assert "running ..." not in again
 
 
 def test_bundled_study_file_is_valid_and_matches_the_simulator():

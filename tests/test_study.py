@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from html.parser import HTMLParser
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -339,3 +340,18 @@ def test_network_model_needs_ica_enabled(tiny):
         load_study(_write(root, STUDY + ICA, name="no_ica.toml"))
     with pytest.raises(InputError, match=r"network 'visual' is not an ICA network"):
         load_study(_write(root, STUDY.replace("[inference]", "[ica]\nenabled = true\n[inference]") + ICA.replace('"sensorimotor"]', '"visual"]'), name="bad_net.toml"))
+
+
+def test_grf_inference_and_tfce_are_selectable(tiny):
+    root, _, _ = tiny
+    for method in ("grf", "tfce"):
+        out = root / f"{method}_out"
+        shutil.copytree(root / "out", out)
+        result = run_study(_write(root, STUDY.replace('method = "cluster"', f'method = "{method}"'), name=f"{method}.toml"), out, progress=False)
+        assert result.status()["group"] == "ran" and result.status()["seeds"] == "skipped"
+        root_map = out / "group" / "post_vs_pre" / "seed-S1back"
+        suffix = "thresh_zstat1.nii.gz" if method == "grf" else "tfce_corrp_tstat1.nii.gz"
+        assert Path(f"{root_map}_{suffix}").exists()
+        assert Path(f"{root_map}_clusters_tstat1.tsv").exists()
+        if method == "grf":
+            assert json.loads((out / "group" / "post_vs_pre" / "seed-S1back_smoothness.json").read_text())["dof"] == 3
