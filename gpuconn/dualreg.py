@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from scipy import special
 
-from .backend import DESIGN_DTYPE, as_data, chunk_size, resolve_device, to_numpy
+from .backend import DESIGN_DTYPE, as_data, chunk_size, resolve_device, run_chunked, to_numpy
 from .errors import InputError
 from .io import (
     check_same_grid,
@@ -69,6 +69,7 @@ __all__ = [
     "read_series",
     "iter_series",
     "open_header",
+    "matrix_text",
     "DualRegressionResult",
     "dual_regression",
 ]
@@ -626,17 +627,22 @@ def dual_regression(
         loaded = iter_series(paths, mask, n_ahead=batch + 1)
         with progress_bar("dual regression", len(paths), enabled=progress) as advance:
             for group in _batches(n_volumes, batch):
-                data = as_data(np.stack([next(loaded) for _ in group]), device)
-                timecourses = spatial_regression(data, maps_t, maps_name=f"group maps {maps_path}")
-                beta, z = temporal_regression(
-                    data, timecourses, des_norm=des_norm, names=[f"subject series {paths[i]}" for i in group]
-                )
-                del data
-                for j, index in enumerate(group):
-                    _write_subject(staging, index, to_numpy(timecourses[j]), to_numpy(beta[j]), to_numpy(z[j]),
-                                   mask, maps_img)
-                    stack[:, index, :] = to_numpy(beta[j])
-                advance(len(group))
+                host = np.stack([next(loaded) for _ in group])
+
+                def fit(start: int, stop: int, host=host, group=group):
+                    data = as_data(host[start:stop], device)
+                    timecourses = spatial_regression(data, maps_t, maps_name=f"group maps {maps_path}")
+                    beta, z = temporal_regression(
+                        data, timecourses, des_norm=des_norm,
+                        names=[f"subject series {paths[i]}" for i in group[start:stop]],
+                    )
+                    return to_numpy(timecourses), to_numpy(beta), to_numpy(z)
+
+                for start, stop, (timecourses, beta, z) in run_chunked(fit, len(group), len(group)):
+                    for j, index in enumerate(group[start:stop]):
+                        _write_subject(staging, index, timecourses[j], beta[j], z[j], mask, maps_img)
+                        stack[:, index, :] = beta[j]
+                    advance(stop - start)
         for k in range(n_maps):
             save_image(unmask(np.asarray(stack[k]), mask), maps_img, staging / f"dr_stage2_ic{k:04d}.nii.gz",
                        sidecar=False)
@@ -699,6 +705,11 @@ def _stage3(out_dir: Path, n_maps: int, design_path, contrast_path, one_sample: 
         )
 
 
+def matrix_text(matrix: np.ndarray) -> str:
+    """A matrix as FSL-style text: one row per line, values separated by two spaces."""
+    return "\n".join("  ".join(f"{v:.8g}" for v in row) for row in np.atleast_2d(matrix)) + "\n"
+
+
 def _write_subject(
     folder: Path,
     index: int,
@@ -710,7 +721,6 @@ def _write_subject(
 ) -> None:
     """Write one subject's stage-1 text file and stage-2 beta and Z images into ``folder``."""
     name = _subject_name(index)
-    lines = "\n".join("  ".join(f"{v:.8g}" for v in row) for row in timecourses)
-    write_text(folder / f"dr_stage1_{name}.txt", lines + "\n")
+    write_text(folder / f"dr_stage1_{name}.txt", matrix_text(timecourses))
     save_image(unmask(beta, mask), reference, folder / f"dr_stage2_{name}.nii.gz", sidecar=False)
     save_image(unmask(z, mask), reference, folder / f"dr_stage2_{name}_Z.nii.gz", sidecar=False)

@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 
 from .backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
-from .dualreg import check_subjects, common_mask, iter_series, open_header
+from .dualreg import check_subjects, common_mask, iter_series, matrix_text, open_header
 from .errors import InputError
 from .io import (
     check_same_grid,
@@ -415,17 +415,12 @@ def run_group_ica(
         "n_iter": result.n_iter, "converged": result.converged,
     }
     save_image(unmask(result.maps, mask), reference, out_dir / "melodic_IC.nii.gz", sidecar=False)
-    write_text(out_dir / "melodic_mix", _matrix_text(result.mixing))
+    write_text(out_dir / "melodic_mix", matrix_text(result.mixing))
     total = result.explained
-    write_text(out_dir / "melodic_ICstats", _matrix_text(np.column_stack([total / total.sum() * 100.0, total])))
+    write_text(out_dir / "melodic_ICstats", matrix_text(np.column_stack([total / total.sum() * 100.0, total])))
     save_image(mask.astype(np.uint8), reference, out_dir / "mask.nii.gz", sidecar=False, dtype=np.uint8)
     write_json(out_dir / "melodic_IC.json", provenance(params))
     return result
-
-
-def _matrix_text(matrix: np.ndarray) -> str:
-    """A matrix as FSL-style whitespace-separated text."""
-    return "\n".join("  ".join(f"{v:.8g}" for v in row) for row in np.atleast_2d(matrix)) + "\n"
 
 
 # --------------------------------------------------------------------------- template matching
