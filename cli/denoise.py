@@ -15,13 +15,13 @@ _File = Path | None
 def denoise(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (as sub-X/ses-Y/func with --derivatives).")],
     bold: Annotated[_File, typer.Option("--bold", help="One 4D BOLD file (single-run mode; needs --mask).")] = None,
-    mask: Annotated[_File, typer.Option("--mask", help="Brain mask on the BOLD grid (single-run mode).")] = None,
+    mask: Annotated[_File, typer.Option("--mask", help="Brain mask on the BOLD grid (with --derivatives: for every run).")] = None,
     confounds: Annotated[_File, typer.Option("--confounds", help="fMRIPrep *_desc-confounds_timeseries.tsv (single-run mode).")] = None,
     motion_par: Annotated[_File, typer.Option("--motion-par", help="MCFLIRT .par file: motion instead of the TSV's columns.")] = None,
     censor_file: Annotated[_File, typer.Option("--censor-file", help="fsl_motion_outliers matrix: spike columns instead of detecting outliers.")] = None,
     physio: Annotated[_File, typer.Option("--physio", help="BIDS *_physio.tsv.gz (with its .json) (single-run mode).")] = None,
-    wm: Annotated[_File, typer.Option("--wm", help="WM probability map or mask on the BOLD grid (single-run mode).")] = None,
-    csf: Annotated[_File, typer.Option("--csf", help="CSF probability map or mask on the BOLD grid (single-run mode).")] = None,
+    wm: Annotated[_File, typer.Option("--wm", help="WM probability map or mask on the BOLD grid (with --derivatives: for every run).")] = None,
+    csf: Annotated[_File, typer.Option("--csf", help="CSF probability map or mask on the BOLD grid (with --derivatives: for every run).")] = None,
     derivatives: Annotated[_File, typer.Option("--derivatives", help="fMRIPrep-style derivatives folder: every subject and session.")] = None,
     participant_label: Annotated[list[str], typer.Option("--participant-label", help="Only these subjects (repeatable).")] = [],
     space: Annotated[str, typer.Option("--space", help="space- entity of the BOLD files under --derivatives.")] = "MNI152NLin2009cAsym",
@@ -68,12 +68,12 @@ def denoise(
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     if derivatives is not None:
         files, out_dirs = collect_runs(derivatives, out, participant_label=participant_label, space=space)
-        extra = {k: v for k, v in single.items() if k in ("motion_par", "censor_file") and v is not None}
-        if extra:
-            raise InputError(f"--{next(iter(extra)).replace('_', '-')} applies to one run; use it with --bold, not --derivatives")
-        files = [RunFiles(**{**vars(f), **{k: v for k, v in single.items() if v is not None}}) for f in files]
-        if mask is not None:
-            files = [RunFiles(**{**vars(f), "mask": mask}) for f in files]
+        per_run = [k for k in ("confounds", "motion_par", "censor_file", "physio") if single[k] is not None]
+        if per_run:
+            raise InputError(f"--{per_run[0].replace('_', '-')} belongs to one run; use it with --bold, not --derivatives")
+        # --mask, --wm, --csf given with --derivatives: one image (e.g. a template's) for every run
+        common = {k: v for k, v in dict(mask=mask, wm=wm, csf=csf).items() if v is not None}
+        files = [RunFiles(**{**vars(f), **common}) for f in files]
     else:
         if mask is None:
             raise InputError("--bold needs --mask (the brain mask on the BOLD grid)")

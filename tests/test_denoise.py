@@ -370,5 +370,7 @@ def test_cli_denoise_errors_leave_no_output(study, tmp_path, capsys):
     assert not out.exists()
     rc = run(["denoise", "--derivatives", str(study.root), "--motion", "12", "--out", str(out), "--quiet"])
     assert rc == 2 and "--motion '12' is not one of 6, 24, none" in capsys.readouterr().err
+    rc = run(["denoise", "--derivatives", str(study.root), "--physio", "p.tsv.gz", "--out", str(out)])
+    assert rc == 2 and "--physio belongs to one run; use it with --bold, not --derivatives" in capsys.readouterr().err
     rc = run(["denoise", "--bold", "x.nii.gz", "--out", str(out)])
     assert rc == 2 and "--bold needs --mask" in capsys.readouterr().err
