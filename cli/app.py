@@ -76,7 +76,8 @@ def run(argv: list[str] | None = None) -> int:
         return 2
     except OSError as exc:
         where = f" {exc.filename}:" if exc.filename else ""
-        _err.print(f"gpuconn: error:{where} {exc.strerror or exc}", markup=False)
+        _err.print(f"gpuconn: error:{where} {exc.strerror or exc}; check that the path exists and is writable",
+                   markup=False)
         return 2
     return 0
 
