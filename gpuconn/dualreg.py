@@ -625,7 +625,10 @@ def dual_regression(
             staging / "ic_stack.npy", mode="w+", dtype=np.float32, shape=(n_maps, len(paths), n_voxels)
         )
         loaded = iter_series(paths, mask, n_ahead=batch + 1)
-        with progress_bar("dual regression", len(paths), enabled=progress) as advance:
+        # gzip NIfTI encoding releases the GIL: two writer threads overlap it with reading and the fits
+        with ThreadPoolExecutor(max_workers=2) as writers, \
+                progress_bar("dual regression", len(paths), enabled=progress) as advance:
+            pending = []
             for group in _batches(n_volumes, batch):
                 host = np.stack([next(loaded) for _ in group])
 
@@ -640,12 +643,20 @@ def dual_regression(
 
                 for start, stop, (timecourses, beta, z) in run_chunked(fit, len(group), len(group)):
                     for j, index in enumerate(group[start:stop]):
-                        _write_subject(staging, index, timecourses[j], beta[j], z[j], mask, maps_img)
+                        pending.append(writers.submit(
+                            _write_subject, staging, index, timecourses[j], beta[j], z[j], mask, maps_img
+                        ))
                         stack[:, index, :] = beta[j]
                     advance(stop - start)
-        for k in range(n_maps):
-            save_image(unmask(np.asarray(stack[k]), mask), maps_img, staging / f"dr_stage2_ic{k:04d}.nii.gz",
-                       sidecar=False)
+                while len(pending) > 2 * batch:  # bound the results waiting to be written
+                    pending.pop(0).result()
+            for future in pending:
+                future.result()
+            for future in [
+                writers.submit(_write_component, staging, k, np.asarray(stack[k]), mask, maps_img)
+                for k in range(n_maps)
+            ]:
+                future.result()
         del stack
         (staging / "ic_stack.npy").unlink()
         save_image(mask.astype(np.uint8), maps_img, staging / "mask.nii.gz", sidecar=False, dtype=np.uint8)
@@ -708,6 +719,11 @@ def _stage3(out_dir: Path, n_maps: int, design_path, contrast_path, one_sample: 
 def matrix_text(matrix: np.ndarray) -> str:
     """A matrix as FSL-style text: one row per line, values separated by two spaces."""
     return "\n".join("  ".join(f"{v:.8g}" for v in row) for row in np.atleast_2d(matrix)) + "\n"
+
+
+def _write_component(folder: Path, k: int, betas: np.ndarray, mask: np.ndarray, reference) -> None:
+    """Write ``dr_stage2_icNNNN`` from ``(n_subjects, n_voxels)`` betas."""
+    save_image(unmask(betas, mask), reference, folder / f"dr_stage2_ic{k:04d}.nii.gz", sidecar=False)
 
 
 def _write_subject(
