@@ -237,6 +237,29 @@ def test_denoise_runs_writes_outputs_matching_lstsq(tmp_path, rng):
     assert (paths["bold"].parent / "sub-01_task-rest_space-MNI_desc-denoised_bold.json").exists()
 
 
+def test_clean_runs_matches_lstsq_then_scipy_smoothing(device, tmp_path, rng):
+    """The whole per-run path (batch of two, regression, unmasking, smoothing) against NumPy/SciPy."""
+    files, data, mask = _write_run(tmp_path, rng)
+    (tmp_path / "two").mkdir()
+    other, data2, _ = _write_run(tmp_path / "two", rng, n=36, name="sub-02_task-rest_space-MNI_desc-preproc_bold.nii.gz")
+    other = dn.RunFiles(bold=other.bold, mask=files.mask, confounds=other.confounds)
+    runs = [dn.prepare_run(f, _options(fwhm=6.0)) for f in (files, other)]
+    outs = dn.clean_runs(runs, fwhm=6.0, device=device)
+    sigma = dn.gaussian_sigma(6.0, (3.0, 3.0, 3.0))
+    weight = ndimage.gaussian_filter(mask.astype(float), sigma, mode="constant")
+    for run, raw, out in zip(runs, (data, data2), outs):
+        y = raw[mask].T
+        x = run.design.to_numpy()
+        res = y - x @ np.linalg.lstsq(x, y, rcond=None)[0]
+        vol = np.zeros(mask.shape + (len(y),))
+        vol[mask] = res.T
+        ref = ndimage.gaussian_filter(vol, tuple(sigma) + (0,), mode="constant") / np.where(mask, weight, 1)[..., None]
+        ref[~mask] = 0
+        assert out.shape == ref.shape
+        # float32 data of magnitude 100: residual error ~1e-5 before smoothing
+        np.testing.assert_allclose(out, ref, atol=5e-5)
+
+
 def test_too_few_degrees_of_freedom_names_the_file(tmp_path, rng):
     files, _, _ = _write_run(tmp_path, rng, n=20)
     with pytest.raises(InputError, match=r"desc-preproc_bold\.nii\.gz: 0 residual degrees of freedom left \(20 volumes kept, \d+ regressors\); need at least 10"):
