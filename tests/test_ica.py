@@ -300,3 +300,12 @@ def test_simulated_study_ica_match_dualreg(tmp_path, capsys):
     median = np.median(r, axis=0)
     assert np.all(np.diag(median) > 0.4), median
     assert np.all(np.diag(median) > median.max(axis=1, where=~np.eye(len(names), dtype=bool), initial=-1)), median
+
+
+def test_run_group_ica_rejects_a_subject_on_another_grid(tmp_path, rng):
+    paths, *_ = _write_study(tmp_path, rng, n_subjects=2, n_volumes=20)
+    odd = tmp_path / "sub-odd_bold.nii.gz"
+    nib.Nifti1Image(np.ones((10, 12, 9, 20), np.float32), AFFINE).to_filename(str(odd))
+    with pytest.raises(InputError, match="grid mismatch: .*sub-0_bold.nii.gz has shape .* but .*sub-odd_bold.nii.gz"):
+        run_group_ica([*paths, odd], tmp_path / "gica", dim=2, device="cpu")
+    assert not (tmp_path / "gica").exists()
