@@ -407,18 +407,15 @@ def _add_derived(table: pd.DataFrame, derived: dict[str, str], path: Path) -> pd
 
 def _check_columns(config: dict, table: pd.DataFrame, participants: Path, path: Path) -> None:
     inputs = config["inputs"]
-    needed = {f"inputs.subject_column": inputs["subject_column"], "inputs.group_column": inputs["group_column"]}
+    needed = [("inputs.subject_column", inputs["subject_column"]), ("inputs.group_column", inputs["group_column"])]
     for model in config["models"]:
-        for cov in model["covariates"]:
-            if cov not in QC_COVARIATES:
-                needed[f"model {model['name']!r} covariate"] = cov
+        needed += [(f"model {model['name']!r} covariate", c) for c in model["covariates"] if c not in QC_COVARIATES]
         if model["variable"]:
-            needed[f"model {model['name']!r} variable"] = model["variable"]
-    for column in config["roi_tests"]["correlate"]:
-        needed["roi_tests.correlate"] = column
+            needed.append((f"model {model['name']!r} variable", model["variable"]))
+    needed += [("roi_tests.correlate", column) for column in config["roi_tests"]["correlate"]]
     if config["subgroups"]["variable"]:
-        needed["subgroups.variable"] = config["subgroups"]["variable"]
-    for key, column in needed.items():
+        needed.append(("subgroups.variable", config["subgroups"]["variable"]))
+    for key, column in needed:
         if column not in table.columns:
             raise InputError(
                 f"{path}: {key} {column!r} is not a column of {participants} "
@@ -496,7 +493,7 @@ def _file_state(paths: Sequence[Path]) -> list:
 
 
 def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(io._jsonable(obj), sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class _Stamps:
@@ -540,9 +537,6 @@ class _Context:
     out: Path
     device: str
     progress: bool
-
-    def run_label(self, run: Run) -> str:
-        return run.prefix
 
     def qc_table(self) -> pd.DataFrame:
         return io.read_tsv(self.out / "qc" / "qc.tsv", what="QC table")

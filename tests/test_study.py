@@ -111,6 +111,7 @@ def tiny(tmp_path_factory):
         (lambda t: t.replace('derivatives = "data"', 'derivatives = "nowhere"'), r"inputs\.derivatives folder not found"),
         (lambda t: t.replace('covariates = ["age"]', 'covariates = ["weight"]'), r"covariate 'weight' is not a column of .*participants\.tsv"),
         (lambda t: t.replace('variable = "pain_change"', 'variable = "pain_delta"'), r"variable 'pain_delta' is not a column"),
+        (lambda t: t.replace('correlate = ["pain_change"]', 'correlate = ["pain_change", "bmi", "pcs"]'), r"roi_tests\.correlate 'bmi' is not a column"),
         (lambda t: t.replace('center = [-32, 20, -2]', 'center = [-32, 20]'), r"rois 'insula': center must be \[x, y, z\]"),
         (lambda t: t.replace("edges = [0, 16, 39]", "edges = [0, 39, 16]"), r"subgroups need increasing edges"),
         (lambda t: t.replace('"pain_post - pain_pre"', '"pain_post - pain_missing"'), r"derived\.pain_change"),
@@ -272,6 +273,45 @@ def test_interrupted_run_resumes_to_identical_results(tiny, monkeypatch):
     monkeypatch.setattr(randomise_module, "write_outputs", original)
     resumed = run_study(path, second, progress=False)
     assert [resumed.status()[s] for s in STEPS] == ["skipped", "skipped", "skipped", "disabled", "ran", "ran", "ran", "ran", "ran"]
+    maps_a, tables_a = _results(first)
+    maps_b, tables_b = _results(second)
+    assert maps_a.keys() == maps_b.keys()
+    for name in maps_a:
+        np.testing.assert_array_equal(maps_a[name], maps_b[name], err_msg=name)
+    for name in tables_a:
+        pd.testing.assert_frame_equal(tables_a[name], tables_b[name])
+
+
+_KILLER = """
+import os, signal, sys
+import gpuconn.stats.randomise as module
+from gpuconn.study import run_study
+original, calls = module.write_outputs, []
+def killed(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+module.write_outputs = killed
+run_study(sys.argv[1], sys.argv[2], progress=False)
+"""
+
+
+def test_run_killed_by_sigkill_mid_step_resumes_to_identical_results(tiny):
+    import subprocess
+    import sys
+
+    root, path, _ = tiny
+    first, second = root / "out", root / "killed"
+    shutil.copytree(first, second)
+    for step in ("group", "clusters", "rois", "table1", "report"):
+        (second / "stamps" / f"{step}.json").unlink()
+    shutil.rmtree(second / "group")
+    done = subprocess.run([sys.executable, "-c", _KILLER, str(path), str(second)], capture_output=True, timeout=300)
+    assert done.returncode == -9, done.stderr.decode()[-2000:]
+    assert (second / "group").is_dir() and not (second / "stamps" / "group.json").exists()
+    resumed = run_study(path, second, progress=False)
+    assert resumed.status()["seeds"] == "skipped" and resumed.status()["group"] == "ran"
     maps_a, tables_a = _results(first)
     maps_b, tables_b = _results(second)
     assert maps_a.keys() == maps_b.keys()
