@@ -95,7 +95,14 @@ def variance_normalise(data: torch.Tensor, *, dim: int = 30, level: float = 1.6)
     -------
     torch.Tensor, same shape and dtype
         Voxels with zero residual variance (e.g. constant) become 0.
+
+    Raises
+    ------
+    InputError
+        Fewer than 2 volumes.
     """
+    if data.shape[0] < 2:
+        raise InputError(f"a subject series has {data.shape[0]} volume(s); group ICA needs at least 2 per subject")
     y = data - data.mean(dim=0, keepdim=True)
     y64 = y.to(DESIGN_DTYPE)
     spatial = y64 - y64.mean(dim=1, keepdim=True)

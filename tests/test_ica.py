@@ -151,6 +151,8 @@ def test_group_ica_input_errors(rng):
         group_ica([], dim=3, device="cpu")
     with pytest.raises(InputError, match="--subject-dim \\(2\\) and --internal-dim \\(50\\) must be at least --dim"):
         group_ica([np.zeros((10, 20), np.float32)], dim=3, subject_dim=2, device="cpu")
+    with pytest.raises(InputError, match="a subject series has 1 volume\\(s\\); group ICA needs at least 2"):
+        group_ica([np.ones((1, 20), np.float32)], dim=1, device="cpu")
     with pytest.raises(InputError, match="only 4 temporal dimensions, fewer than --dim 5"):
         group_ica([rng.standard_normal((4, 100)).astype(np.float32)], dim=5, device="cpu")
 
