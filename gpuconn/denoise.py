@@ -64,7 +64,7 @@ from . import confounds as cf
 from .backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
 from .errors import InputError
 from .io import check_same_grid, load_image, load_mask, masked_data, read_tsv, save_image, write_tsv
-from .physio import physio_confounds
+from .physio import PHYSIO_COLUMNS, physio_confounds, physio_regressors
 
 __all__ = [
     "DenoiseOptions",
@@ -107,8 +107,9 @@ class DenoiseOptions:
     erode : int
         Erosion iterations of the tissue masks.
     physio : {'auto', 'yes', 'no'}
-        HR/RV regressors when a recording is there, always (error when
-        absent), or never.
+        HR/RV regressors when a recording (or per-volume ``heart_rate`` and
+        ``respiratory_volume`` confounds columns) is there, always (error
+        when absent), or never.
     global_signal : bool
         Add the mean signal in the brain mask.
     outlier_metric : {'fd', 'rms', 'none'}
@@ -541,6 +542,21 @@ def _outliers(files: RunFiles, params: np.ndarray | None, n_volumes: int, option
     return cf.spike_regressors(metric, options.outlier_threshold)
 
 
+_PER_VOLUME_PHYSIO = ("heart_rate", "respiratory_volume")
+
+
+def _physio_table(files: RunFiles, tr: float, n_volumes: int) -> pd.DataFrame | None:
+    """HR/RV regressors from the recording, else from per-volume confounds columns, else None."""
+    if files.physio is not None:
+        return physio_confounds(files.physio, tr=tr, n_volumes=n_volumes)
+    if files.confounds is not None and set(_PER_VOLUME_PHYSIO) <= set(read_tsv(files.confounds, what="confounds").columns):
+        table = cf.read_fmriprep_confounds(files.confounds, list(_PER_VOLUME_PHYSIO))
+        cf.check_length(table, n_volumes, files.confounds, files.bold)
+        regressors = physio_regressors(table["heart_rate"].to_numpy(), table["respiratory_volume"].to_numpy(), tr=tr)
+        return pd.DataFrame(regressors, columns=list(PHYSIO_COLUMNS))
+    return None
+
+
 def _placeholder(n_volumes: int, n_columns: int) -> np.ndarray:
     """Generic (full-rank) stand-ins for data-derived regressors in the validation pass."""
     return np.random.default_rng(0).standard_normal((n_volumes, n_columns))
@@ -561,10 +577,15 @@ def _confound_table(files: RunFiles, img, data_4d, brain: np.ndarray, tr: float,
             parts.append(pd.DataFrame(cf.friston24(params), columns=cf.friston24_names()))
         else:
             parts.append(pd.DataFrame(params, columns=list(cf.MOTION_COLUMNS)))
-    if options.physio == "yes" and files.physio is None:
-        raise InputError(f"--physio yes but no *_physio.tsv.gz for {files.bold}; pass --physio FILE or --physio-mode auto")
-    if options.physio != "no" and files.physio is not None:
-        parts.append(physio_confounds(files.physio, tr=tr, n_volumes=n))
+    if options.physio != "no":
+        physio = _physio_table(files, tr, n)
+        if physio is not None:
+            parts.append(physio)
+        elif options.physio == "yes":
+            raise InputError(
+                f"--physio-mode yes but no *_physio.tsv.gz and no {'/'.join(_PER_VOLUME_PHYSIO)} confounds columns "
+                f"for {files.bold}; pass --physio FILE or use --physio-mode auto"
+            )
     if options.acompcor > 0:
         parts.append(_acompcor(files, img, data_4d, options, device))
     if options.global_signal:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -397,3 +395,19 @@ def test_cli_denoise_errors_leave_no_output(study, tmp_path, capsys):
     assert rc == 2 and "--physio belongs to one run; use it with --bold, not --derivatives" in capsys.readouterr().err
     rc = run(["denoise", "--bold", "x.nii.gz", "--out", str(out)])
     assert rc == 2 and "--bold needs --mask" in capsys.readouterr().err
+
+
+def test_per_volume_hr_rv_columns_are_convolved(tmp_path, rng):
+    from gpuconn.physio import physio_regressors
+
+    files, _, _ = _write_run(tmp_path, rng)
+    table = pd.read_csv(files.confounds, sep="\t")
+    table["heart_rate"] = 60 + rng.standard_normal(len(table))
+    table["respiratory_volume"] = 1 + 0.1 * rng.standard_normal(len(table))
+    table.to_csv(files.confounds, sep="\t", index=False)
+    run = dn.prepare_run(files, _options(physio="yes"))
+    expected = physio_regressors(table["heart_rate"].to_numpy(), table["respiratory_volume"].to_numpy(), tr=TR)
+    np.testing.assert_allclose(run.design[["hr_crf", "rv_rrf"]].to_numpy(), expected)
+    table.drop(columns=["heart_rate"]).to_csv(files.confounds, sep="\t", index=False)
+    with pytest.raises(InputError, match="--physio-mode yes but no \\*_physio.tsv.gz and no heart_rate/respiratory_volume"):
+        dn.prepare_run(files, _options(physio="yes"))
