@@ -600,14 +600,17 @@ def _denoise_options(ctx: _Context):
 
 
 def _step_denoise(ctx: _Context) -> list[Path]:
-    from .denoise import RunFiles, denoise_runs
+    from .denoise import RunFiles, denoise_runs, prepare_run
 
     runs = ctx.kept_runs()
     files = [RunFiles.from_run(r) for r in runs]
+    options = _denoise_options(ctx)
+    for run_files in files:  # every run checked (headers, lengths, columns, dof) before any output
+        prepare_run(run_files, options, load_data=False)
     out_dirs = [ctx._run_dir("denoise", r) for r in runs]
     written = []
     with _progress("denoise", len(runs), ctx.progress) as advance:
-        for paths in denoise_runs(files, out_dirs, _denoise_options(ctx), device=ctx.device,
+        for paths in denoise_runs(files, out_dirs, options, device=ctx.device,
                                   batch_size=ctx.study.section("denoise")["batch_size"], on_run=advance):
             written.extend(paths.values())
     return written

@@ -395,3 +395,16 @@ def test_grf_inference_and_tfce_are_selectable(tiny):
         assert Path(f"{root_map}_clusters_tstat1.tsv").exists()
         if method == "grf":
             assert json.loads((out / "group" / "post_vs_pre" / "seed-S1back_smoothness.json").read_text())["dof"] == 3
+
+
+def test_a_bad_run_stops_denoising_before_any_output(tiny):
+    root, _, _ = tiny
+    broken = root / "broken"
+    shutil.copytree(root / "data", broken / "data")
+    confounds = next((broken / "data" / "sub-007").rglob("*_desc-confounds_timeseries.tsv"))
+    table = pd.read_csv(confounds, sep="\t")
+    table.iloc[:-3].to_csv(confounds, sep="\t", index=False, na_rep="n/a")  # 37 rows for 40 volumes
+    path = _write(broken)
+    with pytest.raises(InputError, match="sub-007"):
+        run_study(path, broken / "out", progress=False)
+    assert not (broken / "out" / "denoise").exists()
