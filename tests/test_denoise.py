@@ -411,3 +411,20 @@ def test_per_volume_hr_rv_columns_are_convolved(tmp_path, rng):
     table.drop(columns=["heart_rate"]).to_csv(files.confounds, sep="\t", index=False)
     with pytest.raises(InputError, match="--physio-mode yes but no \\*_physio.tsv.gz and no heart_rate/respiratory_volume"):
         dn.prepare_run(files, _options(physio="yes"))
+
+
+def test_drop_censoring_writes_fewer_volumes_and_records_them(tmp_path, rng):
+    import json
+
+    files, _, _ = _write_run(tmp_path, rng)
+    censor = np.zeros((40, 2))
+    censor[[5, 22], [0, 1]] = 1
+    censor_file = tmp_path / "outliers.txt"
+    np.savetxt(censor_file, censor, fmt="%d")  # as fsl_motion_outliers -o writes it
+    files = dn.RunFiles(bold=files.bold, mask=files.mask, confounds=files.confounds, censor_file=censor_file)
+    paths = list(dn.denoise_runs([files], [tmp_path / "out"], _options(censor="drop"), device="cpu"))[0]
+    img = nib.load(paths["bold"])
+    assert img.shape[-1] == 38 and img.header.get_zooms()[-1] == TR
+    meta = json.loads(paths["bold"].with_name(paths["bold"].name.replace(".nii.gz", ".json")).read_text())["Parameters"]
+    assert meta["CensoredVolumes"] == [5, 22] and meta["VolumesKept"] == 38
+    assert len(pd.read_csv(paths["design"], sep="\t")) == 38
