@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 import typer
@@ -19,4 +20,24 @@ DaskScheduler = Annotated[
 Workers = Annotated[
     int | None,
     typer.Option("--workers", help="Run the tasks on a local Dask cluster of N worker processes (N GPUs with dask-cuda)."),
+]
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_memory(text: str) -> int:
+    """``'2GB'``, ``'512MiB'``, ``'1.5G'`` (G = GiB) or a plain byte count -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise typer.BadParameter(f"{text!r} is not a memory size; write e.g. 2GB, 512MiB or 1.5G")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+MaxMemory = Annotated[
+    int | None,
+    typer.Option("--max-memory", parser=parse_memory, metavar="SIZE",
+                 help="Cap the device memory gpuconn plans to use (e.g. 2GB, 512MiB) on a shared GPU/host."),
 ]

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import DaskScheduler, Device, Quiet, Seed, Workers
+from .options import DaskScheduler, Device, MaxMemory, Quiet, Seed, Workers
 
 InputImage = Annotated[Path, typer.Option("-i", help="4D input image, one volume per subject/observation.")]
 OutputRoot = Annotated[Path, typer.Option("-o", help="Output root; files are <root>_tstat1.nii.gz, ...")]
@@ -37,6 +37,14 @@ ClusterT = Annotated[Optional[float], typer.Option("-c", help="Cluster extent FW
 ClusterMassT = Annotated[Optional[float], typer.Option("-C", help="Cluster mass FWER for t contrasts at this threshold.")]
 ClusterF = Annotated[Optional[float], typer.Option("-F", help="Cluster extent FWER for F tests at this threshold.")]
 ClusterMassF = Annotated[Optional[float], typer.Option("-S", help="Cluster mass FWER for F tests at this threshold.")]
+Resume = Annotated[
+    bool,
+    typer.Option("--resume", help="Continue from <root>_checkpoint.npz left by a killed run (same inputs and options)."),
+]
+CheckpointInterval = Annotated[
+    float,
+    typer.Option("--checkpoint-interval", help="Seconds between checkpoints of the permutations done (0: every chunk)."),
+]
 Method = Annotated[
     str,
     typer.Option(
@@ -76,14 +84,22 @@ def randomise(
     device: Device = "auto",
     dask_scheduler: DaskScheduler = None,
     workers: Workers = None,
+    resume: Resume = False,
+    checkpoint_interval: CheckpointInterval = 10.0,
+    max_memory: MaxMemory = None,
     quiet: Quiet = False,
 ) -> None:
     """Permutation inference for the GLM (Freedman-Lane, max-statistic FWER), like FSL randomise.
 
     Voxelwise corrected p-maps are written with -x, and also when no spatial
-    statistic (TFCE, clusters) is requested.
+    statistic (TFCE, clusters) is requested. Without Dask, the permutations
+    done are checkpointed in <root>_checkpoint.npz (deleted at the end);
+    --resume continues a killed run from it, with identical results.
     """
+    from gpuconn.backend import set_max_memory
+    from gpuconn.checkpoint import checkpoint_path, checkpoint_runner
     from gpuconn.distributed import permutation_runner
+    from gpuconn.errors import InputError
     from gpuconn.stats.randomise import randomise as run
 
     from gpuconn.stats.tfce import TFCE_2D, TFCE_DEFAULTS, spatial_transforms
@@ -97,30 +113,44 @@ def randomise(
                                  cluster_mass=cluster_mass_t)
     spatial_f = spatial_transforms(tfce_params=tfce_params, method=method_tfce, cluster_extent=cluster_f,
                                    cluster_mass=cluster_mass_f)
-    result = run(
-        input_image,
-        output_root,
-        design_path=design_mat,
-        contrast_path=design_con,
-        ftest_path=design_fts,
-        groups_path=design_grp,
-        mask_path=mask,
-        one_sample=one_sample,
-        n_perm=n_perm,
-        demean=demean,
-        voxelwise=voxelwise or not (spatial or spatial_f),
-        uncorrp=uncorrp,
-        fdr=fdr,
-        seed=seed,
-        method=method,
-        permute_blocks=permute_blocks,
-        device=device,
-        spatial=spatial,
-        spatial_f=spatial_f if design_fts is not None else None,
-        write_raw=("tfce",),
-        progress=not quiet,
-        runner=permutation_runner(scheduler=dask_scheduler, workers=workers, device=device),
-    )
+    runner = permutation_runner(scheduler=dask_scheduler, workers=workers, device=device)
+    if runner is not None and resume:
+        raise InputError("--resume needs the single-process runner; drop --dask-scheduler/--workers")
+    if checkpoint_interval < 0:
+        raise InputError(f"--checkpoint-interval must be >= 0 seconds, got {checkpoint_interval}")
+    checkpoint = checkpoint_path(output_root)
+    options = {"tfce": tfce_params, "tfce_method": method_tfce, "c": cluster_t, "C": cluster_mass_t,
+               "F": cluster_f, "S": cluster_mass_f}
+    runner = runner or checkpoint_runner(checkpoint, resume=resume, options=options, interval=checkpoint_interval)
+    set_max_memory(max_memory)
+    try:
+        result = run(
+            input_image,
+            output_root,
+            design_path=design_mat,
+            contrast_path=design_con,
+            ftest_path=design_fts,
+            groups_path=design_grp,
+            mask_path=mask,
+            one_sample=one_sample,
+            n_perm=n_perm,
+            demean=demean,
+            voxelwise=voxelwise or not (spatial or spatial_f),
+            uncorrp=uncorrp,
+            fdr=fdr,
+            seed=seed,
+            method=method,
+            permute_blocks=permute_blocks,
+            device=device,
+            spatial=spatial,
+            spatial_f=spatial_f if design_fts is not None else None,
+            write_raw=("tfce",),
+            progress=not quiet,
+            runner=runner,
+        )
+    finally:
+        set_max_memory(None)
+    checkpoint.unlink(missing_ok=True)
     if not quiet:
         scheme = result.scheme
         kind = "exhaustive" if scheme.exhaustive else "random"

@@ -524,14 +524,30 @@ class ChunkMerger:
         return PermutationTestResult(results, prepared.scheme, str(prepared.device), prepared.chunk, seconds)
 
 
-def _run_loop(prepared: PreparedTest, progress: bool) -> PermutationTestResult:
-    merger = ChunkMerger(prepared)
+def _run_loop(
+    prepared: PreparedTest,
+    progress: bool,
+    *,
+    merger: ChunkMerger | None = None,
+    done: int = 0,
+    on_chunk: Callable[[ChunkMerger, int], None] | None = None,
+) -> PermutationTestResult:
+    """Evaluate rearrangements ``done..n_perm-1`` chunk after chunk into ``merger``.
+
+    ``merger``/``done`` continue a run whose first ``done`` rearrangements
+    are merged already (:mod:`gpuconn.checkpoint`); ``on_chunk(merger,
+    stop)`` is called after each chunk is merged.
+    """
+    merger = ChunkMerger(prepared) if merger is None else merger
     began = time.perf_counter()
     with progress_bar("randomise", prepared.scheme.n_perm, enabled=progress) as advance:
-        evaluate = lambda start, stop: evaluate_chunk(prepared, start, stop, merger.observed)  # noqa: E731
-        for start, stop, out in run_chunked(evaluate, prepared.scheme.n_perm, prepared.chunk):
-            merger.add(start, stop, out)
+        advance(done)
+        evaluate = lambda start, stop: evaluate_chunk(prepared, done + start, done + stop, merger.observed)  # noqa: E731
+        for start, stop, out in run_chunked(evaluate, prepared.scheme.n_perm - done, prepared.chunk):
+            merger.add(done + start, done + stop, out)
             advance(stop - start)
+            if on_chunk is not None:
+                on_chunk(merger, done + stop)
     return merger.result(time.perf_counter() - began)
 
 

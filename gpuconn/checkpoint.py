@@ -1,0 +1,218 @@
+"""Checkpoints of long permutation runs, so ``gpuconn randomise --resume`` continues after a kill.
+
+A run evaluates rearrangements ``0..n_perm-1`` chunk after chunk
+(:func:`gpuconn.stats.randomise.evaluate_chunk`); the chunks done so far are
+always a prefix ``[0, done)``. A checkpoint holds what
+:class:`~gpuconn.stats.randomise.ChunkMerger` has merged from that prefix:
+
+- the observed statistic (and spatial) maps of each contrast, float32;
+- the voxelwise exceedance counts, int64;
+- the per-rearrangement maxima of rearrangements ``0..done-1``;
+- ``done``, and a key: the SHA-256 of everything the remaining chunks
+  depend on (the permutation scheme with its seed, the contrasts, each
+  contrast's model and residualised data on the run's device, the names of
+  the spatial statistics and the caller's ``options`` such as TFCE
+  parameters).
+
+Counts are integers and maxima are concatenated in rearrangement order, so a
+resumed run gives exactly the outputs of an uninterrupted one (whatever the
+chunk sizes). The file (``<root>_checkpoint.npz``) is written to a temporary
+name and renamed, at most every ``interval`` seconds; it is not part of the
+command's outputs (a failed run keeps it), and the CLI deletes it once the
+outputs are written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .backend import to_numpy
+from .errors import GpuconnError, InputError
+from .stats.randomise import ChunkMerger, PreparedTest, Runner, _run_loop
+
+__all__ = ["checkpoint_path", "run_key", "save_checkpoint", "load_checkpoint", "checkpoint_runner"]
+
+_FORMAT = 1
+
+
+def checkpoint_path(output_root: str | os.PathLike) -> Path:
+    """``<root>_checkpoint.npz`` for randomise's output root ``-o``."""
+    return Path(f"{output_root}_checkpoint.npz")
+
+
+def _host(value: Any) -> np.ndarray:
+    return to_numpy(value) if torch.is_tensor(value) else np.asarray(value)
+
+
+def _update(digest: "hashlib._Hash", value: Any) -> None:
+    if torch.is_tensor(value) or isinstance(value, np.ndarray):
+        array = np.ascontiguousarray(_host(value))
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    else:
+        digest.update(json.dumps(value, sort_keys=True, default=str).encode())
+
+
+def run_key(prepared: PreparedTest, options: Mapping[str, Any] | None = None) -> str:
+    """SHA-256 (hex) of everything the results of ``prepared`` depend on.
+
+    Parameters
+    ----------
+    prepared : PreparedTest
+    options : mapping, optional
+        Settings the prepared test does not hold (spatial statistic
+        parameters such as TFCE H/E/connectivity, cluster thresholds).
+
+    Returns
+    -------
+    str
+    """
+    digest = hashlib.sha256(f"gpuconn-checkpoint-{_FORMAT}".encode())
+    scheme = prepared.scheme
+    for f in dataclasses.fields(scheme):
+        _update(digest, getattr(scheme, f.name) if getattr(scheme, f.name) is not None else "none")
+    _update(digest, str(prepared.device))
+    for c in prepared.contrasts:
+        _update(digest, [c.name, c.kind, sorted(c.transforms)])
+        _update(digest, np.asarray(c.matrix, dtype=np.float64))
+        for f in dataclasses.fields(c.model):
+            _update(digest, getattr(c.model, f.name))
+        _update(digest, c.residuals)
+        _update(digest, c.sum_squares)
+    _update(digest, dict(options or {}))
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: str | os.PathLike, key: str, merger: ChunkMerger, done: int) -> Path:
+    """Write the merged state of rearrangements ``[0, done)`` atomically.
+
+    Raises
+    ------
+    GpuconnError
+        If the file cannot be written (the run can go on without it, but a
+        kill would then lose the work).
+    """
+    path = Path(path)
+    arrays: dict[str, np.ndarray] = {}
+    for c in merger.prepared.contrasts:
+        arrays[f"observed/{c.name}"] = _host(merger.observed[c.name])
+        arrays[f"count/{c.name}"] = _host(merger.counts[c.name])
+        for name in c.transforms:
+            arrays[f"spatial/{c.name}/{name}"] = _host(merger.observed[(c.name, name)])
+        keys = merger.maxima[min(merger.maxima)][c.name]
+        for name in keys:
+            arrays[f"max/{c.name}/{name}"] = np.concatenate(
+                [merger.maxima[start][c.name][name] for start in sorted(merger.maxima)]
+            )
+    meta = {"format": _FORMAT, "key": key, "done": int(done), "n_perm": merger.prepared.scheme.n_perm,
+            "seed": merger.prepared.scheme.seed}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                np.savez(handle, meta=np.array(json.dumps(meta)), **arrays)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise GpuconnError(f"cannot write checkpoint {path}: {exc.strerror or exc}; free disk space or "
+                           "choose a writable output folder") from exc
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, key: str, prepared: PreparedTest) -> tuple[ChunkMerger, int] | None:
+    """The merger and ``done`` saved in ``path`` for this run, or None when there is no checkpoint.
+
+    Raises
+    ------
+    InputError
+        The file is unreadable, or was written for other inputs, options,
+        seed or device (its key differs).
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+        meta = json.loads(str(arrays.pop("meta")))
+    except Exception as exc:
+        raise InputError(f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it to start over") from exc
+    if meta.get("key") != key:
+        raise InputError(
+            f"checkpoint {path} was written for other inputs or options (design, data, mask, -n, --seed, "
+            "statistics or device); rerun with the same ones, or delete it (or drop --resume) to start over"
+        )
+    device = prepared.device
+    merger = ChunkMerger(prepared)
+    for c in prepared.contrasts:
+        merger.observed[c.name] = torch.as_tensor(arrays[f"observed/{c.name}"], device=device)
+        merger.counts[c.name] = torch.as_tensor(arrays[f"count/{c.name}"], device=device)
+        for name in c.transforms:
+            merger.observed[(c.name, name)] = torch.as_tensor(arrays[f"spatial/{c.name}/{name}"], device=device)
+    maxima: dict[str, dict[str, np.ndarray]] = {}
+    for name, values in arrays.items():
+        if name.startswith("max/"):
+            _, contrast, key_name = name.split("/", 2)
+            maxima.setdefault(contrast, {})[key_name] = values
+    merger.maxima = {0: maxima}
+    return merger, int(meta["done"])
+
+
+def checkpoint_runner(
+    path: str | os.PathLike,
+    *,
+    resume: bool = False,
+    options: Mapping[str, Any] | None = None,
+    interval: float = 10.0,
+) -> Runner:
+    """A single-process runner for :func:`gpuconn.stats.randomise.run_permutation_test` that checkpoints.
+
+    Parameters
+    ----------
+    path : path-like
+        The checkpoint file (:func:`checkpoint_path`).
+    resume : bool, default False
+        Continue from ``path`` when it exists (its key must match); else
+        start at rearrangement 0 (an old checkpoint is replaced).
+    options : mapping, optional
+        Extra settings for :func:`run_key`.
+    interval : float, default 10
+        Seconds between checkpoint writes (0: after every chunk).
+
+    Returns
+    -------
+    callable
+        ``runner(prepared, progress) -> PermutationTestResult``.
+    """
+
+    def run(prepared: PreparedTest, progress: bool):
+        key = run_key(prepared, options)
+        restored = load_checkpoint(path, key, prepared) if resume else None
+        merger, done = restored if restored is not None else (None, 0)
+        last = time.monotonic()
+
+        def on_chunk(merged: ChunkMerger, stop: int) -> None:
+            nonlocal last
+            if stop < prepared.scheme.n_perm and time.monotonic() - last >= interval:
+                save_checkpoint(path, key, merged, stop)
+                last = time.monotonic()
+
+        return _run_loop(prepared, progress, merger=merger, done=done, on_chunk=on_chunk)
+
+    return run
