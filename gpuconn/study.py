@@ -468,7 +468,22 @@ def load_study(path: str | os.PathLike, *, check_inputs: bool = True) -> Study:
     missing = sorted({f"sub-{r.subject}" for r in runs} - known)
     if missing:
         raise InputError(f"{participants} has no row for {', '.join(missing[:5])} (found under {derivatives}); add them")
-    return Study(path, config, derivatives, participants, runs, table, templates)
+    study = Study(path, config, derivatives, participants, runs, table, templates)
+    _preflight_models(study)
+    return study
+
+
+def _preflight_models(study: Study) -> None:
+    """Build every group design from the runs found (before QC) so a bad model fails before any work."""
+    placeholder_qc = pd.DataFrame({"run": [r.prefix for r in study.runs], "mean_rel_rms": 0.1 + 1e-3 * np.arange(len(study.runs))})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model in study.section("models"):
+            table, _ = model_table(study, placeholder_qc, model, study.runs)
+            if table.empty:
+                raise InputError(f"{study.path}: model {model['name']!r} has no subject with the runs it needs "
+                                 f"(session {model['session']!r}, group {model['group'] or model['contrast']!r}) under {study.derivatives}")
+            _design(study, model, table)
 
 
 def demo_study_path() -> Path:

@@ -114,6 +114,8 @@ def tiny(tmp_path_factory):
         (lambda t: t.replace('correlate = ["pain_change"]', 'correlate = ["pain_change", "bmi", "pcs"]'), r"roi_tests\.correlate 'bmi' is not a column"),
         (lambda t: t.replace('center = [-32, 20, -2]', 'center = [-32, 20]'), r"rois 'insula': center must be \[x, y, z\]"),
         (lambda t: t.replace("edges = [0, 16, 39]", "edges = [0, 39, 16]"), r"subgroups need increasing edges"),
+        (lambda t: t.replace('session = "change"', 'session = "post"').replace('group = "cLBP"\nsession', 'group = "HC"\nsession'), r"model 'pain_change' has no subject"),
+        (lambda t: t.replace('covariates = ["age"]', 'covariates = ["pain_post"]').replace('contrast = "cLBP>HC"', 'contrast = "HC>HC"'), r"model 'patients_vs_controls'"),
         (lambda t: t.replace('"pain_post - pain_pre"', '"pain_post - pain_missing"'), r"derived\.pain_change"),
     ],
 )
