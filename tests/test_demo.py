@@ -8,7 +8,7 @@ from gpuconn.cli.app import run
 from gpuconn.demo import effect_lines
 from gpuconn.study import demo_study_path, load_study
 
-TINY = ["--n-patients", "4", "--n-controls", "3", "--n-volumes", "40", "--voxel-size", "8", "--n-perm", "20", "-q"]
+TINY = ["--n-patients", "4", "--n-controls", "3", "--n-volumes", "40", "--voxel-size", "8", "--n-perm", "20", "--seed", "1", "-q"]
 
 
 def test_demo_runs_end_to_end_and_reports_each_planted_effect(tmp_path, capsys):
