@@ -110,7 +110,7 @@ _NETWORK_AMPLITUDE = 8.0
 _COUPLING_AMPLITUDE = 10.0
 _NOISE_SD = 8.0
 _PHYSIO_RATE = 50.0  # Hz, physiological recordings
-_EXCLUDED_MAX_TRANSLATION = 3.6  # mm, the planted QC failure
+_EXCLUDED_MAX_TRANSLATION = 5.0  # mm, the planted QC failure
 
 
 @dataclass
