@@ -85,6 +85,17 @@ def test_f_test_clusters_and_t2(one_sample, rng):
                                tfce(tstat, mask, H=2, E=0.5, connectivity=26).numpy()[0], rtol=1e-5, atol=1e-4)
 
 
+def test_exact_tfce_option(one_sample):
+    root = one_sample / "exact"
+    rc = run(["randomise", "-i", str(one_sample / "data.nii.gz"), "-o", str(root), "-1", "-n", "10", "-T",
+              "--tfce-exact", "--device", "cpu", "-q"])
+    assert rc == 0
+    mask = np.ones(SHAPE, dtype=bool)
+    tstat = _load(f"{root}_tstat1.nii.gz")[mask][None]
+    np.testing.assert_allclose(_load(f"{root}_tfce_tstat1.nii.gz")[mask], tfce(tstat, mask, method="exact").numpy()[0],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_spatial_factory_none_and_errors(capsys):
     assert spatial_transforms() is None
     rc = run(["randomise", "-i", "missing.nii.gz", "-o", "x", "-1", "-T", "--tfce-C", "7"])
