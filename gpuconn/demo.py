@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,15 @@ def _same_study(data: Path, wanted: dict) -> bool:
     found = {"seed": truth.get("seed"), "n_volumes": truth.get("n_volumes"), "voxel_size": truth.get("voxel_size"),
              "n_patients": groups.get("cLBP", 0), "n_controls": groups.get("HC", 0)}
     return found == wanted
+
+
+def _clear_previous(data: Path) -> None:
+    """Remove a previous demo's simulated study (other sizes leave other subjects), never anything else."""
+    if not data.exists() or not any(data.iterdir()):
+        return
+    if not (data / "ground_truth.json").exists():
+        raise InputError(f"{data} exists and is not a study simulated by gpuconn; choose another demo folder")
+    shutil.rmtree(data)
 
 
 def effect_lines(checks: pd.DataFrame, inference: dict) -> list[str]:
@@ -113,6 +123,7 @@ def run_demo(
     if _same_study(data, wanted):
         say(f"simulated study in {data} is already there")
     else:
+        _clear_previous(data)
         say(f"simulating {n_patients} patients (pre, post) and {n_controls} controls, {n_volumes} volumes at {voxel_size} mm into {data}")
         with progress_bar("simulate", 2 * n_patients + n_controls, enabled=progress) as advance:
             simulate_study(data, n_patients=n_patients, n_controls=n_controls, n_volumes=n_volumes, voxel_size=voxel_size,

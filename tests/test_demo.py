@@ -29,6 +29,11 @@ def test_demo_runs_end_to_end_and_reports_each_planted_effect(tmp_path, capsys):
     assert "is already there" in again and " done in " not in again.replace("demo finished in", "")
     assert "running ..." not in again
 
+    smaller = [*TINY]
+    smaller[smaller.index("--n-controls") + 1] = "2"
+    assert run(["demo", str(out), *smaller]) == 0  # another size replaces the previous simulated study
+    assert len(list((out / "data").glob("sub-*"))) == 6
+
 
 def test_bundled_study_file_is_valid_and_matches_the_simulator():
     study = load_study(demo_study_path(), check_inputs=False)
@@ -51,3 +56,11 @@ def test_effect_lines_say_found_and_false_positive():
     lines = effect_lines(checks, {"method": "cluster", "alpha": 0.05})
     assert lines[0].startswith("  planted e (seed S -> insula, model m): FOUND: 3 significant voxels near insula")
     assert "FOUND (a false positive)" in lines[1]
+
+
+def test_demo_never_overwrites_a_folder_it_did_not_write(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "precious.txt").write_text("keep me")
+    assert run(["demo", str(tmp_path), *TINY]) == 2
+    assert "is not a study simulated by gpuconn" in capsys.readouterr().err
+    assert (tmp_path / "data" / "precious.txt").read_text() == "keep me"
