@@ -130,6 +130,8 @@ COMMANDS: dict[str, list[str]] = {
     "design": ["design", "regression", "{participants}", "--variable", "pcs", "--covariate", "age",
                "-o", "{out}/des"],
     "study-run": ["study", "run", "{study}", "-o", "{out}/study", "-q"],
+    "simulate": ["simulate", "{out}/sim", "--n-patients", "3", "--n-controls", "2", "--n-volumes", "20",
+                 "--voxel-size", "8", "-q"],
 }
 # The 4D inputs (volumes in time or subjects) and 3D inputs of each command.
 # (A 3D group map / component image is one map: valid for dualreg and ica match.)
@@ -138,7 +140,8 @@ INPUTS_4D = {"denoise": ["bold"], "seed": ["bold"], "ica-run": ["bold"], "dualre
 INPUTS_3D = {"denoise": ["mask"], "seed": ["mask"], "roi": ["mask"], "ica-run": ["mask"], "ica-match": ["mask"],
              "dualreg": ["mask"], "randomise": ["mask"], "glm": ["mask"], "clusters": ["stat", "mask"]}
 # Images whose grid must match the command's data (the mask; the templates of ica match).
-GRID_CHECKED = {c: ["mask"] for c in INPUTS_3D if c != "clusters"} | {"clusters": ["mask"], "ica-match": ["mask", "templates"]}
+GRID_CHECKED = {c: ["mask"] for c in INPUTS_3D if c != "clusters"} | {
+    "clusters": ["mask"], "ica-match": ["mask", "templates"], "dualreg": ["mask", "bold2"], "ica-run": ["mask", "bold2"]}
 # The data image of each command (NaN/Inf injected there; clusters: see test_clusters_non_finite).
 DATA = {"denoise": "bold", "seed": "bold", "roi": "maps", "ica-run": "bold", "ica-match": "groupmaps",
         "dualreg": "bold", "randomise": "maps", "glm": "maps"}
@@ -304,6 +307,7 @@ def _cases() -> list[Case]:
         Case("design-missing-column", "design", extra=[("--covariate", "height")], expect=("height",)),
         Case("design-constant-variable", "design", lambda ws: _participants_case(ws, lambda t: t.assign(pcs=3)),
              expect=("pcs",)),
+        Case("too-few-volumes", "simulate", extra=[("--n-volumes", "10")], expect=("--n-volumes",)),
         Case("malformed-toml", "study-run", lambda ws: {"study": _text(ws, "bad.toml", "[inputs\nx=")},
              expect=("bad.toml",)),
         Case("unknown-key", "study-run",
