@@ -32,6 +32,7 @@ Tfce2D = Annotated[bool, typer.Option("--T2", help="TFCE for 2D/skeleton data (H
 TfceH = Annotated[Optional[float], typer.Option("--tfce-H", help="TFCE height exponent (default 2).")]
 TfceE = Annotated[Optional[float], typer.Option("--tfce-E", help="TFCE extent exponent (default 0.5; 1 with --T2).")]
 TfceC = Annotated[Optional[int], typer.Option("--tfce-C", help="TFCE connectivity 6, 18 or 26 (default 6; 26 with --T2).")]
+TfceDh = Annotated[Optional[float], typer.Option("--tfce-dh", help="Fixed TFCE step for every permutation (randomise: the unpermuted maximum / 100); default: each map's maximum / 100.")]
 TfceExact = Annotated[bool, typer.Option("--tfce-exact", help="Exact TFCE integral instead of 100 steps (values on the integral's scale).")]
 ClusterT = Annotated[Optional[float], typer.Option("-c", help="Cluster extent FWER for t contrasts at this cluster-forming threshold.")]
 ClusterMassT = Annotated[Optional[float], typer.Option("-C", help="Cluster mass FWER for t contrasts at this threshold.")]
@@ -75,6 +76,7 @@ def randomise(
     tfce_h: TfceH = None,
     tfce_e: TfceE = None,
     tfce_c: TfceC = None,
+    tfce_dh: TfceDh = None,
     tfce_exact: TfceExact = False,
     cluster_t: ClusterT = None,
     cluster_mass_t: ClusterMassT = None,
@@ -106,7 +108,7 @@ def randomise(
 
     tfce_params = None
     if tfce or tfce_2d:  # --T2 presets; explicit --tfce-H/E/C values win
-        given = {"H": tfce_h, "E": tfce_e, "connectivity": tfce_c}
+        given = {"H": tfce_h, "E": tfce_e, "connectivity": tfce_c, "dh": tfce_dh}
         tfce_params = {**(TFCE_2D if tfce_2d else TFCE_DEFAULTS), **{k: v for k, v in given.items() if v is not None}}
     method_tfce = "exact" if tfce_exact else "stepped"
     spatial = spatial_transforms(tfce_params=tfce_params, method=method_tfce, cluster_extent=cluster_t,

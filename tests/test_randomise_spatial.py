@@ -85,6 +85,22 @@ def test_f_test_clusters_and_t2(one_sample, rng):
                                tfce(tstat, mask, H=2, E=0.5, connectivity=26).numpy()[0], rtol=1e-5, atol=1e-4)
 
 
+def test_fixed_step_option(one_sample, capsys):
+    root = one_sample / "dh"
+    rc = run(["randomise", "-i", str(one_sample / "data.nii.gz"), "-o", str(root), "-1", "-n", "10", "-T",
+              "--tfce-dh", "0.05", "--device", "cpu", "-q"])
+    assert rc == 0
+    mask = np.ones(SHAPE, dtype=bool)
+    tstat = _load(f"{root}_tstat1.nii.gz")[mask][None]
+    np.testing.assert_allclose(_load(f"{root}_tfce_tstat1.nii.gz")[mask], tfce(tstat, mask, dh=0.05).numpy()[0],
+                               rtol=1e-5, atol=1e-4)
+    rc = run(["randomise", "-i", str(one_sample / "data.nii.gz"), "-o", str(root), "-1", "-T", "--tfce-dh", "0"])
+    assert rc == 2 and "--tfce-dh must be positive, got 0.0" in capsys.readouterr().err
+    rc = run(["randomise", "-i", str(one_sample / "data.nii.gz"), "-o", str(root), "-1", "-T", "--tfce-dh", "0.1",
+              "--tfce-exact"])
+    assert rc == 2 and "the exact integral has none" in capsys.readouterr().err
+
+
 def test_exact_tfce_option(one_sample):
     root = one_sample / "exact"
     rc = run(["randomise", "-i", str(one_sample / "data.nii.gz"), "-o", str(root), "-1", "-n", "10", "-T",

@@ -405,11 +405,13 @@ def spatial_transforms(
     Parameters
     ----------
     tfce_params : dict, optional
-        ``{'H', 'E', 'connectivity'}`` for TFCE (randomise ``-T``/``--T2``);
-        None: no TFCE. Each map uses its own maximum / 100 as the step
-        (nilearn's convention): the engine's transforms are stateless per
-        map, so the unpermuted map's step cannot be fixed in advance as
-        randomise does; both are the same discretisation of one integral.
+        ``{'H', 'E', 'connectivity'}`` and optionally ``'dh'`` for TFCE
+        (randomise ``-T``/``--T2``); None: no TFCE. Without ``dh`` each map
+        uses its own maximum / 100 as the step (nilearn's convention): the
+        engine's transforms are stateless per map, so the unpermuted map's
+        step cannot be fixed in advance as randomise does; a fixed ``dh``
+        (e.g. the unpermuted maximum / 100) reproduces randomise. Both are
+        discretisations of the same integral.
     method : {'stepped', 'exact'}
     cluster_extent, cluster_mass : float, optional
         Cluster-forming thresholds (randomise ``-c``/``-C``, or ``-F``/``-S``
@@ -430,6 +432,10 @@ def spatial_transforms(
     if tfce_params is not None:
         _check_params(tfce_params["H"], tfce_params["E"], method)
         connectivity_offsets(tfce_params["connectivity"])  # validate before any input is read
+        if tfce_params.get("dh") is not None and not tfce_params["dh"] > 0:
+            raise InputError(f"--tfce-dh must be positive, got {tfce_params['dh']}")
+        if tfce_params.get("dh") is not None and method == "exact":
+            raise InputError("--tfce-dh sets the step of the stepped sum; the exact integral has none: drop one of them")
     connectivity_offsets(cluster_connectivity)
 
     def factory(mask: np.ndarray) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
