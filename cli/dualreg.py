@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from .options import Device, Quiet, Seed
+from .options import Device, MaxMemory, Quiet, Seed
 
 
 def dualreg(
@@ -42,6 +42,7 @@ def dualreg(
     ] = 0,
     seed: Seed = 0,
     device: Device = "auto",
+    max_memory: MaxMemory = None,
     quiet: Quiet = False,
 ) -> None:
     """Dual regression as FSL dual_regression: stage 1 time courses, stage 2 subject maps and Z maps.
@@ -51,13 +52,18 @@ def dualreg(
     dualreg.json (parameters, subject numbering). Nothing is written unless every subject succeeds.
     With -n and -d/-t (or -1), randomise runs on every component as FSL's stage 3 (dr_stage3_icNNNN_*).
     """
+    from gpuconn.backend import set_max_memory
     from gpuconn.dualreg import dual_regression
 
-    result = dual_regression(
-        maps, subjects, out_dir, mask_path=mask, des_norm=des_norm, device=device, batch_size=batch,
-        design_path=design, contrast_path=contrasts, one_sample=one_sample, n_perm=n_perm, seed=seed,
-        progress=not quiet,
-    )
+    set_max_memory(max_memory)
+    try:
+        result = dual_regression(
+            maps, subjects, out_dir, mask_path=mask, des_norm=des_norm, device=device, batch_size=batch,
+            design_path=design, contrast_path=contrasts, one_sample=one_sample, n_perm=n_perm, seed=seed,
+            progress=not quiet,
+        )
+    finally:
+        set_max_memory(None)
     if not quiet:
         Console(stderr=True).print(
             f"dual regression: {len(result.stage1)} subjects x {len(result.components)} maps, "

@@ -194,6 +194,21 @@ def test_max_memory_caps_the_plan_and_is_reset(inputs, reference, tmp_path):
     assert backend._max_memory is None, "the cap does not leak into later commands"
 
 
+def test_dualreg_max_memory_plans_smaller_batches(inputs, tmp_path, monkeypatch):
+    """dualreg --max-memory: the subject batch is planned under the cap (same outputs)."""
+    import gpuconn.dualreg
+
+    seen = []
+    real = gpuconn.dualreg.chunk_size
+    monkeypatch.setattr(gpuconn.dualreg, "chunk_size", lambda *a, **k: seen.append(backend._max_memory) or real(*a, **k))
+    base = ["dualreg", str(inputs["maps"]), str(inputs["bold"]), str(inputs["bold2"]), "--mask", str(inputs["mask"]),
+            "-q", "--device", "cpu"]
+    assert run([*base, "-o", str(tmp_path / "a"), "--max-memory", "1KB"]) == 0
+    assert run([*base, "-o", str(tmp_path / "b")]) == 0
+    assert seen == [1000, None]
+    assert _images(tmp_path / "a") == _images(tmp_path / "b")
+
+
 @pytest.mark.gpu
 def test_cpu_and_cuda_agree(inputs):
     """CUDA vs CPU on the same data and seed.
