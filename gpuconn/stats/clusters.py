@@ -4,7 +4,9 @@ Clusters are the connected components of the voxels whose statistic is
 strictly above a cluster-forming threshold (as FSL ``cluster``/randomise
 ``-c`` and nilearn ``permuted_ols(threshold=)`` define them), with 6-, 18- or
 26-connectivity (faces; faces + edges; faces + edges + corners). Voxels
-outside the analysis mask never belong to a cluster.
+outside the analysis mask never belong to a cluster. Only positive
+excursions form clusters; for negative effects test the negated contrast
+as its own contrast, as randomise users do (not ``|stat|``).
 
 Maps are handled as a batch ``(n_maps, n_voxels)`` of masked statistic maps
 (a chunk of permutations), in the mask's voxel order (C order, as
