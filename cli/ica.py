@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -79,10 +80,14 @@ def ica_match(
     """Spatial correlation of every component with every template; best component per template."""
     from gpuconn.ica import match_templates
 
-    _, best = match_templates(
-        components, templates, out_prefix, mask_path=mask,
-        names=[n.strip() for n in names.split(",")] if names else None, select_path=select,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, best = match_templates(
+            components, templates, out_prefix, mask_path=mask,
+            names=[n.strip() for n in names.split(",")] if names else None, select_path=select,
+        )
+    for warning in caught:
+        Console(stderr=True, highlight=False).print(f"warning: {warning.message}", markup=False)
     table = Table("template", "component", "r")
     for row in best.itertuples():
         table.add_row(str(row.template), str(row.component), f"{row.r:.3f}")

@@ -32,6 +32,7 @@ template image and picks the best component per template.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -495,6 +496,11 @@ def match_templates(
     ------
     InputError
         Grid mismatch, wrong number of names, empty mask or a constant template.
+
+    Warns
+    -----
+    UserWarning
+        When one component is the best match of several templates.
     """
     ic_img = load_image(ic_path, what="component maps")
     tpl_img = load_image(templates_path, what="templates")
@@ -520,6 +526,14 @@ def match_templates(
         raise InputError(f"template(s) {', '.join(bad)} in {templates_path} are constant inside the mask; check them")
     best_idx = np.abs(corr).argmax(axis=0)
     best_r = corr[best_idx, np.arange(len(names))]
+    for component in np.unique(best_idx):
+        shared = [names[j] for j in np.where(best_idx == component)[0]]
+        if len(shared) > 1:
+            warnings.warn(
+                f"component {component} is the best match of several templates ({', '.join(shared)}); "
+                "the selection repeats it, so dual regression on the selection would be rank-deficient",
+                stacklevel=2,
+            )
     correlations = pd.DataFrame(corr, columns=names)
     correlations.insert(0, "component", np.arange(corr.shape[0]))
     best = pd.DataFrame(

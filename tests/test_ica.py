@@ -219,6 +219,11 @@ def test_match_errors(tmp_path, rng):
     with pytest.raises(InputError, match="template\\(s\\) template0 .* are constant inside the mask"):
         match_templates(ic, flat, tmp_path / "m")
     assert not (tmp_path / "m_best.tsv").exists()
+    twice = tmp_path / "twice.nii.gz"
+    tpl_data = nib.load(tpl).get_fdata()
+    nib.Nifti1Image(np.stack([tpl_data[..., 0]] * 2, axis=-1).astype(np.float32), AFFINE).to_filename(str(twice))
+    with pytest.warns(UserWarning, match=r"component \d is the best match of several templates \(a, b\)"):
+        match_templates(ic, twice, tmp_path / "m", names=["a", "b"])
 
 
 def test_cli_ica_run_and_match(tmp_path, rng, capsys):
