@@ -158,12 +158,15 @@ class Case:
     extra: list[tuple[str, str | None]] = field(default_factory=list)
     expect: tuple[str, ...] = ()
     inject: str | None = None  # 'full-first', 'full-later', 'eacces'
+    argv: list[str] | None = None  # instead of the command's template
 
 
-def _argv(command: str, ws: dict, overrides: dict, extra: list[tuple[str, str | None]]) -> list[str]:
+def _argv(command: str, ws: dict, overrides: dict, extra: list[tuple[str, str | None]],
+          template: list[str] | None = None) -> list[str]:
     slots = {k: str(v) for k, v in ws.items()} | {k: str(v) for k, v in overrides.items()}
-    argv = [token.format(**slots) for token in COMMANDS[command]]
+    argv = [token.format(**slots) for token in (template or COMMANDS[command])]
     for option, value in extra:  # an option of the template gets the case's value; others are appended
+        value = None if value is None else value.format(**slots)
         if option in argv and value is not None:
             argv[argv.index(option) + 1] = value
         else:
@@ -281,6 +284,26 @@ def _cases() -> list[Case]:
         Case("n-below-1", "randomise", extra=[("-n", "-1")], expect=("-n",)),
         Case("n-exhaustive-too-many", "randomise", extra=[("-n", "0")], expect=("-n",)),
         Case("one-sample-with-design", "randomise", extra=[("-1", None)], expect=("-1",)),
+        Case("groups-wrong-length", "randomise",
+             lambda ws: {"grp": _vest(ws["in"] / "bad.grp", np.ones((N_SUBJECTS - 2, 1)))},
+             extra=[("-e", "{grp}")], expect=("bad.grp",)),
+        Case("ftest-wrong-width", "randomise",
+             lambda ws: {"fts": _vest(ws["in"] / "bad.fts", np.ones((1, 3)), "NumContrasts")},
+             extra=[("-f", "{fts}")], expect=("bad.fts",)),
+        Case("stage3-design-wrong-rows", "dualreg", extra=[("-d", "{design}"), ("-t", "{con}"), ("-n", "1")],
+             expect=("design.mat",)),
+        Case("stage3-contrast-wrong-length", "dualreg",
+             lambda ws: {"design": _vest(ws["in"] / "dr.mat", np.ones((2, 1))),
+                         "con": _vest(ws["in"] / "bad.con", np.array([[0.0, 1.0]]), "NumContrasts")},
+             extra=[("-d", "{design}"), ("-t", "{con}"), ("-n", "1")], expect=("bad.con",)),
+        Case("derivatives-missing", "denoise", argv=["denoise", "--derivatives", "{in}/nowhere", "-o", "{out}/d"],
+             expect=("nowhere",)),
+        Case("derivatives-missing", "seed", argv=["seed", "--derivatives", "{in}/nowhere", "--seed-coord", "0,0,0", "--radius", "6",
+                                                  "-o", "{out}/s"], expect=("nowhere",)),
+        Case("derivatives-missing", "qc", argv=["qc", "--derivatives", "{in}/nowhere", "-o", "{out}/qc.tsv"],
+             expect=("nowhere",)),
+        Case("derivatives-empty", "denoise", argv=["denoise", "--derivatives", "{in}", "-o", "{out}/d"],
+             expect=("in",)),
         Case("confounds-wrong-length", "denoise", lambda ws: _confounds_case(ws, lambda t: t.iloc[:-5]),
              expect=("bad_confounds",)),
         Case("confounds-missing-motion", "denoise", lambda ws: _confounds_case(ws, lambda t: t.drop(columns=MOTION)),
@@ -380,7 +403,7 @@ def _check_error(rc: int, err: str, expect: tuple[str, ...]) -> str:
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.command}:{c.id}" for c in CASES])
 def test_bad_input(case: Case, ws, capsys, monkeypatch):
     overrides = case.make(ws)
-    argv = _argv(case.command, ws, overrides, case.extra)
+    argv = _argv(case.command, ws, overrides, case.extra, case.argv)
     before = _files(ws["in"].parent)
     capsys.readouterr()
     _inject(case.inject, monkeypatch)
