@@ -107,6 +107,15 @@ def _read(path: Path) -> pd.DataFrame | None:
     return io.read_tsv(path) if path.exists() else None
 
 
+def _table_one(out: Path, study) -> str:
+    table = _read(out / "table1.tsv")
+    if table is None:
+        return "<p>no Table 1</p>"
+    inputs = study.section("inputs")
+    shown = table[["variable", "summary_A", "summary_B", "test", "statistic", "df", "p"]]
+    return _table(shown.rename(columns={"summary_A": inputs["patients"], "summary_B": inputs["controls"]}))
+
+
 def _qc_section(out: Path, study) -> str:
     plt = _pyplot()
     qc = _read(out / "qc" / "qc.tsv")
@@ -288,7 +297,7 @@ def write_report(study, out_dir: str | os.PathLike, path: str | os.PathLike) -> 
         f"results: <code>{html.escape(str(out))}</code></p>",
         _planted_section(study, out),
         "<h2>Motion QC</h2>" + _qc_section(out, study),
-        "<h2>Table 1</h2>" + _table(_read(out / "table1.tsv")),
+        "<h2>Table 1</h2>" + _table_one(out, study),
         _ica_section(out, study),
         "<h2>Group models</h2>" + "".join(_model_section(out, study, m) for m in study.section("models")),
         "<h2>ROIs</h2>" + _roi_section(out, study),

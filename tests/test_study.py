@@ -349,6 +349,7 @@ networks = ["salience", "sensorimotor"]
 """
 
 
+@pytest.mark.filterwarnings("ignore:component .* is the best match of several templates")  # 4 components on a tiny study
 def test_ica_dual_regression_and_network_models(tiny):
     root, _, _ = tiny
     out = root / "ica_out"
