@@ -14,11 +14,13 @@ step        library call
 qc          :func:`gpuconn.qc.qc_table` on each run's motion parameters
 denoise     :func:`gpuconn.denoise.denoise_runs` (runs passing QC)
 seeds       :func:`gpuconn.seed.compute_seed_maps` (Fisher z per seed)
-ica         :func:`gpuconn.ica.run_group_ica` + :func:`gpuconn.dualreg.dual_regression`
-            (only when ``[ica] enabled = true``)
-group       :func:`gpuconn.stats.design.build_design` and
-            :func:`gpuconn.stats.randomise.run_permutation_test` per model
-            and seed, written by :func:`gpuconn.stats.randomise.write_outputs`
+ica         :func:`gpuconn.ica.run_group_ica`, :func:`gpuconn.ica.match_templates`
+            and :func:`gpuconn.dualreg.dual_regression` (when ``[ica] enabled``)
+group       :func:`gpuconn.stats.design.build_design`, then per model and map
+            (seed map or network) :func:`gpuconn.stats.randomise.run_permutation_test`
+            + :func:`~gpuconn.stats.randomise.write_outputs`, or for
+            ``method = "grf"`` :func:`gpuconn.stats.grf.parametric_glm`
+clusters    :func:`gpuconn.stats.tables.cluster_table` of the significant voxels
 rois        :func:`gpuconn.roi.extract_roi_values`, then
             :mod:`gpuconn.roi_stats` (t-tests, correlations, subgroups, FDR)
 table1      :func:`gpuconn.demographics.table_one`
@@ -76,6 +78,7 @@ __all__ = [
     "cluster_t_threshold",
     "check_planted_effects",
     "FOUND_RADIUS_MM",
+    "QC_COVARIATES",
 ]
 
 #: Steps of :func:`run_study`, in order.
