@@ -94,6 +94,29 @@ def _time_engine(mask: np.ndarray, n_perm: int, device) -> dict:
     return out
 
 
+def _time_permuted_ols(mask: np.ndarray, n_perm: int) -> dict:
+    """nilearn ``permuted_ols`` itself, N=181 one-sample, with ``tfce=True`` and with ``threshold=2.3``.
+
+    Seconds per permutation = total / (n_perm + 1): the unpermuted map is
+    enhanced too, and the OLS part is negligible next to TFCE.
+    """
+    import nibabel as nib
+    from nilearn.maskers import NiftiMasker
+    from nilearn.mass_univariate import permuted_ols
+
+    masker = NiftiMasker(nib.Nifti1Image(mask.astype(np.uint8), np.diag([2.0, 2.0, 2.0, 1.0]))).fit()
+    data = null_maps(mask, 181, seed=1).astype(np.float64) + 0.2
+    out = {}
+    for name, options in (("permuted_ols_tfce", {"tfce": True}), ("permuted_ols_threshold", {"threshold": 2.3})):
+        start = time.perf_counter()
+        permuted_ols(np.ones((181, 1)), data, model_intercept=False, n_perm=n_perm, two_sided_test=False,
+                     masker=masker, random_state=0, n_jobs=1, verbose=0, **options)
+        out[f"nilearn_{name}_s_per_perm"] = (time.perf_counter() - start) / (n_perm + 1)
+        print(f"nilearn {name}: {out[f'nilearn_{name}_s_per_perm'] * 1e3:.1f} ms per permutation "
+              f"({n_perm} permutations + the unpermuted map)", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="half-size grid (for a smoke run)")
@@ -101,6 +124,8 @@ def main() -> None:
     parser.add_argument("--nilearn-maps", type=int, default=3, help="maps timed with nilearn")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--permuted-ols", type=int, default=0,
+                        help="also time nilearn permuted_ols itself (tfce=True and threshold=2.3) with this many permutations")
     parser.add_argument("--engine-perms", type=int, default=0,
                         help="also time run_permutation_test with -T (N=181 one-sample, this many permutations)")
     args = parser.parse_args()
@@ -129,6 +154,7 @@ def main() -> None:
     print(f"nilearn calculate_tfce: {nilearn_tfce * 1e3:.1f} ms per permutation", flush=True)
     print(f"nilearn calculate_cluster_measures (z>2.3): {nilearn_cluster * 1e3:.1f} ms per permutation", flush=True)
     engine = _time_engine(mask, args.engine_perms, device) if args.engine_perms else {}
+    engine |= _time_permuted_ols(mask, args.permuted_ols) if args.permuted_ols else {}
     summary = {
         "machine": platform.node(),
         "grid": shape,
