@@ -62,7 +62,7 @@ import numpy as np
 import torch
 
 from .backend import resolve_device, to_numpy
-from .errors import InputError
+from .errors import GpuconnError, InputError
 from .progress import progress_bar
 
 __all__ = ["check_options", "dask_client", "dask_runner", "permutation_runner", "map_tasks", "denoise_runs_dask",
@@ -93,9 +93,9 @@ def _local_cluster(distributed, workers: int):
                 f"--workers {workers} asks for more GPU workers than the {n_gpus} GPU(s) here "
                 f"(dask-cuda runs one worker per GPU); use --workers {n_gpus} or fewer"
             )
-        return LocalCUDACluster(n_workers=workers, threads_per_worker=1, dashboard_address=None)
+        return LocalCUDACluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0")
     return distributed.LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
     )
 
 
@@ -265,39 +265,63 @@ def _run_permutations(client, prepared, *, device: str, chunk: int | None, tasks
                       progress: bool):
     from .stats.randomise import ChunkMerger
 
-    distributed = _distributed()
     n_perm = prepared.scheme.n_perm
     workers = n_workers(client)
     size = int(chunk) if chunk is not None else _task_size(n_perm, prepared.chunk, workers, tasks_per_worker)
     prepared = replace(prepared, chunk=size)
     merger = ChunkMerger(prepared)
-    token = uuid.uuid4().hex[:12]
+    bounds = [(start, min(start + size, n_perm)) for start in range(0, n_perm, size)]
+    run = functools.partial(_run_chunks, client, prepared.to("cpu"), uuid.uuid4().hex[:12], merger=merger,
+                            device=device, retries=retries)
     began = time.perf_counter()
-    [model] = client.scatter([prepared.to("cpu")], broadcast=True, hash=False)
-    submit = functools.partial(client.submit, _chunk_task, token, model, device=device, retries=retries, pure=False)
-    futures = []
-    try:
-        with progress_bar("randomise (dask)", n_perm, enabled=progress) as advance:
-            first = submit(0, min(size, n_perm), None, key=f"gpuconn-randomise-{token}-0")
-            futures.append(first)
-            merger.add(0, min(size, n_perm), first.result())
-            advance(min(size, n_perm))
-            observed = {name: merger.observed[name] for name in (c.name for c in prepared.contrasts)}
-            [observed_f] = client.scatter([observed], broadcast=True, hash=False)
-            bounds = {}
-            for start in range(size, n_perm, size):
-                stop = min(start + size, n_perm)
-                future = submit(start, stop, observed_f, key=f"gpuconn-randomise-{token}-{start}")
-                bounds[future.key] = (start, stop)
-                futures.append(future)
-            for future in distributed.as_completed(futures[1:]):
-                start, stop = bounds[future.key]
-                merger.add(start, stop, future.result())
-                advance(stop - start)
-    finally:
-        client.cancel(futures + [model])
+    with progress_bar("randomise (dask)", n_perm, enabled=progress) as advance:
+        run(bounds[:1], None, advance)  # chunk 0 first: its observed maps are every chunk's reference
+        run(bounds[1:], {c.name: merger.observed[c.name] for c in prepared.contrasts}, advance)
     result = merger.result(time.perf_counter() - began)
     return replace(result, device=f"dask:{workers} workers ({device})")
+
+
+def _run_chunks(client, model, token: str, bounds: list[tuple[int, int]], observed: dict | None,
+                advance: Callable[[int], None], *, merger, device: str, retries: int, rounds: int = 3) -> None:
+    """Evaluate the chunks ``bounds`` as tasks and add them to ``merger``.
+
+    The model (and the observed maps) are scattered to every worker. A
+    worker lost while running a task is handled by Dask (the task reruns
+    elsewhere, up to its ``allowed-failures``); when the lost workers held
+    every copy of the scattered data, the tasks that depended on it are
+    cancelled, and they are resubmitted here after a new scatter (up to
+    ``rounds`` times). A rerun chunk is the same chunk, so the result does not
+    change.
+    """
+    distributed = _distributed()
+    pending = list(bounds)
+    for attempt in range(rounds):
+        if not pending:
+            return
+        scattered = client.scatter([model, observed], broadcast=True, hash=False)
+        futures = {
+            client.submit(_chunk_task, token, scattered[0], start, stop, scattered[1], device=device, retries=retries,
+                          pure=False, key=f"gpuconn-randomise-{token}-{start}-{attempt}"): (start, stop)
+            for start, stop in pending
+        }
+        pending = []
+        try:
+            for future in distributed.as_completed(futures):
+                start, stop = futures[future]
+                try:
+                    out = future.result()
+                except distributed.client.FutureCancelledError:
+                    pending.append((start, stop))  # its data went with a lost worker
+                    continue
+                merger.add(start, stop, out)
+                advance(stop - start)
+        finally:
+            client.cancel([*futures, *scattered])
+    if pending:
+        raise GpuconnError(
+            f"Dask lost the scattered model {rounds} times (workers dying?); chunks {pending[:3]}... never ran; "
+            "check the workers' logs and memory limits"
+        )
 
 
 def _capture_warnings(func: Callable[..., T], *args) -> tuple[T, list[str]]:

@@ -112,7 +112,7 @@ def test_worker_killed_mid_run_gives_the_same_result(client, two_sample, tmp_pat
     kw = dict(n_perm=200, seed=9, device="cpu")
     single = run_permutation_test(data, design, contrasts, **kw)
     marker = tmp_path / "killed"
-    client.register_plugin(_KillOnce("-100", str(marker)), name="kill-once")  # the task of rearrangements 100-119
+    client.register_plugin(_KillOnce("-100-0", str(marker)), name="kill-once")  # rearrangements 100-119, 1st try
     try:
         spread = run_permutation_test(data, design, contrasts, **kw, runner=gd.dask_runner(client, chunk=20))
     finally:
@@ -120,6 +120,18 @@ def test_worker_killed_mid_run_gives_the_same_result(client, two_sample, tmp_pat
     assert marker.exists()  # a worker did die while starting that task
     _assert_same(single, spread)
     client.wait_for_workers(2, timeout=60)  # the nanny restarted it
+
+
+def test_only_worker_killed_loses_the_model_and_the_chunks_rerun(two_sample, tmp_path):
+    data, design, contrasts = two_sample
+    kw = dict(n_perm=120, seed=2, device="cpu")
+    single = run_permutation_test(data, design, contrasts, **kw)
+    marker = tmp_path / "killed"
+    with gd.dask_client(workers=1) as one:  # the dead worker held the only copy of the scattered model
+        one.register_plugin(_KillOnce("-60-0", str(marker)), name="kill-once")
+        spread = run_permutation_test(data, design, contrasts, **kw, runner=gd.dask_runner(one, chunk=30))
+    assert marker.exists()
+    _assert_same(single, spread)
 
 
 def test_task_error_reaches_the_client(client):
