@@ -45,6 +45,7 @@ progress bar counts completed tasks (:func:`gpuconn.progress.progress_bar`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import importlib.util
@@ -310,7 +311,7 @@ def _run_chunks(client, model, token: str, bounds: list[tuple[int, int]], observ
                 start, stop = futures[future]
                 try:
                     out = future.result()
-                except distributed.client.FutureCancelledError:
+                except concurrent.futures.CancelledError:  # distributed's FutureCancelledError
                     pending.append((start, stop))  # its data went with a lost worker
                     continue
                 merger.add(start, stop, out)
