@@ -15,7 +15,7 @@ Seed = Annotated[int, typer.Option("--seed", help="Seed of the NumPy generator b
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 DaskScheduler = Annotated[
     str | None,
-    typer.Option("--dask-scheduler", help="Run the tasks on a running Dask cluster (tcp://host:8786); needs gpuconn[dask]."),
+    typer.Option("--dask-scheduler", help="Run the tasks on a running Dask cluster (tcp://host:8786); needs the dask extra of gpuconn."),
 ]
 Workers = Annotated[
     int | None,
