@@ -68,6 +68,10 @@ def effect_lines(checks: pd.DataFrame, inference: dict) -> list[str]:
                   f"ROI test p = {row.roi_p:.3g}, effect {row.roi_effect:+.3f}")
         if row.roi_p < inference["alpha"] and row.roi_effect < 0:
             detail += " (significant in the direction opposite to the model's hypothesis)"
+        if row.kind == "elsewhere":
+            verdict = "none, as planted" if not row.found else f"{row.map_voxels} (false positives)"
+            lines.append(f"  significant voxels elsewhere (model {row.model}, seed {row.seed}): {verdict}")
+            continue
         if row.kind == "effect":
             verdict = "FOUND" if row.found else "not found"
             lines.append(f"  planted {row.name} (seed {row.seed} -> {row.region}, model {row.model}): {verdict}: {detail}")

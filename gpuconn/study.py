@@ -961,7 +961,10 @@ def check_planted_effects(study: Study, out_dir: str | os.PathLike, ground_truth
     ``p < alpha`` with the planted sign. A null region (``aTPJ``) is checked
     with the same criterion for every model: the model's stated (one-sided)
     hypothesis, contrast 1 and a positive ROI effect. Effects in the other
-    direction are in the cluster tables and ``rois/roi_tests.tsv``.
+    direction are in the cluster tables and ``rois/roi_tests.tsv``. Finally,
+    for each model, the voxels of significant clusters (every contrast) that
+    do not reach within :data:`FOUND_RADIUS_MM` of the model's planted
+    targets are counted (``kind='elsewhere'``).
 
     Parameters
     ----------
@@ -974,8 +977,8 @@ def check_planted_effects(study: Study, out_dir: str | os.PathLike, ground_truth
     Returns
     -------
     pandas.DataFrame
-        One row per (effect or null region, model): ``kind`` ('effect' or
-        'null'), ``name``, ``model``, ``seed``, ``region``, ``map_voxels``
+        One row per (effect, null region or elsewhere, model): ``kind``
+        ('effect', 'null' or 'elsewhere'), ``name``, ``model``, ``seed``, ``region``, ``map_voxels``
         (significant voxels near the region), ``roi_p``, ``roi_effect``,
         ``found`` (map or ROI) and ``expected`` (True for effects).
     """
@@ -1004,19 +1007,42 @@ def check_planted_effects(study: Study, out_dir: str | os.PathLike, ground_truth
         return {"kind": kind, "name": name, "model": model["name"], "seed": seed, "region": region, "map_voxels": voxels,
                 "roi_p": roi_p, "roi_effect": roi_effect, "found": bool(voxels > 0 or roi_found), "expected": kind == "effect"}
 
-    rows = []
+    rows, targets = [], {}
     for effect in ground_truth["effects"]:
         for model in study.section("models"):
             if model["kind"] == _EFFECT_KINDS.get(effect["test"]) and effect["seed"] in model["seeds"] and (
                 effect["test"] != "regression" or model["variable"] == effect.get("variable")
             ):
                 rows.append(row("effect", effect["name"], model, effect["seed"], effect["target"]))
+                targets.setdefault((model["name"], effect["seed"]), []).append(effect["target"])
     seeds = {e["seed"] for e in ground_truth["effects"]}
     for region in ground_truth.get("null_regions", []):
         for model in study.section("models"):
             for seed in sorted(seeds & set(model["seeds"])):
                 rows.append(row("null", region, model, seed, region))
+    for model in study.section("models"):
+        for seed in sorted(seeds & set(model["seeds"])):
+            allowed = np.zeros(mask.shape, bool)
+            for target in targets.get((model["name"], seed), []):
+                allowed |= near(target)
+            key = f"seed-{seed}"
+            voxels = sum(_voxels_in_other_clusters(significant_voxels(out, model["name"], key, c, inference), allowed, mask_img.affine)
+                         for c in model_contrasts(out, model["name"], key))
+            rows.append({"kind": "elsewhere", "name": "outside the planted targets", "model": model["name"], "seed": seed,
+                         "region": "rest of the brain", "map_voxels": voxels, "roi_p": np.nan, "roi_effect": np.nan,
+                         "found": voxels > 0, "expected": False})
     return pd.DataFrame(rows, columns=["kind", "name", "model", "seed", "region", "map_voxels", "roi_p", "roi_effect", "found", "expected"])
+
+
+def _voxels_in_other_clusters(significant: np.ndarray, allowed: np.ndarray, affine: np.ndarray) -> int:
+    """Voxels of the significant clusters (26-connected) that touch no ``allowed`` voxel."""
+    from .stats.tables import cluster_table
+
+    if not significant.any():
+        return 0
+    index = cluster_table(significant.astype(np.float64), affine, threshold=0.5, mask=significant).index_image
+    touching = np.unique(index[allowed & (index > 0)])
+    return int(((index > 0) & ~np.isin(index, touching)).sum())
 
 
 def _progress(description: str, total: int, enabled: bool):

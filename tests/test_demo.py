@@ -20,6 +20,7 @@ def test_demo_runs_end_to_end_and_reports_each_planted_effect(tmp_path, capsys):
     for effect in truth["effects"]:
         assert f"planted {effect['name']} (seed {effect['seed']} -> {effect['target']}" in text
     assert text.count("null region aTPJ") == 3  # one line per model
+    assert text.count("significant voxels elsewhere (model") == 3
     assert (out / "results" / "report.html").stat().st_size > 10_000
     study = load_study(out / "study.toml")
     assert study.section("inference")["n_perm"] == 20  # --n-perm lands in the study file the demo wrote

@@ -238,7 +238,23 @@ def test_planted_effect_check_lists_effects_and_null_region(tiny):
     checks = check_planted_effects(study, root / "out", json.loads((root / "data" / "ground_truth.json").read_text()))
     assert set(checks.loc[checks["kind"] == "effect", "name"]) == {"post_vs_pre", "pain_change", "patients_vs_controls"}
     assert set(checks.loc[checks["kind"] == "null", "region"]) == {"aTPJ"}
-    assert checks["roi_p"].between(0, 1).all()
+    effects_and_nulls = checks[checks["kind"] != "elsewhere"]
+    assert effects_and_nulls["roi_p"].between(0, 1).all()
+    elsewhere = checks[checks["kind"] == "elsewhere"]
+    assert list(elsewhere["model"]) == ["patients_vs_controls", "post_vs_pre", "pain_change"]
+    assert (elsewhere["found"] == (elsewhere["map_voxels"] > 0)).all() and not elsewhere["expected"].any()
+
+
+def test_clusters_away_from_the_targets_are_counted_whole():
+    from gpuconn.study import _voxels_in_other_clusters
+
+    significant = np.zeros((12, 6, 6), bool)
+    significant[1:5, 1:3, 1:3] = True  # 16 voxels, one of them next to the target
+    significant[8:11, 2:4, 2:4] = True  # 12 voxels away from it
+    allowed = np.zeros(significant.shape, bool)
+    allowed[0, 1, 1] = allowed[1, 1, 1] = True
+    assert _voxels_in_other_clusters(significant, allowed, np.eye(4)) == 12
+    assert _voxels_in_other_clusters(np.zeros_like(significant), allowed, np.eye(4)) == 0
 
 
 def test_rerun_does_no_work(tiny):
