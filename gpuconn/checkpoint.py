@@ -17,7 +17,8 @@ always a prefix ``[0, done)``. A checkpoint holds what
 Counts are integers and maxima are concatenated in rearrangement order, so a
 resumed run gives exactly the outputs of an uninterrupted one (whatever the
 chunk sizes). The file (``<root>_checkpoint.npz``) is written to a temporary
-name and renamed, at most every ``interval`` seconds; it is not part of the
+name and renamed, at most every ``interval`` seconds (a temporary file left
+by a kill mid-write is removed by the next run); it is not part of the
 command's outputs (a failed run keeps it), and the CLI deletes it once the
 outputs are written.
 """
@@ -174,6 +175,12 @@ def load_checkpoint(path: str | os.PathLike, key: str, prepared: PreparedTest) -
     return merger, int(meta["done"])
 
 
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary checkpoint files left by a process killed while writing (SIGKILL skips clean-up)."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def checkpoint_runner(
     path: str | os.PathLike,
     *,
@@ -202,6 +209,7 @@ def checkpoint_runner(
     """
 
     def run(prepared: PreparedTest, progress: bool):
+        _remove_stale_temporaries(Path(path))
         key = run_key(prepared, options)
         restored = load_checkpoint(path, key, prepared) if resume else None
         merger, done = restored if restored is not None else (None, 0)

@@ -25,7 +25,6 @@ constant voxels).
 from __future__ import annotations
 
 import errno
-import gzip
 import json
 import os
 import subprocess
@@ -141,7 +140,8 @@ INPUTS_3D = {"denoise": ["mask"], "seed": ["mask"], "roi": ["mask"], "ica-run": 
              "dualreg": ["mask"], "randomise": ["mask"], "glm": ["mask"], "clusters": ["stat", "mask"]}
 # Images whose grid must match the command's data (the mask; the templates of ica match).
 GRID_CHECKED = {c: ["mask"] for c in INPUTS_3D if c != "clusters"} | {
-    "clusters": ["mask"], "ica-match": ["mask", "templates"], "dualreg": ["mask", "bold2"], "ica-run": ["mask", "bold2"]}
+    "clusters": ["mask"], "ica-match": ["mask", "templates"], "dualreg": ["mask", "bold2"],
+    "ica-run": ["mask", "bold2"]}
 # The data image of each command (NaN/Inf injected there; clusters: see test_clusters_non_finite).
 DATA = {"denoise": "bold", "seed": "bold", "roi": "maps", "ica-run": "bold", "ica-match": "groupmaps",
         "dualreg": "bold", "randomise": "maps", "glm": "maps"}
@@ -265,7 +265,8 @@ def _cases() -> list[Case]:
         cases += [
             Case("design-wrong-rows", command, lambda ws: _design_case(ws, np.column_stack([ones, x])[:-1]),
                  expect=("bad.mat",)),
-            Case("design-rank-deficient", command, lambda ws: _design_case(ws, np.column_stack([ones, ages, ages - 20])),
+            Case("design-rank-deficient", command,
+                 lambda ws: _design_case(ws, np.column_stack([ones, ages, ages - 20])),
                  expect=("bad.mat",)),
             Case("design-constant-column", command, lambda ws: _design_case(ws, np.column_stack([ones, x, ones])),
                  expect=("bad.mat",)),
@@ -298,7 +299,8 @@ def _cases() -> list[Case]:
              extra=[("-d", "{design}"), ("-t", "{con}"), ("-n", "1")], expect=("bad.con",)),
         Case("derivatives-missing", "denoise", argv=["denoise", "--derivatives", "{in}/nowhere", "-o", "{out}/d"],
              expect=("nowhere",)),
-        Case("derivatives-missing", "seed", argv=["seed", "--derivatives", "{in}/nowhere", "--seed-coord", "0,0,0", "--radius", "6",
+        Case("derivatives-missing", "seed", argv=["seed", "--derivatives", "{in}/nowhere", "--seed-coord", "0,0,0",
+                                                  "--radius", "6",
                                                   "-o", "{out}/s"], expect=("nowhere",)),
         Case("derivatives-missing", "qc", argv=["qc", "--derivatives", "{in}/nowhere", "-o", "{out}/qc.tsv"],
              expect=("nowhere",)),
@@ -435,13 +437,10 @@ def test_controls_pass(command, ws, capsys):
     assert _files(ws["out"])
 
 
-@pytest.mark.parametrize("argv_of", [
-    lambda ws: COMMANDS["randomise"],
-    lambda ws: COMMANDS["denoise"],
-])
-def test_subprocess_one_line_no_traceback(argv_of, ws):
-    """Through the console script too: a missing file is one line on stderr, exit 2, no traceback."""
-    argv = _argv(argv_of(ws)[0], ws, {"mask": ws["in"] / "nope_mask.nii.gz"}, [])
+@pytest.mark.parametrize("command", ["randomise", "denoise"])
+def test_subprocess_one_line_no_traceback(command, ws):
+    """Through ``python -m gpuconn.cli`` too: a missing file is one line on stderr, exit 2, no traceback."""
+    argv = _argv(command, ws, {"mask": ws["in"] / "nope_mask.nii.gz"}, [])
     proc = subprocess.run([sys.executable, "-m", "gpuconn.cli", *argv], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     line = _check_error(proc.returncode, proc.stderr, ("nope_mask",))
@@ -495,5 +494,4 @@ def test_gzip_corrupt_not_truncated(ws, capsys):
     path.write_bytes(b"not a nifti" * 10)
     argv = _argv("randomise", ws, {"maps": path}, [])
     line = _check_error(run(argv), capsys.readouterr().err, ("garbage.nii.gz",))
-    assert gzip  # noqa: the corrupted file is deliberately not gzip
     assert not ws["out"].exists(), line

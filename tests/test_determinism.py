@@ -200,7 +200,11 @@ def test_dualreg_max_memory_plans_smaller_batches(inputs, tmp_path, monkeypatch)
 
     seen = []
     real = gpuconn.dualreg.chunk_size
-    monkeypatch.setattr(gpuconn.dualreg, "chunk_size", lambda *a, **k: seen.append(backend._max_memory) or real(*a, **k))
+    def spy(*args, **kwargs):
+        seen.append(backend._max_memory)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gpuconn.dualreg, "chunk_size", spy)
     base = ["dualreg", str(inputs["maps"]), str(inputs["bold"]), str(inputs["bold2"]), "--mask", str(inputs["mask"]),
             "-q", "--device", "cpu"]
     assert run([*base, "-o", str(tmp_path / "a"), "--max-memory", "1KB"]) == 0

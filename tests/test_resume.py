@@ -150,7 +150,10 @@ def test_resume_rejects_other_options(inputs, tmp_path, monkeypatch, capsys):
 
 def test_resume_without_checkpoint_starts_over(inputs, reference, tmp_path):
     root = tmp_path / "plain"
+    stale = tmp_path / f".{checkpoint_path(root).name}.x1y2z3.tmp"  # as a kill mid-write leaves it
+    stale.write_bytes(b"partial")
     assert run(_argv(inputs, root, "--resume")) == 0
+    assert not stale.exists()
     _assert_same(_outputs(root), reference["plain"])
 
 
@@ -183,6 +186,7 @@ def test_sigkill_then_resume_is_identical(inputs, reference, tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
     proc.stderr.close()
     assert checkpoint.exists() and not _outputs(root)
+    # (A kill during a checkpoint write may leave its temporary file; the resumed run removes it.)
     with np.load(checkpoint) as npz:
         assert 0 < json.loads(str(npz["meta"]))["done"] < N_PERM
     assert run(_argv(inputs, root, "--resume")) == 0
