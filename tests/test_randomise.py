@@ -328,3 +328,22 @@ def test_cli_one_sample_sign_flips(tmp_path, rng):
     assert run(["randomise", "-i", str(tmp_path / "in.nii.gz"), "-o", str(root), "-1", "-n", "50", "-q"]) == 0
     sidecar = json.loads((tmp_path / "one.json").read_text())["Parameters"]
     assert sidecar["method"] == "flip" and (tmp_path / "one_vox_corrp_tstat1.nii.gz").exists()
+
+
+@pytest.mark.parametrize(("method", "whole_blocks"), [("permute", False), ("both", False), ("permute", True)])
+def test_blocks_and_flips_match_numpy_loop(rng, method, whole_blocks):
+    n = 24
+    blocks = np.repeat(np.arange(6), 4)
+    x, age = rng.normal(size=n), rng.normal(size=n)
+    design = np.c_[np.ones(n), x, age]
+    data = (rng.normal(size=(n, 30)) + age[:, None] + 0.5 * blocks[:, None]).astype(np.float32)
+    result = run_permutation_test(data, design, np.array([[0.0, 1.0, 0.0]]), groups=blocks, n_perm=150, seed=9,
+                                  method=method, permute_blocks=whole_blocks, chunk=40)
+    assert result.scheme.method == {"permute": "permute", "both": "permute+flip"}[method]
+    orders, signs = result.scheme.chunk(0, 150)
+    if not whole_blocks:
+        assert (blocks[orders] == blocks).all()
+    stats = _reference_null(data, design, np.array([0.0, 1.0, 0.0]), [0, 2], orders, signs)
+    got = result["tstat1"]
+    np.testing.assert_allclose(got.null_max, stats.max(1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(got.p_fwe, _counting_p(stats)[1])
