@@ -347,3 +347,17 @@ def test_blocks_and_flips_match_numpy_loop(rng, method, whole_blocks):
     got = result["tstat1"]
     np.testing.assert_allclose(got.null_max, stats.max(1), rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(got.p_fwe, _counting_p(stats)[1])
+
+
+def test_planted_effect_is_recovered(rng):
+    n, v = 40, 200
+    group = np.r_[np.ones(20), np.zeros(20)]
+    age = rng.normal(size=n)
+    data = rng.normal(size=(n, v)) + 0.5 * age[:, None]
+    data[:20, :10] += 2.0  # d = 2: power ~1 at FWER 0.05 over 200 voxels
+    got = run_permutation_test(data.astype(np.float32), np.c_[group, 1 - group, age],
+                               np.array([[1.0, -1.0, 0.0], [-1.0, 1.0, 0.0]]), n_perm=500, seed=0)
+    assert (got["tstat1"].p_fwe[:10] < 0.05).all()
+    assert (got["tstat1"].p_fwe[10:] < 0.05).sum() <= 2
+    assert (got["tstat2"].p_fwe < 0.05).sum() == 0
+    assert (got["tstat1"].p_fdr[:10] < 0.05).all()
