@@ -361,3 +361,18 @@ def test_planted_effect_is_recovered(rng):
     assert (got["tstat1"].p_fwe[10:] < 0.05).sum() <= 2
     assert (got["tstat2"].p_fwe < 0.05).sum() == 0
     assert (got["tstat1"].p_fdr[:10] < 0.05).all()
+
+
+def test_fdr_adjust_equals_scipy_and_step_up_rule(rng):
+    from scipy.stats import false_discovery_control
+
+    from gpuconn.stats.fdr import fdr_adjust
+
+    p = np.r_[rng.uniform(size=200), rng.uniform(0, 1e-3, size=20), [1.0, 0.0, 0.5, 0.5]]
+    q = fdr_adjust(p)
+    np.testing.assert_allclose(q, false_discovery_control(p, method="bh"), rtol=1e-12)
+    # Step-up rule: reject the k smallest, k = max{i : p_(i) <= i alpha / n}.
+    alpha, ordered = 0.05, np.sort(p)
+    k = np.max(np.flatnonzero(ordered <= np.arange(1, p.size + 1) * alpha / p.size)) + 1
+    assert (q <= alpha).sum() == k
+    assert fdr_adjust(np.array([])).size == 0
