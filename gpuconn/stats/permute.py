@@ -29,6 +29,7 @@ permutations, a one-sample design ``2**n`` sign flips.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Iterator
@@ -109,8 +110,12 @@ class PermutationScheme:
             orders[row], signs[row] = self._draw(rng)
         return orders, signs
 
+    @functools.cached_property
+    def _groups(self) -> list[np.ndarray]:
+        return _block_members(self.blocks, self.n_obs)
+
     def _draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        groups = _block_members(self.blocks, self.n_obs)
+        groups = self._groups
         order = np.arange(self.n_obs)
         signs = np.ones(self.n_obs)
         if self.whole_blocks:
