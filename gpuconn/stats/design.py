@@ -86,7 +86,8 @@ def _parse_number_rows(lines: list[str], path: Path) -> np.ndarray:
         raise InputError(f"{path} has no /Matrix rows")
     widths = {len(r) for r in rows}
     if len(widths) != 1:
-        raise InputError(f"{path}: /Matrix rows have different numbers of values ({sorted(widths)})")
+        raise InputError(f"{path}: /Matrix rows have different numbers of values ({sorted(widths)}); "
+                         "give every row one value per column (/NumWaves)")
     return np.array(rows, dtype=np.float64)
 
 
@@ -516,6 +517,9 @@ def build_design(
         if not pd.api.types.is_numeric_dtype(values):
             raise InputError(f"{source}: regression variable {variable!r} is not numeric")
         x = values.to_numpy(dtype=np.float64)
+        if np.ptp(x) == 0:
+            raise InputError(f"{source}: regression variable {variable!r} has the same value for every row; "
+                             "nothing to regress on, choose another --variable")
         matrix = np.hstack([np.ones((n, 1)), (x - x.mean())[:, None], cov])
         names = ["mean", variable] + cov_names
         contrasts = np.vstack([np.r_[0.0, 1.0, zeros], np.r_[0.0, -1.0, zeros]])
