@@ -20,7 +20,7 @@ def design(
     levels: Annotated[
         Optional[str], typer.Option("--levels", help="Comma-separated levels: the two compared (A>B), or those kept.")
     ] = None,
-    variable: Annotated[Optional[str], typer.Option("--variable", help="Regression: the tested variable.")] = None,
+    variable: Annotated[Optional[str], typer.Option("--variable", help="Regression: the tested column, or A-B for a difference of two columns.")] = None,
     covariate: Annotated[
         Optional[list[str]], typer.Option("--covariate", help="Covariate column (repeatable); demeaned, categorical dummy-coded.")
     ] = None,
@@ -51,6 +51,6 @@ def design(
     written = save_design(built, output_root)
     typer.echo(
         f"design: {kind}, {built.matrix.shape[0]} rows x {built.matrix.shape[1]} columns, "
-        f"{len(built.contrast_names)} contrasts ({', '.join(built.contrast_names)}); "
+        f"{len(built.contrast_names)} contrast(s) ({', '.join(built.contrast_names)}); "
         f"wrote {', '.join(p.name for p in written)}"
     )

@@ -120,6 +120,16 @@ def test_regression_design(participants):
     assert design.contrast_names == ["pain_change>0", "pain_change<0"]
 
 
+def test_regression_on_a_difference_of_columns(participants):
+    table = participants.assign(pain_pre=[1.0, 2, 3, 4, 5, 6, 7, 8])
+    design = build_design(table, "regression", variable="pain_change-pain_pre")
+    change = table.pain_change - table.pain_pre
+    np.testing.assert_allclose(design.matrix[:, 1], change - change.mean())
+    assert design.contrast_names == ["pain_change-pain_pre>0", "pain_change-pain_pre<0"]
+    with pytest.raises(InputError, match="has no column"):
+        build_design(table, "regression", variable="pain_change-nothing")
+
+
 def test_paired_full_design_has_subject_blocks(participants):
     design = build_design(participants, "paired", sessions=["pre", "post"])
     n = len(participants)
@@ -178,7 +188,7 @@ def test_cli_design(tmp_path, participants, capsys):
     rc = run(["design", "two-sample", str(tmp_path / "participants.tsv"), "-o", str(tmp_path / "ts"),
               "--group", "group", "--levels", "cLBP,HC", "--covariate", "age", "--covariate", "sex"])
     assert rc == 0
-    assert "2 contrasts (cLBP>HC, HC>cLBP)" in capsys.readouterr().out
+    assert "2 contrast(s) (cLBP>HC, HC>cLBP)" in capsys.readouterr().out
     assert read_vest(tmp_path / "ts.mat")[0].shape == (8, 4)
     rc = run(["design", "regression", str(tmp_path / "participants.tsv"), "-o", str(tmp_path / "r")])
     assert rc == 2 and "needs --variable" in capsys.readouterr().err

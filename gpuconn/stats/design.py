@@ -457,7 +457,8 @@ def build_design(
         The two levels (two-sample; order gives the contrast ``A > B``), or
         the levels kept (other kinds).
     variable : str, optional
-        Regression: the continuous variable tested.
+        Regression: the continuous variable tested, a column or the
+        difference of two columns (``pain_post-pain_pre``).
     subject : str, default 'participant_id'
         Subject column (paired designs and row descriptions).
     session : str, optional
@@ -496,6 +497,8 @@ def build_design(
     if kind == "paired":
         return _paired_design(table, subject, session, sessions, paired_mode, covariates, source)
     id_column = subject if subject in table.columns else table.columns[0]
+    if kind == "regression" and variable is not None and variable not in table.columns:
+        table = _with_difference(table, variable, source)
     needed = covariates + [c for c in (group if kind == "two-sample" else None, variable) if c]
     _require_columns(table, needed, source)
     cov, cov_names = _covariate_columns(table, covariates, source)
@@ -528,6 +531,17 @@ def build_design(
                     table[[id_column]].copy())
     check_design(design, source=f"design from {source}")
     return design
+
+
+def _with_difference(table: pd.DataFrame, expression: str, source: str) -> pd.DataFrame:
+    """Add column ``'A-B'`` = ``A - B`` (e.g. change in pain) when both columns exist."""
+    first, _, second = expression.partition("-")
+    if not second or first not in table.columns or second not in table.columns:
+        return table
+    for column in (first, second):
+        if not pd.api.types.is_numeric_dtype(table[column]):
+            raise InputError(f"{source}: column {column!r} in {expression!r} is not numeric")
+    return table.assign(**{expression: table[first] - table[second]})
 
 
 def _two_sample(
