@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import glob
 import json
 import os
 import platform
@@ -269,7 +270,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     The temporary name keeps the extension (so ``.nii.gz`` is still
     compressed); on any exception the temporary file is removed and nothing
-    appears under the final name.
+    appears under the final name. Temporary files of ``path`` left by a
+    process killed mid-write (SIGKILL runs no clean-up) are removed first.
 
     Raises
     ------
@@ -280,6 +282,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         stem, ext = split_ext(path.name)
+        # mkstemp names: prefix + 8 random characters + suffix; those left by a killed writer go
+        for stale in path.parent.glob(f".{glob.escape(stem)}.????????.tmp{glob.escape(ext)}"):
+            stale.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=path.parent)
         os.close(fd)
     except OSError as exc:

@@ -193,3 +193,16 @@ def test_sigkill_then_resume_is_identical(inputs, reference, tmp_path):
     assert not checkpoint.exists()
     _assert_same(_outputs(root), reference["plain"])
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_temporaries_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
+    """A SIGKILL mid-write leaves ``.<stem>.XXXX.tmp.nii.gz``; writing that output again removes it."""
+    from gpuconn.io import save_image
+
+    reference = nib.Nifti1Image(np.zeros((2, 2, 2), dtype=np.float32), np.eye(4))
+    stale = tmp_path / ".r_tstat1.abc12345.tmp.nii.gz"
+    other = tmp_path / ".r_tstat10.abc12345.tmp.nii.gz"  # another output's temporary: kept
+    stale.write_bytes(b"partial")
+    other.write_bytes(b"partial")
+    save_image(np.ones((2, 2, 2)), reference, tmp_path / "r_tstat1.nii.gz", sidecar=False)
+    assert not stale.exists() and other.exists()
