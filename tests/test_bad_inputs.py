@@ -495,3 +495,25 @@ def test_gzip_corrupt_not_truncated(ws, capsys):
     argv = _argv("randomise", ws, {"maps": path}, [])
     line = _check_error(run(argv), capsys.readouterr().err, ("garbage.nii.gz",))
     assert not ws["out"].exists(), line
+
+
+def test_output_transaction_semantics(tmp_path):
+    """Files created in a failed block are removed; files that existed before and successful blocks are kept."""
+    from gpuconn.io import output_transaction, write_text
+
+    old = write_text(tmp_path / "old.txt", "before")
+    with pytest.raises(RuntimeError):
+        with output_transaction():
+            write_text(tmp_path / "new.txt", "x")
+            write_text(old, "overwritten")
+            with output_transaction() as inner:  # a nested block that succeeds hands its files up
+                write_text(tmp_path / "inner.txt", "y")
+            assert inner == [tmp_path / "inner.txt"]
+            raise RuntimeError("fails after three writes")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.txt"]
+    assert old.read_text() == "overwritten"  # an overwritten file cannot be restored; it is not deleted
+    with pytest.raises(SystemExit):
+        with output_transaction():  # a CLI that ends normally exits with code 0: success
+            write_text(tmp_path / "kept.txt", "z")
+            raise SystemExit(0)
+    assert (tmp_path / "kept.txt").exists()
