@@ -13,7 +13,7 @@ Signal model of a run, voxel ``v`` and volume ``t``::
         + drift(v, t) + e(v, t)                       # slow drift, smooth noise
 
 * ``n_k`` are band-limited (0.01-0.1 Hz) network time courses, ``w_k``
-  Gaussian blobs (sigma 5 mm) at the study's coordinates.
+  Gaussian blobs (sigma 8 mm) at the study's coordinates.
 * The sensorimotor time course ``n_SM`` is added to the insula (patients,
   post session, more with larger pain increase) and to dlPFC (patients, both
   sessions): seed maps from the S1 back seed show these as group effects.
@@ -105,8 +105,8 @@ _WM_CENTRES = [np.array([-26.0, -18.0, 20.0]), np.array([26.0, -18.0, 20.0])]
 _WM_AXES = np.array([14.0, 50.0, 24.0])
 _CSF_CENTRES = [np.array([-10.0, -10.0, 18.0]), np.array([10.0, -10.0, 18.0])]
 _CSF_AXES = np.array([8.0, 24.0, 12.0])
-_NODE_SIGMA_MM = 5.0
-_NETWORK_AMPLITUDE = 8.0
+_NODE_SIGMA_MM = 8.0
+_NETWORK_AMPLITUDE = 10.0
 _COUPLING_AMPLITUDE = 10.0
 _NOISE_SD = 8.0
 _PHYSIO_RATE = 50.0  # Hz, physiological recordings

@@ -258,46 +258,54 @@ def _network_templates(study, reference_path):
     return names, nib.Nifti1Image(templates, ref.affine)
 
 
-def test_simulated_study_ica_match_dualreg(tmp_path, capsys):
-    """ica run + ica match + dualreg through the CLI on the simulator's planted networks.
+def test_simulated_study_denoise_ica_match_dualreg(tmp_path, capsys):
+    """denoise + ica run + ica match + dualreg through the CLI on the simulator's planted networks.
 
-    What is asserted: the chain runs and writes consistent outputs, and dual
-    regression of the planted network maps recovers each network's planted
-    time course (stage 1; median r over runs > 0.4) better than any other
-    network's.
-    What is not: that ICA isolates the networks at this size. Each planted
-    network carries ~0.5% of the variance (5 truth regressors explain 4.6-5%
-    of a denoised 120-volume run, 4.2% by chance), below the leading noise
-    eigenvalues (~1.5%), so no temporal-concatenation ICA can single them
-    out in 8 runs; planted-source recovery is asserted on hand-made data above.
+    Asserted: after denoising (the order a study uses), group ICA gives every
+    planted network a component of its own whose map correlates with the
+    planted weights (r > 0.5; 0.63-0.82 measured at this size, seed 0), ica
+    match picks exactly those components from templates at the network nodes,
+    and dual regression of the selected components recovers each network's
+    planted time course (stage 1; median r over runs > 0.4) better than any
+    other network's.
     """
     import pandas as pd
 
     from gpuconn.simulate import simulate_study
 
-    study = simulate_study(tmp_path / "study", n_patients=3, n_controls=2, n_volumes=40, voxel_size=6.0, seed=0)
-    bolds = sorted((tmp_path / "study").glob("sub-*/ses-*/func/*_desc-preproc_bold.nii.gz"))
-    mask = bolds[0].parent / bolds[0].name.replace("desc-preproc_bold", "desc-brain_mask")
+    study = simulate_study(tmp_path / "study", n_patients=3, n_controls=2, n_volumes=60, voxel_size=6.0, seed=0)
+    assert run(["denoise", "--derivatives", str(tmp_path / "study"), "--out", str(tmp_path / "den"),
+                "--fwhm", "0", "--device", "cpu", "-q"]) == 0, capsys.readouterr().err
+    bolds = sorted((tmp_path / "den").rglob("*_desc-denoised_bold.nii.gz"))
+    assert len(bolds) == study.n_runs
+    mask = next((tmp_path / "study").glob("sub-*/ses-*/func/*_desc-brain_mask.nii.gz"))
     names, templates = _network_templates(study, bolds[0])
     templates.to_filename(str(tmp_path / "networks.nii.gz"))
     bold_args = [str(b) for b in bolds]
 
     assert run(["ica", "run", *bold_args, "-o", str(tmp_path / "gica"), "--dim", "8", "-m", str(mask),
                 "--device", "cpu", "-q"]) == 0, capsys.readouterr().err
+    brain = np.asarray(nib.load(str(mask)).dataobj) > 0
+    ics = np.asarray(nib.load(str(tmp_path / "gica" / "melodic_IC.nii.gz")).dataobj)[brain]  # (voxels, 8)
+    planted = np.asarray(templates.dataobj)[brain]  # (voxels, networks)
+    r_maps = np.corrcoef(ics.T, planted.T)[: ics.shape[1], ics.shape[1]:]  # (component, network)
+    best_component = r_maps.argmax(axis=0)
+    assert len(set(best_component)) == len(names), r_maps
+    assert np.all(r_maps.max(axis=0) > 0.5), r_maps
+
     assert run(["ica", "match", str(tmp_path / "gica" / "melodic_IC.nii.gz"), str(tmp_path / "networks.nii.gz"),
                 "-o", str(tmp_path / "match"), "--names", ",".join(names), "-m", str(mask),
                 "--select", str(tmp_path / "selected.nii.gz")]) == 0, capsys.readouterr().err
     best = pd.read_csv(tmp_path / "match_best.tsv", sep="\t")
-    assert list(best["template"]) == names and best["component"].between(0, 7).all()
+    assert list(best["template"]) == names
+    assert list(best["component"]) == list(best_component)
     assert nib.load(tmp_path / "selected.nii.gz").shape[3] == len(names)
-    assert run(["dualreg", str(tmp_path / "selected.nii.gz"), *bold_args, "-o", str(tmp_path / "dr_ica"),
-                "-m", str(mask), "--device", "cpu", "-q"]) == 0, capsys.readouterr().err
-    assert len(list((tmp_path / "dr_ica").glob("dr_stage2_subject*_Z.nii.gz"))) == len(bolds)
 
-    out = tmp_path / "dr_networks"
-    assert run(["dualreg", str(tmp_path / "networks.nii.gz"), *bold_args, "-o", str(out), "-m", str(mask),
-                "--device", "cpu", "-q"]) == 0, capsys.readouterr().err
-    r = np.zeros((len(bolds), len(names), len(names)))  # run, map, planted network
+    out = tmp_path / "dr_ica"
+    assert run(["dualreg", str(tmp_path / "selected.nii.gz"), *bold_args, "-o", str(out),
+                "-m", str(mask), "--device", "cpu", "-q"]) == 0, capsys.readouterr().err
+    assert len(list(out.glob("dr_stage2_subject*_Z.nii.gz"))) == len(bolds)
+    r = np.zeros((len(bolds), len(names), len(names)))  # run, selected component, planted network
     for i, bold in enumerate(bolds):
         truth = pd.read_csv(tmp_path / "study" / "truth" / f"{bold.name.split('_space-')[0]}_timeseries.tsv", sep="\t")
         timecourses = np.loadtxt(out / f"dr_stage1_subject{i:05d}.txt")
