@@ -148,3 +148,17 @@ def test_f_to_z_matches_scipy(df1, df2):
 def test_f_to_z_extremes_are_finite():
     z = f_to_z(np.array([0.0, 1e-12, 1e8, 1e200, 1e300]), 2, 20)
     assert np.all(np.isfinite(z)) and np.all(np.diff(z) > 0)
+
+
+def test_observed_deviation_is_small_for_float32_and_flags_bfloat16(rng):
+    from gpuconn.stats.glm import observed_deviation
+
+    design = np.c_[np.ones(40), rng.normal(size=(40, 2))]
+    data = torch.as_tensor(design @ rng.normal(size=(3, 500)) + rng.normal(size=(40, 500)), dtype=torch.float32)
+    model = contrast_model(design, np.array([0.0, 1.0, 0.0]), kind="t", device=torch.device("cpu"))
+    residuals, sum_squares = residualise(data, model)
+    identity = torch.arange(40)[None]
+    stat = permuted_statistics(model, residuals, sum_squares, identity, torch.ones((1, 40), dtype=torch.float64))[0]
+    assert observed_deviation(model, residuals, sum_squares, stat) < 1e-5  # float32: ~1e-7
+    rounded = stat.to(torch.bfloat16).to(torch.float32)  # 8-bit mantissa: ~4e-3 relative
+    assert observed_deviation(model, residuals, sum_squares, rounded) > 1e-3

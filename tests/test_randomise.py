@@ -376,3 +376,17 @@ def test_fdr_adjust_equals_scipy_and_step_up_rule(rng):
     k = np.max(np.flatnonzero(ordered <= np.arange(1, p.size + 1) * alpha / p.size)) + 1
     assert (q <= alpha).sum() == k
     assert fdr_adjust(np.array([])).size == 0
+
+
+def test_reduced_precision_product_is_reported(two_sample, monkeypatch):
+    import gpuconn.stats.randomise as engine
+
+    data, design, contrast = two_sample
+    real = engine.permuted_statistics
+
+    def bfloat16_like(*args):
+        return real(*args).to(torch.bfloat16).to(torch.float32)
+
+    monkeypatch.setattr(engine, "permuted_statistics", bfloat16_like)
+    with pytest.warns(RuntimeWarning, match=r"tstat1: the observed statistics differ from a float64 recomputation"):
+        run_permutation_test(data, design, contrast, n_perm=20)

@@ -45,6 +45,7 @@ __all__ = [
     "residualise",
     "permuted_statistics",
     "glm_statistic",
+    "observed_deviation",
     "t_to_z",
     "f_to_z",
 ]
@@ -272,6 +273,42 @@ def permuted_statistics(
     if model.kind == "t":
         return proj[:, 0] / rss.sqrt_()
     return explained.div_(model.rank).div_(rss)
+
+
+def observed_deviation(
+    model: ContrastModel,
+    residuals: torch.Tensor,
+    sum_squares: torch.Tensor,
+    stat: torch.Tensor,
+    *,
+    n_check: int = 64,
+) -> float:
+    """Largest relative error of an observed map on its top voxels, against float64.
+
+    Recomputes the unpermuted statistic of the ``n_check`` voxels with the
+    largest ``|stat|`` in float64 from the same residuals, to catch a
+    product that ran below float32 precision (e.g. TF32 or bfloat16 paths).
+
+    Parameters
+    ----------
+    model : ContrastModel
+    residuals, sum_squares : torch.Tensor
+        From :func:`residualise`.
+    stat : torch.Tensor, shape (n_voxels,)
+        The observed map from :func:`permuted_statistics` (rearrangement 0).
+    n_check : int, default 64
+
+    Returns
+    -------
+    float
+        ``max |stat - stat64| / max(1, |stat64|)`` over the checked voxels.
+    """
+    top = torch.topk(stat.abs(), min(n_check, stat.numel())).indices
+    proj = model.rows @ residuals[:, top].to(DESIGN_DTYPE)
+    explained = (proj[: model.rank] ** 2).sum(0)
+    rss = (sum_squares[top].to(DESIGN_DTYPE) - (proj**2).sum(0)).clamp_min(1e-300) / model.dof
+    exact = proj[0] / rss.sqrt() if model.kind == "t" else explained / model.rank / rss
+    return float(((stat[top].to(DESIGN_DTYPE) - exact).abs() / exact.abs().clamp_min(1.0)).max())
 
 
 def glm_statistic(

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -68,7 +69,16 @@ from ..io import load_image, load_mask, masked_data, provenance, save_image, unm
 from ..progress import progress_bar
 from .design import Design, check_design, load_design
 from .fdr import fdr_adjust
-from .glm import ContrastModel, contrast_model, f_to_z, partition, permuted_statistics, residualise, t_to_z
+from .glm import (
+    ContrastModel,
+    contrast_model,
+    f_to_z,
+    observed_deviation,
+    partition,
+    permuted_statistics,
+    residualise,
+    t_to_z,
+)
 from .permute import PermutationScheme, make_scheme
 
 __all__ = [
@@ -95,6 +105,8 @@ Runner = Callable[["PreparedTest", bool], "PermutationTestResult"]
 METHODS = ("auto", "permute", "flip", "both")
 # Plan at most this much working memory per chunk on the CPU (shared hosts).
 _CPU_CHUNK_BYTES = 1 << 30
+# Relative error of the observed map (vs float64) above which a warning is shown.
+_PRECISION_WARNING = 1e-4
 
 
 @dataclass(frozen=True)
@@ -556,7 +568,22 @@ def _host(values: torch.Tensor | np.ndarray | int) -> np.ndarray:
     return to_numpy(values) if torch.is_tensor(values) else np.asarray(values)
 
 
+def _check_precision(c: _Contrast, stat: torch.Tensor | np.ndarray) -> None:
+    """Warn when the observed map is less precise than float32 allows (1e-4 in t)."""
+    stat_t = torch.as_tensor(stat, device=c.residuals.device)
+    deviation = observed_deviation(c.model, c.residuals, c.sum_squares, stat_t)
+    if deviation > _PRECISION_WARNING:
+        warnings.warn(
+            f"{c.name}: the observed statistics differ from a float64 recomputation by up to {deviation:.2g} "
+            f"(relative), more than float32 arithmetic explains ({_PRECISION_WARNING:g}); the matrix product "
+            "may have run in reduced precision (TF32/bfloat16); rerun, or check the BLAS/torch settings",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def _summarise(c: _Contrast, n_perm: int, observed: dict, counts: dict, maxima: dict) -> ContrastResult:
+    _check_precision(c, observed[c.name])
     stat = _host(observed[c.name])
     null_max = np.concatenate(maxima[(c.name, "vox")])
     p_unc = _host(counts[c.name]).astype(np.float64) / n_perm
