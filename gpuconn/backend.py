@@ -45,7 +45,9 @@ DATA_DTYPE = torch.float32
 #: dtype of designs, pseudo-inverses and projections.
 DESIGN_DTYPE = torch.float64
 
-# TF32 would silently reduce float32 matmuls to ~10 mantissa bits on Ampere+.
+# TF32 (or bf16 on CPUs that offer it) would silently reduce float32 matmuls
+# to ~10 mantissa bits; keep full float32 on every backend.
+torch.set_float32_matmul_precision("highest")
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 

@@ -33,6 +33,7 @@ def test_dtype_policy_and_tf32_off(device):
     assert data.dtype == torch.float32 and design.dtype == torch.float64
     assert data.device.type == device.type
     assert not torch.backends.cuda.matmul.allow_tf32
+    assert torch.get_float32_matmul_precision() == "highest"
     np.testing.assert_array_equal(backend.to_numpy(design), np.arange(6))
 
 
