@@ -314,6 +314,47 @@ def run_permutation_test(
     design: Design | np.ndarray,
     contrasts: np.ndarray | None = None,
     *,
+    progress: bool = False,
+    runner: Runner | None = None,
+    **options: Any,
+) -> PermutationTestResult:
+    """Permutation test of every contrast of a GLM, voxel by voxel.
+
+    Prepares the test with :func:`prepare_permutation_test` (which documents
+    the data, design and every option: ``ftests``, ``groups``, ``n_perm``,
+    ``seed``, ``method``, ``permute_blocks``, ``demean``, ``device``,
+    ``spatial``, ``spatial_f``, ``chunk``, ``design_source``), then
+    evaluates all chunks of rearrangements.
+
+    Parameters
+    ----------
+    data : ndarray or torch.Tensor, shape (n_obs, n_voxels)
+        One row per observation (input volume), finite values.
+    design : Design or ndarray, shape (n_obs, n_regressors)
+    contrasts : ndarray, shape (n_contrasts, n_regressors), optional
+        t contrasts (required when ``design`` is an array).
+    progress : bool, default False
+        Show a progress bar over rearrangements.
+    runner : callable, optional
+        ``runner(prepared, progress) -> PermutationTestResult`` evaluates the
+        chunks elsewhere (e.g. :func:`gpuconn.distributed.dask_runner`);
+        default: one process, chunk after chunk on ``device``.
+    **options
+        Keyword options of :func:`prepare_permutation_test`.
+
+    Returns
+    -------
+    PermutationTestResult
+    """
+    prepared = prepare_permutation_test(data, design, contrasts, **options)
+    return (runner or _run_loop)(prepared, progress)
+
+
+def prepare_permutation_test(
+    data: np.ndarray | torch.Tensor,
+    design: Design | np.ndarray,
+    contrasts: np.ndarray | None = None,
+    *,
     ftests: np.ndarray | None = None,
     groups: np.ndarray | None = None,
     n_perm: int = 5000,
@@ -325,11 +366,13 @@ def run_permutation_test(
     spatial: Mapping[str, SpatialTransform] | None = None,
     spatial_f: Mapping[str, SpatialTransform] | None = None,
     chunk: int | None = None,
-    progress: bool = False,
     design_source: str = "design",
-    runner: Runner | None = None,
-) -> PermutationTestResult:
-    """Permutation test of every contrast of a GLM, voxel by voxel.
+) -> PreparedTest:
+    """Validate the inputs, draw the scheme and residualise the data, once.
+
+    Chunks of the returned model are then evaluated by
+    :func:`evaluate_chunk` and merged by :class:`ChunkMerger`, in one
+    process or as independent tasks (:func:`run_permutation_test` does both).
 
     Parameters
     ----------
@@ -358,50 +401,8 @@ def run_permutation_test(
         Spatial statistics for t and F contrasts (see the module docstring).
     chunk : int, optional
         Rearrangements per chunk; default from free device memory.
-    progress : bool, default False
-        Show a progress bar over rearrangements.
     design_source : str
         Design file name for error messages.
-    runner : callable, optional
-        ``runner(prepared, progress) -> PermutationTestResult`` evaluates the
-        chunks elsewhere (e.g. :func:`gpuconn.distributed.dask_runner`);
-        default: one process, chunk after chunk on ``device``.
-
-    Returns
-    -------
-    PermutationTestResult
-    """
-    prepared = prepare_permutation_test(
-        data, design, contrasts, ftests=ftests, groups=groups, n_perm=n_perm, seed=seed, method=method,
-        permute_blocks=permute_blocks, demean=demean, device=device, spatial=spatial, spatial_f=spatial_f,
-        chunk=chunk, design_source=design_source,
-    )
-    return (runner or _run_loop)(prepared, progress)
-
-
-def prepare_permutation_test(
-    data: np.ndarray | torch.Tensor,
-    design: Design | np.ndarray,
-    contrasts: np.ndarray | None = None,
-    *,
-    ftests: np.ndarray | None = None,
-    groups: np.ndarray | None = None,
-    n_perm: int = 5000,
-    seed: int = 0,
-    method: str = "auto",
-    permute_blocks: bool = False,
-    demean: bool = False,
-    device: str | torch.device = "auto",
-    spatial: Mapping[str, SpatialTransform] | None = None,
-    spatial_f: Mapping[str, SpatialTransform] | None = None,
-    chunk: int | None = None,
-    design_source: str = "design",
-) -> PreparedTest:
-    """Validate the inputs, draw the scheme and residualise the data, once.
-
-    Parameters are those of :func:`run_permutation_test`. Chunks of the
-    returned model are then evaluated by :func:`evaluate_chunk` and merged
-    by :class:`ChunkMerger`, in one process or as independent tasks.
 
     Returns
     -------
