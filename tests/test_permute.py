@@ -56,6 +56,24 @@ def test_whole_block_permutation_moves_blocks_intact():
         assert (sign.reshape(5, 3) == sign.reshape(5, 3)[:, :1]).all()
 
 
+@pytest.mark.parametrize("n_perm", [40, 0])
+def test_whole_blocks_need_not_be_contiguous(n_perm):
+    """Interleaved blocks move and flip as units, identity first: the same rearrangements as stored contiguously."""
+    blocks = np.tile([1, 2, 3, 4], 3)  # 1 2 3 4 1 2 3 4 ...
+    stored = np.argsort(blocks, kind="stable")  # contiguous position p holds interleaved observation stored[p]
+    design = np.c_[np.arange(12.0)]
+    options = {"n_perm": n_perm, "seed": 3, "flip": True, "whole_blocks": True}
+    interleaved = make_scheme(design, blocks=blocks, **options)
+    contiguous = make_scheme(design[stored], blocks=blocks[stored], **options)
+    assert interleaved.n_perm == contiguous.n_perm == (40 if n_perm else math.factorial(4) * 2**4)
+    orders, signs = interleaved.chunk(0, interleaved.n_perm)
+    orders_c, signs_c = contiguous.chunk(0, contiguous.n_perm)
+    np.testing.assert_array_equal(orders[0], np.arange(12))
+    np.testing.assert_array_equal(signs[0], np.ones(12))
+    np.testing.assert_array_equal(orders[:, stored], stored[orders_c])
+    np.testing.assert_array_equal(signs[:, stored], signs_c)
+
+
 @pytest.mark.parametrize(
     ("design", "kwargs", "expected"),
     [

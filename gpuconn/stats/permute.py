@@ -120,10 +120,9 @@ class PermutationScheme:
         signs = np.ones(self.n_obs)
         if self.whole_blocks:
             if self.permute:
-                order = np.concatenate([groups[b] for b in rng.permutation(len(groups))])
+                order = _place_blocks(groups, rng.permutation(len(groups)), self.n_obs)
             if self.flip:
-                block_signs = rng.choice([-1.0, 1.0], size=len(groups))
-                signs = np.concatenate([np.full(len(g), s) for g, s in zip(groups, block_signs)])
+                signs = _block_signs(groups, rng.choice([-1.0, 1.0], size=len(groups)), self.n_obs)
             return order, signs
         if self.permute:
             for members in groups:
@@ -139,6 +138,25 @@ def _block_members(blocks: np.ndarray | None, n_obs: int) -> list[np.ndarray]:
         return [np.arange(n_obs)]
     _, first = np.unique(blocks, return_index=True)
     return [np.flatnonzero(blocks == label) for label in blocks[np.sort(first)]]
+
+
+def _place_blocks(groups: list[np.ndarray], block_order: np.ndarray, n_obs: int) -> np.ndarray:
+    """Whole-block order: the positions of block ``i`` receive block ``block_order[i]``, member by member.
+
+    Blocks need not be contiguous: ``groups[i][k]`` gets ``groups[block_order[i]][k]``.
+    """
+    order = np.empty(n_obs, dtype=np.int64)
+    for members, source in zip(groups, block_order):
+        order[members] = groups[source]
+    return order
+
+
+def _block_signs(groups: list[np.ndarray], block_signs, n_obs: int) -> np.ndarray:
+    """Per-position signs from one sign per block."""
+    signs = np.empty(n_obs)
+    for members, sign in zip(groups, block_signs):
+        signs[members] = sign
+    return signs
 
 
 def _row_labels(design: np.ndarray) -> np.ndarray:
@@ -237,7 +255,7 @@ def _enumerate(
     if permute:
         unit_orders = [list(_multiset_orders(labels)) for labels in _unit_labels(design, groups, whole_blocks)]
         if whole_blocks:
-            perms = [np.concatenate([groups[b] for b in order]) for order in unit_orders[0]]
+            perms = [_place_blocks(groups, order, n_obs) for order in unit_orders[0]]
         else:
             perms = []
             for combo in itertools.product(*unit_orders):
@@ -251,13 +269,7 @@ def _enumerate(
         n_units = len(groups) if whole_blocks else n_obs
         flips = []
         for bits in itertools.product((1.0, -1.0), repeat=n_units):
-            if whole_blocks:
-                signs = np.empty(n_obs)
-                for members, s in zip(groups, bits):
-                    signs[members] = s
-            else:
-                signs = np.asarray(bits)
-            flips.append(signs)
+            flips.append(_block_signs(groups, bits, n_obs) if whole_blocks else np.asarray(bits))
     else:
         flips = [np.ones(n_obs)]
     pairs = list(itertools.product(perms, flips))
