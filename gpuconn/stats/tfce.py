@@ -56,7 +56,7 @@ import torch
 
 from ..backend import chunk_size, load_kernel, require_cupy, to_cupy, to_numpy
 from ..errors import InputError
-from .clusters import _njit, _warn_no_numba, cluster_transform, connectivity_offsets, neighbour_table, prange
+from .clusters import _as_batch, _njit, _warn_no_numba, cluster_transform, connectivity_offsets, neighbour_table, prange
 
 __all__ = ["TFCE_DEFAULTS", "TFCE_2D", "tfce", "tfce_thresholds", "tfce_transform", "spatial_transforms"]
 
@@ -354,11 +354,7 @@ def tfce(
     and bins the voxels on the device and ``kernels/tfce.cu`` (CuPy) runs
     the same sweep, one thread per map.
     """
-    tensor = torch.as_tensor(values)
-    tensor = tensor[None] if tensor.ndim == 1 else tensor
-    n_vox = int(np.count_nonzero(mask))
-    if tensor.ndim != 2 or tensor.shape[1] != n_vox:
-        raise InputError(f"values must have shape (n_maps, {n_vox}) to match the mask, got {tuple(tensor.shape)}")
+    tensor = _as_batch(values, int(np.count_nonzero(mask)), "values")
     if not bool(torch.isfinite(tensor).all()):
         raise InputError("TFCE input has NaN or Inf values; mask them out first")
     return tfce_transform(mask, H=H, E=E, connectivity=connectivity, dh=dh, method=method)(tensor)
