@@ -138,7 +138,11 @@ def read_physio(path: str | os.PathLike) -> PhysioRecording:
             f"physio recording {path} has {data.shape[1]} columns but {sidecar} names {len(columns)} ({columns})"
         )
     data.columns = columns
-    if not np.isfinite(data.to_numpy(dtype=float)).all():
+    try:
+        finite = np.isfinite(data.to_numpy(dtype=float)).all()
+    except ValueError:  # text cells, e.g. a header row, which BIDS recordings do not have
+        finite = False
+    if not finite:
         raise InputError(f"physio recording {path} has NaN or non-numeric samples; clean the recording")
     return PhysioRecording(data, float(meta["SamplingFrequency"]), float(meta.get("StartTime", 0.0)), path)
 

@@ -144,3 +144,11 @@ def test_physio_errors(tmp_path):
     (tmp_path / "sub-01_task-rest_physio.json").unlink()
     with pytest.raises(InputError, match="physio file not found: .*physio.json"):
         ph.read_physio(path)
+
+
+def test_physio_text_cells_are_an_input_error(tmp_path):
+    path = _write_physio(tmp_path, pd.DataFrame({"cardiac": np.zeros(600), "respiratory": np.zeros(600)}), 10.0)
+    # a header row (BIDS recordings have none) used to escape as a bare ValueError
+    pd.DataFrame({"cardiac": np.zeros(600), "respiratory": np.zeros(600)}).to_csv(path, sep="\t", index=False, compression="gzip")
+    with pytest.raises(InputError, match="has NaN or non-numeric samples"):
+        ph.read_physio(path)
