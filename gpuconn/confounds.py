@@ -190,7 +190,10 @@ def read_fmriprep_confounds(
                 f"available: {', '.join(map(str, table.columns))}"
             )
         table = table[list(columns)]
-    table = table.astype(float)
+    try:
+        table = table.astype(float)
+    except ValueError as exc:
+        raise InputError(f"confounds {path} has non-numeric values ({exc}); expected numbers or n/a") from exc
     if fill_first and len(table):
         table.iloc[0] = table.iloc[0].fillna(0.0)
     _check_finite(table.to_numpy(), path, "confounds", list(table.columns))

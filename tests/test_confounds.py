@@ -63,6 +63,12 @@ def test_read_fmriprep_confounds_nan_after_first_row(tmp_path):
         cf.read_fmriprep_confounds(path)
 
 
+def test_read_fmriprep_confounds_text_cell(tmp_path):
+    path = _write(tmp_path / "c.tsv", "csf\tglobal_signal\n1.0\t2.0\noops\t3.0\n")
+    with pytest.raises(InputError, match=r"c\.tsv has non-numeric values \(.*'oops'\); expected numbers or n/a"):
+        cf.read_fmriprep_confounds(path)
+
+
 def test_fmriprep_motion_order_and_length(tmp_path):
     header = "trans_x\ttrans_y\ttrans_z\trot_x\trot_y\trot_z\n"
     path = _write(tmp_path / "c.tsv", header + "1\t2\t3\t0.1\t0.2\t0.3\n" * 4)
