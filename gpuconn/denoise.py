@@ -521,7 +521,9 @@ def _acompcor(files: RunFiles, img, data_4d, options: DenoiseOptions, device) ->
         available = read_tsv(files.confounds, what="confounds").columns
         if all(n in available for n in names):
             warnings.warn(f"no WM/CSF maps for {files.bold}; using {names[0]}..{names[-1]} from {files.confounds}", UserWarning, stacklevel=3)
-            return cf.read_fmriprep_confounds(files.confounds, names)
+            table = cf.read_fmriprep_confounds(files.confounds, names)
+            cf.check_length(table, img.shape[-1], files.confounds, files.bold)
+            return table
     raise InputError(
         f"aCompCor needs WM and CSF maps (--wm/--csf) or a_comp_cor_XX columns in the confounds for {files.bold}; "
         "pass them or use --acompcor 0"

@@ -275,6 +275,19 @@ def test_confound_length_mismatch_and_no_partial_output(tmp_path, rng):
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_acompcor_columns_length_checked_with_motion_par(tmp_path, rng):
+    """The TSV's a_comp_cor_XX columns are checked even when motion comes from a .par (was a NaN-padded design)."""
+    files, _, _ = _write_run(tmp_path, rng)
+    par = tmp_path / "motion.par"
+    np.savetxt(par, 0.001 * rng.standard_normal((40, 6)))
+    short = tmp_path / "short.tsv"
+    pd.DataFrame({f"a_comp_cor_{i:02d}": rng.standard_normal(30) for i in range(5)}).to_csv(short, sep="\t", index=False)
+    bad = dn.RunFiles(bold=files.bold, mask=files.mask, confounds=short, motion_par=par)
+    with pytest.warns(UserWarning, match="no WM/CSF maps"):
+        with pytest.raises(InputError, match=r"short\.tsv has 30 rows but the image .*bold\.nii\.gz has 40 volumes"):
+            dn.prepare_run(bad, _options(acompcor=5), load_data=False)
+
+
 def test_mask_grid_mismatch(tmp_path, rng):
     files, _, _ = _write_run(tmp_path, rng)
     other = tmp_path / "other_mask.nii.gz"
