@@ -571,7 +571,11 @@ def _confound_table(files: RunFiles, img, data_4d, brain: np.ndarray, tr: float,
     """
     n = img.shape[-1]
     parts = []
-    params = cf.load_motion(confounds=files.confounds, motion_par=files.motion_par, n_volumes=n, bold=files.bold)
+    # motion is read only for what uses it: a TSV without motion columns serves --motion none runs
+    detect = files.censor_file is None and options.outlier_metric != "none"
+    params = None
+    if options.motion != "none" or detect:
+        params = cf.load_motion(confounds=files.confounds, motion_par=files.motion_par, n_volumes=n, bold=files.bold)
     if options.motion != "none":
         if params is None:
             raise InputError(f"--motion {options.motion} needs --confounds (fMRIPrep TSV) or --motion-par for {files.bold}")

@@ -288,6 +288,18 @@ def test_acompcor_columns_length_checked_with_motion_par(tmp_path, rng):
             dn.prepare_run(bad, _options(acompcor=5), load_data=False)
 
 
+def test_confounds_without_motion_columns_serve_motion_none(tmp_path, rng):
+    files, _, _ = _write_run(tmp_path, rng)
+    csf_only = tmp_path / "csf_only.tsv"
+    pd.read_csv(files.confounds, sep="\t")[["csf"]].to_csv(csf_only, sep="\t", index=False)
+    run = dn.RunFiles(bold=files.bold, mask=files.mask, confounds=csf_only)
+    prepared = dn.prepare_run(run, _options(motion="none", outlier_metric="none", columns=("csf",)), load_data=False)
+    assert list(prepared.design.columns[:1]) == ["csf"]
+    # what does need motion still asks for it
+    with pytest.raises(InputError, match=r"csf_only\.tsv has no column\(s\) rot_x"):
+        dn.prepare_run(run, _options(motion="none", columns=("csf",)), load_data=False)
+
+
 def test_mask_grid_mismatch(tmp_path, rng):
     files, _, _ = _write_run(tmp_path, rng)
     other = tmp_path / "other_mask.nii.gz"
