@@ -38,9 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backend import to_numpy
 from .errors import GpuconnError, InputError
-from .stats.randomise import ChunkMerger, PreparedTest, Runner, _run_loop
+from .stats.randomise import ChunkMerger, PreparedTest, Runner, _host, _run_loop
 
 __all__ = ["checkpoint_path", "run_key", "save_checkpoint", "load_checkpoint", "checkpoint_runner"]
 
@@ -50,10 +49,6 @@ _FORMAT = 1
 def checkpoint_path(output_root: str | os.PathLike) -> Path:
     """``<root>_checkpoint.npz`` for randomise's output root ``-o``."""
     return Path(f"{output_root}_checkpoint.npz")
-
-
-def _host(value: Any) -> np.ndarray:
-    return to_numpy(value) if torch.is_tensor(value) else np.asarray(value)
 
 
 def _update(digest: "hashlib._Hash", value: Any) -> None:
