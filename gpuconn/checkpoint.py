@@ -106,11 +106,7 @@ def save_checkpoint(path: str | os.PathLike, key: str, merger: ChunkMerger, done
         arrays[f"count/{c.name}"] = _host(merger.counts[c.name])
         for name in c.transforms:
             arrays[f"spatial/{c.name}/{name}"] = _host(merger.observed[(c.name, name)])
-        keys = merger.maxima[min(merger.maxima)][c.name]
-        for name in keys:
-            arrays[f"max/{c.name}/{name}"] = np.concatenate(
-                [merger.maxima[start][c.name][name] for start in sorted(merger.maxima)]
-            )
+    arrays.update({f"max/{name}/{key_name}": values for (name, key_name), values in merger.merged_maxima().items()})
     meta = {"format": _FORMAT, "key": key, "done": int(done), "n_perm": merger.prepared.scheme.n_perm,
             "seed": merger.prepared.scheme.seed}
     try:

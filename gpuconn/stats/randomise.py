@@ -522,15 +522,20 @@ class ChunkMerger:
             self.counts[c.name] = self.counts[c.name] + result["count"]
         self.maxima[start] = {c.name: out[c.name]["max"] for c in self.prepared.contrasts}
 
-    def result(self, seconds: float) -> PermutationTestResult:
-        """The merged result; every rearrangement must have been added once."""
-        prepared = self.prepared
+    def merged_maxima(self) -> dict[tuple[str, str], np.ndarray]:
+        """Per ``(contrast name, 'vox' or spatial name)``: the maxima of the rearrangements added, in order."""
         maxima: dict[tuple[str, str], list[np.ndarray]] = {}
         for start in sorted(self.maxima):
             for name, by_key in self.maxima[start].items():
                 for key, values in by_key.items():
                     maxima.setdefault((name, key), []).append(values)
-        n_done = sum(len(v) for v in next(iter(maxima.values()), []))
+        return {k: np.concatenate(v) for k, v in maxima.items()}
+
+    def result(self, seconds: float) -> PermutationTestResult:
+        """The merged result; every rearrangement must have been added once."""
+        prepared = self.prepared
+        maxima = self.merged_maxima()
+        n_done = len(next(iter(maxima.values()), ()))
         if n_done != prepared.scheme.n_perm:
             raise ValueError(f"merged {n_done} rearrangements, expected {prepared.scheme.n_perm}")
         n_perm = prepared.scheme.n_perm
@@ -586,14 +591,14 @@ def _check_precision(c: _Contrast, stat: torch.Tensor | np.ndarray) -> None:
 def _summarise(c: _Contrast, n_perm: int, observed: dict, counts: dict, maxima: dict) -> ContrastResult:
     _check_precision(c, observed[c.name])
     stat = _host(observed[c.name])
-    null_max = np.concatenate(maxima[(c.name, "vox")])
+    null_max = maxima[(c.name, "vox")]
     p_unc = _host(counts[c.name]).astype(np.float64) / n_perm
     dof = c.model.dof
     z = t_to_z(stat, dof) if c.kind == "t" else f_to_z(stat, c.model.rank, dof)
     spatial = {}
     for key in c.transforms:
         mapped = _host(observed[(c.name, key)])
-        key_max = np.concatenate(maxima[(c.name, key)])
+        key_max = maxima[(c.name, key)]
         spatial[key] = MapResult(mapped, _fwe_p(key_max, mapped), key_max)
     return ContrastResult(
         name=c.name,
