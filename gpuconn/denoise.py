@@ -63,7 +63,7 @@ from scipy import linalg
 from . import confounds as cf
 from .backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
 from .errors import InputError
-from .io import check_same_grid, load_image, load_mask, masked_data, read_tsv, save_image, write_tsv
+from .io import check_same_grid, load_header, load_image, load_mask, masked_data, read_tsv, save_image, write_tsv
 from .physio import PHYSIO_COLUMNS, physio_confounds, physio_regressors
 
 __all__ = [
@@ -608,19 +608,6 @@ def _confound_table(files: RunFiles, img, data_4d, brain: np.ndarray, tr: float,
     return table, spikes
 
 
-def _header_only(path: Path) -> nib.Nifti1Image:
-    """The BOLD image with its data left on disk (validation pass)."""
-    if not Path(path).exists():
-        raise InputError(f"BOLD file not found: {path}")
-    try:
-        img = nib.load(str(path))
-    except Exception as exc:
-        raise InputError(f"cannot read BOLD {path}: {type(exc).__name__}: {exc}") from exc
-    if len(img.shape) != 4:
-        raise InputError(f"BOLD {path} has shape {img.shape}; expected a 4D series (x, y, z, time)")
-    return img
-
-
 def prepare_run(
     files: RunFiles,
     options: DenoiseOptions = DenoiseOptions(),
@@ -651,7 +638,7 @@ def prepare_run(
         Any input problem (grids, lengths, NaNs, missing columns, too few
         degrees of freedom), naming the file.
     """
-    img = load_image(files.bold, ndim=4, what="BOLD") if load_data else _header_only(files.bold)
+    img = load_image(files.bold, ndim=4, what="BOLD") if load_data else load_header(files.bold, ndim=4, what="BOLD")
     brain, _ = load_mask(files.mask, reference=img, reference_path=files.bold, what="brain mask")
     tr = repetition_time(img, files.bold, options.tr)
     data_4d = np.asarray(img.dataobj) if load_data else None

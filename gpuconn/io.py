@@ -34,6 +34,7 @@ __all__ = [
     "NIFTI_SUFFIXES",
     "split_ext",
     "sidecar_path",
+    "load_header",
     "load_image",
     "load_mask",
     "check_same_grid",
@@ -68,6 +69,52 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     return Path(split_ext(path)[0] + ".json")
 
 
+def load_header(path: str | os.PathLike, *, ndim: int | None = None, what: str = "image") -> nib.Nifti1Image:
+    """Open a NIfTI image without reading its data, checking it exists, opens and has the right rank.
+
+    The cheap half of :func:`load_image`, for validation passes that need
+    only the shape, affine and header.
+
+    Parameters
+    ----------
+    path : path-like
+        ``.nii`` or ``.nii.gz`` file.
+    ndim : {3, 4}, optional
+        Required dimensionality. A 4D image with one volume passes as 3D
+        (and keeps its 4D shape here).
+    what : str
+        What the image is for, used in error messages (``'BOLD'``, ``'mask'``).
+
+    Returns
+    -------
+    nibabel.Nifti1Image
+        With its data left on disk.
+
+    Raises
+    ------
+    InputError
+        Missing or unreadable file, or wrong dimensionality.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} file not found: {path}")
+    if not str(path).endswith(NIFTI_SUFFIXES):
+        raise InputError(f"{what} {path} is not a NIfTI file (.nii or .nii.gz expected)")
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise _unreadable(path, what, exc) from exc
+    shape = img.shape
+    if ndim is not None and len(shape) != ndim and not (ndim == 3 and len(shape) == 4 and shape[3] == 1):
+        expected = "a 3D volume" if ndim == 3 else "a 4D series (x, y, z, time)"
+        raise InputError(f"{what} {path} has shape {shape}; expected {expected}")
+    return img
+
+
+def _unreadable(path: Path, what: str, exc: Exception) -> InputError:
+    return InputError(f"cannot read {what} {path}: {type(exc).__name__}: {exc}; is the file complete?")
+
+
 def load_image(path: str | os.PathLike, *, ndim: int | None = None, what: str = "image") -> nib.Nifti1Image:
     """Load a NIfTI image, checking it exists, decodes and has the right rank.
 
@@ -90,25 +137,14 @@ def load_image(path: str | os.PathLike, *, ndim: int | None = None, what: str = 
     InputError
         Missing, unreadable or truncated file, or wrong dimensionality.
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{what} file not found: {path}")
-    if not str(path).endswith(NIFTI_SUFFIXES):
-        raise InputError(f"{what} {path} is not a NIfTI file (.nii or .nii.gz expected)")
+    img = load_header(path, ndim=ndim, what=what)
     try:
-        img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for corrupt files
-        raise InputError(f"cannot read {what} {path}: {type(exc).__name__}: {exc}; is the file complete?") from exc
-    img = nib.Nifti1Image(data, img.affine, img.header)
-    if ndim is not None:
-        shape = data.shape
-        if ndim == 3 and len(shape) == 4 and shape[3] == 1:
-            img = nib.Nifti1Image(data[..., 0], img.affine, img.header)
-        elif len(shape) != ndim:
-            expected = "a 3D volume" if ndim == 3 else "a 4D series (x, y, z, time)"
-            raise InputError(f"{what} {path} has shape {shape}; expected {expected}")
-    return img
+        raise _unreadable(Path(path), what, exc) from exc
+    if ndim == 3 and data.ndim == 4:
+        data = data[..., 0]
+    return nib.Nifti1Image(data, img.affine, img.header)
 
 
 def check_same_grid(

@@ -56,6 +56,7 @@ from .bids import DEFAULT_SPACE, find_runs
 from .errors import InputError
 from .io import (
     check_same_grid,
+    load_header,
     load_image,
     load_mask,
     masked_data,
@@ -657,18 +658,6 @@ def correlate_seeds(data: torch.Tensor, weights: torch.Tensor, *, source: str = 
 # --------------------------------------------------------------------------- files
 
 
-def _bold_header(path: Path) -> nib.Nifti1Image:
-    if not path.exists():
-        raise InputError(f"BOLD file not found: {path}")
-    try:
-        img = nib.load(str(path))
-    except Exception as exc:
-        raise InputError(f"cannot read BOLD {path}: {type(exc).__name__}: {exc}") from exc
-    if len(img.shape) != 4 or img.shape[3] < 3:
-        raise InputError(f"BOLD {path} has shape {img.shape}; expected a 4D series with at least 3 volumes")
-    return img
-
-
 @dataclass(frozen=True)
 class _Prepared:
     source: BoldInput
@@ -688,7 +677,9 @@ def _prepare(inputs: Sequence[BoldInput], regions: Sequence[Region], *, what: st
     masks: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
     first_img, first_path = None, None
     for item in inputs:
-        header = _bold_header(Path(item.bold))
+        header = load_header(item.bold, ndim=4, what="BOLD")
+        if header.shape[3] < 3:
+            raise InputError(f"BOLD {item.bold} has shape {header.shape}; expected a 4D series with at least 3 volumes")
         if first_img is None:
             first_img, first_path = header, item.bold
         check_same_grid(first_img, first_path, header, item.bold)

@@ -88,6 +88,18 @@ def test_load_image_errors(tmp_path, bold):
         io.load_image(text)
 
 
+def test_load_header_checks_without_reading_data(tmp_path, bold):
+    bold_path, _ = bold
+    img = io.load_header(bold_path, ndim=4, what="BOLD")
+    assert img.shape == (5, 6, 4, 7) and not isinstance(img.dataobj, np.ndarray)  # still on disk
+    with pytest.raises(InputError, match=r"BOLD .*bold.nii.gz has shape \(5, 6, 4, 7\); expected a 3D volume"):
+        io.load_header(bold_path, ndim=3, what="BOLD")
+    with pytest.raises(InputError, match="BOLD file not found: .*nope.nii.gz"):
+        io.load_header(tmp_path / "nope.nii.gz", what="BOLD")
+    one = _save(tmp_path / "one.nii.gz", np.ones((5, 6, 4, 1)))
+    assert io.load_header(one, ndim=3).shape == (5, 6, 4, 1) and io.load_image(one, ndim=3).shape == (5, 6, 4)
+
+
 def test_empty_mask_and_nan_data_are_clear_errors(tmp_path, bold, mask):
     bold_path, data = bold
     empty = _save(tmp_path / "empty.nii.gz", np.zeros((5, 6, 4)))
