@@ -48,7 +48,7 @@ import pandas as pd
 from scipy import signal as sps
 
 from .errors import InputError
-from .io import split_ext
+from .io import sidecar_path
 
 __all__ = [
     "cardiac_response",
@@ -117,7 +117,7 @@ def read_physio(path: str | os.PathLike) -> PhysioRecording:
         ``Columns``, column count mismatch, or non-finite samples.
     """
     path = Path(path)
-    sidecar = Path(split_ext(path)[0] + ".json")
+    sidecar = sidecar_path(path)
     for needed in (path, sidecar):
         if not needed.exists():
             raise InputError(f"physio file not found: {needed} (BIDS needs the .tsv.gz and its .json)")
