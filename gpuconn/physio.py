@@ -345,16 +345,17 @@ def physio_confounds(
     rec = read_physio(path)
     kwargs = dict(sampling_frequency=rec.sampling_frequency, tr=tr, n_volumes=n_volumes, start_time=rec.start_time, window=window, source=rec.path)
     centres = volume_times(n_volumes, tr)
-    if rec.times()[-1] < centres[-1] - window / 2 or rec.times()[0] > centres[0] + window / 2:
+    times = rec.times()
+    if times[-1] < centres[-1] - window / 2 or times[0] > centres[0] + window / 2:
         raise InputError(
-            f"physio recording {rec.path} spans {rec.times()[0]:.1f}-{rec.times()[-1]:.1f} s but the scan needs "
+            f"physio recording {rec.path} spans {times[0]:.1f}-{times[-1]:.1f} s but the scan needs "
             f"0-{n_volumes * tr:.1f} s; check StartTime and the run it belongs to"
         )
     columns = list(rec.data.columns)
 
     def per_volume(precomputed: str, raw: str, derive) -> np.ndarray:
         if precomputed in columns:
-            values = _window_reduce(rec.times(), rec.data[precomputed].to_numpy(float), centres, window, np.mean)
+            values = _window_reduce(times, rec.data[precomputed].to_numpy(float), centres, window, np.mean)
             return _fill_gaps(values, precomputed, rec.path)
         if raw in columns:
             return derive(rec.data[raw].to_numpy(float), **kwargs)
