@@ -701,7 +701,10 @@ def write_outputs(
     return written
 
 
-def _default_mask(img: Any) -> np.ndarray:
+def _analysis_mask(img: Any, input_path: str | os.PathLike, mask_path: str | os.PathLike | None) -> np.ndarray:
+    """The ``-m`` mask on the input's grid; without one, voxels finite in every volume and non-zero in some."""
+    if mask_path is not None:
+        return load_mask(mask_path, reference=img, reference_path=input_path, what="mask (-m)")[0]
     data = np.asarray(img.dataobj)
     mask = np.all(np.isfinite(data), axis=3) & np.any(data != 0, axis=3)
     if not mask.any():
@@ -779,10 +782,7 @@ def randomise(
         design = load_design(design_path, contrast_path, ftest_path, groups_path, n_obs=n_obs,
                              data_source=str(input_path))
         groups = design.groups
-    if mask_path is not None:
-        mask, _ = load_mask(mask_path, reference=img, reference_path=input_path, what="mask (-m)")
-    else:
-        mask = _default_mask(img)
+    mask = _analysis_mask(img, input_path, mask_path)
     data = masked_data(img, mask, path=input_path)
     spatial = spatial(mask) if callable(spatial) else spatial
     spatial_f = spatial_f(mask) if callable(spatial_f) else spatial_f
