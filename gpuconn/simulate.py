@@ -44,6 +44,7 @@ from scipy import ndimage
 
 from . import io
 from .bids import DEFAULT_SPACE
+from .confounds import MOTION_COLUMNS, framewise_displacement
 from .errors import InputError
 from .physio import cardiac_response, respiration_response
 
@@ -269,13 +270,6 @@ def _motion(rng: np.random.Generator, n: int, *, excluded: bool) -> tuple[np.nda
     return motion, spikes
 
 
-def _framewise_displacement(motion: np.ndarray) -> np.ndarray:
-    """Power et al. (2012) FD with a 50 mm head radius; NaN for the first volume (as fMRIPrep)."""
-    diff = np.abs(np.diff(motion, axis=0))
-    fd = diff[:, :3].sum(1) + 50.0 * diff[:, 3:].sum(1)
-    return np.r_[np.nan, fd]
-
-
 def _physio(rng: np.random.Generator, n: int, tr: float) -> dict[str, np.ndarray]:
     """HR/RV fluctuations per TR, their CRF/RRF convolutions, and raw recordings at 50 Hz."""
     duration = n * tr
@@ -368,7 +362,9 @@ def _simulate_run(
     confounds = pd.DataFrame(motion, columns=columns)
     for column in columns:
         confounds[f"{column}_derivative1"] = np.r_[np.nan, np.diff(confounds[column])]
-    confounds["framewise_displacement"] = _framewise_displacement(motion)
+    fd = framewise_displacement(confounds[list(MOTION_COLUMNS)].to_numpy())
+    fd[0] = np.nan  # fMRIPrep leaves the first volume's FD undefined (n/a)
+    confounds["framewise_displacement"] = fd
     wm_mask, csf_mask = anatomy.wm_prob > 0.9, anatomy.csf_prob > 0.9
     confounds["white_matter"] = data[wm_mask].mean(0)
     confounds["csf"] = data[csf_mask].mean(0)
