@@ -8,9 +8,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from gpuconn.progress import progress_bar
-from gpuconn.simulate import simulate_study
-
 from .options import Quiet, Seed
 
 
@@ -25,6 +22,9 @@ def simulate(
     quiet: Quiet = False,
 ) -> None:
     """Simulate a small cLBP-like study (patients pre/post, controls) with planted effects."""
+    from gpuconn.progress import progress_bar
+    from gpuconn.simulate import simulate_study
+
     n_runs = 2 * n_patients + n_controls
     with progress_bar("simulate", n_runs, enabled=not quiet) as advance:
         summary = simulate_study(
