@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from .options import Device, MaxMemory, Quiet, Seed
+from .options import DaskScheduler, Device, MaxMemory, Quiet, Seed, Workers
 
 
 def dualreg(
@@ -27,7 +27,8 @@ def dualreg(
         typer.Option("--des-norm/--no-des-norm", help="Normalise stage-2 regressors to unit std (FSL's des_norm=1)."),
     ] = True,
     batch: Annotated[
-        int | None, typer.Option("--batch", help="Subjects per device batch (default: from free memory).")
+        int | None,
+        typer.Option("--batch", help="Subjects per device batch (default: from free memory); with Dask, per task (default 1)."),
     ] = None,
     design: Annotated[
         Path | None, typer.Option("-d", "--design", help="Stage 3: group design.mat (one row per subject).")
@@ -43,6 +44,8 @@ def dualreg(
     seed: Seed = 0,
     device: Device = "auto",
     max_memory: MaxMemory = None,
+    dask_scheduler: DaskScheduler = None,
+    workers: Workers = None,
     quiet: Quiet = False,
 ) -> None:
     """Dual regression as FSL dual_regression: stage 1 time courses, stage 2 subject maps and Z maps.
@@ -51,17 +54,20 @@ def dualreg(
     dr_stage2_icNNNN.nii.gz (one volume per subject, ready for `gpuconn randomise`), mask.nii.gz and
     dualreg.json (parameters, subject numbering). Nothing is written unless every subject succeeds.
     With -n and -d/-t (or -1), randomise runs on every component as FSL's stage 3 (dr_stage3_icNNNN_*).
+    With --workers/--dask-scheduler, stages 1-2 run as one Dask task per --batch subjects.
     """
     from gpuconn.backend import set_max_memory
+    from gpuconn.distributed import dask_client
     from gpuconn.dualreg import dual_regression
 
     set_max_memory(max_memory)
     try:
-        result = dual_regression(
-            maps, subjects, out_dir, mask_path=mask, des_norm=des_norm, device=device, batch_size=batch,
-            design_path=design, contrast_path=contrasts, one_sample=one_sample, n_perm=n_perm, seed=seed,
-            progress=not quiet,
-        )
+        with dask_client(scheduler=dask_scheduler, workers=workers) as client:  # None: one process
+            result = dual_regression(
+                maps, subjects, out_dir, mask_path=mask, des_norm=des_norm, device=device, batch_size=batch,
+                design_path=design, contrast_path=contrasts, one_sample=one_sample, n_perm=n_perm, seed=seed,
+                progress=not quiet, client=client,
+            )
     finally:
         set_max_memory(None)
     if not quiet:

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from .options import DaskScheduler, Quiet, Workers
+
 
 def qc(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output TSV (a JSON sidecar is written beside it).")],
@@ -19,8 +21,12 @@ def qc(
     rel_threshold: Annotated[float, typer.Option("--rel-threshold", help="Exclude above this max relative RMS displacement (mm).")] = 2.0,
     outlier_metric: Annotated[str, typer.Option("--outlier-metric", help="fd (Power) or rms (Jenkinson relative) for outlier counts.")] = "fd",
     outlier_threshold: Annotated[float, typer.Option("--outlier-threshold", help="Outlier threshold in mm.")] = 0.5,
+    dask_scheduler: DaskScheduler = None,
+    workers: Workers = None,
+    quiet: Quiet = False,
 ) -> None:
     """Mean/max FD, relative and absolute RMS displacement, outliers and exclusion per run."""
+    from gpuconn.distributed import check_options, dask_client
     from gpuconn.io import write_tsv
     from gpuconn.qc import motion_sources, qc_table
 
@@ -28,10 +34,12 @@ def qc(
         abs_threshold=abs_threshold, rel_threshold=rel_threshold,
         outlier_metric=outlier_metric, outlier_threshold=outlier_threshold,
     )  # fmt: skip
+    check_options(dask_scheduler, workers)
     sources = motion_sources(
         derivatives=derivatives, participant_label=participant_label, space=space, motion_par=motion_par, confounds=confounds
     )
-    table = qc_table(sources, **thresholds)
+    with dask_client(scheduler=dask_scheduler, workers=workers) as client:  # None: one process
+        table = qc_table(sources, client=client, progress=not quiet, **thresholds)
     write_tsv(table, out, params={"command": "gpuconn qc", **thresholds}, sidecar=True)
     n_excluded = int(table["excluded"].sum())
     typer.echo(f"gpuconn qc: {len(table)} run(s), {n_excluded} excluded -> {out}")

@@ -32,8 +32,11 @@ by hand: Dask places the tasks, retries them and replaces lost workers.
   writes its outputs on the worker with the atomic I/O helpers; the client
   collects the returned paths in input order. :func:`denoise_runs_dask` and
   :func:`seed_maps_dask` are ``gpuconn denoise`` and ``gpuconn seed`` this
-  way. The outputs are those of the same call in one process, bit for bit
-  when the BLAS sums in the same order: workers run one thread, and a
+  way; :func:`gpuconn.dualreg.dual_regression` and
+  :func:`gpuconn.qc.qc_table` take the client (``client=``) and map their
+  own per-subject step (stages 1-2 written into the staging folder; one
+  motion summary per run). The outputs are those of the same call in one
+  process, bit for bit when the BLAS sums in the same order: workers run one thread, and a
   reduction over voxels (the seed means) may be split across threads in a
   multi-threaded process, which changes float32 results by rounding only
   (the tests: exact against a 1-thread run, ``rtol=1e-5`` against 2 threads).

@@ -27,10 +27,13 @@ Outputs carry FSL's names (``dr_stage1_subject00000.txt``,
 ``dr_stage2_ic0000.nii.gz``, ``mask.nii.gz``), numbered in input order, so
 scripts written for ``dual_regression`` keep working. Everything is written
 to a staging folder and moved into place only when every subject succeeded.
+With a Dask client, stages 1 and 2 run as one task per batch of subjects,
+written by the workers into that staging folder.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -231,6 +234,19 @@ def _check_full_rank(gram: torch.Tensor, what: Sequence[str]) -> None:
         raise InputError(what[bad[0]])
 
 
+def _spatial_design(maps: torch.Tensor, maps_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1's design ``X`` (maps demeaned over voxels, ``(K, V)`` float64) and ``X X'``; checks its rank."""
+    x = maps.to(DESIGN_DTYPE)
+    x = x - x.mean(dim=1, keepdim=True)  # (K, V)
+    gram = x @ x.T
+    _check_full_rank(
+        gram,
+        [f"{maps_name}: the {maps.shape[0]} maps are linearly dependent (collinear) within the mask; "
+         "drop the duplicated or combined maps"],
+    )
+    return x, gram
+
+
 def spatial_regression(
     data: torch.Tensor,
     maps: torch.Tensor,
@@ -260,14 +276,7 @@ def spatial_regression(
     InputError
         If the maps are linearly dependent within the mask.
     """
-    x = maps.to(DESIGN_DTYPE)
-    x = x - x.mean(dim=1, keepdim=True)  # (K, V)
-    gram = x @ x.T
-    _check_full_rank(
-        gram,
-        [f"{maps_name}: the {maps.shape[0]} maps are linearly dependent (collinear) within the mask; "
-         "drop the duplicated or combined maps"],
-    )
+    x, gram = _spatial_design(maps, maps_name)
     y = data - data.mean(dim=2, keepdim=True)  # each volume demeaned over voxels
     xty = (y @ x.T.to(data.dtype)).to(DESIGN_DTYPE)  # (S, T, K) = Y' X
     return torch.linalg.solve(gram, xty.transpose(1, 2)).transpose(1, 2)
@@ -539,6 +548,7 @@ def dual_regression(
     n_perm: int = 0,
     seed: int = 0,
     progress: bool = False,
+    client=None,
 ) -> DualRegressionResult:
     """Run FSL-style dual regression of group maps on every subject's series.
 
@@ -564,7 +574,8 @@ def dual_regression(
     device : str or torch.device, default 'auto'
     batch_size : int, optional
         Subjects per device batch; default from free memory (at most 32 on
-        CUDA, 4 on CPU).
+        CUDA, 4 on CPU). With ``client``: subjects per Dask task (default 1),
+        each task one device batch.
     design_path, contrast_path : path-like, optional
         Group design (``design.mat``, one row per subject in input order)
         and contrasts (``design.con``) for stage 3, as dual_regression's
@@ -579,6 +590,16 @@ def dual_regression(
     seed : int, default 0
         Seed of the permutations.
     progress : bool, default False
+    client : distributed.Client, optional
+        Run stages 1 and 2 as Dask tasks (:func:`gpuconn.distributed.map_tasks`),
+        each fitting its subjects on its worker (``device`` resolved there)
+        and writing their files into the staging folder, which every worker
+        must reach; this process then writes the ``dr_stage2_icNNNN`` files
+        from the staged subject maps, and the mask, sidecar and stage 3 as
+        without Dask. Every input (and the maps' rank) is checked before any
+        task is submitted. The outputs are the same as in one process with
+        the same device batches; on the CPU, bit for bit when the BLAS sums in
+        the same order (workers run one thread).
 
     Returns
     -------
@@ -594,6 +615,7 @@ def dual_regression(
     --------
     spatial_regression, temporal_regression : the two stages on tensors.
     """
+    worker_device = str(device)
     device = resolve_device(device)
     maps_path, out_dir = Path(maps_path), Path(out_dir)
     paths = [Path(p) for p in subject_paths]
@@ -610,9 +632,12 @@ def dual_regression(
     else:
         mask = common_mask(paths, progress=progress)
     maps = masked_data(maps_img, mask, path=maps_path)  # (K, V)
+    _spatial_design(torch.from_numpy(maps), f"group maps {maps_path}")  # collinear maps: before any work
     n_voxels = int(mask.sum())
-    maps_t = as_data(maps, device)
-    batch = batch_size or _default_batch(max(n_volumes), n_voxels, n_maps, device, len(paths))
+    if client is not None:
+        batch = batch_size or 1
+    else:
+        batch = batch_size or _default_batch(max(n_volumes), n_voxels, n_maps, device, len(paths))
     if batch < 1:
         raise InputError(f"--batch must be at least 1, got {batch}")
     _check_stage3(design_path, contrast_path, one_sample, n_perm, len(paths))
@@ -621,37 +646,21 @@ def dual_regression(
     staging = Path(tempfile.mkdtemp(prefix=".dualreg-", dir=out_dir))
     result = DualRegressionResult(out_dir=out_dir, mask=out_dir / "mask.nii.gz", n_voxels=n_voxels)
     try:
+        save_image(mask.astype(np.uint8), maps_img, staging / "mask.nii.gz", sidecar=False, dtype=np.uint8)
         stack = np.lib.format.open_memmap(
             staging / "ic_stack.npy", mode="w+", dtype=np.float32, shape=(n_maps, len(paths), n_voxels)
         )
-        loaded = iter_series(paths, mask, n_ahead=batch + 1)
-        # gzip NIfTI encoding releases the GIL: two writer threads overlap it with reading and the fits
-        with ThreadPoolExecutor(max_workers=2) as writers, \
-                progress_bar("dual regression", len(paths), enabled=progress) as advance:
-            pending = []
-            for group in _batches(n_volumes, batch):
-                host = np.stack([next(loaded) for _ in group])
-
-                def fit(start: int, stop: int, host=host, group=group):
-                    data = as_data(host[start:stop], device)
-                    timecourses = spatial_regression(data, maps_t, maps_name=f"group maps {maps_path}")
-                    beta, z = temporal_regression(
-                        data, timecourses, des_norm=des_norm,
-                        names=[f"subject series {paths[i]}" for i in group[start:stop]],
-                    )
-                    return to_numpy(timecourses), to_numpy(beta), to_numpy(z)
-
-                for start, stop, (timecourses, beta, z) in run_chunked(fit, len(group), len(group)):
-                    for j, index in enumerate(group[start:stop]):
-                        pending.append(writers.submit(
-                            _write_subject, staging, index, timecourses[j], beta[j], z[j], mask, maps_img
-                        ))
-                        stack[:, index, :] = beta[j]
-                    advance(stop - start)
-                while len(pending) > 2 * batch:  # bound the results waiting to be written
-                    pending.pop(0).result()
-            for future in pending:
-                future.result()
+        if client is None:
+            with progress_bar("dual regression", len(paths), enabled=progress) as advance:
+                _fit_subjects(maps_img, maps, mask, range(len(paths)), paths, n_volumes, staging, des_norm=des_norm,
+                              device=device, batch=batch, advance=advance, stack=stack)
+        else:
+            _fit_on_dask(client, maps_path, paths, n_volumes, staging, des_norm=des_norm, device=worker_device,
+                         batch=batch, progress=progress)
+            staged = [staging / f"dr_stage2_{_subject_name(i)}.nii.gz" for i in range(len(paths))]
+            for index, betas in enumerate(iter_series(staged, mask, n_ahead=2)):  # (K, V) each
+                stack[:, index, :] = betas
+        with ThreadPoolExecutor(max_workers=2) as writers:
             for future in [
                 writers.submit(_write_component, staging, k, np.asarray(stack[k]), mask, maps_img)
                 for k in range(n_maps)
@@ -659,10 +668,10 @@ def dual_regression(
                 future.result()
         del stack
         (staging / "ic_stack.npy").unlink()
-        save_image(mask.astype(np.uint8), maps_img, staging / "mask.nii.gz", sidecar=False, dtype=np.uint8)
         params = {
             "maps": maps_path, "mask": mask_path or "common mask (non-zero temporal std in every subject)",
-            "des_norm": des_norm, "device": str(device), "n_voxels": n_voxels,
+            "des_norm": des_norm, "device": str(device) if client is None else f"dask ({worker_device})",
+            "n_voxels": n_voxels,
             "stage2_dof": {_subject_name(i): n - n_maps - 1 for i, n in enumerate(n_volumes)},
             "subjects": {_subject_name(i): p for i, p in enumerate(paths)},
         }
@@ -678,6 +687,78 @@ def dual_regression(
     result.stage2_z = [out_dir / f"dr_stage2_{_subject_name(i)}_Z.nii.gz" for i in range(len(paths))]
     result.components = [out_dir / f"dr_stage2_ic{k:04d}.nii.gz" for k in range(n_maps)]
     return result
+
+
+def _fit_subjects(
+    maps_img: nib.Nifti1Image,
+    maps: np.ndarray,
+    mask: np.ndarray,
+    indices: Sequence[int],
+    paths: Sequence[Path],
+    n_volumes: Sequence[int],
+    staging: Path,
+    *,
+    des_norm: bool,
+    device: torch.device,
+    batch: int,
+    advance,
+    stack: np.ndarray | None = None,
+) -> None:
+    """Stages 1 and 2 of subjects ``indices`` (their ``paths`` and ``n_volumes``) in device batches of ``batch``.
+
+    Writes each subject's files into ``staging`` under its number in
+    ``indices`` and, when ``stack`` (``(n_maps, n_subjects, n_voxels)``) is
+    given, its betas into ``stack[:, index]``. ``maps`` is ``(n_maps,
+    n_voxels)`` on ``mask``; ``advance(n)`` counts fitted subjects.
+    """
+    maps_t = as_data(maps, device)
+    loaded = iter_series(paths, mask, n_ahead=batch + 1)
+    # gzip NIfTI encoding releases the GIL: two writer threads overlap it with reading and the fits
+    with ThreadPoolExecutor(max_workers=2) as writers:
+        pending = []
+        for positions in _batches(n_volumes, batch):
+            group = [indices[i] for i in positions]
+            names = [f"subject series {paths[i]}" for i in positions]
+            host = np.stack([next(loaded) for _ in positions])
+
+            def fit(start: int, stop: int, host=host, names=names):
+                data = as_data(host[start:stop], device)
+                timecourses = spatial_regression(data, maps_t, maps_name=f"group maps {maps_img.get_filename()}")
+                beta, z = temporal_regression(data, timecourses, des_norm=des_norm, names=names[start:stop])
+                return to_numpy(timecourses), to_numpy(beta), to_numpy(z)
+
+            for start, stop, (timecourses, beta, z) in run_chunked(fit, len(group), len(group)):
+                for j, index in enumerate(group[start:stop]):
+                    pending.append(writers.submit(
+                        _write_subject, staging, index, timecourses[j], beta[j], z[j], mask, maps_img
+                    ))
+                    if stack is not None:
+                        stack[:, index, :] = beta[j]
+                advance(stop - start)
+            while len(pending) > 2 * batch:  # bound the results waiting to be written
+                pending.pop(0).result()
+        for future in pending:
+            future.result()
+
+
+def _fit_task(subjects: Sequence[tuple[int, Path, int]], *, maps_path: Path, staging: Path, des_norm: bool,
+              device: str) -> None:
+    """One Dask task: stages 1 and 2 of ``subjects`` (number, file, volumes) as one device batch."""
+    maps_img = load_image(maps_path, what="group maps")
+    mask = np.asarray(load_image(staging / "mask.nii.gz", ndim=3, what="mask").dataobj) > 0
+    indices, paths, n_volumes = zip(*subjects)
+    _fit_subjects(maps_img, masked_data(maps_img, mask, path=maps_path), mask, indices, paths, n_volumes, staging,
+                  des_norm=des_norm, device=resolve_device(device), batch=len(subjects), advance=lambda n: None)
+
+
+def _fit_on_dask(client, maps_path: Path, paths: Sequence[Path], n_volumes: Sequence[int], staging: Path, *,
+                 des_norm: bool, device: str, batch: int, progress: bool) -> None:
+    """Stages 1 and 2 as one Dask task per device batch (the batches of one process with this ``batch``)."""
+    from .distributed import map_tasks
+
+    tasks = [[(i, paths[i], n_volumes[i]) for i in group] for group in _batches(n_volumes, batch)]
+    task = functools.partial(_fit_task, maps_path=maps_path, staging=staging, des_norm=des_norm, device=device)
+    map_tasks(client, task, tasks, description="dual regression", progress=progress)
 
 
 def _check_stage3(design_path, contrast_path, one_sample: bool, n_perm: int, n_subjects: int) -> None:

@@ -12,6 +12,7 @@ covariate.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -37,6 +38,11 @@ QC_COLUMNS = (
     "excluded",
     "exclusion_reason",
 )
+
+
+def _check_metric(outlier_metric: str) -> None:
+    if outlier_metric not in ("fd", "rms"):
+        raise InputError(f"--outlier-metric {outlier_metric!r} is not one of fd, rms")
 
 
 def motion_summary(
@@ -66,8 +72,7 @@ def motion_summary(
         Keys :data:`QC_COLUMNS`. ``mean_rel_rms`` averages volumes 1..n-1
         (as MCFLIRT's ``_rel_mean.rms``; volume 0 has no predecessor).
     """
-    if outlier_metric not in ("fd", "rms"):
-        raise InputError(f"--outlier-metric {outlier_metric!r} is not one of fd, rms")
+    _check_metric(outlier_metric)
     fd = framewise_displacement(params)
     absolute, relative = rms_displacement(params)
     metric = fd if outlier_metric == "fd" else relative
@@ -90,7 +95,8 @@ def motion_summary(
     }
 
 
-def qc_table(runs: Iterable[tuple[dict, np.ndarray]], **thresholds) -> pd.DataFrame:
+def qc_table(runs: Iterable[tuple[dict, np.ndarray]], *, client=None, progress: bool = False,
+             **thresholds) -> pd.DataFrame:
     """One row per run: identifiers then :func:`motion_summary`.
 
     Parameters
@@ -98,6 +104,11 @@ def qc_table(runs: Iterable[tuple[dict, np.ndarray]], **thresholds) -> pd.DataFr
     runs : iterable of (identifiers, params)
         ``identifiers`` is a dict such as ``{'participant_id': 'sub-01',
         'session': 'pre'}``; ``params`` the run's motion parameters.
+    client : distributed.Client, optional
+        Compute each run's summary as one Dask task
+        (:func:`gpuconn.distributed.map_tasks`); the same table.
+    progress : bool, default False
+        Progress bar over the Dask tasks.
     **thresholds
         Passed to :func:`motion_summary`.
 
@@ -105,8 +116,16 @@ def qc_table(runs: Iterable[tuple[dict, np.ndarray]], **thresholds) -> pd.DataFr
     -------
     pandas.DataFrame
     """
-    rows = [{**ids, **motion_summary(params, **thresholds)} for ids, params in runs]
-    return pd.DataFrame(rows)
+    runs = list(runs)
+    summary = functools.partial(motion_summary, **thresholds)
+    _check_metric(thresholds.get("outlier_metric", "fd"))  # before any task
+    if client is None:
+        summaries = [summary(params) for _, params in runs]
+    else:
+        from .distributed import map_tasks
+
+        summaries = map_tasks(client, summary, [params for _, params in runs], description="qc", progress=progress)
+    return pd.DataFrame([{**ids, **row} for (ids, _), row in zip(runs, summaries, strict=True)])
 
 
 def motion_sources(

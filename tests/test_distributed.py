@@ -9,9 +9,12 @@ rearrangement order.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -195,6 +198,17 @@ def test_denoise_on_dask_equals_one_process(client, study, tmp_path, batch_size)
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Torch on one thread in this process for the block, as on a worker."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_seed_maps_on_dask_equal_one_process(client, study, tmp_path):
     from gpuconn.seed import bold_inputs, compute_seed_maps, regions_from_options
 
@@ -202,12 +216,8 @@ def test_seed_maps_on_dask_equal_one_process(client, study, tmp_path):
                                    mirror="none", table=None, masks=[], labels=[], what="seed")
     inputs = bold_inputs(derivatives=study.root, participant_label=["001", "004"], desc="preproc")
     kw = dict(stats=["r", "z", "beta"], device="cpu", params={"command": "test"})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as a worker: the seed means reduce over voxels, which MKL splits across threads
-    try:
+    with _one_thread():  # as a worker: the seed means reduce over voxels, which MKL splits across threads
         local = compute_seed_maps(inputs, regions, tmp_path / "single", **kw)
-    finally:
-        torch.set_num_threads(threads)
     default = compute_seed_maps(inputs, regions, tmp_path / "threads", **kw)
     spread = gd.seed_maps_dask(client, inputs, regions, tmp_path / "dask", progress=False, **kw)
     assert [p.name for p in spread] == [p.name for p in local] == [p.name for p in default]
@@ -306,3 +316,121 @@ def test_cli_rejects_both_options(tmp_path, rng, capsys):
     assert "give --dask-scheduler (use a running cluster) or --workers N (start a local one), not both" in (
         capsys.readouterr().err)
     assert not list(tmp_path.glob("x*"))
+
+
+# ---------------------------------------------------------------- dual regression and qc
+
+
+@pytest.fixture(scope="module")
+def dualreg_inputs(study, tmp_path_factory):
+    """Three runs of the simulated study and three random group maps on their grid."""
+    from gpuconn.bids import find_runs
+
+    bolds = [run.bold for run in find_runs(study.root, participant_label=["001", "004"])]
+    reference = nib.load(bolds[0])
+    maps = np.random.default_rng(5).normal(size=reference.shape[:3] + (3,)).astype(np.float32)
+    path = tmp_path_factory.mktemp("maps") / "melodic_IC.nii.gz"
+    nib.save(nib.Nifti1Image(maps, reference.affine), path)
+    return path, bolds
+
+
+def _dualreg_outputs(folder: Path) -> dict[str, object]:
+    out = _outputs(folder)
+    out.update({path.name: path.read_bytes() for path in folder.glob("dr_stage1_*.txt")})
+    return out
+
+
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_dualreg_on_dask_equals_one_process(client, dualreg_inputs, tmp_path, batch_size):
+    from gpuconn.dualreg import dual_regression
+
+    maps, bolds = dualreg_inputs
+    with _one_thread():  # as a worker: stage 1 reduces over voxels, which MKL splits across threads
+        local = dual_regression(maps, bolds, tmp_path / "single", device="cpu", batch_size=batch_size or 1)
+    threads = dual_regression(maps, bolds, tmp_path / "threads", device="cpu", batch_size=batch_size or 1)
+    spread = dual_regression(maps, bolds, tmp_path / "dask", device="cpu", batch_size=batch_size, client=client)
+    assert spread == replace(local, out_dir=tmp_path / "dask", mask=tmp_path / "dask" / "mask.nii.gz",
+                             **{f: [tmp_path / "dask" / p.name for p in getattr(local, f)]
+                                for f in ("stage1", "stage2", "stage2_z", "components")})
+    a, b = _dualreg_outputs(tmp_path / "single"), _dualreg_outputs(tmp_path / "dask")
+    c = _dualreg_outputs(tmp_path / "threads")
+    assert a.keys() == b.keys() == c.keys() and len(a) == 3 * 3 + 3 + 1  # per subject: 3 files; per map; mask
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        if name.endswith(".nii.gz"):  # 2 threads: float32 sums over ~10,000 voxels in another order
+            np.testing.assert_allclose(b[name], c[name], rtol=1e-4, atol=1e-4, err_msg=name)
+    assert a["dr_stage2_ic0002.nii.gz"].shape[3] == 3 and np.abs(a["dr_stage2_ic0002.nii.gz"]).max() > 0
+    assert sorted(p.name for p in (tmp_path / "dask").iterdir()) == sorted([*a, "dualreg.json"])  # no staging left
+    meta = json.loads((tmp_path / "dask" / "dualreg.json").read_text())["Parameters"]
+    assert meta["device"] == "dask (cpu)"
+
+
+def test_dualreg_on_dask_checks_inputs_before_any_task(dualreg_inputs, tmp_path, rng):
+    from gpuconn.dualreg import dual_regression
+
+    maps, bolds = dualreg_inputs
+    collinear = tmp_path / "collinear.nii.gz"
+    values = nib.load(maps).get_fdata(dtype=np.float32)
+    values[..., 2] = values[..., 0] - 2 * values[..., 1]
+    nib.save(nib.Nifti1Image(values, nib.load(maps).affine), collinear)
+    no_client = object()  # any submitted task would fail with AttributeError
+    with pytest.raises(InputError, match="maps are linearly dependent"):
+        dual_regression(collinear, bolds, tmp_path / "dr", device="cpu", client=no_client)
+    with pytest.raises(InputError, match="has 40 volumes but dual regression on 50 maps"):
+        wide = tmp_path / "wide.nii.gz"
+        nib.save(nib.Nifti1Image(rng.normal(size=values.shape[:3] + (50,)).astype(np.float32), nib.load(maps).affine),
+                 wide)
+        dual_regression(wide, bolds, tmp_path / "dr", device="cpu", client=no_client)
+    assert not (tmp_path / "dr").exists()
+
+
+def test_dualreg_on_dask_subject_error_leaves_no_output(client, dualreg_inputs, tmp_path):
+    from gpuconn.dualreg import dual_regression
+
+    maps, bolds = dualreg_inputs
+    img = nib.load(maps)
+    flat = np.zeros(img.shape[:3] + (40,), np.float32)
+    flat[img.get_fdata()[..., 0] != 0] = 1.0
+    flat[..., ::2] *= 2.0  # varies over time, but only as one pattern: collinear stage-1 time courses
+    bad = tmp_path / "sub-flat_bold.nii.gz"
+    nib.save(nib.Nifti1Image(flat, img.affine), bad)
+    mask = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image((nib.load(bolds[0]).get_fdata()[..., 0] != 0).astype(np.uint8), img.affine), mask)
+    out = tmp_path / "dr"
+    with pytest.raises(InputError, match="sub-flat_bold.nii.gz: its stage-1 time courses are collinear"):
+        dual_regression(maps, [*bolds, bad], out, mask_path=mask, device="cpu", client=client)
+    assert not any(out.iterdir())
+
+
+def test_qc_on_dask_equals_one_process(client, study):
+    import pandas as pd
+
+    from gpuconn.qc import motion_sources, qc_table
+
+    sources = motion_sources(derivatives=study.root)
+    thresholds = dict(outlier_metric="rms", outlier_threshold=0.05, rel_threshold=0.3)
+    local = qc_table(sources, **thresholds)
+    spread = qc_table(sources, client=client, **thresholds)
+    assert len(local) == 8  # 3 patients x 2 sessions + 2 controls
+    pd.testing.assert_frame_equal(local, spread, check_exact=True)
+    with pytest.raises(InputError, match="--outlier-metric 'dvars'"):
+        qc_table(sources, client=object(), outlier_metric="dvars")
+
+
+def test_cli_dualreg_and_qc_with_scheduler(client, dualreg_inputs, study, tmp_path, capsys):
+    from gpuconn.cli.app import run
+
+    maps, bolds = dualreg_inputs
+    address = client.scheduler.address
+    common = ["dualreg", str(maps), *map(str, bolds[:2]), "--device", "cpu", "--quiet", "--batch", "2"]
+    with _one_thread():
+        assert run([*common, "-o", str(tmp_path / "one")]) == 0, capsys.readouterr().err
+    assert run([*common, "-o", str(tmp_path / "two"), "--dask-scheduler", address]) == 0, capsys.readouterr().err
+    a, b = _dualreg_outputs(tmp_path / "one"), _dualreg_outputs(tmp_path / "two")
+    assert a.keys() == b.keys() and len(a) == 2 * 3 + 3 + 1
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    qc = ["qc", "--derivatives", str(study.root), "--participant-label", "001", "--quiet"]
+    assert run([*qc, "-o", str(tmp_path / "one.tsv")]) == 0, capsys.readouterr().err
+    assert run([*qc, "-o", str(tmp_path / "two.tsv"), "--dask-scheduler", address]) == 0, capsys.readouterr().err
+    assert (tmp_path / "one.tsv").read_bytes() == (tmp_path / "two.tsv").read_bytes()
