@@ -23,7 +23,17 @@ from .backend import as_data, resolve_device, to_numpy
 from .errors import InputError
 from .io import load_image, load_mask, masked_data, check_same_grid, sidecar_path, split_ext, write_tsv
 from .progress import progress_bar
-from .seed import BoldInput, Region, _entities, _prepare, _stream, correlate_seeds, region_masks, region_means, region_weights
+from .seed import (
+    BoldInput,
+    Region,
+    correlate_seeds,
+    label_entities,
+    prepare_inputs,
+    region_masks,
+    region_means,
+    region_weights,
+    stream_inputs,
+)
 
 __all__ = ["ROI_COLUMNS", "roi_connectivity", "extract_roi_values", "compute_roi_matrices"]
 
@@ -73,7 +83,7 @@ def _volume_labels(path: Path, n_volumes: int) -> list[dict]:
             return [{"subject": v.get("subject"), "session": v.get("session"), "map": v.get("map")} for v in volumes]
     stem = Path(split_ext(path.name)[0]).name
     names = [stem] if n_volumes == 1 else [f"{stem}_vol-{i}" for i in range(n_volumes)]
-    return [{**_entities(stem), "map": name} for name in names]
+    return [{**label_entities(stem), "map": name} for name in names]
 
 
 def extract_roi_values(
@@ -169,12 +179,12 @@ def compute_roi_matrices(
     """
     out_dir = Path(out_dir)
     torch_device = resolve_device(device)
-    prepared, _ = _prepare(inputs, regions, what="ROI")
+    prepared, _ = prepare_inputs(inputs, regions, what="ROI")
     names = [region.name for region in regions]
     record = {**(params or {}), "rois": [region.describe() for region in regions], "device": str(torch_device)}
     written: list[Path] = []
     with progress_bar("ROI matrices", len(prepared), enabled=progress) as advance:
-        for item, data in _stream(prepared):
+        for item, data in stream_inputs(prepared):
             r, z, series = roi_connectivity(as_data(data, torch_device), as_data(item.weights, torch_device), source=str(item.source.bold))
             label = item.source.label
             run_params = {**record, **item.source.entities, "bold": str(item.source.bold), "mask": str(item.source.mask)}

@@ -89,6 +89,10 @@ __all__ = [
     "correlate_seeds",
     "fisher_z",
     "bold_inputs",
+    "label_entities",
+    "PreparedInput",
+    "prepare_inputs",
+    "stream_inputs",
     "compute_seed_maps",
 ]
 
@@ -156,10 +160,11 @@ class BoldInput:
     @property
     def entities(self) -> dict[str, str | None]:
         """``subject`` and ``session`` parsed from the label (None when absent)."""
-        return _entities(self.label)
+        return label_entities(self.label)
 
 
-def _entities(text: str) -> dict[str, str | None]:
+def label_entities(text: str) -> dict[str, str | None]:
+    """``subject`` and ``session`` from the ``sub-``/``ses-`` entities of a label or file stem (None when absent)."""
     found = dict(_ENTITY.findall(text))
     return {"subject": found.get("sub"), "session": found.get("ses")}
 
@@ -659,21 +664,56 @@ def correlate_seeds(data: torch.Tensor, weights: torch.Tensor, *, source: str = 
 
 
 @dataclass(frozen=True)
-class _Prepared:
+class PreparedInput:
+    """A validated run with its regions placed (see :func:`prepare_inputs`).
+
+    Attributes
+    ----------
+    source : BoldInput
+    mask : ndarray of bool, shape (x, y, z)
+        The run's brain mask.
+    weights : ndarray of float32, shape (n_regions, n_voxels)
+        Region averaging weights over the mask's voxels (:func:`region_weights`).
+    """
+
     source: BoldInput
     mask: np.ndarray
-    weights: np.ndarray  # (S, V)
+    weights: np.ndarray
 
 
-def _prepare(inputs: Sequence[BoldInput], regions: Sequence[Region], *, what: str) -> tuple[list[_Prepared], nib.Nifti1Image]:
-    """Validate every input and place the regions on each run's mask (before any output)."""
+def prepare_inputs(
+    inputs: Sequence[BoldInput], regions: Sequence[Region], *, what: str
+) -> tuple[list[PreparedInput], nib.Nifti1Image]:
+    """Validate every input and place the regions on each run's mask, reading headers only (before any output).
+
+    Parameters
+    ----------
+    inputs : sequence of BoldInput
+    regions : sequence of Region
+    what : {'seed', 'ROI'}
+        For error messages.
+
+    Returns
+    -------
+    prepared : list of PreparedInput
+        In input order; runs sharing a mask file share its weights.
+    reference : nibabel.Nifti1Image
+        The first run's header (all runs are checked to be on its grid).
+
+    Raises
+    ------
+    InputError
+        No input, repeated labels, a missing/unreadable/non-4D BOLD or one
+        with fewer than 3 volumes, grids that differ, a bad mask, or a region
+        with no voxel in a mask.
+    """
     if not inputs:
         raise InputError("no BOLD input given; use --bold or --derivatives")
     labels = [item.label for item in inputs]
     repeated = sorted({lab for lab in labels if labels.count(lab) > 1})
     if repeated:
         raise InputError(f"two inputs share the output label(s) {', '.join(repeated)}; give each run its own file name")
-    prepared: list[_Prepared] = []
+    prepared: list[PreparedInput] = []
     masks: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
     first_img, first_path = None, None
     for item in inputs:
@@ -688,17 +728,27 @@ def _prepare(inputs: Sequence[BoldInput], regions: Sequence[Region], *, what: st
             found = region_masks(regions, header, mask=mask, reference_path=item.bold, mask_path=item.mask, what=what)
             masks[item.mask] = (mask, region_weights(found, mask))
         mask, weights = masks[item.mask]
-        prepared.append(_Prepared(item, mask, weights))
+        prepared.append(PreparedInput(item, mask, weights))
     return prepared, first_img
 
 
-def _load_series(item: _Prepared) -> np.ndarray:
+_prepare = prepare_inputs  # the name gpuconn/distributed.py still imports
+
+
+def _load_series(item: PreparedInput) -> np.ndarray:
     img = load_image(item.source.bold, ndim=4, what="BOLD")
     return masked_data(img, item.mask, path=item.source.bold)
 
 
-def _stream(prepared: Sequence[_Prepared]) -> Iterator[tuple[_Prepared, np.ndarray]]:
-    """Yield each run with its ``(n_volumes, n_voxels)`` data, reading the next one in a thread meanwhile."""
+def stream_inputs(prepared: Sequence[PreparedInput]) -> Iterator[tuple[PreparedInput, np.ndarray]]:
+    """Yield each run with its ``(n_volumes, n_voxels)`` float32 data, reading the next one in a thread meanwhile.
+
+    Raises
+    ------
+    InputError
+        A BOLD file that does not decode or has NaN/Inf inside its mask
+        (found on reading, after the runs before it were yielded).
+    """
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(_load_series, prepared[0]) if prepared else None
         for index, item in enumerate(prepared):
@@ -819,14 +869,14 @@ def compute_seed_maps(
     stats = list(dict.fromkeys(stats))
     out_dir = Path(out_dir)
     torch_device = resolve_device(device)
-    prepared, reference = _prepare(inputs, regions, what="seed")
+    prepared, reference = prepare_inputs(inputs, regions, what="seed")
     union = np.any([p.mask for p in prepared], axis=0)
     names = [region.name for region in regions]
     record = {**(params or {}), "seeds": [region.describe() for region in regions], "layout": layout, "device": str(torch_device)}
     stacks = {stat: np.zeros((len(prepared), len(regions), int(union.sum())), dtype=np.float32) for stat in stats} if layout == "seed" else {}
     written: list[Path] = []
     with progress_bar("seed maps", len(prepared), enabled=progress) as advance:
-        for index, (item, data) in enumerate(_stream(prepared)):
+        for index, (item, data) in enumerate(stream_inputs(prepared)):
             maps = correlate_seeds(as_data(data, torch_device), as_data(item.weights, torch_device), source=str(item.source.bold))
             series = pd.DataFrame(to_numpy(maps.timeseries).T, columns=names)
             written.append(write_tsv(series, out_dir / f"{item.source.label}_seeds_timeseries.tsv"))
