@@ -96,6 +96,16 @@ def test_load_design_reads_all_files(tmp_path):
     assert design.contrast_names == ["up", "down"]
     np.testing.assert_array_equal(design.groups, [1, 1, 2, 2, 3, 3])
     np.testing.assert_array_equal(design.ftests, [[1, 0]])
+    assert design.ftests.dtype.kind == "i"
+
+
+def test_load_design_refuses_fractional_ftests(tmp_path):
+    """A 0.5 in design.fts is refused, not truncated to 0 by the integer cast."""
+    write_vest(tmp_path / "d.mat", np.c_[np.ones(6), np.arange(6.0)])
+    write_vest(tmp_path / "d.con", np.array([[0.0, 1.0], [0.0, -1.0]]), kind="con")
+    write_vest(tmp_path / "d.fts", np.array([[1, 0.5]]), kind="fts")
+    with pytest.raises(InputError, match=r"d\.fts must hold only 0 and 1"):
+        load_design(tmp_path / "d.mat", tmp_path / "d.con", tmp_path / "d.fts")
 
 
 def test_one_sample_with_covariates(participants):

@@ -19,7 +19,7 @@ each with covariates: numeric ones demeaned, categorical ones dummy-coded
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -326,7 +326,7 @@ def load_design(
     design = Design(
         matrix=matrix,
         contrasts=contrasts,
-        ftests=np.zeros((0, contrasts.shape[0]), dtype=int) if ftests is None else ftests.astype(int),
+        ftests=np.zeros((0, contrasts.shape[0])) if ftests is None else ftests,
         groups=groups,
         contrast_names=names,
     )
@@ -338,7 +338,7 @@ def load_design(
         n_obs=n_obs,
         data_source=data_source,
     )
-    return design
+    return replace(design, ftests=design.ftests.astype(int))  # after the 0/1 check, so 0.5 is not truncated to 0
 
 
 def save_design(design: Design, root: str | os.PathLike) -> list[Path]:
