@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def _first(paths: list[Path]) -> Path | None:
 def find_runs(
     root: str | os.PathLike,
     *,
-    participant_label: list[str] | None = None,
+    participant_label: Sequence[str] | None = None,
     space: str = DEFAULT_SPACE,
     desc: str = "preproc",
 ) -> list[Run]:
@@ -79,8 +80,8 @@ def find_runs(
     ----------
     root : path-like
         fMRIPrep-style derivatives folder (``sub-*/[ses-*/]func/...``).
-    participant_label : list of str, optional
-        Subjects to keep (with or without ``sub-``).
+    participant_label : sequence of str, optional
+        Subjects to keep (with or without ``sub-``); empty or None keeps all.
     space : str, default 'MNI152NLin2009cAsym'
         The ``space-`` entity of the BOLD files.
     desc : str, default 'preproc'

@@ -719,7 +719,7 @@ def collect_runs(
     """
     from .bids import DEFAULT_SPACE, find_runs
 
-    runs = find_runs(derivatives, participant_label=list(participant_label or []) or None, space=space or DEFAULT_SPACE)
+    runs = find_runs(derivatives, participant_label=participant_label, space=space or DEFAULT_SPACE)
     files = [RunFiles.from_run(run) for run in runs]
     out_dirs = [Path(out_dir) / run.bold.parent.relative_to(Path(derivatives)) for run in runs]
     return files, out_dirs

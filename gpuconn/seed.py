@@ -802,11 +802,11 @@ def bold_inputs(
             raise InputError("--bold needs --mask (a brain mask on the BOLD grid)")
         return [BoldInput(_run_label(Path(path)), Path(path), Path(mask)) for path in bold]
     inputs = []
-    for run in find_runs(derivatives, participant_label=list(participant_label or []) or None, space=space, desc=desc):
+    for run in find_runs(derivatives, participant_label=participant_label, space=space, desc=desc):
         run_mask = Path(mask) if mask is not None else run.mask
         if run_mask is None:
             raise InputError(f"no brain mask (*_desc-brain_mask.nii.gz) beside {run.bold}; give one with --mask")
-        inputs.append(BoldInput(_run_label(run.bold), run.bold, run_mask))
+        inputs.append(BoldInput(run.prefix, run.bold, run_mask))
     return inputs
 
 
