@@ -851,31 +851,34 @@ def _step_group(ctx: _Context) -> list[Path]:
     reference = nib.Nifti1Image(np.zeros(reference.shape[:3], np.float32), reference.affine, reference.header)
     mask_path = io.save_image(mask.astype(np.uint8), reference, ctx.out / "group" / "mask.nii.gz", sidecar=False, dtype=np.uint8)
     written = [mask_path]
-    jobs = [(m, key) for m in study.section("models") for key in map_keys(m)]
-    with _progress("group models", len(jobs), ctx.progress) as advance:
-        for model, key in jobs:
+    models = study.section("models")
+    with _progress("group models", sum(len(map_keys(m)) for m in models), ctx.progress) as advance:
+        for model in models:  # the design and observations are the model's, shared by all its maps
             table, run_sets = model_table(study, qc, model, runs)
             folder = ctx.out / "group" / model["name"]
             design = _design(study, model, table)
             written += save_design(design, folder / "design")
             written.append(io.write_tsv(table, folder / "observations.tsv"))
-            data = _model_data(_map_source(ctx, key), run_sets, mask)
-            root = _stat_root(ctx.out, model["name"], key)
-            params = {"model": model, "map": key, "inference": settings, "runs": [[r.prefix for r in rs] for rs in run_sets]}
-            input_path = io.save_image(io.unmask(data, mask), reference, f"{root}_input.nii.gz", params=params)
-            written.append(input_path)
-            if settings["method"] == "grf":
-                parametric_glm(input_path, root, design_path=folder / "design.mat", contrast_path=folder / "design.con",
-                               mask_path=mask_path, z_threshold=settings["cluster_threshold"], cluster_p=settings["alpha"],
-                               device=ctx.device, params=params)
-                written += sorted(root.parent.glob(f"{root.name}_*"))
-            else:
+            if settings["method"] != "grf":
                 dof = design.matrix.shape[0] - int(np.linalg.matrix_rank(design.matrix))
-                result = run_permutation_test(data, design, n_perm=settings["n_perm"], seed=settings["seed"], device=ctx.device,
-                                              spatial=_spatial(settings, mask, dof), design_source=f"model {model['name']}")
-                params["cluster_t_threshold"] = cluster_t_threshold(settings["cluster_threshold"], dof)
-                written += write_outputs(result, root, mask, reference, params=params)
-            advance()
+                spatial = _spatial(settings, mask, dof)
+            for key in map_keys(model):
+                data = _model_data(_map_source(ctx, key), run_sets, mask)
+                root = _stat_root(ctx.out, model["name"], key)
+                params = {"model": model, "map": key, "inference": settings, "runs": [[r.prefix for r in rs] for rs in run_sets]}
+                input_path = io.save_image(io.unmask(data, mask), reference, f"{root}_input.nii.gz", params=params)
+                written.append(input_path)
+                if settings["method"] == "grf":
+                    parametric_glm(input_path, root, design_path=folder / "design.mat", contrast_path=folder / "design.con",
+                                   mask_path=mask_path, z_threshold=settings["cluster_threshold"], cluster_p=settings["alpha"],
+                                   device=ctx.device, params=params)
+                    written += sorted(root.parent.glob(f"{root.name}_*"))
+                else:
+                    result = run_permutation_test(data, design, n_perm=settings["n_perm"], seed=settings["seed"], device=ctx.device,
+                                                  spatial=spatial, design_source=f"model {model['name']}")
+                    params["cluster_t_threshold"] = cluster_t_threshold(settings["cluster_threshold"], dof)
+                    written += write_outputs(result, root, mask, reference, params=params)
+                advance()
     return written
 
 
