@@ -773,8 +773,7 @@ def randomise(
     if one_sample:
         if design_path or contrast_path or ftest_path:
             raise InputError("-1 (one-sample) builds its own design; drop -d/-t/-f or drop -1")
-        design = Design(np.ones((n_obs, 1)), np.ones((1, 1)), contrast_names=["mean>0"])
-        method = "flip" if method == "auto" else method
+        design = Design(np.ones((n_obs, 1)), np.ones((1, 1)), contrast_names=["mean>0"])  # 'auto' flips signs
         groups = None
     else:
         if design_path is None or contrast_path is None:
