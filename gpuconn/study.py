@@ -59,6 +59,7 @@ import pandas as pd
 from . import io
 from .bids import DEFAULT_SPACE, Run, find_runs
 from .errors import InputError
+from .progress import progress_bar
 
 __all__ = [
     "STEPS",
@@ -587,7 +588,7 @@ def _step_qc(ctx: _Context) -> list[Path]:
 
     settings = ctx.study.section("qc")
     rows = []
-    with _progress("qc", len(ctx.study.runs), ctx.progress) as advance:
+    with progress_bar("qc", len(ctx.study.runs), enabled=ctx.progress) as advance:
         for run in ctx.study.runs:
             if run.confounds is None:
                 raise InputError(f"QC needs motion parameters: no *_desc-confounds_timeseries.tsv beside {run.bold}")
@@ -627,7 +628,7 @@ def _step_denoise(ctx: _Context) -> list[Path]:
         prepare_run(run_files, options, load_data=False)
     out_dirs = [ctx._run_dir("denoise", r) for r in runs]
     written = []
-    with _progress("denoise", len(runs), ctx.progress) as advance:
+    with progress_bar("denoise", len(runs), enabled=ctx.progress) as advance:
         for paths in denoise_runs(files, out_dirs, options, device=ctx.device,
                                   batch_size=ctx.study.section("denoise")["batch_size"], on_run=advance):
             written.extend(paths.values())
@@ -758,9 +759,7 @@ def _spatial(settings: dict, mask: np.ndarray, dof: int) -> dict:
 
 
 def _group_mask(runs: Sequence[Run]) -> np.ndarray:
-    from .io import load_mask
-
-    masks = [load_mask(path, what="brain mask")[0] for path in sorted({r.mask for r in runs})]
+    masks = [io.load_mask(path, what="brain mask")[0] for path in sorted({r.mask for r in runs})]
     return np.logical_and.reduce(masks)
 
 
@@ -852,7 +851,7 @@ def _step_group(ctx: _Context) -> list[Path]:
     mask_path = io.save_image(mask.astype(np.uint8), reference, ctx.out / "group" / "mask.nii.gz", sidecar=False, dtype=np.uint8)
     written = [mask_path]
     models = study.section("models")
-    with _progress("group models", sum(len(map_keys(m)) for m in models), ctx.progress) as advance:
+    with progress_bar("group models", sum(len(map_keys(m)) for m in models), enabled=ctx.progress) as advance:
         for model in models:  # the design and observations are the model's, shared by all its maps
             table, run_sets = model_table(study, qc, model, runs)
             folder = ctx.out / "group" / model["name"]
@@ -1046,12 +1045,6 @@ def _voxels_in_other_clusters(significant: np.ndarray, allowed: np.ndarray, affi
     index = cluster_table(significant.astype(np.float64), affine, threshold=0.5, mask=significant).index_image
     touching = np.unique(index[allowed & (index > 0)])
     return int(((index > 0) & ~np.isin(index, touching)).sum())
-
-
-def _progress(description: str, total: int, enabled: bool):
-    from .progress import progress_bar
-
-    return progress_bar(description, total, enabled=enabled)
 
 
 @dataclass(frozen=True)
