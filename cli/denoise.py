@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .options import DaskScheduler, Device, Quiet, Workers
+from .options import DaskScheduler, Derivatives, Device, Participants, Quiet, Space, Workers
 
 _File = Path | None
 
@@ -22,9 +22,9 @@ def denoise(
     physio: Annotated[_File, typer.Option("--physio", help="BIDS *_physio.tsv.gz (with its .json) (single-run mode).")] = None,
     wm: Annotated[_File, typer.Option("--wm", help="WM probability map or mask on the BOLD grid (with --derivatives: for every run).")] = None,
     csf: Annotated[_File, typer.Option("--csf", help="CSF probability map or mask on the BOLD grid (with --derivatives: for every run).")] = None,
-    derivatives: Annotated[_File, typer.Option("--derivatives", help="fMRIPrep-style derivatives folder: every subject and session.")] = None,
-    participant_label: Annotated[list[str], typer.Option("--participant-label", help="Only these subjects (repeatable).")] = [],
-    space: Annotated[str, typer.Option("--space", help="space- entity of the BOLD files under --derivatives.")] = "MNI152NLin2009cAsym",
+    derivatives: Derivatives = None,
+    participant_label: Participants = [],
+    space: Space = "MNI152NLin2009cAsym",
     motion: Annotated[str, typer.Option("--motion", help="Motion regressors: 6, 24 (Friston) or none.")] = "6",
     acompcor: Annotated[int, typer.Option("--acompcor", help="aCompCor components (0: none).")] = 5,
     acompcor_mode: Annotated[str, typer.Option("--acompcor-mode", help="combined (WM+CSF in one PCA) or separate (k per tissue).")] = "combined",

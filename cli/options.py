@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -13,6 +14,11 @@ Device = Annotated[
 ]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the NumPy generator behind every random draw.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+Derivatives = Annotated[
+    Path | None, typer.Option("--derivatives", help="fMRIPrep-style derivatives folder: every subject and session.")
+]
+Participants = Annotated[list[str], typer.Option("--participant-label", help="Only these subjects (repeatable).")]
+Space = Annotated[str, typer.Option("--space", help="space- entity of the BOLD files under --derivatives.")]
 DaskScheduler = Annotated[
     str | None,
     typer.Option("--dask-scheduler", help="Run the tasks on a running Dask cluster (tcp://host:8786); needs the dask extra of gpuconn."),

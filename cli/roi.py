@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from .options import Device, Quiet
-from .seed import BoldDesc, Bilateral, BoldFiles, Derivatives, Mask, Mirror, Name, Participants, Radius, Space, mirror_mode
+from .options import Derivatives, Device, Participants, Quiet, Space
+from .seed import BoldDesc, Bilateral, BoldFiles, Mask, Mirror, Name, Radius, mirror_mode
 
 app = typer.Typer(help="ROI extraction: mean map values in ROIs, ROI-to-ROI connectivity matrices.", no_args_is_help=True)
 

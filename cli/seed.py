@@ -7,20 +7,15 @@ from typing import Annotated
 
 import typer
 
-from .options import DaskScheduler, Device, Quiet, Workers
+from .options import DaskScheduler, Derivatives, Device, Participants, Quiet, Space, Workers
 
 BoldFiles = Annotated[list[Path], typer.Option("--bold", help="4D BOLD file (repeatable); needs --mask.")]
 Mask = Annotated[
     Path | None, typer.Option("--mask", help="Brain mask on the BOLD grid (overrides each run's own mask with --derivatives).")
 ]
-Derivatives = Annotated[
-    Path | None, typer.Option("--derivatives", help="fMRIPrep-style derivatives folder: every subject and session.")
-]
-Participants = Annotated[list[str], typer.Option("--participant-label", help="Only these subjects (repeatable).")]
 BoldDesc = Annotated[
     str, typer.Option("--bold-desc", help="desc- entity of the BOLD files under --derivatives (e.g. preproc, denoised).")
 ]
-Space = Annotated[str, typer.Option("--space", help="space- entity of the BOLD files under --derivatives.")]
 Radius = Annotated[list[float], typer.Option("--radius", help="Sphere radius in mm: once for all, or once per coordinate.")]
 Name = Annotated[list[str], typer.Option("--name", help="Name per coordinate (letters and digits).")]
 Mirror = Annotated[bool, typer.Option("--mirror", help="Also use each coordinate sphere mirrored to (-x, y, z) as a separate region.")]
