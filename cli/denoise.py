@@ -48,6 +48,7 @@ def denoise(
     quiet: Quiet = False,
 ) -> None:
     """Regress motion, physiological, aCompCor and outlier regressors with the high-pass in one model, then smooth."""
+    import dataclasses
     import warnings
 
     from gpuconn.denoise import DenoiseOptions, RunFiles, collect_runs, denoise_runs, prepare_run
@@ -73,7 +74,7 @@ def denoise(
             raise InputError(f"--{per_run[0].replace('_', '-')} belongs to one run; use it with --bold, not --derivatives")
         # --mask, --wm, --csf given with --derivatives: one image (e.g. a template's) for every run
         common = {k: v for k, v in dict(mask=mask, wm=wm, csf=csf).items() if v is not None}
-        files = [RunFiles(**{**vars(f), **common}) for f in files]
+        files = [dataclasses.replace(f, **common) for f in files]
     else:
         if mask is None:
             raise InputError("--bold needs --mask (the brain mask on the BOLD grid)")
