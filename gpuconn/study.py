@@ -660,7 +660,8 @@ def _step_ica(ctx: _Context) -> list[Path]:
         templates = ctx.study.ica_templates or _network_templates(ctx.study.config, ic_path, folder / "templates.nii.gz")
         match_templates(ic_path, templates, folder / "match", mask_path=folder / "mask.nii.gz", names=names,
                         select_path=folder / "networks.nii.gz")
-    dual_regression(ic_path, paths, folder / "dualreg", device=ctx.device, progress=ctx.progress)
+    # ICA's mask is the common mask of these same runs: reuse it rather than read every run again
+    dual_regression(ic_path, paths, folder / "dualreg", mask_path=folder / "mask.nii.gz", device=ctx.device, progress=ctx.progress)
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
