@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import os
+import re
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -88,7 +89,7 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if cuda_available() else "cpu")
     if text == "cpu":
         return torch.device("cpu")
-    if text.startswith("cuda"):
+    if re.fullmatch(r"cuda(:\d+)?", text):  # torch.device raises a bare RuntimeError on e.g. 'cuda:x'
         if not cuda_available():
             raise GpuconnError(
                 f"--device {name}: torch sees no CUDA device "

@@ -27,6 +27,13 @@ def test_resolve_device_rejects_unknown_names():
         backend.resolve_device("tpu")
 
 
+def test_resolve_device_rejects_malformed_cuda_names(monkeypatch):
+    monkeypatch.setattr(backend, "cuda_available", lambda: True)  # as on a GPU machine, where torch.device raised
+    for name in ("cuda:x", "cudax", "cuda:-1", "cuda:1:2"):
+        with pytest.raises(GpuconnError, match=r"is not one of auto, cpu, cuda \(or cuda:N\)"):
+            backend.resolve_device(name)
+
+
 def test_dtype_policy_and_tf32_off(device):
     data = backend.as_data(np.arange(6, dtype=np.float64), device)
     design = backend.as_design(np.arange(6, dtype=np.float32), device)
