@@ -114,7 +114,7 @@ def randomise(
     spatial = spatial_transforms(tfce_params=tfce_params, method=method_tfce, cluster_extent=cluster_t,
                                  cluster_mass=cluster_mass_t)
     spatial_f = spatial_transforms(tfce_params=tfce_params, method=method_tfce, cluster_extent=cluster_f,
-                                   cluster_mass=cluster_mass_f)
+                                   cluster_mass=cluster_mass_f) if design_fts is not None else None  # F tests come from -f
     runner = permutation_runner(scheduler=dask_scheduler, workers=workers, device=device)
     if runner is not None and resume:
         raise InputError("--resume needs the single-process runner; drop --dask-scheduler/--workers")
@@ -145,7 +145,7 @@ def randomise(
             permute_blocks=permute_blocks,
             device=device,
             spatial=spatial,
-            spatial_f=spatial_f if design_fts is not None else None,
+            spatial_f=spatial_f,
             write_raw=("tfce",),
             progress=not quiet,
             runner=runner,

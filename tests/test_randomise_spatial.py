@@ -85,6 +85,16 @@ def test_f_test_clusters_and_t2(one_sample, rng):
                                tfce(tstat, mask, H=2, E=0.5, connectivity=26).numpy()[0], rtol=1e-5, atol=1e-4)
 
 
+def test_f_cluster_options_without_f_tests_keep_voxelwise_p(one_sample):
+    """-F/-S without -f has no F test to act on, so the t contrasts still get their voxelwise corrected p."""
+    root = one_sample / "nof"
+    rc = run(["randomise", "-i", str(one_sample / "data.nii.gz"), "-o", str(root), "-1", "-n", "10", "-F", "2.0",
+              "--device", "cpu", "-q"])
+    assert rc == 0
+    assert (one_sample / "nof_vox_corrp_tstat1.nii.gz").exists()
+    assert not list(one_sample.glob("nof_cluster*"))
+
+
 def test_fixed_step_option(one_sample, capsys):
     root = one_sample / "dh"
     rc = run(["randomise", "-i", str(one_sample / "data.nii.gz"), "-o", str(root), "-1", "-n", "10", "-T",
