@@ -124,6 +124,16 @@ def test_two_sample_orders_levels_and_dummy_codes(participants):
     np.testing.assert_array_equal(design.contrasts, [[1, -1, 0], [-1, 1, 0]])
 
 
+def test_two_sample_ignores_missing_covariates_of_other_levels(participants):
+    """A covariate missing only for a level left out of --levels is not an error; it is demeaned over the rows kept."""
+    other = pd.DataFrame({"participant_id": ["sub-09", "sub-10"], "group": ["other"] * 2, "age": [np.nan] * 2,
+                          "sex": ["M", "F"], "pain_change": [0.0, 0.0]})
+    design = build_design(pd.concat([participants, other], ignore_index=True), "two-sample", group="group",
+                          levels=["cLBP", "HC"], covariates=["age"])
+    assert design.matrix.shape == (8, 3)
+    np.testing.assert_allclose(design.matrix[:, 2], participants.age - participants.age.mean())
+
+
 def test_regression_design(participants):
     design = build_design(participants, "regression", variable="pain_change", covariates=["age"])
     assert design.column_names == ["mean", "pain_change", "age"]

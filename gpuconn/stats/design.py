@@ -497,22 +497,22 @@ def build_design(
     if kind == "paired":
         return _paired_design(table, subject, session, sessions, paired_mode, covariates, source)
     id_column = subject if subject in table.columns else table.columns[0]
+    if kind == "two-sample":  # covariates are checked on the rows of the two levels compared
+        if group is None:
+            raise InputError("a two-sample design needs --group COLUMN")
+        _require_columns(table, [group], source)
+        first, second = _two_levels(table[group], levels, group, source)
+        table = table[table[group].astype(str).isin([first, second])].reset_index(drop=True)
+        return _two_sample(table, group, first, second, covariates, id_column, source)
     if kind == "regression" and variable is not None and variable not in table.columns:
         table = _with_difference(table, variable, source)
-    needed = covariates + [c for c in (group if kind == "two-sample" else None, variable) if c]
-    _require_columns(table, needed, source)
+    _require_columns(table, covariates + ([variable] if variable else []), source)
     cov, cov_names = _covariate_columns(table, covariates, source)
     n = len(table)
     zeros = np.zeros(cov.shape[1])
     if kind == "one-sample":
         matrix = np.hstack([np.ones((n, 1)), cov])
         names, contrasts, con_names = ["mean"] + cov_names, np.r_[1.0, zeros][None], ["mean>0"]
-    elif kind == "two-sample":
-        if group is None:
-            raise InputError("a two-sample design needs --group COLUMN")
-        first, second = _two_levels(table[group], levels, group, source)
-        table = table[table[group].astype(str).isin([first, second])].reset_index(drop=True)
-        return _two_sample(table, group, first, second, covariates, id_column, source)
     else:
         if variable is None:
             raise InputError("a regression design needs --variable COLUMN")
@@ -547,6 +547,7 @@ def _with_difference(table: pd.DataFrame, expression: str, source: str) -> pd.Da
 def _two_sample(
     table: pd.DataFrame, group: str, first: str, second: str, covariates: list[str], id_column: str, source: str
 ) -> Design:
+    _require_columns(table, covariates, source)
     cov, cov_names = _covariate_columns(table, covariates, source)
     labels = table[group].astype(str).to_numpy()
     indicators = np.column_stack([(labels == first), (labels == second)]).astype(np.float64)
