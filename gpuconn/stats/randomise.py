@@ -774,19 +774,17 @@ def randomise(
         if design_path or contrast_path or ftest_path:
             raise InputError("-1 (one-sample) builds its own design; drop -d/-t/-f or drop -1")
         design = Design(np.ones((n_obs, 1)), np.ones((1, 1)), contrast_names=["mean>0"])  # 'auto' flips signs
-        groups = None
     else:
         if design_path is None or contrast_path is None:
             raise InputError("give a design and contrasts (-d design.mat -t design.con), or -1 for a one-sample test")
         design = load_design(design_path, contrast_path, ftest_path, groups_path, n_obs=n_obs,
                              data_source=str(input_path))
-        groups = design.groups
     mask = _analysis_mask(img, input_path, mask_path)
     data = masked_data(img, mask, path=input_path)
     spatial = spatial(mask) if callable(spatial) else spatial
     spatial_f = spatial_f(mask) if callable(spatial_f) else spatial_f
     result = run_permutation_test(
-        data, design, groups=groups, n_perm=n_perm, seed=seed, method=method, permute_blocks=permute_blocks,
+        data, design, n_perm=n_perm, seed=seed, method=method, permute_blocks=permute_blocks,
         demean=demean, device=device, spatial=spatial, spatial_f=spatial_f, progress=progress, runner=runner,
         design_source=str(design_path or "-1 design"),
     )
