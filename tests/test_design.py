@@ -44,6 +44,7 @@ def test_reads_fsl_written_file_with_spaces(tmp_path):
     [
         ("1 0\n0 1\n", "no /Matrix line"),
         ("/NumWaves 3\n/Matrix\n1 0\n0 1\n", r"/NumWaves says 3 but /Matrix has 2 columns"),
+        ("/NumWaves two\n/Matrix\n1 0\n0 1\n", r"/NumWaves 'two' is not a number; fix the header"),
         ("/Matrix\n1 0\n0 x\n", r"line 3: '0 x' is not a row of numbers"),
         ("/Matrix\n1 0\n0\n", "different numbers of values"),
     ],

@@ -132,7 +132,13 @@ def read_vest(path: str | os.PathLike, *, what: str = "design file") -> tuple[np
         raise InputError(f"{path} is not an FSL VEST file (no /Matrix line); write it with Text2Vest or gpuconn design")
     matrix = _parse_number_rows(body, path)
     for key, axis in (("NumWaves", 1), ("NumPoints", 0), ("NumContrasts", 0)):
-        if key in headers and headers[key].split() and int(float(headers[key].split()[0])) != matrix.shape[axis]:
+        if key not in headers or not headers[key].split():
+            continue
+        try:
+            declared = int(float(headers[key].split()[0]))
+        except ValueError:
+            raise InputError(f"{path}: /{key} {headers[key]!r} is not a number; fix the header") from None
+        if declared != matrix.shape[axis]:
             size = "columns" if axis else "rows"
             raise InputError(
                 f"{path}: /{key} says {headers[key]} but /Matrix has {matrix.shape[axis]} {size}; fix the header"
