@@ -114,12 +114,16 @@ def read_matrix(path: str | os.PathLike, *, what: str = "confound matrix") -> np
     Raises
     ------
     InputError
-        Missing or empty file, non-numeric or NaN values.
+        Missing, binary or empty file, non-numeric or NaN values.
     """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{what} file not found: {path}")
-    lines = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{what} {path} is not a text file ({exc.reason}); expected a plain numeric matrix") from exc
+    lines = [line.split() for line in text.splitlines() if line.strip()]
     if lines and not _is_numeric_row(lines[0]):
         lines = lines[1:]
     if not lines:

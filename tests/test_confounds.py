@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+
 import numpy as np
 import pytest
 
@@ -41,6 +43,13 @@ def test_read_matrix_header_and_errors(tmp_path):
         cf.read_matrix(_write(tmp_path / "c.txt", "1 nan\n3 4\n"))
     with pytest.raises(InputError, match="not found"):
         cf.read_matrix(tmp_path / "missing.txt")
+
+
+def test_read_matrix_binary_file(tmp_path):
+    path = tmp_path / "motion.par.gz"
+    path.write_bytes(gzip.compress(b"0 0 0 0 0 0\n" * 3))
+    with pytest.raises(InputError, match=r"motion parameters .*motion\.par\.gz is not a text file"):
+        cf.read_motion_par(path)
 
 
 def test_read_fmriprep_confounds(tmp_path):
