@@ -39,6 +39,7 @@ are used as they are, skipping peak detection.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +115,8 @@ def read_physio(path: str | os.PathLike) -> PhysioRecording:
     ------
     InputError
         Missing file or sidecar, sidecar without ``SamplingFrequency`` or
-        ``Columns``, column count mismatch, or non-finite samples.
+        ``Columns`` (or with a non-positive frequency or a non-numeric
+        ``StartTime``), column count mismatch, or non-finite samples.
     """
     path = Path(path)
     sidecar = sidecar_path(path)
@@ -128,6 +130,15 @@ def read_physio(path: str | os.PathLike) -> PhysioRecording:
     missing = [key for key in ("SamplingFrequency", "Columns") if key not in meta]
     if missing:
         raise InputError(f"physio sidecar {sidecar} lacks {', '.join(missing)}; BIDS requires them")
+    try:
+        fs, start = float(meta["SamplingFrequency"]), float(meta.get("StartTime", 0.0))
+    except (TypeError, ValueError):
+        fs = start = math.nan
+    if not (fs > 0 and math.isfinite(fs) and math.isfinite(start)):
+        raise InputError(
+            f"physio sidecar {sidecar} has SamplingFrequency {meta['SamplingFrequency']!r} and StartTime "
+            f"{meta.get('StartTime', 0.0)!r}; expected a positive number of Hz and a number of seconds"
+        )
     try:
         data = pd.read_csv(path, sep="\t", header=None, compression="infer")
     except Exception as exc:
@@ -144,7 +155,7 @@ def read_physio(path: str | os.PathLike) -> PhysioRecording:
         finite = False
     if not finite:
         raise InputError(f"physio recording {path} has NaN or non-numeric samples; clean the recording")
-    return PhysioRecording(data, float(meta["SamplingFrequency"]), float(meta.get("StartTime", 0.0)), path)
+    return PhysioRecording(data, fs, start, path)
 
 
 def volume_times(n_volumes: int, tr: float) -> np.ndarray:

@@ -152,3 +152,12 @@ def test_physio_text_cells_are_an_input_error(tmp_path):
     pd.DataFrame({"cardiac": np.zeros(600), "respiratory": np.zeros(600)}).to_csv(path, sep="\t", index=False, compression="gzip")
     with pytest.raises(InputError, match="has NaN or non-numeric samples"):
         ph.read_physio(path)
+
+
+@pytest.mark.parametrize("fs", [0, -50, "fast", None])
+def test_physio_sampling_frequency_must_be_positive(tmp_path, fs):
+    path = _write_physio(tmp_path, pd.DataFrame({"cardiac": np.zeros(600), "respiratory": np.zeros(600)}), 10.0)
+    sidecar = tmp_path / "sub-01_task-rest_physio.json"
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "SamplingFrequency": fs}))
+    with pytest.raises(InputError, match=r"physio\.json has SamplingFrequency .*; expected a positive number of Hz"):
+        ph.read_physio(path)
