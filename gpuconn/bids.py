@@ -36,7 +36,8 @@ class Run:
         ``*_space-<space>_desc-preproc_bold.nii.gz``.
     mask, confounds, physio, wm, csf : Path or None
         Brain mask, ``*_desc-confounds_timeseries.tsv``, ``*_physio.tsv.gz``
-        (with its JSON), and ``*_label-WM/CSF_probseg.nii.gz``.
+        (with its JSON), and ``*_label-WM/CSF_probseg.nii.gz`` (from the
+        session's ``anat`` folder when it has one, else the subject's).
     """
 
     subject: str
@@ -65,6 +66,15 @@ def _entities(name: str) -> dict[str, str]:
 
 def _first(paths: list[Path]) -> Path | None:
     return sorted(paths)[0] if paths else None
+
+
+def _probseg(folders: list[Path], space: str, label: str) -> Path | None:
+    """The ``*space-<space>*label-<label>_probseg.nii[.gz]`` of the first folder that has one (session anat first)."""
+    for folder in (f for f in folders if f.is_dir()):
+        found = [p for p in folder.iterdir() if f"space-{space}" in p.name and f"label-{label}_probseg.nii" in p.name]
+        if found:
+            return _first(found)
+    return None
 
 
 def find_runs(
@@ -114,7 +124,6 @@ def find_runs(
         anat_dirs = [root / f"sub-{subject}" / "anat"]
         if session:
             anat_dirs.insert(0, root / f"sub-{subject}" / f"ses-{session}" / "anat")
-        anat = [p for d in anat_dirs if d.is_dir() for p in d.iterdir()]
         runs.append(
             Run(
                 subject=subject,
@@ -123,8 +132,8 @@ def find_runs(
                 mask=_first(list(func.glob(f"{space_part}_desc-brain_mask.nii*"))),
                 confounds=_first(list(func.glob(f"{prefix}_desc-confounds_time*.tsv"))),
                 physio=_first(list(func.glob(f"{prefix}*_physio.tsv.gz"))),
-                wm=_first([p for p in anat if f"space-{space}" in p.name and "label-WM_probseg" in p.name]),
-                csf=_first([p for p in anat if f"space-{space}" in p.name and "label-CSF_probseg" in p.name]),
+                wm=_probseg(anat_dirs, space, "WM"),
+                csf=_probseg(anat_dirs, space, "CSF"),
             )
         )
     if not runs:
