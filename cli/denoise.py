@@ -48,7 +48,6 @@ def denoise(
     quiet: Quiet = False,
 ) -> None:
     """Regress motion, physiological, aCompCor and outlier regressors with the high-pass in one model, then smooth."""
-    import dataclasses
     import warnings
 
     from gpuconn.denoise import DenoiseOptions, RunFiles, collect_runs, denoise_runs, prepare_run
@@ -68,13 +67,12 @@ def denoise(
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     if derivatives is not None:
-        files, out_dirs = collect_runs(derivatives, out, participant_label=participant_label, space=space)
+        # --mask, --wm, --csf given with --derivatives: one image (e.g. a template's) for every run
+        common = {k: v for k, v in dict(mask=mask, wm=wm, csf=csf).items() if v is not None}
+        files, out_dirs = collect_runs(derivatives, out, participant_label=participant_label, space=space, **common)
         per_run = [k for k in ("confounds", "motion_par", "censor_file", "physio") if single[k] is not None]
         if per_run:
             raise InputError(f"--{per_run[0].replace('_', '-')} belongs to one run; use it with --bold, not --derivatives")
-        # --mask, --wm, --csf given with --derivatives: one image (e.g. a template's) for every run
-        common = {k: v for k, v in dict(mask=mask, wm=wm, csf=csf).items() if v is not None}
-        files = [dataclasses.replace(f, **common) for f in files]
     else:
         if mask is None:
             raise InputError("--bold needs --mask (the brain mask on the BOLD grid)")

@@ -193,11 +193,11 @@ class RunFiles:
 
     @classmethod
     def from_run(cls, run, **overrides) -> "RunFiles":
-        """From a :class:`gpuconn.bids.Run` (missing mask is an error)."""
-        if run.mask is None:
-            raise InputError(f"no brain mask (*_desc-brain_mask.nii.gz) beside {run.bold}")
+        """From a :class:`gpuconn.bids.Run`, fields in ``overrides`` replacing the run's (no mask is an error)."""
         fields = dict(bold=run.bold, mask=run.mask, confounds=run.confounds, physio=run.physio, wm=run.wm, csf=run.csf, label=run.label)
         fields.update(overrides)
+        if fields["mask"] is None:
+            raise InputError(f"no brain mask (*_desc-brain_mask.nii.gz) beside {run.bold}; give one with --mask")
         return cls(**fields)
 
 
@@ -709,8 +709,19 @@ def collect_runs(
     *,
     participant_label: Sequence[str] | None = None,
     space: str | None = None,
+    **overrides,
 ) -> tuple[list[RunFiles], list[Path]]:
     """The runs of a derivatives folder and their output folders (``out/sub-X[/ses-Y]/func``).
+
+    Parameters
+    ----------
+    derivatives, out_dir : path-like
+    participant_label : sequence of str, optional
+    space : str, optional
+        Default :data:`gpuconn.bids.DEFAULT_SPACE`.
+    **overrides
+        :class:`RunFiles` fields (``mask``, ``wm``, ``csf``) that replace
+        every run's own, e.g. a template mask where runs have none.
 
     Returns
     -------
@@ -720,7 +731,7 @@ def collect_runs(
     from .bids import DEFAULT_SPACE, find_runs
 
     runs = find_runs(derivatives, participant_label=participant_label, space=space or DEFAULT_SPACE)
-    files = [RunFiles.from_run(run) for run in runs]
+    files = [RunFiles.from_run(run, **overrides) for run in runs]
     out_dirs = [Path(out_dir) / run.bold.parent.relative_to(Path(derivatives)) for run in runs]
     return files, out_dirs
 

@@ -300,6 +300,18 @@ def test_confounds_without_motion_columns_serve_motion_none(tmp_path, rng):
         dn.prepare_run(run, _options(motion="none", columns=("csf",)), load_data=False)
 
 
+def test_collect_runs_mask_override_serves_runs_without_one(tmp_path):
+    func = tmp_path / "sub-01" / "func"
+    func.mkdir(parents=True)
+    (func / "sub-01_task-rest_space-MNI152NLin2009cAsym_desc-preproc_bold.nii.gz").write_bytes(b"")
+    template = tmp_path / "template_mask.nii.gz"
+    with pytest.raises(InputError, match=r"no brain mask \(\*_desc-brain_mask.nii.gz\) beside .*; give one with --mask"):
+        dn.collect_runs(tmp_path, tmp_path / "out")
+    # --derivatives with --mask: the run has no mask of its own (was refused before the override applied)
+    (files, dirs) = dn.collect_runs(tmp_path, tmp_path / "out", mask=template)
+    assert files[0].mask == template and dirs == [tmp_path / "out" / "sub-01" / "func"]
+
+
 def test_mask_grid_mismatch(tmp_path, rng):
     files, _, _ = _write_run(tmp_path, rng)
     other = tmp_path / "other_mask.nii.gz"
