@@ -870,10 +870,12 @@ def compute_seed_maps(
     out_dir = Path(out_dir)
     torch_device = resolve_device(device)
     prepared, reference = prepare_inputs(inputs, regions, what="seed")
-    union = np.any([p.mask for p in prepared], axis=0)
     names = [region.name for region in regions]
     record = {**(params or {}), "seeds": [region.describe() for region in regions], "layout": layout, "device": str(torch_device)}
-    stacks = {stat: np.zeros((len(prepared), len(regions), int(union.sum())), dtype=np.float32) for stat in stats} if layout == "seed" else {}
+    stacks: dict[str, np.ndarray] = {}
+    if layout == "seed":  # every run's maps, on the union of the run masks, until written per seed
+        union = np.any([p.mask for p in prepared], axis=0)
+        stacks = {stat: np.zeros((len(prepared), len(regions), int(union.sum())), dtype=np.float32) for stat in stats}
     written: list[Path] = []
     with progress_bar("seed maps", len(prepared), enabled=progress) as advance:
         for index, (item, data) in enumerate(stream_inputs(prepared)):
