@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .backend import DESIGN_DTYPE, as_data, to_numpy
+from .backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
 from .errors import InputError
 from .io import read_tsv
 
@@ -447,6 +447,7 @@ def acompcor(
         zero-padded, which leaves the Gram matrix unchanged).
     n_components : int, default 5
     device : torch.device or str
+        As ``--device`` (``'auto'``, ``'cpu'``, ``'cuda'``, ``'cuda:N'``).
 
     Returns
     -------
@@ -469,7 +470,7 @@ def acompcor(
                 f"aCompCor needs at least {n_components} voxels and volumes, got a tissue signal of shape "
                 f"{s.shape} (volumes, voxels); use a lower tissue threshold, less erosion, or fewer components"
             )
-    device = torch.device(device)
+    device = resolve_device(device)
     width = max(s.shape[1] for s in batch)
     data = torch.zeros((len(batch), n_volumes, width), dtype=torch.float32, device=device)
     for i, s in enumerate(batch):

@@ -222,6 +222,12 @@ def test_acompcor_batch_with_different_voxel_counts(device, rng):
         np.testing.assert_allclose(_match_sign(out, ref), ref, atol=1e-5)
 
 
+def test_acompcor_takes_device_option_values(rng):
+    # 'auto' (the --device default) was handed to torch.device, which raised a bare RuntimeError
+    signal = rng.standard_normal((30, 20))
+    assert cf.acompcor(signal, n_components=3, device="auto").shape == (30, 3)
+
+
 def test_acompcor_too_few_voxels(rng):
     with pytest.raises(InputError, match=r"at least 5 voxels.*shape \(30, 3\)"):
         cf.acompcor(rng.standard_normal((30, 3)), n_components=5)
