@@ -485,14 +485,14 @@ def seed_maps_dask(
     list of Path
         The files written, run by run in input order.
     """
-    from .seed import _prepare
+    from .seed import prepare_inputs
 
     if layout == "seed":
         raise InputError(
             f"--layout {layout} stacks every run into one file per seed in one process; use --layout subject "
             "with --workers/--dask-scheduler, or drop those options"
         )
-    _prepare(inputs, regions, what="seed")  # seed.py's own validation pass, before any task writes
+    prepare_inputs(inputs, regions, what="seed")  # seed.py's own validation pass, before any task writes
     task = functools.partial(_seed_run, regions=list(regions), out_dir=Path(out_dir), stats=list(stats), device=device,
                              params=params)
     return [path for paths in map_tasks(client, task, list(inputs), description="seed maps", progress=progress)

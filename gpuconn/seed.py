@@ -732,9 +732,6 @@ def prepare_inputs(
     return prepared, first_img
 
 
-_prepare = prepare_inputs  # the name gpuconn/distributed.py still imports
-
-
 def _load_series(item: PreparedInput) -> np.ndarray:
     img = load_image(item.source.bold, ndim=4, what="BOLD")
     return masked_data(img, item.mask, path=item.source.bold)
