@@ -52,6 +52,7 @@ from .backend import DESIGN_DTYPE, as_data, chunk_size, resolve_device, run_chun
 from .errors import InputError
 from .io import (
     check_same_grid,
+    load_header,
     load_image,
     load_mask,
     masked_data,
@@ -71,7 +72,6 @@ __all__ = [
     "check_subjects",
     "read_series",
     "iter_series",
-    "open_header",
     "matrix_text",
     "DualRegressionResult",
     "dual_regression",
@@ -357,23 +357,6 @@ def _subject_name(index: int) -> str:
     return f"subject{index:05d}"
 
 
-def open_header(path: str | os.PathLike, what: str) -> nib.Nifti1Image:
-    """Open an image without reading its data (shape and affine checks, output reference).
-
-    Raises
-    ------
-    InputError
-        Missing or unreadable file.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{what} file not found: {path}")
-    try:
-        return nib.load(str(path))
-    except Exception as exc:  # nibabel raises many types for corrupt files
-        raise InputError(f"cannot read {what} {path}: {type(exc).__name__}: {exc}") from exc
-
-
 def check_subjects(
     subject_paths: Sequence[str | os.PathLike],
     reference: nib.Nifti1Image,
@@ -411,7 +394,7 @@ def check_subjects(
         raise InputError("no subject series given; pass one 4D image per subject")
     n_volumes = []
     for path in map(Path, subject_paths):
-        img = open_header(path, "subject series")
+        img = load_header(path, what="subject series")
         if len(img.shape) != 4:
             raise InputError(f"subject series {path} has shape {img.shape}; expected a 4D series (x, y, z, time)")
         check_same_grid(reference, reference_path, img, path)

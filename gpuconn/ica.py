@@ -42,10 +42,11 @@ import pandas as pd
 import torch
 
 from .backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
-from .dualreg import check_subjects, common_mask, iter_series, matrix_text, open_header
+from .dualreg import check_subjects, common_mask, iter_series, matrix_text
 from .errors import InputError
 from .io import (
     check_same_grid,
+    load_header,
     load_image,
     load_mask,
     masked_data,
@@ -395,7 +396,7 @@ def run_group_ica(
     paths = [Path(p) for p in subject_paths]
     if not paths:
         raise InputError("no subject series given; pass one 4D image per subject")
-    reference = open_header(paths[0], "subject series")
+    reference = load_header(paths[0], what="subject series")
     check_subjects(paths, reference, paths[0], min_volumes=2, purpose="group ICA")
     if mask_path is not None:
         mask, _ = load_mask(mask_path, reference=reference, reference_path=paths[0])
