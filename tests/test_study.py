@@ -269,6 +269,17 @@ def _results(out):
     return maps, tables
 
 
+def _assert_same_results(first, second):
+    """Every group map equal bit for bit and every table equal between two output folders."""
+    maps_a, tables_a = _results(first)
+    maps_b, tables_b = _results(second)
+    assert maps_a.keys() == maps_b.keys()
+    for name in maps_a:
+        np.testing.assert_array_equal(maps_a[name], maps_b[name], err_msg=name)
+    for name in tables_a:
+        pd.testing.assert_frame_equal(tables_a[name], tables_b[name])
+
+
 def test_interrupted_run_resumes_to_identical_results(tiny, monkeypatch):
     root, path, _ = tiny
     first, second = root / "out", root / "resumed"
@@ -291,13 +302,7 @@ def test_interrupted_run_resumes_to_identical_results(tiny, monkeypatch):
     monkeypatch.setattr(randomise_module, "write_outputs", original)
     resumed = run_study(path, second, progress=False)
     assert [resumed.status()[s] for s in STEPS] == ["skipped", "skipped", "skipped", "disabled", "ran", "ran", "ran", "ran", "ran"]
-    maps_a, tables_a = _results(first)
-    maps_b, tables_b = _results(second)
-    assert maps_a.keys() == maps_b.keys()
-    for name in maps_a:
-        np.testing.assert_array_equal(maps_a[name], maps_b[name], err_msg=name)
-    for name in tables_a:
-        pd.testing.assert_frame_equal(tables_a[name], tables_b[name])
+    _assert_same_results(first, second)
 
 
 _KILLER = """
@@ -330,13 +335,7 @@ def test_run_killed_by_sigkill_mid_step_resumes_to_identical_results(tiny):
     assert (second / "group").is_dir() and not (second / "stamps" / "group.json").exists()
     resumed = run_study(path, second, progress=False)
     assert resumed.status()["seeds"] == "skipped" and resumed.status()["group"] == "ran"
-    maps_a, tables_a = _results(first)
-    maps_b, tables_b = _results(second)
-    assert maps_a.keys() == maps_b.keys()
-    for name in maps_a:
-        np.testing.assert_array_equal(maps_a[name], maps_b[name], err_msg=name)
-    for name in tables_a:
-        pd.testing.assert_frame_equal(tables_a[name], tables_b[name])
+    _assert_same_results(first, second)
 
 
 def test_changed_setting_reruns_that_step_and_the_ones_after(tiny):
