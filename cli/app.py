@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from gpuconn.errors import GpuconnError
-from gpuconn.io import output_transaction
+from gpuconn.io import command_line, output_transaction
 
 from . import roi, seed
 from . import info, simulate
@@ -62,8 +62,16 @@ _err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI with ``argv`` and return its exit code (never raises for user errors)."""
-    command = typer.main.get_command(app)
     argv = sys.argv[1:] if argv is None else list(argv)
+    token = command_line.set(["gpuconn", *argv])  # for the sidecars
+    try:
+        return _run(argv)
+    finally:
+        command_line.reset(token)
+
+
+def _run(argv: list[str]) -> int:
+    command = typer.main.get_command(app)
     # A failed command leaves no output; a study keeps the steps it completed (it resumes from them).
     transaction = contextlib.nullcontext() if argv[:1] in (["study"], ["demo"]) else output_transaction()
     try:

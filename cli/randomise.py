@@ -22,22 +22,22 @@ Demean = Annotated[bool, typer.Option("-D", help="Demean data and design (the me
 Voxelwise = Annotated[
     bool, typer.Option("-x", help="Write voxelwise FWER-corrected p (<root>_vox_corrp_*, as 1-p).")
 ]
-Uncorrp = Annotated[bool, typer.Option("--uncorrp", help="Write uncorrected p (<root>_vox_p_*, as 1-p).")]
+Uncorrp = Annotated[bool, typer.Option("--uncorrp", help="Write uncorrected p (<root>_vox_p_*, and <root>_tfce_p_* etc. for each spatial statistic; as 1-p).")]
 Fdr = Annotated[bool, typer.Option("--fdr", help="Write Benjamini-Hochberg FDR-adjusted p (<root>_vox_fdrp_*, 1-p).")]
 PermuteBlocks = Annotated[
     bool, typer.Option("--permute-blocks", help="Shuffle whole exchangeability blocks (equal sizes) instead of within them.")
 ]
-Tfce = Annotated[bool, typer.Option("-T", help="TFCE (H=2, E=0.5, 6-connectivity; 100 steps up to each map's maximum, as nilearn): <root>_tfce_tstat1, <root>_tfce_corrp_tstat1.")]
-Tfce2D = Annotated[bool, typer.Option("--T2", help="TFCE for 2D/skeleton data (H=2, E=1, 26-connectivity).")]
+Tfce = Annotated[bool, typer.Option("-T", help="TFCE as FSL randomise computes it: of the t map (F tests: of their z), H=2, E=0.5, 6-connectivity, step dh = the unpermuted map's maximum / 100 kept for every rearrangement, values on randomise's scale (the sum of extent^E h^H over the steps, not multiplied by dh): <root>_tfce_tstat1, <root>_tfce_corrp_tstat1 (1 - FWER p).")]
+Tfce2D = Annotated[bool, typer.Option("--T2", help="TFCE for 2D/skeleton data (H=2, E=1, 26-connectivity); instead of -T.")]
 TfceH = Annotated[Optional[float], typer.Option("--tfce-H", help="TFCE height exponent (default 2).")]
 TfceE = Annotated[Optional[float], typer.Option("--tfce-E", help="TFCE extent exponent (default 0.5; 1 with --T2).")]
 TfceC = Annotated[Optional[int], typer.Option("--tfce-C", help="TFCE connectivity 6, 18 or 26 (default 6; 26 with --T2).")]
-TfceDh = Annotated[Optional[float], typer.Option("--tfce-dh", help="Fixed TFCE step for every permutation (randomise: the unpermuted maximum / 100); default: each map's maximum / 100.")]
-TfceExact = Annotated[bool, typer.Option("--tfce-exact", help="Exact TFCE integral instead of 100 steps (values on the integral's scale).")]
+TfceDh = Annotated[Optional[float], typer.Option("--tfce-dh", help="TFCE step for every rearrangement (randomise --tfce_D); default: the unpermuted map's maximum / 100.")]
+TfceExact = Annotated[bool, typer.Option("--tfce-exact", help="Exact TFCE integral instead of randomise's steps (values on the integral's scale).")]
 ClusterT = Annotated[Optional[float], typer.Option("-c", help="Cluster extent FWER for t contrasts at this cluster-forming threshold.")]
-ClusterMassT = Annotated[Optional[float], typer.Option("-C", help="Cluster mass FWER for t contrasts at this threshold.")]
+ClusterMassT = Annotated[Optional[float], typer.Option("-C", help="Cluster mass FWER for t contrasts: clusters of voxels above this threshold (26-connectivity), mass = the sum of t over the cluster (FSL randomise's definition).")]
 ClusterF = Annotated[Optional[float], typer.Option("-F", help="Cluster extent FWER for F tests at this threshold.")]
-ClusterMassF = Annotated[Optional[float], typer.Option("-S", help="Cluster mass FWER for F tests at this threshold.")]
+ClusterMassF = Annotated[Optional[float], typer.Option("-S", help="Cluster mass FWER for F tests: mass = the sum of F over the cluster (FSL randomise's definition).")]
 Resume = Annotated[
     bool,
     typer.Option("--resume", help="Continue from <root>_checkpoint.npz left by a killed run (same inputs and options)."),
@@ -106,6 +106,8 @@ def randomise(
 
     from gpuconn.stats.tfce import TFCE_2D, TFCE_DEFAULTS, spatial_transforms
 
+    if tfce and tfce_2d:
+        raise InputError("-T and --T2 are two TFCE settings; give one of them")
     tfce_params = None
     if tfce or tfce_2d:  # --T2 presets; explicit --tfce-H/E/C values win
         given = {"H": tfce_h, "E": tfce_e, "connectivity": tfce_c, "dh": tfce_dh}
@@ -147,6 +149,7 @@ def randomise(
             spatial=spatial,
             spatial_f=spatial_f,
             write_raw=("tfce",),
+            params={"options": options},
             progress=not quiet,
             runner=runner,
         )

@@ -5,8 +5,9 @@ A run evaluates rearrangements ``0..n_perm-1`` chunk after chunk
 always a prefix ``[0, done)``. A checkpoint holds what
 :class:`~gpuconn.stats.randomise.ChunkMerger` has merged from that prefix:
 
-- the observed statistic (and spatial) maps of each contrast, float32;
-- the voxelwise exceedance counts, int64;
+- the voxelwise exceedance counts of each statistic (voxel and spatial),
+  int64 (the observed maps they count against are part of the prepared
+  test and are recomputed, not stored);
 - the per-rearrangement maxima of rearrangements ``0..done-1``;
 - ``done``, and a key: the SHA-256 of everything the remaining chunks
   depend on (the permutation scheme with its seed, the contrasts, each
@@ -43,7 +44,7 @@ from .stats.randomise import ChunkMerger, PreparedTest, Runner, _host, _run_loop
 
 __all__ = ["checkpoint_path", "run_key", "save_checkpoint", "load_checkpoint", "checkpoint_runner"]
 
-_FORMAT = 1
+_FORMAT = 2  # 2: counts per statistic, no observed maps
 
 
 def checkpoint_path(output_root: str | os.PathLike) -> Path:
@@ -101,11 +102,7 @@ def save_checkpoint(path: str | os.PathLike, key: str, merger: ChunkMerger, done
     """
     path = Path(path)
     arrays: dict[str, np.ndarray] = {}
-    for c in merger.prepared.contrasts:
-        arrays[f"observed/{c.name}"] = _host(merger.observed[c.name])
-        arrays[f"count/{c.name}"] = _host(merger.counts[c.name])
-        for name in c.transforms:
-            arrays[f"spatial/{c.name}/{name}"] = _host(merger.observed[(c.name, name)])
+    arrays.update({f"count/{name}/{key_name}": _host(count) for (name, key_name), count in merger.counts.items()})
     arrays.update({f"max/{name}/{key_name}": values for (name, key_name), values in merger.merged_maxima().items()})
     meta = {"format": _FORMAT, "key": key, "done": int(done), "n_perm": merger.prepared.scheme.n_perm,
             "seed": merger.prepared.scheme.seed}
@@ -152,11 +149,8 @@ def load_checkpoint(path: str | os.PathLike, key: str, prepared: PreparedTest) -
         )
     device = prepared.device
     merger = ChunkMerger(prepared)
-    for c in prepared.contrasts:
-        merger.observed[c.name] = torch.as_tensor(arrays[f"observed/{c.name}"], device=device)
-        merger.counts[c.name] = torch.as_tensor(arrays[f"count/{c.name}"], device=device)
-        for name in c.transforms:
-            merger.observed[(c.name, name)] = torch.as_tensor(arrays[f"spatial/{c.name}/{name}"], device=device)
+    for contrast, key_name in merger.counts:
+        merger.counts[(contrast, key_name)] = torch.as_tensor(arrays[f"count/{contrast}/{key_name}"], device=device)
     maxima: dict[str, dict[str, np.ndarray]] = {}
     for name, values in arrays.items():
         if name.startswith("max/"):
@@ -212,6 +206,7 @@ def checkpoint_runner(
                 save_checkpoint(path, key, merged, stop)
                 last = time.monotonic()
 
-        return _run_loop(prepared, progress, merger=merger, done=done, on_chunk=on_chunk)
+        result = _run_loop(prepared, progress, merger=merger, done=done, on_chunk=on_chunk)
+        return dataclasses.replace(result, resumed_from=done)
 
     return run

@@ -183,7 +183,7 @@ def _host(values: torch.Tensor | np.ndarray | None) -> np.ndarray | None:
     return to_numpy(values) if torch.is_tensor(values) else values
 
 
-def _chunk_task(token: str, model, start: int, stop: int, observed: dict | None, device: str) -> dict:
+def _chunk_task(token: str, model, start: int, stop: int, device: str) -> dict:
     """Evaluate rearrangements ``[start, stop)`` on this worker; host arrays out."""
     from .stats.randomise import evaluate_chunk
 
@@ -191,15 +191,11 @@ def _chunk_task(token: str, model, start: int, stop: int, observed: dict | None,
     if prepared is None:
         _WORKER_MODELS.clear()  # one run at a time per worker: drop the previous model
         prepared = _WORKER_MODELS[token] = model.to(resolve_device(device))
-    if observed is not None:
-        observed = {name: torch.as_tensor(values, device=prepared.device) for name, values in observed.items()}
-    out = evaluate_chunk(prepared, start, stop, observed)
+    out = evaluate_chunk(prepared, start, stop)
     return {
         name: {
-            "observed": _host(r["observed"]),
-            "count": _host(r["count"]),
+            "count": {k: _host(v) for k, v in r["count"].items()},
             "max": r["max"],
-            "spatial_observed": {k: _host(v) for k, v in r["spatial_observed"].items()},
         }
         for name, r in out.items()
     }
@@ -279,17 +275,16 @@ def _run_permutations(client, prepared, *, device: str, chunk: int | None, tasks
                             device=device, retries=retries)
     began = time.perf_counter()
     with progress_bar("randomise (dask)", n_perm, enabled=progress) as advance:
-        run(bounds[:1], None, advance)  # chunk 0 first: its observed maps are every chunk's reference
-        run(bounds[1:], {c.name: merger.observed[c.name] for c in prepared.contrasts}, advance)
+        run(bounds, advance)
     result = merger.result(time.perf_counter() - began)
     return replace(result, device=f"dask:{workers} workers ({device})")
 
 
-def _run_chunks(client, model, token: str, bounds: list[tuple[int, int]], observed: dict | None,
+def _run_chunks(client, model, token: str, bounds: list[tuple[int, int]],
                 advance: Callable[[int], None], *, merger, device: str, retries: int, rounds: int = 3) -> None:
     """Evaluate the chunks ``bounds`` as tasks and add them to ``merger``.
 
-    The model (and the observed maps) are scattered to every worker. A
+    The model (with the observed maps) is scattered to every worker. A
     worker lost while running a task is handled by Dask (the task reruns
     elsewhere, up to its ``allowed-failures``); when the lost workers held
     every copy of the scattered data, the tasks that depended on it are
@@ -302,9 +297,9 @@ def _run_chunks(client, model, token: str, bounds: list[tuple[int, int]], observ
     for attempt in range(rounds):
         if not pending:
             return
-        scattered = client.scatter([model, observed], broadcast=True, hash=False)
+        scattered = client.scatter([model], broadcast=True, hash=False)
         futures = {
-            client.submit(_chunk_task, token, scattered[0], start, stop, scattered[1], device=device, retries=retries,
+            client.submit(_chunk_task, token, scattered[0], start, stop, device=device, retries=retries,
                           pure=False, key=f"gpuconn-randomise-{token}-{start}-{attempt}"): (start, stop)
             for start, stop in pending
         }

@@ -18,6 +18,8 @@ import glob
 import json
 import os
 import platform
+import shlex
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -48,6 +50,7 @@ __all__ = [
     "write_text",
     "read_tsv",
     "provenance",
+    "command_line",
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -339,13 +342,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+#: The command line being run (set by the CLI), for sidecars; the interpreter's argv otherwise.
+command_line: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("gpuconn_command_line", default=None)
+
+
 def provenance(params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """A JSON-ready record of parameters and package versions for a sidecar."""
+    """A JSON-ready record of the command line, parameters and package versions for a sidecar."""
     import scipy
     import torch
 
+    argv = command_line.get()
     return {
-        "GeneratedBy": {"Name": "gpuconn", "Version": __version__},
+        "GeneratedBy": {"Name": "gpuconn", "Version": __version__,
+                        "CommandLine": shlex.join(argv if argv is not None else sys.argv)},
         "Parameters": _jsonable(dict(params or {})),
         "Versions": {
             "python": platform.python_version(),

@@ -9,9 +9,9 @@ from scipy import stats
 
 from gpuconn.stats.glm import contrast_model, f_to_z, glm_statistic, partition, permuted_statistics, residualise, t_to_z
 
-# Data are float32 on the device: t agrees with float64 references to ~1e-6 relative;
-# 1e-4 is the budget the design document allows.
-RTOL = 1e-4
+# Statistics are computed in float64 and rounded once to float32 (relative error ~6e-8);
+# 1e-5 is the bound the design document sets (tests/test_precision.py holds the hard cases).
+RTOL = 1e-5
 
 
 def _stat(data, design, contrast, device, kind="t"):
@@ -148,17 +148,3 @@ def test_f_to_z_matches_scipy(df1, df2):
 def test_f_to_z_extremes_are_finite():
     z = f_to_z(np.array([0.0, 1e-12, 1e8, 1e200, 1e300]), 2, 20)
     assert np.all(np.isfinite(z)) and np.all(np.diff(z) > 0)
-
-
-def test_observed_deviation_is_small_for_float32_and_flags_bfloat16(rng):
-    from gpuconn.stats.glm import observed_deviation
-
-    design = np.c_[np.ones(40), rng.normal(size=(40, 2))]
-    data = torch.as_tensor(design @ rng.normal(size=(3, 500)) + rng.normal(size=(40, 500)), dtype=torch.float32)
-    model = contrast_model(design, np.array([0.0, 1.0, 0.0]), kind="t", device=torch.device("cpu"))
-    residuals, sum_squares = residualise(data, model)
-    identity = torch.arange(40)[None]
-    stat = permuted_statistics(model, residuals, sum_squares, identity, torch.ones((1, 40), dtype=torch.float64))[0]
-    assert observed_deviation(model, residuals, sum_squares, stat) < 1e-5  # float32: ~1e-7
-    rounded = stat.to(torch.bfloat16).to(torch.float32)  # 8-bit mantissa: ~4e-3 relative
-    assert observed_deviation(model, residuals, sum_squares, rounded) > 1e-3

@@ -150,3 +150,46 @@ def test_null_fwer_within_binomial_interval():
     for name, count in hits.items():
         # exact randomisation test: P(p_fwe <= 0.05) = 0.05; two-sided binomial test at 0.001
         assert stats.binomtest(count, n_sets, 0.05).pvalue > 0.001, (name, count)
+
+
+def test_uncorrected_tfce_p_and_sidecar_record_the_settings(one_sample):
+    """--uncorrp writes <root>_tfce_p_tstat1 (p = #{TFCE_i(v) >= TFCE_0(v)} / n); the sidecar says how to rerun."""
+    import json
+
+    import torch
+
+    from gpuconn.stats.randomise import run_permutation_test
+    from gpuconn.stats.tfce import tfce_transform
+
+    root = one_sample / "unc"
+    argv = ["randomise", "-i", str(one_sample / "data.nii.gz"), "-o", str(root), "-1", "-n", "30", "-T",
+            "-C", "2.5", "--uncorrp", "--seed", "4", "--device", "cpu", "-q"]
+    assert run(argv) == 0
+    mask = np.ones(SHAPE, dtype=bool)
+    data = np.moveaxis(_load(one_sample / "data.nii.gz"), -1, 0)[:, mask]
+    result = run_permutation_test(data, np.ones((12, 1)), np.ones((1, 1)), n_perm=30, seed=4, device="cpu",
+                                  spatial={"tfce": tfce_transform(mask)})
+    scheme, observed = result.scheme, result["tstat1"]
+    orders, signs = scheme.chunk(0, scheme.n_perm)
+    resid = data.astype(np.float64)
+    t_maps = []
+    for order, sign in zip(orders, signs):
+        y = sign[:, None] * resid[order]
+        t_maps.append(y.mean(0) / (y.std(0, ddof=1) / np.sqrt(12)))
+    dh = float(np.float32(observed.stat.max())) / 100  # randomise: the unpermuted maximum / 100 for every map
+    tfce_maps = tfce(torch.as_tensor(np.array(t_maps), dtype=torch.float32), mask, dh=dh).numpy()
+    expected_p = (tfce_maps >= tfce_maps[0]).mean(0)
+    np.testing.assert_allclose(1 - _load(f"{root}_tfce_p_tstat1.nii.gz")[mask], expected_p, atol=1e-6)
+    record = json.loads((one_sample / "unc.json").read_text())
+    assert record["GeneratedBy"]["CommandLine"].split() == ["gpuconn", *argv]
+    params = record["Parameters"]
+    assert params["spatial"]["tstat1"]["tfce"] == {"kind": "tfce", "H": 2.0, "E": 0.5, "connectivity": 6,
+                                                   "dh": pytest.approx(dh), "method": "stepped", "on": "stat"}
+    assert params["spatial"]["tstat1"]["clusterm"] == {"kind": "cluster mass", "threshold": 2.5, "connectivity": 26}
+    assert params["uncorrp"] is True and params["resumed"] is False and params["method"] == "flip"
+    assert params["options"]["C"] == 2.5
+
+
+def test_tfce_with_t2_is_refused(one_sample, capsys):
+    rc = run(["randomise", "-i", str(one_sample / "data.nii.gz"), "-o", str(one_sample / "x"), "-1", "-T", "--T2"])
+    assert rc == 2 and "-T and --T2 are two TFCE settings; give one of them" in capsys.readouterr().err

@@ -87,11 +87,11 @@ def _interrupt_after(monkeypatch, stop_at: int) -> list[int]:
     original = engine.evaluate_chunk
     starts: list[int] = []
 
-    def evaluate(prepared, start, stop, observed=None):
+    def evaluate(prepared, start, stop):
         starts.append(start)
         if start >= stop_at:
             raise KeyboardInterrupt
-        return original(prepared, start, stop, observed)
+        return original(prepared, start, stop)
 
     monkeypatch.setattr(engine, "evaluate_chunk", evaluate)
     return starts

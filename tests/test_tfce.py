@@ -139,14 +139,16 @@ def test_transform_and_2d_settings(device, rng):
     shape = (6, 7, 5)
     mask = np.ones(shape, dtype=bool)
     stats = torch.as_tensor(_smooth_maps(rng, 2, shape)[:, mask], device=device)
-    out = tfce_transform(mask, **TFCE_2D)(stats)
+    out = tfce_transform(mask, **TFCE_2D).bind(stats[0], kind="t", df=(1, 10))(stats)
     assert out.shape == stats.shape and out.dtype == torch.float32 and out.device.type == device.type
+    # randomise's step: the unpermuted (first) map's maximum / 100, for every map.
+    dh = float(stats[0].max()) / 100
     # CUDA: same float64 sweep, measures from torch's pow instead of Numba's (last-ulp differences)
-    np.testing.assert_allclose(out.cpu().numpy(), tfce(stats.cpu(), mask, H=2.0, E=1.0, connectivity=26).numpy(),
+    np.testing.assert_allclose(out.cpu().numpy(), tfce(stats.cpu(), mask, H=2.0, E=1.0, connectivity=26, dh=dh).numpy(),
                                rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize(("method", "dh"), [("stepped", None), ("stepped", 0.07), ("exact", None)])
+@pytest.mark.parametrize(("method", "dh"), [("stepped", None), ("stepped", 0.07), ("palm", None), ("exact", None)])
 def test_torch_sweep_inputs_with_cpu_sweep(rng, method, dh):
     """The CUDA path's host side (torch ordering and measures) fed to the CPU sweep equals tfce()."""
     from gpuconn.stats.clusters import neighbour_table
@@ -167,7 +169,7 @@ def test_torch_sweep_inputs_with_cpu_sweep(rng, method, dh):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("method", "dh"), [("stepped", None), ("stepped", 0.05), ("exact", None)])
+@pytest.mark.parametrize(("method", "dh"), [("stepped", None), ("stepped", 0.05), ("palm", None), ("exact", None)])
 def test_cuda_kernel_equals_cpu_twin(rng, method, dh):
     shape = (12, 11, 10)
     mask = rng.random(shape) > 0.05
@@ -180,7 +182,7 @@ def test_cuda_kernel_equals_cpu_twin(rng, method, dh):
 
 def test_bad_parameters():
     mask = np.ones((3, 3, 3), dtype=bool)
-    with pytest.raises(InputError, match="'stepped' or 'exact'"):
+    with pytest.raises(InputError, match="must be one of stepped, palm, exact"):
         tfce(np.zeros(27), mask, method="fast")
     with pytest.raises(InputError, match="must be positive"):
         tfce_transform(mask, E=0.0)
@@ -218,7 +220,7 @@ def test_cuda_kernel_source_on_host_equals_twin(rng, tmp_path):
     mask = rng.random(shape) > 0.05
     values = torch.as_tensor(_smooth_maps(rng, 70, shape)[:, mask])  # > 64 maps: two thread blocks
     n_maps, n_vox = values.shape
-    for connectivity, method, dh in [(6, "stepped", None), (26, "stepped", 0.05), (18, "exact", None)]:
+    for connectivity, method, dh in [(6, "stepped", None), (26, "stepped", 0.05), (6, "palm", None), (18, "exact", None)]:
         table = neighbour_table(mask, connectivity=connectivity)
         order, meas, n_sel = (t.numpy() for t in _sweep_inputs(values, H=2.0, dh=dh, method=method))
         parent, size = np.full((2, n_maps, n_vox), -1, dtype=np.int32)
@@ -245,7 +247,29 @@ def test_cuda_launch_code_with_host_kernel(rng, tmp_path, monkeypatch):
     values = torch.as_tensor(_smooth_maps(rng, 70, shape)[:, mask])
     table = neighbour_table(mask, connectivity=18)
     power = np.arange(values.shape[1] + 1, dtype=np.float64) ** 0.7
-    for method, dh in [("stepped", None), ("stepped", 0.05), ("exact", None)]:
+    for method, dh in [("stepped", None), ("stepped", 0.05), ("palm", None), ("exact", None)]:
         got = tfce_module._tfce_cuda(values, table, power, H=1.5, dh=dh, method=method).numpy()
         expected = tfce(values, mask, H=1.5, E=0.7, dh=dh, method=method, connectivity=18).numpy()
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_bound_transform_takes_randomise_step_z_of_f_and_blank_maps(rng):
+    """bind(): dh = unpermuted maximum / 100 for every map; F maps as z; no positive value gives blank maps."""
+    from gpuconn.stats.glm import f_to_z
+
+    shape = (7, 6, 5)
+    mask = np.ones(shape, dtype=bool)
+    maps = torch.as_tensor(np.abs(_smooth_maps(rng, 3, shape)[:, mask]) + 0.1)
+    transform = tfce_transform(mask)
+    with pytest.raises(ValueError, match="call bind"):
+        transform(maps)
+    bound = transform.bind(maps[0], kind="t", df=(1, 20))
+    assert bound.dh == pytest.approx(float(maps[0].max()) / 100)
+    np.testing.assert_allclose(bound(maps).numpy(), tfce(maps, mask, dh=bound.dh).numpy(), rtol=1e-7)
+    f_bound = transform.bind(maps[0], kind="f", df=(2, 20))
+    z = torch.as_tensor(f_to_z(maps.numpy(), 2, 20).astype(np.float32))
+    assert f_bound.dh == pytest.approx(float(z[0].max()) / 100)
+    np.testing.assert_allclose(f_bound(maps).numpy(), tfce(z, mask, dh=f_bound.dh).numpy(), rtol=1e-7)
+    with pytest.warns(RuntimeWarning, match="no positive value"):
+        blank = transform.bind(-maps[0], kind="t", df=(1, 20))
+    assert not blank(maps).numpy().any()

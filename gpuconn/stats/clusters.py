@@ -10,7 +10,12 @@ as its own contrast, as randomise users do (not ``|stat|``).
 
 Maps are handled as a batch ``(n_maps, n_voxels)`` of masked statistic maps
 (a chunk of permutations), in the mask's voxel order (C order, as
-``img.get_fdata()[mask]``). Two implementations give identical labels:
+``img.get_fdata()[mask]``). A cluster's mass is the sum of the statistic
+over its voxels, as FSL randomise ``-C`` defines it
+(``randomise.cc:clusterMassStatistic`` adds the unthresholded statistic of
+every voxel with a label); PALM's ``-C`` mass is the same sum.
+
+Two implementations give identical labels:
 
 * CPU: union–find over a neighbour table (Numba-compiled; with a visible
   warning it runs as plain Python when Numba is missing).
@@ -187,7 +192,7 @@ def _label_batch(values, table, threshold, labels, n_labels):
 
 
 @_njit(parallel=True)
-def _cluster_stat_batch(values, labels, n_labels, threshold, mass, out):
+def _cluster_stat_batch(values, labels, n_labels, mass, out):
     """Each voxel's cluster extent (``mass=False``) or mass, from labels (in place)."""
     n_maps, n_vox = values.shape
     for m in prange(n_maps):
@@ -195,7 +200,7 @@ def _cluster_stat_batch(values, labels, n_labels, threshold, mass, out):
         for v in range(n_vox):
             lab = labels[m, v]
             if lab > 0:
-                totals[lab] += (np.float64(values[m, v]) - threshold) if mass else 1.0
+                totals[lab] += np.float64(values[m, v]) if mass else 1.0
         for v in range(n_vox):
             out[m, v] = totals[labels[m, v]] if labels[m, v] > 0 else 0.0
 
@@ -329,15 +334,15 @@ def label_maps(
     return _label_tensor(_as_batch(values, table.shape[0], "values"), table, threshold)
 
 
-def _per_voxel_cluster_stats(values: torch.Tensor, labels: torch.Tensor, threshold: float, kind: str) -> torch.Tensor:
-    """Each voxel's cluster extent (voxels) or mass (sum of value - threshold); 0 outside clusters."""
+def _per_voxel_cluster_stats(values: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    """Each voxel's cluster extent (voxels) or mass (sum of the statistic); 0 outside clusters."""
     n_maps, n_vox = values.shape
     n_bins = n_vox + 1  # labels are at most n_vox
     flat = (labels + torch.arange(n_maps, device=labels.device)[:, None] * n_bins).reshape(-1)
     if kind == "extent":
         weights = torch.ones(flat.shape, dtype=torch.float64, device=values.device)
     else:
-        weights = (values.to(torch.float64) - threshold).reshape(-1)
+        weights = values.to(torch.float64).reshape(-1)
     totals = torch.zeros(n_maps * n_bins, dtype=torch.float64, device=values.device).index_add_(0, flat, weights)
     per_voxel = totals[flat].reshape(n_maps, n_vox)
     return torch.where(labels > 0, per_voxel, torch.zeros_like(per_voxel))
@@ -361,8 +366,8 @@ def cluster_maps(
     threshold : float
         Cluster-forming threshold (voxels strictly above it).
     kind : {'extent', 'mass'}
-        ``extent``: number of voxels in the cluster; ``mass``: sum over the
-        cluster of ``value - threshold``.
+        ``extent``: number of voxels in the cluster; ``mass``: sum of the
+        statistic over the cluster (FSL randomise ``-C``).
     connectivity : {6, 18, 26}, default 6
     table : ndarray, optional
         Precomputed :func:`neighbour_table`.
@@ -381,10 +386,10 @@ def cluster_maps(
         data = np.ascontiguousarray(batch.detach().numpy(), dtype=np.float32)
         labels, n_labels = _label_numpy(data, table, threshold)
         out = np.empty(data.shape, dtype=np.float64)
-        _cluster_stat_batch(data, labels, n_labels, float(threshold), kind == "mass", out)
+        _cluster_stat_batch(data, labels, n_labels, kind == "mass", out)
         return torch.from_numpy(out)
     labels = _label_tensor(batch, table, float(threshold))
-    return _per_voxel_cluster_stats(batch, labels, float(threshold), kind)
+    return _per_voxel_cluster_stats(batch, labels, kind)
 
 
 def cluster_transform(
@@ -408,7 +413,8 @@ def cluster_transform(
     -------
     callable
         ``f(stats)`` with ``stats`` a Tensor (n_perm_chunk, n_voxels) returns
-        a float32 Tensor of the same shape and device.
+        a float32 Tensor of the same shape and device; its ``settings``
+        attribute (kind, threshold, connectivity) goes to the sidecar.
     """
     if kind not in _KINDS:
         raise InputError(f"cluster kind must be 'extent' or 'mass' (got {kind!r})")
@@ -418,4 +424,5 @@ def cluster_transform(
         out = cluster_maps(stats, mask, threshold=threshold, kind=kind, table=table)
         return out.to(device=stats.device, dtype=torch.float32)
 
+    transform.settings = {"kind": f"cluster {kind}", "threshold": float(threshold), "connectivity": int(connectivity)}
     return transform

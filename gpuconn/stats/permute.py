@@ -21,10 +21,13 @@ Schemes (Winkler et al. 2014, NeuroImage 92:381; randomise and PALM):
   each whole block) gets a random sign;
 - both (EE + ISE).
 
-Distinct rearrangements are counted on the rows of the design: two row
-orders that give the same rearranged design give the same statistic, so a
-two-sample design of n1 + n2 subjects has ``C(n1 + n2, n1)`` distinct
-permutations, a one-sample design ``2**n`` sign flips.
+Distinct rearrangements are counted on the rows of the regressors given
+(:func:`gpuconn.stats.randomise.prepare_permutation_test` gives the effect
+of interest: the design columns its contrasts weight, PALM's Guttman
+partition, ``palm_takeargs.m``): two row orders that give the same
+rearranged regressors count once, so a two-sample design of n1 + n2
+subjects has ``C(n1 + n2, n1)`` distinct permutations whatever its
+covariates, a one-sample design ``2**n`` sign flips.
 """
 
 from __future__ import annotations
@@ -314,7 +317,8 @@ def make_scheme(
     Parameters
     ----------
     design : ndarray, shape (n_obs, n_regressors)
-        The full design; its rows decide which rearrangements are distinct.
+        The regressors whose rows decide which rearrangements are distinct
+        (the effect of interest; the full design counts every covariate).
     n_perm : int, default 5000
         Rearrangements wanted, the identity included; 0 means all of them
         (exhaustive, at most :data:`MAX_EXHAUSTIVE`). When the design allows

@@ -38,12 +38,19 @@ name to a callable ``transform(stats) -> transformed``:
   voxel's cluster extent or mass, 0 outside clusters), on the same device.
 - The transform must treat rows independently (a chunk-size-invariant
   result) and be deterministic.
+- A transform whose statistic depends on the unpermuted map (randomise's
+  TFCE step, ``dh`` = unpermuted maximum / 100) has a method
+  ``bind(observed, kind=, df=)`` returning the transform to use for one
+  contrast; :func:`prepare_permutation_test` calls it with the contrast's
+  unpermuted map before any rearrangement is evaluated.
 
-For each name the engine keeps the observed transformed map and the
-per-rearrangement maximum of the transformed maps (the null), and reports
-``p_fwe(v) = #{i : max_w S_i(w) >= S_0(v)} / n`` in
+For each name the engine keeps the observed transformed map, the
+per-rearrangement maximum of the transformed maps (the null) and voxelwise
+exceedance counts, and reports ``p_fwe(v) = #{i : max_w S_i(w) >= S_0(v)} / n``
+and the uncorrected ``p(v) = #{i : S_i(v) >= S_0(v)} / n`` in
 :attr:`ContrastResult.spatial`. :func:`write_outputs` writes
-``<root>_<name>_corrp_<tstat|fstat><i>`` (``1 - p``), the null as
+``<root>_<name>_corrp_<tstat|fstat><i>`` (``1 - p``; with ``uncorrp`` also
+``<root>_<name>_p_<tstat|fstat><i>``), the null as
 ``<root>_perm_<name>_<tstat|fstat><i>.txt``, and for names in
 ``write_raw`` (TFCE) the observed transformed map as
 ``<root>_<name>_<tstat|fstat><i>``. An OOM inside a transform halves the
@@ -54,7 +61,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -73,7 +79,6 @@ from .glm import (
     ContrastModel,
     contrast_model,
     f_to_z,
-    observed_deviation,
     partition,
     permuted_statistics,
     residualise,
@@ -105,8 +110,6 @@ Runner = Callable[["PreparedTest", bool], "PermutationTestResult"]
 METHODS = ("auto", "permute", "flip", "both")
 # Plan at most this much working memory per chunk on the CPU (shared hosts).
 _CPU_CHUNK_BYTES = 1 << 30
-# Relative error of the observed map (vs float64) above which a warning is shown.
-_PRECISION_WARNING = 1e-4
 
 
 @dataclass(frozen=True)
@@ -119,13 +122,20 @@ class MapResult:
         Observed transformed map.
     p_fwe : ndarray, shape (n_voxels,)
         FWER-corrected p (max-statistic, randomise's counting rule).
+    p_uncorrected : ndarray, shape (n_voxels,)
+        ``#{i : S_i(v) >= S_0(v)} / n``.
     null_max : ndarray, shape (n_perm,)
         Maximum of the transformed map for each rearrangement (0 = observed).
+    settings : dict
+        What defines the statistic (TFCE H, E, connectivity, the step used;
+        cluster threshold, connectivity), from the transform's ``settings``.
     """
 
     stat: np.ndarray
     p_fwe: np.ndarray
+    p_uncorrected: np.ndarray
     null_max: np.ndarray
+    settings: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -174,6 +184,8 @@ class PermutationTestResult:
         Rearrangements per chunk at the start (OOM may have halved it).
     seconds : float
         Wall time of the permutation loop.
+    resumed_from : int
+        Rearrangements restored from a checkpoint (0: not resumed).
     """
 
     contrasts: list[ContrastResult]
@@ -181,6 +193,7 @@ class PermutationTestResult:
     device: str
     chunk_size: int
     seconds: float
+    resumed_from: int = 0
 
     def __getitem__(self, name: str) -> ContrastResult:
         for result in self.contrasts:
@@ -197,11 +210,15 @@ class _Contrast:
     model: ContrastModel
     residuals: torch.Tensor
     sum_squares: torch.Tensor
+    observed: torch.Tensor
     transforms: Mapping[str, SpatialTransform]
+    spatial_observed: Mapping[str, torch.Tensor]
 
     def to(self, device: torch.device) -> "_Contrast":
         model = replace(self.model, nuisance=self.model.nuisance.to(device), rows=self.model.rows.to(device))
-        return replace(self, model=model, residuals=self.residuals.to(device), sum_squares=self.sum_squares.to(device))
+        return replace(self, model=model, residuals=self.residuals.to(device), sum_squares=self.sum_squares.to(device),
+                       observed=self.observed.to(device),
+                       spatial_observed={k: v.to(device) for k, v in self.spatial_observed.items()})
 
 
 @dataclass(frozen=True)
@@ -212,7 +229,8 @@ class PreparedTest:
     ----------
     contrasts : list
         Per contrast: its model, residualised data ``(n_obs, n_voxels)``
-        float32 and spatial transforms, on ``device``.
+        float64, the unpermuted statistic map (float32), the spatial
+        transforms bound to it and their unpermuted maps, on ``device``.
     scheme : PermutationScheme
     device : torch.device
     chunk : int
@@ -423,32 +441,43 @@ def prepare_permutation_test(
     do_permute, do_flip = _choose_method(method, matrix, [c for _, _, c in specs])
     if demean and do_flip:
         raise InputError("-D (demean) removes the mean, which sign flipping (-1 or a one-sample test) tests; drop -D")
+    # Distinct rearrangements are counted on the effect of interest, as PALM does (Guttman partition: the
+    # design columns a contrast weights); one scheme serves every contrast, so on the columns any of them weights.
+    interest = matrix[:, np.any(np.atleast_2d(t_contrasts) != 0, axis=0)]
     scheme = make_scheme(
-        matrix, n_perm=n_perm, seed=seed, permute=do_permute, flip=do_flip, blocks=groups,
+        interest, n_perm=n_perm, seed=seed, permute=do_permute, flip=do_flip, blocks=groups,
         whole_blocks=permute_blocks, blocks_source="exchangeability blocks (-e)",
     )
     invariant = _invariant_vectors(scheme)
     values = as_data(data_t, device)
+    identity = torch.arange(scheme.n_obs, device=device)[None]
+    no_flip = torch.ones((1, scheme.n_obs), dtype=DESIGN_DTYPE, device=device)
     contrasts_state = []
     for name, kind, matrix_c in specs:
         model = contrast_model(matrix, matrix_c, kind=kind, device=device, invariant=invariant)
         residuals, sum_squares = residualise(values, model)
-        transforms = dict((spatial if kind == "t" else spatial_f) or {})
-        contrasts_state.append(_Contrast(name, kind, matrix_c, model, residuals, sum_squares, transforms))
+        observed = permuted_statistics(model, residuals, sum_squares, identity, no_flip)[0]
+        transforms = {
+            key: transform.bind(observed, kind=kind, df=model.df) if hasattr(transform, "bind") else transform
+            for key, transform in ((spatial if kind == "t" else spatial_f) or {}).items()
+        }
+        # One map, through run_chunked for its out-of-memory message.
+        ((_, _, spatial_observed),) = run_chunked(lambda *_: _spatial_maps(transforms, observed[None], name), 1, 1)
+        contrasts_state.append(_Contrast(name, kind, matrix_c, model, residuals, sum_squares, observed, transforms,
+                                         {k: v[0] for k, v in spatial_observed.items()}))
     del values
     n_vox = data_t.shape[1]
     rows = max(c.model.rows.shape[0] for c in contrasts_state)
     n_maps = max(len(c.transforms) for c in contrasts_state)
-    per_item = 4 * max(n_vox, 1) * (rows + 4 + 2 * n_maps)
+    # float64: the projections (rows) and three voxel-sized temporaries; float32: the statistic and its maps.
+    per_item = max(n_vox, 1) * (8 * (rows + 3) + 4 * (2 + 2 * n_maps))
     if chunk is None:
         maximum = None if device.type == "cuda" else max(1, _CPU_CHUNK_BYTES // per_item)
         chunk = chunk_size(per_item, device, n_items=scheme.n_perm, maximum=maximum)
     return PreparedTest(contrasts_state, scheme, device, int(chunk))
 
 
-def evaluate_chunk(
-    prepared: PreparedTest, start: int, stop: int, observed: Mapping[str, torch.Tensor] | None = None
-) -> dict[str, dict[str, Any]]:
+def evaluate_chunk(prepared: PreparedTest, start: int, stop: int) -> dict[str, dict[str, Any]]:
     """Statistics of rearrangements ``start`` to ``stop - 1``, reduced to what the merge needs.
 
     A pure function of its arguments: a chunk gives the same output in
@@ -460,21 +489,15 @@ def evaluate_chunk(
     prepared : PreparedTest
     start, stop : int
         Rearrangement indices, ``0 <= start < stop <= n_perm``.
-    observed : mapping of str to torch.Tensor, shape (n_voxels,), optional
-        Observed statistic map of each contrast (``out[name]['observed']``
-        of chunk 0); required when ``start > 0``.
 
     Returns
     -------
     dict
-        Per contrast name: ``observed`` (the observed map, chunk 0 only, else
-        None), ``count`` (voxelwise ``#{i in chunk : T_i >= T_0}``, int64,
-        shape (n_voxels,)), ``max`` (``{'vox' or spatial name: ndarray,
-        shape (stop - start,)}`` per-rearrangement maxima) and
-        ``spatial_observed`` (observed spatial maps, chunk 0 only).
+        Per contrast name: ``count`` (``{'vox' or spatial name: voxelwise
+        #{i in chunk : S_i >= S_0}}``, int64, shape (n_voxels,)) and ``max``
+        (``{'vox' or spatial name: ndarray, shape (stop - start,)}``
+        per-rearrangement maxima).
     """
-    if start > 0 and observed is None:
-        raise ValueError("chunks after the first need the observed maps of chunk 0")
     device = prepared.device
     orders, signs = prepared.scheme.chunk(start, stop)
     orders_t = torch.as_tensor(orders, device=device)
@@ -482,14 +505,14 @@ def evaluate_chunk(
     out = {}
     for c in prepared.contrasts:
         stats = permuted_statistics(c.model, c.residuals, c.sum_squares, orders_t, signs_t)
-        reference = stats[0] if start == 0 else observed[c.name]
+        if start == 0:  # the identity: exactly the map every chunk compares with
+            stats[0] = c.observed
         maps = _spatial_maps(c.transforms, stats, c.name)
+        references = {"vox": (stats, c.observed)} | {k: (m, c.spatial_observed[k]) for k, m in maps.items()}
         out[c.name] = {
-            "observed": stats[0].clone() if start == 0 else None,
             # Summed as int32 (~40% faster on the CPU than int64; a chunk is < 2**31), kept as int64.
-            "count": (stats >= reference).sum(0, dtype=torch.int32).long(),
-            "max": {"vox": to_numpy(stats.amax(1))} | {k: to_numpy(m.amax(1)) for k, m in maps.items()},
-            "spatial_observed": {k: m[0].clone() for k, m in maps.items()} if start == 0 else {},
+            "count": {k: (m >= ref).sum(0, dtype=torch.int32).long() for k, (m, ref) in references.items()},
+            "max": {k: to_numpy(m.amax(1)) for k, (m, _) in references.items()},
         }
     return out
 
@@ -508,18 +531,16 @@ class ChunkMerger:
 
     def __init__(self, prepared: PreparedTest):
         self.prepared = prepared
-        self.observed: dict = {}
-        self.counts = {c.name: 0 for c in prepared.contrasts}
+        self.observed: dict = {c.name: c.observed for c in prepared.contrasts}
+        self.observed.update({(c.name, k): v for c in prepared.contrasts for k, v in c.spatial_observed.items()})
+        self.counts = {(c.name, k): 0 for c in prepared.contrasts for k in ("vox", *c.transforms)}
         self.maxima: dict[int, dict] = {}
 
     def add(self, start: int, stop: int, out: Mapping[str, dict]) -> None:
         """Add the output of :func:`evaluate_chunk` for ``[start, stop)`` (tensors or arrays)."""
         for c in self.prepared.contrasts:
-            result = out[c.name]
-            if start == 0:
-                self.observed[c.name] = result["observed"]
-                self.observed.update({(c.name, k): v for k, v in result["spatial_observed"].items()})
-            self.counts[c.name] = self.counts[c.name] + result["count"]
+            for key, count in out[c.name]["count"].items():
+                self.counts[(c.name, key)] = self.counts[(c.name, key)] + count
         self.maxima[start] = {c.name: out[c.name]["max"] for c in self.prepared.contrasts}
 
     def merged_maxima(self) -> dict[tuple[str, str], np.ndarray]:
@@ -561,7 +582,7 @@ def _run_loop(
     began = time.perf_counter()
     with progress_bar("randomise", prepared.scheme.n_perm, enabled=progress) as advance:
         advance(done)
-        evaluate = lambda start, stop: evaluate_chunk(prepared, done + start, done + stop, merger.observed)  # noqa: E731
+        evaluate = lambda start, stop: evaluate_chunk(prepared, done + start, done + stop)  # noqa: E731
         for start, stop, out in run_chunked(evaluate, prepared.scheme.n_perm - done, prepared.chunk):
             merger.add(done + start, done + stop, out)
             advance(stop - start)
@@ -574,32 +595,19 @@ def _host(values: torch.Tensor | np.ndarray | int) -> np.ndarray:
     return to_numpy(values) if torch.is_tensor(values) else np.asarray(values)
 
 
-def _check_precision(c: _Contrast, stat: torch.Tensor | np.ndarray) -> None:
-    """Warn when the observed map is less precise than float32 allows (1e-4 in t)."""
-    stat_t = torch.as_tensor(stat, device=c.residuals.device)
-    deviation = observed_deviation(c.model, c.residuals, c.sum_squares, stat_t)
-    if deviation > _PRECISION_WARNING:
-        warnings.warn(
-            f"{c.name}: the observed statistics differ from a float64 recomputation by up to {deviation:.2g} "
-            f"(relative), more than float32 arithmetic explains ({_PRECISION_WARNING:g}); the matrix product "
-            "may have run in reduced precision (TF32/bfloat16); rerun, or check the BLAS/torch settings",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-
-
 def _summarise(c: _Contrast, n_perm: int, observed: dict, counts: dict, maxima: dict) -> ContrastResult:
-    _check_precision(c, observed[c.name])
     stat = _host(observed[c.name])
     null_max = maxima[(c.name, "vox")]
-    p_unc = _host(counts[c.name]).astype(np.float64) / n_perm
+    p_unc = _host(counts[(c.name, "vox")]).astype(np.float64) / n_perm
     dof = c.model.dof
     z = t_to_z(stat, dof) if c.kind == "t" else f_to_z(stat, c.model.rank, dof)
     spatial = {}
-    for key in c.transforms:
+    for key, transform in c.transforms.items():
         mapped = _host(observed[(c.name, key)])
         key_max = maxima[(c.name, key)]
-        spatial[key] = MapResult(mapped, _fwe_p(key_max, mapped), key_max)
+        key_unc = _host(counts[(c.name, key)]).astype(np.float64) / n_perm
+        spatial[key] = MapResult(mapped, _fwe_p(key_max, mapped), key_unc, key_max,
+                                 dict(getattr(transform, "settings", {})))
     return ContrastResult(
         name=c.name,
         kind=c.kind,
@@ -639,7 +647,8 @@ def write_outputs(
     reference : nibabel.Nifti1Image
         Grid and header of the outputs.
     uncorrp : bool
-        Write ``<root>_vox_p_<stat>`` (1 - uncorrected p).
+        Write ``<root>_vox_p_<stat>`` (1 - uncorrected p), and
+        ``<root>_<name>_p_<stat>`` for each spatial statistic.
     voxelwise : bool
         Write ``<root>_vox_corrp_<stat>`` (1 - FWER p).
     fdr : bool
@@ -681,6 +690,8 @@ def write_outputs(
             if key in write_raw:
                 image(mapped.stat, f"{key}_{c.name}")
             image(1 - mapped.p_fwe, f"{key}_corrp_{c.name}")
+            if uncorrp:
+                image(1 - mapped.p_uncorrected, f"{key}_p_{c.name}")
             null(mapped.null_max, f"{key}_{c.name}")
     scheme = result.scheme
     record = {
@@ -690,11 +701,17 @@ def write_outputs(
         "method": scheme.method,
         "seed": scheme.seed,
         "whole_blocks": scheme.whole_blocks,
+        "blocks": scheme.blocks,
+        "resumed": result.resumed_from > 0,
+        "resumed_from": result.resumed_from,
+        "uncorrp": uncorrp,
+        "voxelwise": voxelwise,
+        "fdr": fdr,
         "device": result.device,
         "chunk_size": result.chunk_size,
         "permutation_seconds": round(result.seconds, 3),
         "contrasts": {c.name: {"kind": c.kind, "weights": c.contrast, "df": list(c.df)} for c in result.contrasts},
-        "spatial": sorted({k for c in result.contrasts for k in c.spatial}),
+        "spatial": {c.name: {k: m.settings for k, m in c.spatial.items()} for c in result.contrasts if c.spatial},
         **dict(params or {}),
     }
     written.append(write_json(root + ".json", provenance(record)))

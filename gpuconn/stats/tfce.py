@@ -9,23 +9,36 @@ the cluster holding ``p`` when the map is thresholded at ``h`` (voxels
 ``>= h``). Defaults are randomise's: H=2, E=0.5, 6-connectivity; randomise
 ``--T2`` (2D/skeleton data) is H=2, E=1, 26-connectivity.
 
-Two methods, one algorithm
---------------------------
-``method='stepped'`` (default) is the sum FSL and nilearn compute,
+Three methods, one algorithm
+----------------------------
+``method='stepped'`` (default) is FSL's sum (``fslmaths -tfce`` and
+randomise ``-T``, read in FSL 6.0.7's ``newimagefns.h:tfce`` and
+``randomise.cc:tfceStatistic``),
 
     TFCE(p) = Σ_{k : h_k <= h_p} e(h_k)^E h_k^H,     h_k = k·dh, k = 1, 2, ...
 
-without the factor ``dh`` (as ``fslmaths -tfce``, randomise and nilearn's
-``calculate_tfce``). ``dh=None`` takes each map's maximum / 100, the
-thresholds being ``numpy.linspace(0, max, 101)[1:]`` exactly as nilearn's
-``dh='auto'``; a float ``dh`` keeps that step for every map, which is what
-randomise does across permutations (``dh`` = max of the unpermuted
-statistic / 100). A voxel counts at threshold ``h_k`` when its value is
-``>= h_k`` (nilearn's rule; fslmaths uses ``>``, which differs only for
-values exactly on a threshold, e.g. the maximum itself).
+on FSL's scale: the sum is *not* multiplied by ``dh``. randomise takes one
+``dh`` = (maximum of the unpermuted statistic) / 100 and keeps it for every
+rearrangement; :class:`TfceTransform` does the same (the permutation engine
+calls :meth:`TfceTransform.bind` with the unpermuted map). With one ``dh``
+for every rearrangement the factor would be a constant, so FWER p-values do
+not depend on it; only the written ``_tfce_tstat`` values do, and they are
+randomise's. ``dh=None`` in :func:`tfce` takes each map's own maximum / 100
+(``fslmaths -tfce`` on one image), thresholds
+``numpy.linspace(0, max, 101)[1:]``.
 
-``method='exact'`` is the integral itself, over every threshold. Its
-values are on the integral's scale: ``stepped * dh → exact`` as ``dh → 0``.
+``method='palm'`` is PALM's ``palm_tfce``: each map's own ``dh`` = its
+maximum / 100 and the sum multiplied by that ``dh`` (≈ the integral). As a
+permutation statistic it differs from randomise's (each rearrangement is
+discretised on its own grid); it is offered to compare with PALM's outputs.
+
+``method='exact'`` is the integral itself, over every threshold:
+``stepped * dh → exact`` as ``dh → 0``.
+
+A voxel counts at threshold ``h_k`` when its value is ``>= h_k`` (PALM's
+and nilearn's rule). FSL counts values ``> h_k``; the two differ only for a
+value exactly on a step (the unpermuted maximum, whose last step FSL reaches
+by adding ``dh`` 100 times in float32, so that it falls on either side).
 
 Both are computed by one sweep per map (no repeated labelling): voxels are
 added in decreasing order of their value (a counting sort over the step
@@ -54,17 +67,29 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+import warnings
+from dataclasses import dataclass, replace
+
 from ..backend import chunk_size, load_kernel, require_cupy, to_cupy, to_numpy
 from ..errors import InputError
+from .glm import f_to_z
 from .clusters import _as_batch, _njit, _warn_no_numba, cluster_transform, connectivity_offsets, neighbour_table, prange
 
-__all__ = ["TFCE_DEFAULTS", "TFCE_2D", "tfce", "tfce_thresholds", "tfce_transform", "spatial_transforms"]
+__all__ = [
+    "TFCE_DEFAULTS",
+    "TFCE_2D",
+    "TfceTransform",
+    "tfce",
+    "tfce_thresholds",
+    "tfce_transform",
+    "spatial_transforms",
+]
 
 #: randomise ``-T`` defaults.
 TFCE_DEFAULTS = {"H": 2.0, "E": 0.5, "connectivity": 6}
 #: randomise ``--T2`` (2D / TBSS skeleton) settings.
 TFCE_2D = {"H": 2.0, "E": 1.0, "connectivity": 26}
-_METHODS = ("stepped", "exact")
+_METHODS = ("stepped", "palm", "exact")
 _MAX_STEPS = 100_000  # a dh this small is almost surely a unit mistake
 # CUDA working memory per voxel and map: order, measure, scratch, result and sort temporaries.
 _CUDA_BYTES_PER_VOXEL = 96
@@ -135,15 +160,15 @@ def _sweep(order, meas, table, power, out_row):
 
 
 @_njit(parallel=True)
-def _tfce_stepped_batch(values, table, thresholds, H, power, out):
-    """Stepped TFCE; ``thresholds`` (n_maps, n_thr) ascending, padded with +inf."""
+def _tfce_stepped_batch(values, table, thresholds, scales, H, power, out):
+    """Stepped TFCE; ``thresholds`` (n_maps, n_thr) ascending, padded with +inf; map ``m``'s steps times ``scales[m]``."""
     n_maps, n_vox = values.shape
     n_thr = thresholds.shape[1]
     for m in prange(n_maps):
         thr = thresholds[m]
         cum = np.zeros(n_thr + 1, dtype=np.float64)
         for k in range(n_thr):
-            cum[k + 1] = cum[k] + (thr[k] ** H if thr[k] < np.inf else 0.0)
+            cum[k + 1] = cum[k] + (thr[k] ** H * scales[m] if thr[k] < np.inf else 0.0)
         bins = np.zeros(n_vox, dtype=np.int32)
         counts = np.zeros(n_thr + 2, dtype=np.int64)
         step = thr[0]
@@ -209,8 +234,8 @@ def tfce_thresholds(maxima: np.ndarray, dh: float | None = None) -> np.ndarray:
         Each map's maximum.
     dh : float, optional
         Fixed step (randomise across permutations). None: 100 steps per map
-        up to its maximum, ``numpy.linspace(0, max, 101)[1:]`` (nilearn's
-        ``dh='auto'``, fslmaths' default).
+        up to its maximum, ``numpy.linspace(0, max, 101)[1:]`` (fslmaths'
+        default for one image, PALM's rule).
 
     Returns
     -------
@@ -239,9 +264,16 @@ def tfce_thresholds(maxima: np.ndarray, dh: float | None = None) -> np.ndarray:
 
 def _check_params(H: float, E: float, method: str) -> None:
     if method not in _METHODS:
-        raise InputError(f"TFCE method must be 'stepped' or 'exact' (got {method!r})")
+        raise InputError(f"TFCE method must be one of {', '.join(_METHODS)} (got {method!r})")
     if not (H > 0 and E > 0):
         raise InputError(f"TFCE H and E must be positive (got H={H}, E={E}); randomise uses H=2, E=0.5")
+
+
+def _step_scales(maxima: np.ndarray, method: str) -> np.ndarray:
+    """Factor of each map's steps: its own dh = maximum / 100 for PALM's rule, else 1 (FSL's scale)."""
+    if method == "palm":
+        return np.maximum(np.asarray(maxima, dtype=np.float64), 0.0) / 100.0
+    return np.ones(len(maxima))
 
 
 def _sweep_inputs(values: torch.Tensor, *, H: float, dh: float | None, method: str):
@@ -265,8 +297,9 @@ def _sweep_inputs(values: torch.Tensor, *, H: float, dh: float | None, method: s
         return order, meas, (v64 > 0).sum(1)
     maxima = to_numpy(values.amax(1)) if values.shape[1] else np.zeros(values.shape[0])
     thresholds = torch.as_tensor(tfce_thresholds(maxima, dh), device=values.device)
+    scales = torch.as_tensor(_step_scales(maxima, method), device=values.device)[:, None]
     bins = torch.searchsorted(thresholds, v64.contiguous(), right=True)
-    steps = torch.where(torch.isfinite(thresholds), thresholds**H, torch.zeros_like(thresholds))
+    steps = torch.where(torch.isfinite(thresholds), thresholds**H * scales, torch.zeros_like(thresholds))
     cum = torch.cat([torch.zeros_like(steps[:, :1]), torch.cumsum(steps, dim=1)], dim=1)
     order = torch.argsort(bins, dim=1, descending=True, stable=True)
     meas = torch.gather(cum, 1, torch.gather(bins, 1, order))
@@ -311,8 +344,9 @@ def _tfce_table(values: torch.Tensor, table: np.ndarray, *, H: float, E: float, 
         orders, n_pos = _positive_descending(data)
         _tfce_exact_batch(data, orders, n_pos, table, float(H), power, out)
     else:
-        thresholds = tfce_thresholds(data.max(axis=1) if data.shape[1] else np.zeros(len(data)), dh)
-        _tfce_stepped_batch(data, table, thresholds, float(H), power, out)
+        maxima = data.max(axis=1) if data.shape[1] else np.zeros(len(data))
+        thresholds = tfce_thresholds(maxima, dh)
+        _tfce_stepped_batch(data, table, thresholds, _step_scales(maxima, method), float(H), power, out)
     return torch.from_numpy(out).to(values.device)
 
 
@@ -337,11 +371,11 @@ def tfce(
         Height and extent exponents.
     connectivity : {6, 18, 26}, default 6
     dh : float, optional
-        Step of the stepped method (ignored by ``exact``). None: each map's
-        maximum / 100 (nilearn ``dh='auto'``); a float: fixed step
+        Step of the stepped method (``palm`` and ``exact`` take none). None:
+        each map's maximum / 100 (``fslmaths -tfce``); a float: fixed step
         (randomise: max of the unpermuted statistic / 100).
-    method : {'stepped', 'exact'}, default 'stepped'
-        See the module notes for the two conventions.
+    method : {'stepped', 'palm', 'exact'}, default 'stepped'
+        See the module notes for the three conventions.
 
     Returns
     -------
@@ -357,7 +391,99 @@ def tfce(
     tensor = _as_batch(values, int(np.count_nonzero(mask)), "values")
     if not bool(torch.isfinite(tensor).all()):
         raise InputError("TFCE input has NaN or Inf values; mask them out first")
-    return tfce_transform(mask, H=H, E=E, connectivity=connectivity, dh=dh, method=method)(tensor)
+    _check_params(H, E, method)
+    _check_step(dh, method)
+    table = neighbour_table(mask, connectivity=connectivity)
+    return _tfce_table(tensor, table, H=H, E=E, dh=dh, method=method)
+
+
+def _check_step(dh: float | None, method: str) -> None:
+    if dh is None:
+        return
+    if not dh > 0:
+        raise InputError(f"--tfce-dh must be positive, got {dh}")
+    if method != "stepped":
+        other = "the exact integral has none" if method == "exact" else "PALM's rule takes each map's own"
+        raise InputError(f"--tfce-dh sets the step of the stepped sum; {other}: drop one of them")
+
+
+def _f_as_z(stats: torch.Tensor, df: tuple[int, int]) -> torch.Tensor:
+    """z of F maps (randomise forms TFCE of an F test on z), on the maps' device."""
+    z = f_to_z(to_numpy(stats), *df).astype(np.float32)
+    return torch.as_tensor(z, device=stats.device)
+
+
+@dataclass(frozen=True)
+class TfceTransform:
+    """The permutation engine's TFCE: ``(n_perm_chunk, n_voxels)`` maps → TFCE maps.
+
+    Built by :func:`tfce_transform`. For randomise's stepped sum the step is
+    fixed from the unpermuted map: the engine calls :meth:`bind` with it
+    before any rearrangement is evaluated (randomise ``tfceStatistic``:
+    ``dh`` = unpermuted maximum / 100, unless ``--tfce-dh`` was given).
+
+    Attributes
+    ----------
+    table : ndarray of int32, shape (n_voxels, n_neighbours)
+    H, E : float
+    connectivity : {6, 18, 26}
+    dh : float or None
+        Step of the stepped sum; None until bound. ``0.0``: the unpermuted
+        map has no positive value, and every TFCE map is 0 (randomise writes
+        a blank image).
+    method : {'stepped', 'palm', 'exact'}
+    f_df : tuple of int, optional
+        ``(rank, dof)`` of an F contrast: maps are converted to z first.
+    """
+
+    table: np.ndarray
+    H: float
+    E: float
+    connectivity: int
+    dh: float | None
+    method: str
+    f_df: tuple[int, int] | None = None
+
+    @property
+    def settings(self) -> dict:
+        """What defines the statistic, for the sidecar (``dh``: the step used; None for ``palm``/``exact``)."""
+        return {"kind": "tfce", "H": self.H, "E": self.E, "connectivity": self.connectivity, "dh": self.dh,
+                "method": self.method, "on": "z" if self.f_df is not None else "stat"}
+
+    def bind(self, observed: torch.Tensor, *, kind: str, df: tuple[int, int]) -> "TfceTransform":
+        """The transform for one contrast, its step taken from the unpermuted map.
+
+        Parameters
+        ----------
+        observed : torch.Tensor, shape (n_voxels,)
+            The unpermuted statistic map (t, or F for ``kind='f'``).
+        kind : {'t', 'f'}
+        df : tuple of int
+            ``(rank, dof)`` of the contrast.
+
+        Returns
+        -------
+        TfceTransform
+        """
+        bound = replace(self, f_df=tuple(df) if kind == "f" else None)
+        if self.method != "stepped" or self.dh is not None:
+            return bound
+        values = bound._as_input(observed[None])
+        maximum = float(values.max()) if values.numel() else 0.0
+        if maximum <= 0:
+            warnings.warn("the unpermuted statistic map has no positive value; its TFCE maps are blank (0) "
+                          "and their corrected p are 1, as randomise writes them", RuntimeWarning, stacklevel=2)
+        return replace(bound, dh=maximum / 100.0 if maximum > 0 else 0.0)
+
+    def _as_input(self, stats: torch.Tensor) -> torch.Tensor:
+        return stats if self.f_df is None else _f_as_z(stats, self.f_df)
+
+    def __call__(self, stats: torch.Tensor) -> torch.Tensor:
+        if self.method == "stepped" and self.dh is None:
+            raise ValueError("randomise's TFCE step comes from the unpermuted map: call bind() first")
+        if self.dh == 0.0:
+            return torch.zeros(stats.shape, dtype=torch.float32, device=stats.device)
+        return _tfce_table(self._as_input(stats), self.table, H=self.H, E=self.E, dh=self.dh, method=self.method)
 
 
 def tfce_transform(
@@ -368,24 +494,24 @@ def tfce_transform(
     connectivity: int = 6,
     dh: float | None = None,
     method: str = "stepped",
-) -> Callable[[torch.Tensor], torch.Tensor]:
+) -> TfceTransform:
     """A spatial transform for the permutation engine: maps → TFCE maps.
 
-    Parameters are those of :func:`tfce`; the neighbour table is built once.
+    Parameters are those of :func:`tfce`, except ``dh``: None (randomise's
+    rule) fixes it from the unpermuted map when the engine binds the
+    transform to a contrast (:meth:`TfceTransform.bind`); the neighbour
+    table is built once.
 
     Returns
     -------
-    callable
+    TfceTransform
         ``f(stats)`` with ``stats`` a finite Tensor (n_perm_chunk, n_voxels)
         returns a float32 Tensor of the same shape and device.
     """
     _check_params(H, E, method)
-    table = neighbour_table(mask, connectivity=connectivity)
-
-    def transform(stats: torch.Tensor) -> torch.Tensor:
-        return _tfce_table(stats, table, H=H, E=E, dh=dh, method=method)
-
-    return transform
+    _check_step(dh, method)
+    return TfceTransform(neighbour_table(mask, connectivity=connectivity), float(H), float(E), int(connectivity), dh,
+                         method)
 
 
 def spatial_transforms(
@@ -402,13 +528,10 @@ def spatial_transforms(
     ----------
     tfce_params : dict, optional
         ``{'H', 'E', 'connectivity'}`` and optionally ``'dh'`` for TFCE
-        (randomise ``-T``/``--T2``); None: no TFCE. Without ``dh`` each map
-        uses its own maximum / 100 as the step (nilearn's convention): the
-        engine's transforms are stateless per map, so the unpermuted map's
-        step cannot be fixed in advance as randomise does; a fixed ``dh``
-        (e.g. the unpermuted maximum / 100) reproduces randomise. Both are
-        discretisations of the same integral.
-    method : {'stepped', 'exact'}
+        (randomise ``-T``/``--T2``); None: no TFCE. Without ``dh`` the step
+        is randomise's: the unpermuted map's maximum / 100, for every
+        rearrangement (F tests: of the z map, as randomise).
+    method : {'stepped', 'palm', 'exact'}
     cluster_extent, cluster_mass : float, optional
         Cluster-forming thresholds (randomise ``-c``/``-C``, or ``-F``/``-S``
         for F tests).
@@ -428,10 +551,7 @@ def spatial_transforms(
     if tfce_params is not None:
         _check_params(tfce_params["H"], tfce_params["E"], method)
         connectivity_offsets(tfce_params["connectivity"])  # validate before any input is read
-        if tfce_params.get("dh") is not None and not tfce_params["dh"] > 0:
-            raise InputError(f"--tfce-dh must be positive, got {tfce_params['dh']}")
-        if tfce_params.get("dh") is not None and method == "exact":
-            raise InputError("--tfce-dh sets the step of the stepped sum; the exact integral has none: drop one of them")
+        _check_step(tfce_params.get("dh"), method)
     connectivity_offsets(cluster_connectivity)
 
     def factory(mask: np.ndarray) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
