@@ -9,7 +9,10 @@ the number of permutations).
 
 Run under the bench lock::
 
-    flock /tmp/gpuconn-bench.lock python bench/bench_randomise.py [--quick] [--append]
+    flock /tmp/gpuconn-bench.lock python bench/bench_randomise.py [--quick] [--tfce] [--append]
+
+``--tfce`` also runs ``-T`` (randomise's TFCE, dh = unpermuted maximum / 100)
+on the same data and rearrangements.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 
 from gpuconn.stats.randomise import run_permutation_test
+from gpuconn.stats.tfce import tfce_transform
 
 
 def ellipsoid_mask(shape=(91, 109, 91), radii=(33.0, 42.0, 39.3)) -> np.ndarray:
@@ -51,11 +55,12 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, nargs=2, default=(127, 54), metavar=("PATIENTS", "CONTROLS"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-nilearn", action="store_true")
+    parser.add_argument("--tfce", action="store_true", help="also time -T on the same data")
     parser.add_argument("--append", action="store_true", help="append a section to bench/RESULTS.md")
     args = parser.parse_args()
 
-    mask = ellipsoid_mask()
-    n_voxels = 20_000 if args.quick else int(mask.sum())
+    mask = ellipsoid_mask((40, 40, 40), (17.0, 17.0, 17.0)) if args.quick else ellipsoid_mask()  # ~20k voxels
+    n_voxels = int(mask.sum())
     n_perm = 1000 if args.quick else args.n_perm
     nilearn_perm = 20 if args.quick else args.nilearn_perm
     data, group, covariates = make_data(n_voxels, *args.subjects)
@@ -72,7 +77,7 @@ def main() -> None:
     beta = np.linalg.lstsq(design, y, rcond=None)[0]
     sigma2 = ((y - design @ beta) ** 2).sum(0) / (n - design.shape[1])
     t_ref = contrast[0] @ beta / np.sqrt(sigma2 * (contrast[0] @ np.linalg.inv(design.T @ design) @ contrast[0]))
-    t_error = float(np.max(np.abs(ours.stat - t_ref)))
+    t_error = float(np.max(np.abs(ours.stat - t_ref) / np.maximum(np.abs(t_ref), 1.0)))
     del y
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     lines = [
@@ -82,8 +87,19 @@ def main() -> None:
         f"{n_perm} permutations in {wall:.1f} s total ({result.seconds:.1f} s in the permutation loop) "
         f"= **{per_1000:.2f} s per 1000**; peak RSS {peak_gib:.2f} GiB; "
         f"{int((ours.p_fwe < 0.05).sum())} voxels at FWER p < 0.05 (planted: {n_voxels // 50}); "
-        f"max |t - float64 lstsq| {t_error:.1e}",
+        f"max |t - float64 lstsq| / max(1, |t|) {t_error:.1e}",
     ]
+    if args.tfce:
+        began = time.perf_counter()
+        tfce_result = run_permutation_test(data, design, contrast, n_perm=n_perm, seed=0, device=args.device,
+                                           spatial={"tfce": tfce_transform(mask)}, progress=False)
+        tfce_wall = time.perf_counter() - began
+        tfce_map = tfce_result["tstat1"].spatial["tfce"]
+        lines.append(
+            f"- gpuconn -T (randomise's TFCE, dh {tfce_map.settings['dh']:.4g}): {n_perm} permutations in "
+            f"{tfce_wall:.1f} s = **{tfce_wall / n_perm * 1000:.2f} s per 1000**; "
+            f"{int((tfce_map.p_fwe < 0.05).sum())} voxels at TFCE FWER p < 0.05"
+        )
     if not args.no_nilearn:
         from nilearn.mass_univariate import permuted_ols
 

@@ -8,7 +8,10 @@ standard error with exit code 2 and no traceback.
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
+import threading
+import warnings
 
 import typer
 from rich.console import Console
@@ -36,8 +39,18 @@ app = typer.Typer(
 
 
 
+def _version(value: bool) -> None:
+    if value:
+        from gpuconn import __version__
+
+        typer.echo(f"gpuconn {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
     """GPU-accelerated resting-state fMRI connectivity."""
 
 
@@ -60,13 +73,33 @@ app.command("demo")(demo.demo)
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def _interrupt(signum, frame) -> None:
+    """SIGTERM ends a command as Ctrl-C does (checkpoints saved, completed runs kept, exit 130)."""
+    raise KeyboardInterrupt
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    _err.print(f"gpuconn: warning: {message}", markup=False)
+
+
 def run(argv: list[str] | None = None) -> int:
-    """Run the CLI with ``argv`` and return its exit code (never raises for user errors)."""
+    """Run the CLI with ``argv`` and return its exit code (never raises for user errors).
+
+    Warnings print as one line (``gpuconn: warning: ...``); SIGTERM is
+    handled as Ctrl-C.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     token = command_line.set(["gpuconn", *argv])  # for the sidecars
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    show = warnings.showwarning
+    warnings.showwarning = _one_line_warning
     try:
         return _run(argv)
     finally:
+        warnings.showwarning = show
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         command_line.reset(token)
 
 

@@ -7,11 +7,13 @@ from typing import Annotated, Optional
 
 import typer
 
+from .options import image_root
+
 
 def clusters(
     stat: Annotated[Path, typer.Option("-i", "--in", help="3D statistic image (t, z, TFCE...).")],
     threshold: Annotated[float, typer.Option("-t", "--thresh", help="Cluster-forming threshold (voxels above it).")],
-    output_root: Annotated[Path, typer.Option("-o", help="Output root: <root>_clusters.tsv, <root>_cluster_index.nii.gz.")],
+    output_root: Annotated[Path, typer.Option("-o", callback=image_root, help="Output root: <root>_clusters.tsv, <root>_cluster_index.nii.gz.")],
     mask: Annotated[Optional[Path], typer.Option("-m", help="Mask image (default: finite voxels).")] = None,
     corrp: Annotated[
         Optional[Path], typer.Option("--corrp", help="randomise *_corrp_* map (1-p): adds the smallest corrected p per cluster.")

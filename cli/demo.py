@@ -26,11 +26,14 @@ def demo(
 ) -> None:
     """Simulate a study with planted effects, run the bundled demo study on it, report what was found."""
     from gpuconn.demo import run_demo
+    from gpuconn.io import output_lock
 
     console = Console(highlight=False, soft_wrap=True)
     began = time.perf_counter()
-    result = run_demo(out, n_patients=n_patients, n_controls=n_controls, n_volumes=n_volumes, voxel_size=voxel_size,
-                      n_perm=n_perm, device=device, seed=seed, progress=not quiet, on_step=print_step, on_start=print_start, console=console)
+    with output_lock(out, folder=True):
+        result = run_demo(out, n_patients=n_patients, n_controls=n_controls, n_volumes=n_volumes,
+                          voxel_size=voxel_size, n_perm=n_perm, device=device, seed=seed, progress=not quiet,
+                          on_step=print_step, on_start=print_start, console=console)
     console.print(f"report: {result.report}")
     for line in result.lines:
         console.print(line)

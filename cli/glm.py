@@ -7,12 +7,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import Device
+from .options import Device, image_root
 
 
 def glm(
     input_image: Annotated[Path, typer.Option("-i", help="4D input image, one volume per subject/observation.")],
-    output_root: Annotated[Path, typer.Option("-o", help="Output root: <root>_zstat1.nii.gz, <root>_cluster_zstat1.tsv ...")],
+    output_root: Annotated[Path, typer.Option("-o", callback=image_root, help="Output root: <root>_zstat1.nii.gz, <root>_cluster_zstat1.tsv ...")],
     design_mat: Annotated[Optional[Path], typer.Option("-d", help="Design matrix (FSL VEST design.mat).")] = None,
     design_con: Annotated[Optional[Path], typer.Option("-t", help="t contrasts (FSL VEST design.con).")] = None,
     mask: Annotated[Optional[Path], typer.Option("-m", help="Mask image (default: voxels non-zero in some volume).")] = None,

@@ -8,6 +8,28 @@ from typing import Annotated
 
 import typer
 
+def image_root(value: Path | None) -> Path | None:
+    """An output root without an image extension, as FSL takes ``-o grp.nii.gz`` (files ``grp_tstat1.nii.gz``)."""
+    if value is None:
+        return None
+    name = str(value)
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return Path(name[: -len(suffix)])
+    return value
+
+
+def parse_count(value: str) -> int:
+    """A whole number given as ``5000``, ``1e6`` or ``10_000`` (for ``-n``)."""
+    try:
+        number = float(str(value).replace("_", ""))
+    except ValueError:
+        raise typer.BadParameter(f"expected a whole number such as 5000 or 1e6, got {value!r}") from None
+    if not number.is_integer():
+        raise typer.BadParameter(f"expected a whole number, got {value!r}")
+    return int(number)
+
+
 Device = Annotated[
     str,
     typer.Option("--device", help="Where tensors live: auto (cuda when torch sees a GPU), cpu, cuda or cuda:N."),

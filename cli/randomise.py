@@ -7,16 +7,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import DaskScheduler, Device, MaxMemory, Quiet, Seed, Workers
+from .options import DaskScheduler, Device, MaxMemory, Quiet, Seed, Workers, image_root, parse_count
 
 InputImage = Annotated[Path, typer.Option("-i", help="4D input image, one volume per subject/observation.")]
-OutputRoot = Annotated[Path, typer.Option("-o", help="Output root; files are <root>_tstat1.nii.gz, ...")]
+OutputRoot = Annotated[Path, typer.Option("-o", callback=image_root, help="Output root; files are <root>_tstat1.nii.gz, ...")]
 DesignMat = Annotated[Optional[Path], typer.Option("-d", help="Design matrix (FSL VEST design.mat).")]
 DesignCon = Annotated[Optional[Path], typer.Option("-t", help="t contrasts (FSL VEST design.con).")]
 DesignFts = Annotated[Optional[Path], typer.Option("-f", help="F tests (FSL VEST design.fts).")]
 DesignGrp = Annotated[Optional[Path], typer.Option("-e", help="Exchangeability blocks (FSL VEST design.grp).")]
 Mask = Annotated[Optional[Path], typer.Option("-m", help="Mask image (default: voxels non-zero in some volume).")]
-NPerm = Annotated[int, typer.Option("-n", help="Number of permutations (identity included); 0 = exhaustive.")]
+NPerm = Annotated[int, typer.Option("-n", parser=parse_count, help="Number of permutations (identity included; 5000 or 1e6); 0 = exhaustive.")]
 OneSample = Annotated[bool, typer.Option("-1", help="One-sample group mean test (sign flipping); no -d/-t.")]
 Demean = Annotated[bool, typer.Option("-D", help="Demean data and design (the mean becomes a nuisance regressor).")]
 Voxelwise = Annotated[
@@ -99,9 +99,10 @@ def randomise(
     --resume continues a killed run from it, with identical results.
     """
     from gpuconn.backend import set_max_memory
-    from gpuconn.checkpoint import checkpoint_path, checkpoint_runner
+    from gpuconn.checkpoint import Interrupted, checkpoint_path, checkpoint_runner
     from gpuconn.distributed import permutation_runner
     from gpuconn.errors import InputError
+    from gpuconn.io import output_lock
     from gpuconn.stats.randomise import randomise as run
 
     from gpuconn.stats.tfce import TFCE_2D, TFCE_DEFAULTS, spatial_transforms
@@ -128,31 +129,37 @@ def randomise(
     runner = runner or checkpoint_runner(checkpoint, resume=resume, options=options, interval=checkpoint_interval)
     set_max_memory(max_memory)
     try:
-        result = run(
-            input_image,
-            output_root,
-            design_path=design_mat,
-            contrast_path=design_con,
-            ftest_path=design_fts,
-            groups_path=design_grp,
-            mask_path=mask,
-            one_sample=one_sample,
-            n_perm=n_perm,
-            demean=demean,
-            voxelwise=voxelwise or not (spatial or spatial_f),
-            uncorrp=uncorrp,
-            fdr=fdr,
-            seed=seed,
-            method=method,
-            permute_blocks=permute_blocks,
-            device=device,
-            spatial=spatial,
-            spatial_f=spatial_f,
-            write_raw=("tfce",),
-            params={"options": options},
-            progress=not quiet,
-            runner=runner,
-        )
+        with output_lock(output_root):
+            result = run(
+                input_image,
+                output_root,
+                design_path=design_mat,
+                contrast_path=design_con,
+                ftest_path=design_fts,
+                groups_path=design_grp,
+                mask_path=mask,
+                one_sample=one_sample,
+                n_perm=n_perm,
+                demean=demean,
+                voxelwise=voxelwise or not (spatial or spatial_f),
+                uncorrp=uncorrp,
+                fdr=fdr,
+                seed=seed,
+                method=method,
+                permute_blocks=permute_blocks,
+                device=device,
+                spatial=spatial,
+                spatial_f=spatial_f,
+                write_raw=("tfce",),
+                params={"options": options},
+                progress=not quiet,
+                runner=runner,
+            )
+    except Interrupted as stop:
+        saved = f"the checkpoint {stop.path} holds them" if stop.path.exists() else "none was saved yet"
+        typer.echo(f"randomise: interrupted after {stop.done} of {stop.n_perm} rearrangements; {saved}: rerun the "
+                   "same command with --resume to continue", err=True)
+        raise typer.Exit(130) from None
     finally:
         set_max_memory(None)
     checkpoint.unlink(missing_ok=True)

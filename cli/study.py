@@ -38,11 +38,13 @@ def run(
     quiet: Quiet = False,
 ) -> None:
     """Run every step of a study; steps whose outputs are up to date are skipped."""
+    from gpuconn.io import output_lock
     from gpuconn.study import load_study, run_study
 
     study = load_study(study_file)
     _console.print(f"study {study.path}: {len(study.runs)} runs -> {out}")
-    result = run_study(study, out, device=device, progress=not quiet, on_step=print_step, on_start=print_start)
+    with output_lock(out, folder=True):  # a second run into the same folder stops instead of redoing its steps
+        result = run_study(study, out, device=device, progress=not quiet, on_step=print_step, on_start=print_start)
     _console.print(f"report: {result.report}")
 
 

@@ -32,6 +32,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,22 @@ def _remove_stale_temporaries(path: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM through the CLI) during a checkpointed run, raised after the checkpoint was written.
+
+    Attributes
+    ----------
+    done, n_perm : int
+        Rearrangements merged and saved, of all of them.
+    path : Path
+        The checkpoint (absent when nothing was done yet).
+    """
+
+    def __init__(self, done: int, n_perm: int, path: Path):
+        super().__init__(f"interrupted after {done} of {n_perm} rearrangements")
+        self.done, self.n_perm, self.path = done, n_perm, path
+
+
 def checkpoint_runner(
     path: str | os.PathLike,
     *,
@@ -181,7 +198,8 @@ def checkpoint_runner(
         The checkpoint file (:func:`checkpoint_path`).
     resume : bool, default False
         Continue from ``path`` when it exists (its key must match); else
-        start at rearrangement 0 (an old checkpoint is replaced).
+        start at rearrangement 0, saying so when a checkpoint exists (it is
+        replaced by the first save).
     options : mapping, optional
         Extra settings for :func:`run_key`.
     interval : float, default 10
@@ -190,14 +208,19 @@ def checkpoint_runner(
     Returns
     -------
     callable
-        ``runner(prepared, progress) -> PermutationTestResult``.
+        ``runner(prepared, progress) -> PermutationTestResult``. A
+        ``KeyboardInterrupt`` during the run saves the checkpoint at once
+        and is raised again as :class:`Interrupted`.
     """
 
     def run(prepared: PreparedTest, progress: bool):
         _remove_stale_temporaries(Path(path))
         key = run_key(prepared, options)
+        if not resume and Path(path).exists():
+            warnings.warn(f"{path} holds the permutations of an interrupted run; starting over (rerun with "
+                          "--resume to continue it instead)", UserWarning, stacklevel=2)
         restored = load_checkpoint(path, key, prepared) if resume else None
-        merger, done = restored if restored is not None else (None, 0)
+        merger, done = restored if restored is not None else (ChunkMerger(prepared), 0)
         last = time.monotonic()
 
         def on_chunk(merged: ChunkMerger, stop: int) -> None:
@@ -206,7 +229,13 @@ def checkpoint_runner(
                 save_checkpoint(path, key, merged, stop)
                 last = time.monotonic()
 
-        result = _run_loop(prepared, progress, merger=merger, done=done, on_chunk=on_chunk)
+        try:
+            result = _run_loop(prepared, progress, merger=merger, done=done, on_chunk=on_chunk)
+        except KeyboardInterrupt:
+            merged = len(next(iter(merger.merged_maxima().values()), ()))  # a prefix, whatever was added last
+            if merged > done:
+                save_checkpoint(path, key, merger, merged)
+            raise Interrupted(merged, prepared.scheme.n_perm, Path(path)) from None
         return dataclasses.replace(result, resumed_from=done)
 
     return run

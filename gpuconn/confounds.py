@@ -47,7 +47,7 @@ import torch
 
 from .backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
 from .errors import InputError
-from .io import read_tsv
+from .io import note_input, read_tsv
 
 __all__ = [
     "MOTION_COLUMNS",
@@ -119,6 +119,7 @@ def read_matrix(path: str | os.PathLike, *, what: str = "confound matrix") -> np
     path = Path(path)
     if not path.exists():
         raise InputError(f"{what} file not found: {path}")
+    note_input(path)
     try:
         text = path.read_text()
     except UnicodeDecodeError as exc:

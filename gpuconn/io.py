@@ -43,6 +43,8 @@ __all__ = [
     "masked_data",
     "unmask",
     "atomic_path",
+    "note_input",
+    "output_lock",
     "output_transaction",
     "save_image",
     "write_json",
@@ -101,6 +103,7 @@ def load_header(path: str | os.PathLike, *, ndim: int | None = None, what: str =
     path = Path(path)
     if not path.exists():
         raise InputError(f"{what} file not found: {path}")
+    note_input(path)
     if not str(path).endswith(NIFTI_SUFFIXES):
         raise InputError(f"{what} {path} is not a NIfTI file (.nii or .nii.gz expected)")
     try:
@@ -271,6 +274,18 @@ def unmask(values: np.ndarray, mask: np.ndarray, *, fill: float = 0.0) -> np.nda
 
 # Files created by atomic_path inside the innermost output_transaction.
 _created: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar("gpuconn_created", default=None)
+# Files the command inside the outermost output_transaction has read: no output may replace one.
+_inputs: contextvars.ContextVar[set[Path] | None] = contextvars.ContextVar("gpuconn_inputs", default=None)
+
+
+def note_input(path: str | os.PathLike) -> None:
+    """Record ``path`` as an input of the running command (inside :func:`output_transaction`).
+
+    :func:`atomic_path` then refuses to write over it.
+    """
+    inputs = _inputs.get()
+    if inputs is not None:
+        inputs.add(Path(path).resolve())
 
 
 @contextlib.contextmanager
@@ -279,7 +294,9 @@ def output_transaction() -> Iterator[list[Path]]:
 
     Files that existed before the block (overwritten ones) are kept. A
     ``SystemExit`` with code 0 or None (a normal CLI end) counts as success.
-    Nested blocks hand their files to the enclosing one on success.
+    Nested blocks hand their files to the enclosing one on success. Inside
+    the block, no output may replace a file the block has read
+    (:func:`note_input`).
 
     Yields
     ------
@@ -288,6 +305,7 @@ def output_transaction() -> Iterator[list[Path]]:
     """
     created: list[Path] = []
     token = _created.set(created)
+    inputs_token = _inputs.set(set()) if _inputs.get() is None else None
     try:
         yield created
     except BaseException as exc:
@@ -298,9 +316,91 @@ def output_transaction() -> Iterator[list[Path]]:
         raise
     finally:
         _created.reset(token)
+        if inputs_token is not None:
+            _inputs.reset(inputs_token)
         parent = _created.get()
         if parent is not None:
             parent.extend(created)
+
+
+@contextlib.contextmanager
+def output_lock(target: str | os.PathLike, *, folder: bool = False) -> Iterator[Path]:
+    """Hold an advisory lock on an output root or folder while a command writes it.
+
+    A second command that wants the same outputs stops at once with a
+    message naming the running one. The lock is ``flock`` on
+    ``<root>.lock`` (``<folder>/.gpuconn.lock`` for a folder), holding the
+    writer's pid, host and start time; the kernel releases it when the
+    process ends, however it ends, so a lock left by a killed process is
+    taken over. The file is removed when the block ends.
+
+    Parameters
+    ----------
+    target : path-like
+        Output root (``-o``) or folder.
+    folder : bool, default False
+        ``target`` is a folder.
+
+    Yields
+    ------
+    Path
+        The lock file.
+
+    Raises
+    ------
+    GpuconnError
+        Another process holds the lock, or the lock file cannot be created.
+    """
+    import fcntl
+    import socket
+    import time
+
+    target = Path(target)
+    lock = target / ".gpuconn.lock" if folder else target.with_name(target.name + ".lock")
+    while True:
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        except OSError as exc:
+            raise GpuconnError(f"cannot create the lock {lock}: {exc.strerror}; choose a writable output folder") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise GpuconnError(
+                f"{target} is being written by another gpuconn command ({holder}); wait for it to finish or "
+                "choose another output; if that process is gone, its lock is taken over on the next run"
+            ) from None
+        try:  # the holder before us may have removed the file between our open and flock: lock the new one
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode())
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (a brief window other threads could see)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -309,15 +409,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     The temporary name keeps the extension (so ``.nii.gz`` is still
     compressed); on any exception the temporary file is removed and nothing
-    appears under the final name. Temporary files of ``path`` left by a
+    appears under the final name. The file gets the mode a plain ``open()``
+    would give it (``0666`` less the umask: 0644 under umask 022), not the
+    temporary file's private 0600. Temporary files of ``path`` left by a
     process killed mid-write (SIGKILL runs no clean-up) are removed first.
 
     Raises
     ------
     GpuconnError
         If the destination folder cannot be created or written.
+    InputError
+        If ``path`` is an input of the running command.
     """
     path = Path(path)
+    if path.resolve() in (_inputs.get() or ()):
+        raise InputError(f"{path} is an input of this command; writing an output there would destroy it: "
+                         "choose another output name or folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         stem, ext = split_ext(path.name)
@@ -332,6 +439,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         is_new = not path.exists()
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
         if is_new and _created.get() is not None:
             _created.get().append(path)
@@ -473,6 +581,7 @@ def read_tsv(path: str | os.PathLike, *, what: str = "table") -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{what} file not found: {path}")
+    note_input(path)
     try:
         return pd.read_csv(path, sep="\t", na_values=["n/a", "NaN", "nan"], keep_default_na=True)
     except Exception as exc:

@@ -39,7 +39,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
+import tempfile
 import warnings
+from pathlib import Path
 from collections.abc import Callable
 
 import numpy as np
@@ -48,10 +51,31 @@ import torch
 from ..backend import load_kernel, require_cupy, to_cupy
 from ..errors import InputError
 
+def _numba_cache_dir() -> str:
+    """A writable per-user folder for Numba's compiled kernels, outside the installed package.
+
+    Numba's default cache is ``__pycache__`` beside the source: inside a
+    non-editable install that folder outlives ``pip uninstall`` and turns
+    ``site-packages/gpuconn`` into a namespace package that shadows a later
+    editable install.
+    """
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpuconn" / "numba"
+    for folder in (base, Path(tempfile.gettempdir()) / f"gpuconn-numba-{os.getuid()}"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                return str(folder)
+        except OSError:
+            continue
+    return ""
+
+
 try:  # Numba compiles the CPU union-find; without it the same code runs as Python.
     import numba
 
-    _njit = functools.partial(numba.njit, cache=True, nogil=True)
+    if not numba.config.CACHE_DIR:  # NUMBA_CACHE_DIR, when the user set one, is kept
+        numba.config.CACHE_DIR = _numba_cache_dir()
+    _njit = functools.partial(numba.njit, cache=bool(numba.config.CACHE_DIR), nogil=True)
     prange = numba.prange
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - depends on the install

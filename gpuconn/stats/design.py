@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from ..io import read_tsv, write_text, write_tsv
+from ..io import note_input, read_tsv, write_text, write_tsv
 
 __all__ = [
     "Design",
@@ -115,6 +115,7 @@ def read_vest(path: str | os.PathLike, *, what: str = "design file") -> tuple[np
     path = Path(path)
     if not path.exists():
         raise InputError(f"{what} not found: {path}")
+    note_input(path)
     headers: dict[str, str] = {}
     body: list[tuple[int, str]] = []
     in_matrix = False

@@ -580,8 +580,7 @@ def _run_loop(
     """
     merger = ChunkMerger(prepared) if merger is None else merger
     began = time.perf_counter()
-    with progress_bar("randomise", prepared.scheme.n_perm, enabled=progress) as advance:
-        advance(done)
+    with progress_bar("randomise", prepared.scheme.n_perm, enabled=progress, completed=done) as advance:
         evaluate = lambda start, stop: evaluate_chunk(prepared, done + start, done + stop)  # noqa: E731
         for start, stop, out in run_chunked(evaluate, prepared.scheme.n_perm - done, prepared.chunk):
             merger.add(done + start, done + stop, out)

@@ -1,0 +1,141 @@
+"""Data safety and sharing: file modes, inputs never overwritten, output locks, Ctrl-C, estimates, caches.
+
+Each test here failed before the fix it covers (issue: a tool people can
+share, interrupt and trust with their data).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import gpuconn.stats.randomise as engine
+from gpuconn.cli.app import run
+from gpuconn.io import output_lock, write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def one_sample(tmp_path):
+    rng = np.random.default_rng(3)
+    data = rng.normal(0.5, 1.0, size=(6, 5, 4, 10)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "maps.nii.gz")
+    return tmp_path
+
+
+def _randomise(folder: Path, root: Path | str, *extra: str) -> list[str]:
+    return ["randomise", "-i", str(folder / "maps.nii.gz"), "-o", str(root), "-1", "-n", "20", "--device", "cpu",
+            "-q", *extra]
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664)])
+def test_outputs_get_the_mode_of_a_plain_open(one_sample, umask, mode):
+    previous = os.umask(umask)
+    try:
+        assert run(_randomise(one_sample, one_sample / "grp")) == 0
+        written = write_text(one_sample / "note.txt", "x")
+    finally:
+        os.umask(previous)
+    outputs = list(one_sample.glob("grp*")) + [written]
+    assert len(outputs) > 3
+    for path in outputs:
+        assert path.stat().st_mode & 0o777 == mode, path.name
+
+
+def test_a_command_never_writes_over_its_input(one_sample, capsys):
+    first = one_sample / "x"
+    assert run(_randomise(one_sample, first)) == 0
+    before = (one_sample / "x_tstat1.nii.gz").read_bytes()
+    argv = ["randomise", "-i", str(one_sample / "x_tstat1.nii.gz"), "-o", str(first), "-1", "-n", "5", "-q"]
+    import shutil
+
+    shutil.copy(one_sample / "maps.nii.gz", one_sample / "x_tstat1.nii.gz")  # a 4D input with an output's name
+    before = (one_sample / "x_tstat1.nii.gz").read_bytes()
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    assert "x_tstat1.nii.gz is an input of this command" in err and err.count("\n") == 1
+    assert (one_sample / "x_tstat1.nii.gz").read_bytes() == before
+
+
+def test_an_image_extension_on_the_output_root_is_stripped(one_sample):
+    assert run(_randomise(one_sample, one_sample / "grp.nii.gz")) == 0
+    assert (one_sample / "grp_tstat1.nii.gz").exists()
+    assert not list(one_sample.glob("grp.nii.gz_*"))
+
+
+def test_a_second_writer_of_the_same_outputs_stops_naming_the_first(one_sample, capsys):
+    root = one_sample / "busy" / "grp"
+    with output_lock(root):
+        assert run(_randomise(one_sample, root)) == 2
+    err = capsys.readouterr().err
+    assert f"pid {os.getpid()} on " in err and "wait for it to finish" in err and err.count("\n") == 1
+    assert not list(root.parent.glob("grp_*"))
+    # A lock file left by a killed process (no one holds its flock) is taken over.
+    root.with_name("grp.lock").write_text("pid 999999 on elsewhere, started long ago\n")
+    assert run(_randomise(one_sample, root)) == 0
+    assert not root.with_name("grp.lock").exists()
+
+
+def test_ctrl_c_saves_the_checkpoint_now_and_says_how_to_resume(one_sample, monkeypatch, capsys):
+    original = engine.evaluate_chunk
+
+    def evaluate(prepared, start, stop):
+        if start >= 8:
+            raise KeyboardInterrupt
+        return original(prepared, start, stop)
+
+    monkeypatch.setattr(engine, "evaluate_chunk", evaluate)
+    root = one_sample / "grp"
+    # checkpoints are due only every hour: the interrupt itself must write one
+    argv = _randomise(one_sample, root, "--max-memory", "4KB", "--checkpoint-interval", "3600")
+    assert run(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted after 8 of 20 rearrangements" in err and "--resume" in err
+    assert (one_sample / "grp_checkpoint.npz").exists()
+    monkeypatch.setattr(engine, "evaluate_chunk", original)
+    assert run(argv) == 0  # without --resume: says it starts over
+    assert "holds the permutations of an interrupted run; starting over" in capsys.readouterr().err
+
+
+def test_n_accepts_scientific_notation_and_the_estimate_is_printed_in_logs(one_sample, capsys):
+    argv = [a for a in _randomise(one_sample, one_sample / "g", "--max-memory", "4KB") if a != "-q"]
+    argv[argv.index("20")] = "2e1"
+    assert run(argv) == 0
+    err = capsys.readouterr().err
+    assert "randomise: " in err and " of 20 in " in err and "in all" in err  # stderr is not a terminal here
+    assert "\n\n" not in err
+
+
+def test_version():
+    result = subprocess.run([sys.executable, "-m", "gpuconn.cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("gpuconn ")
+
+
+def test_numba_caches_stay_out_of_the_installed_package(tmp_path):
+    """A non-editable install, a Numba path run from it: no compiled cache inside the package.
+
+    Numba's default cache (__pycache__ beside the source) survived pip's
+    reinstall and turned site-packages/gpuconn into a namespace package that
+    shadowed a later editable install (the CLI could not start).
+    """
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(ROOT)],
+                   check=True, capture_output=True)
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(PYTHONPATH=str(target), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    code = ("import numpy as np; from gpuconn.stats.clusters import label_maps; "
+            "print(int(label_maps(np.ones((1, 8)), np.ones((2, 2, 2), bool), threshold=0.5).max()))")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1"
+    package = target / "gpuconn"
+    cached = [p for p in package.rglob("*") if p.suffix in (".nbi", ".nbc")]
+    assert not cached, cached
+    assert list((tmp_path / "cache" / "gpuconn" / "numba").rglob("*.nbi"))
