@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
+from . import afni
 from .errors import GpuconnError, InputError
 
 __all__ = [
@@ -57,6 +58,9 @@ _AFFINE_ATOL = 1e-3  # mm; header round-off in float32 qform/sform
 def split_ext(path: str | os.PathLike) -> tuple[str, str]:
     """Split a path into stem and extension, treating ``.nii.gz``/``.tsv.gz`` as one."""
     text = str(path)
+    if afni.is_dataset(text):  # x+tlrc.HEAD -> (x, +tlrc.HEAD)
+        suffix = afni.dataset_suffix(text)
+        return text[: -len(suffix)], suffix
     for suffix in (".nii.gz", ".tsv.gz", ".nii", ".tsv", ".json", ".txt", ".mat", ".con", ".grp", ".fts", ".html"):
         if text.endswith(suffix):
             return text[: -len(suffix)], suffix
@@ -78,7 +82,8 @@ def load_header(path: str | os.PathLike, *, ndim: int | None = None, what: str =
     Parameters
     ----------
     path : path-like
-        ``.nii`` or ``.nii.gz`` file.
+        ``.nii`` or ``.nii.gz`` file, or an AFNI dataset (``x+tlrc``,
+        ``x+tlrc.HEAD``, ``.BRIK``, ``.BRIK.gz``; see :mod:`gpuconn.afni`).
     ndim : {3, 4}, optional
         Required dimensionality. A 4D image with one volume passes as 3D
         (and keeps its 4D shape here).
@@ -96,14 +101,17 @@ def load_header(path: str | os.PathLike, *, ndim: int | None = None, what: str =
         Missing or unreadable file, or wrong dimensionality.
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{what} file not found: {path}")
-    if not str(path).endswith(NIFTI_SUFFIXES):
-        raise InputError(f"{what} {path} is not a NIfTI file (.nii or .nii.gz expected)")
-    try:
-        img = nib.load(str(path))
-    except Exception as exc:  # nibabel raises many types for corrupt files
-        raise _unreadable(path, what, exc) from exc
+    if afni.is_dataset(path):
+        img = afni.open_dataset(path, what=what)
+    else:
+        if not path.exists():
+            raise InputError(f"{what} file not found: {path}")
+        if not str(path).endswith(NIFTI_SUFFIXES):
+            raise InputError(f"{what} {path} is not a NIfTI file (.nii or .nii.gz) or AFNI dataset (+orig/+tlrc .HEAD)")
+        try:
+            img = nib.load(str(path))
+        except Exception as exc:  # nibabel raises many types for corrupt files
+            raise _unreadable(path, what, exc) from exc
     shape = img.shape
     if ndim is not None and len(shape) != ndim and not (ndim == 3 and len(shape) == 4 and shape[3] == 1):
         expected = "a 3D volume" if ndim == 3 else "a 4D series (x, y, z, time)"
@@ -144,7 +152,7 @@ def load_image(path: str | os.PathLike, *, ndim: int | None = None, what: str = 
         raise _unreadable(Path(path), what, exc) from exc
     if ndim == 3 and data.ndim == 4:
         data = data[..., 0]
-    return nib.Nifti1Image(data, img.affine, img.header)
+    return nib.Nifti1Image(data, img.affine, img.header, extra=img.extra)
 
 
 def check_same_grid(
@@ -390,8 +398,12 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
-def _write_sidecar(path: Path, params: Mapping[str, Any] | None) -> None:
-    write_json(sidecar_path(path), provenance(params))
+def _write_sidecar(path: Path, params: Mapping[str, Any] | None, reference: nib.Nifti1Image | None = None) -> None:
+    record = provenance(params)
+    source = getattr(reference, "extra", {}).get("source_format")
+    if source:  # inputs not read from NIfTI (AFNI datasets) are named
+        record["SourceFormat"] = source
+    write_json(sidecar_path(path), record)
 
 
 def save_image(
@@ -410,7 +422,9 @@ def save_image(
     data : ndarray, shape (x, y, z) or (x, y, z, n)
         Must match the reference's spatial shape.
     reference : nibabel.Nifti1Image
-        Source of affine and header (qform/sform codes, units, TR).
+        Source of affine and header (qform/sform codes, units, TR); its
+        ``extra['source_format']`` (set for AFNI inputs) goes to the sidecar
+        as ``SourceFormat``.
     path : path-like
         ``.nii`` or ``.nii.gz``.
     params : mapping, optional
@@ -438,7 +452,7 @@ def save_image(
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
     if sidecar:
-        _write_sidecar(path, params)
+        _write_sidecar(path, params, reference)
     return path
 
 

@@ -10,7 +10,7 @@ contract:
 - nothing new under the test's folder: no output file, no ``.tmp`` file.
 
 Faults injected (see also README, "Testing"): missing files, truncated
-``.nii.gz``, wrong dimensionality, shape/affine mismatches, empty masks,
+``.nii.gz``, an AFNI ``.HEAD`` without its ``.BRIK``, wrong dimensionality, shape/affine mismatches, empty masks,
 NaN/Inf data, broken designs/contrasts/confounds, impossible ``-n``,
 censoring that leaves too few volumes, an output path under a regular file,
 a folder the process may not write (``tempfile.mkstemp`` raising EACCES),
@@ -193,6 +193,15 @@ def _with_nan(ws: dict, slot: str, value: float) -> Path:
     return _bad_image(ws, slot, "nan" if np.isnan(value) else "inf", data)
 
 
+def _afni_head_only(ws: dict, slot: str) -> Path:
+    """An AFNI dataset of the slot's image whose .BRIK is missing."""
+    from afni_files import write_dataset
+
+    head = write_dataset(ws["in"] / f"nobrik_{slot}", np.asarray(nib.load(str(ws[slot])).dataobj), AFFINE, tr=2.0)
+    Path(str(head)[: -len(".HEAD")] + ".BRIK").unlink()
+    return head
+
+
 def _text(ws: dict, name: str, text: str) -> Path:
     path = ws["in"] / name
     path.write_text(text)
@@ -258,6 +267,8 @@ def _cases() -> list[Case]:
                           expect=("bad_nan",)))
         cases.append(Case("inf-in-data", command, lambda ws, s=slot: {s: _with_nan(ws, s, np.inf)},
                           expect=("bad_inf",)))
+        cases.append(Case("afni-missing-brik", command, lambda ws, s=slot: {s: _afni_head_only(ws, s)},
+                          expect=(f"nobrik_{slot}+tlrc.HEAD", ".BRIK")))
     x = np.random.default_rng(3).standard_normal(N_SUBJECTS)
     ones = np.ones(N_SUBJECTS)
     ages = np.arange(30.0, 30.0 + N_SUBJECTS)  # exact in text: age and age - 20 are collinear with the intercept

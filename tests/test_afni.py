@@ -1,0 +1,159 @@
+"""AFNI inputs: datasets read through io.load_header/load_image, and afni_proc.py .1D files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from afni_files import write_dataset
+from gpuconn import afni, io
+from gpuconn import confounds as cf
+from gpuconn.cli.app import run
+from gpuconn.errors import InputError
+
+NIB_DATA = Path(nib.__file__).parent / "tests" / "data"
+AFFINE = np.array([[-2.0, 0, 0, 90], [0, 2.5, 0, -126], [0, 0, 3.0, -72], [0, 0, 0, 1]])
+
+
+# --- nibabel's sample datasets ----------------------------------------------------------------------------
+
+def test_example4d_reads_as_nibabel_does():
+    head = NIB_DATA / "example4d+orig.HEAD"
+    img = io.load_image(head, ndim=4, what="BOLD")
+    reference = nib.load(str(head))
+    assert isinstance(img, nib.Nifti1Image)
+    assert img.shape == (33, 41, 25, 3)
+    np.testing.assert_array_equal(np.asarray(img.dataobj), reference.get_fdata())
+    # RAS+: AFNI's RAI (DICOM) x and y negated, as nibabel does
+    np.testing.assert_allclose(img.affine, reference.affine)
+    assert img.affine[0, 0] == -3.0 and img.affine[1, 1] == -3.0 and img.affine[2, 2] == 3.0
+    assert tuple(float(z) for z in img.header.get_zooms()) == (3.0, 3.0, 3.0, 3.0)  # TR from TAXIS_FLOATS
+    assert img.header.get_xyzt_units() == ("mm", "sec")
+    assert img.extra["source_format"] == "AFNI"
+    assert img.get_qform(coded=True)[1] == 1  # +orig: scanner
+
+
+def test_scaled_tlrc_applies_the_brick_factor_and_is_3d():
+    head = NIB_DATA / "scaled+tlrc.HEAD"
+    img = io.load_image(head, ndim=3, what="map")
+    raw = np.asarray(nib.load(str(head)).dataobj.get_unscaled(), dtype=np.float64)[..., 0]
+    assert img.shape == (47, 54, 43)
+    assert np.asarray(img.dataobj).dtype == np.float32
+    # float32 rounding of raw * factor: relative 2^-24
+    np.testing.assert_allclose(np.asarray(img.dataobj), raw * 3.883363e-08, rtol=2**-23)
+    assert img.get_sform(coded=True)[1] == 3  # +tlrc: talairach
+    mask, _ = io.load_mask(head, threshold=1e-4)
+    assert mask.shape == (47, 54, 43) and mask.any()
+
+
+@pytest.mark.parametrize("form", ["+orig", "+orig.", "+orig.HEAD", "+orig.BRIK", "+orig.BRIK.gz"])
+def test_every_name_of_a_dataset_opens_it(form):
+    img = io.load_header(str(NIB_DATA / "example4d") + form, ndim=4)
+    assert img.shape == (33, 41, 25, 3)
+
+
+def test_split_ext_keeps_the_view_with_the_extension():
+    assert io.split_ext("errts.sub01+tlrc.HEAD") == ("errts.sub01", "+tlrc.HEAD")
+    assert io.split_ext("a/b+orig.BRIK.gz") == ("a/b", "+orig.BRIK.gz")
+    assert io.split_ext("a/b.nii.gz") == ("a/b", ".nii.gz")
+
+
+# --- datasets written here (scaled bricks, ms TR, 3D/4D) ---------------------------------------------------
+
+def test_written_dataset_round_trips(tmp_path, rng):
+    data = rng.normal(size=(5, 6, 4, 7)).astype(np.float32)
+    head = write_dataset(tmp_path / "bold", data, AFFINE, tr=2000.0, tr_units=77001)  # TR in ms
+    img = io.load_image(head, ndim=4)
+    np.testing.assert_array_equal(np.asarray(img.dataobj), data)
+    np.testing.assert_allclose(img.affine, AFFINE)
+    assert float(img.header.get_zooms()[3]) == 2.0
+
+
+def test_per_brick_scale_factors(tmp_path, rng):
+    data = rng.normal(size=(4, 5, 3, 3)) * np.array([1.0, 10.0, 100.0])
+    scale = np.array([1e-3, 1e-2, 0.0])  # 0: that brick is not scaled
+    head = write_dataset(tmp_path / "s", data, AFFINE, scale=scale, tr=1.5, gzip_brik=True)
+    values = np.asarray(io.load_image(head).dataobj)
+    expected = np.stack([np.round(data[..., i] / (s or 1.0)) * (s or 1.0) for i, s in enumerate(scale)], axis=-1)
+    np.testing.assert_allclose(values, expected, rtol=2**-23, atol=0)
+
+
+def test_missing_brik_is_a_clear_error(tmp_path):
+    shutil.copy(NIB_DATA / "example4d+orig.HEAD", tmp_path / "lonely+orig.HEAD")
+    with pytest.raises(InputError, match=r"lonely\+orig.HEAD has no lonely\+orig.BRIK or lonely\+orig.BRIK.gz beside it"):
+        io.load_header(tmp_path / "lonely+orig.HEAD", what="BOLD")
+    with pytest.raises(InputError, match=r"BOLD file not found: .*nothere\+tlrc.HEAD"):
+        io.load_header(tmp_path / "nothere+tlrc", what="BOLD")
+
+
+def test_what_nibabel_cannot_read_is_named(tmp_path):
+    # sub-bricks of three storage types: nibabel refuses them
+    shutil.copy(NIB_DATA / "bad_datatype+orig.HEAD", tmp_path / "mixed+orig.HEAD")
+    (tmp_path / "mixed+orig.BRIK").write_bytes(b"\0" * 16)
+    with pytest.raises(InputError, match=r"cannot read AFNI BOLD .*mixed\+orig.HEAD.*3dAFNItoNIFTI"):
+        io.load_header(tmp_path / "mixed+orig.HEAD", what="BOLD")
+
+
+def test_sidecar_names_the_source_format(tmp_path, rng):
+    data = rng.normal(size=(4, 5, 3, 6)).astype(np.float32)
+    head = write_dataset(tmp_path / "bold", data, AFFINE, tr=2.0)
+    img = io.load_image(head, ndim=4)
+    out = io.save_image(data[..., 0], img, tmp_path / "out.nii.gz")
+    assert json.loads((tmp_path / "out.json").read_text())["SourceFormat"] == "AFNI"
+    assert nib.load(str(out)).shape == (4, 5, 3)  # outputs stay NIfTI
+    nifti = nib.Nifti1Image(data, AFFINE)
+    io.save_image(data[..., 0], nifti, tmp_path / "plain.nii.gz")
+    assert "SourceFormat" not in json.loads((tmp_path / "plain.json").read_text())
+
+
+# --- the same study as NIfTI and as AFNI gives the same results ------------------------------------------------
+
+def _pair(tmp_path: Path, name: str, data: np.ndarray, tr: float | None = None) -> tuple[Path, Path]:
+    nifti = nib.Nifti1Image(np.asarray(data, np.float32), AFFINE)
+    if tr:
+        nifti.header.set_zooms((2.0, 2.5, 3.0, tr))
+    nib.save(nifti, str(tmp_path / f"{name}.nii.gz"))
+    return tmp_path / f"{name}.nii.gz", write_dataset(tmp_path / name, np.asarray(data, np.float32), AFFINE, tr=tr)
+
+
+def _assert_same_outputs(folder_a: Path, folder_b: Path) -> None:
+    images = sorted(p.name for p in folder_a.glob("*.nii.gz"))
+    assert images and images == sorted(p.name for p in folder_b.glob("*.nii.gz"))
+    for name in images:
+        a, b = nib.load(str(folder_a / name)), nib.load(str(folder_b / name))
+        np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+        np.testing.assert_allclose(a.affine, b.affine)
+
+
+def test_seed_round_trip_matches_nifti(tmp_path, rng):
+    shape = (8, 9, 7)
+    bold = 100 + rng.normal(size=shape + (40,))
+    mask = np.zeros(shape)
+    mask[1:7, 1:8, 1:6] = 1
+    bold_nii, bold_afni = _pair(tmp_path, "bold", bold, tr=2.0)
+    mask_nii, mask_afni = _pair(tmp_path, "mask", mask)
+    common = ["--seed-coord", "84,-116,-63", "--radius", "5", "-q", "--device", "cpu"]
+    assert run(["seed", "--bold", str(bold_nii), "--mask", str(mask_nii), "-o", str(tmp_path / "n"), *common]) == 0
+    assert run(["seed", "--bold", str(bold_afni), "--mask", str(mask_afni), "-o", str(tmp_path / "a"), *common]) == 0
+    _assert_same_outputs(tmp_path / "n", tmp_path / "a")
+    sidecar = json.loads(next((tmp_path / "a").glob("*_stat-z_seedmap.json")).read_text())
+    assert sidecar["SourceFormat"] == "AFNI"
+    assert next((tmp_path / "a").glob("*.nii.gz")).name.startswith("bold_")  # label without +tlrc.HEAD
+
+
+def test_randomise_round_trip_matches_nifti(tmp_path, rng):
+    shape = (6, 7, 5)
+    maps = rng.normal(size=shape + (8,)) + 0.3
+    mask = np.zeros(shape)
+    mask[1:5, 1:6, 1:4] = 1
+    maps_nii, maps_afni = _pair(tmp_path, "maps", maps)
+    mask_nii, mask_afni = _pair(tmp_path, "mask", mask)
+    common = ["-1", "-n", "20", "-T", "--seed", "3", "-q", "--device", "cpu"]
+    assert run(["randomise", "-i", str(maps_nii), "-m", str(mask_nii), "-o", str(tmp_path / "n" / "r"), *common]) == 0
+    assert run(["randomise", "-i", str(maps_afni), "-m", str(mask_afni), "-o", str(tmp_path / "a" / "r"), *common]) == 0
+    _assert_same_outputs(tmp_path / "n", tmp_path / "a")
