@@ -15,7 +15,7 @@ def qc(
     derivatives: Annotated[Path | None, typer.Option("--derivatives", help="fMRIPrep-style derivatives folder.")] = None,
     participant_label: Annotated[list[str], typer.Option("--participant-label", help="Only these subjects (repeatable).")] = [],
     space: Annotated[str, typer.Option("--space", help="space- entity of the BOLD files under --derivatives.")] = "MNI152NLin2009cAsym",
-    motion_par: Annotated[list[Path], typer.Option("--motion-par", help="MCFLIRT .par file (repeatable) instead of --derivatives.")] = [],
+    motion_par: Annotated[list[Path], typer.Option("--motion-par", help="MCFLIRT .par or AFNI dfile_rall.1D (repeatable) instead of --derivatives.")] = [],
     confounds: Annotated[list[Path], typer.Option("--confounds", help="fMRIPrep confounds TSV (repeatable) instead of --derivatives.")] = [],
     abs_threshold: Annotated[float, typer.Option("--abs-threshold", help="Exclude above this max absolute RMS displacement (mm).")] = 3.0,
     rel_threshold: Annotated[float, typer.Option("--rel-threshold", help="Exclude above this max relative RMS displacement (mm).")] = 2.0,

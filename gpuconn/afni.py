@@ -221,6 +221,7 @@ def is_1d(path: str | os.PathLike) -> bool:
 def _parse_selector(text: str, n: int, path, kind: str) -> np.ndarray:
     """AFNI selector body (``0..5``, ``1,3,$``, ``0..$(2)``) -> indices below ``n``."""
     out: list[int] = []
+    shown = f"[{text}]" if kind == "column" else f"{{{text}}}"
 
     def index(token: str) -> int:
         token = token.strip()
@@ -242,10 +243,10 @@ def _parse_selector(text: str, n: int, path, kind: str) -> np.ndarray:
             else:
                 out.append(index(item))
     except ValueError as exc:
-        raise InputError(f"1D {kind} selector '{text}' of {path} is not AFNI syntax (e.g. 0..5, 1,3,5, 2..$): {exc}") from exc
+        raise InputError(f"1D {kind} selector '{shown}' of {path} is not AFNI syntax (e.g. 0..5, 1,3,5, 2..$): {exc}") from exc
     bad = [i for i in out if not 0 <= i < n]
     if bad:
-        raise InputError(f"1D {kind} selector '{text}' of {path} asks for {kind} {bad[0]} but the file has {n} {kind}s")
+        raise InputError(f"1D {kind} selector '{shown}' of {path} asks for {kind} {bad[0]} but the file has {n} {kind}s")
     return np.asarray(out, dtype=int)
 
 

@@ -533,7 +533,7 @@ def _acompcor(files: RunFiles, img, data_4d, options: DenoiseOptions, device) ->
 def _outliers(files: RunFiles, params: np.ndarray | None, n_volumes: int, options: DenoiseOptions) -> np.ndarray:
     """Spike matrix (n_volumes, n_outliers) from a censor file or the motion metric."""
     if files.censor_file is not None:
-        spikes = cf.read_matrix(files.censor_file, what="censor matrix")
+        spikes = cf.read_censor(files.censor_file)
         cf.check_length(spikes, n_volumes, files.censor_file, files.bold)
         return spikes
     if options.outlier_metric == "none":

@@ -474,7 +474,14 @@ def write_tsv(
 
 
 def read_tsv(path: str | os.PathLike, *, what: str = "table") -> pd.DataFrame:
-    """Read a BIDS-style TSV (``n/a`` as missing) with a clear error when absent or malformed."""
+    """Read a BIDS-style TSV (``n/a`` as missing) with a clear error when absent or malformed.
+
+    An AFNI ``.1D`` file (e.g. extra regressors) is read as a table with
+    :func:`gpuconn.afni.read_1d_table` (columns ``col0``, ``col1``... or
+    the ``ColumnLabels`` of an ``X.xmat.1D``).
+    """
+    if afni.is_1d(path):
+        return afni.read_1d_table(path, what=what)
     path = Path(path)
     if not path.exists():
         raise InputError(f"{what} file not found: {path}")

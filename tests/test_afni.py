@@ -157,3 +157,111 @@ def test_randomise_round_trip_matches_nifti(tmp_path, rng):
     assert run(["randomise", "-i", str(maps_nii), "-m", str(mask_nii), "-o", str(tmp_path / "n" / "r"), *common]) == 0
     assert run(["randomise", "-i", str(maps_afni), "-m", str(mask_afni), "-o", str(tmp_path / "a" / "r"), *common]) == 0
     _assert_same_outputs(tmp_path / "n", tmp_path / "a")
+
+
+# --- afni_proc.py .1D files ----------------------------------------------------------------------------------
+
+# roll pitch yaw (deg) dS dL dP (mm), as 3dvolreg -1Dfile writes them
+AFNI_MOTION = np.array([
+    [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+    [0.0, 0.0, 0.0, 0.5, 0.0, 0.0],   # 0.5 mm superior
+    [1.0, 0.0, 0.0, 0.5, 0.0, 0.0],   # then 1 degree of roll (about I-S = z)
+    [1.0, 0.0, 0.0, 0.5, -0.2, 0.3],  # then 0.2 mm right, 0.3 mm posterior
+])
+
+
+def _write_1d(path: Path, matrix: np.ndarray, header: str = "") -> Path:
+    path.write_text(header + "".join(" ".join(f"{v:g}" for v in row) + "\n" for row in matrix))
+    return path
+
+
+def test_motion_1d_converts_order_and_units(tmp_path):
+    path = _write_1d(tmp_path / "dfile_rall.1D", AFNI_MOTION, "# 3dvolreg -1Dfile\n# roll pitch yaw dS dL dP\n")
+    params = cf.read_motion_par(path)
+    deg = np.pi / 180
+    np.testing.assert_allclose(params[2], [0.0, 0.0, deg, 0.0, 0.0, 0.5])  # rot_z = roll, trans_z = dS
+    np.testing.assert_allclose(params[3], [0.0, 0.0, deg, -0.2, 0.3, 0.5])  # trans_x = dL, trans_y = dP
+    pitch_yaw = afni.afni_motion_to_internal(np.array([[0.0, 2.0, 3.0, 0.0, 0.0, 0.0]]))
+    np.testing.assert_allclose(pitch_yaw[0, :3], [2 * deg, 3 * deg, 0.0])  # rot_x = pitch, rot_y = yaw
+
+
+def test_fd_and_rms_of_1d_motion_by_hand(tmp_path):
+    params = cf.read_motion_par(_write_1d(tmp_path / "motion.1D", AFNI_MOTION))
+    theta = np.pi / 180
+    # Power FD: sum |d trans| + 50 mm * sum |d rot|
+    np.testing.assert_allclose(cf.framewise_displacement(params), [0.0, 0.5, 50 * theta, 0.2 + 0.3], rtol=1e-12)
+    # Jenkinson: rotation by theta about z gives A = Rz - I, tr(A^T A) = 4 (1 - cos theta); RMS^2 = R^2/5 tr + |t|^2
+    rot = 80.0**2 / 5 * 4 * (1 - np.cos(theta))
+    absolute, relative = cf.rms_displacement(params)
+    np.testing.assert_allclose(relative[:3], [0.0, 0.5, np.sqrt(rot)], rtol=1e-12)
+    np.testing.assert_allclose(absolute[:3], [0.0, 0.5, np.sqrt(rot + 0.25)], rtol=1e-12)
+    np.testing.assert_allclose(relative[3], np.hypot(0.2, 0.3), rtol=1e-12)  # pure translation step
+
+
+def test_qc_on_1d_matches_the_same_motion_as_par(tmp_path):
+    motion = np.random.default_rng(5).normal(size=(30, 6)) * [0.3, 0.3, 0.3, 0.2, 0.2, 0.2]
+    one_d = _write_1d(tmp_path / "dfile_rall.1D", motion)
+    par = _write_1d(tmp_path / "run.par", afni.afni_motion_to_internal(motion))
+    assert run(["qc", "--motion-par", str(one_d), "-o", str(tmp_path / "a.tsv")]) == 0
+    assert run(["qc", "--motion-par", str(par), "-o", str(tmp_path / "f.tsv")]) == 0
+    a, f = io.read_tsv(tmp_path / "a.tsv"), io.read_tsv(tmp_path / "f.tsv")
+    numeric = [c for c in a.columns if c != "source"]
+    np.testing.assert_allclose(a[numeric].to_numpy(float), f[numeric].to_numpy(float), rtol=1e-5)
+
+
+def test_1d_selectors_comments_and_run_length(tmp_path):
+    dfile = np.column_stack([np.arange(5), np.arange(30).reshape(5, 6), np.ones((5, 3))])  # 3dvolreg -dfile: 10 columns
+    path = _write_1d(tmp_path / "dfile.r01.1D", dfile, "# comment\n")
+    with pytest.raises(InputError, match=r"10 columns; expected 6 .*dfile.r01.1D'\[1..6\]'"):
+        cf.read_motion_par(path)
+    np.testing.assert_array_equal(afni.read_1d(f"{path}'[1..6]'"), dfile[:, 1:7])
+    np.testing.assert_array_equal(afni.read_1d(f"{path}[1..6]{{1..$}}"), dfile[1:, 1:7])
+    np.testing.assert_array_equal(afni.read_1d(f"{path}[0,$]{{0..$(2)}}"), dfile[::2][:, [0, 9]])
+    (tmp_path / "c.1D").write_text("1 3@2 # count@value: three 2s\n0 3@4\n")
+    np.testing.assert_array_equal(afni.read_1d(tmp_path / "c.1D"), [[1, 2, 2, 2], [0, 4, 4, 4]])
+    with pytest.raises(InputError, match=r"column selector '\[0..12\]' .* asks for column 10 but the file has 10"):
+        afni.read_1d(f"{path}[0..12]")
+
+
+def test_censor_1d_gives_one_spike_per_censored_volume(tmp_path):
+    path = _write_1d(tmp_path / "censor_sub01_combined_2.1D", np.array([[1], [0], [1], [1], [0]]))
+    spikes = cf.read_censor(path)
+    np.testing.assert_array_equal(spikes, [[0, 0], [1, 0], [0, 0], [0, 0], [0, 1]])
+    _write_1d(tmp_path / "bad.1D", np.array([[1], [2]]))
+    with pytest.raises(InputError, match="bad.1D has values other than 0 and 1"):
+        cf.read_censor(tmp_path / "bad.1D")
+
+
+def test_regressor_1d_columns_are_a_table(tmp_path):
+    xmat = ('# <matrix\n#  ni_type = "3*double"\n#  ColumnLabels = "Run#1Pol#0 ; roll_01 ; dS_01"\n# >\n'
+            "1 0.1 0.2\n1 0.3 0.4\n")
+    (tmp_path / "X.xmat.1D").write_text(xmat)
+    table = io.read_tsv(tmp_path / "X.xmat.1D")
+    assert list(table.columns) == ["Run#1Pol#0", "roll_01", "dS_01"]
+    plain = cf.read_fmriprep_confounds(_write_1d(tmp_path / "extra.1D", np.eye(3)), ["col1"])
+    np.testing.assert_array_equal(plain["col1"], [0, 1, 0])
+
+
+def test_denoise_with_1d_motion_and_censor_matches_par_and_spikes(tmp_path, rng):
+    shape, n = (6, 7, 5), 50
+    bold = 100 + rng.normal(size=shape + (n,))
+    mask = np.zeros(shape)
+    mask[1:5, 1:6, 1:4] = 1
+    bold_nii, bold_afni = _pair(tmp_path, "bold", bold, tr=2.0)
+    mask_nii, _ = _pair(tmp_path, "mask", mask)
+    motion = rng.normal(size=(n, 6)) * 0.1
+    keep = np.ones(n)
+    keep[[7, 20, 21]] = 0
+    one_d = _write_1d(tmp_path / "dfile_rall.1D", motion)
+    censor = _write_1d(tmp_path / "censor_sub01_combined_2.1D", keep[:, None])
+    par = _write_1d(tmp_path / "run.par", afni.afni_motion_to_internal(motion))
+    spikes = _write_1d(tmp_path / "outliers.txt", afni.censor_to_spikes(keep))
+    common = ["--mask", str(mask_nii), "--acompcor", "0", "--fwhm", "0", "--physio-mode", "no", "-q", "--device", "cpu"]
+    assert run(["denoise", "--bold", str(bold_afni), "--motion-par", str(one_d), "--censor-file", str(censor),
+                "-o", str(tmp_path / "a"), *common]) == 0
+    assert run(["denoise", "--bold", str(bold_nii), "--motion-par", str(par), "--censor-file", str(spikes),
+                "-o", str(tmp_path / "f"), *common]) == 0
+    (a,), (f,) = list((tmp_path / "a").glob("*.nii.gz")), list((tmp_path / "f").glob("*.nii.gz"))
+    # the .par holds the converted motion to 6 significant digits (%g): residuals agree to ~1e-6 of their scale
+    np.testing.assert_allclose(np.asarray(nib.load(str(a)).dataobj), np.asarray(nib.load(str(f)).dataobj), atol=1e-4)
+    assert json.loads(a.with_name(a.name.replace(".nii.gz", ".json")).read_text())["SourceFormat"] == "AFNI"

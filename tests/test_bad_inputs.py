@@ -10,7 +10,7 @@ contract:
 - nothing new under the test's folder: no output file, no ``.tmp`` file.
 
 Faults injected (see also README, "Testing"): missing files, truncated
-``.nii.gz``, an AFNI ``.HEAD`` without its ``.BRIK``, wrong dimensionality, shape/affine mismatches, empty masks,
+``.nii.gz``, an AFNI ``.HEAD`` without its ``.BRIK``, ``.1D`` motion/censor files of the wrong length, wrong dimensionality, shape/affine mismatches, empty masks,
 NaN/Inf data, broken designs/contrasts/confounds, impossible ``-n``,
 censoring that leaves too few volumes, an output path under a regular file,
 a folder the process may not write (``tempfile.mkstemp`` raising EACCES),
@@ -321,6 +321,12 @@ def _cases() -> list[Case]:
              expect=("bad_confounds",)),
         Case("confounds-missing-motion", "denoise", lambda ws: _confounds_case(ws, lambda t: t.drop(columns=MOTION)),
              expect=("bad_confounds",)),
+        Case("afni-1d-motion-wrong-rows", "denoise",
+             lambda ws: {"m": _text(ws, "dfile_rall.1D", "# roll pitch yaw dS dL dP\n" + "0 0 0 0 0 0\n" * (N_VOLUMES - 3))},
+             extra=[("--motion-par", "{m}")], expect=("dfile_rall.1D", f"{N_VOLUMES - 3} rows", f"{N_VOLUMES} volumes")),
+        Case("afni-1d-censor-wrong-rows", "denoise",
+             lambda ws: {"c": _text(ws, "censor_s_combined_2.1D", "1\n" * (N_VOLUMES + 2))},
+             extra=[("--censor-file", "{c}")], expect=("censor_s_combined_2.1D", f"{N_VOLUMES + 2} rows")),
         Case("confounds-missing-column", "denoise", extra=[("--column", "not_a_column")], expect=("not_a_column",)),
         Case("confounds-missing-values", "denoise",
              lambda ws: _confounds_case(ws, lambda t: t.assign(trans_x=t.trans_x.where(t.index != 7))),
