@@ -63,7 +63,7 @@ from scipy import linalg
 from . import confounds as cf
 from .backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
 from .errors import InputError
-from .io import check_same_grid, load_header, load_image, load_mask, masked_data, read_tsv, save_image, write_tsv
+from .io import check_same_grid, load_header, load_image, load_mask, masked_data, read_tsv, save_image, split_ext, write_tsv
 from .physio import PHYSIO_COLUMNS, physio_confounds, physio_regressors
 
 __all__ = [
@@ -739,7 +739,7 @@ def collect_runs(
 def output_paths(files: RunFiles, out_dir: str | os.PathLike) -> dict[str, Path]:
     """BIDS-derivative output names: ``*_desc-denoised_bold.nii.gz`` and ``*_desc-denoised_design.tsv``."""
     name = files.bold.name
-    stem = name.split("_desc-")[0] if "_desc-" in name else name.split("_bold")[0].split(".nii")[0]
+    stem = name.split("_desc-")[0] if "_desc-" in name else split_ext(name)[0].split("_bold")[0]  # also x+tlrc.HEAD, x.feat
     folder = Path(out_dir)
     return {
         "bold": folder / f"{stem}_desc-denoised_bold.nii.gz",

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from . import afni
+from . import afni, feat
 from .errors import GpuconnError, InputError
 
 __all__ = [
@@ -83,7 +83,10 @@ def load_header(path: str | os.PathLike, *, ndim: int | None = None, what: str =
     ----------
     path : path-like
         ``.nii`` or ``.nii.gz`` file, or an AFNI dataset (``x+tlrc``,
-        ``x+tlrc.HEAD``, ``.BRIK``, ``.BRIK.gz``; see :mod:`gpuconn.afni`).
+        ``x+tlrc.HEAD``, ``.BRIK``, ``.BRIK.gz``; see :mod:`gpuconn.afni`),
+        or a first-level ``.feat`` folder (its ``filtered_func_data``) or
+        ``<feat>/reg_standard/mask.nii.gz``, in standard space (see
+        :mod:`gpuconn.feat`).
     ndim : {3, 4}, optional
         Required dimensionality. A 4D image with one volume passes as 3D
         (and keeps its 4D shape here).
@@ -103,6 +106,8 @@ def load_header(path: str | os.PathLike, *, ndim: int | None = None, what: str =
     path = Path(path)
     if afni.is_dataset(path):
         img = afni.open_dataset(path, what=what)
+    elif feat.is_standard_view(path):  # a .feat folder: its data resampled to reg/standard
+        img = feat.open_standard_view(path, what=what)
     else:
         if not path.exists():
             raise InputError(f"{what} file not found: {path}")

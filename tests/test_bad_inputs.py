@@ -10,7 +10,8 @@ contract:
 - nothing new under the test's folder: no output file, no ``.tmp`` file.
 
 Faults injected (see also README, "Testing"): missing files, truncated
-``.nii.gz``, an AFNI ``.HEAD`` without its ``.BRIK``, ``.1D`` motion/censor files of the wrong length, wrong dimensionality, shape/affine mismatches, empty masks,
+``.nii.gz``, an AFNI ``.HEAD`` without its ``.BRIK``, ``.1D`` motion/censor files of the wrong length,
+a FEAT folder without ``reg/``, wrong dimensionality, shape/affine mismatches, empty masks,
 NaN/Inf data, broken designs/contrasts/confounds, impossible ``-n``,
 censoring that leaves too few volumes, an output path under a regular file,
 a folder the process may not write (``tempfile.mkstemp`` raising EACCES),
@@ -202,6 +203,16 @@ def _afni_head_only(ws: dict, slot: str) -> Path:
     return head
 
 
+def _feat_without_reg(ws: dict) -> Path:
+    """A first-level FEAT folder whose registration (reg/) is missing."""
+    folder = ws["in"] / "noreg.feat"
+    (folder / "mc").mkdir(parents=True)
+    _image(folder / "filtered_func_data.nii.gz", np.asarray(nib.load(str(ws["bold"])).dataobj))
+    _image(folder / "mask.nii.gz", np.asarray(nib.load(str(ws["mask"])).dataobj))
+    np.savetxt(folder / "mc" / "prefiltered_func_data_mcf.par", np.zeros((N_VOLUMES, 6)))
+    return folder
+
+
 def _text(ws: dict, name: str, text: str) -> Path:
     path = ws["in"] / name
     path.write_text(text)
@@ -317,6 +328,14 @@ def _cases() -> list[Case]:
              expect=("nowhere",)),
         Case("derivatives-empty", "denoise", argv=["denoise", "--derivatives", "{in}", "-o", "{out}/d"],
              expect=("in",)),
+        Case("feat-without-reg", "denoise", lambda ws: {"feat": _feat_without_reg(ws)},
+             argv=["denoise", "--feat", "{feat}", "--acompcor", "0", "-o", "{out}/d", "-q", "--device", "cpu"],
+             expect=("noreg.feat", "reg/")),
+        Case("feat-without-reg", "seed", lambda ws: {"feat": _feat_without_reg(ws)},
+             argv=["seed", "--feat", "{feat}", "--seed-coord", "0,0,0", "--radius", "6", "-o", "{out}/s", "-q",
+                   "--device", "cpu"], expect=("noreg.feat", "reg/")),
+        Case("feat-as-bold-without-reg", "ica-run", lambda ws: {"bold": _feat_without_reg(ws)},
+             expect=("noreg.feat", "reg/")),
         Case("confounds-wrong-length", "denoise", lambda ws: _confounds_case(ws, lambda t: t.iloc[:-5]),
              expect=("bad_confounds",)),
         Case("confounds-missing-motion", "denoise", lambda ws: _confounds_case(ws, lambda t: t.drop(columns=MOTION)),
