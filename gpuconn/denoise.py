@@ -194,7 +194,8 @@ class RunFiles:
     @classmethod
     def from_run(cls, run, **overrides) -> "RunFiles":
         """From a :class:`gpuconn.bids.Run`, fields in ``overrides`` replacing the run's (no mask is an error)."""
-        fields = dict(bold=run.bold, mask=run.mask, confounds=run.confounds, physio=run.physio, wm=run.wm, csf=run.csf, label=run.label)
+        fields = dict(bold=run.bold, mask=run.mask, confounds=run.confounds, physio=run.physio, wm=run.wm, csf=run.csf, label=run.label,
+                      motion_par=getattr(run, "motion", None), censor_file=getattr(run, "censor", None))
         fields.update(overrides)
         if fields["mask"] is None:
             raise InputError(f"no brain mask (*_desc-brain_mask.nii.gz) beside {run.bold}; give one with --mask")

@@ -579,7 +579,7 @@ class _Context:
 
 
 def _run_files(run: Run) -> list[Path]:
-    return [p for p in (run.bold, run.mask, run.confounds, run.physio, run.wm, run.csf) if p is not None]
+    return [p for p in (run.bold, run.mask, run.confounds, run.physio, run.wm, run.csf, run.motion, run.censor) if p is not None]
 
 
 def _step_qc(ctx: _Context) -> list[Path]:
@@ -590,9 +590,9 @@ def _step_qc(ctx: _Context) -> list[Path]:
     rows = []
     with progress_bar("qc", len(ctx.study.runs), enabled=ctx.progress) as advance:
         for run in ctx.study.runs:
-            if run.confounds is None:
+            if run.confounds is None and run.motion is None:
                 raise InputError(f"QC needs motion parameters: no *_desc-confounds_timeseries.tsv beside {run.bold}")
-            params = load_motion(confounds=run.confounds, bold=run.bold)
+            params = load_motion(confounds=run.confounds, motion_par=run.motion, bold=run.bold)
             rows.append(({"run": run.prefix, "participant_id": f"sub-{run.subject}", "session": run.session or ""}, params))
             advance()
     table = qc_table(rows, **settings)
@@ -1067,7 +1067,7 @@ def _participants(study: Study) -> list[Path]:
 
 
 _STEP_TABLE = (
-    _Step("qc", _step_qc, _sections("qc", "inputs"), lambda s: [r.confounds for r in s.runs if r.confounds], ()),
+    _Step("qc", _step_qc, _sections("qc", "inputs"), lambda s: [r.motion or r.confounds for r in s.runs if r.motion or r.confounds], ()),
     _Step("denoise", _step_denoise, _sections("denoise", "qc"), lambda s: [p for r in s.runs for p in _run_files(r)], ("qc",)),
     _Step("seeds", _step_seeds, _sections("seeds"), lambda s: [], ("denoise",)),
     _Step("ica", _step_ica, _sections("ica", "networks"), lambda s: [s.ica_templates] if s.ica_templates else [], ("denoise",),

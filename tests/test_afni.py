@@ -265,3 +265,50 @@ def test_denoise_with_1d_motion_and_censor_matches_par_and_spikes(tmp_path, rng)
     # the .par holds the converted motion to 6 significant digits (%g): residuals agree to ~1e-6 of their scale
     np.testing.assert_allclose(np.asarray(nib.load(str(a)).dataobj), np.asarray(nib.load(str(f)).dataobj), atol=1e-4)
     assert json.loads(a.with_name(a.name.replace(".nii.gz", ".json")).read_text())["SourceFormat"] == "AFNI"
+
+
+# --- afni_proc.py results folders ------------------------------------------------------------------------------
+
+def _results_tree(root: Path, rng, subjects=("sub-01", "sub-02"), n: int = 40) -> Path:
+    shape = (6, 7, 5)
+    mask = np.zeros(shape)
+    mask[1:5, 1:6, 1:4] = 1
+    for i, subj in enumerate(subjects):
+        folder = root / subj / "ses-pre" / f"{subj}.results"
+        folder.mkdir(parents=True)
+        data = 100 + rng.normal(size=shape + (n,))
+        write_dataset(folder / f"all_runs.{subj}", data.astype(np.float32), AFFINE, tr=2.0)
+        write_dataset(folder / f"errts.{subj}.fanaticor", (data - 100).astype(np.float32), AFFINE, tr=2.0)
+        write_dataset(folder / f"full_mask.{subj}", mask.astype(np.uint8), AFFINE)
+        _write_1d(folder / "dfile_rall.1D", rng.normal(size=(n, 6)) * 0.01)
+        keep = np.ones((n, 1))
+        keep[[5 + i, 30]] = 0
+        _write_1d(folder / f"censor_{subj}_combined_2.1D", keep)
+    return root
+
+
+def test_results_folders_are_found_as_runs(tmp_path, rng):
+    from gpuconn.bids import find_runs
+
+    root = _results_tree(tmp_path / "afni", rng)
+    runs = find_runs(root)
+    assert [(r.subject, r.session, r.bold.name) for r in runs] == [
+        ("01", "pre", "all_runs.sub-01+tlrc.HEAD"), ("02", "pre", "all_runs.sub-02+tlrc.HEAD")]
+    assert runs[0].mask.name == "full_mask.sub-01+tlrc.HEAD" and runs[0].motion.name == "dfile_rall.1D"
+    assert runs[0].censor.name == "censor_sub-01_combined_2.1D" and runs[0].prefix == "sub-01_ses-pre"
+    assert find_runs(root, desc="denoised", participant_label=["02"])[0].bold.name == "errts.sub-02.fanaticor+tlrc.HEAD"
+    assert len(find_runs(root / "sub-01" / "ses-pre" / "sub-01.results")) == 1
+
+
+def test_qc_denoise_seed_on_an_afni_proc_folder(tmp_path, rng):
+    root = _results_tree(tmp_path / "afni", rng)
+    assert run(["qc", "--derivatives", str(root), "-o", str(tmp_path / "qc.tsv")]) == 0
+    assert io.read_tsv(tmp_path / "qc.tsv")["source"].tolist() == ["dfile_rall.1D", "dfile_rall.1D"]
+    assert run(["denoise", "--derivatives", str(root), "--acompcor", "0", "--fwhm", "0", "--physio-mode", "no",
+                "-o", str(tmp_path / "den"), "-q", "--device", "cpu"]) == 0
+    design = io.read_tsv(next((tmp_path / "den").rglob("*sub-01*_design.tsv")))
+    assert "rot_x" in design.columns
+    assert sum(c.startswith("motion_outlier") for c in design.columns) == 2  # the censor file's two zeros
+    assert run(["seed", "--derivatives", str(root), "--bold-desc", "denoised", "--seed-coord", "84,-116,-63",
+                "--radius", "5", "-o", str(tmp_path / "seed"), "-q", "--device", "cpu"]) == 0
+    assert (tmp_path / "seed" / "sub-01_ses-pre_stat-z_seedmap.nii.gz").exists()
