@@ -46,6 +46,7 @@ __all__ = [
     "feat_run",
     "feat_runs",
     "motion_sources",
+    "study_runs",
     "open_standard_view",
 ]
 
@@ -156,6 +157,36 @@ def motion_sources(runs: list[FeatRun]) -> list[tuple[dict, np.ndarray]]:
             raise InputError(f"FEAT folder {run.folder} has no mc/prefiltered_func_data_mcf.par; qc needs the motion")
         out.append(({"source": run.folder.name}, load_motion(motion_par=run.motion_par)))
     return out
+
+
+def study_runs(pattern: str) -> list:
+    """The FEAT folders of a study file's ``inputs.feat`` glob, as :class:`gpuconn.bids.Run` objects.
+
+    Subject and session come from ``sub-``/``ses-`` entities in the folder's
+    path (the folder label when there is no ``sub-``); ``bold`` is the
+    folder, ``mask`` its ``reg_standard/mask.nii.gz`` view and ``motion``
+    its MCFLIRT ``.par``.
+
+    Raises
+    ------
+    InputError
+        As :func:`feat_runs`, or two folders of one subject and session.
+    """
+    import re
+
+    from .bids import Run
+
+    runs, seen = [], {}
+    for run in feat_runs([pattern]):
+        parts = run.folder.resolve().parts
+        entities = dict(m for part in parts for m in re.findall(r"(sub|ses)-([a-zA-Z0-9]+)", part))
+        subject, session = entities.get("sub", run.label), entities.get("ses")
+        if (subject, session) in seen:
+            raise InputError(f"FEAT folders {seen[subject, session]} and {run.folder} are both subject {subject} "
+                             f"session {session or '(none)'}; name folders with sub-<label>[/ses-<label>]")
+        seen[subject, session] = run.folder
+        runs.append(Run(subject=subject, session=session, bold=run.bold, mask=run.mask, motion=run.motion_par))
+    return sorted(runs, key=lambda r: (r.subject, r.session or ""))
 
 
 def _registration(folder: Path) -> tuple[Path, Path | None, Path | None]:
