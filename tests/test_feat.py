@@ -142,3 +142,27 @@ def test_denoise_and_qc_take_feat_folders(tmp_path):
 def test_qc_needs_no_registration(tmp_path):
     folder = make_feat(tmp_path, reg=False)
     assert run(["qc", "--feat", str(folder), "-o", str(tmp_path / "qc.tsv")]) == 0
+
+
+def test_ica_and_dualreg_take_feat_folders_and_afni_datasets(tmp_path):
+    from afni_files import write_dataset
+
+    folders = [make_feat(tmp_path, f"sub-0{i}_rest.feat", seed=i) for i in (1, 2)]
+    mask = str(folders[0] / "reg_standard" / "mask.nii.gz")
+    assert run(["ica", "run", *map(str, folders), "-d", "2", "--mask", mask, "-o", str(tmp_path / "ica"), "-q",
+                "--device", "cpu"]) == 0
+    maps = tmp_path / "ica" / "melodic_IC.nii.gz"
+    assert nib.load(str(maps)).shape == STD_SHAPE + (2,)
+    assert run(["dualreg", str(maps), *map(str, folders), "--mask", mask, "-o", str(tmp_path / "dr"), "-q",
+                "--device", "cpu"]) == 0
+    # the same series as AFNI datasets give the same stage-2 maps
+    heads = []
+    for folder in folders:
+        img = io.load_image(folder)
+        heads.append(write_dataset(tmp_path / folder.name.removesuffix(".feat"), np.asarray(img.dataobj), STD_AFFINE, tr=TR))
+    assert run(["dualreg", str(maps), *map(str, heads), "--mask", mask, "-o", str(tmp_path / "dr_afni"), "-q",
+                "--device", "cpu"]) == 0
+    for name in ("dr_stage2_subject00000.nii.gz", "dr_stage2_subject00001_Z.nii.gz"):
+        a = np.asarray(nib.load(str(tmp_path / "dr" / name)).dataobj)
+        b = np.asarray(nib.load(str(tmp_path / "dr_afni" / name)).dataobj)
+        np.testing.assert_array_equal(a, b)
