@@ -121,7 +121,15 @@ def load_header(path: str | os.PathLike, *, ndim: int | None = None, what: str =
     if ndim is not None and len(shape) != ndim and not (ndim == 3 and len(shape) == 4 and shape[3] == 1):
         expected = "a 3D volume" if ndim == 3 else "a 4D series (x, y, z, time)"
         raise InputError(f"{what} {path} has shape {shape}; expected {expected}")
+    _note_source(img)
     return img
+
+
+def _note_source(img: nib.Nifti1Image) -> None:
+    """Record a non-NIfTI input format (AFNI, FEAT) for the sidecars of the current command."""
+    source, record = img.extra.get("source_format"), _sources.get()
+    if source and record is not None:
+        record.add(source)
 
 
 def _unreadable(path: Path, what: str, exc: Exception) -> InputError:
@@ -281,6 +289,8 @@ def unmask(values: np.ndarray, mask: np.ndarray, *, fill: float = 0.0) -> np.nda
 
 # Files created by atomic_path inside the innermost output_transaction.
 _created: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar("gpuconn_created", default=None)
+# Formats of the non-NIfTI inputs opened inside the outermost output_transaction (named in every sidecar).
+_sources: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("gpuconn_sources", default=None)
 
 
 @contextlib.contextmanager
@@ -298,6 +308,7 @@ def output_transaction() -> Iterator[list[Path]]:
     """
     created: list[Path] = []
     token = _created.set(created)
+    sources_token = _sources.set(_sources.get() if _sources.get() is not None else set())
     try:
         yield created
     except BaseException as exc:
@@ -308,6 +319,7 @@ def output_transaction() -> Iterator[list[Path]]:
         raise
     finally:
         _created.reset(token)
+        _sources.reset(sources_token)
         parent = _created.get()
         if parent is not None:
             parent.extend(created)
@@ -353,11 +365,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def provenance(params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """A JSON-ready record of parameters and package versions for a sidecar."""
+    """A JSON-ready record of parameters and package versions for a sidecar.
+
+    Inside :func:`output_transaction` (every CLI command), the formats of
+    non-NIfTI inputs opened so far (AFNI datasets, FEAT folders) are named
+    under ``SourceFormat``.
+    """
     import scipy
     import torch
 
-    return {
+    record = {
         "GeneratedBy": {"Name": "gpuconn", "Version": __version__},
         "Parameters": _jsonable(dict(params or {})),
         "Versions": {
@@ -369,6 +386,9 @@ def provenance(params: Mapping[str, Any] | None = None) -> dict[str, Any]:
             "pandas": pd.__version__,
         },
     }
+    if _sources.get():
+        record["SourceFormat"] = ", ".join(sorted(_sources.get()))
+    return record
 
 
 def _jsonable(value: Any) -> Any:
@@ -406,7 +426,7 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def _write_sidecar(path: Path, params: Mapping[str, Any] | None, reference: nib.Nifti1Image | None = None) -> None:
     record = provenance(params)
     source = getattr(reference, "extra", {}).get("source_format")
-    if source:  # inputs not read from NIfTI (AFNI datasets) are named
+    if source and "SourceFormat" not in record:  # the reference was not read from NIfTI (AFNI, FEAT)
         record["SourceFormat"] = source
     write_json(sidecar_path(path), record)
 

@@ -157,6 +157,8 @@ def test_randomise_round_trip_matches_nifti(tmp_path, rng):
     assert run(["randomise", "-i", str(maps_nii), "-m", str(mask_nii), "-o", str(tmp_path / "n" / "r"), *common]) == 0
     assert run(["randomise", "-i", str(maps_afni), "-m", str(mask_afni), "-o", str(tmp_path / "a" / "r"), *common]) == 0
     _assert_same_outputs(tmp_path / "n", tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "r.json").read_text())["SourceFormat"] == "AFNI"  # the command's own sidecar
+    assert "SourceFormat" not in json.loads((tmp_path / "n" / "r.json").read_text())
 
 
 # --- afni_proc.py .1D files ----------------------------------------------------------------------------------
