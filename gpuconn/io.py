@@ -448,7 +448,7 @@ def save_image(
         Must match the reference's spatial shape.
     reference : nibabel.Nifti1Image
         Source of affine and header (qform/sform codes, units, TR); its
-        ``extra['source_format']`` (set for AFNI inputs) goes to the sidecar
+        ``extra["source_format"]`` (set for AFNI and FEAT inputs) goes to the sidecar
         as ``SourceFormat``.
     path : path-like
         ``.nii`` or ``.nii.gz``.
