@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .options import DaskScheduler, Derivatives, Device, Participants, Quiet, Space, Workers
+from .options import DaskScheduler, Derivatives, Device, FeatDirs, Participants, Quiet, Space, Workers
 
 _File = Path | None
 
@@ -16,13 +16,14 @@ def denoise(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (as sub-X/ses-Y/func with --derivatives).")],
     bold: Annotated[_File, typer.Option("--bold", help="One 4D BOLD file (single-run mode; needs --mask).")] = None,
     mask: Annotated[_File, typer.Option("--mask", help="Brain mask on the BOLD grid (with --derivatives: for every run).")] = None,
-    confounds: Annotated[_File, typer.Option("--confounds", help="fMRIPrep *_desc-confounds_timeseries.tsv (single-run mode).")] = None,
-    motion_par: Annotated[_File, typer.Option("--motion-par", help="MCFLIRT .par file: motion instead of the TSV's columns.")] = None,
-    censor_file: Annotated[_File, typer.Option("--censor-file", help="fsl_motion_outliers matrix: spike columns instead of detecting outliers.")] = None,
+    confounds: Annotated[_File, typer.Option("--confounds", help="fMRIPrep *_desc-confounds_timeseries.tsv or a .1D of regressors (columns col0, col1...) (single-run mode).")] = None,
+    motion_par: Annotated[_File, typer.Option("--motion-par", help="MCFLIRT .par or AFNI dfile_rall.1D/motion_*.1D: motion instead of the TSV's columns.")] = None,
+    censor_file: Annotated[_File, typer.Option("--censor-file", help="fsl_motion_outliers matrix or AFNI censor_*.1D (1 keep, 0 censor): spikes instead of detecting outliers.")] = None,
     physio: Annotated[_File, typer.Option("--physio", help="BIDS *_physio.tsv.gz (with its .json) (single-run mode).")] = None,
     wm: Annotated[_File, typer.Option("--wm", help="WM probability map or mask on the BOLD grid (with --derivatives: for every run).")] = None,
     csf: Annotated[_File, typer.Option("--csf", help="CSF probability map or mask on the BOLD grid (with --derivatives: for every run).")] = None,
     derivatives: Derivatives = None,
+    feat: FeatDirs = [],
     participant_label: Participants = [],
     space: Space = "MNI152NLin2009cAsym",
     motion: Annotated[str, typer.Option("--motion", help="Motion regressors: 6, 24 (Friston) or none.")] = "6",
@@ -53,6 +54,7 @@ def denoise(
     from gpuconn.denoise import DenoiseOptions, RunFiles, collect_runs, denoise_runs, prepare_run
     from gpuconn.distributed import check_options, dask_client, denoise_runs_dask
     from gpuconn.errors import InputError
+    from gpuconn.feat import feat_runs
     from gpuconn.progress import progress_bar
 
     options = DenoiseOptions(
@@ -62,8 +64,8 @@ def denoise(
         fwhm=fwhm, columns=tuple(column), min_dof=min_dof, tr=tr,
     )  # fmt: skip
     single = dict(confounds=confounds, motion_par=motion_par, censor_file=censor_file, physio=physio, wm=wm, csf=csf)
-    if (bold is None) == (derivatives is None):
-        raise InputError("give either --bold (with --mask) or --derivatives")
+    if sum([bold is not None, derivatives is not None, bool(feat)]) != 1:
+        raise InputError("give one of --bold (with --mask), --derivatives or --feat")
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     if derivatives is not None:
@@ -73,6 +75,13 @@ def denoise(
         per_run = [k for k in ("confounds", "motion_par", "censor_file", "physio") if single[k] is not None]
         if per_run:
             raise InputError(f"--{per_run[0].replace('_', '-')} belongs to one run; use it with --bold, not --derivatives")
+    elif feat:  # FEAT folders: standard-space views of their data and mask, MCFLIRT motion
+        runs = feat_runs(feat)
+        if len(runs) > 1 and any(single[k] is not None for k in ("confounds", "motion_par", "censor_file", "physio")):
+            raise InputError("--confounds/--motion-par/--censor-file/--physio belong to one run; give one --feat folder")
+        files = [RunFiles(bold=r.bold, mask=mask or r.mask, label=r.label,
+                          **{**single, "motion_par": motion_par or r.motion_par}) for r in runs]
+        out_dirs = [out] if len(runs) == 1 else [out / r.label for r in runs]
     else:
         if mask is None:
             raise InputError("--bold needs --mask (the brain mask on the BOLD grid)")

@@ -39,6 +39,11 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Derivatives = Annotated[
     Path | None, typer.Option("--derivatives", help="fMRIPrep-style derivatives folder: every subject and session.")
 ]
+FeatDirs = Annotated[
+    list[Path],
+    typer.Option("--feat", help="First-level .feat folder (repeatable; a quoted glob is expanded): its data, mask and "
+                                "motion, resampled to reg/standard on the device."),
+]
 Participants = Annotated[list[str], typer.Option("--participant-label", help="Only these subjects (repeatable).")]
 Space = Annotated[str, typer.Option("--space", help="space- entity of the BOLD files under --derivatives.")]
 DaskScheduler = Annotated[

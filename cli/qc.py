@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .options import DaskScheduler, Quiet, Workers
+from .options import DaskScheduler, FeatDirs, Quiet, Workers
 
 
 def qc(
@@ -15,8 +15,9 @@ def qc(
     derivatives: Annotated[Path | None, typer.Option("--derivatives", help="fMRIPrep-style derivatives folder.")] = None,
     participant_label: Annotated[list[str], typer.Option("--participant-label", help="Only these subjects (repeatable).")] = [],
     space: Annotated[str, typer.Option("--space", help="space- entity of the BOLD files under --derivatives.")] = "MNI152NLin2009cAsym",
-    motion_par: Annotated[list[Path], typer.Option("--motion-par", help="MCFLIRT .par file (repeatable) instead of --derivatives.")] = [],
+    motion_par: Annotated[list[Path], typer.Option("--motion-par", help="MCFLIRT .par or AFNI dfile_rall.1D (repeatable) instead of --derivatives.")] = [],
     confounds: Annotated[list[Path], typer.Option("--confounds", help="fMRIPrep confounds TSV (repeatable) instead of --derivatives.")] = [],
+    feat: FeatDirs = [],
     abs_threshold: Annotated[float, typer.Option("--abs-threshold", help="Exclude above this max absolute RMS displacement (mm).")] = 3.0,
     rel_threshold: Annotated[float, typer.Option("--rel-threshold", help="Exclude above this max relative RMS displacement (mm).")] = 2.0,
     outlier_metric: Annotated[str, typer.Option("--outlier-metric", help="fd (Power) or rms (Jenkinson relative) for outlier counts.")] = "fd",
@@ -27,6 +28,8 @@ def qc(
 ) -> None:
     """Mean/max FD, relative and absolute RMS displacement, outliers and exclusion per run."""
     from gpuconn.distributed import check_options, dask_client
+    from gpuconn.feat import feat_runs
+    from gpuconn.feat import motion_sources as feat_motion
     from gpuconn.io import write_tsv
     from gpuconn.qc import motion_sources, qc_table
 
@@ -35,9 +38,12 @@ def qc(
         outlier_metric=outlier_metric, outlier_threshold=outlier_threshold,
     )  # fmt: skip
     check_options(dask_scheduler, workers)
-    sources = motion_sources(
-        derivatives=derivatives, participant_label=participant_label, space=space, motion_par=motion_par, confounds=confounds
-    )
+    sources = feat_motion(feat_runs(feat, registration=False))
+    if derivatives is not None or motion_par or confounds or not feat:
+        sources += motion_sources(
+            derivatives=derivatives, participant_label=participant_label, space=space, motion_par=motion_par,
+            confounds=confounds,
+        )  # fmt: skip
     with dask_client(scheduler=dask_scheduler, workers=workers) as client:  # None: one process
         table = qc_table(sources, client=client, progress=not quiet, **thresholds)
     write_tsv(table, out, params={"command": "gpuconn qc", **thresholds}, sidecar=True)

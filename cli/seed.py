@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .options import DaskScheduler, Derivatives, Device, Participants, Quiet, Space, Workers
+from .options import DaskScheduler, Derivatives, Device, FeatDirs, Participants, Quiet, Space, Workers
 
 BoldFiles = Annotated[list[Path], typer.Option("--bold", help="4D BOLD file (repeatable); needs --mask.")]
 Mask = Annotated[
@@ -36,6 +36,7 @@ def seed(
     bold: BoldFiles = [],
     mask: Mask = None,
     derivatives: Derivatives = None,
+    feat: FeatDirs = [],
     participant_label: Participants = [],
     bold_desc: BoldDesc = "preproc",
     space: Space = "MNI152NLin2009cAsym",
@@ -56,15 +57,18 @@ def seed(
 ) -> None:
     """Correlate mean seed time series with every brain voxel: r and Fisher z maps per run."""
     from gpuconn.distributed import check_options, dask_client, seed_maps_dask
-    from gpuconn.seed import bold_inputs, compute_seed_maps, regions_from_options
+    from gpuconn.feat import feat_runs
+    from gpuconn.seed import BoldInput, bold_inputs, compute_seed_maps, regions_from_options
 
     regions = regions_from_options(
         coords=seed_coord, radii=radius, names=name, mirror=mirror_mode(mirror, bilateral),
         table=seed_table, masks=seed_mask, labels=seed_label, what="seed",
     )  # fmt: skip
-    inputs = bold_inputs(
-        bold=bold, mask=mask, derivatives=derivatives, participant_label=participant_label, desc=bold_desc, space=space
-    )
+    inputs = [BoldInput(run.label, run.bold, mask or run.mask) for run in feat_runs(feat)]
+    if bold or derivatives is not None or not feat:
+        inputs += bold_inputs(
+            bold=bold, mask=mask, derivatives=derivatives, participant_label=participant_label, desc=bold_desc, space=space
+        )
     stats = ["r", "z"] + (["beta"] if beta else [])
     params = {"command": "gpuconn seed", "layout": layout}
     if not check_options(dask_scheduler, workers):

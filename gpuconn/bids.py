@@ -38,6 +38,10 @@ class Run:
         Brain mask, ``*_desc-confounds_timeseries.tsv``, ``*_physio.tsv.gz``
         (with its JSON), and ``*_label-WM/CSF_probseg.nii.gz`` (from the
         session's ``anat`` folder when it has one, else the subject's).
+    motion, censor : Path or None
+        Motion parameters and censor file outside the confounds TSV
+        (afni_proc.py's ``dfile_rall.1D`` and ``censor_*_combined_2.1D``,
+        FEAT's ``.par``).
     """
 
     subject: str
@@ -48,6 +52,8 @@ class Run:
     physio: Path | None = None
     wm: Path | None = None
     csf: Path | None = None
+    motion: Path | None = None
+    censor: Path | None = None
 
     @property
     def label(self) -> str:
@@ -56,8 +62,8 @@ class Run:
 
     @property
     def prefix(self) -> str:
-        """The BOLD file name up to (not including) its ``_space-`` entity."""
-        return self.bold.name.split("_space-")[0]
+        """The BOLD file name up to (not including) its ``_space-`` entity (:attr:`label` when it has none)."""
+        return self.bold.name.split("_space-")[0] if "_space-" in self.bold.name else self.label
 
 
 def _entities(name: str) -> dict[str, str]:
@@ -89,7 +95,9 @@ def find_runs(
     Parameters
     ----------
     root : path-like
-        fMRIPrep-style derivatives folder (``sub-*/[ses-*/]func/...``).
+        fMRIPrep-style derivatives folder (``sub-*/[ses-*/]func/...``), or
+        afni_proc.py ``*.results`` folders (see
+        :func:`gpuconn.afni.find_results_runs`; ``space`` is not used).
     participant_label : sequence of str, optional
         Subjects to keep (with or without ``sub-``); empty or None keeps all.
     space : str, default 'MNI152NLin2009cAsym'
@@ -111,6 +119,10 @@ def find_runs(
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"derivatives folder not found: {root}")
+    from . import afni
+
+    if afni.is_results_layout(root):  # afni_proc.py *.results folders
+        return afni.find_results_runs(root, participant_label=participant_label, desc=desc)
     wanted = {label.removeprefix("sub-") for label in participant_label} if participant_label else None
     runs = []
     for bold in sorted(root.glob(f"sub-*/**/func/*_space-{space}*_desc-{desc}_bold.nii*")):

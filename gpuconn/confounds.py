@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import afni
 from .backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
 from .errors import InputError
 from .io import note_input, read_tsv
@@ -54,6 +55,7 @@ __all__ = [
     "FMRIPREP_MOTION_COLUMNS",
     "read_motion_par",
     "read_matrix",
+    "read_censor",
     "read_fmriprep_confounds",
     "fmriprep_motion",
     "load_motion",
@@ -76,12 +78,14 @@ FMRIPREP_MOTION_COLUMNS = MOTION_COLUMNS
 
 
 def read_motion_par(path: str | os.PathLike) -> np.ndarray:
-    """Read an MCFLIRT ``.par`` file.
+    """Read an MCFLIRT ``.par`` file (or AFNI ``.1D`` motion, converted to the same order and units).
 
     Parameters
     ----------
     path : path-like
         Whitespace-separated, 6 columns: rx ry rz (radians) tx ty tz (mm).
+        An AFNI ``dfile_rall.1D``/``motion_*.1D`` (roll pitch yaw in degrees,
+        dS dL dP in mm) goes through :func:`gpuconn.afni.read_motion_1d`.
 
     Returns
     -------
@@ -92,6 +96,8 @@ def read_motion_par(path: str | os.PathLike) -> np.ndarray:
     InputError
         Missing file, non-numeric values, or not 6 columns.
     """
+    if afni.is_1d(path):
+        return afni.read_motion_1d(path)
     params = read_matrix(path, what="motion parameters")
     if params.shape[1] != 6:
         raise InputError(
@@ -105,7 +111,8 @@ def read_matrix(path: str | os.PathLike, *, what: str = "confound matrix") -> np
     """Read a plain numeric matrix (``.txt``, ``.tsv``, ``.par``, fsl_motion_outliers output).
 
     Columns may be separated by tabs or spaces; a header row of names is
-    skipped when present.
+    skipped when present. AFNI ``.1D`` files (``#`` comments, ``[cols]``
+    and ``{rows}`` selectors) are read with :func:`gpuconn.afni.read_1d`.
 
     Returns
     -------
@@ -116,6 +123,8 @@ def read_matrix(path: str | os.PathLike, *, what: str = "confound matrix") -> np
     InputError
         Missing, binary or empty file, non-numeric or NaN values.
     """
+    if afni.is_1d(path):
+        return afni.read_1d(path, what=what)
     path = Path(path)
     if not path.exists():
         raise InputError(f"{what} file not found: {path}")
@@ -137,6 +146,25 @@ def read_matrix(path: str | os.PathLike, *, what: str = "confound matrix") -> np
         raise InputError(f"{what} {path} has non-numeric values ({exc}); expected a numeric matrix") from exc
     _check_finite(matrix, path, what)
     return matrix
+
+
+def read_censor(path: str | os.PathLike) -> np.ndarray:
+    """Spike matrix from a censor file: an fsl_motion_outliers matrix, or an AFNI ``.1D`` column.
+
+    Parameters
+    ----------
+    path : path-like
+        fsl_motion_outliers ``-o`` output (one column per outlier, 1 at its
+        volume), or afni_proc.py ``censor_*_combined_2.1D`` (one column,
+        1 = keep, 0 = censor).
+
+    Returns
+    -------
+    ndarray, shape (n_volumes, n_outliers)
+    """
+    if afni.is_1d(path):
+        return afni.read_censor_1d(path)
+    return read_matrix(path, what="censor matrix")
 
 
 def _is_numeric_row(row: Sequence[str]) -> bool:
@@ -253,7 +281,10 @@ def load_motion(
 def check_length(values, n_volumes: int | None, path, bold) -> None:
     """Raise :class:`InputError` unless ``len(values) == n_volumes`` (None: no check)."""
     if n_volumes is not None and len(values) != n_volumes:
-        raise InputError(f"confounds {path} has {len(values)} rows but the image {bold} has {n_volumes} volumes")
+        hint = ""
+        if afni.is_1d(path) and len(values) > n_volumes:  # afni_proc's *_rall.1D and censor files span all runs
+            hint = f"; for one run of a multi-run .1D select its rows, e.g. '{{0..{n_volumes - 1}}}' after the name"
+        raise InputError(f"confounds {path} has {len(values)} rows but the image {bold} has {n_volumes} volumes{hint}")
 
 
 def _check_params(params: np.ndarray) -> np.ndarray:

@@ -63,7 +63,7 @@ from scipy import linalg
 from . import confounds as cf
 from .backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
 from .errors import InputError
-from .io import check_same_grid, load_header, load_image, load_mask, masked_data, read_tsv, save_image, write_tsv
+from .io import check_same_grid, load_header, load_image, load_mask, masked_data, read_tsv, save_image, split_ext, write_tsv
 from .physio import PHYSIO_COLUMNS, physio_confounds, physio_regressors
 
 __all__ = [
@@ -194,7 +194,8 @@ class RunFiles:
     @classmethod
     def from_run(cls, run, **overrides) -> "RunFiles":
         """From a :class:`gpuconn.bids.Run`, fields in ``overrides`` replacing the run's (no mask is an error)."""
-        fields = dict(bold=run.bold, mask=run.mask, confounds=run.confounds, physio=run.physio, wm=run.wm, csf=run.csf, label=run.label)
+        fields = dict(bold=run.bold, mask=run.mask, confounds=run.confounds, physio=run.physio, wm=run.wm, csf=run.csf, label=run.label,
+                      motion_par=getattr(run, "motion", None), censor_file=getattr(run, "censor", None))
         fields.update(overrides)
         if fields["mask"] is None:
             raise InputError(f"no brain mask (*_desc-brain_mask.nii.gz) beside {run.bold}; give one with --mask")
@@ -533,7 +534,7 @@ def _acompcor(files: RunFiles, img, data_4d, options: DenoiseOptions, device) ->
 def _outliers(files: RunFiles, params: np.ndarray | None, n_volumes: int, options: DenoiseOptions) -> np.ndarray:
     """Spike matrix (n_volumes, n_outliers) from a censor file or the motion metric."""
     if files.censor_file is not None:
-        spikes = cf.read_matrix(files.censor_file, what="censor matrix")
+        spikes = cf.read_censor(files.censor_file)
         cf.check_length(spikes, n_volumes, files.censor_file, files.bold)
         return spikes
     if options.outlier_metric == "none":
@@ -739,7 +740,7 @@ def collect_runs(
 def output_paths(files: RunFiles, out_dir: str | os.PathLike) -> dict[str, Path]:
     """BIDS-derivative output names: ``*_desc-denoised_bold.nii.gz`` and ``*_desc-denoised_design.tsv``."""
     name = files.bold.name
-    stem = name.split("_desc-")[0] if "_desc-" in name else name.split("_bold")[0].split(".nii")[0]
+    stem = name.split("_desc-")[0] if "_desc-" in name else split_ext(name)[0].split("_bold")[0]  # also x+tlrc.HEAD, x.feat
     folder = Path(out_dir)
     return {
         "bold": folder / f"{stem}_desc-denoised_bold.nii.gz",

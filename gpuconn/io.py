@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import glob
 import json
 import os
@@ -30,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
+from . import afni, feat
 from .errors import GpuconnError, InputError
 
 __all__ = [
@@ -62,6 +64,9 @@ _AFFINE_ATOL = 1e-3  # mm; header round-off in float32 qform/sform
 def split_ext(path: str | os.PathLike) -> tuple[str, str]:
     """Split a path into stem and extension, treating ``.nii.gz``/``.tsv.gz`` as one."""
     text = str(path)
+    if afni.is_dataset(text):  # x+tlrc.HEAD -> (x, +tlrc.HEAD)
+        suffix = afni.dataset_suffix(text)
+        return text[: -len(suffix)], suffix
     for suffix in (".nii.gz", ".tsv.gz", ".nii", ".tsv", ".json", ".txt", ".mat", ".con", ".grp", ".fts", ".html"):
         if text.endswith(suffix):
             return text[: -len(suffix)], suffix
@@ -83,7 +88,11 @@ def load_header(path: str | os.PathLike, *, ndim: int | None = None, what: str =
     Parameters
     ----------
     path : path-like
-        ``.nii`` or ``.nii.gz`` file.
+        ``.nii`` or ``.nii.gz`` file, or an AFNI dataset (``x+tlrc``,
+        ``x+tlrc.HEAD``, ``.BRIK``, ``.BRIK.gz``; see :mod:`gpuconn.afni`),
+        or a first-level ``.feat`` folder (its ``filtered_func_data``) or
+        ``<feat>/reg_standard/mask.nii.gz``, in standard space (see
+        :mod:`gpuconn.feat`).
     ndim : {3, 4}, optional
         Required dimensionality. A 4D image with one volume passes as 3D
         (and keeps its 4D shape here).
@@ -101,15 +110,20 @@ def load_header(path: str | os.PathLike, *, ndim: int | None = None, what: str =
         Missing or unreadable file, or wrong dimensionality.
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{what} file not found: {path}")
-    note_input(path)
-    if not str(path).endswith(NIFTI_SUFFIXES):
-        raise InputError(f"{what} {path} is not a NIfTI file (.nii or .nii.gz expected)")
-    try:
-        img = nib.load(str(path))
-    except Exception as exc:  # nibabel raises many types for corrupt files
-        raise _unreadable(path, what, exc) from exc
+    if afni.is_dataset(path):
+        img = afni.open_dataset(path, what=what)
+    elif feat.is_standard_view(path):  # a .feat folder: its data resampled to reg/standard
+        img = feat.open_standard_view(path, what=what)
+    else:
+        if not path.exists():
+            raise InputError(f"{what} file not found: {path}")
+        if not str(path).endswith(NIFTI_SUFFIXES):
+            raise InputError(f"{what} {path} is not a NIfTI file (.nii or .nii.gz) or AFNI dataset (+orig/+tlrc .HEAD)")
+        try:
+            img = nib.load(str(path))
+        except Exception as exc:  # nibabel raises many types for corrupt files
+            raise _unreadable(path, what, exc) from exc
+    note_input(path, source_format=img.extra.get("source_format"))
     shape = img.shape
     if ndim is not None and len(shape) != ndim and not (ndim == 3 and len(shape) == 4 and shape[3] == 1):
         expected = "a 3D volume" if ndim == 3 else "a 4D series (x, y, z, time)"
@@ -150,7 +164,7 @@ def load_image(path: str | os.PathLike, *, ndim: int | None = None, what: str = 
         raise _unreadable(Path(path), what, exc) from exc
     if ndim == 3 and data.ndim == 4:
         data = data[..., 0]
-    return nib.Nifti1Image(data, img.affine, img.header)
+    return nib.Nifti1Image(data, img.affine, img.header, extra=img.extra)
 
 
 def check_same_grid(
@@ -274,18 +288,28 @@ def unmask(values: np.ndarray, mask: np.ndarray, *, fill: float = 0.0) -> np.nda
 
 # Files created by atomic_path inside the innermost output_transaction.
 _created: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar("gpuconn_created", default=None)
-# Files the command inside the outermost output_transaction has read: no output may replace one.
-_inputs: contextvars.ContextVar[set[Path] | None] = contextvars.ContextVar("gpuconn_inputs", default=None)
+@dataclasses.dataclass
+class _CommandInputs:
+    """What the command inside the outermost :func:`output_transaction` has read."""
+
+    paths: set[Path] = dataclasses.field(default_factory=set)  # no output may replace one
+    formats: set[str] = dataclasses.field(default_factory=set)  # non-NIfTI formats, named in every sidecar
 
 
-def note_input(path: str | os.PathLike) -> None:
+_inputs: contextvars.ContextVar[_CommandInputs | None] = contextvars.ContextVar("gpuconn_inputs", default=None)
+
+
+def note_input(path: str | os.PathLike, *, source_format: str | None = None) -> None:
     """Record ``path`` as an input of the running command (inside :func:`output_transaction`).
 
-    :func:`atomic_path` then refuses to write over it.
+    :func:`atomic_path` then refuses to write over it; a ``source_format``
+    (AFNI, FEAT) is named under ``SourceFormat`` in the command's sidecars.
     """
     inputs = _inputs.get()
     if inputs is not None:
-        inputs.add(Path(path).resolve())
+        inputs.paths.add(Path(path).resolve())
+        if source_format:
+            inputs.formats.add(source_format)
 
 
 @contextlib.contextmanager
@@ -305,7 +329,7 @@ def output_transaction() -> Iterator[list[Path]]:
     """
     created: list[Path] = []
     token = _created.set(created)
-    inputs_token = _inputs.set(set()) if _inputs.get() is None else None
+    inputs_token = _inputs.set(_CommandInputs()) if _inputs.get() is None else None
     try:
         yield created
     except BaseException as exc:
@@ -422,7 +446,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         If ``path`` is an input of the running command.
     """
     path = Path(path)
-    if path.resolve() in (_inputs.get() or ()):
+    inputs = _inputs.get()
+    if inputs is not None and path.resolve() in inputs.paths:
         raise InputError(f"{path} is an input of this command; writing an output there would destroy it: "
                          "choose another output name or folder")
     try:
@@ -455,12 +480,17 @@ command_line: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
 
 
 def provenance(params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """A JSON-ready record of the command line, parameters and package versions for a sidecar."""
+    """A JSON-ready record of the command line, parameters and package versions for a sidecar.
+
+    Inside :func:`output_transaction` (every CLI command), the formats of
+    non-NIfTI inputs opened so far (AFNI datasets, FEAT folders) are named
+    under ``SourceFormat``.
+    """
     import scipy
     import torch
 
     argv = command_line.get()
-    return {
+    record = {
         "GeneratedBy": {"Name": "gpuconn", "Version": __version__,
                         "CommandLine": shlex.join(argv if argv is not None else sys.argv)},
         "Parameters": _jsonable(dict(params or {})),
@@ -473,6 +503,10 @@ def provenance(params: Mapping[str, Any] | None = None) -> dict[str, Any]:
             "pandas": pd.__version__,
         },
     }
+    inputs = _inputs.get()
+    if inputs is not None and inputs.formats:
+        record["SourceFormat"] = ", ".join(sorted(inputs.formats))
+    return record
 
 
 def _jsonable(value: Any) -> Any:
@@ -507,8 +541,12 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
-def _write_sidecar(path: Path, params: Mapping[str, Any] | None) -> None:
-    write_json(sidecar_path(path), provenance(params))
+def _write_sidecar(path: Path, params: Mapping[str, Any] | None, reference: nib.Nifti1Image | None = None) -> None:
+    record = provenance(params)
+    source = getattr(reference, "extra", {}).get("source_format")
+    if source and "SourceFormat" not in record:  # the reference was not read from NIfTI (AFNI, FEAT)
+        record["SourceFormat"] = source
+    write_json(sidecar_path(path), record)
 
 
 def save_image(
@@ -527,7 +565,9 @@ def save_image(
     data : ndarray, shape (x, y, z) or (x, y, z, n)
         Must match the reference's spatial shape.
     reference : nibabel.Nifti1Image
-        Source of affine and header (qform/sform codes, units, TR).
+        Source of affine and header (qform/sform codes, units, TR); its
+        ``extra["source_format"]`` (set for AFNI and FEAT inputs) goes to the sidecar
+        as ``SourceFormat``.
     path : path-like
         ``.nii`` or ``.nii.gz``.
     params : mapping, optional
@@ -555,7 +595,7 @@ def save_image(
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
     if sidecar:
-        _write_sidecar(path, params)
+        _write_sidecar(path, params, reference)
     return path
 
 
@@ -577,7 +617,14 @@ def write_tsv(
 
 
 def read_tsv(path: str | os.PathLike, *, what: str = "table") -> pd.DataFrame:
-    """Read a BIDS-style TSV (``n/a`` as missing) with a clear error when absent or malformed."""
+    """Read a BIDS-style TSV (``n/a`` as missing) with a clear error when absent or malformed.
+
+    An AFNI ``.1D`` file (e.g. extra regressors) is read as a table with
+    :func:`gpuconn.afni.read_1d_table` (columns ``col0``, ``col1``... or
+    the ``ColumnLabels`` of an ``X.xmat.1D``).
+    """
+    if afni.is_1d(path):
+        return afni.read_1d_table(path, what=what)
     path = Path(path)
     if not path.exists():
         raise InputError(f"{what} file not found: {path}")

@@ -159,10 +159,11 @@ def motion_sources(
     if derivatives is not None:
         sources = []
         for run in find_runs(derivatives, participant_label=list(participant_label) or None, space=space or DEFAULT_SPACE):
-            if run.confounds is None:
+            if run.confounds is None and run.motion is None:
                 raise InputError(f"no *_desc-confounds_timeseries.tsv beside {run.bold}; qc needs the motion parameters")
-            ids = {"participant_id": f"sub-{run.subject}", "session": run.session or "n/a", "source": run.confounds.name}
-            sources.append((ids, load_motion(confounds=run.confounds)))
+            ids = {"participant_id": f"sub-{run.subject}", "session": run.session or "n/a",
+                   "source": (run.motion or run.confounds).name}
+            sources.append((ids, load_motion(confounds=run.confounds, motion_par=run.motion)))
         return sources
     out = [({"source": Path(p).name}, load_motion(motion_par=p)) for p in motion_par]
     return out + [({"source": Path(p).name}, load_motion(confounds=p)) for p in confounds]

@@ -40,7 +40,9 @@ deterministic (seeded), so a resumed run gives the same results.
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -95,7 +97,10 @@ _REQUIRED = object()
 _SECTIONS: dict[str, dict[str, Any]] = {
     "study": {"name": "study", "device": "auto"},
     "inputs": {
-        "derivatives": _REQUIRED,
+        # exactly one of: fMRIPrep-style derivatives, a glob of first-level .feat folders, afni_proc.py results
+        "derivatives": "",
+        "feat": "",
+        "afni": "",
         "participants": "",
         "space": DEFAULT_SPACE,
         "subject_column": "participant_id",
@@ -454,7 +459,12 @@ def load_study(path: str | os.PathLike, *, check_inputs: bool = True) -> Study:
     path = Path(path).resolve()
     config = _validate(_parse(path), path)
     inputs = config["inputs"]
-    derivatives = (path.parent / inputs["derivatives"]).resolve()
+    given = [key for key in ("derivatives", "feat", "afni") if inputs[key]]
+    if len(given) != 1:
+        raise InputError(f"{path}: [inputs] needs one of derivatives (fMRIPrep-style folder), feat (glob of .feat "
+                         f"folders) or afni (afni_proc.py results); got {', '.join(given) or 'none'}")
+    source = given[0]
+    derivatives = _input_root(path.parent, inputs[source], source)
     participants = (path.parent / inputs["participants"]).resolve() if inputs["participants"] else derivatives / "participants.tsv"
     templates = (path.parent / config["ica"]["templates"]).resolve() if config["ica"]["templates"] else None
     if not check_inputs:
@@ -462,12 +472,17 @@ def load_study(path: str | os.PathLike, *, check_inputs: bool = True) -> Study:
     if templates is not None and not templates.is_file():
         raise InputError(f"{path}: ica.templates file not found: {templates}")
     if not derivatives.is_dir():
-        raise InputError(f"{path}: inputs.derivatives folder not found: {derivatives}")
+        raise InputError(f"{path}: inputs.{source} folder not found: {derivatives}")
     if not participants.is_file():
         raise InputError(f"{path}: inputs.participants file not found: {participants}")
     table = _add_derived(io.read_tsv(participants, what="participants"), config["derived"], path)
     _check_columns(config, table, participants, path)
-    runs = find_runs(derivatives, space=inputs["space"])
+    if source == "feat":
+        from .feat import study_runs
+
+        runs = study_runs(str(path.parent / inputs["feat"]))
+    else:  # find_runs reads afni_proc.py results folders too
+        runs = find_runs(derivatives, space=inputs["space"])
     known = set(table[inputs["subject_column"]].astype(str))
     missing = sorted({f"sub-{r.subject}" for r in runs} - known)
     if missing:
@@ -475,6 +490,16 @@ def load_study(path: str | os.PathLike, *, check_inputs: bool = True) -> Study:
     study = Study(path, config, derivatives, participants, runs, table, templates)
     _preflight_models(study)
     return study
+
+
+def _input_root(base: Path, value: str, source: str) -> Path:
+    """The folder of the inputs: the value, or for a ``feat`` glob its part before the first wildcard."""
+    if source != "feat":
+        return (base / value).resolve()
+    parts = Path(value).parts
+    fixed = list(itertools.takewhile(lambda p: not glob.has_magic(p), parts))
+    root = base.joinpath(*fixed)
+    return (root.parent if len(fixed) == len(parts) else root).resolve()
 
 
 def _preflight_models(study: Study) -> None:
@@ -506,6 +531,9 @@ def template_text() -> str:
 def _file_state(paths: Sequence[Path]) -> list:
     state = []
     for path in sorted({Path(p) for p in paths}):
+        if not path.exists():  # a computed input (a FEAT run's reg_standard/mask) has no file of its own
+            state.append([str(path), None, None])
+            continue
         stat = path.stat()
         state.append([str(path), stat.st_size, stat.st_mtime_ns])
     return state
@@ -579,7 +607,7 @@ class _Context:
 
 
 def _run_files(run: Run) -> list[Path]:
-    return [p for p in (run.bold, run.mask, run.confounds, run.physio, run.wm, run.csf) if p is not None]
+    return [p for p in (run.bold, run.mask, run.confounds, run.physio, run.wm, run.csf, run.motion, run.censor) if p is not None]
 
 
 def _step_qc(ctx: _Context) -> list[Path]:
@@ -590,9 +618,9 @@ def _step_qc(ctx: _Context) -> list[Path]:
     rows = []
     with progress_bar("qc", len(ctx.study.runs), enabled=ctx.progress) as advance:
         for run in ctx.study.runs:
-            if run.confounds is None:
+            if run.confounds is None and run.motion is None:
                 raise InputError(f"QC needs motion parameters: no *_desc-confounds_timeseries.tsv beside {run.bold}")
-            params = load_motion(confounds=run.confounds, bold=run.bold)
+            params = load_motion(confounds=run.confounds, motion_par=run.motion, bold=run.bold)
             rows.append(({"run": run.prefix, "participant_id": f"sub-{run.subject}", "session": run.session or ""}, params))
             advance()
     table = qc_table(rows, **settings)
@@ -1067,7 +1095,7 @@ def _participants(study: Study) -> list[Path]:
 
 
 _STEP_TABLE = (
-    _Step("qc", _step_qc, _sections("qc", "inputs"), lambda s: [r.confounds for r in s.runs if r.confounds], ()),
+    _Step("qc", _step_qc, _sections("qc", "inputs"), lambda s: [r.motion or r.confounds for r in s.runs if r.motion or r.confounds], ()),
     _Step("denoise", _step_denoise, _sections("denoise", "qc"), lambda s: [p for r in s.runs for p in _run_files(r)], ("qc",)),
     _Step("seeds", _step_seeds, _sections("seeds"), lambda s: [], ("denoise",)),
     _Step("ica", _step_ica, _sections("ica", "networks"), lambda s: [s.ica_templates] if s.ica_templates else [], ("denoise",),

@@ -10,7 +10,8 @@ contract:
 - nothing new under the test's folder: no output file, no ``.tmp`` file.
 
 Faults injected (see also README, "Testing"): missing files, truncated
-``.nii.gz``, wrong dimensionality, shape/affine mismatches, empty masks,
+``.nii.gz``, an AFNI ``.HEAD`` without its ``.BRIK``, ``.1D`` motion/censor files of the wrong length,
+a FEAT folder without ``reg/``, wrong dimensionality, shape/affine mismatches, empty masks,
 NaN/Inf data, broken designs/contrasts/confounds, impossible ``-n``,
 censoring that leaves too few volumes, an output path under a regular file,
 a folder the process may not write (``tempfile.mkstemp`` raising EACCES),
@@ -193,6 +194,25 @@ def _with_nan(ws: dict, slot: str, value: float) -> Path:
     return _bad_image(ws, slot, "nan" if np.isnan(value) else "inf", data)
 
 
+def _afni_head_only(ws: dict, slot: str) -> Path:
+    """An AFNI dataset of the slot's image whose .BRIK is missing."""
+    from afni_files import write_dataset
+
+    head = write_dataset(ws["in"] / f"nobrik_{slot}", np.asarray(nib.load(str(ws[slot])).dataobj), AFFINE, tr=2.0)
+    Path(str(head)[: -len(".HEAD")] + ".BRIK").unlink()
+    return head
+
+
+def _feat_without_reg(ws: dict) -> Path:
+    """A first-level FEAT folder whose registration (reg/) is missing."""
+    folder = ws["in"] / "noreg.feat"
+    (folder / "mc").mkdir(parents=True)
+    _image(folder / "filtered_func_data.nii.gz", np.asarray(nib.load(str(ws["bold"])).dataobj))
+    _image(folder / "mask.nii.gz", np.asarray(nib.load(str(ws["mask"])).dataobj))
+    np.savetxt(folder / "mc" / "prefiltered_func_data_mcf.par", np.zeros((N_VOLUMES, 6)))
+    return folder
+
+
 def _text(ws: dict, name: str, text: str) -> Path:
     path = ws["in"] / name
     path.write_text(text)
@@ -258,6 +278,8 @@ def _cases() -> list[Case]:
                           expect=("bad_nan",)))
         cases.append(Case("inf-in-data", command, lambda ws, s=slot: {s: _with_nan(ws, s, np.inf)},
                           expect=("bad_inf",)))
+        cases.append(Case("afni-missing-brik", command, lambda ws, s=slot: {s: _afni_head_only(ws, s)},
+                          expect=(f"nobrik_{slot}+tlrc.HEAD", ".BRIK")))
     x = np.random.default_rng(3).standard_normal(N_SUBJECTS)
     ones = np.ones(N_SUBJECTS)
     ages = np.arange(30.0, 30.0 + N_SUBJECTS)  # exact in text: age and age - 20 are collinear with the intercept
@@ -306,10 +328,24 @@ def _cases() -> list[Case]:
              expect=("nowhere",)),
         Case("derivatives-empty", "denoise", argv=["denoise", "--derivatives", "{in}", "-o", "{out}/d"],
              expect=("in",)),
+        Case("feat-without-reg", "denoise", lambda ws: {"feat": _feat_without_reg(ws)},
+             argv=["denoise", "--feat", "{feat}", "--acompcor", "0", "-o", "{out}/d", "-q", "--device", "cpu"],
+             expect=("noreg.feat", "reg/")),
+        Case("feat-without-reg", "seed", lambda ws: {"feat": _feat_without_reg(ws)},
+             argv=["seed", "--feat", "{feat}", "--seed-coord", "0,0,0", "--radius", "6", "-o", "{out}/s", "-q",
+                   "--device", "cpu"], expect=("noreg.feat", "reg/")),
+        Case("feat-as-bold-without-reg", "ica-run", lambda ws: {"bold": _feat_without_reg(ws)},
+             expect=("noreg.feat", "reg/")),
         Case("confounds-wrong-length", "denoise", lambda ws: _confounds_case(ws, lambda t: t.iloc[:-5]),
              expect=("bad_confounds",)),
         Case("confounds-missing-motion", "denoise", lambda ws: _confounds_case(ws, lambda t: t.drop(columns=MOTION)),
              expect=("bad_confounds",)),
+        Case("afni-1d-motion-wrong-rows", "denoise",
+             lambda ws: {"m": _text(ws, "dfile_rall.1D", "# roll pitch yaw dS dL dP\n" + "0 0 0 0 0 0\n" * (N_VOLUMES - 3))},
+             extra=[("--motion-par", "{m}")], expect=("dfile_rall.1D", f"{N_VOLUMES - 3} rows", f"{N_VOLUMES} volumes")),
+        Case("afni-1d-censor-wrong-rows", "denoise",
+             lambda ws: {"c": _text(ws, "censor_s_combined_2.1D", "1\n" * (N_VOLUMES + 2))},
+             extra=[("--censor-file", "{c}")], expect=("censor_s_combined_2.1D", f"{N_VOLUMES + 2} rows")),
         Case("confounds-missing-column", "denoise", extra=[("--column", "not_a_column")], expect=("not_a_column",)),
         Case("confounds-missing-values", "denoise",
              lambda ws: _confounds_case(ws, lambda t: t.assign(trans_x=t.trans_x.where(t.index != 7))),
