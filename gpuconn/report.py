@@ -270,7 +270,7 @@ def _planted_section(study, out: Path) -> str:
 
     checks = check_planted_effects(study, out, json.loads(truth_path.read_text()))
     checks["verdict"] = np.where(checks["found"] == checks["expected"], "as planted",
-                                 np.where(checks["expected"], "missed", "false positive"))
+                                 np.where(checks["expected"], "missed", "chance hit (a 5% test)"))
     return "<h2>Planted effects (simulated study)</h2>" + _table(checks)
 
 

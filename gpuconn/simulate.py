@@ -193,6 +193,22 @@ def _band_limited(rng: np.random.Generator, n: int, tr: float, low: float = 0.01
     return (series - series.mean()) / series.std()
 
 
+def _orthogonalised(series: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each time course made orthogonal to the ones before it (Gram-Schmidt in dict order), unit SD.
+
+    Independently drawn band-limited series of 120 volumes correlate by
+    chance (SD about 0.13), and that one number is shared by every voxel of
+    a network node: the planted null (no coupling between the sensorimotor
+    network and the others) held only on average over simulated studies.
+    Orthogonal within every run, it holds exactly. Linear combinations of
+    band-limited series stay band-limited.
+    """
+    names = list(series)
+    q, r = np.linalg.qr(np.column_stack([series[name] for name in names]))
+    q = q * np.sign(np.diag(r))  # keep each series' sign (positive correlation with its draw)
+    return {name: q[:, k] / q[:, k].std() for k, name in enumerate(names)}
+
+
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma_vox: float) -> np.ndarray:
     field_ = ndimage.gaussian_filter(rng.standard_normal(shape), sigma_vox)
     return field_ / field_.std()
@@ -328,7 +344,7 @@ def _simulate_run(
     shape, brain = anatomy.shape, anatomy.brain
     n = n_volumes
     inside = lambda volume: volume[brain][:, None]  # noqa: E731  (n_brain, 1) column of a 3D map
-    networks = {name: _band_limited(rng, n, tr) for name in NETWORKS}
+    networks = _orthogonalised({name: _band_limited(rng, n, tr) for name in NETWORKS})  # sensorimotor first
     signal = np.zeros((int(brain.sum()), n))
     for name, weight in anatomy.weights.items():
         amplitude = _NETWORK_AMPLITUDE * rng.uniform(0.85, 1.15)

@@ -47,7 +47,7 @@ def test_bundled_study_file_is_valid_and_matches_the_simulator():
     assert list(study.section("seeds")[0]["center"]) == list(SEEDS["S1back"][0])
 
 
-def test_effect_lines_say_found_and_false_positive():
+def test_effect_lines_say_found_and_a_null_hit_is_a_chance_hit():
     import pandas as pd
 
     checks = pd.DataFrame([
@@ -56,7 +56,7 @@ def test_effect_lines_say_found_and_false_positive():
     ])
     lines = effect_lines(checks, {"method": "cluster", "alpha": 0.05})
     assert lines[0].startswith("  planted e (seed S -> insula, model m): FOUND: 3 significant voxels near insula")
-    assert "FOUND (a false positive)" in lines[1]
+    assert "found: a chance hit (each null check is a test with a 5% false-positive rate)" in lines[1]
 
 
 def test_demo_never_overwrites_a_folder_it_did_not_write(tmp_path, capsys):

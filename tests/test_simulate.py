@@ -128,3 +128,19 @@ def test_bad_sizes_are_clear_errors(tmp_path):
         simulate_study(tmp_path, n_patients=1)
     with pytest.raises(InputError, match="--n-volumes must be >= 20"):
         simulate_study(tmp_path, n_volumes=5)
+
+
+def test_network_time_courses_are_orthogonal_within_every_run():
+    """The planted null holds exactly in every run, not only on average over seeds."""
+    from gpuconn.simulate import NETWORKS, _band_limited, _orthogonalised
+
+    rng = np.random.default_rng(4)
+    drawn = {name: _band_limited(rng, 120, 3.0) for name in NETWORKS}
+    series = _orthogonalised(drawn)
+    matrix = np.column_stack(list(series.values()))
+    np.testing.assert_allclose(np.corrcoef(matrix, rowvar=False), np.eye(len(NETWORKS)), atol=1e-12)
+    np.testing.assert_allclose(matrix.std(0), 1.0)
+    np.testing.assert_allclose(series["sensorimotor"], drawn["sensorimotor"] / drawn["sensorimotor"].std(), rtol=1e-12)
+    spectrum = np.abs(np.fft.rfft(matrix, axis=0))
+    freqs = np.fft.rfftfreq(120, d=3.0)
+    assert spectrum[(freqs < 0.01) | (freqs > 0.1)].max() < 1e-9  # still band-limited
