@@ -11,9 +11,11 @@ CPU-only install never imports it.
 from __future__ import annotations
 
 import functools
+import gc
 import importlib.resources
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -34,10 +36,13 @@ __all__ = [
     "to_cupy",
     "from_cupy",
     "load_kernel",
+    "tf32_disabled",
     "free_memory_bytes",
     "set_max_memory",
     "chunk_size",
+    "cuda_chunk_cap",
     "is_out_of_memory",
+    "release_cached_memory",
     "run_chunked",
 ]
 
@@ -46,11 +51,35 @@ DATA_DTYPE = torch.float32
 #: dtype of designs, pseudo-inverses and projections.
 DESIGN_DTYPE = torch.float64
 
+
+def _disable_tf32() -> None:
+    """Full float32 in matmuls and cuDNN: the ``fp32_precision`` API where torch has it (>= 2.9), else legacy flags.
+
+    Mixing the two APIs makes torch refuse to read the legacy flags, so only
+    one of them is used.
+    """
+    torch.set_float32_matmul_precision("highest")
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "fp32_precision"):
+        matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.fp32_precision = "ieee"
+    else:  # pragma: no cover - torch < 2.9
+        matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def tf32_disabled() -> bool:
+    """True when neither matmuls nor cuDNN may use TF32 (read through the API that set them)."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "fp32_precision"):
+        return (matmul.fp32_precision == "ieee" and torch.backends.cudnn.conv.fp32_precision == "ieee"
+                and torch.backends.cudnn.rnn.fp32_precision == "ieee")
+    return not (matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)  # pragma: no cover - torch < 2.9
+
+
 # TF32 (or bf16 on CPUs that offer it) would silently reduce float32 matmuls
 # to ~10 mantissa bits; keep full float32 on every backend.
-torch.set_float32_matmul_precision("highest")
-torch.backends.cuda.matmul.allow_tf32 = False
-torch.backends.cudnn.allow_tf32 = False
+_disable_tf32()
 
 _DEVICE_CHOICES = ("auto", "cpu", "cuda")
 _max_memory: int | None = None
@@ -208,11 +237,13 @@ def set_max_memory(n_bytes: int | None) -> None:
 def free_memory_bytes(device: torch.device) -> int:
     """Memory available for new work on ``device``, capped by :func:`set_max_memory`.
 
-    On CUDA this is ``torch.cuda.mem_get_info`` (free bytes); on CPU the
-    host's ``MemAvailable``.
+    On CUDA this is ``torch.cuda.mem_get_info`` (free bytes) plus what
+    torch's caching allocator holds reserved but unallocated (free for torch,
+    invisible to the driver); on CPU the host's ``MemAvailable``.
     """
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
+        free += max(0, torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     else:
         free = _host_available_bytes()
     return free if _max_memory is None else min(free, _max_memory)
@@ -257,13 +288,76 @@ def chunk_size(
     return int(size)
 
 
+#: CUDA chunks are at most this many items or 1/_CUDA_UPDATES of the work, whichever is larger.
+_CUDA_MIN_CAP = 1024
+_CUDA_UPDATES = 16
+
+
+def cuda_chunk_cap(n_items: int) -> int:
+    """Largest chunk of ``n_items`` permutations to plan on CUDA.
+
+    Without a cap a large GPU takes the whole permutation set as one chunk,
+    and progress and checkpoints only happen at the end. The cap keeps about
+    ``16`` chunks for large runs while every launch still carries at least
+    ``1024`` maps (one thread per map in the spatial kernels, see
+    ``kernels/README.md``).
+
+    Parameters
+    ----------
+    n_items : int
+
+    Returns
+    -------
+    int
+        ``max(1024, ceil(n_items / 16))``.
+    """
+    return max(_CUDA_MIN_CAP, -(-int(n_items) // _CUDA_UPDATES))
+
+
+# Texts of out-of-memory errors: torch's allocator, a raw CUDA error, cuBLAS/cuSOLVER
+# handles or workspaces, CuPy's driver and runtime errors.
+_OOM_TEXTS = (
+    "CUDA out of memory",
+    "CUDA error: out of memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUSOLVER_STATUS_ALLOC_FAILED",
+    "CUDA_ERROR_OUT_OF_MEMORY",
+    "cudaErrorMemoryAllocation",
+)
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    """True for a CUDA (torch or CuPy) out-of-memory error."""
+    """True for a CUDA out-of-memory error from torch, cuBLAS, cuSOLVER or CuPy."""
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
     if type(exc).__name__ == "OutOfMemoryError":  # cupy.cuda.memory.OutOfMemoryError
         return True
-    return isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(marker in text for marker in _OOM_TEXTS)
+
+
+def release_cached_memory(device: torch.device | None = None) -> None:
+    """Return cached device memory to the driver (after an OOM, before a retry).
+
+    Call it outside any ``except`` block: while the exception is being handled
+    its traceback keeps the failed chunk's tensors alive.
+
+    Parameters
+    ----------
+    device : torch.device, optional
+        The CUDA device to free; default the current one.
+    """
+    gc.collect()  # tensors caught in reference cycles with the failed frames
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return
+    if device is not None and device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.empty_cache()
+    else:
+        torch.cuda.empty_cache()
+    cupy = sys.modules.get("cupy")
+    if cupy is not None:
+        cupy.get_default_memory_pool().free_all_blocks()
 
 
 def run_chunked(
@@ -272,6 +366,7 @@ def run_chunked(
     chunk: int,
     *,
     on_halve: Callable[[int], None] | None = None,
+    device: torch.device | None = None,
 ) -> Iterator[tuple[int, int, T]]:
     """Run ``func(start, stop)`` over ``range(n_items)`` in chunks, halving on OOM.
 
@@ -286,6 +381,9 @@ def run_chunked(
         Initial chunk size (see :func:`chunk_size`).
     on_halve : callable, optional
         Called with the new chunk size each time an OOM halves it.
+    device : torch.device, optional
+        The device ``func`` works on, whose cache is freed after an OOM
+        (default: the current CUDA device).
 
     Yields
     ------
@@ -302,18 +400,20 @@ def run_chunked(
     start = 0
     while start < n_items:
         stop = min(start + chunk, n_items)
+        out_of_memory, result = False, None
         try:
             result = func(start, stop)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
             if stop - start == 1:
                 raise GpuconnError(
                     "out of device memory even for a single item; free GPU memory "
                     "held by other processes or use --device cpu"
                 ) from exc
+            out_of_memory = True
+        if out_of_memory:  # outside the handler, so the failed chunk's tensors can be freed
+            release_cached_memory(device)
             chunk = max(1, (stop - start) // 2)
             if on_halve is not None:
                 on_halve(chunk)
