@@ -10,12 +10,15 @@ CPU-only install never imports it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import importlib.resources
+import importlib.util
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -36,6 +39,10 @@ __all__ = [
     "to_cupy",
     "from_cupy",
     "load_kernel",
+    "KERNELS",
+    "compile_kernels",
+    "kernel_problem",
+    "cupy_launch",
     "tf32_disabled",
     "free_memory_bytes",
     "set_max_memory",
@@ -184,6 +191,18 @@ def _kernel_source(filename: str) -> str:
     return importlib.resources.files("gpuconn.kernels").joinpath(filename).read_text()
 
 
+#: NVRTC options of every kernel: no fused multiply-add contraction, so each
+#: kernel does the same float operations as its CPU twin (bit-identical sums).
+NVRTC_OPTIONS = ("-std=c++14", "--fmad=false")
+
+#: The custom kernels, as (file in :mod:`gpuconn.kernels`, ``extern "C"`` name).
+KERNELS = (
+    ("labels.cu", "gpuconn_label_batch"),
+    ("labels.cu", "gpuconn_cluster_stat_batch"),
+    ("tfce.cu", "gpuconn_tfce_sweep"),
+)
+
+
 @functools.cache
 def load_kernel(filename: str, name: str, device_index: int = 0, options: tuple[str, ...] = ()):
     """Compile (once per file, kernel name and device) a CUDA kernel with CuPy.
@@ -197,16 +216,112 @@ def load_kernel(filename: str, name: str, device_index: int = 0, options: tuple[
     device_index : int
         CUDA device to compile for.
     options : tuple of str
-        Extra NVRTC options.
+        NVRTC options added to :data:`NVRTC_OPTIONS`.
 
     Returns
     -------
     cupy.RawKernel
+        Compiled: the function's attributes are read here, which makes CuPy
+        compile and load the module now rather than at the first launch.
     """
     cupy = require_cupy()
     with cupy.cuda.Device(device_index):
-        module = cupy.RawModule(code=_kernel_source(filename), options=("-std=c++14",) + options)
-        return module.get_function(name)
+        module = cupy.RawModule(code=_kernel_source(filename), options=NVRTC_OPTIONS + tuple(options))
+        kernel = module.get_function(name)
+        _ = kernel.max_threads_per_block  # forces compilation and loading on this device
+        return kernel
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def _kernel_status(device_index: int) -> str | None:
+    if importlib.util.find_spec("cupy") is None:
+        return ("CuPy is not installed (pip install 'gpuconn[gpu]' for CUDA 12 or 'gpuconn[gpu-cuda13]' "
+                "for CUDA 13)")
+    try:
+        for filename, name in KERNELS:
+            load_kernel(filename, name, device_index)
+    except Exception as exc:  # NVRTC missing, compile error, driver too old: all mean "no kernels"
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        return f"the CUDA kernels did not compile on cuda:{device_index} ({type(exc).__name__}: {first})"
+    return None
+
+
+def compile_kernels(device: str | torch.device = "auto", *, required: bool = False) -> str | None:
+    """Compile every custom kernel for ``device`` now, so no step compiles mid-run.
+
+    Called by ``gpuconn info`` and at the start of the commands whose steps
+    launch kernels. The outcome is cached per device.
+
+    Parameters
+    ----------
+    device : str or torch.device, default 'auto'
+    required : bool, default False
+        Raise instead of returning the problem.
+
+    Returns
+    -------
+    str or None
+        None when the kernels are ready (or the device is not CUDA, which
+        needs none); otherwise one line saying why they cannot be used, in
+        which case each step falls back to its torch/host path with a warning.
+
+    Raises
+    ------
+    GpuconnError
+        With ``required=True``, when the kernels cannot be used.
+    """
+    device = resolve_device(device)
+    if device.type != "cuda":
+        return None
+    problem = _kernel_status(_device_index(device))
+    if problem is not None and required:
+        raise GpuconnError(f"{problem}; use --device cpu, or fix the CuPy install")
+    return problem
+
+
+def kernel_problem(device: torch.device, what: str, fallback: str) -> str | None:
+    """Check the kernels on a CUDA ``device`` before a launch; warn about the fallback when they can't run.
+
+    Parameters
+    ----------
+    device : torch.device
+        A CUDA device.
+    what, fallback : str
+        The step and the path it takes instead, for the warning.
+
+    Returns
+    -------
+    str or None
+        None when the kernels are ready.
+    """
+    problem = compile_kernels(device)
+    if problem is not None:
+        warnings.warn(f"{what} on CUDA uses {fallback}: {problem}", RuntimeWarning, stacklevel=3)
+    return problem
+
+
+@contextlib.contextmanager
+def cupy_launch(device: torch.device) -> Iterator[Any]:
+    """Launch CuPy kernels on ``device`` in torch's current stream of that device.
+
+    CuPy launches on its own current device, which is not the tensor's for
+    ``cuda:N`` with N > 0; this enters that device and wraps torch's stream
+    (with its device) as CuPy's current stream.
+
+    Yields
+    ------
+    module
+        CuPy.
+    """
+    cupy = require_cupy()
+    index = _device_index(device)
+    pointer = torch.cuda.current_stream(device).cuda_stream
+    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(pointer, index):
+        yield cupy
 
 
 def _host_available_bytes() -> int:

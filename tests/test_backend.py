@@ -168,3 +168,22 @@ def test_cuda_chunk_cap_keeps_progress_and_large_launches():
     assert backend.cuda_chunk_cap(10_000) == 1024
     assert backend.cuda_chunk_cap(100) == 1024  # small runs: one chunk
     assert backend.cuda_chunk_cap(160_000) == 10_000  # 16 chunks
+
+
+def test_compile_kernels_needs_nothing_on_cpu_and_reports_problems(monkeypatch):
+    assert backend.compile_kernels("cpu") is None
+    monkeypatch.setattr(backend, "resolve_device", lambda name: torch.device("cuda:1"))
+    monkeypatch.setattr(backend, "_kernel_status", lambda index: f"no NVRTC on cuda:{index}")
+    assert backend.compile_kernels("cuda:1") == "no NVRTC on cuda:1"
+    with pytest.raises(GpuconnError, match="no NVRTC on cuda:1; use --device cpu"):
+        backend.compile_kernels("cuda:1", required=True)
+    with pytest.warns(RuntimeWarning, match="TFCE on CUDA uses the host sweep: no NVRTC on cuda:1"):
+        assert backend.kernel_problem(torch.device("cuda:1"), "TFCE", "the host sweep") is not None
+
+
+@pytest.mark.gpu
+def test_kernels_compile_up_front_on_cuda():
+    pytest.importorskip("cupy")
+    assert backend.compile_kernels("cuda") is None
+    for filename, name in backend.KERNELS:
+        assert backend.load_kernel(filename, name, torch.cuda.current_device()) is not None
