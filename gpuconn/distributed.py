@@ -65,7 +65,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from .backend import resolve_device, to_numpy
+from .backend import chunk_size, cuda_chunk_cap, resolve_device, run_chunked, to_numpy
 from .errors import GpuconnError, InputError
 from .progress import progress_bar
 
@@ -183,17 +183,71 @@ def _host(values: torch.Tensor | np.ndarray | None) -> np.ndarray | None:
     return to_numpy(values) if torch.is_tensor(values) else values
 
 
-def _chunk_task(token: str, model, start: int, stop: int, observed: dict | None, device: str) -> dict:
-    """Evaluate rearrangements ``[start, stop)`` on this worker; host arrays out."""
+# Plan at most this much working memory per sub-chunk on a CPU worker (as randomise does on the CPU).
+_CPU_CHUNK_BYTES = 1 << 30
+
+
+def _bytes_per_rearrangement(prepared) -> int:
+    """Working memory of one rearrangement, as :func:`gpuconn.stats.randomise.prepare_permutation_test` plans it."""
+    n_vox = prepared.contrasts[0].residuals.shape[1]
+    rows = max(c.model.rows.shape[0] for c in prepared.contrasts)
+    n_maps = max(len(c.transforms) for c in prepared.contrasts)
+    return 4 * max(n_vox, 1) * (rows + 4 + 2 * n_maps)
+
+
+def _worker_chunk(prepared, n_items: int) -> int:
+    """Rearrangements per evaluation on this worker, from its own device's free memory."""
+    per_item = _bytes_per_rearrangement(prepared)
+    if prepared.device.type == "cuda":
+        maximum = cuda_chunk_cap(n_items)
+    else:
+        maximum = max(1, _CPU_CHUNK_BYTES // per_item)
+    return chunk_size(per_item, prepared.device, n_items=n_items, maximum=maximum)
+
+
+def _evaluate_task(prepared, start: int, stop: int, observed: dict | None) -> dict:
+    """``evaluate_chunk`` over ``[start, stop)`` in sub-chunks that fit this worker, halving on OOM.
+
+    The sub-chunk is planned here, on the worker, from its device; the merge
+    is the one :class:`gpuconn.stats.randomise.ChunkMerger` does (integer
+    counts summed, maxima concatenated in rearrangement order), so the task's
+    output does not depend on the sub-chunks.
+    """
     from .stats.randomise import evaluate_chunk
 
+    merged: dict | None = None
+
+    def evaluate(s: int, e: int) -> dict:
+        return evaluate_chunk(prepared, start + s, start + e, observed)
+
+    for _s, _e, out in run_chunked(evaluate, stop - start, _worker_chunk(prepared, stop - start),
+                                   device=prepared.device):
+        if merged is None:
+            merged = out
+            if observed is None:  # chunk 0: later sub-chunks compare with its observed maps
+                observed = {name: r["observed"] for name, r in out.items()}
+            continue
+        for name, r in out.items():
+            m = merged[name]
+            m["count"] = m["count"] + r["count"]
+            m["max"] = {k: np.concatenate([m["max"][k], r["max"][k]]) for k in m["max"]}
+    return merged
+
+
+def _chunk_task(token: str, model, start: int, stop: int, observed: dict | None, device: str) -> dict:
+    """Evaluate rearrangements ``[start, stop)`` on this worker; host arrays out.
+
+    ``device`` is resolved here (with dask-cuda, ``auto`` is this worker's
+    GPU), and the task is evaluated in sub-chunks planned from that device's
+    free memory, halved on OOM.
+    """
     prepared = _WORKER_MODELS.get(token)
     if prepared is None:
         _WORKER_MODELS.clear()  # one run at a time per worker: drop the previous model
         prepared = _WORKER_MODELS[token] = model.to(resolve_device(device))
     if observed is not None:
         observed = {name: torch.as_tensor(values, device=prepared.device) for name, values in observed.items()}
-    out = evaluate_chunk(prepared, start, stop, observed)
+    out = _evaluate_task(prepared, start, stop, observed)
     return {
         name: {
             "observed": _host(r["observed"]),
@@ -205,8 +259,9 @@ def _chunk_task(token: str, model, start: int, stop: int, observed: dict | None,
     }
 
 
-def _task_size(n_perm: int, chunk: int, workers: int, tasks_per_worker: int) -> int:
-    return max(1, min(chunk, math.ceil(n_perm / (workers * tasks_per_worker))))
+def _task_size(n_perm: int, workers: int, tasks_per_worker: int) -> int:
+    """Rearrangements per task: the work split over the workers (each worker sizes its own evaluations)."""
+    return max(1, math.ceil(n_perm / (workers * tasks_per_worker)))
 
 
 def dask_runner(
@@ -226,9 +281,10 @@ def dask_runner(
         Device each worker evaluates on, resolved on the worker (with
         dask-cuda, ``auto`` is that worker's GPU).
     chunk : int, optional
-        Rearrangements per task. Default: the engine's chunk size, made
-        smaller when needed so each worker gets about ``tasks_per_worker``
-        tasks.
+        Rearrangements per task. Default: about ``tasks_per_worker`` tasks
+        per worker. Each worker evaluates its task in sub-chunks planned
+        from its own device's free memory and halved on OOM (not from the
+        client's device).
     tasks_per_worker : int, default 4
     retries : int, default 2
         Dask retries of a failed task.
@@ -271,7 +327,7 @@ def _run_permutations(client, prepared, *, device: str, chunk: int | None, tasks
 
     n_perm = prepared.scheme.n_perm
     workers = n_workers(client)
-    size = int(chunk) if chunk is not None else _task_size(n_perm, prepared.chunk, workers, tasks_per_worker)
+    size = int(chunk) if chunk is not None else _task_size(n_perm, workers, tasks_per_worker)
     prepared = replace(prepared, chunk=size)
     merger = ChunkMerger(prepared)
     bounds = [(start, min(start + size, n_perm)) for start in range(0, n_perm, size)]

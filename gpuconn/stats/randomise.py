@@ -63,7 +63,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..backend import DESIGN_DTYPE, as_data, chunk_size, resolve_device, run_chunked, to_numpy
+from ..backend import DESIGN_DTYPE, as_data, chunk_size, cuda_chunk_cap, resolve_device, run_chunked, to_numpy
 from ..errors import InputError
 from ..io import load_image, load_mask, masked_data, provenance, save_image, unmask, write_json, write_text
 from ..progress import progress_bar
@@ -441,7 +441,8 @@ def prepare_permutation_test(
     n_maps = max(len(c.transforms) for c in contrasts_state)
     per_item = 4 * max(n_vox, 1) * (rows + 4 + 2 * n_maps)
     if chunk is None:
-        maximum = None if device.type == "cuda" else max(1, _CPU_CHUNK_BYTES // per_item)
+        # CUDA: capped so progress and checkpoints come during the run (the spatial kernels size their own launches)
+        maximum = cuda_chunk_cap(scheme.n_perm) if device.type == "cuda" else max(1, _CPU_CHUNK_BYTES // per_item)
         chunk = chunk_size(per_item, device, n_items=scheme.n_perm, maximum=maximum)
     return PreparedTest(contrasts_state, scheme, device, int(chunk))
 
@@ -562,7 +563,8 @@ def _run_loop(
     with progress_bar("randomise", prepared.scheme.n_perm, enabled=progress) as advance:
         advance(done)
         evaluate = lambda start, stop: evaluate_chunk(prepared, done + start, done + stop, merger.observed)  # noqa: E731
-        for start, stop, out in run_chunked(evaluate, prepared.scheme.n_perm - done, prepared.chunk):
+        for start, stop, out in run_chunked(evaluate, prepared.scheme.n_perm - done, prepared.chunk,
+                                            device=prepared.device):
             merger.add(done + start, done + stop, out)
             advance(stop - start)
             if on_chunk is not None:
