@@ -43,6 +43,7 @@ __all__ = [
     "compile_kernels",
     "kernel_problem",
     "cupy_launch",
+    "map_launch",
     "tf32_disabled",
     "free_memory_bytes",
     "set_max_memory",
@@ -304,6 +305,30 @@ def kernel_problem(device: torch.device, what: str, fallback: str) -> str | None
     return problem
 
 
+def map_launch(n_maps: int, device: torch.device) -> tuple[tuple[int], tuple[int]]:
+    """Grid and block of a one-thread-per-map kernel, spread over every multiprocessor.
+
+    Each thread walks a whole map (a union-find sweep: dependent, uncoalesced
+    loads), so a launch is latency-bound and its speed grows with the number
+    of multiprocessors that hold a thread. Blocks are one warp (32 threads)
+    when there are enough maps for every multiprocessor; with fewer maps they
+    shrink so that the maps still spread over all of them.
+
+    Parameters
+    ----------
+    n_maps : int
+    device : torch.device
+        A CUDA device.
+
+    Returns
+    -------
+    grid, block : tuple of int
+    """
+    n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+    threads = max(1, min(32, -(-int(n_maps) // n_sm)))
+    return (max(1, -(-int(n_maps) // threads)),), (threads,)
+
+
 @contextlib.contextmanager
 def cupy_launch(device: torch.device) -> Iterator[Any]:
     """Launch CuPy kernels on ``device`` in torch's current stream of that device.
@@ -408,25 +433,33 @@ _CUDA_MIN_CAP = 1024
 _CUDA_UPDATES = 16
 
 
-def cuda_chunk_cap(n_items: int) -> int:
+#: With spatial statistics (one thread per map in the kernels) chunks may reach this many maps.
+_CUDA_SPATIAL_CAP = 4096
+
+
+def cuda_chunk_cap(n_items: int, *, spatial: bool = False) -> int:
     """Largest chunk of ``n_items`` permutations to plan on CUDA.
 
     Without a cap a large GPU takes the whole permutation set as one chunk,
     and progress and checkpoints only happen at the end. The cap keeps about
     ``16`` chunks for large runs while every launch still carries at least
-    ``1024`` maps (one thread per map in the spatial kernels, see
-    ``kernels/README.md``).
+    ``1024`` maps. With spatial statistics the kernels run one thread per
+    map and their launch time hardly grows with the number of maps, so the
+    cap is ``4096`` maps (memory permitting; see ``kernels/README.md``).
 
     Parameters
     ----------
     n_items : int
+    spatial : bool, default False
+        TFCE or cluster statistics are computed on each chunk.
 
     Returns
     -------
     int
-        ``max(1024, ceil(n_items / 16))``.
+        ``max(1024, ceil(n_items / 16))``, or ``max(4096, ...)`` with ``spatial``.
     """
-    return max(_CUDA_MIN_CAP, -(-int(n_items) // _CUDA_UPDATES))
+    floor = _CUDA_SPATIAL_CAP if spatial else _CUDA_MIN_CAP
+    return max(floor, -(-int(n_items) // _CUDA_UPDATES))
 
 
 # Texts of out-of-memory errors: torch's allocator, a raw CUDA error, cuBLAS/cuSOLVER

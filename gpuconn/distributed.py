@@ -199,7 +199,7 @@ def _worker_chunk(prepared, n_items: int) -> int:
     """Rearrangements per evaluation on this worker, from its own device's free memory."""
     per_item = _bytes_per_rearrangement(prepared)
     if prepared.device.type == "cuda":
-        maximum = cuda_chunk_cap(n_items)
+        maximum = cuda_chunk_cap(n_items, spatial=any(c.transforms for c in prepared.contrasts))
     else:
         maximum = max(1, _CPU_CHUNK_BYTES // per_item)
     return chunk_size(per_item, prepared.device, n_items=n_items, maximum=maximum)

@@ -92,8 +92,8 @@ def fake_launch(monkeypatch, module, filename: str, kernel: str, params: str, fo
 
     Patches ``load_kernel``, ``to_cupy`` (a NumPy view of the tensor, so the
     kernel writes into it), ``cupy_launch`` (no device or stream to enter),
-    ``kernel_problem`` (the kernels are "ready") and
-    ``torch.cuda.current_stream``, so the Python side of a CUDA path
+    ``kernel_problem`` (the kernels are "ready"), ``torch.cuda.current_stream``
+    and ``torch.cuda.get_device_properties`` (5 multiprocessors), so the Python side of a CUDA path
     (argument order, scratch layout, chunking) runs here. ``kernel`` may be a
     ``{name: params}`` dict when the path launches several kernels of ``filename``.
     """
@@ -112,6 +112,8 @@ def fake_launch(monkeypatch, module, filename: str, kernel: str, params: str, fo
     monkeypatch.setattr(module, "kernel_problem", lambda *args, **kwargs: None)
     monkeypatch.setattr(module, "to_cupy", lambda tensor: tensor.contiguous().numpy())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 0})())
+    # map_launch reads the multiprocessor count: a small GPU, so the test sizes exercise its block shrinking
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: type("P", (), {"multi_processor_count": 5})())
 
 
 def expect_kernel_path(monkeypatch, module):

@@ -168,6 +168,19 @@ def test_cuda_chunk_cap_keeps_progress_and_large_launches():
     assert backend.cuda_chunk_cap(10_000) == 1024
     assert backend.cuda_chunk_cap(100) == 1024  # small runs: one chunk
     assert backend.cuda_chunk_cap(160_000) == 10_000  # 16 chunks
+    assert backend.cuda_chunk_cap(10_000, spatial=True) == 4096  # one thread per map: launches of thousands
+
+
+def test_map_launch_spreads_maps_over_every_multiprocessor(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"multi_processor_count": 132}))
+    cuda = torch.device("cuda:0")
+    assert backend.map_launch(10_000, cuda) == ((313,), (32,))  # enough maps: one warp per block
+    grid, block = backend.map_launch(1024, cuda)
+    assert block == (8,) and grid == (128,)  # fewer maps: smaller blocks, still on (almost) every multiprocessor
+    assert backend.map_launch(5, cuda) == ((5,), (1,))
+    for n in (1, 31, 133, 4095, 4224, 10_001):
+        grid, block = backend.map_launch(n, cuda)
+        assert grid[0] * block[0] >= n > (grid[0] - 1) * block[0]  # every map has exactly one thread block slot
 
 
 def test_compile_kernels_needs_nothing_on_cpu_and_reports_problems(monkeypatch):

@@ -39,7 +39,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..backend import chunk_size, cupy_launch, kernel_problem, load_kernel, to_cupy
+from ..backend import chunk_size, cupy_launch, kernel_problem, load_kernel, map_launch, to_cupy
 from ..errors import InputError
 
 try:  # Numba compiles the CPU union-find; without it the same code runs as Python.
@@ -290,7 +290,7 @@ def _cuda_label_chunks(values: torch.Tensor, table: np.ndarray, threshold: float
         labels = torch.empty((b, n_vox), dtype=torch.int32, device=device)
         n_labels = torch.empty(b, dtype=torch.int32, device=device)
         with cupy_launch(device):
-            kernel(((b + 63) // 64,), (64,), (to_cupy(data), to_cupy(table_t), np.float32(threshold), to_cupy(parent),
+            kernel(*map_launch(b, device), (to_cupy(data), to_cupy(table_t), np.float32(threshold), to_cupy(parent),
                    to_cupy(labels), to_cupy(n_labels), np.int32(b), np.int32(n_vox), np.int32(table.shape[1])))
             launch(start, b, data, labels, n_labels)
 
@@ -327,7 +327,7 @@ def _cluster_cuda(values: torch.Tensor, table: np.ndarray, threshold: float, kin
     def stats(start, b, data, labels, n_labels):
         totals = torch.empty((b, n_vox + 1), dtype=torch.float64, device=device)
         result = out[start : start + b]
-        stat_kernel(((b + 63) // 64,), (64,), (to_cupy(data), to_cupy(labels), to_cupy(n_labels),
+        stat_kernel(*map_launch(b, device), (to_cupy(data), to_cupy(labels), to_cupy(n_labels),
                     np.float64(threshold), np.int32(kind == "mass"), to_cupy(totals), to_cupy(result),
                     np.int32(b), np.int32(n_vox)))
 

@@ -442,7 +442,8 @@ def prepare_permutation_test(
     per_item = 4 * max(n_vox, 1) * (rows + 4 + 2 * n_maps)
     if chunk is None:
         # CUDA: capped so progress and checkpoints come during the run (the spatial kernels size their own launches)
-        maximum = cuda_chunk_cap(scheme.n_perm) if device.type == "cuda" else max(1, _CPU_CHUNK_BYTES // per_item)
+        maximum = (cuda_chunk_cap(scheme.n_perm, spatial=n_maps > 0) if device.type == "cuda"
+                   else max(1, _CPU_CHUNK_BYTES // per_item))
         chunk = chunk_size(per_item, device, n_items=scheme.n_perm, maximum=maximum)
     return PreparedTest(contrasts_state, scheme, device, int(chunk))
 

@@ -54,7 +54,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..backend import chunk_size, cupy_launch, kernel_problem, load_kernel, to_cupy, to_numpy
+from ..backend import chunk_size, cupy_launch, kernel_problem, load_kernel, map_launch, to_cupy, to_numpy
 from ..errors import InputError
 from .clusters import _as_batch, _njit, _warn_no_numba, cluster_transform, connectivity_offsets, neighbour_table, prange
 
@@ -318,7 +318,7 @@ def _tfce_cuda(values: torch.Tensor, table: np.ndarray, power: np.ndarray, *, H:
         args = [order.to(torch.int32).contiguous(), meas.contiguous(), n_sel.contiguous(), table_t, power_t,
                 scratch_int[0], scratch_int[1], scratch_f64[0], scratch_f64[1], result]
         with cupy_launch(device):
-            kernel(((b + 63) // 64,), (64,), tuple(to_cupy(a) for a in args)
+            kernel(*map_launch(b, device), tuple(to_cupy(a) for a in args)
                    + (np.int32(b), np.int32(n_vox), np.int32(table.shape[1])))
     return out
 
