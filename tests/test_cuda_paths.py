@@ -108,3 +108,30 @@ def test_kernels_launch_on_the_tensors_device_beyond_cuda_0(rng):
         np.testing.assert_array_equal(got.cpu().numpy(), cluster_maps(values, mask, threshold=0.8, kind=kind).numpy())
     np.testing.assert_array_equal(tfce_module.tfce(values.to("cuda:1"), mask).cpu().numpy(),
                                   tfce_module.tfce(values, mask).numpy())
+
+
+def test_randomise_compiles_the_kernels_at_its_start_and_says_when_they_cannot_run(tmp_path, rng, monkeypatch,
+                                                                                   capsys):
+    """One warning line before any work, not an NVRTC traceback mid-run."""
+    import nibabel as nib
+
+    import gpuconn.backend as backend
+    from gpuconn.cli.app import run
+
+    asked = []
+
+    def compile_kernels(device="auto", *, required=False):
+        asked.append(device)
+        return "the CUDA kernels did not compile on cuda:0 (CompileException: nvrtc missing)"
+
+    monkeypatch.setattr(backend, "compile_kernels", compile_kernels)
+    shape = (6, 5, 4)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(rng.normal(size=shape + (8,)).astype(np.float32), affine), tmp_path / "data.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones(shape, np.uint8), affine), tmp_path / "mask.nii.gz")
+    rc = run(["randomise", "-i", str(tmp_path / "data.nii.gz"), "-o", str(tmp_path / "out"), "-m",
+              str(tmp_path / "mask.nii.gz"), "-1", "-n", "10", "-T", "--device", "cpu", "-q"])
+    assert rc == 0
+    assert asked == ["cpu"]
+    assert ("warning: the CUDA kernels did not compile on cuda:0 (CompileException: nvrtc missing); "
+            "TFCE and cluster statistics use their slower fallbacks") in capsys.readouterr().err
