@@ -11,6 +11,15 @@ from rich.table import Table
 from rich.text import Text
 
 
+def _cupy_version() -> str:
+    """CuPy's version and CUDA runtime, or why it cannot be imported."""
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a CUDA library CuPy cannot load
+        return f"not usable ({type(exc).__name__}: {exc})"
+    return f"{cupy.__version__} (CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()})"
+
+
 def info() -> None:
     """Print package versions, the device gpuconn would use, and CUDA/CuPy status."""
     import nibabel
@@ -36,8 +45,14 @@ def info() -> None:
     for index in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(index)
         rows.append((f"cuda:{index}", f"{props.name}, {props.total_memory / 2**30:.1f} GiB"))
-    # find_spec only: importing CuPy here would initialise CUDA for nothing.
-    rows.append(("cupy", "installed" if importlib.util.find_spec("cupy") else "not installed (optional: gpuconn[gpu])"))
+    if torch.cuda.is_available():  # compile the kernels now: a broken CuPy/NVRTC shows here, not mid-run
+        from gpuconn.backend import compile_kernels
+
+        problem = compile_kernels("cuda") if importlib.util.find_spec("cupy") else "CuPy is not installed"
+        rows.append(("cupy", _cupy_version()))
+        rows.append(("CUDA kernels", "compiled" if problem is None else f"unavailable: {problem}"))
+    else:  # find_spec only: importing CuPy here would initialise CUDA for nothing.
+        rows.append(("cupy", "installed" if importlib.util.find_spec("cupy") else "not installed (optional: gpuconn[gpu])"))
     for name, value in rows:
         table.add_row(name, Text(value))
     Console().print(table)

@@ -98,7 +98,7 @@ def randomise(
     done are checkpointed in <root>_checkpoint.npz (deleted at the end);
     --resume continues a killed run from it, with identical results.
     """
-    from gpuconn.backend import set_max_memory
+    from gpuconn.backend import compile_kernels, set_max_memory
     from gpuconn.checkpoint import Interrupted, checkpoint_path, checkpoint_runner
     from gpuconn.distributed import permutation_runner
     from gpuconn.errors import InputError
@@ -119,6 +119,10 @@ def randomise(
     spatial_f = spatial_transforms(tfce_params=tfce_params, method=method_tfce, cluster_extent=cluster_f,
                                    cluster_mass=cluster_mass_f) if design_fts is not None else None  # F tests come from -f
     runner = permutation_runner(scheduler=dask_scheduler, workers=workers, device=device)
+    if (spatial or spatial_f) and runner is None:
+        problem = compile_kernels(device)  # now, not mid-run; Dask workers compile their own
+        if problem is not None:
+            typer.echo(f"warning: {problem}; TFCE and cluster statistics use their slower fallbacks", err=True)
     if runner is not None and resume:
         raise InputError("--resume needs the single-process runner; drop --dask-scheduler/--workers")
     if checkpoint_interval < 0:

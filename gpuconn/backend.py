@@ -10,10 +10,15 @@ CPU-only install never imports it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import importlib.resources
+import importlib.util
 import os
 import re
+import sys
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -34,10 +39,18 @@ __all__ = [
     "to_cupy",
     "from_cupy",
     "load_kernel",
+    "KERNELS",
+    "compile_kernels",
+    "kernel_problem",
+    "cupy_launch",
+    "map_launch",
+    "tf32_disabled",
     "free_memory_bytes",
     "set_max_memory",
     "chunk_size",
+    "cuda_chunk_cap",
     "is_out_of_memory",
+    "release_cached_memory",
     "run_chunked",
 ]
 
@@ -46,11 +59,35 @@ DATA_DTYPE = torch.float32
 #: dtype of designs, pseudo-inverses and projections.
 DESIGN_DTYPE = torch.float64
 
+
+def _disable_tf32() -> None:
+    """Full float32 in matmuls and cuDNN: the ``fp32_precision`` API where torch has it (>= 2.9), else legacy flags.
+
+    Mixing the two APIs makes torch refuse to read the legacy flags, so only
+    one of them is used.
+    """
+    torch.set_float32_matmul_precision("highest")
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "fp32_precision"):
+        matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.fp32_precision = "ieee"
+    else:  # pragma: no cover - torch < 2.9
+        matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def tf32_disabled() -> bool:
+    """True when neither matmuls nor cuDNN may use TF32 (read through the API that set them)."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "fp32_precision"):
+        return (matmul.fp32_precision == "ieee" and torch.backends.cudnn.conv.fp32_precision == "ieee"
+                and torch.backends.cudnn.rnn.fp32_precision == "ieee")
+    return not (matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)  # pragma: no cover - torch < 2.9
+
+
 # TF32 (or bf16 on CPUs that offer it) would silently reduce float32 matmuls
 # to ~10 mantissa bits; keep full float32 on every backend.
-torch.set_float32_matmul_precision("highest")
-torch.backends.cuda.matmul.allow_tf32 = False
-torch.backends.cudnn.allow_tf32 = False
+_disable_tf32()
 
 _DEVICE_CHOICES = ("auto", "cpu", "cuda")
 _max_memory: int | None = None
@@ -155,6 +192,18 @@ def _kernel_source(filename: str) -> str:
     return importlib.resources.files("gpuconn.kernels").joinpath(filename).read_text()
 
 
+#: NVRTC options of every kernel: no fused multiply-add contraction, so each
+#: kernel does the same float operations as its CPU twin (bit-identical sums).
+NVRTC_OPTIONS = ("-std=c++14", "--fmad=false")
+
+#: The custom kernels, as (file in :mod:`gpuconn.kernels`, ``extern "C"`` name).
+KERNELS = (
+    ("labels.cu", "gpuconn_label_batch"),
+    ("labels.cu", "gpuconn_cluster_stat_batch"),
+    ("tfce.cu", "gpuconn_tfce_sweep"),
+)
+
+
 @functools.cache
 def load_kernel(filename: str, name: str, device_index: int = 0, options: tuple[str, ...] = ()):
     """Compile (once per file, kernel name and device) a CUDA kernel with CuPy.
@@ -168,16 +217,136 @@ def load_kernel(filename: str, name: str, device_index: int = 0, options: tuple[
     device_index : int
         CUDA device to compile for.
     options : tuple of str
-        Extra NVRTC options.
+        NVRTC options added to :data:`NVRTC_OPTIONS`.
 
     Returns
     -------
     cupy.RawKernel
+        Compiled: the function's attributes are read here, which makes CuPy
+        compile and load the module now rather than at the first launch.
     """
     cupy = require_cupy()
     with cupy.cuda.Device(device_index):
-        module = cupy.RawModule(code=_kernel_source(filename), options=("-std=c++14",) + options)
-        return module.get_function(name)
+        module = cupy.RawModule(code=_kernel_source(filename), options=NVRTC_OPTIONS + tuple(options))
+        kernel = module.get_function(name)
+        _ = kernel.max_threads_per_block  # forces compilation and loading on this device
+        return kernel
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def _kernel_status(device_index: int) -> str | None:
+    if importlib.util.find_spec("cupy") is None:
+        return ("CuPy is not installed (pip install 'gpuconn[gpu]' for CUDA 12 or 'gpuconn[gpu-cuda13]' "
+                "for CUDA 13)")
+    try:
+        for filename, name in KERNELS:
+            load_kernel(filename, name, device_index)
+    except Exception as exc:  # NVRTC missing, compile error, driver too old: all mean "no kernels"
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        return f"the CUDA kernels did not compile on cuda:{device_index} ({type(exc).__name__}: {first})"
+    return None
+
+
+def compile_kernels(device: str | torch.device = "auto", *, required: bool = False) -> str | None:
+    """Compile every custom kernel for ``device`` now, so no step compiles mid-run.
+
+    Called by ``gpuconn info`` and at the start of the commands whose steps
+    launch kernels. The outcome is cached per device.
+
+    Parameters
+    ----------
+    device : str or torch.device, default 'auto'
+    required : bool, default False
+        Raise instead of returning the problem.
+
+    Returns
+    -------
+    str or None
+        None when the kernels are ready (or the device is not CUDA, which
+        needs none); otherwise one line saying why they cannot be used, in
+        which case each step falls back to its torch/host path with a warning.
+
+    Raises
+    ------
+    GpuconnError
+        With ``required=True``, when the kernels cannot be used.
+    """
+    device = resolve_device(device)
+    if device.type != "cuda":
+        return None
+    problem = _kernel_status(_device_index(device))
+    if problem is not None and required:
+        raise GpuconnError(f"{problem}; use --device cpu, or fix the CuPy install")
+    return problem
+
+
+def kernel_problem(device: torch.device, what: str, fallback: str) -> str | None:
+    """Check the kernels on a CUDA ``device`` before a launch; warn about the fallback when they can't run.
+
+    Parameters
+    ----------
+    device : torch.device
+        A CUDA device.
+    what, fallback : str
+        The step and the path it takes instead, for the warning.
+
+    Returns
+    -------
+    str or None
+        None when the kernels are ready.
+    """
+    problem = compile_kernels(device)
+    if problem is not None:
+        warnings.warn(f"{what} on CUDA uses {fallback}: {problem}", RuntimeWarning, stacklevel=3)
+    return problem
+
+
+def map_launch(n_maps: int, device: torch.device) -> tuple[tuple[int], tuple[int]]:
+    """Grid and block of a one-thread-per-map kernel, spread over every multiprocessor.
+
+    Each thread walks a whole map (a union-find sweep: dependent, uncoalesced
+    loads), so a launch is latency-bound and its speed grows with the number
+    of multiprocessors that hold a thread. Blocks are one warp (32 threads)
+    when there are enough maps for every multiprocessor; with fewer maps they
+    shrink so that the maps still spread over all of them.
+
+    Parameters
+    ----------
+    n_maps : int
+    device : torch.device
+        A CUDA device.
+
+    Returns
+    -------
+    grid, block : tuple of int
+    """
+    n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+    threads = max(1, min(32, -(-int(n_maps) // n_sm)))
+    return (max(1, -(-int(n_maps) // threads)),), (threads,)
+
+
+@contextlib.contextmanager
+def cupy_launch(device: torch.device) -> Iterator[Any]:
+    """Launch CuPy kernels on ``device`` in torch's current stream of that device.
+
+    CuPy launches on its own current device, which is not the tensor's for
+    ``cuda:N`` with N > 0; this enters that device and wraps torch's stream
+    (with its device) as CuPy's current stream.
+
+    Yields
+    ------
+    module
+        CuPy.
+    """
+    cupy = require_cupy()
+    index = _device_index(device)
+    pointer = torch.cuda.current_stream(device).cuda_stream
+    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(pointer, index):
+        yield cupy
 
 
 def _host_available_bytes() -> int:
@@ -208,11 +377,13 @@ def set_max_memory(n_bytes: int | None) -> None:
 def free_memory_bytes(device: torch.device) -> int:
     """Memory available for new work on ``device``, capped by :func:`set_max_memory`.
 
-    On CUDA this is ``torch.cuda.mem_get_info`` (free bytes); on CPU the
-    host's ``MemAvailable``.
+    On CUDA this is ``torch.cuda.mem_get_info`` (free bytes) plus what
+    torch's caching allocator holds reserved but unallocated (free for torch,
+    invisible to the driver); on CPU the host's ``MemAvailable``.
     """
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
+        free += max(0, torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     else:
         free = _host_available_bytes()
     return free if _max_memory is None else min(free, _max_memory)
@@ -257,13 +428,84 @@ def chunk_size(
     return int(size)
 
 
+#: CUDA chunks are at most this many items or 1/_CUDA_UPDATES of the work, whichever is larger.
+_CUDA_MIN_CAP = 1024
+_CUDA_UPDATES = 16
+
+
+#: With spatial statistics (one thread per map in the kernels) chunks may reach this many maps.
+_CUDA_SPATIAL_CAP = 4096
+
+
+def cuda_chunk_cap(n_items: int, *, spatial: bool = False) -> int:
+    """Largest chunk of ``n_items`` permutations to plan on CUDA.
+
+    Without a cap a large GPU takes the whole permutation set as one chunk,
+    and progress and checkpoints only happen at the end. The cap keeps about
+    ``16`` chunks for large runs while every launch still carries at least
+    ``1024`` maps. With spatial statistics the kernels run one thread per
+    map and their launch time hardly grows with the number of maps, so the
+    cap is ``4096`` maps (memory permitting; see ``kernels/README.md``).
+
+    Parameters
+    ----------
+    n_items : int
+    spatial : bool, default False
+        TFCE or cluster statistics are computed on each chunk.
+
+    Returns
+    -------
+    int
+        ``max(1024, ceil(n_items / 16))``, or ``max(4096, ...)`` with ``spatial``.
+    """
+    floor = _CUDA_SPATIAL_CAP if spatial else _CUDA_MIN_CAP
+    return max(floor, -(-int(n_items) // _CUDA_UPDATES))
+
+
+# Texts of out-of-memory errors: torch's allocator, a raw CUDA error, cuBLAS/cuSOLVER
+# handles or workspaces, CuPy's driver and runtime errors.
+_OOM_TEXTS = (
+    "CUDA out of memory",
+    "CUDA error: out of memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUSOLVER_STATUS_ALLOC_FAILED",
+    "CUDA_ERROR_OUT_OF_MEMORY",
+    "cudaErrorMemoryAllocation",
+)
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    """True for a CUDA (torch or CuPy) out-of-memory error."""
+    """True for a CUDA out-of-memory error from torch, cuBLAS, cuSOLVER or CuPy."""
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
     if type(exc).__name__ == "OutOfMemoryError":  # cupy.cuda.memory.OutOfMemoryError
         return True
-    return isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(marker in text for marker in _OOM_TEXTS)
+
+
+def release_cached_memory(device: torch.device | None = None) -> None:
+    """Return cached device memory to the driver (after an OOM, before a retry).
+
+    Call it outside any ``except`` block: while the exception is being handled
+    its traceback keeps the failed chunk's tensors alive.
+
+    Parameters
+    ----------
+    device : torch.device, optional
+        The CUDA device to free; default the current one.
+    """
+    gc.collect()  # tensors caught in reference cycles with the failed frames
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return
+    if device is not None and device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.empty_cache()
+    else:
+        torch.cuda.empty_cache()
+    cupy = sys.modules.get("cupy")
+    if cupy is not None:
+        cupy.get_default_memory_pool().free_all_blocks()
 
 
 def run_chunked(
@@ -272,6 +514,7 @@ def run_chunked(
     chunk: int,
     *,
     on_halve: Callable[[int], None] | None = None,
+    device: torch.device | None = None,
 ) -> Iterator[tuple[int, int, T]]:
     """Run ``func(start, stop)`` over ``range(n_items)`` in chunks, halving on OOM.
 
@@ -286,6 +529,9 @@ def run_chunked(
         Initial chunk size (see :func:`chunk_size`).
     on_halve : callable, optional
         Called with the new chunk size each time an OOM halves it.
+    device : torch.device, optional
+        The device ``func`` works on, whose cache is freed after an OOM
+        (default: the current CUDA device).
 
     Yields
     ------
@@ -302,18 +548,20 @@ def run_chunked(
     start = 0
     while start < n_items:
         stop = min(start + chunk, n_items)
+        out_of_memory, result = False, None
         try:
             result = func(start, stop)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
             if stop - start == 1:
                 raise GpuconnError(
                     "out of device memory even for a single item; free GPU memory "
                     "held by other processes or use --device cpu"
                 ) from exc
+            out_of_memory = True
+        if out_of_memory:  # outside the handler, so the failed chunk's tensors can be freed
+            release_cached_memory(device)
             chunk = max(1, (stop - start) // 2)
             if on_halve is not None:
                 on_halve(chunk)

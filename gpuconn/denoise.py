@@ -65,6 +65,7 @@ from .backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
 from .errors import InputError
 from .io import check_same_grid, load_header, load_image, load_mask, masked_data, read_tsv, save_image, split_ext, write_tsv
 from .physio import PHYSIO_COLUMNS, physio_confounds, physio_regressors
+from .prefetch import items_ahead, prefetch
 
 __all__ = [
     "DenoiseOptions",
@@ -773,10 +774,15 @@ def denoise_runs(
     device: torch.device | str = "auto",
     batch_size: int = 1,
     on_run: Callable[[int], None] | None = None,
+    read_ahead: int = 1,
 ) -> Iterator[dict[str, Path]]:
     """Denoise runs, streaming ``batch_size`` runs at a time; write NIfTI, design TSV, JSON.
 
     Each batch is fully validated before any of its outputs is written.
+    While a batch is cleaned on the device, the next ``read_ahead`` batches
+    are read and prepared on threads (:func:`gpuconn.prefetch.prefetch`;
+    fewer when they would take over a quarter of the host's available
+    memory); the outputs are identical to a serial run.
 
     Parameters
     ----------
@@ -788,6 +794,8 @@ def denoise_runs(
     batch_size : int, default 1
     on_run : callable, optional
         Called with the number of runs finished (progress).
+    read_ahead : int, default 1
+        Batches prepared ahead; 0 reads serially.
 
     Yields
     ------
@@ -795,8 +803,13 @@ def denoise_runs(
         The output paths of each run (see :func:`output_paths`).
     """
     device = resolve_device(device)
-    for start in range(0, len(files), batch_size):
-        batch = [prepare_run(f, options, device=device) for f in files[start : start + batch_size]]
+    starts = range(0, len(files), batch_size)
+    if read_ahead > 0 and len(starts) > 1:  # a batch of 4D float32 images, held twice while prepared
+        header = load_header(files[0].bold, ndim=4, what="BOLD")
+        read_ahead = items_ahead(8 * int(np.prod(header.shape)) * batch_size, read_ahead)
+    batches = prefetch(starts, lambda start: [prepare_run(f, options, device=device)
+                                              for f in files[start : start + batch_size]], ahead=read_ahead)
+    for start, batch in zip(starts, batches):
         cleaned = clean_runs(batch, fwhm=options.fwhm, device=device)
         for run, volumes, out_dir in zip(batch, cleaned, out_dirs[start : start + batch_size]):
             paths = output_paths(run.files, out_dir)

@@ -19,14 +19,11 @@ by hand: Dask places the tasks, retries them and replaces lost workers.
   client merges in rearrangement order
   (:class:`gpuconn.stats.randomise.ChunkMerger`). The result is the same,
   bit for bit, whatever the number of workers, their order of completion or
-  a retried task: chunk 0 runs first and gives the observed maps, the
-  counts are integer sums, the maxima are concatenated by rearrangement
-  index. Each rearrangement's statistics are the same float operations as
-  in one process with the same chunk size; this module's tests check equality
-  with the single-process default too (MKL on CPU computes a row of the
-  batched product identically for any number of rows; a GPU BLAS may
-  choose other kernels for other shapes, so give the single-process run
-  ``chunk=`` the task size to compare bit for bit there).
+  a retried task: the observed maps every chunk compares with travel in the
+  prepared model, the counts are integer sums, the maxima are concatenated
+  by rearrangement index, and each statistic is computed in float64 and
+  rounded once to float32, so its value does not depend on the shape of
+  the product it came from (:mod:`gpuconn.stats.glm`).
 - :func:`map_tasks` runs one task per subject (or batch of runs) for the
   subject-level steps; each task calls the step's own library function and
   writes its outputs on the worker with the atomic I/O helpers; the client
@@ -65,7 +62,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from .backend import resolve_device, to_numpy
+from .backend import resolve_device, run_chunked, to_numpy
 from .errors import GpuconnError, InputError
 from .progress import progress_bar
 
@@ -183,15 +180,46 @@ def _host(values: torch.Tensor | np.ndarray | None) -> np.ndarray | None:
     return to_numpy(values) if torch.is_tensor(values) else values
 
 
-def _chunk_task(token: str, model, start: int, stop: int, device: str) -> dict:
-    """Evaluate rearrangements ``[start, stop)`` on this worker; host arrays out."""
-    from .stats.randomise import evaluate_chunk
+def _evaluate_task(prepared, start: int, stop: int) -> dict:
+    """``evaluate_chunk`` over ``[start, stop)`` in sub-chunks that fit this worker, halving on OOM.
 
+    The sub-chunk is planned here, on the worker, from its device
+    (:func:`gpuconn.stats.randomise.plan_chunk`); the merge is the one
+    :class:`gpuconn.stats.randomise.ChunkMerger` does (integer counts summed,
+    maxima concatenated in rearrangement order), so the task's output does
+    not depend on the sub-chunks.
+    """
+    from .stats.randomise import evaluate_chunk, plan_chunk
+
+    merged: dict | None = None
+
+    def evaluate(s: int, e: int) -> dict:
+        return evaluate_chunk(prepared, start + s, start + e)
+
+    chunk = plan_chunk(prepared.contrasts, prepared.device, stop - start)
+    for _s, _e, out in run_chunked(evaluate, stop - start, chunk, device=prepared.device):
+        if merged is None:
+            merged = out
+            continue
+        for name, r in out.items():
+            m = merged[name]
+            m["count"] = {k: m["count"][k] + r["count"][k] for k in m["count"]}
+            m["max"] = {k: np.concatenate([m["max"][k], r["max"][k]]) for k in m["max"]}
+    return merged
+
+
+def _chunk_task(token: str, model, start: int, stop: int, device: str) -> dict:
+    """Evaluate rearrangements ``[start, stop)`` on this worker; host arrays out.
+
+    ``device`` is resolved here (with dask-cuda, ``auto`` is this worker's
+    GPU), and the task is evaluated in sub-chunks planned from that device's
+    free memory, halved on OOM.
+    """
     prepared = _WORKER_MODELS.get(token)
     if prepared is None:
         _WORKER_MODELS.clear()  # one run at a time per worker: drop the previous model
         prepared = _WORKER_MODELS[token] = model.to(resolve_device(device))
-    out = evaluate_chunk(prepared, start, stop)
+    out = _evaluate_task(prepared, start, stop)
     return {
         name: {
             "count": {k: _host(v) for k, v in r["count"].items()},
@@ -201,8 +229,9 @@ def _chunk_task(token: str, model, start: int, stop: int, device: str) -> dict:
     }
 
 
-def _task_size(n_perm: int, chunk: int, workers: int, tasks_per_worker: int) -> int:
-    return max(1, min(chunk, math.ceil(n_perm / (workers * tasks_per_worker))))
+def _task_size(n_perm: int, workers: int, tasks_per_worker: int) -> int:
+    """Rearrangements per task: the work split over the workers (each worker sizes its own evaluations)."""
+    return max(1, math.ceil(n_perm / (workers * tasks_per_worker)))
 
 
 def dask_runner(
@@ -222,9 +251,10 @@ def dask_runner(
         Device each worker evaluates on, resolved on the worker (with
         dask-cuda, ``auto`` is that worker's GPU).
     chunk : int, optional
-        Rearrangements per task. Default: the engine's chunk size, made
-        smaller when needed so each worker gets about ``tasks_per_worker``
-        tasks.
+        Rearrangements per task. Default: about ``tasks_per_worker`` tasks
+        per worker. Each worker evaluates its task in sub-chunks planned
+        from its own device's free memory and halved on OOM (not from the
+        client's device).
     tasks_per_worker : int, default 4
     retries : int, default 2
         Dask retries of a failed task.
@@ -267,7 +297,7 @@ def _run_permutations(client, prepared, *, device: str, chunk: int | None, tasks
 
     n_perm = prepared.scheme.n_perm
     workers = n_workers(client)
-    size = int(chunk) if chunk is not None else _task_size(n_perm, prepared.chunk, workers, tasks_per_worker)
+    size = int(chunk) if chunk is not None else _task_size(n_perm, workers, tasks_per_worker)
     prepared = replace(prepared, chunk=size)
     merger = ChunkMerger(prepared)
     bounds = [(start, min(start + size, n_perm)) for start in range(0, n_perm, size)]

@@ -381,6 +381,7 @@ def output_lock(target: str | os.PathLike, *, folder: bool = False) -> Iterator[
 
     target = Path(target)
     lock = target / ".gpuconn.lock" if folder else target.with_name(target.name + ".lock")
+    made = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]  # removed again when left empty
     while True:
         try:
             lock.parent.mkdir(parents=True, exist_ok=True)
@@ -411,6 +412,11 @@ def output_lock(target: str | os.PathLike, *, folder: bool = False) -> Iterator[
     finally:
         lock.unlink(missing_ok=True)
         os.close(fd)
+        for folder_made in made:  # deepest first; a folder that now holds outputs stays
+            try:
+                folder_made.rmdir()
+            except OSError:
+                break
 
 
 def _umask() -> int:

@@ -43,7 +43,8 @@ def host_kernel(filename: str, kernel: str, params: str, folder: Path):
     """Compile ``kernel`` from ``filename``; returns ``run(n_threads, *arrays_and_scalars)``.
 
     ``params`` is the kernel's C parameter list. NumPy arrays are passed as
-    pointers, Python ints as ``int`` and floats as ``float``.
+    pointers, Python ints as ``int``, ``numpy.float64`` as ``double`` and
+    other floats as ``float``.
     """
     compiler = shutil.which("g++")
     if compiler is None:
@@ -61,6 +62,8 @@ def host_kernel(filename: str, kernel: str, params: str, folder: Path):
         if isinstance(value, np.ndarray):
             assert value.flags.c_contiguous
             return value.ctypes.data_as(ctypes.c_void_p)
+        if isinstance(value, np.float64):  # before float: np.float64 is a float subclass
+            return ctypes.c_double(value)
         return ctypes.c_float(value) if isinstance(value, (float, np.floating)) else ctypes.c_int(value)
 
     def run(n_threads: int, *args) -> None:
@@ -87,15 +90,63 @@ class _FakeCupy:
 def fake_launch(monkeypatch, module, filename: str, kernel: str, params: str, folder: Path) -> None:
     """Make ``module``'s CUDA launch code run the host-compiled kernel on CPU tensors.
 
-    Patches ``require_cupy``, ``load_kernel``, ``to_cupy`` (a NumPy view of
-    the tensor, so the kernel writes into it) and ``torch.cuda.current_stream``,
-    so the Python side of a CUDA path (argument order, scratch layout,
-    chunking) runs here.
+    Patches ``load_kernel``, ``to_cupy`` (a NumPy view of the tensor, so the
+    kernel writes into it), ``cupy_launch`` (no device or stream to enter),
+    ``kernel_problem`` (the kernels are "ready"), ``torch.cuda.current_stream``
+    and ``torch.cuda.get_device_properties`` (5 multiprocessors), so the Python side of a CUDA path
+    (argument order, scratch layout, chunking) runs here. ``kernel`` may be a
+    ``{name: params}`` dict when the path launches several kernels of ``filename``.
     """
+    import contextlib
+
     import torch
 
-    run = host_kernel(filename, kernel, params, folder)
-    monkeypatch.setattr(module, "require_cupy", lambda: _FakeCupy)
-    monkeypatch.setattr(module, "load_kernel", lambda *a, **k: lambda grid, block, args: run(grid[0] * block[0], *args))
+    kernels = kernel if isinstance(kernel, dict) else {kernel: params}
+    runs = {name: host_kernel(filename, name, p, folder) for name, p in kernels.items()}
+
+    def load(_filename, name, *args, **kwargs):
+        return lambda grid, block, args: runs[name](grid[0] * block[0], *args)
+
+    monkeypatch.setattr(module, "load_kernel", load)
+    monkeypatch.setattr(module, "cupy_launch", lambda device: contextlib.nullcontext(_FakeCupy))
+    monkeypatch.setattr(module, "kernel_problem", lambda *args, **kwargs: None)
     monkeypatch.setattr(module, "to_cupy", lambda tensor: tensor.contiguous().numpy())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 0})())
+    # map_launch reads the multiprocessor count: a small GPU, so the test sizes exercise its block shrinking
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: type("P", (), {"multi_processor_count": 5})())
+
+
+def expect_kernel_path(monkeypatch, module):
+    """A context for gpu-marked tests: the CUDA kernels of ``module`` must have run.
+
+    With CuPy installed, ``module.load_kernel`` must be called and no
+    fallback warning issued (a test passing through the torch/host fallback
+    would prove nothing about the kernels); without CuPy, the fallback must
+    have said so.
+    """
+    import contextlib
+    import importlib.util
+    import warnings
+
+    loads = []
+    original = module.load_kernel
+
+    def counting(*args, **kwargs):
+        loads.append(args[:2])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "load_kernel", counting)
+
+    @contextlib.contextmanager
+    def check():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield loads
+        fallbacks = [str(w.message) for w in caught if "on CUDA uses" in str(w.message)]
+        if importlib.util.find_spec("cupy") is not None:
+            assert loads, f"no kernel of {module.__name__} was launched"
+            assert not fallbacks, fallbacks
+        else:
+            assert fallbacks, "the CUDA path without CuPy must warn about its fallback"
+
+    return check()

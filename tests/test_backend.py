@@ -39,7 +39,7 @@ def test_dtype_policy_and_tf32_off(device):
     design = backend.as_design(np.arange(6, dtype=np.float32), device)
     assert data.dtype == torch.float32 and design.dtype == torch.float64
     assert data.device.type == device.type
-    assert not torch.backends.cuda.matmul.allow_tf32
+    assert backend.tf32_disabled()
     assert torch.get_float32_matmul_precision() == "highest"
     np.testing.assert_array_equal(backend.to_numpy(design), np.arange(6))
 
@@ -111,3 +111,92 @@ def test_cupy_is_not_imported_by_the_package():
     code = "import sys, gpuconn.backend, gpuconn.io, gpuconn.cli.app; print('cupy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_tf32_is_off_through_the_api_torch_offers():
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9: the new API, which the legacy getters must not contradict
+        assert matmul.fp32_precision == "ieee"
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    assert not matmul.allow_tf32
+    assert backend.tf32_disabled()
+
+
+@pytest.mark.parametrize("text", [
+    "CUDA out of memory. Tried to allocate 2.00 GiB",
+    "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported",
+    "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    "cusolver error: CUSOLVER_STATUS_ALLOC_FAILED, when calling `cusolverDnCreate(handle)`",
+    "CUDA_ERROR_OUT_OF_MEMORY: out of memory",
+    "cudaErrorMemoryAllocation: out of memory",
+])
+def test_is_out_of_memory_knows_every_backend_text(text):
+    assert backend.is_out_of_memory(RuntimeError(text))
+
+
+def test_is_out_of_memory_rejects_other_errors():
+    assert not backend.is_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not backend.is_out_of_memory(ValueError("CUDA out of memory"))  # not a runtime error
+    assert backend.is_out_of_memory(type("OutOfMemoryError", (Exception,), {})("cupy pool"))
+
+
+def test_run_chunked_frees_memory_after_leaving_the_handler(monkeypatch):
+    import sys
+
+    seen = []
+    monkeypatch.setattr(backend, "release_cached_memory",
+                        lambda device=None: seen.append((sys.exc_info()[0], device)))
+
+    def work(start, stop):
+        if stop - start > 2:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+        return stop - start
+
+    cpu = torch.device("cpu")
+    assert [r for _, _, r in backend.run_chunked(work, 4, 4, device=cpu)] == [2, 2]
+    assert seen == [(None, cpu)]  # once, with no exception (and its traceback) alive
+
+
+def test_free_memory_counts_torch_cached_blocks(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 5000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 700)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 200)
+    assert backend.free_memory_bytes(torch.device("cuda:0")) == 1500
+
+
+def test_cuda_chunk_cap_keeps_progress_and_large_launches():
+    assert backend.cuda_chunk_cap(10_000) == 1024
+    assert backend.cuda_chunk_cap(100) == 1024  # small runs: one chunk
+    assert backend.cuda_chunk_cap(160_000) == 10_000  # 16 chunks
+    assert backend.cuda_chunk_cap(10_000, spatial=True) == 4096  # one thread per map: launches of thousands
+
+
+def test_map_launch_spreads_maps_over_every_multiprocessor(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"multi_processor_count": 132}))
+    cuda = torch.device("cuda:0")
+    assert backend.map_launch(10_000, cuda) == ((313,), (32,))  # enough maps: one warp per block
+    grid, block = backend.map_launch(1024, cuda)
+    assert block == (8,) and grid == (128,)  # fewer maps: smaller blocks, still on (almost) every multiprocessor
+    assert backend.map_launch(5, cuda) == ((5,), (1,))
+    for n in (1, 31, 133, 4095, 4224, 10_001):
+        grid, block = backend.map_launch(n, cuda)
+        assert grid[0] * block[0] >= n > (grid[0] - 1) * block[0]  # every map has exactly one thread block slot
+
+
+def test_compile_kernels_needs_nothing_on_cpu_and_reports_problems(monkeypatch):
+    assert backend.compile_kernels("cpu") is None
+    monkeypatch.setattr(backend, "resolve_device", lambda name: torch.device("cuda:1"))
+    monkeypatch.setattr(backend, "_kernel_status", lambda index: f"no NVRTC on cuda:{index}")
+    assert backend.compile_kernels("cuda:1") == "no NVRTC on cuda:1"
+    with pytest.raises(GpuconnError, match="no NVRTC on cuda:1; use --device cpu"):
+        backend.compile_kernels("cuda:1", required=True)
+    with pytest.warns(RuntimeWarning, match="TFCE on CUDA uses the host sweep: no NVRTC on cuda:1"):
+        assert backend.kernel_problem(torch.device("cuda:1"), "TFCE", "the host sweep") is not None
+
+
+@pytest.mark.gpu
+def test_kernels_compile_up_front_on_cuda():
+    pytest.importorskip("cupy")
+    assert backend.compile_kernels("cuda") is None
+    for filename, name in backend.KERNELS:
+        assert backend.load_kernel(filename, name, torch.cuda.current_device()) is not None

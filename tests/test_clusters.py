@@ -206,8 +206,8 @@ def test_transform_shape_dtype_and_errors(rng):
         label_maps(np.zeros((2, 124)), mask)
 
 
-_LABEL_PARAMS = ("const float* values, const int* table, float threshold, int* parent_all, long long* labels, "
-                 "long long* n_labels, int n_maps, int n_vox, int k")
+_LABEL_PARAMS = ("const float* values, const int* table, float threshold, int* parent_all, int* labels, "
+                 "int* n_labels, int n_maps, int n_vox, int k")
 
 
 def test_label_kernel_source_on_host_equals_twin(rng, tmp_path):
@@ -222,8 +222,8 @@ def test_label_kernel_source_on_host_equals_twin(rng, tmp_path):
     values = np.ascontiguousarray(maps[:, mask])
     for connectivity in (6, 18, 26):
         table = neighbour_table(mask, connectivity=connectivity)
-        labels = np.zeros(values.shape, dtype=np.int64)
-        n_labels = np.zeros(len(values), dtype=np.int64)
+        labels = np.zeros(values.shape, dtype=np.int32)
+        n_labels = np.zeros(len(values), dtype=np.int32)
         parent = np.zeros(values.shape, dtype=np.int32)
         run(len(values), values, table, 0.3, parent, labels, n_labels, len(values), values.shape[1], connectivity)
         for i in range(len(values)):
@@ -233,13 +233,17 @@ def test_label_kernel_source_on_host_equals_twin(rng, tmp_path):
 
 
 @pytest.mark.gpu
-def test_label_kernel_on_cuda_equals_scipy(rng):
+def test_label_kernel_on_cuda_equals_scipy(rng, monkeypatch):
+    from gpuconn.stats import clusters as clusters_module
+    from kernel_host import expect_kernel_path
+
     shape = (12, 11, 10)
     mask = rng.random(shape) > 0.1
     maps = rng.normal(size=(70,) + shape).astype(np.float32)
     values = torch.as_tensor(maps[:, mask]).cuda()
     for connectivity in (6, 26):
-        labels = label_maps(values, mask, threshold=0.3, connectivity=connectivity).cpu().numpy()
+        with expect_kernel_path(monkeypatch, clusters_module):
+            labels = label_maps(values, mask, threshold=0.3, connectivity=connectivity).cpu().numpy()
         for i in range(len(maps)):
             np.testing.assert_array_equal(labels[i], _scipy_labels(maps[i], mask, 0.3, connectivity))
 

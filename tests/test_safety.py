@@ -72,6 +72,7 @@ def test_an_image_extension_on_the_output_root_is_stripped(one_sample):
 
 def test_a_second_writer_of_the_same_outputs_stops_naming_the_first(one_sample, capsys):
     root = one_sample / "busy" / "grp"
+    root.parent.mkdir()
     with output_lock(root):
         assert run(_randomise(one_sample, root)) == 2
     err = capsys.readouterr().err

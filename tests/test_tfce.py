@@ -170,13 +170,17 @@ def test_torch_sweep_inputs_with_cpu_sweep(rng, method, dh):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("method", "dh"), [("stepped", None), ("stepped", 0.05), ("palm", None), ("exact", None)])
-def test_cuda_kernel_equals_cpu_twin(rng, method, dh):
+def test_cuda_kernel_equals_cpu_twin(rng, method, dh, monkeypatch):
+    from gpuconn.stats import tfce as tfce_module
+    from kernel_host import expect_kernel_path
+
     shape = (12, 11, 10)
     mask = rng.random(shape) > 0.05
     values = torch.as_tensor(_smooth_maps(rng, 70, shape)[:, mask])  # > 64 maps: two thread blocks
     for connectivity in (6, 26):
         cpu = tfce(values, mask, dh=dh, method=method, connectivity=connectivity).numpy()
-        gpu = tfce(values.cuda(), mask, dh=dh, method=method, connectivity=connectivity).cpu().numpy()
+        with expect_kernel_path(monkeypatch, tfce_module):
+            gpu = tfce(values.cuda(), mask, dh=dh, method=method, connectivity=connectivity).cpu().numpy()
         np.testing.assert_allclose(gpu, cpu, rtol=1e-6, atol=1e-6)
 
 

@@ -48,7 +48,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..backend import load_kernel, require_cupy, to_cupy
+from ..backend import chunk_size, cupy_launch, kernel_problem, load_kernel, map_launch, to_cupy
 from ..errors import InputError
 
 def _numba_cache_dir() -> str:
@@ -295,25 +295,74 @@ def _label_numpy(data: np.ndarray, table: np.ndarray, threshold: float) -> tuple
     return labels, n_labels
 
 
-def _label_cuda(values: torch.Tensor, table: np.ndarray, threshold: float) -> torch.Tensor:
-    """``kernels/labels.cu`` (one map per thread); torch propagation, with a warning, without CuPy."""
-    table_t = torch.as_tensor(table, device=values.device)
-    if importlib.util.find_spec("cupy") is None:
-        warnings.warn("CuPy is not installed: cluster labelling on CUDA uses the slower torch label propagation; "
-                      "pip install 'gpuconn[gpu]'", RuntimeWarning, stacklevel=3)
-        return _label_torch(values, table_t.to(torch.int64), threshold)
-    cupy = require_cupy()
-    kernel = load_kernel("labels.cu", "gpuconn_label_batch", values.device.index or 0)
+# CUDA working memory per voxel and map of the cluster kernels: parent and labels (int32), the
+# cluster totals (float64) and a float32 copy of the values; the float64 result (8 more) is
+# allocated once for the whole batch.
+_CUDA_CLUSTER_BYTES_PER_VOXEL = 4 + 4 + 8 + 4
+
+
+def _cuda_label_chunks(values: torch.Tensor, table: np.ndarray, threshold: float, launch: Callable) -> None:
+    """Label ``values`` with ``kernels/labels.cu`` in sub-chunks sized from free memory.
+
+    ``launch(start, b, data, labels, n_labels)`` runs after each labelling
+    launch, in the same stream and CuPy device context, with the chunk's
+    float32 values and int32 labels and cluster counts.
+    """
+    device = values.device
+    kernel = load_kernel("labels.cu", "gpuconn_label_batch", device.index or 0)
     n_maps, n_vox = values.shape
-    data = values.to(torch.float32).contiguous()
-    parent = torch.empty((n_maps, n_vox), dtype=torch.int32, device=values.device)
-    labels = torch.empty((n_maps, n_vox), dtype=torch.int64, device=values.device)
-    n_labels = torch.empty(n_maps, dtype=torch.int64, device=values.device)
-    args = tuple(to_cupy(a) for a in (data, table_t.to(torch.int32).contiguous()))
-    with cupy.cuda.ExternalStream(torch.cuda.current_stream(values.device).cuda_stream):
-        kernel(((n_maps + 63) // 64,), (64,), args + (np.float32(threshold), to_cupy(parent), to_cupy(labels),
-               to_cupy(n_labels), np.int32(n_maps), np.int32(n_vox), np.int32(table.shape[1])))
-    return labels
+    table_t = torch.as_tensor(table, device=device).to(torch.int32).contiguous()
+    step = chunk_size(_CUDA_CLUSTER_BYTES_PER_VOXEL * max(n_vox, 1), device, n_items=n_maps)
+    for start in range(0, n_maps, step):
+        data = values[start : start + step].to(torch.float32).contiguous()
+        b = data.shape[0]
+        parent = torch.empty((b, n_vox), dtype=torch.int32, device=device)
+        labels = torch.empty((b, n_vox), dtype=torch.int32, device=device)
+        n_labels = torch.empty(b, dtype=torch.int32, device=device)
+        with cupy_launch(device):
+            kernel(*map_launch(b, device), (to_cupy(data), to_cupy(table_t), np.float32(threshold), to_cupy(parent),
+                   to_cupy(labels), to_cupy(n_labels), np.int32(b), np.int32(n_vox), np.int32(table.shape[1])))
+            launch(start, b, data, labels, n_labels)
+
+
+def _label_cuda(values: torch.Tensor, table: np.ndarray, threshold: float) -> torch.Tensor:
+    """``kernels/labels.cu`` (one map per thread); torch propagation, with a warning, without the kernels."""
+    if kernel_problem(values.device, "cluster labelling", "the slower torch label propagation") is not None:
+        return _label_torch(values, torch.as_tensor(table, device=values.device).to(torch.int64), threshold)
+    out = torch.empty(values.shape, dtype=torch.int64, device=values.device)
+
+    def keep(start, b, data, labels, n_labels):
+        out[start : start + b] = labels
+
+    _cuda_label_chunks(values, table, threshold, keep)
+    return out
+
+
+def _cluster_cuda(values: torch.Tensor, table: np.ndarray, threshold: float, kind: str) -> torch.Tensor:
+    """Per-voxel cluster extent/mass of CUDA maps with ``kernels/labels.cu``.
+
+    Both kernels run one thread per map and sum each cluster in voxel order,
+    as the Numba twin does, so the float64 totals are bit-identical to the
+    CPU's (no atomics). Without the kernels: torch labels and a scatter sum,
+    with a warning.
+    """
+    device = values.device
+    if kernel_problem(device, "cluster inference", "torch label propagation and a scatter sum") is not None:
+        labels = _label_torch(values, torch.as_tensor(table, device=device).to(torch.int64), threshold)
+        return _per_voxel_cluster_stats(values, labels, kind)
+    stat_kernel = load_kernel("labels.cu", "gpuconn_cluster_stat_batch", device.index or 0)
+    n_vox = values.shape[1]
+    out = torch.zeros(values.shape, dtype=torch.float64, device=device)
+
+    def stats(start, b, data, labels, n_labels):
+        totals = torch.empty((b, n_vox + 1), dtype=torch.float64, device=device)
+        result = out[start : start + b]
+        stat_kernel(*map_launch(b, device), (to_cupy(data), to_cupy(labels), to_cupy(n_labels),
+                    np.int32(kind == "mass"), to_cupy(totals), to_cupy(result),
+                    np.int32(b), np.int32(n_vox)))
+
+    _cuda_label_chunks(values, table, threshold, stats)
+    return out
 
 
 def _label_tensor(values: torch.Tensor, table: np.ndarray, threshold: float) -> torch.Tensor:
@@ -412,6 +461,8 @@ def cluster_maps(
         out = np.empty(data.shape, dtype=np.float64)
         _cluster_stat_batch(data, labels, n_labels, kind == "mass", out)
         return torch.from_numpy(out)
+    if batch.device.type == "cuda":
+        return _cluster_cuda(batch, table, float(threshold), kind)
     labels = _label_tensor(batch, table, float(threshold))
     return _per_voxel_cluster_stats(batch, labels, kind)
 

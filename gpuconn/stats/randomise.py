@@ -69,7 +69,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..backend import DESIGN_DTYPE, as_data, chunk_size, resolve_device, run_chunked, to_numpy
+from ..backend import DESIGN_DTYPE, as_data, chunk_size, cuda_chunk_cap, resolve_device, run_chunked, to_numpy
 from ..errors import InputError
 from ..io import load_image, load_mask, masked_data, provenance, save_image, unmask, write_json, write_text
 from ..progress import progress_bar
@@ -98,6 +98,7 @@ __all__ = [
     "run_permutation_test",
     "prepare_permutation_test",
     "evaluate_chunk",
+    "plan_chunk",
     "write_outputs",
     "randomise",
 ]
@@ -466,15 +467,39 @@ def prepare_permutation_test(
         contrasts_state.append(_Contrast(name, kind, matrix_c, model, residuals, sum_squares, observed, transforms,
                                          {k: v[0] for k, v in spatial_observed.items()}))
     del values
-    n_vox = data_t.shape[1]
-    rows = max(c.model.rows.shape[0] for c in contrasts_state)
-    n_maps = max(len(c.transforms) for c in contrasts_state)
+    chunk = plan_chunk(contrasts_state, device, scheme.n_perm) if chunk is None else chunk
+    return PreparedTest(contrasts_state, scheme, device, int(chunk))
+
+
+def plan_chunk(contrasts: list[_Contrast], device: torch.device, n_items: int) -> int:
+    """Rearrangements per evaluation on ``device``, from its free memory.
+
+    At most 1 GiB of working memory on the CPU (shared hosts); on CUDA
+    capped so that progress and checkpoints come during the run
+    (:func:`gpuconn.backend.cuda_chunk_cap`; the spatial kernels size their
+    own launches). The permutation engine plans with it, and so does each
+    Dask worker for its own device.
+
+    Parameters
+    ----------
+    contrasts : list
+        :attr:`PreparedTest.contrasts`.
+    device : torch.device
+    n_items : int
+        Rearrangements to evaluate.
+
+    Returns
+    -------
+    int
+    """
+    n_vox = contrasts[0].residuals.shape[1]
+    rows = max(c.model.rows.shape[0] for c in contrasts)
+    n_maps = max(len(c.transforms) for c in contrasts)
     # float64: the projections (rows) and three voxel-sized temporaries; float32: the statistic and its maps.
     per_item = max(n_vox, 1) * (8 * (rows + 3) + 4 * (2 + 2 * n_maps))
-    if chunk is None:
-        maximum = None if device.type == "cuda" else max(1, _CPU_CHUNK_BYTES // per_item)
-        chunk = chunk_size(per_item, device, n_items=scheme.n_perm, maximum=maximum)
-    return PreparedTest(contrasts_state, scheme, device, int(chunk))
+    maximum = (cuda_chunk_cap(n_items, spatial=n_maps > 0) if device.type == "cuda"
+               else max(1, _CPU_CHUNK_BYTES // per_item))
+    return chunk_size(per_item, device, n_items=n_items, maximum=maximum)
 
 
 def evaluate_chunk(prepared: PreparedTest, start: int, stop: int) -> dict[str, dict[str, Any]]:
@@ -582,7 +607,8 @@ def _run_loop(
     began = time.perf_counter()
     with progress_bar("randomise", prepared.scheme.n_perm, enabled=progress, completed=done) as advance:
         evaluate = lambda start, stop: evaluate_chunk(prepared, done + start, done + stop)  # noqa: E731
-        for start, stop, out in run_chunked(evaluate, prepared.scheme.n_perm - done, prepared.chunk):
+        for start, stop, out in run_chunked(evaluate, prepared.scheme.n_perm - done, prepared.chunk,
+                                            device=prepared.device):
             merger.add(done + start, done + stop, out)
             advance(stop - start)
             if on_chunk is not None:

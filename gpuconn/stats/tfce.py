@@ -70,7 +70,7 @@ import torch
 import warnings
 from dataclasses import dataclass, replace
 
-from ..backend import chunk_size, load_kernel, require_cupy, to_cupy, to_numpy
+from ..backend import chunk_size, cupy_launch, kernel_problem, load_kernel, map_launch, to_cupy, to_numpy
 from ..errors import InputError
 from .glm import f_to_z
 from .clusters import _as_batch, _njit, _warn_no_numba, cluster_transform, connectivity_offsets, neighbour_table, prange
@@ -306,11 +306,37 @@ def _sweep_inputs(values: torch.Tensor, *, H: float, dh: float | None, method: s
     return order, meas, (bins > 0).sum(1)
 
 
+def _tfce_host(values: torch.Tensor, table: np.ndarray, power: np.ndarray, *, H: float, dh: float | None,
+               method: str) -> torch.Tensor:
+    """The Numba sweep on a host copy of the maps: the CPU path, and the CUDA path's fallback without its kernel.
+
+    As the CUDA fallback the result is the CPU twin's, bit for bit (a torch
+    re-implementation would need one labelling per step and sum in another
+    order).
+    """
+    _warn_no_numba("TFCE")
+    data = np.ascontiguousarray(to_numpy(values), dtype=np.float32)
+    out = np.zeros(data.shape, dtype=np.float32)
+    if method == "exact":
+        orders, n_pos = _positive_descending(data)
+        _tfce_exact_batch(data, orders, n_pos, table, float(H), power, out)
+    else:
+        maxima = data.max(axis=1) if data.shape[1] else np.zeros(len(data))
+        thresholds = tfce_thresholds(maxima, dh)
+        _tfce_stepped_batch(data, table, thresholds, _step_scales(maxima, method), float(H), power, out)
+    return torch.from_numpy(out).to(values.device)
+
+
 def _tfce_cuda(values: torch.Tensor, table: np.ndarray, power: np.ndarray, *, H: float, dh: float | None,
                method: str) -> torch.Tensor:
-    """TFCE of CUDA maps: torch orders the voxels, ``kernels/tfce.cu`` sweeps one map per thread."""
-    cupy = require_cupy()
+    """TFCE of CUDA maps: torch orders the voxels, ``kernels/tfce.cu`` sweeps one map per thread.
+
+    Without the kernel (no CuPy, NVRTC failure) the maps go through
+    :func:`_tfce_host`, with a warning.
+    """
     device = values.device
+    if kernel_problem(device, "TFCE", "the CPU sweep (Numba) on a host copy of the maps") is not None:
+        return _tfce_host(values, table, power, H=H, dh=dh, method=method)
     kernel = load_kernel("tfce.cu", "gpuconn_tfce_sweep", device.index or 0)
     table_t = torch.as_tensor(table, device=device).contiguous()
     power_t = torch.as_tensor(power, device=device)
@@ -323,13 +349,12 @@ def _tfce_cuda(values: torch.Tensor, table: np.ndarray, power: np.ndarray, *, H:
         b = block.shape[0]
         scratch_int = torch.full((2, b, n_vox), -1, dtype=torch.int32, device=device)
         scratch_f64 = torch.zeros((2, b, n_vox), dtype=torch.float64, device=device)
-        result = torch.zeros((b, n_vox), dtype=torch.float32, device=device)
+        result = out[start : start + b]
         args = [order.to(torch.int32).contiguous(), meas.contiguous(), n_sel.contiguous(), table_t, power_t,
                 scratch_int[0], scratch_int[1], scratch_f64[0], scratch_f64[1], result]
-        with cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
-            kernel(((b + 63) // 64,), (64,), tuple(to_cupy(a) for a in args)
+        with cupy_launch(device):
+            kernel(*map_launch(b, device), tuple(to_cupy(a) for a in args)
                    + (np.int32(b), np.int32(n_vox), np.int32(table.shape[1])))
-        out[start : start + b] = result
     return out
 
 
@@ -337,17 +362,7 @@ def _tfce_table(values: torch.Tensor, table: np.ndarray, *, H: float, E: float, 
     power = np.arange(values.shape[1] + 1, dtype=np.float64) ** float(E)  # extent ** E, looked up
     if values.device.type == "cuda":
         return _tfce_cuda(values, table, power, H=H, dh=dh, method=method)
-    _warn_no_numba("TFCE")
-    data = np.ascontiguousarray(values.detach().numpy(), dtype=np.float32)
-    out = np.zeros(data.shape, dtype=np.float32)
-    if method == "exact":
-        orders, n_pos = _positive_descending(data)
-        _tfce_exact_batch(data, orders, n_pos, table, float(H), power, out)
-    else:
-        maxima = data.max(axis=1) if data.shape[1] else np.zeros(len(data))
-        thresholds = tfce_thresholds(maxima, dh)
-        _tfce_stepped_batch(data, table, thresholds, _step_scales(maxima, method), float(H), power, out)
-    return torch.from_numpy(out).to(values.device)
+    return _tfce_host(values, table, power, H=H, dh=dh, method=method)
 
 
 def tfce(
