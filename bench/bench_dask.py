@@ -28,7 +28,8 @@ import distributed
 import numpy as np
 import torch
 
-from gpuconn.distributed import dask_client, dask_runner
+from gpuconn.core.tasks import dask_client
+from gpuconn.distributed import dask_runner
 from gpuconn.stats.randomise import run_permutation_test
 
 

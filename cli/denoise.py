@@ -50,10 +50,11 @@ def denoise(
     """Regress motion, physiological, aCompCor and outlier regressors with the high-pass in one model, then smooth."""
     import warnings
 
-    from gpuconn.denoise import DenoiseOptions, RunFiles, collect_runs, denoise_runs, prepare_run
-    from gpuconn.distributed import check_options, dask_client, denoise_runs_dask
-    from gpuconn.errors import InputError
-    from gpuconn.progress import progress_bar
+    from gpuconn.subject.denoise import DenoiseOptions, RunFiles, collect_runs, denoise_runs, prepare_run
+    from gpuconn.core.tasks import check_options, dask_client
+    from gpuconn.distributed import denoise_runs_dask
+    from gpuconn.core.errors import InputError
+    from gpuconn.core.progress import progress_bar
 
     options = DenoiseOptions(
         motion=motion, acompcor=acompcor, acompcor_mode=acompcor_mode, tissue_threshold=tissue_threshold,

@@ -56,9 +56,9 @@ def dualreg(
     With -n and -d/-t (or -1), randomise runs on every component as FSL's stage 3 (dr_stage3_icNNNN_*).
     With --workers/--dask-scheduler, stages 1-2 run as one Dask task per --batch subjects.
     """
-    from gpuconn.backend import set_max_memory
-    from gpuconn.distributed import dask_client
-    from gpuconn.dualreg import dual_regression
+    from gpuconn.core.backend import set_max_memory
+    from gpuconn.core.tasks import dask_client
+    from gpuconn.maps.dualreg import dual_regression
 
     set_max_memory(max_memory)
     try:

@@ -19,7 +19,7 @@ def info() -> None:
     import torch
 
     from gpuconn import __version__
-    from gpuconn.backend import resolve_device
+    from gpuconn.core.backend import resolve_device
 
     table = Table(show_header=False, box=None)
     rows = [

@@ -26,9 +26,9 @@ def qc(
     quiet: Quiet = False,
 ) -> None:
     """Mean/max FD, relative and absolute RMS displacement, outliers and exclusion per run."""
-    from gpuconn.distributed import check_options, dask_client
-    from gpuconn.io import write_tsv
-    from gpuconn.qc import motion_sources, qc_table
+    from gpuconn.core.tasks import check_options, dask_client
+    from gpuconn.core.io import write_tsv
+    from gpuconn.subject.qc import motion_sources, qc_table
 
     thresholds = dict(
         abs_threshold=abs_threshold, rel_threshold=rel_threshold,

@@ -98,10 +98,10 @@ def randomise(
     done are checkpointed in <root>_checkpoint.npz (deleted at the end);
     --resume continues a killed run from it, with identical results.
     """
-    from gpuconn.backend import set_max_memory
-    from gpuconn.checkpoint import checkpoint_path, checkpoint_runner
+    from gpuconn.core.backend import set_max_memory
+    from gpuconn.stats.checkpoint import checkpoint_path, checkpoint_runner
     from gpuconn.distributed import permutation_runner
-    from gpuconn.errors import InputError
+    from gpuconn.core.errors import InputError
     from gpuconn.stats.randomise import randomise as run
 
     from gpuconn.stats.tfce import TFCE_2D, TFCE_DEFAULTS, spatial_transforms

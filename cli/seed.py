@@ -23,8 +23,8 @@ Bilateral = Annotated[bool, typer.Option("--bilateral", help="Make each coordina
 
 
 def mirror_mode(mirror: bool, bilateral: bool) -> str:
-    """Turn the --mirror / --bilateral flags into a :data:`gpuconn.seed.MIRROR_CHOICES` value."""
-    from gpuconn.errors import InputError
+    """Turn the --mirror / --bilateral flags into a :data:`gpuconn.maps.regions.MIRROR_CHOICES` value."""
+    from gpuconn.core.errors import InputError
 
     if mirror and bilateral:
         raise InputError("--mirror (separate mirrored region) and --bilateral (union with the mirror) exclude each other")
@@ -55,8 +55,11 @@ def seed(
     quiet: Quiet = False,
 ) -> None:
     """Correlate mean seed time series with every brain voxel: r and Fisher z maps per run."""
-    from gpuconn.distributed import check_options, dask_client, seed_maps_dask
-    from gpuconn.seed import bold_inputs, compute_seed_maps, regions_from_options
+    from gpuconn.core.tasks import check_options, dask_client
+    from gpuconn.distributed import seed_maps_dask
+    from gpuconn.maps.series import bold_inputs
+    from gpuconn.maps.seed import compute_seed_maps
+    from gpuconn.maps.regions import regions_from_options
 
     regions = regions_from_options(
         coords=seed_coord, radii=radius, names=name, mirror=mirror_mode(mirror, bilateral),

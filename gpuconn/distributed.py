@@ -1,14 +1,10 @@
-"""Scale past one device with Dask: subjects and permutation chunks as tasks.
+"""Scale past one device with Dask: permutation chunks and subjects as tasks.
 
-Dask (``distributed``) is optional (``pip install 'gpuconn[dask]'``) and
-imported only here, only when a command asks for it. Nothing is scheduled
-by hand: Dask places the tasks, retries them and replaces lost workers.
+Nothing is scheduled by hand: Dask places the tasks, retries them and
+replaces lost workers. The client and :func:`~gpuconn.core.tasks.map_tasks`
+are in :mod:`gpuconn.core.tasks`; this module holds the Dask entry points of
+the steps above the core:
 
-- :func:`dask_client` connects to an existing scheduler
-  (``--dask-scheduler tcp://host:8786``) or starts a local cluster of
-  ``--workers N`` processes, one thread each: a
-  ``dask_cuda.LocalCUDACluster`` (one worker per GPU) when dask-cuda is
-  installed and torch sees GPUs, else a ``distributed.LocalCluster``.
 - :func:`dask_runner` evaluates the permutation chunks of
   ``gpuconn randomise`` as tasks. The prepared model (residualised data,
   contrast bases, the permutation scheme) is scattered to every worker once;
@@ -27,156 +23,48 @@ by hand: Dask places the tasks, retries them and replaces lost workers.
   batched product identically for any number of rows; a GPU BLAS may
   choose other kernels for other shapes, so give the single-process run
   ``chunk=`` the task size to compare bit for bit there).
-- :func:`map_tasks` runs one task per subject (or batch of runs) for the
-  subject-level steps; each task calls the step's own library function and
-  writes its outputs on the worker with the atomic I/O helpers; the client
-  collects the returned paths in input order. :func:`denoise_runs_dask` and
-  :func:`seed_maps_dask` are ``gpuconn denoise`` and ``gpuconn seed`` this
-  way; :func:`gpuconn.dualreg.dual_regression` and
-  :func:`gpuconn.qc.qc_table` take the client (``client=``) and map their
-  own per-subject step (stages 1-2 written into the staging folder; one
-  motion summary per run). The outputs are those of the same call in one
+- :func:`denoise_runs_dask` and :func:`seed_maps_dask` are ``gpuconn
+  denoise`` and ``gpuconn seed`` with one task per batch of runs / run
+  (:func:`~gpuconn.core.tasks.map_tasks`);
+  :func:`gpuconn.maps.dualreg.dual_regression` and
+  :func:`gpuconn.subject.qc.qc_table` take the client (``client=``) and map
+  their own per-subject step (stages 1-2 written into the staging folder;
+  one motion summary per run). The outputs are those of the same call in one
   process, bit for bit when the BLAS sums in the same order: workers run one thread, and a
   reduction over voxels (the seed means) may be split across threads in a
   multi-threaded process, which changes float32 results by rounding only
   (the tests: exact against a 1-thread run, ``rtol=1e-5`` against 2 threads).
-
-Tasks are submitted with ``retries=2``; a worker that dies mid-task is
-replaced by its nanny and the scheduler re-runs the task elsewhere. A
-progress bar counts completed tasks (:func:`gpuconn.progress.progress_bar`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import functools
-import importlib.util
 import math
 import os
 import time
 import uuid
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 
-from .backend import resolve_device, to_numpy
-from .errors import GpuconnError, InputError
-from .progress import progress_bar
+from .core.backend import resolve_device, to_numpy
+from .core.errors import GpuconnError, InputError
+from .core.progress import progress_bar
+from .core.tasks import check_options, dask_client, map_tasks, n_workers, require_distributed
+from .maps.seed import compute_seed_maps
+from .maps.series import prepare_inputs
+from .stats.randomise import ChunkMerger, evaluate_chunk
+from .subject.denoise import denoise_runs
 
-__all__ = ["check_options", "dask_client", "dask_runner", "permutation_runner", "map_tasks", "denoise_runs_dask",
-           "seed_maps_dask", "n_workers"]
+__all__ = ["dask_runner", "permutation_runner", "denoise_runs_dask", "seed_maps_dask"]
 
-T = TypeVar("T")
-_INSTALL = "install it with pip install 'gpuconn[dask]'"
 # Per worker process: the scattered model moved to the worker's device, by run token.
 _WORKER_MODELS: dict[str, Any] = {}
-
-
-def _distributed():
-    try:
-        import distributed
-    except ImportError as exc:
-        raise InputError(f"--dask-scheduler/--workers need Dask (the distributed package); {_INSTALL}") from exc
-    return distributed
-
-
-def _local_cluster(distributed, workers: int):
-    """``LocalCUDACluster`` when dask-cuda is installed and GPUs are present, else ``LocalCluster``."""
-    if importlib.util.find_spec("dask_cuda") is not None and torch.cuda.is_available():
-        from dask_cuda import LocalCUDACluster
-
-        n_gpus = torch.cuda.device_count()
-        if workers > n_gpus:
-            raise InputError(
-                f"--workers {workers} asks for more GPU workers than the {n_gpus} GPU(s) here "
-                f"(dask-cuda runs one worker per GPU); use --workers {n_gpus} or fewer"
-            )
-        return LocalCUDACluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0")
-    return distributed.LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
-    )
-
-
-def check_options(scheduler: str | None, workers: int | None) -> bool:
-    """Validate ``--dask-scheduler``/``--workers``; True when Dask is asked for (and installed).
-
-    Raises
-    ------
-    InputError
-        Both options given, ``workers < 1``, or Dask not installed.
-    """
-    if scheduler is None and workers is None:
-        return False
-    if scheduler is not None and workers is not None:
-        raise InputError(
-            "give --dask-scheduler (use a running cluster) or --workers N (start a local one), not both"
-        )
-    if workers is not None and workers < 1:
-        raise InputError(f"--workers must be >= 1, got {workers}")
-    _distributed()
-    return True
-
-
-@contextlib.contextmanager
-def dask_client(*, scheduler: str | None = None, workers: int | None = None, timeout: float = 30.0) -> Iterator[Any]:
-    """A Dask client for the block, or None when neither option is given.
-
-    Parameters
-    ----------
-    scheduler : str, optional
-        Address of a running scheduler (``--dask-scheduler tcp://host:8786``).
-    workers : int, optional
-        Start a local cluster of this many worker processes (``--workers``),
-        one thread each; closed when the block ends.
-    timeout : float, default 30
-        Seconds to wait for the scheduler and for a first worker.
-
-    Yields
-    ------
-    distributed.Client or None
-        None means: run in this process, as without Dask.
-
-    Raises
-    ------
-    InputError
-        Both options, ``workers < 1``, Dask not installed, or no scheduler or
-        worker reachable.
-    """
-    if not check_options(scheduler, workers):
-        yield None
-        return
-    distributed = _distributed()
-    with contextlib.ExitStack() as stack:
-        if scheduler is not None:
-            try:
-                client = stack.enter_context(distributed.Client(scheduler, timeout=timeout))
-            except (OSError, TimeoutError) as exc:
-                raise InputError(
-                    f"--dask-scheduler {scheduler}: cannot connect ({type(exc).__name__}: {exc}); start one with "
-                    "'dask scheduler' and give its tcp://host:port address"
-                ) from exc
-            try:
-                client.wait_for_workers(1, timeout=timeout)
-            except TimeoutError as exc:
-                raise InputError(
-                    f"--dask-scheduler {scheduler}: no worker connected within {timeout:.0f} s; start workers with "
-                    f"'dask worker {scheduler}' (or 'dask cuda worker {scheduler}' on GPU nodes)"
-                ) from exc
-        else:
-            cluster = stack.enter_context(_local_cluster(distributed, workers))
-            client = stack.enter_context(distributed.Client(cluster))
-        yield client
-
-
-def n_workers(client) -> int:
-    """Number of workers connected to ``client``'s scheduler (at least 1)."""
-    return max(1, len(client.scheduler_info()["workers"]))
 
 
 def _host(values: torch.Tensor | np.ndarray | None) -> np.ndarray | None:
@@ -185,7 +73,6 @@ def _host(values: torch.Tensor | np.ndarray | None) -> np.ndarray | None:
 
 def _chunk_task(token: str, model, start: int, stop: int, observed: dict | None, device: str) -> dict:
     """Evaluate rearrangements ``[start, stop)`` on this worker; host arrays out."""
-    from .stats.randomise import evaluate_chunk
 
     prepared = _WORKER_MODELS.get(token)
     if prepared is None:
@@ -267,7 +154,6 @@ def permutation_runner(*, scheduler: str | None, workers: int | None, device: st
 
 def _run_permutations(client, prepared, *, device: str, chunk: int | None, tasks_per_worker: int, retries: int,
                       progress: bool):
-    from .stats.randomise import ChunkMerger
 
     n_perm = prepared.scheme.n_perm
     workers = n_workers(client)
@@ -297,7 +183,7 @@ def _run_chunks(client, model, token: str, bounds: list[tuple[int, int]], observ
     ``rounds`` times). A rerun chunk is the same chunk, so the result does not
     change.
     """
-    distributed = _distributed()
+    distributed = require_distributed()
     pending = list(bounds)
     for attempt in range(rounds):
         if not pending:
@@ -328,78 +214,7 @@ def _run_chunks(client, model, token: str, bounds: list[tuple[int, int]], observ
         )
 
 
-def _capture_warnings(func: Callable[..., T], *args) -> tuple[T, list[str]]:
-    """Run ``func(*args)`` on a worker; its warnings come back as text for the client."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        value = func(*args)
-    return value, [f"{w.category.__name__}: {w.message}" for w in caught]
-
-
-def map_tasks(
-    client,
-    func: Callable[[Any], T],
-    items: Sequence[Any],
-    *,
-    description: str,
-    progress: bool = True,
-    retries: int = 2,
-) -> list[T]:
-    """Run ``func(item)`` as one Dask task per item; results in input order.
-
-    Parameters
-    ----------
-    client : distributed.Client
-    func : callable
-        Picklable (a module-level function or a ``functools.partial`` of
-        one); it runs on a worker and must write its outputs atomically (a
-        retried task rewrites the same files).
-    items : sequence
-        One per task (a subject, a run, a batch of runs).
-    description : str
-        Progress-bar label and task-key prefix.
-    progress : bool, default True
-        Progress bar over completed tasks.
-    retries : int, default 2
-
-    Returns
-    -------
-    list
-        ``func(item)`` for each item, in the order of ``items``. Warnings a
-        task raised on its worker are re-issued here (``UserWarning``, the
-        worker's category in the text).
-
-    Raises
-    ------
-    Exception
-        The first task error, as raised on the worker; the other tasks are
-        cancelled.
-    """
-    distributed = _distributed()
-    token = uuid.uuid4().hex[:12]
-    futures = [
-        client.submit(_capture_warnings, func, item, key=f"gpuconn-{description}-{token}-{i}", retries=retries,
-                      pure=False)
-        for i, item in enumerate(items)
-    ]
-    order = {future.key: i for i, future in enumerate(futures)}
-    results: list[Any] = [None] * len(items)
-    try:
-        with progress_bar(description, len(items), enabled=progress) as advance:
-            for future in distributed.as_completed(futures):
-                value, messages = future.result()
-                for message in messages:
-                    warnings.warn(message, stacklevel=2)
-                results[order[future.key]] = value
-                advance()
-    finally:
-        client.cancel(futures)
-    return results
-
-
 def _denoise_batch(batch: Sequence[tuple[Any, Path]], options, device: str) -> list[dict[str, Path]]:
-    from .denoise import denoise_runs
-
     files, out_dirs = zip(*batch)
     return list(denoise_runs(files, out_dirs, options, device=device, batch_size=len(files)))
 
@@ -414,7 +229,7 @@ def denoise_runs_dask(
     batch_size: int = 1,
     progress: bool = True,
 ) -> list[dict[str, Path]]:
-    """:func:`gpuconn.denoise.denoise_runs` with one Dask task per batch of runs.
+    """:func:`gpuconn.subject.denoise.denoise_runs` with one Dask task per batch of runs.
 
     Each task runs ``denoise_runs`` on its ``batch_size`` runs on the worker
     (the same batches as in one process, so the same outputs) and writes them
@@ -423,9 +238,9 @@ def denoise_runs_dask(
     Parameters
     ----------
     client : distributed.Client
-    files : sequence of gpuconn.denoise.RunFiles
+    files : sequence of gpuconn.subject.denoise.RunFiles
     out_dirs : sequence of path-like
-    options : gpuconn.denoise.DenoiseOptions
+    options : gpuconn.subject.denoise.DenoiseOptions
     device : str, default 'auto'
         Resolved on each worker.
     batch_size : int, default 1
@@ -444,8 +259,6 @@ def denoise_runs_dask(
 
 
 def _seed_run(item, regions, out_dir: Path, stats: list[str], device: str, params: dict | None) -> list[Path]:
-    from .seed import compute_seed_maps
-
     return compute_seed_maps([item], regions, out_dir, layout="subject", stats=stats, device=device, params=params)
 
 
@@ -461,7 +274,7 @@ def seed_maps_dask(
     progress: bool = True,
     params: dict | None = None,
 ) -> list[Path]:
-    """:func:`gpuconn.seed.compute_seed_maps` with one Dask task per run (``layout='subject'``).
+    """:func:`gpuconn.maps.seed.compute_seed_maps` with one Dask task per run (``layout='subject'``).
 
     Every input is checked on the client first (as in one process, nothing is
     written when one is bad); each task then computes and writes one run's
@@ -470,14 +283,14 @@ def seed_maps_dask(
     Parameters
     ----------
     client : distributed.Client
-    inputs : sequence of gpuconn.seed.BoldInput
-    regions : sequence of gpuconn.seed.Region
+    inputs : sequence of gpuconn.maps.series.BoldInput
+    regions : sequence of gpuconn.maps.regions.Region
     out_dir : path-like
     layout : {'subject'}
         ``seed`` (one file per seed, a volume per run) stacks every run in one
         process and is refused here.
     stats, device, progress, params
-        As in :func:`gpuconn.seed.compute_seed_maps` (``device`` resolved on
+        As in :func:`gpuconn.maps.seed.compute_seed_maps` (``device`` resolved on
         each worker).
 
     Returns
@@ -485,7 +298,6 @@ def seed_maps_dask(
     list of Path
         The files written, run by run in input order.
     """
-    from .seed import prepare_inputs
 
     if layout == "seed":
         raise InputError(

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpuconn import backend
-from gpuconn.errors import GpuconnError
+from gpuconn.core import backend
+from gpuconn.core.errors import GpuconnError
 
 
 def test_resolve_device_auto_matches_torch():
@@ -108,6 +108,6 @@ def test_cupy_is_not_imported_by_the_package():
     import subprocess
     import sys
 
-    code = "import sys, gpuconn.backend, gpuconn.io, gpuconn.cli.app; print('cupy' in sys.modules)"
+    code = "import sys, gpuconn.core.backend, gpuconn.core.io, gpuconn.cli.app; print('cupy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -25,7 +25,7 @@ import torch
 import typer
 from scipy.ndimage import gaussian_filter
 
-import gpuconn.backend as backend
+import gpuconn.core.backend as backend
 import gpuconn.stats.randomise as engine
 from gpuconn.cli.app import run
 from gpuconn.cli.options import parse_memory
@@ -196,15 +196,15 @@ def test_max_memory_caps_the_plan_and_is_reset(inputs, reference, tmp_path):
 
 def test_dualreg_max_memory_plans_smaller_batches(inputs, tmp_path, monkeypatch):
     """dualreg --max-memory: the subject batch is planned under the cap (same outputs)."""
-    import gpuconn.dualreg
+    import gpuconn.maps.dualreg
 
     seen = []
-    real = gpuconn.dualreg.chunk_size
+    real = gpuconn.maps.dualreg.chunk_size
     def spy(*args, **kwargs):
         seen.append(backend._max_memory)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(gpuconn.dualreg, "chunk_size", spy)
+    monkeypatch.setattr(gpuconn.maps.dualreg, "chunk_size", spy)
     base = ["dualreg", str(inputs["maps"]), str(inputs["bold"]), str(inputs["bold2"]), "--mask", str(inputs["mask"]),
             "-q", "--device", "cpu"]
     assert run([*base, "-o", str(tmp_path / "a"), "--max-memory", "1KB"]) == 0

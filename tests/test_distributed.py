@@ -26,7 +26,7 @@ distributed = pytest.importorskip("distributed")
 cloudpickle = pytest.importorskip("cloudpickle")
 
 from gpuconn import distributed as gd  # noqa: E402
-from gpuconn.errors import InputError  # noqa: E402
+from gpuconn.core.errors import InputError  # noqa: E402
 from gpuconn.stats.randomise import run_permutation_test  # noqa: E402
 
 # The worker plugin below is defined here; workers cannot import this module.
@@ -164,7 +164,7 @@ def test_worker_warnings_are_reissued(client):
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    from gpuconn.simulate import simulate_study
+    from gpuconn.study.simulate import simulate_study
 
     return simulate_study(tmp_path_factory.mktemp("study"), n_patients=3, n_controls=2, n_volumes=40, voxel_size=6.0,
                           seed=2)
@@ -182,7 +182,7 @@ def _outputs(folder: Path) -> dict[str, object]:
 
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_denoise_on_dask_equals_one_process(client, study, tmp_path, batch_size):
-    from gpuconn.denoise import DenoiseOptions, collect_runs, denoise_runs
+    from gpuconn.subject.denoise import DenoiseOptions, collect_runs, denoise_runs
 
     options = DenoiseOptions(fwhm=6.0)
     files, dirs_a = collect_runs(study.root, tmp_path / "single", participant_label=["001", "004"])
@@ -210,7 +210,9 @@ def _one_thread():
 
 
 def test_seed_maps_on_dask_equal_one_process(client, study, tmp_path):
-    from gpuconn.seed import bold_inputs, compute_seed_maps, regions_from_options
+    from gpuconn.maps.series import bold_inputs
+    from gpuconn.maps.seed import compute_seed_maps
+    from gpuconn.maps.regions import regions_from_options
 
     regions = regions_from_options(coords=["-18,-38,72", "0,-52,26"], radii=[8.0], names=["S1back", "PCC"],
                                    mirror="none", table=None, masks=[], labels=[], what="seed")
@@ -299,7 +301,7 @@ def test_missing_dask_names_the_extra(monkeypatch):
 
 def test_core_import_does_not_import_dask():
     code = (
-        "import sys, gpuconn.cli.app, gpuconn.stats.randomise, gpuconn.denoise, gpuconn.distributed; "
+        "import sys, gpuconn.cli.app, gpuconn.stats.randomise, gpuconn.subject.denoise, gpuconn.distributed; "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed', 'dask_cuda')); "
         "assert not bad, bad"
     )
@@ -324,7 +326,7 @@ def test_cli_rejects_both_options(tmp_path, rng, capsys):
 @pytest.fixture(scope="module")
 def dualreg_inputs(study, tmp_path_factory):
     """Three runs of the simulated study and three random group maps on their grid."""
-    from gpuconn.bids import find_runs
+    from gpuconn.core.bids import find_runs
 
     bolds = [run.bold for run in find_runs(study.root, participant_label=["001", "004"])]
     reference = nib.load(bolds[0])
@@ -342,7 +344,7 @@ def _dualreg_outputs(folder: Path) -> dict[str, object]:
 
 @pytest.mark.parametrize("batch_size", [None, 2])
 def test_dualreg_on_dask_equals_one_process(client, dualreg_inputs, tmp_path, batch_size):
-    from gpuconn.dualreg import dual_regression
+    from gpuconn.maps.dualreg import dual_regression
 
     maps, bolds = dualreg_inputs
     with _one_thread():  # as a worker: stage 1 reduces over voxels, which MKL splits across threads
@@ -366,7 +368,7 @@ def test_dualreg_on_dask_equals_one_process(client, dualreg_inputs, tmp_path, ba
 
 
 def test_dualreg_on_dask_checks_inputs_before_any_task(dualreg_inputs, tmp_path, rng):
-    from gpuconn.dualreg import dual_regression
+    from gpuconn.maps.dualreg import dual_regression
 
     maps, bolds = dualreg_inputs
     collinear = tmp_path / "collinear.nii.gz"
@@ -385,7 +387,7 @@ def test_dualreg_on_dask_checks_inputs_before_any_task(dualreg_inputs, tmp_path,
 
 
 def test_dualreg_on_dask_subject_error_leaves_no_output(client, dualreg_inputs, tmp_path):
-    from gpuconn.dualreg import dual_regression
+    from gpuconn.maps.dualreg import dual_regression
 
     maps, bolds = dualreg_inputs
     img = nib.load(maps)
@@ -405,7 +407,7 @@ def test_dualreg_on_dask_subject_error_leaves_no_output(client, dualreg_inputs, 
 def test_qc_on_dask_equals_one_process(client, study):
     import pandas as pd
 
-    from gpuconn.qc import motion_sources, qc_table
+    from gpuconn.subject.qc import motion_sources, qc_table
 
     sources = motion_sources(derivatives=study.root)
     thresholds = dict(outlier_metric="rms", outlier_threshold=0.05, rel_threshold=0.3)

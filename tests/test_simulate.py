@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gpuconn.bids import find_runs
-from gpuconn.errors import InputError
-from gpuconn.simulate import SEEDS, make_grid, simulate_study
+from gpuconn.core.bids import find_runs
+from gpuconn.core.errors import InputError
+from gpuconn.study.simulate import SEEDS, make_grid, simulate_study
 
 
 @pytest.fixture(scope="module")

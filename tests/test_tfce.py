@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from gpuconn.errors import InputError
+from gpuconn.core.errors import InputError
 from gpuconn.stats.tfce import TFCE_2D, tfce, tfce_thresholds, tfce_transform
 
 RANK = {6: 1, 18: 2, 26: 3}

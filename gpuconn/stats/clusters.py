@@ -40,8 +40,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..backend import load_kernel, require_cupy, to_cupy
-from ..errors import InputError
+from ..core.backend import load_kernel, require_cupy, to_cupy
+from ..core.errors import InputError
 
 try:  # Numba compiles the CPU union-find; without it the same code runs as Python.
     import numba

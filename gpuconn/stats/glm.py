@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from scipy import special
 
-from ..backend import DATA_DTYPE, DESIGN_DTYPE, as_design
+from ..core.backend import DATA_DTYPE, DESIGN_DTYPE, as_design
 
 __all__ = [
     "ContrastModel",

@@ -45,9 +45,9 @@ import pandas as pd
 import torch
 from scipy import special, stats
 
-from ..backend import DESIGN_DTYPE, resolve_device, to_numpy
-from ..errors import InputError
-from ..io import load_image, masked_data, provenance, save_image, unmask, write_json, write_tsv
+from ..core.backend import DESIGN_DTYPE, resolve_device, to_numpy
+from ..core.errors import InputError
+from ..core.io import load_image, masked_data, provenance, save_image, unmask, write_json, write_tsv
 from .clusters import connectivity_offsets, label_maps, neighbour_table
 from .design import Design, load_design
 from .glm import glm_statistic, t_to_z

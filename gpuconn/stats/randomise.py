@@ -17,8 +17,8 @@ How a run works
    one matrix product on the device; the chunk is then reduced to its
    per-rearrangement maxima (the max-statistic null) and to voxelwise
    exceedance counts. Chunks are sized from device memory
-   (:func:`gpuconn.backend.chunk_size`) and halved on CUDA OOM
-   (:func:`gpuconn.backend.run_chunked`); results do not depend on the
+   (:func:`gpuconn.core.backend.chunk_size`) and halved on CUDA OOM
+   (:func:`gpuconn.core.backend.run_chunked`); results do not depend on the
    chunk size.
 4. p-values follow randomise's counting rule, the identity included:
    uncorrected ``p(v) = #{i : T_i(v) >= T_0(v)} / n``, FWER-corrected
@@ -63,10 +63,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..backend import DESIGN_DTYPE, as_data, chunk_size, resolve_device, run_chunked, to_numpy
-from ..errors import InputError
-from ..io import load_image, load_mask, masked_data, provenance, save_image, unmask, write_json, write_text
-from ..progress import progress_bar
+from ..core.backend import DESIGN_DTYPE, as_data, chunk_size, resolve_device, run_chunked, to_numpy
+from ..core.errors import InputError
+from ..core.io import load_image, load_mask, masked_data, provenance, save_image, unmask, write_json, write_text
+from ..core.progress import progress_bar
 from .design import Design, check_design, load_design
 from .fdr import fdr_adjust
 from .glm import (
@@ -554,7 +554,7 @@ def _run_loop(
     """Evaluate rearrangements ``done..n_perm-1`` chunk after chunk into ``merger``.
 
     ``merger``/``done`` continue a run whose first ``done`` rearrangements
-    are merged already (:mod:`gpuconn.checkpoint`); ``on_chunk(merger,
+    are merged already (:mod:`gpuconn.stats.checkpoint`); ``on_chunk(merger,
     stop)`` is called after each chunk is merged.
     """
     merger = ChunkMerger(prepared) if merger is None else merger

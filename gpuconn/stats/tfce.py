@@ -54,8 +54,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..backend import chunk_size, load_kernel, require_cupy, to_cupy, to_numpy
-from ..errors import InputError
+from ..core.backend import chunk_size, load_kernel, require_cupy, to_cupy, to_numpy
+from ..core.errors import InputError
 from .clusters import _as_batch, _njit, _warn_no_numba, cluster_transform, connectivity_offsets, neighbour_table, prange
 
 __all__ = ["TFCE_DEFAULTS", "TFCE_2D", "tfce", "tfce_thresholds", "tfce_transform", "spatial_transforms"]

@@ -48,11 +48,9 @@ import numpy as np
 import torch
 from scipy import special
 
-from .backend import DESIGN_DTYPE, as_data, chunk_size, resolve_device, run_chunked, to_numpy
-from .errors import InputError
-from .io import (
-    check_same_grid,
-    load_header,
+from ..core.backend import DESIGN_DTYPE, as_data, chunk_size, resolve_device, run_chunked, to_numpy
+from ..core.errors import InputError
+from ..core.io import (
     load_image,
     load_mask,
     masked_data,
@@ -62,17 +60,17 @@ from .io import (
     write_json,
     write_text,
 )
-from .progress import progress_bar
+from ..core.progress import progress_bar
+from ..core.tasks import map_tasks
+from ..stats.design import load_design
+from ..stats.randomise import randomise
+from ..stats.tfce import TFCE_DEFAULTS, spatial_transforms
+from .series import check_subjects, common_mask, iter_series, matrix_text
 
 __all__ = [
     "t_to_z",
     "spatial_regression",
     "temporal_regression",
-    "common_mask",
-    "check_subjects",
-    "read_series",
-    "iter_series",
-    "matrix_text",
     "DualRegressionResult",
     "dual_regression",
 ]
@@ -357,121 +355,6 @@ def _subject_name(index: int) -> str:
     return f"subject{index:05d}"
 
 
-def check_subjects(
-    subject_paths: Sequence[str | os.PathLike],
-    reference: nib.Nifti1Image,
-    reference_path: str | os.PathLike,
-    *,
-    min_volumes: int,
-    purpose: str,
-) -> list[int]:
-    """Check every subject series against a reference grid, reading headers only.
-
-    Parameters
-    ----------
-    subject_paths : sequence of path-like
-        4D series, in order.
-    reference : nibabel.Nifti1Image
-        Image whose grid (shape and affine) every subject must share.
-    reference_path : path-like
-        Its file, named in errors.
-    min_volumes : int
-        Fewest volumes a subject may have.
-    purpose : str
-        Why ``min_volumes`` are needed, for the error message.
-
-    Returns
-    -------
-    list of int
-        Number of volumes of each subject.
-
-    Raises
-    ------
-    InputError
-        A missing or unreadable file, a 3D image, a grid mismatch, or too few volumes.
-    """
-    if not subject_paths:
-        raise InputError("no subject series given; pass one 4D image per subject")
-    n_volumes = []
-    for path in map(Path, subject_paths):
-        img = load_header(path, what="subject series")
-        if len(img.shape) != 4:
-            raise InputError(f"subject series {path} has shape {img.shape}; expected a 4D series (x, y, z, time)")
-        check_same_grid(reference, reference_path, img, path)
-        if img.shape[3] < min_volumes:
-            raise InputError(
-                f"subject series {path} has {img.shape[3]} volumes but {purpose} needs at least {min_volumes}; "
-                "leave this subject out or use fewer components"
-            )
-        n_volumes.append(int(img.shape[3]))
-    return n_volumes
-
-
-def read_series(path: str | os.PathLike, mask: np.ndarray) -> np.ndarray:
-    """A subject's masked series, ``(n_volumes, n_voxels)`` float32."""
-    img = load_image(path, ndim=4, what="subject series")
-    return masked_data(img, mask, path=path)
-
-
-def common_mask(
-    subject_paths: Sequence[str | os.PathLike],
-    *,
-    progress: bool = False,
-) -> np.ndarray:
-    """Voxels with non-zero temporal standard deviation in every subject (FSL's common mask).
-
-    ``dual_regression`` builds its mask as ``fslmaths subj -Tstd -bin`` per
-    subject, then the minimum over subjects; the same here, one subject in
-    memory at a time. Voxels that are NaN or infinite in any subject are left
-    out too.
-
-    Parameters
-    ----------
-    subject_paths : sequence of path-like
-        4D series on one grid (checked by the caller).
-    progress : bool, default False
-
-    Returns
-    -------
-    ndarray of bool, shape (x, y, z)
-
-    Raises
-    ------
-    InputError
-        If no voxel survives.
-    """
-    mask = None
-    with progress_bar("common mask", len(subject_paths), enabled=progress) as advance:
-        for path in subject_paths:
-            data = np.asarray(load_image(path, ndim=4, what="subject series").dataobj, dtype=np.float32)
-            finite = np.isfinite(data).all(axis=3)
-            varying = np.nan_to_num(data).std(axis=3) > 0
-            mask = (finite & varying) if mask is None else (mask & finite & varying)
-            advance()
-    if not mask.any():
-        raise InputError(
-            "no voxel varies over time in every subject (common mask is empty); "
-            "check the inputs or pass --mask"
-        )
-    return mask
-
-
-def iter_series(paths: Sequence[Path], mask: np.ndarray, n_ahead: int) -> Iterator[np.ndarray]:
-    """Yield each subject's masked series, ``(n_volumes, n_voxels)`` float32, in order.
-
-    Up to ``n_ahead`` files are read ahead in two threads (NIfTI decoding
-    and gzip release the GIL), so reading overlaps the device work; memory
-    holds at most ``n_ahead + 1`` subjects.
-    """
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        pending = [pool.submit(read_series, p, mask) for p in paths[:n_ahead]]
-        for index in range(len(paths)):
-            data = pending.pop(0).result()
-            if index + n_ahead < len(paths):
-                pending.append(pool.submit(read_series, paths[index + n_ahead], mask))
-            yield data
-
-
 def _batches(n_volumes: Sequence[int], batch_size: int) -> Iterator[range]:
     """Consecutive subject ranges of at most ``batch_size`` with equal ``n_volumes``."""
     start = 0
@@ -551,7 +434,7 @@ def dual_regression(
         Output folder (created).
     mask_path : path-like, optional
         3D mask on the same grid; default: voxels varying over time in every
-        subject (:func:`common_mask`, one extra read of every subject).
+        subject (:func:`~gpuconn.maps.series.common_mask`, one extra read of every subject).
     des_norm : bool, default True
         Normalise stage-2 regressors to unit standard deviation (FSL's ``1``).
     device : str or torch.device, default 'auto'
@@ -574,7 +457,7 @@ def dual_regression(
         Seed of the permutations.
     progress : bool, default False
     client : distributed.Client, optional
-        Run stages 1 and 2 as Dask tasks (:func:`gpuconn.distributed.map_tasks`),
+        Run stages 1 and 2 as Dask tasks (:func:`gpuconn.core.tasks.map_tasks`),
         each fitting its subjects on its worker (``device`` resolved there)
         and writing their files into the staging folder, which every worker
         must reach; this process then writes the ``dr_stage2_icNNNN`` files
@@ -737,7 +620,6 @@ def _fit_task(subjects: Sequence[tuple[int, Path, int]], *, maps_path: Path, sta
 def _fit_on_dask(client, maps_path: Path, paths: Sequence[Path], n_volumes: Sequence[int], staging: Path, *,
                  des_norm: bool, device: str, batch: int, progress: bool) -> None:
     """Stages 1 and 2 as one Dask task per device batch (the batches of one process with this ``batch``)."""
-    from .distributed import map_tasks
 
     tasks = [[(i, paths[i], n_volumes[i]) for i in group] for group in _batches(n_volumes, batch)]
     task = functools.partial(_fit_task, maps_path=maps_path, staging=staging, des_norm=des_norm, device=device)
@@ -758,7 +640,6 @@ def _check_stage3(design_path, contrast_path, one_sample: bool, n_perm: int, n_s
     if has_design:
         if design_path is None or contrast_path is None:
             raise InputError("give both -d design.mat and -t design.con")
-        from .stats.design import load_design
 
         load_design(design_path, contrast_path, n_obs=n_subjects, data_source="dr_stage2_icNNNN (one volume per subject)")
 
@@ -766,8 +647,6 @@ def _check_stage3(design_path, contrast_path, one_sample: bool, n_perm: int, n_s
 def _stage3(out_dir: Path, n_maps: int, design_path, contrast_path, one_sample: bool, n_perm: int, seed: int,
             device: torch.device, progress: bool) -> None:
     """Run randomise on every ``dr_stage2_icNNNN`` (as dual_regression's last step)."""
-    from .stats.randomise import randomise
-    from .stats.tfce import TFCE_DEFAULTS, spatial_transforms
 
     spatial = spatial_transforms(tfce_params=dict(TFCE_DEFAULTS)) if n_perm > 1 else None
     for k in range(n_maps):
@@ -778,11 +657,6 @@ def _stage3(out_dir: Path, n_maps: int, design_path, contrast_path, one_sample: 
             voxelwise=n_perm == 1, write_raw=("tfce",) if spatial else (), progress=progress,
             params={"dual_regression_stage": 3},
         )
-
-
-def matrix_text(matrix: np.ndarray) -> str:
-    """A matrix as FSL-style text: one row per line, values separated by two spaces."""
-    return "\n".join("  ".join(f"{v:.8g}" for v in row) for row in np.atleast_2d(matrix)) + "\n"
 
 
 def _write_component(folder: Path, k: int, betas: np.ndarray, mask: np.ndarray, reference) -> None:

@@ -45,9 +45,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
-from .errors import InputError
-from .io import read_tsv
+from ..core.backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
+from ..core.errors import InputError
+from ..core.io import read_tsv
 
 __all__ = [
     "MOTION_COLUMNS",

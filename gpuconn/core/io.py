@@ -27,7 +27,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from . import __version__
+from .. import __version__
 from .errors import GpuconnError, InputError
 
 __all__ = [

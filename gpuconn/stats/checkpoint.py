@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import GpuconnError, InputError
-from .stats.randomise import ChunkMerger, PreparedTest, Runner, _host, _run_loop
+from ..core.errors import GpuconnError, InputError
+from .randomise import ChunkMerger, PreparedTest, Runner, _host, _run_loop
 
 __all__ = ["checkpoint_path", "run_key", "save_checkpoint", "load_checkpoint", "checkpoint_runner"]
 

@@ -60,10 +60,11 @@ import pandas as pd
 import torch
 from scipy import linalg
 
+from ..core.backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
+from ..core.bids import DEFAULT_SPACE, find_runs
+from ..core.errors import InputError
+from ..core.io import check_same_grid, load_header, load_image, load_mask, masked_data, read_tsv, save_image, write_tsv
 from . import confounds as cf
-from .backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
-from .errors import InputError
-from .io import check_same_grid, load_header, load_image, load_mask, masked_data, read_tsv, save_image, write_tsv
 from .physio import PHYSIO_COLUMNS, physio_confounds, physio_regressors
 
 __all__ = [
@@ -193,7 +194,7 @@ class RunFiles:
 
     @classmethod
     def from_run(cls, run, **overrides) -> "RunFiles":
-        """From a :class:`gpuconn.bids.Run`, fields in ``overrides`` replacing the run's (no mask is an error)."""
+        """From a :class:`gpuconn.core.bids.Run`, fields in ``overrides`` replacing the run's (no mask is an error)."""
         fields = dict(bold=run.bold, mask=run.mask, confounds=run.confounds, physio=run.physio, wm=run.wm, csf=run.csf, label=run.label)
         fields.update(overrides)
         if fields["mask"] is None:
@@ -718,7 +719,7 @@ def collect_runs(
     derivatives, out_dir : path-like
     participant_label : sequence of str, optional
     space : str, optional
-        Default :data:`gpuconn.bids.DEFAULT_SPACE`.
+        Default :data:`gpuconn.core.bids.DEFAULT_SPACE`.
     **overrides
         :class:`RunFiles` fields (``mask``, ``wm``, ``csf``) that replace
         every run's own, e.g. a template mask where runs have none.
@@ -728,8 +729,6 @@ def collect_runs(
     files : list of RunFiles
     out_dirs : list of Path
     """
-    from .bids import DEFAULT_SPACE, find_runs
-
     runs = find_runs(derivatives, participant_label=participant_label, space=space or DEFAULT_SPACE)
     files = [RunFiles.from_run(run, **overrides) for run in runs]
     out_dirs = [Path(out_dir) / run.bold.parent.relative_to(Path(derivatives)) for run in runs]
