@@ -104,7 +104,8 @@ def randomise(
     from gpuconn.core.errors import InputError
     from gpuconn.stats.randomise import randomise as run
 
-    from gpuconn.stats.tfce import TFCE_2D, TFCE_DEFAULTS, spatial_transforms
+    from gpuconn.stats.spatial import spatial_transforms
+    from gpuconn.stats.tfce import TFCE_2D, TFCE_DEFAULTS
 
     tfce_params = None
     if tfce or tfce_2d:  # --T2 presets; explicit --tfce-H/E/C values win

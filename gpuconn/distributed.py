@@ -49,10 +49,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from .core.backend import resolve_device, to_numpy
+from .core.backend import resolve_device, to_host
 from .core.errors import GpuconnError, InputError
 from .core.progress import progress_bar
 from .core.tasks import check_options, dask_client, map_tasks, n_workers, require_distributed
@@ -67,10 +66,6 @@ __all__ = ["dask_runner", "permutation_runner", "denoise_runs_dask", "seed_maps_
 _WORKER_MODELS: dict[str, Any] = {}
 
 
-def _host(values: torch.Tensor | np.ndarray | None) -> np.ndarray | None:
-    return to_numpy(values) if torch.is_tensor(values) else values
-
-
 def _chunk_task(token: str, model, start: int, stop: int, observed: dict | None, device: str) -> dict:
     """Evaluate rearrangements ``[start, stop)`` on this worker; host arrays out."""
 
@@ -83,10 +78,10 @@ def _chunk_task(token: str, model, start: int, stop: int, observed: dict | None,
     out = evaluate_chunk(prepared, start, stop, observed)
     return {
         name: {
-            "observed": _host(r["observed"]),
-            "count": _host(r["count"]),
+            "observed": to_host(r["observed"]),
+            "count": to_host(r["count"]),
             "max": r["max"],
-            "spatial_observed": {k: _host(v) for k, v in r["spatial_observed"].items()},
+            "spatial_observed": {k: to_host(v) for k, v in r["spatial_observed"].items()},
         }
         for name, r in out.items()
     }

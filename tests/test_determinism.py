@@ -31,7 +31,8 @@ from gpuconn.cli.app import run
 from gpuconn.cli.options import parse_memory
 from gpuconn.stats.permute import make_scheme
 from gpuconn.stats.randomise import run_permutation_test
-from gpuconn.stats.tfce import TFCE_DEFAULTS, spatial_transforms
+from gpuconn.stats.spatial import spatial_transforms
+from gpuconn.stats.tfce import TFCE_DEFAULTS
 
 SHAPE = (8, 8, 6)
 N_SUBJECTS = 12

@@ -92,7 +92,7 @@ def test_sign_flips_exhaustive_and_spatial_statistic_on_dask(client, rng):
 
 
 def _cluster_extent_transform(mask: np.ndarray, *, threshold: float):
-    from gpuconn.stats.tfce import spatial_transforms
+    from gpuconn.stats.spatial import spatial_transforms
 
     return spatial_transforms(cluster_extent=threshold)(mask)["clustere"]
 

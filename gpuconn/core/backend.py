@@ -30,6 +30,7 @@ __all__ = [
     "as_data",
     "as_design",
     "to_numpy",
+    "to_host",
     "require_cupy",
     "to_cupy",
     "from_cupy",
@@ -121,6 +122,13 @@ def as_design(array: Any, device: torch.device) -> torch.Tensor:
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     """Return a host NumPy copy of a tensor from any device."""
     return tensor.detach().cpu().numpy()
+
+
+def to_host(values: torch.Tensor | np.ndarray | float | None) -> np.ndarray | None:
+    """A host NumPy array of a tensor (any device), an array or a number; None stays None."""
+    if values is None:
+        return None
+    return to_numpy(values) if torch.is_tensor(values) else np.asarray(values)
 
 
 def require_cupy():

@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.backend import to_host
 from ..core.errors import GpuconnError, InputError
-from .randomise import ChunkMerger, PreparedTest, Runner, _host, _run_loop
+from .randomise import ChunkMerger, PreparedTest, Runner, run_chunk_loop
 
 __all__ = ["checkpoint_path", "run_key", "save_checkpoint", "load_checkpoint", "checkpoint_runner"]
 
@@ -53,7 +54,7 @@ def checkpoint_path(output_root: str | os.PathLike) -> Path:
 
 def _update(digest: "hashlib._Hash", value: Any) -> None:
     if torch.is_tensor(value) or isinstance(value, np.ndarray):
-        array = np.ascontiguousarray(_host(value))
+        array = np.ascontiguousarray(to_host(value))
         digest.update(f"{array.dtype.str}{array.shape}".encode())
         digest.update(array.tobytes())
     else:
@@ -102,10 +103,10 @@ def save_checkpoint(path: str | os.PathLike, key: str, merger: ChunkMerger, done
     path = Path(path)
     arrays: dict[str, np.ndarray] = {}
     for c in merger.prepared.contrasts:
-        arrays[f"observed/{c.name}"] = _host(merger.observed[c.name])
-        arrays[f"count/{c.name}"] = _host(merger.counts[c.name])
+        arrays[f"observed/{c.name}"] = to_host(merger.observed[c.name])
+        arrays[f"count/{c.name}"] = to_host(merger.counts[c.name])
         for name in c.transforms:
-            arrays[f"spatial/{c.name}/{name}"] = _host(merger.observed[(c.name, name)])
+            arrays[f"spatial/{c.name}/{name}"] = to_host(merger.observed[(c.name, name)])
     arrays.update({f"max/{name}/{key_name}": values for (name, key_name), values in merger.merged_maxima().items()})
     meta = {"format": _FORMAT, "key": key, "done": int(done), "n_perm": merger.prepared.scheme.n_perm,
             "seed": merger.prepared.scheme.seed}
@@ -212,6 +213,6 @@ def checkpoint_runner(
                 save_checkpoint(path, key, merged, stop)
                 last = time.monotonic()
 
-        return _run_loop(prepared, progress, merger=merger, done=done, on_chunk=on_chunk)
+        return run_chunk_loop(prepared, progress, merger=merger, done=done, on_chunk=on_chunk)
 
     return run

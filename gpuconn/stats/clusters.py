@@ -32,7 +32,6 @@ nilearn.mass_univariate._utils.calculate_cluster_measures : max extent/mass.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import warnings
 from collections.abc import Callable
@@ -42,45 +41,20 @@ import torch
 
 from ..core.backend import load_kernel, require_cupy, to_cupy
 from ..core.errors import InputError
-
-try:  # Numba compiles the CPU union-find; without it the same code runs as Python.
-    import numba
-
-    _njit = functools.partial(numba.njit, cache=True, nogil=True)
-    prange = numba.prange
-    HAVE_NUMBA = True
-except ImportError:  # pragma: no cover - depends on the install
-    HAVE_NUMBA = False
-    prange = range
-
-    def _njit(*args, **kwargs):
-        if args and callable(args[0]):
-            return args[0]
-        return lambda func: func
-
+from .numba_compat import njit, prange, warn_no_numba
 
 __all__ = [
     "CONNECTIVITIES",
-    "HAVE_NUMBA",
     "connectivity_offsets",
     "neighbour_table",
     "label_maps",
     "cluster_maps",
     "cluster_transform",
+    "as_batch",
 ]
 
 CONNECTIVITIES = (6, 18, 26)
 _KINDS = ("extent", "mass")
-
-
-def _warn_no_numba(what: str) -> None:
-    if not HAVE_NUMBA:
-        warnings.warn(
-            f"numba is not installed: {what} runs as plain Python and is very slow on real maps; "
-            "pip install numba",
-            RuntimeWarning,
-            stacklevel=3,
-        )
 
 
 def connectivity_offsets(connectivity: int = 6) -> np.ndarray:
@@ -139,7 +113,7 @@ def neighbour_table(mask: np.ndarray, *, connectivity: int = 6) -> np.ndarray:
 # --------------------------------------------------------------------------- CPU core (Numba)
 
 
-@_njit
+@njit
 def _find(parent, v):
     """Root of ``v`` with path halving."""
     while parent[v] != v:
@@ -148,7 +122,7 @@ def _find(parent, v):
     return v
 
 
-@_njit(parallel=True)
+@njit(parallel=True)
 def _label_batch(values, table, threshold, labels, n_labels):
     """Union-find labelling of ``values > threshold`` for each map (in place).
 
@@ -186,7 +160,7 @@ def _label_batch(values, table, threshold, labels, n_labels):
         n_labels[m] = count
 
 
-@_njit(parallel=True)
+@njit(parallel=True)
 def _cluster_stat_batch(values, labels, n_labels, threshold, mass, out):
     """Each voxel's cluster extent (``mass=False``) or mass, from labels (in place)."""
     n_maps, n_vox = values.shape
@@ -248,7 +222,7 @@ def _label_torch(values: torch.Tensor, table: torch.Tensor, threshold: float) ->
 # --------------------------------------------------------------------------- public API
 
 
-def _as_batch(values, n_vox: int, what: str) -> torch.Tensor:
+def as_batch(values, n_vox: int, what: str) -> torch.Tensor:
     tensor = torch.as_tensor(values)
     if tensor.ndim == 1:
         tensor = tensor[None]
@@ -259,7 +233,7 @@ def _as_batch(values, n_vox: int, what: str) -> torch.Tensor:
 
 def _label_numpy(data: np.ndarray, table: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """Union-find labels (n_maps, n_voxels) int32 and cluster counts (n_maps,) of float32 maps."""
-    _warn_no_numba("cluster labelling")
+    warn_no_numba("cluster labelling")
     labels = np.empty(data.shape, dtype=np.int32)
     n_labels = np.empty(data.shape[0], dtype=np.int32)
     _label_batch(data, table, np.float32(threshold), labels, n_labels)
@@ -326,7 +300,7 @@ def label_maps(
         :func:`scipy.ndimage.label` numbers them.
     """
     table = neighbour_table(mask, connectivity=connectivity) if table is None else table
-    return _label_tensor(_as_batch(values, table.shape[0], "values"), table, threshold)
+    return _label_tensor(as_batch(values, table.shape[0], "values"), table, threshold)
 
 
 def _per_voxel_cluster_stats(values: torch.Tensor, labels: torch.Tensor, threshold: float, kind: str) -> torch.Tensor:
@@ -376,7 +350,7 @@ def cluster_maps(
     if kind not in _KINDS:
         raise InputError(f"cluster kind must be 'extent' or 'mass' (got {kind!r})")
     table = neighbour_table(mask, connectivity=connectivity) if table is None else table
-    batch = _as_batch(values, table.shape[0], "values")
+    batch = as_batch(values, table.shape[0], "values")
     if batch.device.type == "cpu":
         data = np.ascontiguousarray(batch.detach().numpy(), dtype=np.float32)
         labels, n_labels = _label_numpy(data, table, threshold)

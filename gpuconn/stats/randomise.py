@@ -63,7 +63,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.backend import DESIGN_DTYPE, as_data, chunk_size, resolve_device, run_chunked, to_numpy
+from ..core.backend import DESIGN_DTYPE, as_data, chunk_size, resolve_device, run_chunked, to_host, to_numpy
 from ..core.errors import InputError
 from ..core.io import load_image, load_mask, masked_data, provenance, save_image, unmask, write_json, write_text
 from ..core.progress import progress_bar
@@ -72,14 +72,13 @@ from .fdr import fdr_adjust
 from .glm import (
     ContrastModel,
     contrast_model,
-    f_to_z,
     observed_deviation,
     partition,
     permuted_statistics,
     residualise,
-    t_to_z,
 )
 from .permute import PermutationScheme, make_scheme
+from .zstat import f_to_z, t_to_z
 
 __all__ = [
     "SpatialTransform",
@@ -93,6 +92,8 @@ __all__ = [
     "run_permutation_test",
     "prepare_permutation_test",
     "evaluate_chunk",
+    "run_chunk_loop",
+    "analysis_mask",
     "write_outputs",
     "randomise",
 ]
@@ -347,7 +348,7 @@ def run_permutation_test(
     PermutationTestResult
     """
     prepared = prepare_permutation_test(data, design, contrasts, **options)
-    return (runner or _run_loop)(prepared, progress)
+    return (runner or run_chunk_loop)(prepared, progress)
 
 
 def prepare_permutation_test(
@@ -543,7 +544,7 @@ class ChunkMerger:
         return PermutationTestResult(results, prepared.scheme, str(prepared.device), prepared.chunk, seconds)
 
 
-def _run_loop(
+def run_chunk_loop(
     prepared: PreparedTest,
     progress: bool,
     *,
@@ -570,10 +571,6 @@ def _run_loop(
     return merger.result(time.perf_counter() - began)
 
 
-def _host(values: torch.Tensor | np.ndarray | int) -> np.ndarray:
-    return to_numpy(values) if torch.is_tensor(values) else np.asarray(values)
-
-
 def _check_precision(c: _Contrast, stat: torch.Tensor | np.ndarray) -> None:
     """Warn when the observed map is less precise than float32 allows (1e-4 in t)."""
     stat_t = torch.as_tensor(stat, device=c.residuals.device)
@@ -590,14 +587,14 @@ def _check_precision(c: _Contrast, stat: torch.Tensor | np.ndarray) -> None:
 
 def _summarise(c: _Contrast, n_perm: int, observed: dict, counts: dict, maxima: dict) -> ContrastResult:
     _check_precision(c, observed[c.name])
-    stat = _host(observed[c.name])
+    stat = to_host(observed[c.name])
     null_max = maxima[(c.name, "vox")]
-    p_unc = _host(counts[c.name]).astype(np.float64) / n_perm
+    p_unc = to_host(counts[c.name]).astype(np.float64) / n_perm
     dof = c.model.dof
     z = t_to_z(stat, dof) if c.kind == "t" else f_to_z(stat, c.model.rank, dof)
     spatial = {}
     for key in c.transforms:
-        mapped = _host(observed[(c.name, key)])
+        mapped = to_host(observed[(c.name, key)])
         key_max = maxima[(c.name, key)]
         spatial[key] = MapResult(mapped, _fwe_p(key_max, mapped), key_max)
     return ContrastResult(
@@ -701,7 +698,7 @@ def write_outputs(
     return written
 
 
-def _analysis_mask(img: Any, input_path: str | os.PathLike, mask_path: str | os.PathLike | None) -> np.ndarray:
+def analysis_mask(img: Any, input_path: str | os.PathLike, mask_path: str | os.PathLike | None) -> np.ndarray:
     """The ``-m`` mask on the input's grid; without one, voxels finite in every volume and non-zero in some."""
     if mask_path is not None:
         return load_mask(mask_path, reference=img, reference_path=input_path, what="mask (-m)")[0]
@@ -779,7 +776,7 @@ def randomise(
             raise InputError("give a design and contrasts (-d design.mat -t design.con), or -1 for a one-sample test")
         design = load_design(design_path, contrast_path, ftest_path, groups_path, n_obs=n_obs,
                              data_source=str(input_path))
-    mask = _analysis_mask(img, input_path, mask_path)
+    mask = analysis_mask(img, input_path, mask_path)
     data = masked_data(img, mask, path=input_path)
     spatial = spatial(mask) if callable(spatial) else spatial
     spatial_f = spatial_f(mask) if callable(spatial_f) else spatial_f

@@ -56,9 +56,10 @@ import torch
 
 from ..core.backend import chunk_size, load_kernel, require_cupy, to_cupy, to_numpy
 from ..core.errors import InputError
-from .clusters import _as_batch, _njit, _warn_no_numba, cluster_transform, connectivity_offsets, neighbour_table, prange
+from .clusters import as_batch, connectivity_offsets, neighbour_table
+from .numba_compat import njit, prange, warn_no_numba
 
-__all__ = ["TFCE_DEFAULTS", "TFCE_2D", "tfce", "tfce_thresholds", "tfce_transform", "spatial_transforms"]
+__all__ = ["TFCE_DEFAULTS", "TFCE_2D", "tfce", "tfce_thresholds", "tfce_transform", "check_tfce_params"]
 
 #: randomise ``-T`` defaults.
 TFCE_DEFAULTS = {"H": 2.0, "E": 0.5, "connectivity": 6}
@@ -70,7 +71,7 @@ _MAX_STEPS = 100_000  # a dh this small is almost surely a unit mistake
 _CUDA_BYTES_PER_VOXEL = 96
 
 
-@_njit
+@njit
 def _find_offset(parent, acc, v):
     """Root of ``v``; path halving that keeps ``acc`` sums along the path."""
     while True:
@@ -84,7 +85,7 @@ def _find_offset(parent, acc, v):
         v = g
 
 
-@_njit
+@njit
 def _sweep(order, meas, table, power, out_row):
     """Add voxels in ``order`` (decreasing value) and write their TFCE to ``out_row`` (others untouched).
 
@@ -134,7 +135,7 @@ def _sweep(order, meas, table, power, out_row):
         out_row[order[i]] = total
 
 
-@_njit(parallel=True)
+@njit(parallel=True)
 def _tfce_stepped_batch(values, table, thresholds, H, power, out):
     """Stepped TFCE; ``thresholds`` (n_maps, n_thr) ascending, padded with +inf."""
     n_maps, n_vox = values.shape
@@ -172,7 +173,7 @@ def _tfce_stepped_batch(values, table, thresholds, H, power, out):
         _sweep(order, meas, table, power, out[m])
 
 
-@_njit(parallel=True)
+@njit(parallel=True)
 def _tfce_exact_batch(values, orders, n_pos, table, H, power, out):
     """Exact TFCE integral, M(h) = h^(H+1) / (H+1); ``orders[m, :n_pos[m]]`` are the positive voxels, decreasing."""
     for m in prange(values.shape[0]):
@@ -237,7 +238,8 @@ def tfce_thresholds(maxima: np.ndarray, dh: float | None = None) -> np.ndarray:
     return out
 
 
-def _check_params(H: float, E: float, method: str) -> None:
+def check_tfce_params(H: float, E: float, method: str) -> None:
+    """Raise InputError unless ``method`` is known and ``H``, ``E`` are positive."""
     if method not in _METHODS:
         raise InputError(f"TFCE method must be 'stepped' or 'exact' (got {method!r})")
     if not (H > 0 and E > 0):
@@ -304,7 +306,7 @@ def _tfce_table(values: torch.Tensor, table: np.ndarray, *, H: float, E: float, 
     power = np.arange(values.shape[1] + 1, dtype=np.float64) ** float(E)  # extent ** E, looked up
     if values.device.type == "cuda":
         return _tfce_cuda(values, table, power, H=H, dh=dh, method=method)
-    _warn_no_numba("TFCE")
+    warn_no_numba("TFCE")
     data = np.ascontiguousarray(values.detach().numpy(), dtype=np.float32)
     out = np.zeros(data.shape, dtype=np.float32)
     if method == "exact":
@@ -354,7 +356,7 @@ def tfce(
     and bins the voxels on the device and ``kernels/tfce.cu`` (CuPy) runs
     the same sweep, one thread per map.
     """
-    tensor = _as_batch(values, int(np.count_nonzero(mask)), "values")
+    tensor = as_batch(values, int(np.count_nonzero(mask)), "values")
     if not bool(torch.isfinite(tensor).all()):
         raise InputError("TFCE input has NaN or Inf values; mask them out first")
     return tfce_transform(mask, H=H, E=E, connectivity=connectivity, dh=dh, method=method)(tensor)
@@ -379,7 +381,7 @@ def tfce_transform(
         ``f(stats)`` with ``stats`` a finite Tensor (n_perm_chunk, n_voxels)
         returns a float32 Tensor of the same shape and device.
     """
-    _check_params(H, E, method)
+    check_tfce_params(H, E, method)
     table = neighbour_table(mask, connectivity=connectivity)
 
     def transform(stats: torch.Tensor) -> torch.Tensor:
@@ -388,60 +390,3 @@ def tfce_transform(
     return transform
 
 
-def spatial_transforms(
-    *,
-    tfce_params: dict | None = None,
-    method: str = "stepped",
-    cluster_extent: float | None = None,
-    cluster_mass: float | None = None,
-    cluster_connectivity: int = 26,
-) -> Callable[[np.ndarray], dict[str, Callable[[torch.Tensor], torch.Tensor]]] | None:
-    """The spatial statistics of a randomise run, as a mask → transforms factory.
-
-    Parameters
-    ----------
-    tfce_params : dict, optional
-        ``{'H', 'E', 'connectivity'}`` and optionally ``'dh'`` for TFCE
-        (randomise ``-T``/``--T2``); None: no TFCE. Without ``dh`` each map
-        uses its own maximum / 100 as the step (nilearn's convention): the
-        engine's transforms are stateless per map, so the unpermuted map's
-        step cannot be fixed in advance as randomise does; a fixed ``dh``
-        (e.g. the unpermuted maximum / 100) reproduces randomise. Both are
-        discretisations of the same integral.
-    method : {'stepped', 'exact'}
-    cluster_extent, cluster_mass : float, optional
-        Cluster-forming thresholds (randomise ``-c``/``-C``, or ``-F``/``-S``
-        for F tests).
-    cluster_connectivity : {6, 18, 26}, default 26
-        As FSL ``cluster``.
-
-    Returns
-    -------
-    callable or None
-        ``factory(mask)`` returning ``{'tfce': ..., 'clustere': ...,
-        'clusterm': ...}`` (the requested ones), which the permutation
-        engine writes as ``<root>_<name>_corrp_<stat>``; None when nothing
-        is requested.
-    """
-    if tfce_params is None and cluster_extent is None and cluster_mass is None:
-        return None
-    if tfce_params is not None:
-        _check_params(tfce_params["H"], tfce_params["E"], method)
-        connectivity_offsets(tfce_params["connectivity"])  # validate before any input is read
-        if tfce_params.get("dh") is not None and not tfce_params["dh"] > 0:
-            raise InputError(f"--tfce-dh must be positive, got {tfce_params['dh']}")
-        if tfce_params.get("dh") is not None and method == "exact":
-            raise InputError("--tfce-dh sets the step of the stepped sum; the exact integral has none: drop one of them")
-    connectivity_offsets(cluster_connectivity)
-
-    def factory(mask: np.ndarray) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-        out = {}
-        if tfce_params is not None:
-            out["tfce"] = tfce_transform(mask, method=method, **tfce_params)
-        if cluster_extent is not None:
-            out["clustere"] = cluster_transform(mask, cluster_extent, kind="extent", connectivity=cluster_connectivity)
-        if cluster_mass is not None:
-            out["clusterm"] = cluster_transform(mask, cluster_mass, kind="mass", connectivity=cluster_connectivity)
-        return out
-
-    return factory

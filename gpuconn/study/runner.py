@@ -54,7 +54,7 @@ from ..stats import randomise
 from ..stats.design import save_design
 from ..stats.grf import parametric_glm
 from ..stats.tables import cluster_table
-from ..stats.tfce import spatial_transforms
+from ..stats.spatial import spatial_transforms
 from ..subject.confounds import load_motion
 from ..subject.denoise import DenoiseOptions, RunFiles, denoise_runs, output_paths, prepare_run
 from ..subject.qc import qc_table
