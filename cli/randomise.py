@@ -98,7 +98,7 @@ def randomise(
     done are checkpointed in <root>_checkpoint.npz (deleted at the end);
     --resume continues a killed run from it, with identical results.
     """
-    from gpuconn.core.backend import set_max_memory
+    from gpuconn.core.backend import memory_cap
     from gpuconn.stats.checkpoint import checkpoint_path, checkpoint_runner
     from gpuconn.distributed import permutation_runner
     from gpuconn.core.errors import InputError
@@ -125,8 +125,7 @@ def randomise(
     options = {"tfce": tfce_params, "tfce_method": method_tfce, "c": cluster_t, "C": cluster_mass_t,
                "F": cluster_f, "S": cluster_mass_f}
     runner = runner or checkpoint_runner(checkpoint, resume=resume, options=options, interval=checkpoint_interval)
-    set_max_memory(max_memory)
-    try:
+    with memory_cap(max_memory):
         result = run(
             input_image,
             output_root,
@@ -151,8 +150,6 @@ def randomise(
             progress=not quiet,
             runner=runner,
         )
-    finally:
-        set_max_memory(None)
     checkpoint.unlink(missing_ok=True)
     if not quiet:
         scheme = result.scheme

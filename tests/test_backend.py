@@ -111,3 +111,20 @@ def test_cupy_is_not_imported_by_the_package():
     code = "import sys, gpuconn.core.backend, gpuconn.core.io, gpuconn.cli.app; print('cupy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_memory_cap_is_per_context_and_restored(monkeypatch):
+    import threading
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(backend, "_host_available_bytes", lambda: 1000)
+    seen = []
+    with backend.memory_cap(200):
+        with backend.memory_cap(100):
+            assert backend.free_memory_bytes(cpu) == 100
+        assert backend.max_memory() == 200
+        thread = threading.Thread(target=lambda: seen.append(backend.max_memory()))
+        thread.start()
+        thread.join()
+    assert backend.max_memory() is None
+    assert seen == [None], "another thread does not inherit the cap of this one"

@@ -192,7 +192,7 @@ def test_max_memory_caps_the_plan_and_is_reset(inputs, reference, tmp_path):
         chunks.append(_chunk(tmp_path / cap / "r"))
     assert 1 < chunks[0] < chunks[1] < _chunk(reference / "r")
     assert abs(chunks[1] - 2 * chunks[0]) <= 1
-    assert backend._max_memory is None, "the cap does not leak into later commands"
+    assert backend.max_memory() is None, "the cap does not leak into later commands"
 
 
 def test_dualreg_max_memory_plans_smaller_batches(inputs, tmp_path, monkeypatch):
@@ -202,7 +202,7 @@ def test_dualreg_max_memory_plans_smaller_batches(inputs, tmp_path, monkeypatch)
     seen = []
     real = gpuconn.maps.dualreg.chunk_size
     def spy(*args, **kwargs):
-        seen.append(backend._max_memory)
+        seen.append(backend.max_memory())
         return real(*args, **kwargs)
 
     monkeypatch.setattr(gpuconn.maps.dualreg, "chunk_size", spy)

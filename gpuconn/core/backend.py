@@ -10,6 +10,8 @@ CPU-only install never imports it.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib.resources
 import os
@@ -37,6 +39,8 @@ __all__ = [
     "load_kernel",
     "free_memory_bytes",
     "set_max_memory",
+    "memory_cap",
+    "max_memory",
     "chunk_size",
     "is_out_of_memory",
     "run_chunked",
@@ -54,7 +58,8 @@ torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
 _DEVICE_CHOICES = ("auto", "cpu", "cuda")
-_max_memory: int | None = None
+# The --max-memory cap of the command running in this context (None: no cap).
+_MEMORY_CAP: contextvars.ContextVar[int | None] = contextvars.ContextVar("gpuconn_memory_cap", default=None)
 
 T = TypeVar("T")
 
@@ -199,22 +204,51 @@ def _host_available_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
+def _check_cap(n_bytes: int | None) -> int | None:
+    if n_bytes is not None and n_bytes <= 0:
+        raise GpuconnError(f"--max-memory must be positive, got {n_bytes} bytes")
+    return n_bytes
+
+
 def set_max_memory(n_bytes: int | None) -> None:
-    """Cap the memory gpuconn plans to use on any device (``--max-memory``).
+    """Cap the memory gpuconn plans to use on any device (``--max-memory``), in the current context.
+
+    The cap is a :mod:`contextvars` variable: it holds for this thread (or
+    asyncio task) and the contexts copied from it, not for other threads or
+    Dask workers. For one block of work use :func:`memory_cap`, which also
+    restores the previous value.
 
     Parameters
     ----------
     n_bytes : int or None
         The cap in bytes; None removes it.
     """
-    global _max_memory
-    if n_bytes is not None and n_bytes <= 0:
-        raise GpuconnError(f"--max-memory must be positive, got {n_bytes} bytes")
-    _max_memory = n_bytes
+    _MEMORY_CAP.set(_check_cap(n_bytes))
+
+
+@contextlib.contextmanager
+def memory_cap(n_bytes: int | None) -> Iterator[None]:
+    """Cap the memory gpuconn plans to use while the block runs (None: no cap); the previous cap returns after it.
+
+    Raises
+    ------
+    GpuconnError
+        ``n_bytes`` not positive.
+    """
+    token = _MEMORY_CAP.set(_check_cap(n_bytes))
+    try:
+        yield
+    finally:
+        _MEMORY_CAP.reset(token)
+
+
+def max_memory() -> int | None:
+    """The memory cap in bytes of the current context (:func:`memory_cap`), or None."""
+    return _MEMORY_CAP.get()
 
 
 def free_memory_bytes(device: torch.device) -> int:
-    """Memory available for new work on ``device``, capped by :func:`set_max_memory`.
+    """Memory available for new work on ``device``, capped by :func:`memory_cap`.
 
     On CUDA this is ``torch.cuda.mem_get_info`` (free bytes); on CPU the
     host's ``MemAvailable``.
@@ -223,7 +257,8 @@ def free_memory_bytes(device: torch.device) -> int:
         free, _total = torch.cuda.mem_get_info(device)
     else:
         free = _host_available_bytes()
-    return free if _max_memory is None else min(free, _max_memory)
+    cap = _MEMORY_CAP.get()
+    return free if cap is None else min(free, cap)
 
 
 def chunk_size(
