@@ -148,6 +148,29 @@ def test_init_writes_the_commented_template(tmp_path):
     assert run(["study", "init", str(path)]) == 2  # no overwrite without --force
 
 
+def test_every_denoise_option_is_a_study_key_with_its_default(tmp_path):
+    from dataclasses import fields
+
+    from gpuconn.subject.denoise import DenoiseOptions
+
+    path = tmp_path / "study.toml"
+    path.write_text(template_text())
+    given = load_study(path, check_inputs=False).section("denoise")
+    defaults = DenoiseOptions()
+    for f in fields(DenoiseOptions):
+        if f.name in ("outlier_metric", "outlier_threshold"):  # the [qc] outlier rule
+            continue
+        expected = getattr(defaults, f.name)
+        expected = list(expected) if isinstance(expected, tuple) else expected
+        assert given[f.name] == (expected if expected is not None else 0.0), f.name
+    path.write_text(template_text().replace('acompcor_mode = "combined"', 'acompcor_mode = "both"'))
+    with pytest.raises(InputError, match=r"denoise\.acompcor_mode = 'both' is not one of"):
+        load_study(path, check_inputs=False)
+    path.write_text(template_text().replace("columns = []", "columns = [1]"))
+    with pytest.raises(InputError, match=r"denoise\.columns must list"):
+        load_study(path, check_inputs=False)
+
+
 # ----------------------------------------------------------------------------- end to end
 
 

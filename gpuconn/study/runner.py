@@ -153,14 +153,20 @@ def _denoise_options(ctx: _Context):
     return DenoiseOptions(
         motion=s["motion"],
         acompcor=s["acompcor"],
+        acompcor_mode=s["acompcor_mode"],
+        tissue_threshold=s["tissue_threshold"],
+        erode=s["erode"],
         physio=s["physio"],
         global_signal=s["global_signal"],
+        outlier_metric=qc["outlier_metric"],
+        outlier_threshold=qc["outlier_threshold"],
         censor=s["censor"],
         high_pass=s["high_pass"] or None,
         low_pass=s["low_pass"] or None,
         fwhm=s["fwhm"],
-        outlier_metric=qc["outlier_metric"],
-        outlier_threshold=qc["outlier_threshold"],
+        columns=tuple(s["columns"]),
+        min_dof=s["min_dof"],
+        tr=s["tr"] or None,
     )
 
 

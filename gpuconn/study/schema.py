@@ -29,6 +29,7 @@ from ..core.bids import DEFAULT_SPACE, Run, find_runs
 from ..core.errors import InputError
 from ..maps.regions import sphere_regions
 from ..stats.design import build_design
+from ..subject.denoise import DenoiseOptions
 
 __all__ = [
     "MODEL_KINDS",
@@ -57,8 +58,8 @@ INFERENCE_METHODS = ("cluster", "tfce", "voxel", "grf")
 
 
 _REQUIRED = object()
-
-
+# The defaults of [denoise] are DenoiseOptions' own.
+_DENOISE = DenoiseOptions()
 
 #: Defaults of every scalar section; a key absent here is an error.
 _SECTIONS: dict[str, dict[str, Any]] = {
@@ -74,15 +75,22 @@ _SECTIONS: dict[str, dict[str, Any]] = {
         "sessions": ["pre", "post"],
     },
     "qc": {"abs_threshold": 3.0, "rel_threshold": 2.0, "outlier_metric": "fd", "outlier_threshold": 0.5},
+    # every field of DenoiseOptions except the outlier rule (from [qc]), with its defaults; 0 stands for None
     "denoise": {
-        "motion": "6",
-        "acompcor": 5,
-        "physio": "auto",
-        "global_signal": False,
-        "censor": "spikes",
-        "high_pass": 0.006,
-        "low_pass": 0.0,
-        "fwhm": 6.0,
+        "motion": _DENOISE.motion,
+        "acompcor": _DENOISE.acompcor,
+        "acompcor_mode": _DENOISE.acompcor_mode,
+        "tissue_threshold": _DENOISE.tissue_threshold,
+        "erode": _DENOISE.erode,
+        "physio": _DENOISE.physio,
+        "global_signal": _DENOISE.global_signal,
+        "censor": _DENOISE.censor,
+        "high_pass": _DENOISE.high_pass or 0.0,
+        "low_pass": _DENOISE.low_pass or 0.0,
+        "fwhm": _DENOISE.fwhm,
+        "columns": list(_DENOISE.columns),
+        "min_dof": _DENOISE.min_dof,
+        "tr": _DENOISE.tr or 0.0,
         "batch_size": 1,
     },
     "ica": {"enabled": False, "dim": 10, "seed": 0, "templates": "", "template_names": []},
@@ -128,6 +136,7 @@ _CHOICES = {
     ("denoise", "motion"): ("6", "24", "none"),
     ("denoise", "physio"): ("auto", "yes", "no"),
     ("denoise", "censor"): ("spikes", "drop"),
+    ("denoise", "acompcor_mode"): ("combined", "separate"),
     ("inference", "method"): INFERENCE_METHODS,
     ("roi_tests", "post_hoc"): ("tukey", "holm"),
     ("models", "kind"): MODEL_KINDS,
@@ -251,6 +260,9 @@ def _validate(raw: dict, path: Path) -> dict:
     _check_regions(config, path)
     _check_models(config, path)
     _check_inference(config, path)
+    bad = [c for c in config["denoise"]["columns"] if not isinstance(c, str)]
+    if bad:
+        raise InputError(f"{path}: denoise.columns must list confounds column names (strings), got {bad[0]!r}")
     return config
 
 
