@@ -100,7 +100,7 @@ def randomise(
     """
     from gpuconn.core.backend import memory_cap
     from gpuconn.stats.checkpoint import checkpoint_path, checkpoint_runner
-    from gpuconn.distributed import permutation_runner
+    from gpuconn.stats.dask_runner import permutation_runner
     from gpuconn.core.errors import InputError
     from gpuconn.stats.randomise import randomise as run
 

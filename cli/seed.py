@@ -55,8 +55,7 @@ def seed(
     quiet: Quiet = False,
 ) -> None:
     """Correlate mean seed time series with every brain voxel: r and Fisher z maps per run."""
-    from gpuconn.core.tasks import check_options, dask_client
-    from gpuconn.distributed import seed_maps_dask
+    from gpuconn.core.tasks import dask_client
     from gpuconn.maps.series import bold_inputs
     from gpuconn.maps.seed import compute_seed_maps
     from gpuconn.maps.regions import regions_from_options
@@ -70,12 +69,9 @@ def seed(
     )
     stats = ["r", "z"] + (["beta"] if beta else [])
     params = {"command": "gpuconn seed", "layout": layout}
-    if not check_options(dask_scheduler, workers):
+    with dask_client(scheduler=dask_scheduler, workers=workers) as client:  # None: one process; else a task per run
         written = compute_seed_maps(
             inputs, regions, out, layout=layout, stats=stats, device=device, progress=not quiet, params=params,
+            client=client,
         )  # fmt: skip
-    else:  # one Dask task per run, written by the workers
-        with dask_client(scheduler=dask_scheduler, workers=workers) as client:
-            written = seed_maps_dask(client, inputs, regions, out, layout=layout, stats=stats, device=device,
-                                     progress=not quiet, params=params)
     typer.echo(f"gpuconn seed: {len(regions)} seed(s) x {len(inputs)} run(s) -> {len(written)} file(s) in {out}")

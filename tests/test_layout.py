@@ -4,9 +4,8 @@ Layers, lowest first: ``core`` (devices, I/O, errors, Dask plumbing),
 ``subject`` (confounds, physio, QC, denoising), ``stats`` (group statistics;
 pure array code plus randomise's file wrappers), ``maps`` (regions, series
 I/O, seed, ROI, ICA, dual regression: dual regression's stage 2 Z and stage 3
-randomise use ``stats``), ``study`` (the study runner, report and demo), and
-``gpuconn.distributed`` on top (the Dask entry points of every step). Every
-import counts, at module level or inside a function.
+randomise use ``stats``), and ``study`` (the study runner, report and demo). Every import counts, at
+module level or inside a function.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from pathlib import Path
 import gpuconn
 
 PACKAGE = Path(gpuconn.__file__).parent
-LAYERS = {"gpuconn": 0, "core": 0, "subject": 1, "stats": 2, "maps": 3, "study": 4, "distributed": 5}
+LAYERS = {"gpuconn": 0, "core": 0, "subject": 1, "stats": 2, "maps": 3, "study": 4}
 
 
 def _modules() -> dict[str, Path]:

@@ -17,8 +17,8 @@ imported only here, only when a command asks for it
   the scheduler re-runs the task elsewhere. A progress bar counts completed
   tasks (:func:`gpuconn.core.progress.progress_bar`).
 
-The permutation chunks of randomise and the per-step Dask entry points are
-in :mod:`gpuconn.distributed`.
+Every step takes the client itself (``client=``); randomise's permutation
+chunks go through :mod:`gpuconn.stats.dask_runner`.
 """
 
 from __future__ import annotations

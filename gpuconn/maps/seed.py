@@ -12,6 +12,7 @@ subject, ready for ``gpuconn randomise``). The seeds themselves are
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -27,6 +28,7 @@ from ..core.backend import as_data, resolve_device, to_numpy
 from ..core.errors import InputError
 from ..core.io import save_image, unmask, write_tsv
 from ..core.progress import progress_bar
+from ..core.tasks import map_tasks
 from .regions import Region, region_means
 from .series import BoldInput, prepare_inputs, stream_inputs
 
@@ -170,6 +172,7 @@ def compute_seed_maps(
     device: str | torch.device = "auto",
     progress: bool = False,
     params: dict | None = None,
+    client=None,
 ) -> list[Path]:
     """Seed-to-voxel maps for every run and seed, written as 4D NIfTI with JSON sidecars.
 
@@ -192,6 +195,11 @@ def compute_seed_maps(
         Show a Rich progress bar.
     params : dict, optional
         Extra parameters recorded in sidecars (e.g. the command line).
+    client : distributed.Client, optional
+        One Dask task per run (:func:`gpuconn.core.tasks.map_tasks`), each
+        computing and writing that run's files on its worker (``device``
+        resolved there), after every input was checked here; ``layout='seed'``
+        stacks every run in one process and is refused.
 
     Returns
     -------
@@ -214,6 +222,9 @@ def compute_seed_maps(
         raise InputError(f"statistics {bad or '(none)'} not available; choose from {', '.join(STATS)}")
     stats = list(dict.fromkeys(stats))
     out_dir = Path(out_dir)
+    if client is not None:
+        return _seed_maps_on_dask(client, inputs, regions, out_dir, layout=layout, stats=stats, device=str(device),
+                                  progress=progress, params=params)
     torch_device = resolve_device(device)
     prepared, reference = prepare_inputs(inputs, regions, what="seed")
     names = [region.name for region in regions]
@@ -251,3 +262,23 @@ def compute_seed_maps(
                                    "bolds": [str(p.source.bold) for p in prepared], "volumes": volumes})
             )
     return written
+
+
+def _seed_run(item: BoldInput, regions: Sequence[Region], out_dir: Path, stats: list[str], device: str,
+              params: dict | None) -> list[Path]:
+    """One Dask task: one run's seed maps, written on the worker."""
+    return compute_seed_maps([item], regions, out_dir, layout="subject", stats=stats, device=device, params=params)
+
+
+def _seed_maps_on_dask(client, inputs: Sequence[BoldInput], regions: Sequence[Region], out_dir: Path, *, layout: str,
+                       stats: list[str], device: str, progress: bool, params: dict | None) -> list[Path]:
+    if layout == "seed":
+        raise InputError(
+            f"--layout {layout} stacks every run into one file per seed in one process; use --layout subject "
+            "with --workers/--dask-scheduler, or drop those options"
+        )
+    prepare_inputs(inputs, regions, what="seed")  # every input checked before any task writes
+    task = functools.partial(_seed_run, regions=list(regions), out_dir=out_dir, stats=stats, device=device,
+                             params=params)
+    return [path for paths in map_tasks(client, task, list(inputs), description="seed maps", progress=progress)
+            for path in paths]

@@ -338,7 +338,7 @@ def run_permutation_test(
         Show a progress bar over rearrangements.
     runner : callable, optional
         ``runner(prepared, progress) -> PermutationTestResult`` evaluates the
-        chunks elsewhere (e.g. :func:`gpuconn.distributed.dask_runner`);
+        chunks elsewhere (e.g. :func:`gpuconn.stats.dask_runner.dask_runner`);
         default: one process, chunk after chunk on ``device``.
     **options
         Keyword options of :func:`prepare_permutation_test`.
@@ -759,7 +759,7 @@ def randomise(
         ``(x, y, z)`` (to build neighbourhoods) and returns the mapping.
     progress : bool, default True
     runner : callable, optional
-        As in :func:`run_permutation_test` (Dask: :func:`gpuconn.distributed.dask_runner`).
+        As in :func:`run_permutation_test` (Dask: :func:`gpuconn.stats.dask_runner.dask_runner`).
 
     Returns
     -------

@@ -46,6 +46,7 @@ batch of runs is held in memory at a time.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -64,6 +65,7 @@ from ..core.backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
 from ..core.bids import DEFAULT_SPACE, find_runs
 from ..core.errors import InputError
 from ..core.io import check_same_grid, load_header, load_image, load_mask, masked_data, read_tsv, save_image, write_tsv
+from ..core.tasks import map_tasks
 from . import confounds as cf
 from .physio import PHYSIO_COLUMNS, physio_confounds, physio_regressors
 
@@ -771,10 +773,15 @@ def denoise_runs(
     device: torch.device | str = "auto",
     batch_size: int = 1,
     on_run: Callable[[int], None] | None = None,
+    client=None,
+    progress: bool = False,
 ) -> Iterator[dict[str, Path]]:
     """Denoise runs, streaming ``batch_size`` runs at a time; write NIfTI, design TSV, JSON.
 
     Each batch is fully validated before any of its outputs is written.
+    With ``client``, each batch is one Dask task that denoises and writes
+    its runs on a worker (the same batches as in one process, so the same
+    outputs); the paths come once every task has finished.
 
     Parameters
     ----------
@@ -786,12 +793,26 @@ def denoise_runs(
     batch_size : int, default 1
     on_run : callable, optional
         Called with the number of runs finished (progress).
+    client : distributed.Client, optional
+        Run the batches as Dask tasks (:func:`gpuconn.core.tasks.map_tasks`);
+        ``device`` is resolved on each worker.
+    progress : bool, default False
+        With ``client``: a progress bar over the finished tasks.
 
     Yields
     ------
     dict
         The output paths of each run (see :func:`output_paths`).
     """
+    if client is not None:
+        pairs = [(f, Path(d)) for f, d in zip(files, out_dirs, strict=True)]
+        batches = [pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size)]
+        task = functools.partial(_denoise_batch, options=options, device=str(device))
+        for paths in map_tasks(client, task, batches, description="denoise", progress=progress):
+            yield from paths
+            if on_run is not None:
+                on_run(len(paths))
+        return
     device = resolve_device(device)
     for start in range(0, len(files), batch_size):
         batch = [prepare_run(f, options, device=device) for f in files[start : start + batch_size]]
@@ -805,3 +826,11 @@ def denoise_runs(
         if on_run is not None:
             on_run(len(batch))
         del batch, cleaned
+
+
+def _denoise_batch(
+    batch: Sequence[tuple[RunFiles, Path]], options: DenoiseOptions, device: str
+) -> list[dict[str, Path]]:
+    """One Dask task: :func:`denoise_runs` on one batch of runs, written on the worker."""
+    files, out_dirs = zip(*batch)
+    return list(denoise_runs(files, out_dirs, options, device=device, batch_size=len(files)))

@@ -1,39 +1,30 @@
-"""Scale past one device with Dask: permutation chunks and subjects as tasks.
+"""randomise's permutation chunks as Dask tasks: the runner of ``--dask-scheduler``/``--workers``.
 
 Nothing is scheduled by hand: Dask places the tasks, retries them and
-replaces lost workers. The client and :func:`~gpuconn.core.tasks.map_tasks`
-are in :mod:`gpuconn.core.tasks`; this module holds the Dask entry points of
-the steps above the core:
+replaces lost workers (the client: :mod:`gpuconn.core.tasks`).
+:func:`dask_runner` evaluates the permutation chunks of
+:func:`gpuconn.stats.randomise.run_permutation_test` as tasks. The prepared
+model (residualised data, contrast bases, the permutation scheme) is
+scattered to every worker once; each task draws its rearrangements from the
+same host-side generator (:meth:`gpuconn.stats.permute.PermutationScheme.chunk`,
+one ``SeedSequence(seed, spawn_key=(i,))`` per rearrangement) and returns
+only its per-rearrangement maxima and voxelwise exceedance counts, which the
+client merges in rearrangement order
+(:class:`gpuconn.stats.randomise.ChunkMerger`). The result is the same, bit
+for bit, whatever the number of workers, their order of completion or a
+retried task: chunk 0 runs first and gives the observed maps, the counts are
+integer sums, the maxima are concatenated by rearrangement index. Each
+rearrangement's statistics are the same float operations as in one process
+with the same chunk size; the tests check equality with the single-process
+default too (MKL on CPU computes a row of the batched product identically
+for any number of rows; a GPU BLAS may choose other kernels for other
+shapes, so give the single-process run ``chunk=`` the task size to compare
+bit for bit there).
 
-- :func:`dask_runner` evaluates the permutation chunks of
-  ``gpuconn randomise`` as tasks. The prepared model (residualised data,
-  contrast bases, the permutation scheme) is scattered to every worker once;
-  each task draws its rearrangements from the same host-side generator
-  (:meth:`gpuconn.stats.permute.PermutationScheme.chunk`, one
-  ``SeedSequence(seed, spawn_key=(i,))`` per rearrangement) and returns only
-  its per-rearrangement maxima and voxelwise exceedance counts, which the
-  client merges in rearrangement order
-  (:class:`gpuconn.stats.randomise.ChunkMerger`). The result is the same,
-  bit for bit, whatever the number of workers, their order of completion or
-  a retried task: chunk 0 runs first and gives the observed maps, the
-  counts are integer sums, the maxima are concatenated by rearrangement
-  index. Each rearrangement's statistics are the same float operations as
-  in one process with the same chunk size; this module's tests check equality
-  with the single-process default too (MKL on CPU computes a row of the
-  batched product identically for any number of rows; a GPU BLAS may
-  choose other kernels for other shapes, so give the single-process run
-  ``chunk=`` the task size to compare bit for bit there).
-- :func:`denoise_runs_dask` and :func:`seed_maps_dask` are ``gpuconn
-  denoise`` and ``gpuconn seed`` with one task per batch of runs / run
-  (:func:`~gpuconn.core.tasks.map_tasks`);
-  :func:`gpuconn.maps.dualreg.dual_regression` and
-  :func:`gpuconn.subject.qc.qc_table` take the client (``client=``) and map
-  their own per-subject step (stages 1-2 written into the staging folder;
-  one motion summary per run). The outputs are those of the same call in one
-  process, bit for bit when the BLAS sums in the same order: workers run one thread, and a
-  reduction over voxels (the seed means) may be split across threads in a
-  multi-threaded process, which changes float32 results by rounding only
-  (the tests: exact against a 1-thread run, ``rtol=1e-5`` against 2 threads).
+The subject-level steps take the client themselves (``client=``):
+:func:`gpuconn.subject.denoise.denoise_runs`,
+:func:`gpuconn.subject.qc.qc_table`, :func:`gpuconn.maps.seed.compute_seed_maps`
+and :func:`gpuconn.maps.dualreg.dual_regression`.
 """
 
 from __future__ import annotations
@@ -41,26 +32,21 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import math
-import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .core.backend import resolve_device, to_host
-from .core.errors import GpuconnError, InputError
-from .core.progress import progress_bar
-from .core.tasks import check_options, dask_client, map_tasks, n_workers, require_distributed
-from .maps.seed import compute_seed_maps
-from .maps.series import prepare_inputs
-from .stats.randomise import ChunkMerger, evaluate_chunk
-from .subject.denoise import denoise_runs
+from ..core.backend import resolve_device, to_host
+from ..core.errors import GpuconnError
+from ..core.progress import progress_bar
+from ..core.tasks import check_options, dask_client, n_workers, require_distributed
+from .randomise import ChunkMerger, evaluate_chunk
 
-__all__ = ["dask_runner", "permutation_runner", "denoise_runs_dask", "seed_maps_dask"]
+__all__ = ["dask_runner", "permutation_runner"]
 
 # Per worker process: the scattered model moved to the worker's device, by run token.
 _WORKER_MODELS: dict[str, Any] = {}
@@ -207,100 +193,3 @@ def _run_chunks(client, model, token: str, bounds: list[tuple[int, int]], observ
             f"Dask lost the scattered model {rounds} times (workers dying?); chunks {pending[:3]}... never ran; "
             "check the workers' logs and memory limits"
         )
-
-
-def _denoise_batch(batch: Sequence[tuple[Any, Path]], options, device: str) -> list[dict[str, Path]]:
-    files, out_dirs = zip(*batch)
-    return list(denoise_runs(files, out_dirs, options, device=device, batch_size=len(files)))
-
-
-def denoise_runs_dask(
-    client,
-    files: Sequence[Any],
-    out_dirs: Sequence[str | os.PathLike],
-    options,
-    *,
-    device: str = "auto",
-    batch_size: int = 1,
-    progress: bool = True,
-) -> list[dict[str, Path]]:
-    """:func:`gpuconn.subject.denoise.denoise_runs` with one Dask task per batch of runs.
-
-    Each task runs ``denoise_runs`` on its ``batch_size`` runs on the worker
-    (the same batches as in one process, so the same outputs) and writes them
-    there.
-
-    Parameters
-    ----------
-    client : distributed.Client
-    files : sequence of gpuconn.subject.denoise.RunFiles
-    out_dirs : sequence of path-like
-    options : gpuconn.subject.denoise.DenoiseOptions
-    device : str, default 'auto'
-        Resolved on each worker.
-    batch_size : int, default 1
-    progress : bool, default True
-
-    Returns
-    -------
-    list of dict
-        Output paths of each run (``bold``, ``design``), in input order.
-    """
-    pairs = [(f, Path(d)) for f, d in zip(files, out_dirs, strict=True)]
-    batches = [pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size)]
-    task = functools.partial(_denoise_batch, options=options, device=device)
-    return [paths for batch in map_tasks(client, task, batches, description="denoise", progress=progress)
-            for paths in batch]
-
-
-def _seed_run(item, regions, out_dir: Path, stats: list[str], device: str, params: dict | None) -> list[Path]:
-    return compute_seed_maps([item], regions, out_dir, layout="subject", stats=stats, device=device, params=params)
-
-
-def seed_maps_dask(
-    client,
-    inputs: Sequence[Any],
-    regions: Sequence[Any],
-    out_dir: str | os.PathLike,
-    *,
-    layout: str = "subject",
-    stats: Sequence[str] = ("r", "z"),
-    device: str = "auto",
-    progress: bool = True,
-    params: dict | None = None,
-) -> list[Path]:
-    """:func:`gpuconn.maps.seed.compute_seed_maps` with one Dask task per run (``layout='subject'``).
-
-    Every input is checked on the client first (as in one process, nothing is
-    written when one is bad); each task then computes and writes one run's
-    maps and seed time series.
-
-    Parameters
-    ----------
-    client : distributed.Client
-    inputs : sequence of gpuconn.maps.series.BoldInput
-    regions : sequence of gpuconn.maps.regions.Region
-    out_dir : path-like
-    layout : {'subject'}
-        ``seed`` (one file per seed, a volume per run) stacks every run in one
-        process and is refused here.
-    stats, device, progress, params
-        As in :func:`gpuconn.maps.seed.compute_seed_maps` (``device`` resolved on
-        each worker).
-
-    Returns
-    -------
-    list of Path
-        The files written, run by run in input order.
-    """
-
-    if layout == "seed":
-        raise InputError(
-            f"--layout {layout} stacks every run into one file per seed in one process; use --layout subject "
-            "with --workers/--dask-scheduler, or drop those options"
-        )
-    prepare_inputs(inputs, regions, what="seed")  # seed.py's own validation pass, before any task writes
-    task = functools.partial(_seed_run, regions=list(regions), out_dir=Path(out_dir), stats=list(stats), device=device,
-                             params=params)
-    return [path for paths in map_tasks(client, task, list(inputs), description="seed maps", progress=progress)
-            for path in paths]
