@@ -3,7 +3,7 @@
 The same two-sample design with covariates and the same permutations run
 (1) in one process (torch's default threads, and 1 thread), (2) on a
 ``LocalCluster`` of 1 and of 2 worker processes (1 thread each) through
-:func:`gpuconn.distributed.dask_runner`. Every distributed result is checked
+:func:`gpuconn.stats.dask_runner.dask_runner`. Every distributed result is checked
 to equal the single-process one exactly. The overhead per task is measured
 two ways: the wall time of ``n`` no-op tasks divided by ``n``, and, for the
 randomise run, ``(wall x workers - sum of task compute times) / tasks``
@@ -28,7 +28,8 @@ import distributed
 import numpy as np
 import torch
 
-from gpuconn.distributed import dask_client, dask_runner
+from gpuconn.core.tasks import dask_client
+from gpuconn.stats.dask_runner import dask_runner
 from gpuconn.stats.randomise import run_permutation_test
 
 

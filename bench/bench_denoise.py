@@ -31,8 +31,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gpuconn import denoise as dn
-from gpuconn.backend import resolve_device
+from gpuconn.subject import denoise as dn
+from gpuconn.core.backend import resolve_device
 
 TR, HIGH_PASS = 3.0, 0.006
 GRID = (91, 109, 91)  # MNI 2 mm

@@ -6,8 +6,8 @@ subject ``data = timecourses @ maps + noise + 1000`` (float32,
 ``n_volumes x n_voxels``). For every batch both implementations run on the
 same arrays (generation is not timed):
 
-* ``gpuconn``: :func:`gpuconn.dualreg.spatial_regression` and
-  :func:`gpuconn.dualreg.temporal_regression` on the device, the whole batch
+* ``gpuconn``: :func:`gpuconn.maps.dualreg.spatial_regression` and
+  :func:`gpuconn.maps.dualreg.temporal_regression` on the device, the whole batch
   at once (host -> device copy, both stages, t -> z, device -> host copy of
   time courses, betas and Z all timed);
 * ``numpy``: the same fsl_glm formulas per subject (demean, solve of the
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from scipy import special
 
-from gpuconn.backend import resolve_device, to_numpy
-from gpuconn.dualreg import spatial_regression, temporal_regression
+from gpuconn.core.backend import resolve_device, to_numpy
+from gpuconn.maps.dualreg import spatial_regression, temporal_regression
 
 
 def _numpy_dual_regression(data: np.ndarray, maps: np.ndarray, *, des_norm: bool = True):

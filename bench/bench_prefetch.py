@@ -1,6 +1,6 @@
 """Benchmark: denoise with read-ahead vs serial reading, and igzip (python-isal) vs gzip decoding.
 
-A synthetic study (``gpuconn.simulate``) at a reduced size is denoised
+A synthetic study (``gpuconn.study.simulate``) at a reduced size is denoised
 twice per mode on the CPU, alternating ``read_ahead=0`` (serial: read,
 prepare, clean, write, next) and ``read_ahead=1`` (the next batch is read
 and prepared on threads while the current one is cleaned); the best of the
@@ -26,8 +26,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from gpuconn.denoise import DenoiseOptions, collect_runs, denoise_runs
-from gpuconn.simulate import simulate_study
+from gpuconn.subject.denoise import DenoiseOptions, collect_runs, denoise_runs
+from gpuconn.study.simulate import simulate_study
 
 
 def _denoise(files, root: Path, read_ahead: int) -> float:

@@ -6,7 +6,7 @@ is generated once and reused for every subject with a cheap per-subject
 scale, so memory stays at one subject. 8 seeds are 6 mm spheres at the
 reference study's coordinates.
 
-* gpuconn: per subject, host -> device, :func:`gpuconn.seed.correlate_seeds`
+* gpuconn: per subject, host -> device, :func:`gpuconn.maps.seed.correlate_seeds`
   (r, Fisher z, beta for all seeds in one product), r and z back to the host.
 * nilearn: per subject, ``NiftiSpheresMasker`` (seed means) and
   ``NiftiMasker`` (voxels) on the in-memory 4D image, then the NumPy
@@ -34,8 +34,9 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from gpuconn.backend import as_data, resolve_device, to_numpy
-from gpuconn.seed import correlate_seeds, region_masks, region_weights, sphere_regions
+from gpuconn.core.backend import as_data, resolve_device, to_numpy
+from gpuconn.maps.seed import correlate_seeds
+from gpuconn.maps.regions import region_masks, region_weights, sphere_regions
 
 GRID = (91, 109, 91)
 AFFINE = np.array([[-2.0, 0, 0, 90], [0, 2, 0, -126], [0, 0, 2, -72], [0, 0, 0, 1]])
@@ -121,7 +122,7 @@ def _reference_r(base: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 def time_read(base: np.ndarray, mask: np.ndarray, folder: str) -> float:
     """Seconds to read one subject's ``.nii.gz`` with nibabel and mask it."""
-    from gpuconn.io import load_image, masked_data
+    from gpuconn.core.io import load_image, masked_data
 
     volume = np.zeros(GRID + (base.shape[0],), dtype=np.float32)
     volume[mask] = base.T

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from gpuconn.backend import resolve_device
+from gpuconn.core.backend import resolve_device
 from gpuconn.stats.clusters import cluster_transform
 from gpuconn.stats.tfce import tfce_transform
 

@@ -49,8 +49,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpuconn import backend
-from gpuconn.backend import resolve_device, to_numpy
+from gpuconn.core import backend
+from gpuconn.core.backend import resolve_device, to_numpy
 
 REPO = Path(__file__).resolve().parents[1]
 # Shares of the budget (fractions of --budget) each part may start within.
@@ -183,7 +183,7 @@ def check_denoise(device, rng, quick):
     """Nuisance regression and smoothing, device vs CPU (float64 projections: 1e-5 relative)."""
     import pandas as pd
 
-    from gpuconn import denoise as dn
+    from gpuconn.subject import denoise as dn
 
     n_t, shape = 60, (12, 12, 10) if quick else (20, 20, 16)
     mask = np.ones(shape, dtype=bool)
@@ -205,7 +205,7 @@ def check_denoise(device, rng, quick):
 
 def check_seed(device, rng, quick):
     """Seed correlation maps (r, z), device vs CPU."""
-    from gpuconn.seed import correlate_seeds
+    from gpuconn.maps.seed import correlate_seeds
 
     data = (rng.normal(size=(3, 60, 500)) + 100).astype(np.float32)
     weights = np.zeros((4, 500), dtype=np.float32)
@@ -220,7 +220,7 @@ def check_seed(device, rng, quick):
 
 def check_dualreg(device, rng, quick):
     """Dual regression stages 1 and 2, device vs CPU."""
-    from gpuconn.dualreg import spatial_regression, temporal_regression
+    from gpuconn.maps.dualreg import spatial_regression, temporal_regression
 
     maps = rng.normal(size=(5, 800)).astype(np.float32)
     data = (rng.normal(size=(2, 50, 5)) @ maps + rng.normal(size=(2, 50, 800)) + 100).astype(np.float32)
@@ -249,7 +249,7 @@ def _randomise_inputs(rng, quick):
 def check_randomise(device, rng, quick):
     """randomise max-T, TFCE, cluster extent and mass: device vs CPU, same seed."""
     from gpuconn.stats.randomise import run_permutation_test
-    from gpuconn.stats.tfce import spatial_transforms
+    from gpuconn.stats.spatial import spatial_transforms
 
     mask, data, design, contrast = _randomise_inputs(rng, quick)
     factory = spatial_transforms(tfce_params={"H": 2.0, "E": 0.5, "connectivity": 6, "dh": 0.05},
@@ -445,7 +445,7 @@ class Scale:
 
 def _randomise_job(scale: Scale, mask: np.ndarray, spatial: str | None):
     from gpuconn.stats.randomise import run_permutation_test
-    from gpuconn.stats.tfce import spatial_transforms
+    from gpuconn.stats.spatial import spatial_transforms
 
     rng = np.random.default_rng(0)
     n = scale.n_subjects
@@ -491,7 +491,7 @@ def _smooth_volume_data(rng, n: int, mask: np.ndarray) -> np.ndarray:
 def _denoise_job(scale: Scale, mask: np.ndarray):
     import pandas as pd
 
-    from gpuconn import denoise as dn
+    from gpuconn.subject import denoise as dn
 
     rng = np.random.default_rng(1)
     n_t, n_v = scale.n_volumes, int(mask.sum())
@@ -513,7 +513,7 @@ def _denoise_job(scale: Scale, mask: np.ndarray):
 
 
 def _seed_job(scale: Scale, mask: np.ndarray):
-    from gpuconn.seed import correlate_seeds
+    from gpuconn.maps.seed import correlate_seeds
 
     rng = np.random.default_rng(2)
     n_v = int(mask.sum())
@@ -532,7 +532,7 @@ def _seed_job(scale: Scale, mask: np.ndarray):
 
 
 def _dualreg_job(scale: Scale, mask: np.ndarray):
-    from gpuconn.dualreg import spatial_regression, temporal_regression
+    from gpuconn.maps.dualreg import spatial_regression, temporal_regression
 
     rng = np.random.default_rng(3)
     n_v = int(mask.sum())

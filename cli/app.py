@@ -1,6 +1,6 @@
 """The ``gpuconn`` Typer application and its error handling.
 
-User errors (:class:`gpuconn.errors.GpuconnError`, and operating-system
+User errors (:class:`gpuconn.core.errors.GpuconnError`, and operating-system
 errors such as a full disk or a read-only folder) are printed as one line on
 standard error with exit code 2 and no traceback.
 """
@@ -16,8 +16,8 @@ import warnings
 import typer
 from rich.console import Console
 
-from gpuconn.errors import GpuconnError
-from gpuconn.io import command_line, output_transaction
+from gpuconn.core.errors import GpuconnError
+from gpuconn.core.io import command_line, output_transaction
 
 from . import roi, seed
 from . import info, simulate

@@ -25,8 +25,8 @@ def demo(
     quiet: Quiet = False,
 ) -> None:
     """Simulate a study with planted effects, run the bundled demo study on it, report what was found."""
-    from gpuconn.demo import run_demo
-    from gpuconn.io import output_lock
+    from gpuconn.core.io import output_lock
+    from gpuconn.study.demo import run_demo
 
     console = Console(highlight=False, soft_wrap=True)
     began = time.perf_counter()

@@ -51,11 +51,11 @@ def denoise(
     """Regress motion, physiological, aCompCor and outlier regressors with the high-pass in one model, then smooth."""
     import warnings
 
-    from gpuconn.denoise import DenoiseOptions, RunFiles, collect_runs, denoise_runs, prepare_run
-    from gpuconn.distributed import check_options, dask_client, denoise_runs_dask
-    from gpuconn.errors import InputError
-    from gpuconn.feat import feat_runs
-    from gpuconn.progress import progress_bar
+    from gpuconn.core.errors import InputError
+    from gpuconn.core.feat import feat_runs
+    from gpuconn.core.progress import progress_bar
+    from gpuconn.core.tasks import dask_client
+    from gpuconn.subject.denoise import DenoiseOptions, RunFiles, collect_runs, denoise_runs, prepare_run
 
     options = DenoiseOptions(
         motion=motion, acompcor=acompcor, acompcor_mode=acompcor_mode, tissue_threshold=tissue_threshold,
@@ -90,11 +90,9 @@ def denoise(
         warnings.simplefilter("ignore")
         for f in files:  # every input checked before any output is written
             prepare_run(f, options, load_data=False)
-    if not check_options(dask_scheduler, workers):
-        with progress_bar("denoise", len(files), enabled=not quiet) as advance:
-            written = list(denoise_runs(files, out_dirs, options, device=device, batch_size=batch_size, on_run=advance))
-    else:  # one Dask task per batch of runs, written by the workers
-        with dask_client(scheduler=dask_scheduler, workers=workers) as client:
-            written = denoise_runs_dask(client, files, out_dirs, options, device=device, batch_size=batch_size,
-                                        progress=not quiet)
+    with dask_client(scheduler=dask_scheduler, workers=workers) as client:  # None: one process
+        # with Dask: one task per batch of runs, written by the workers, and a bar over the tasks
+        with progress_bar("denoise", len(files), enabled=not quiet and client is None) as advance:
+            written = list(denoise_runs(files, out_dirs, options, device=device, batch_size=batch_size, on_run=advance,
+                                        client=client, progress=not quiet))
     typer.echo(f"gpuconn denoise: {len(written)} run(s) -> {out}")

@@ -56,20 +56,17 @@ def dualreg(
     With -n and -d/-t (or -1), randomise runs on every component as FSL's stage 3 (dr_stage3_icNNNN_*).
     With --workers/--dask-scheduler, stages 1-2 run as one Dask task per --batch subjects.
     """
-    from gpuconn.backend import set_max_memory
-    from gpuconn.distributed import dask_client
-    from gpuconn.dualreg import dual_regression
+    from gpuconn.core.backend import memory_cap
+    from gpuconn.core.tasks import dask_client
+    from gpuconn.maps.dualreg import dual_regression
 
-    set_max_memory(max_memory)
-    try:
+    with memory_cap(max_memory):
         with dask_client(scheduler=dask_scheduler, workers=workers) as client:  # None: one process
             result = dual_regression(
                 maps, subjects, out_dir, mask_path=mask, des_norm=des_norm, device=device, batch_size=batch,
                 design_path=design, contrast_path=contrasts, one_sample=one_sample, n_perm=n_perm, seed=seed,
                 progress=not quiet, client=client,
             )
-    finally:
-        set_max_memory(None)
     if not quiet:
         Console(stderr=True).print(
             f"dual regression: {len(result.stage1)} subjects x {len(result.components)} maps, "

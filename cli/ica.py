@@ -43,7 +43,7 @@ def ica_run(
     Writes melodic_IC.nii.gz (z-scored maps, positive skew, ordered by explained variance),
     melodic_mix, melodic_ICstats, mask.nii.gz and melodic_IC.json.
     """
-    from gpuconn.ica import run_group_ica
+    from gpuconn.maps.ica import run_group_ica
 
     result = run_group_ica(
         subjects, out_dir, mask_path=mask, dim=dim, subject_dim=subject_dim, internal_dim=internal_dim,
@@ -78,7 +78,7 @@ def ica_match(
     ] = None,
 ) -> None:
     """Spatial correlation of every component with every template; best component per template."""
-    from gpuconn.ica import match_templates
+    from gpuconn.maps.ica import match_templates
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

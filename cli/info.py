@@ -28,7 +28,7 @@ def info() -> None:
     import torch
 
     from gpuconn import __version__
-    from gpuconn.backend import resolve_device
+    from gpuconn.core.backend import resolve_device
 
     table = Table(show_header=False, box=None)
     rows = [
@@ -46,7 +46,7 @@ def info() -> None:
         props = torch.cuda.get_device_properties(index)
         rows.append((f"cuda:{index}", f"{props.name}, {props.total_memory / 2**30:.1f} GiB"))
     if torch.cuda.is_available():  # compile the kernels now: a broken CuPy/NVRTC shows here, not mid-run
-        from gpuconn.backend import compile_kernels
+        from gpuconn.core.backend import compile_kernels
 
         problem = compile_kernels("cuda") if importlib.util.find_spec("cupy") else "CuPy is not installed"
         rows.append(("cupy", _cupy_version()))

@@ -27,18 +27,17 @@ def qc(
     quiet: Quiet = False,
 ) -> None:
     """Mean/max FD, relative and absolute RMS displacement, outliers and exclusion per run."""
-    from gpuconn.distributed import check_options, dask_client
-    from gpuconn.feat import feat_runs
-    from gpuconn.feat import motion_sources as feat_motion
-    from gpuconn.io import write_tsv
-    from gpuconn.qc import motion_sources, qc_table
+    from gpuconn.core.feat import feat_runs
+    from gpuconn.core.io import write_tsv
+    from gpuconn.core.tasks import check_options, dask_client
+    from gpuconn.subject.qc import feat_motion_sources, motion_sources, qc_table
 
     thresholds = dict(
         abs_threshold=abs_threshold, rel_threshold=rel_threshold,
         outlier_metric=outlier_metric, outlier_threshold=outlier_threshold,
     )  # fmt: skip
     check_options(dask_scheduler, workers)
-    sources = feat_motion(feat_runs(feat, registration=False))
+    sources = feat_motion_sources(feat_runs(feat, registration=False))
     if derivatives is not None or motion_par or confounds or not feat:
         sources += motion_sources(
             derivatives=derivatives, participant_label=participant_label, space=space, motion_par=motion_par,

@@ -98,14 +98,15 @@ def randomise(
     done are checkpointed in <root>_checkpoint.npz (deleted at the end);
     --resume continues a killed run from it, with identical results.
     """
-    from gpuconn.backend import compile_kernels, set_max_memory
-    from gpuconn.checkpoint import Interrupted, checkpoint_path, checkpoint_runner
-    from gpuconn.distributed import permutation_runner
-    from gpuconn.errors import InputError
-    from gpuconn.io import output_lock
+    from gpuconn.core.backend import compile_kernels, memory_cap
+    from gpuconn.core.errors import InputError
+    from gpuconn.core.io import output_lock
+    from gpuconn.stats.checkpoint import Interrupted, checkpoint_path, checkpoint_runner
+    from gpuconn.stats.dask_runner import permutation_runner
     from gpuconn.stats.randomise import randomise as run
 
-    from gpuconn.stats.tfce import TFCE_2D, TFCE_DEFAULTS, spatial_transforms
+    from gpuconn.stats.spatial import spatial_transforms
+    from gpuconn.stats.tfce import TFCE_2D, TFCE_DEFAULTS
 
     if tfce and tfce_2d:
         raise InputError("-T and --T2 are two TFCE settings; give one of them")
@@ -131,9 +132,8 @@ def randomise(
     options = {"tfce": tfce_params, "tfce_method": method_tfce, "c": cluster_t, "C": cluster_mass_t,
                "F": cluster_f, "S": cluster_mass_f}
     runner = runner or checkpoint_runner(checkpoint, resume=resume, options=options, interval=checkpoint_interval)
-    set_max_memory(max_memory)
     try:
-        with output_lock(output_root):
+        with memory_cap(max_memory), output_lock(output_root):
             result = run(
                 input_image,
                 output_root,
@@ -164,8 +164,6 @@ def randomise(
         typer.echo(f"randomise: interrupted after {stop.done} of {stop.n_perm} rearrangements; {saved}: rerun the "
                    "same command with --resume to continue", err=True)
         raise typer.Exit(130) from None
-    finally:
-        set_max_memory(None)
     checkpoint.unlink(missing_ok=True)
     if not quiet:
         scheme = result.scheme

@@ -19,7 +19,7 @@ RoiLabel = Annotated[list[str], typer.Option("--roi-label", help="ROI from an at
 
 
 def _regions(roi_coord, radius, name, mirror, bilateral, roi_table, roi_mask, roi_label):
-    from gpuconn.seed import regions_from_options
+    from gpuconn.maps.regions import regions_from_options
 
     return regions_from_options(
         coords=roi_coord, radii=radius, names=name, mirror=mirror_mode(mirror, bilateral),
@@ -42,8 +42,8 @@ def extract(
     roi_label: RoiLabel = [],
 ) -> None:
     """Mean value of every map volume in every ROI, as a tidy TSV."""
-    from gpuconn.io import write_tsv
-    from gpuconn.roi import extract_roi_values
+    from gpuconn.core.io import write_tsv
+    from gpuconn.maps.roi import extract_roi_values
 
     regions = _regions(roi_coord, radius, name, mirror, bilateral, roi_table, roi_mask, roi_label)
     table = extract_roi_values(maps, regions, mask=mask)
@@ -73,8 +73,8 @@ def matrix(
     quiet: Quiet = False,
 ) -> None:
     """ROI-to-ROI correlation matrices (r and Fisher z, all pairs) per run."""
-    from gpuconn.roi import compute_roi_matrices
-    from gpuconn.seed import bold_inputs
+    from gpuconn.maps.roi import compute_roi_matrices
+    from gpuconn.maps.series import bold_inputs
 
     regions = _regions(roi_coord, radius, name, mirror, bilateral, roi_table, roi_mask, roi_label)
     inputs = bold_inputs(

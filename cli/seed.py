@@ -23,8 +23,8 @@ Bilateral = Annotated[bool, typer.Option("--bilateral", help="Make each coordina
 
 
 def mirror_mode(mirror: bool, bilateral: bool) -> str:
-    """Turn the --mirror / --bilateral flags into a :data:`gpuconn.seed.MIRROR_CHOICES` value."""
-    from gpuconn.errors import InputError
+    """Turn the --mirror / --bilateral flags into a :data:`gpuconn.maps.regions.MIRROR_CHOICES` value."""
+    from gpuconn.core.errors import InputError
 
     if mirror and bilateral:
         raise InputError("--mirror (separate mirrored region) and --bilateral (union with the mirror) exclude each other")
@@ -56,9 +56,11 @@ def seed(
     quiet: Quiet = False,
 ) -> None:
     """Correlate mean seed time series with every brain voxel: r and Fisher z maps per run."""
-    from gpuconn.distributed import check_options, dask_client, seed_maps_dask
-    from gpuconn.feat import feat_runs
-    from gpuconn.seed import BoldInput, bold_inputs, compute_seed_maps, regions_from_options
+    from gpuconn.core.feat import feat_runs
+    from gpuconn.core.tasks import dask_client
+    from gpuconn.maps.regions import regions_from_options
+    from gpuconn.maps.seed import compute_seed_maps
+    from gpuconn.maps.series import BoldInput, bold_inputs
 
     regions = regions_from_options(
         coords=seed_coord, radii=radius, names=name, mirror=mirror_mode(mirror, bilateral),
@@ -71,12 +73,9 @@ def seed(
         )
     stats = ["r", "z"] + (["beta"] if beta else [])
     params = {"command": "gpuconn seed", "layout": layout}
-    if not check_options(dask_scheduler, workers):
+    with dask_client(scheduler=dask_scheduler, workers=workers) as client:  # None: one process; else a task per run
         written = compute_seed_maps(
             inputs, regions, out, layout=layout, stats=stats, device=device, progress=not quiet, params=params,
+            client=client,
         )  # fmt: skip
-    else:  # one Dask task per run, written by the workers
-        with dask_client(scheduler=dask_scheduler, workers=workers) as client:
-            written = seed_maps_dask(client, inputs, regions, out, layout=layout, stats=stats, device=device,
-                                     progress=not quiet, params=params)
     typer.echo(f"gpuconn seed: {len(regions)} seed(s) x {len(inputs)} run(s) -> {len(written)} file(s) in {out}")

@@ -22,8 +22,8 @@ def simulate(
     quiet: Quiet = False,
 ) -> None:
     """Simulate a small cLBP-like study (patients pre/post, controls) with planted effects."""
-    from gpuconn.progress import progress_bar
-    from gpuconn.simulate import simulate_study
+    from gpuconn.core.progress import progress_bar
+    from gpuconn.study.simulate import simulate_study
 
     n_runs = 2 * n_patients + n_controls
     with progress_bar("simulate", n_runs, enabled=not quiet) as advance:

@@ -38,8 +38,9 @@ def run(
     quiet: Quiet = False,
 ) -> None:
     """Run every step of a study; steps whose outputs are up to date are skipped."""
-    from gpuconn.io import output_lock
-    from gpuconn.study import load_study, run_study
+    from gpuconn.core.io import output_lock
+    from gpuconn.study.runner import run_study
+    from gpuconn.study.schema import load_study
 
     study = load_study(study_file)
     _console.print(f"study {study.path}: {len(study.runs)} runs -> {out}")
@@ -54,9 +55,9 @@ def init(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a commented template study file (the reference cLBP analysis)."""
-    from gpuconn.errors import InputError
-    from gpuconn.io import write_text
-    from gpuconn.study import template_text
+    from gpuconn.core.errors import InputError
+    from gpuconn.core.io import write_text
+    from gpuconn.study.schema import template_text
 
     if path.exists() and not force:
         raise InputError(f"{path} exists; choose another name or pass --force")

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from afni_files import write_dataset
-from gpuconn import afni, io
-from gpuconn import confounds as cf
+from gpuconn.core import afni, io
+from gpuconn.subject import confounds as cf
 from gpuconn.cli.app import run
-from gpuconn.errors import InputError
+from gpuconn.core.errors import InputError
 
 NIB_DATA = Path(nib.__file__).parent / "tests" / "data"
 AFFINE = np.array([[-2.0, 0, 0, 90], [0, 2.5, 0, -126], [0, 0, 3.0, -72], [0, 0, 0, 1]])
@@ -290,7 +290,7 @@ def _results_tree(root: Path, rng, subjects=("sub-01", "sub-02"), n: int = 40) -
 
 
 def test_results_folders_are_found_as_runs(tmp_path, rng):
-    from gpuconn.bids import find_runs
+    from gpuconn.core.bids import find_runs
 
     root = _results_tree(tmp_path / "afni", rng)
     runs = find_runs(root)

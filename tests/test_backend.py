@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpuconn import backend
-from gpuconn.errors import GpuconnError
+from gpuconn.core import backend
+from gpuconn.core.errors import GpuconnError
 
 
 def test_resolve_device_auto_matches_torch():
@@ -58,7 +58,7 @@ def test_dlpack_round_trip_shares_memory():
 
 def test_chunk_size_respects_budget_bounds_and_cap(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(backend, "_host_available_bytes", lambda: 1000)
+    monkeypatch.setattr(backend, "host_available_bytes", lambda: 1000)
     assert backend.chunk_size(10, cpu) == 50  # half of 1000 bytes / 10
     assert backend.chunk_size(10, cpu, maximum=7) == 7
     assert backend.chunk_size(10, cpu, n_items=3) == 3
@@ -108,7 +108,7 @@ def test_cupy_is_not_imported_by_the_package():
     import subprocess
     import sys
 
-    code = "import sys, gpuconn.backend, gpuconn.io, gpuconn.cli.app; print('cupy' in sys.modules)"
+    code = "import sys, gpuconn.core.backend, gpuconn.core.io, gpuconn.cli.app; print('cupy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -200,3 +200,18 @@ def test_kernels_compile_up_front_on_cuda():
     assert backend.compile_kernels("cuda") is None
     for filename, name in backend.KERNELS:
         assert backend.load_kernel(filename, name, torch.cuda.current_device()) is not None
+def test_memory_cap_is_per_context_and_restored(monkeypatch):
+    import threading
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(backend, "host_available_bytes", lambda: 1000)
+    seen = []
+    with backend.memory_cap(200):
+        with backend.memory_cap(100):
+            assert backend.free_memory_bytes(cpu) == 100
+        assert backend.max_memory() == 200
+        thread = threading.Thread(target=lambda: seen.append(backend.max_memory()))
+        thread.start()
+        thread.join()
+    assert backend.max_memory() is None
+    assert seen == [None], "another thread does not inherit the cap of this one"

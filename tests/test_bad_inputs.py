@@ -40,7 +40,7 @@ import pandas as pd
 import pytest
 from scipy.ndimage import gaussian_filter
 
-import gpuconn.io
+import gpuconn.core.io
 from gpuconn.cli.app import run
 
 SHAPE = (6, 7, 5)
@@ -400,7 +400,7 @@ def _files(root: Path) -> set[Path]:
 
 
 class _FullDisk:
-    """``os`` for :mod:`gpuconn.io` whose atomic rename fails with ENOSPC after ``n_ok`` renames."""
+    """``os`` for :mod:`gpuconn.core.io` whose atomic rename fails with ENOSPC after ``n_ok`` renames."""
 
     def __init__(self, n_ok: int):
         self.n_ok = n_ok
@@ -419,11 +419,11 @@ def _inject(kind: str | None, monkeypatch) -> None:
     if kind == "eacces":
         def mkstemp(*args, **kwargs):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
-        monkeypatch.setattr(gpuconn.io.tempfile, "mkstemp", mkstemp)
+        monkeypatch.setattr(gpuconn.core.io.tempfile, "mkstemp", mkstemp)
     elif kind == "full-first":
-        monkeypatch.setattr(gpuconn.io, "os", _FullDisk(0))
+        monkeypatch.setattr(gpuconn.core.io, "os", _FullDisk(0))
     elif kind == "full-later":
-        monkeypatch.setattr(gpuconn.io, "os", _FullDisk(1))
+        monkeypatch.setattr(gpuconn.core.io, "os", _FullDisk(1))
 
 
 def _check_error(rc: int, err: str, expect: tuple[str, ...]) -> str:
@@ -535,7 +535,7 @@ def test_gzip_corrupt_not_truncated(ws, capsys):
 
 def test_output_transaction_semantics(tmp_path):
     """Files created in a failed block are removed; files that existed before and successful blocks are kept."""
-    from gpuconn.io import output_transaction, write_text
+    from gpuconn.core.io import output_transaction, write_text
 
     old = write_text(tmp_path / "old.txt", "before")
     with pytest.raises(RuntimeError):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gpuconn.bids import find_runs
+from gpuconn.core.bids import find_runs
 
 SPACE = "space-MNI152NLin2009cAsym"
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from gpuconn.errors import InputError
+from gpuconn.core.errors import InputError
 from gpuconn.stats.clusters import (
     _label_torch,
     cluster_maps,

@@ -26,7 +26,7 @@ import torch
 from scipy import stats
 
 from gpuconn.cli.app import run
-from gpuconn.stats.glm import t_to_z
+from gpuconn.stats.zstat import t_to_z
 from gpuconn.stats.tfce import tfce
 
 DATA = Path(__file__).parent / "data" / "palm"

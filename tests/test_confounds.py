@@ -7,8 +7,8 @@ import gzip
 import numpy as np
 import pytest
 
-from gpuconn import confounds as cf
-from gpuconn.errors import InputError
+from gpuconn.subject import confounds as cf
+from gpuconn.core.errors import InputError
 
 
 def _write(path, text):

@@ -63,7 +63,7 @@ def test_cuda_label_path_gives_int64_labels_over_sub_chunks(rng, tmp_path, monke
 
 def test_without_kernels_the_cuda_paths_fall_back_with_a_warning(rng, monkeypatch):
     """No CuPy / NVRTC failure: clusters use torch, TFCE the Numba sweep on a host copy; same results."""
-    import gpuconn.backend as backend
+    import gpuconn.core.backend as backend
 
     # CPU tensors stand in for CUDA ones; the kernel check reports what a machine without CuPy would
     monkeypatch.setattr(backend, "compile_kernels", lambda device, required=False: "CuPy is not installed")
@@ -115,7 +115,7 @@ def test_randomise_compiles_the_kernels_at_its_start_and_says_when_they_cannot_r
     """One warning line before any work, not an NVRTC traceback mid-run."""
     import nibabel as nib
 
-    import gpuconn.backend as backend
+    import gpuconn.core.backend as backend
     from gpuconn.cli.app import run
 
     asked = []

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from gpuconn.cli.app import run
-from gpuconn.demo import effect_lines
-from gpuconn.study import demo_study_path, load_study
+from gpuconn.study.demo import effect_lines
+from gpuconn.study.schema import demo_study_path, load_study
 
 TINY = ["--n-patients", "4", "--n-controls", "3", "--n-volumes", "40", "--voxel-size", "8", "--n-perm", "20", "--seed", "1", "-q"]
 
@@ -38,7 +38,7 @@ def test_demo_runs_end_to_end_and_reports_each_planted_effect(tmp_path, capsys):
 
 def test_bundled_study_file_is_valid_and_matches_the_simulator():
     study = load_study(demo_study_path(), check_inputs=False)
-    from gpuconn.simulate import EFFECTS, SEEDS
+    from gpuconn.study.simulate import EFFECTS, SEEDS
 
     rois = {r["name"]: r for r in study.section("rois")}
     for effect in EFFECTS:

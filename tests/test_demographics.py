@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from gpuconn.demographics import TABLE_ONE_COLUMNS, table_one
-from gpuconn.errors import InputError
+from gpuconn.study.demographics import TABLE_ONE_COLUMNS, table_one
+from gpuconn.core.errors import InputError
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from nilearn import signal as nsignal
 from nilearn.image import smooth_img
 from scipy import fft, ndimage
 
-from gpuconn import denoise as dn
-from gpuconn.errors import InputError
+from gpuconn.subject import denoise as dn
+from gpuconn.core.errors import InputError
 
 TR = 2.0
 
@@ -357,7 +357,7 @@ def test_acompcor_from_probseg_and_global_signal(tmp_path, rng):
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    from gpuconn.simulate import simulate_study
+    from gpuconn.study.simulate import simulate_study
 
     return simulate_study(tmp_path_factory.mktemp("study"), n_patients=3, n_controls=2, n_volumes=40, voxel_size=6.0, seed=1)
 
@@ -386,7 +386,7 @@ def test_simulated_nuisance_is_removed(study):
 
 
 def test_simulated_physio_recovers_heart_rate_and_rv(study):
-    from gpuconn import physio as ph
+    from gpuconn.subject import physio as ph
 
     files, _ = dn.collect_runs(study.root, study.root / "unused", participant_label=["002"])
     rec = ph.read_physio(files[0].physio)
@@ -435,7 +435,7 @@ def test_cli_denoise_errors_leave_no_output(study, tmp_path, capsys):
 
 
 def test_per_volume_hr_rv_columns_are_convolved(tmp_path, rng):
-    from gpuconn.physio import physio_regressors
+    from gpuconn.subject.physio import physio_regressors
 
     files, _, _ = _write_run(tmp_path, rng)
     table = pd.read_csv(files.confounds, sep="\t")

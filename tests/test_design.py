@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gpuconn.errors import InputError
+from gpuconn.core.errors import InputError
 from gpuconn.stats.design import Design, build_design, check_design, load_design, read_vest, save_design, write_vest
 
 

@@ -25,13 +25,14 @@ import torch
 import typer
 from scipy.ndimage import gaussian_filter
 
-import gpuconn.backend as backend
+import gpuconn.core.backend as backend
 import gpuconn.stats.randomise as engine
 from gpuconn.cli.app import run
 from gpuconn.cli.options import parse_memory
 from gpuconn.stats.permute import make_scheme
 from gpuconn.stats.randomise import run_permutation_test
-from gpuconn.stats.tfce import TFCE_DEFAULTS, spatial_transforms
+from gpuconn.stats.spatial import spatial_transforms
+from gpuconn.stats.tfce import TFCE_DEFAULTS
 
 SHAPE = (8, 8, 6)
 N_SUBJECTS = 12
@@ -191,20 +192,20 @@ def test_max_memory_caps_the_plan_and_is_reset(inputs, reference, tmp_path):
         chunks.append(_chunk(tmp_path / cap / "r"))
     assert 1 < chunks[0] < chunks[1] < _chunk(reference / "r")
     assert abs(chunks[1] - 2 * chunks[0]) <= 1
-    assert backend._max_memory is None, "the cap does not leak into later commands"
+    assert backend.max_memory() is None, "the cap does not leak into later commands"
 
 
 def test_dualreg_max_memory_plans_smaller_batches(inputs, tmp_path, monkeypatch):
     """dualreg --max-memory: the subject batch is planned under the cap (same outputs)."""
-    import gpuconn.dualreg
+    import gpuconn.maps.dualreg
 
     seen = []
-    real = gpuconn.dualreg.chunk_size
+    real = gpuconn.maps.dualreg.chunk_size
     def spy(*args, **kwargs):
-        seen.append(backend._max_memory)
+        seen.append(backend.max_memory())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(gpuconn.dualreg, "chunk_size", spy)
+    monkeypatch.setattr(gpuconn.maps.dualreg, "chunk_size", spy)
     base = ["dualreg", str(inputs["maps"]), str(inputs["bold"]), str(inputs["bold2"]), "--mask", str(inputs["mask"]),
             "-q", "--device", "cpu"]
     assert run([*base, "-o", str(tmp_path / "a"), "--max-memory", "1KB"]) == 0

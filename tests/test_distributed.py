@@ -25,8 +25,9 @@ import torch
 distributed = pytest.importorskip("distributed")
 cloudpickle = pytest.importorskip("cloudpickle")
 
-from gpuconn import distributed as gd  # noqa: E402
-from gpuconn.errors import InputError  # noqa: E402
+from gpuconn.core import tasks  # noqa: E402
+from gpuconn.stats import dask_runner as gd  # noqa: E402
+from gpuconn.core.errors import InputError  # noqa: E402
 from gpuconn.stats.randomise import run_permutation_test  # noqa: E402
 
 # The worker plugin below is defined here; workers cannot import this module.
@@ -35,7 +36,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 @pytest.fixture(scope="module")
 def client():
-    with gd.dask_client(workers=2) as c:
+    with tasks.dask_client(workers=2) as c:
         yield c
 
 
@@ -92,7 +93,7 @@ def test_sign_flips_exhaustive_and_spatial_statistic_on_dask(client, rng):
 
 
 def _cluster_extent_transform(mask: np.ndarray, *, threshold: float):
-    from gpuconn.stats.tfce import spatial_transforms
+    from gpuconn.stats.spatial import spatial_transforms
 
     return spatial_transforms(cluster_extent=threshold)(mask)["clustere"]
 
@@ -130,7 +131,7 @@ def test_only_worker_killed_loses_the_model_and_the_chunks_rerun(two_sample, tmp
     kw = dict(n_perm=120, seed=2, device="cpu")
     single = run_permutation_test(data, design, contrasts, **kw)
     marker = tmp_path / "killed"
-    with gd.dask_client(workers=1) as one:  # the dead worker held the only copy of the scattered model
+    with tasks.dask_client(workers=1) as one:  # the dead worker held the only copy of the scattered model
         one.register_plugin(_KillOnce("-60-0", str(marker)), name="kill-once")
         spread = run_permutation_test(data, design, contrasts, **kw, runner=gd.dask_runner(one, chunk=30))
     assert marker.exists()
@@ -144,8 +145,8 @@ def test_task_error_reaches_the_client(client):
         return item * 10
 
     with pytest.raises(InputError, match="bad item 2"):
-        gd.map_tasks(client, fails, [1, 2, 3], description="test", progress=False, retries=0)
-    assert gd.map_tasks(client, fails, [3, 1, 0], description="test", progress=False) == [30, 10, 0]
+        tasks.map_tasks(client, fails, [1, 2, 3], description="test", progress=False, retries=0)
+    assert tasks.map_tasks(client, fails, [3, 1, 0], description="test", progress=False) == [30, 10, 0]
 
 
 def test_worker_warnings_are_reissued(client):
@@ -156,7 +157,7 @@ def test_worker_warnings_are_reissued(client):
         return item
 
     with pytest.warns(UserWarning, match="UserWarning: dropped column 5"):
-        assert gd.map_tasks(client, warns, [5], description="test", progress=False) == [5]
+        assert tasks.map_tasks(client, warns, [5], description="test", progress=False) == [5]
 
 
 # ---------------------------------------------------------------- denoise
@@ -164,7 +165,7 @@ def test_worker_warnings_are_reissued(client):
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    from gpuconn.simulate import simulate_study
+    from gpuconn.study.simulate import simulate_study
 
     return simulate_study(tmp_path_factory.mktemp("study"), n_patients=3, n_controls=2, n_volumes=40, voxel_size=6.0,
                           seed=2)
@@ -182,15 +183,14 @@ def _outputs(folder: Path) -> dict[str, object]:
 
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_denoise_on_dask_equals_one_process(client, study, tmp_path, batch_size):
-    from gpuconn.denoise import DenoiseOptions, collect_runs, denoise_runs
+    from gpuconn.subject.denoise import DenoiseOptions, collect_runs, denoise_runs
 
     options = DenoiseOptions(fwhm=6.0)
     files, dirs_a = collect_runs(study.root, tmp_path / "single", participant_label=["001", "004"])
     _, dirs_b = collect_runs(study.root, tmp_path / "dask", participant_label=["001", "004"])
     assert len(files) == 3  # a patient's two sessions and a control's one
     local = list(denoise_runs(files, dirs_a, options, device="cpu", batch_size=batch_size))
-    spread = gd.denoise_runs_dask(client, files, dirs_b, options, device="cpu", batch_size=batch_size,
-                                  progress=False)
+    spread = list(denoise_runs(files, dirs_b, options, device="cpu", batch_size=batch_size, client=client))
     assert [p["bold"].name for p in spread] == [p["bold"].name for p in local]
     a, b = _outputs(tmp_path / "single"), _outputs(tmp_path / "dask")
     assert a.keys() == b.keys() and len(a) == 6
@@ -210,7 +210,9 @@ def _one_thread():
 
 
 def test_seed_maps_on_dask_equal_one_process(client, study, tmp_path):
-    from gpuconn.seed import bold_inputs, compute_seed_maps, regions_from_options
+    from gpuconn.maps.series import bold_inputs
+    from gpuconn.maps.seed import compute_seed_maps
+    from gpuconn.maps.regions import regions_from_options
 
     regions = regions_from_options(coords=["-18,-38,72", "0,-52,26"], radii=[8.0], names=["S1back", "PCC"],
                                    mirror="none", table=None, masks=[], labels=[], what="seed")
@@ -219,7 +221,7 @@ def test_seed_maps_on_dask_equal_one_process(client, study, tmp_path):
     with _one_thread():  # as a worker: the seed means reduce over voxels, which MKL splits across threads
         local = compute_seed_maps(inputs, regions, tmp_path / "single", **kw)
     default = compute_seed_maps(inputs, regions, tmp_path / "threads", **kw)
-    spread = gd.seed_maps_dask(client, inputs, regions, tmp_path / "dask", progress=False, **kw)
+    spread = compute_seed_maps(inputs, regions, tmp_path / "dask", client=client, **kw)
     assert [p.name for p in spread] == [p.name for p in local] == [p.name for p in default]
     assert len(local) == 3 * 4  # a seed time-series TSV and r, z, beta maps per run
     a, b, c = _outputs(tmp_path / "single"), _outputs(tmp_path / "dask"), _outputs(tmp_path / "threads")
@@ -229,7 +231,7 @@ def test_seed_maps_on_dask_equal_one_process(client, study, tmp_path):
         if name.endswith(".nii.gz"):  # another thread count: float32 sums over ~1000 voxels in another order
             np.testing.assert_allclose(b[name], c[name], rtol=1e-5, atol=1e-5, err_msg=name)
     with pytest.raises(InputError, match="--layout seed stacks every run"):
-        gd.seed_maps_dask(client, inputs, regions, tmp_path / "x", layout="seed", progress=False)
+        compute_seed_maps(inputs, regions, tmp_path / "x", layout="seed", client=client)
 
 
 # ---------------------------------------------------------------- CLI and options
@@ -275,31 +277,31 @@ def test_cli_denoise_with_scheduler(client, study, tmp_path, capsys):
 
 def test_option_errors(capsys):
     with pytest.raises(InputError, match="not both"):
-        with gd.dask_client(scheduler="tcp://127.0.0.1:1", workers=2):
+        with tasks.dask_client(scheduler="tcp://127.0.0.1:1", workers=2):
             pass
     with pytest.raises(InputError, match="--workers must be >= 1, got 0"):
-        with gd.dask_client(workers=0):
+        with tasks.dask_client(workers=0):
             pass
-    with gd.dask_client() as none:
+    with tasks.dask_client() as none:
         assert none is None
 
 
 def test_unreachable_scheduler_is_an_input_error():
     with pytest.raises(InputError, match=r"--dask-scheduler tcp://127.0.0.1:9: cannot connect"):
-        with gd.dask_client(scheduler="tcp://127.0.0.1:9", timeout=2):
+        with tasks.dask_client(scheduler="tcp://127.0.0.1:9", timeout=2):
             pass
 
 
 def test_missing_dask_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed -> ImportError
     with pytest.raises(InputError, match=r"install it with pip install 'gpuconn\[dask\]'"):
-        with gd.dask_client(workers=1):
+        with tasks.dask_client(workers=1):
             pass
 
 
 def test_core_import_does_not_import_dask():
     code = (
-        "import sys, gpuconn.cli.app, gpuconn.stats.randomise, gpuconn.denoise, gpuconn.distributed; "
+        "import sys, gpuconn.cli.app, gpuconn.stats.randomise, gpuconn.subject.denoise, gpuconn.stats.dask_runner; "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed', 'dask_cuda')); "
         "assert not bad, bad"
     )
@@ -324,7 +326,7 @@ def test_cli_rejects_both_options(tmp_path, rng, capsys):
 @pytest.fixture(scope="module")
 def dualreg_inputs(study, tmp_path_factory):
     """Three runs of the simulated study and three random group maps on their grid."""
-    from gpuconn.bids import find_runs
+    from gpuconn.core.bids import find_runs
 
     bolds = [run.bold for run in find_runs(study.root, participant_label=["001", "004"])]
     reference = nib.load(bolds[0])
@@ -342,7 +344,7 @@ def _dualreg_outputs(folder: Path) -> dict[str, object]:
 
 @pytest.mark.parametrize("batch_size", [None, 2])
 def test_dualreg_on_dask_equals_one_process(client, dualreg_inputs, tmp_path, batch_size):
-    from gpuconn.dualreg import dual_regression
+    from gpuconn.maps.dualreg import dual_regression
 
     maps, bolds = dualreg_inputs
     with _one_thread():  # as a worker: stage 1 reduces over voxels, which MKL splits across threads
@@ -366,7 +368,7 @@ def test_dualreg_on_dask_equals_one_process(client, dualreg_inputs, tmp_path, ba
 
 
 def test_dualreg_on_dask_checks_inputs_before_any_task(dualreg_inputs, tmp_path, rng):
-    from gpuconn.dualreg import dual_regression
+    from gpuconn.maps.dualreg import dual_regression
 
     maps, bolds = dualreg_inputs
     collinear = tmp_path / "collinear.nii.gz"
@@ -385,7 +387,7 @@ def test_dualreg_on_dask_checks_inputs_before_any_task(dualreg_inputs, tmp_path,
 
 
 def test_dualreg_on_dask_subject_error_leaves_no_output(client, dualreg_inputs, tmp_path):
-    from gpuconn.dualreg import dual_regression
+    from gpuconn.maps.dualreg import dual_regression
 
     maps, bolds = dualreg_inputs
     img = nib.load(maps)
@@ -405,7 +407,7 @@ def test_dualreg_on_dask_subject_error_leaves_no_output(client, dualreg_inputs, 
 def test_qc_on_dask_equals_one_process(client, study):
     import pandas as pd
 
-    from gpuconn.qc import motion_sources, qc_table
+    from gpuconn.subject.qc import motion_sources, qc_table
 
     sources = motion_sources(derivatives=study.root)
     thresholds = dict(outlier_metric="rms", outlier_threshold=0.05, rel_threshold=0.3)

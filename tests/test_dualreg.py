@@ -24,8 +24,10 @@ import torch
 from scipy import stats
 
 from gpuconn.cli.app import run
-from gpuconn.dualreg import _t_to_z_series, dual_regression, spatial_regression, t_to_z, temporal_regression
-from gpuconn.errors import InputError
+from gpuconn.maps.dualreg import dual_regression, spatial_regression, temporal_regression
+from gpuconn.stats.zstat import _t_to_z_series
+from gpuconn.stats.zstat import t_to_z_tensor as t_to_z
+from gpuconn.core.errors import InputError
 
 SHAPE = (10, 12, 10)
 AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])

@@ -9,9 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from gpuconn import feat, io, resample
+from gpuconn.core import feat, io, resample
 from gpuconn.cli.app import run
-from gpuconn.errors import InputError
+from gpuconn.core.errors import InputError
 
 FUNC_SHAPE, N_VOLUMES, TR = (12, 13, 9), 40, 2.0
 FUNC_AFFINE = np.array([[3.0, 0, 0, -18], [0, 3.0, 0, -20], [0, 0, 3.5, -14], [0, 0, 0, 1]])  # det > 0: FSL flips x

@@ -7,7 +7,8 @@ import pytest
 import torch
 from scipy import stats
 
-from gpuconn.stats.glm import contrast_model, f_to_z, glm_statistic, partition, permuted_statistics, residualise, t_to_z
+from gpuconn.stats.glm import contrast_model, glm_statistic, partition, permuted_statistics, residualise
+from gpuconn.stats.zstat import f_to_z, t_to_z
 
 # Statistics are computed in float64 and rounded once to float32 (relative error ~6e-8);
 # 1e-5 is the bound the design document sets (tests/test_precision.py holds the hard cases).

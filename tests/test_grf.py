@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 
 from gpuconn.cli.app import run
-from gpuconn.errors import InputError
+from gpuconn.core.errors import InputError
 from gpuconn.stats.grf import (
     Smoothness,
     cluster_p_values,

@@ -17,8 +17,8 @@ import torch
 from sklearn.decomposition import FastICA
 
 from gpuconn.cli.app import run
-from gpuconn.errors import InputError
-from gpuconn.ica import (
+from gpuconn.core.errors import InputError
+from gpuconn.maps.ica import (
     MigpReducer,
     fastica,
     group_ica,
@@ -271,7 +271,7 @@ def test_simulated_study_denoise_ica_match_dualreg(tmp_path, capsys):
     """
     import pandas as pd
 
-    from gpuconn.simulate import simulate_study
+    from gpuconn.study.simulate import simulate_study
 
     study = simulate_study(tmp_path / "study", n_patients=3, n_controls=2, n_volumes=60, voxel_size=6.0, seed=0)
     assert run(["denoise", "--derivatives", str(tmp_path / "study"), "--out", str(tmp_path / "den"),

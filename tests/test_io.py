@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gpuconn import io
-from gpuconn.errors import GpuconnError, InputError
+from gpuconn.core import io
+from gpuconn.core.errors import GpuconnError, InputError
 
 AFFINE = np.array([[-2.0, 0, 0, 90], [0, 2.0, 0, -126], [0, 0, 2.5, -72], [0, 0, 0, 1]])
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from gpuconn.errors import InputError
+from gpuconn.core.errors import InputError
 from gpuconn.stats.permute import MAX_EXHAUSTIVE, count_rearrangements, make_scheme
 
 

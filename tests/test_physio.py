@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gpuconn import physio as ph
-from gpuconn.errors import InputError
+from gpuconn.subject import physio as ph
+from gpuconn.core.errors import InputError
 
 
 def test_cardiac_response_published_formula():

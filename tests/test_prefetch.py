@@ -1,4 +1,4 @@
-"""Read-ahead (gpuconn.prefetch) and its use in denoise: same results as serial, bounded, errors in order."""
+"""Read-ahead (gpuconn.core.prefetch) and its use in denoise: same results as serial, bounded, errors in order."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from gpuconn.prefetch import items_ahead, prefetch
+from gpuconn.core.prefetch import items_ahead, prefetch
 
 
 @pytest.mark.parametrize("ahead", [0, 1, 3])
@@ -72,8 +72,8 @@ def _outputs(folder: Path) -> dict[str, object]:
 
 
 def test_denoise_with_read_ahead_equals_serial(tmp_path):
-    from gpuconn.denoise import DenoiseOptions, collect_runs, denoise_runs
-    from gpuconn.simulate import simulate_study
+    from gpuconn.subject.denoise import DenoiseOptions, collect_runs, denoise_runs
+    from gpuconn.study.simulate import simulate_study
 
     study = simulate_study(tmp_path / "study", n_patients=3, n_controls=2, n_volumes=30, voxel_size=6.0, seed=5)
     options = DenoiseOptions(fwhm=6.0)

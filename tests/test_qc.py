@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gpuconn.errors import InputError
-from gpuconn.qc import motion_summary, qc_table
+from gpuconn.core.errors import InputError
+from gpuconn.subject.qc import motion_summary, qc_table
 
 
 def _params(n=10):
@@ -77,7 +77,7 @@ def test_cli_qc_errors(tmp_path, capsys):
 
 def test_cli_qc_simulated_study_flags_the_mover(tmp_path, capsys):
     from gpuconn.cli.app import run
-    from gpuconn.simulate import simulate_study
+    from gpuconn.study.simulate import simulate_study
 
     study = simulate_study(tmp_path / "study", n_patients=3, n_controls=4, n_volumes=30, voxel_size=8.0, seed=2)
     (mover,) = study.ground_truth["excluded"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpuconn.errors import InputError
+from gpuconn.core.errors import InputError
 from gpuconn.stats.permute import make_scheme
 from gpuconn.stats.randomise import run_permutation_test
 

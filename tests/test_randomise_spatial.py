@@ -10,7 +10,8 @@ from scipy import ndimage
 from gpuconn.cli.app import run
 from gpuconn.stats.clusters import cluster_maps
 from gpuconn.stats.design import Design, save_design
-from gpuconn.stats.tfce import spatial_transforms, tfce
+from gpuconn.stats.spatial import spatial_transforms
+from gpuconn.stats.tfce import tfce
 
 SHAPE = (10, 9, 8)
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gpuconn.report import _table, figure_png, ortho_slices
+from gpuconn.study.report import _table, figure_png, ortho_slices
 
 
 def _decode(tag: str) -> np.ndarray:

@@ -17,8 +17,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from gpuconn import resample
-from gpuconn.errors import InputError
+from gpuconn.core import resample
+from gpuconn.core.errors import InputError
 
 fslimage = pytest.importorskip("fsl.data.image")
 flirt = pytest.importorskip("fsl.transform.flirt")

@@ -22,7 +22,7 @@ import pytest
 from scipy.ndimage import gaussian_filter
 
 import gpuconn.stats.randomise as engine
-from gpuconn.checkpoint import checkpoint_path
+from gpuconn.stats.checkpoint import checkpoint_path
 from gpuconn.cli.app import run
 
 SHAPE = (8, 8, 6)
@@ -197,7 +197,7 @@ def test_sigkill_then_resume_is_identical(inputs, reference, tmp_path):
 
 def test_temporaries_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
     """A SIGKILL mid-write leaves ``.<stem>.XXXX.tmp.nii.gz``; writing that output again removes it."""
-    from gpuconn.io import save_image
+    from gpuconn.core.io import save_image
 
     reference = nib.Nifti1Image(np.zeros((2, 2, 2), dtype=np.float32), np.eye(4))
     stale = tmp_path / ".r_tstat1.abc12345.tmp.nii.gz"

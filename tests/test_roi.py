@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from gpuconn.cli.app import run
-from gpuconn.errors import InputError
-from gpuconn.roi import ROI_COLUMNS, compute_roi_matrices, extract_roi_values, roi_connectivity
-from gpuconn.seed import BoldInput, Region, region_masks, region_weights, sphere_regions
+from gpuconn.core.errors import InputError
+from gpuconn.maps.roi import ROI_COLUMNS, compute_roi_matrices, extract_roi_values, roi_connectivity
+from gpuconn.maps.series import BoldInput
+from gpuconn.maps.regions import Region, region_masks, region_weights, sphere_regions
 
 SHAPE = (10, 12, 10)
 AFFINE = np.array([[-4.0, 0, 0, 18], [0, 4, 0, -22], [0, 0, 4, -18], [0, 0, 0, 1]])
@@ -125,7 +126,7 @@ def test_cli_roi_extract_and_matrix(tmp_path, rng, capsys):
 
 def test_simulated_s1back_coupling_is_recovered(tmp_path):
     """On the simulator's study: S1back maps are high in its network, in patients' dlPFC and post-session insula; aTPJ is the control."""
-    from gpuconn.simulate import simulate_study
+    from gpuconn.study.simulate import simulate_study
 
     study = simulate_study(tmp_path / "sim", n_patients=3, n_controls=3, n_volumes=40, voxel_size=6.0, seed=0)
     truth = study.ground_truth

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from gpuconn.errors import InputError
-from gpuconn.roi_stats import (
+from gpuconn.core.errors import InputError
+from gpuconn.study.roi_stats import (
     RESULT_COLUMNS,
     assign_subgroups,
     correlation_test,

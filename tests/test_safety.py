@@ -17,7 +17,7 @@ import pytest
 
 import gpuconn.stats.randomise as engine
 from gpuconn.cli.app import run
-from gpuconn.io import output_lock, write_text
+from gpuconn.core.io import output_lock, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,8 +126,13 @@ def test_numba_caches_stay_out_of_the_installed_package(tmp_path):
     reinstall and turned site-packages/gpuconn into a namespace package that
     shadowed a later editable install (the CLI could not start).
     """
+    import shutil
+
+    source = tmp_path / "src"  # setuptools builds in the source tree: build a copy, not the checkout
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "dist", "tests", "bench", "*.egg-info",
+                                                                 "__pycache__", "demo-out"))
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(ROOT)],
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(source)],
                    check=True, capture_output=True)
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
     env.update(PYTHONPATH=str(target), XDG_CACHE_HOME=str(tmp_path / "cache"))

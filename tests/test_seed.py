@@ -15,15 +15,11 @@ from nilearn.maskers import NiftiMasker, NiftiSpheresMasker
 from nilearn.maskers.nifti_spheres_masker import apply_mask_and_get_affinity
 
 from gpuconn.cli.app import run
-from gpuconn.errors import InputError
-from gpuconn.seed import (
-    FISHER_CLIP,
-    BoldInput,
+from gpuconn.core.errors import InputError
+from gpuconn.maps.seed import FISHER_CLIP, compute_seed_maps, correlate_seeds, fisher_z
+from gpuconn.maps.series import BoldInput, bold_inputs
+from gpuconn.maps.regions import (
     Region,
-    bold_inputs,
-    compute_seed_maps,
-    correlate_seeds,
-    fisher_z,
     image_region,
     mirror_coord,
     parse_coord,

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gpuconn.bids import find_runs
-from gpuconn.errors import InputError
-from gpuconn.simulate import SEEDS, make_grid, simulate_study
+from gpuconn.core.bids import find_runs
+from gpuconn.core.errors import InputError
+from gpuconn.study.simulate import SEEDS, make_grid, simulate_study
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_bad_sizes_are_clear_errors(tmp_path):
 
 def test_network_time_courses_are_orthogonal_within_every_run():
     """The planted null holds exactly in every run, not only on average over seeds."""
-    from gpuconn.simulate import NETWORKS, _band_limited, _orthogonalised
+    from gpuconn.study.simulate import NETWORKS, _band_limited, _orthogonalised
 
     rng = np.random.default_rng(4)
     drawn = {name: _band_limited(rng, 120, 3.0) for name in NETWORKS}

@@ -21,9 +21,11 @@ from scipy import stats
 
 import gpuconn.stats.randomise as randomise_module
 from gpuconn.cli.app import run
-from gpuconn.errors import InputError
-from gpuconn.simulate import simulate_study
-from gpuconn.study import STEPS, check_planted_effects, load_study, run_study, template_text
+from gpuconn.core.errors import InputError
+from gpuconn.study.simulate import simulate_study
+from gpuconn.study.runner import STEPS, run_study
+from gpuconn.study.results import check_planted_effects
+from gpuconn.study.schema import load_study, template_text
 
 STUDY = """
 [study]
@@ -146,6 +148,29 @@ def test_init_writes_the_commented_template(tmp_path):
     assert run(["study", "init", str(path)]) == 2  # no overwrite without --force
 
 
+def test_every_denoise_option_is_a_study_key_with_its_default(tmp_path):
+    from dataclasses import fields
+
+    from gpuconn.subject.denoise import DenoiseOptions
+
+    path = tmp_path / "study.toml"
+    path.write_text(template_text())
+    given = load_study(path, check_inputs=False).section("denoise")
+    defaults = DenoiseOptions()
+    for f in fields(DenoiseOptions):
+        if f.name in ("outlier_metric", "outlier_threshold"):  # the [qc] outlier rule
+            continue
+        expected = getattr(defaults, f.name)
+        expected = list(expected) if isinstance(expected, tuple) else expected
+        assert given[f.name] == (expected if expected is not None else 0.0), f.name
+    path.write_text(template_text().replace('acompcor_mode = "combined"', 'acompcor_mode = "both"'))
+    with pytest.raises(InputError, match=r"denoise\.acompcor_mode = 'both' is not one of"):
+        load_study(path, check_inputs=False)
+    path.write_text(template_text().replace("columns = []", "columns = [1]"))
+    with pytest.raises(InputError, match=r"denoise\.columns must list"):
+        load_study(path, check_inputs=False)
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -246,7 +271,7 @@ def test_planted_effect_check_lists_effects_and_null_region(tiny):
 
 
 def test_clusters_away_from_the_targets_are_counted_whole():
-    from gpuconn.study import _voxels_in_other_clusters
+    from gpuconn.study.results import _voxels_in_other_clusters
 
     significant = np.zeros((12, 6, 6), bool)
     significant[1:5, 1:3, 1:3] = True  # 16 voxels, one of them next to the target
@@ -308,7 +333,7 @@ def test_interrupted_run_resumes_to_identical_results(tiny, monkeypatch):
 _KILLER = """
 import os, signal, sys
 import gpuconn.stats.randomise as module
-from gpuconn.study import run_study
+from gpuconn.study.runner import run_study
 original, calls = module.write_outputs, []
 def killed(*args, **kwargs):
     calls.append(1)

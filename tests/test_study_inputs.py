@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 
 from afni_files import write_dataset
-from gpuconn import io
-from gpuconn.bids import find_runs
-from gpuconn.confounds import fmriprep_motion
-from gpuconn.errors import InputError
-from gpuconn.simulate import simulate_study
-from gpuconn.study import load_study, run_study
+from gpuconn.core import io
+from gpuconn.core.bids import find_runs
+from gpuconn.subject.confounds import fmriprep_motion
+from gpuconn.core.errors import InputError
+from gpuconn.study.simulate import simulate_study
+from gpuconn.study.runner import run_study
+from gpuconn.study.schema import load_study
 
 STUDY = """
 [study]

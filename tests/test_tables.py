@@ -109,7 +109,7 @@ def test_clusters_cli_errors_write_nothing(tmp_path, capsys):
 
 def test_peak_at_planted_node_of_simulated_study(tmp_path):
     """On the simulator's MNI grid, the strongest cluster of an S1-back seed map peaks at the planted node (mm)."""
-    from gpuconn.simulate import NETWORKS, simulate_study
+    from gpuconn.study.simulate import NETWORKS, simulate_study
 
     study = simulate_study(tmp_path / "study", n_patients=3, n_controls=2, n_volumes=40, voxel_size=6.0, seed=0)
     bold = sorted(study.root.glob("sub-*/ses-pre/func/*desc-preproc_bold.nii.gz"))[0]

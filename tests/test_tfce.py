@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from gpuconn.errors import InputError
+from gpuconn.core.errors import InputError
 from gpuconn.stats.tfce import TFCE_2D, tfce, tfce_thresholds, tfce_transform
 
 RANK = {6: 1, 18: 2, 26: 3}
@@ -259,7 +259,7 @@ def test_cuda_launch_code_with_host_kernel(rng, tmp_path, monkeypatch):
 
 def test_bound_transform_takes_randomise_step_z_of_f_and_blank_maps(rng):
     """bind(): dh = unpermuted maximum / 100 for every map; F maps as z; no positive value gives blank maps."""
-    from gpuconn.stats.glm import f_to_z
+    from gpuconn.stats.zstat import f_to_z
 
     shape = (7, 6, 5)
     mask = np.ones(shape, dtype=bool)

@@ -1,7 +1,8 @@
 """A Dask task's evaluation on its worker: sub-chunks planned there, OOM halving, same output.
 
-Runs ``gpuconn.distributed._evaluate_task`` in this process (no cluster): the
-worker side of a task is plain Python around ``evaluate_chunk``.
+Runs ``gpuconn.stats.dask_runner._evaluate_task`` in this process (no
+cluster): the worker side of a task is plain Python around
+``evaluate_chunk``.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gpuconn import distributed as gd
+from gpuconn.stats import dask_runner as dr
 from gpuconn.stats import randomise as randomise_module
 from gpuconn.stats.randomise import evaluate_chunk, prepare_permutation_test
 
@@ -25,38 +26,33 @@ def _prepared(rng):
 def _assert_same(a, b):
     assert a.keys() == b.keys()
     for name in a:
-        for key in ("observed", "count"):
-            x, y = a[name][key], b[name][key]
-            assert (x is None) == (y is None)
-            if x is not None:
-                np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-        assert a[name]["max"].keys() == b[name]["max"].keys()
-        for key in a[name]["max"]:
-            np.testing.assert_array_equal(a[name]["max"][key], b[name]["max"][key])
+        for part in ("count", "max"):
+            assert a[name][part].keys() == b[name][part].keys()
+            for key in a[name][part]:
+                np.testing.assert_array_equal(np.asarray(a[name][part][key]), np.asarray(b[name][part][key]))
 
 
 def test_task_halves_on_oom_and_equals_one_evaluation(rng, monkeypatch):
     prepared = _prepared(rng)
     whole0 = evaluate_chunk(prepared, 0, 50)
-    observed = {name: r["observed"] for name, r in whole0.items()}
-    whole1 = evaluate_chunk(prepared, 50, 120, observed)
+    whole1 = evaluate_chunk(prepared, 50, 120)
     sizes = []
-    original = randomise_module.evaluate_chunk
+    original = dr.evaluate_chunk
 
-    def small_memory(prepared, start, stop, observed=None):
+    def small_memory(prepared, start, stop):
         sizes.append(stop - start)
         if stop - start > 16:
             raise RuntimeError("CUDA error: out of memory")
-        return original(prepared, start, stop, observed)
+        return original(prepared, start, stop)
 
-    monkeypatch.setattr(randomise_module, "evaluate_chunk", small_memory)
-    _assert_same(gd._evaluate_task(prepared, 0, 50, None), whole0)  # chunk 0: its own observed maps
-    _assert_same(gd._evaluate_task(prepared, 50, 120, observed), whole1)
+    monkeypatch.setattr(dr, "evaluate_chunk", small_memory)
+    _assert_same(dr._evaluate_task(prepared, 0, 50), whole0)
+    _assert_same(dr._evaluate_task(prepared, 50, 120), whole1)
     assert max(s for s in sizes if s <= 16) <= 16 and 50 in sizes  # tried whole, then halved
 
 
 def test_task_size_is_the_work_split_and_the_worker_plans_its_evaluations(rng, monkeypatch):
-    assert gd._task_size(10_000, 4, 4) == 625
+    assert dr._task_size(10_000, 4, 4) == 625
     prepared = _prepared(rng)
     asked = {}
 
@@ -64,8 +60,13 @@ def test_task_size_is_the_work_split_and_the_worker_plans_its_evaluations(rng, m
         asked.update(per_item=per_item, device=device, n_items=n_items)
         return 7
 
-    monkeypatch.setattr(gd, "chunk_size", plan)
-    assert gd._worker_chunk(prepared, 40) == 7
+    monkeypatch.setattr(randomise_module, "chunk_size", plan)
+    assert randomise_module.plan_chunk(prepared.contrasts, prepared.device, 40) == 7
     assert asked["device"] == prepared.device and asked["n_items"] == 40
-    assert asked["per_item"] == 4 * 60 * (prepared.contrasts[0].model.rows.shape[0] + 4)
+    rows = prepared.contrasts[0].model.rows.shape[0]
+    assert asked["per_item"] == 60 * (8 * (rows + 3) + 4 * 2)  # float64 projections, float32 statistic
     assert isinstance(prepared.device, torch.device)
+    planned = []
+    monkeypatch.setattr(dr, "plan_chunk", lambda contrasts, device, n: planned.append((device, n)) or 7)
+    dr._evaluate_task(prepared, 10, 30)
+    assert planned == [(prepared.device, 20)]  # the task's own size, on the worker's device

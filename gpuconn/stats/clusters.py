@@ -37,7 +37,6 @@ nilearn.mass_univariate._utils.calculate_cluster_measures : max extent/mass.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import tempfile
@@ -48,68 +47,22 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..backend import chunk_size, cupy_launch, kernel_problem, load_kernel, map_launch, to_cupy
-from ..errors import InputError
-
-def _numba_cache_dir() -> str:
-    """A writable per-user folder for Numba's compiled kernels, outside the installed package.
-
-    Numba's default cache is ``__pycache__`` beside the source: inside a
-    non-editable install that folder outlives ``pip uninstall`` and turns
-    ``site-packages/gpuconn`` into a namespace package that shadows a later
-    editable install.
-    """
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpuconn" / "numba"
-    for folder in (base, Path(tempfile.gettempdir()) / f"gpuconn-numba-{os.getuid()}"):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            if os.access(folder, os.W_OK):
-                return str(folder)
-        except OSError:
-            continue
-    return ""
-
-
-try:  # Numba compiles the CPU union-find; without it the same code runs as Python.
-    import numba
-
-    if not numba.config.CACHE_DIR:  # NUMBA_CACHE_DIR, when the user set one, is kept
-        numba.config.CACHE_DIR = _numba_cache_dir()
-    _njit = functools.partial(numba.njit, cache=bool(numba.config.CACHE_DIR), nogil=True)
-    prange = numba.prange
-    HAVE_NUMBA = True
-except ImportError:  # pragma: no cover - depends on the install
-    HAVE_NUMBA = False
-    prange = range
-
-    def _njit(*args, **kwargs):
-        if args and callable(args[0]):
-            return args[0]
-        return lambda func: func
-
+from ..core.backend import chunk_size, cupy_launch, kernel_problem, load_kernel, map_launch, to_cupy
+from ..core.errors import InputError
+from .numba_compat import njit, prange, warn_no_numba
 
 __all__ = [
     "CONNECTIVITIES",
-    "HAVE_NUMBA",
     "connectivity_offsets",
     "neighbour_table",
     "label_maps",
     "cluster_maps",
     "cluster_transform",
+    "as_batch",
 ]
 
 CONNECTIVITIES = (6, 18, 26)
 _KINDS = ("extent", "mass")
-
-
-def _warn_no_numba(what: str) -> None:
-    if not HAVE_NUMBA:
-        warnings.warn(
-            f"numba is not installed: {what} runs as plain Python and is very slow on real maps; "
-            "pip install numba",
-            RuntimeWarning,
-            stacklevel=3,
-        )
 
 
 def connectivity_offsets(connectivity: int = 6) -> np.ndarray:
@@ -168,7 +121,7 @@ def neighbour_table(mask: np.ndarray, *, connectivity: int = 6) -> np.ndarray:
 # --------------------------------------------------------------------------- CPU core (Numba)
 
 
-@_njit
+@njit
 def _find(parent, v):
     """Root of ``v`` with path halving."""
     while parent[v] != v:
@@ -177,7 +130,7 @@ def _find(parent, v):
     return v
 
 
-@_njit(parallel=True)
+@njit(parallel=True)
 def _label_batch(values, table, threshold, labels, n_labels):
     """Union-find labelling of ``values > threshold`` for each map (in place).
 
@@ -215,7 +168,7 @@ def _label_batch(values, table, threshold, labels, n_labels):
         n_labels[m] = count
 
 
-@_njit(parallel=True)
+@njit(parallel=True)
 def _cluster_stat_batch(values, labels, n_labels, mass, out):
     """Each voxel's cluster extent (``mass=False``) or mass, from labels (in place)."""
     n_maps, n_vox = values.shape
@@ -277,7 +230,7 @@ def _label_torch(values: torch.Tensor, table: torch.Tensor, threshold: float) ->
 # --------------------------------------------------------------------------- public API
 
 
-def _as_batch(values, n_vox: int, what: str) -> torch.Tensor:
+def as_batch(values, n_vox: int, what: str) -> torch.Tensor:
     tensor = torch.as_tensor(values)
     if tensor.ndim == 1:
         tensor = tensor[None]
@@ -288,7 +241,7 @@ def _as_batch(values, n_vox: int, what: str) -> torch.Tensor:
 
 def _label_numpy(data: np.ndarray, table: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """Union-find labels (n_maps, n_voxels) int32 and cluster counts (n_maps,) of float32 maps."""
-    _warn_no_numba("cluster labelling")
+    warn_no_numba("cluster labelling")
     labels = np.empty(data.shape, dtype=np.int32)
     n_labels = np.empty(data.shape[0], dtype=np.int32)
     _label_batch(data, table, np.float32(threshold), labels, n_labels)
@@ -404,7 +357,7 @@ def label_maps(
         :func:`scipy.ndimage.label` numbers them.
     """
     table = neighbour_table(mask, connectivity=connectivity) if table is None else table
-    return _label_tensor(_as_batch(values, table.shape[0], "values"), table, threshold)
+    return _label_tensor(as_batch(values, table.shape[0], "values"), table, threshold)
 
 
 def _per_voxel_cluster_stats(values: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
@@ -454,7 +407,7 @@ def cluster_maps(
     if kind not in _KINDS:
         raise InputError(f"cluster kind must be 'extent' or 'mass' (got {kind!r})")
     table = neighbour_table(mask, connectivity=connectivity) if table is None else table
-    batch = _as_batch(values, table.shape[0], "values")
+    batch = as_batch(values, table.shape[0], "values")
     if batch.device.type == "cpu":
         data = np.ascontiguousarray(batch.detach().numpy(), dtype=np.float32)
         labels, n_labels = _label_numpy(data, table, threshold)

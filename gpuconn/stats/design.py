@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import InputError
-from ..io import note_input, read_tsv, write_text, write_tsv
+from ..core.errors import InputError
+from ..core.io import note_input, read_tsv, write_text, write_tsv
 
 __all__ = [
     "Design",

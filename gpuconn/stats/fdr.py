@@ -1,8 +1,14 @@
-"""False discovery rate: Benjamini-Hochberg adjusted p-values."""
+"""False discovery rate: Benjamini-Hochberg adjusted p-values, through SciPy.
+
+:func:`fdr_adjust` validates its input and hands off to
+:func:`scipy.stats.false_discovery_control` (``method='bh'``); used for
+randomise's ``--fdr`` maps and the ROI-level tests.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import false_discovery_control
 
 __all__ = ["fdr_adjust"]
 
@@ -22,22 +28,18 @@ def fdr_adjust(p_values: np.ndarray) -> np.ndarray:
     Returns
     -------
     ndarray of float64, shape (n_tests,)
-        ``min(1, min_{j >= i} n p_(j) / j)`` in the original order.
+        ``min(1, min_{j >= i} n p_(j) / j)`` in the original order; all NaN
+        when any p-value is NaN (the step-up minimum over a missing test
+        decides nothing).
 
     See Also
     --------
-    statsmodels.stats.multitest.multipletests(method='fdr_bh'),
-    scipy.stats.false_discovery_control.
+    scipy.stats.false_discovery_control : the implementation.
+    statsmodels.stats.multitest.multipletests : ``method='fdr_bh'``, the same values.
     """
     p_values = np.asarray(p_values, dtype=np.float64)
     if p_values.ndim != 1:
         raise ValueError(f"p_values must be 1D, got shape {p_values.shape}")
-    n = p_values.size
-    if n == 0:
-        return p_values.copy()
-    order = np.argsort(p_values, kind="stable")
-    scaled = p_values[order] * n / np.arange(1, n + 1)
-    adjusted = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
-    out = np.empty(n)
-    out[order] = adjusted
-    return out
+    if np.isnan(p_values).any():
+        return np.full(p_values.shape, np.nan)
+    return false_discovery_control(p_values, method="bh")

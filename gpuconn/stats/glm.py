@@ -1,4 +1,4 @@
-"""Batched OLS t and F statistics, contrast partitioning, and t/F to z.
+"""Batched OLS t and F statistics and contrast partitioning (t/F to z: :mod:`gpuconn.stats.zstat`).
 
 For a design ``M`` (n_obs, n_regressors) and a contrast ``C`` (rank s, one
 row per contrast vector), the design is partitioned into an effect of
@@ -45,9 +45,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import special
 
-from ..backend import DATA_DTYPE, DESIGN_DTYPE, as_design
+from ..core.backend import DATA_DTYPE, DESIGN_DTYPE, as_design
 
 __all__ = [
     "ContrastModel",
@@ -56,16 +55,12 @@ __all__ = [
     "residualise",
     "permuted_statistics",
     "glm_statistic",
-    "t_to_z",
-    "f_to_z",
 ]
 
 _RANK_TOL = 1e-10
 # Voxels whose nuisance residuals are below this share of their norm are
 # constant up to round-off; their statistics are set to 0 (as randomise).
 _CONSTANT_TOL = 1e-10
-# Lowest z: that of p = 1 - 2**-53 (F = 0 has p = 1 and z = -inf).
-_MAX_LOG_SF = float(np.log1p(-(2.0**-53)))
 
 
 def _orth(matrix: np.ndarray) -> np.ndarray:
@@ -319,54 +314,3 @@ def glm_statistic(
     return permuted_statistics(model, residuals, sum_squares, identity, ones)[0]
 
 
-def _log_betainc(a: np.ndarray, b: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """``log I_x(a, b)``, with the small-x expansion where ``betainc`` underflows."""
-    with np.errstate(divide="ignore"):
-        value = np.log(special.betainc(a, b, x))
-    tiny = ~np.isfinite(value)
-    if np.any(tiny):
-        a_t, b_t, x_t = (np.broadcast_to(v, x.shape)[tiny] for v in (a, b, x))
-        value[tiny] = a_t * np.log(x_t) + b_t * np.log1p(-x_t) - np.log(a_t) - special.betaln(a_t, b_t)
-    return value
-
-
-def t_to_z(t: np.ndarray, dof: float) -> np.ndarray:
-    """Convert t statistics to z with the same tail probability.
-
-    Computed from the log of the survival function, so extreme t give large
-    finite z rather than infinity.
-
-    Parameters
-    ----------
-    t : array_like
-    dof : float
-        Degrees of freedom.
-
-    Returns
-    -------
-    ndarray of float64, same shape as ``t``
-    """
-    t = np.asarray(t, dtype=np.float64)
-    magnitude = np.minimum(np.abs(t), 1e100)  # t**2 stays finite
-    x = dof / (dof + magnitude * magnitude)
-    log_sf = np.log(0.5) + _log_betainc(np.float64(dof) / 2, np.float64(0.5), x)
-    return np.sign(t) * -special.ndtri_exp(np.minimum(log_sf, np.log(0.5)))
-
-
-def f_to_z(f: np.ndarray, df1: float, df2: float) -> np.ndarray:
-    """Convert F statistics to z (one-sided, same upper-tail probability).
-
-    Parameters
-    ----------
-    f : array_like
-    df1, df2 : float
-        Numerator and denominator degrees of freedom.
-
-    Returns
-    -------
-    ndarray of float64, same shape as ``f``; at least the z of p = 1 - 2**-53.
-    """
-    f = np.clip(np.asarray(f, dtype=np.float64), 0.0, 1e300)
-    x = df2 / (df2 + df1 * f)
-    log_sf = _log_betainc(np.float64(df2) / 2, np.float64(df1) / 2, x)
-    return -special.ndtri_exp(np.minimum(log_sf, _MAX_LOG_SF))

@@ -45,14 +45,15 @@ import pandas as pd
 import torch
 from scipy import special, stats
 
-from ..backend import DESIGN_DTYPE, resolve_device, to_numpy
-from ..errors import InputError
-from ..io import load_image, masked_data, provenance, save_image, unmask, write_json, write_tsv
+from ..core.backend import DESIGN_DTYPE, resolve_device, to_numpy
+from ..core.errors import InputError
+from ..core.io import load_image, masked_data, provenance, save_image, unmask, write_json, write_tsv
 from .clusters import connectivity_offsets, label_maps, neighbour_table
 from .design import Design, load_design
-from .glm import glm_statistic, t_to_z
-from .randomise import _analysis_mask
+from .glm import glm_statistic
+from .randomise import analysis_mask
 from .tables import cluster_table
+from .zstat import t_to_z
 
 __all__ = [
     "Smoothness",
@@ -349,7 +350,7 @@ def parametric_glm(
         if design_path is None or contrast_path is None:
             raise InputError("give a design and contrasts (-d design.mat -t design.con), or -1 for a one-sample test")
         design = load_design(design_path, contrast_path, n_obs=n_obs, data_source=str(input_path))
-    mask = _analysis_mask(img, input_path, mask_path)
+    mask = analysis_mask(img, input_path, mask_path)
     dof = n_obs - int(np.linalg.matrix_rank(design.matrix))
     if dof < 1:
         raise InputError(f"the design leaves {dof} residual degrees of freedom for {n_obs} volumes; simplify it")

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 __all__ = ["PermutationScheme", "make_scheme", "count_rearrangements", "MAX_EXHAUSTIVE"]
 

@@ -17,8 +17,8 @@ How a run works
    one matrix product on the device; the chunk is then reduced to its
    per-rearrangement maxima (the max-statistic null) and to voxelwise
    exceedance counts. Chunks are sized from device memory
-   (:func:`gpuconn.backend.chunk_size`) and halved on CUDA OOM
-   (:func:`gpuconn.backend.run_chunked`); results do not depend on the
+   (:func:`gpuconn.core.backend.chunk_size`) and halved on CUDA OOM
+   (:func:`gpuconn.core.backend.run_chunked`); results do not depend on the
    chunk size.
 4. p-values follow randomise's counting rule, the identity included:
    uncorrected ``p(v) = #{i : T_i(v) >= T_0(v)} / n``, FWER-corrected
@@ -69,22 +69,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..backend import DESIGN_DTYPE, as_data, chunk_size, cuda_chunk_cap, resolve_device, run_chunked, to_numpy
-from ..errors import InputError
-from ..io import load_image, load_mask, masked_data, provenance, save_image, unmask, write_json, write_text
-from ..progress import progress_bar
+from ..core.backend import DESIGN_DTYPE, as_data, chunk_size, cuda_chunk_cap, resolve_device, run_chunked, to_host, to_numpy
+from ..core.errors import InputError
+from ..core.io import load_image, load_mask, masked_data, provenance, save_image, unmask, write_json, write_text
+from ..core.progress import progress_bar
 from .design import Design, check_design, load_design
 from .fdr import fdr_adjust
 from .glm import (
     ContrastModel,
     contrast_model,
-    f_to_z,
     partition,
     permuted_statistics,
     residualise,
-    t_to_z,
 )
 from .permute import PermutationScheme, make_scheme
+from .zstat import f_to_z, t_to_z
 
 __all__ = [
     "SpatialTransform",
@@ -99,6 +98,8 @@ __all__ = [
     "prepare_permutation_test",
     "evaluate_chunk",
     "plan_chunk",
+    "run_chunk_loop",
+    "analysis_mask",
     "write_outputs",
     "randomise",
 ]
@@ -356,7 +357,7 @@ def run_permutation_test(
         Show a progress bar over rearrangements.
     runner : callable, optional
         ``runner(prepared, progress) -> PermutationTestResult`` evaluates the
-        chunks elsewhere (e.g. :func:`gpuconn.distributed.dask_runner`);
+        chunks elsewhere (e.g. :func:`gpuconn.stats.dask_runner.dask_runner`);
         default: one process, chunk after chunk on ``device``.
     **options
         Keyword options of :func:`prepare_permutation_test`.
@@ -366,7 +367,7 @@ def run_permutation_test(
     PermutationTestResult
     """
     prepared = prepare_permutation_test(data, design, contrasts, **options)
-    return (runner or _run_loop)(prepared, progress)
+    return (runner or run_chunk_loop)(prepared, progress)
 
 
 def prepare_permutation_test(
@@ -476,7 +477,7 @@ def plan_chunk(contrasts: list[_Contrast], device: torch.device, n_items: int) -
 
     At most 1 GiB of working memory on the CPU (shared hosts); on CUDA
     capped so that progress and checkpoints come during the run
-    (:func:`gpuconn.backend.cuda_chunk_cap`; the spatial kernels size their
+    (:func:`gpuconn.core.backend.cuda_chunk_cap`; the spatial kernels size their
     own launches). The permutation engine plans with it, and so does each
     Dask worker for its own device.
 
@@ -589,7 +590,7 @@ class ChunkMerger:
         return PermutationTestResult(results, prepared.scheme, str(prepared.device), prepared.chunk, seconds)
 
 
-def _run_loop(
+def run_chunk_loop(
     prepared: PreparedTest,
     progress: bool,
     *,
@@ -600,7 +601,7 @@ def _run_loop(
     """Evaluate rearrangements ``done..n_perm-1`` chunk after chunk into ``merger``.
 
     ``merger``/``done`` continue a run whose first ``done`` rearrangements
-    are merged already (:mod:`gpuconn.checkpoint`); ``on_chunk(merger,
+    are merged already (:mod:`gpuconn.stats.checkpoint`); ``on_chunk(merger,
     stop)`` is called after each chunk is merged.
     """
     merger = ChunkMerger(prepared) if merger is None else merger
@@ -616,21 +617,17 @@ def _run_loop(
     return merger.result(time.perf_counter() - began)
 
 
-def _host(values: torch.Tensor | np.ndarray | int) -> np.ndarray:
-    return to_numpy(values) if torch.is_tensor(values) else np.asarray(values)
-
-
 def _summarise(c: _Contrast, n_perm: int, observed: dict, counts: dict, maxima: dict) -> ContrastResult:
-    stat = _host(observed[c.name])
+    stat = to_host(observed[c.name])
     null_max = maxima[(c.name, "vox")]
-    p_unc = _host(counts[(c.name, "vox")]).astype(np.float64) / n_perm
+    p_unc = to_host(counts[(c.name, "vox")]).astype(np.float64) / n_perm
     dof = c.model.dof
     z = t_to_z(stat, dof) if c.kind == "t" else f_to_z(stat, c.model.rank, dof)
     spatial = {}
     for key, transform in c.transforms.items():
-        mapped = _host(observed[(c.name, key)])
+        mapped = to_host(observed[(c.name, key)])
         key_max = maxima[(c.name, key)]
-        key_unc = _host(counts[(c.name, key)]).astype(np.float64) / n_perm
+        key_unc = to_host(counts[(c.name, key)]).astype(np.float64) / n_perm
         spatial[key] = MapResult(mapped, _fwe_p(key_max, mapped), key_unc, key_max,
                                  dict(getattr(transform, "settings", {})))
     return ContrastResult(
@@ -743,7 +740,7 @@ def write_outputs(
     return written
 
 
-def _analysis_mask(img: Any, input_path: str | os.PathLike, mask_path: str | os.PathLike | None) -> np.ndarray:
+def analysis_mask(img: Any, input_path: str | os.PathLike, mask_path: str | os.PathLike | None) -> np.ndarray:
     """The ``-m`` mask on the input's grid; without one, voxels finite in every volume and non-zero in some."""
     if mask_path is not None:
         return load_mask(mask_path, reference=img, reference_path=input_path, what="mask (-m)")[0]
@@ -804,7 +801,7 @@ def randomise(
         ``(x, y, z)`` (to build neighbourhoods) and returns the mapping.
     progress : bool, default True
     runner : callable, optional
-        As in :func:`run_permutation_test` (Dask: :func:`gpuconn.distributed.dask_runner`).
+        As in :func:`run_permutation_test` (Dask: :func:`gpuconn.stats.dask_runner.dask_runner`).
 
     Returns
     -------
@@ -821,7 +818,7 @@ def randomise(
             raise InputError("give a design and contrasts (-d design.mat -t design.con), or -1 for a one-sample test")
         design = load_design(design_path, contrast_path, ftest_path, groups_path, n_obs=n_obs,
                              data_source=str(input_path))
-    mask = _analysis_mask(img, input_path, mask_path)
+    mask = analysis_mask(img, input_path, mask_path)
     data = masked_data(img, mask, path=input_path)
     spatial = spatial(mask) if callable(spatial) else spatial
     spatial_f = spatial_f(mask) if callable(spatial_f) else spatial_f

@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from ..errors import InputError
-from ..io import check_same_grid, load_image, load_mask, read_tsv, save_image, write_tsv
+from ..core.errors import InputError
+from ..core.io import check_same_grid, load_image, load_mask, read_tsv, save_image, write_tsv
 from .clusters import label_maps
 
 __all__ = ["ClusterTable", "cluster_table", "local_maxima", "read_atlas_labels", "write_cluster_table"]

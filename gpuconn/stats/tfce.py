@@ -70,10 +70,11 @@ import torch
 import warnings
 from dataclasses import dataclass, replace
 
-from ..backend import chunk_size, cupy_launch, kernel_problem, load_kernel, map_launch, to_cupy, to_numpy
-from ..errors import InputError
-from .glm import f_to_z
-from .clusters import _as_batch, _njit, _warn_no_numba, cluster_transform, connectivity_offsets, neighbour_table, prange
+from ..core.backend import chunk_size, cupy_launch, kernel_problem, load_kernel, map_launch, to_cupy, to_numpy
+from ..core.errors import InputError
+from .clusters import as_batch, connectivity_offsets, neighbour_table
+from .numba_compat import njit, prange, warn_no_numba
+from .zstat import f_to_z
 
 __all__ = [
     "TFCE_DEFAULTS",
@@ -82,7 +83,8 @@ __all__ = [
     "tfce",
     "tfce_thresholds",
     "tfce_transform",
-    "spatial_transforms",
+    "check_tfce_params",
+    "check_tfce_step",
 ]
 
 #: randomise ``-T`` defaults.
@@ -95,7 +97,7 @@ _MAX_STEPS = 100_000  # a dh this small is almost surely a unit mistake
 _CUDA_BYTES_PER_VOXEL = 96
 
 
-@_njit
+@njit
 def _find_offset(parent, acc, v):
     """Root of ``v``; path halving that keeps ``acc`` sums along the path."""
     while True:
@@ -109,7 +111,7 @@ def _find_offset(parent, acc, v):
         v = g
 
 
-@_njit
+@njit
 def _sweep(order, meas, table, power, out_row):
     """Add voxels in ``order`` (decreasing value) and write their TFCE to ``out_row`` (others untouched).
 
@@ -159,7 +161,7 @@ def _sweep(order, meas, table, power, out_row):
         out_row[order[i]] = total
 
 
-@_njit(parallel=True)
+@njit(parallel=True)
 def _tfce_stepped_batch(values, table, thresholds, scales, H, power, out):
     """Stepped TFCE; ``thresholds`` (n_maps, n_thr) ascending, padded with +inf; map ``m``'s steps times ``scales[m]``."""
     n_maps, n_vox = values.shape
@@ -197,7 +199,7 @@ def _tfce_stepped_batch(values, table, thresholds, scales, H, power, out):
         _sweep(order, meas, table, power, out[m])
 
 
-@_njit(parallel=True)
+@njit(parallel=True)
 def _tfce_exact_batch(values, orders, n_pos, table, H, power, out):
     """Exact TFCE integral, M(h) = h^(H+1) / (H+1); ``orders[m, :n_pos[m]]`` are the positive voxels, decreasing."""
     for m in prange(values.shape[0]):
@@ -262,7 +264,8 @@ def tfce_thresholds(maxima: np.ndarray, dh: float | None = None) -> np.ndarray:
     return out
 
 
-def _check_params(H: float, E: float, method: str) -> None:
+def check_tfce_params(H: float, E: float, method: str) -> None:
+    """Raise InputError unless ``method`` is known and ``H``, ``E`` are positive."""
     if method not in _METHODS:
         raise InputError(f"TFCE method must be one of {', '.join(_METHODS)} (got {method!r})")
     if not (H > 0 and E > 0):
@@ -314,7 +317,7 @@ def _tfce_host(values: torch.Tensor, table: np.ndarray, power: np.ndarray, *, H:
     re-implementation would need one labelling per step and sum in another
     order).
     """
-    _warn_no_numba("TFCE")
+    warn_no_numba("TFCE")
     data = np.ascontiguousarray(to_numpy(values), dtype=np.float32)
     out = np.zeros(data.shape, dtype=np.float32)
     if method == "exact":
@@ -403,16 +406,17 @@ def tfce(
     and bins the voxels on the device and ``kernels/tfce.cu`` (CuPy) runs
     the same sweep, one thread per map.
     """
-    tensor = _as_batch(values, int(np.count_nonzero(mask)), "values")
+    tensor = as_batch(values, int(np.count_nonzero(mask)), "values")
     if not bool(torch.isfinite(tensor).all()):
         raise InputError("TFCE input has NaN or Inf values; mask them out first")
-    _check_params(H, E, method)
-    _check_step(dh, method)
+    check_tfce_params(H, E, method)
+    check_tfce_step(dh, method)
     table = neighbour_table(mask, connectivity=connectivity)
     return _tfce_table(tensor, table, H=H, E=E, dh=dh, method=method)
 
 
-def _check_step(dh: float | None, method: str) -> None:
+def check_tfce_step(dh: float | None, method: str) -> None:
+    """Raise InputError unless ``dh`` is None, or a positive step of the stepped method (``--tfce-dh``)."""
     if dh is None:
         return
     if not dh > 0:
@@ -523,60 +527,7 @@ def tfce_transform(
         ``f(stats)`` with ``stats`` a finite Tensor (n_perm_chunk, n_voxels)
         returns a float32 Tensor of the same shape and device.
     """
-    _check_params(H, E, method)
-    _check_step(dh, method)
+    check_tfce_params(H, E, method)
+    check_tfce_step(dh, method)
     return TfceTransform(neighbour_table(mask, connectivity=connectivity), float(H), float(E), int(connectivity), dh,
                          method)
-
-
-def spatial_transforms(
-    *,
-    tfce_params: dict | None = None,
-    method: str = "stepped",
-    cluster_extent: float | None = None,
-    cluster_mass: float | None = None,
-    cluster_connectivity: int = 26,
-) -> Callable[[np.ndarray], dict[str, Callable[[torch.Tensor], torch.Tensor]]] | None:
-    """The spatial statistics of a randomise run, as a mask → transforms factory.
-
-    Parameters
-    ----------
-    tfce_params : dict, optional
-        ``{'H', 'E', 'connectivity'}`` and optionally ``'dh'`` for TFCE
-        (randomise ``-T``/``--T2``); None: no TFCE. Without ``dh`` the step
-        is randomise's: the unpermuted map's maximum / 100, for every
-        rearrangement (F tests: of the z map, as randomise).
-    method : {'stepped', 'palm', 'exact'}
-    cluster_extent, cluster_mass : float, optional
-        Cluster-forming thresholds (randomise ``-c``/``-C``, or ``-F``/``-S``
-        for F tests).
-    cluster_connectivity : {6, 18, 26}, default 26
-        As FSL ``cluster``.
-
-    Returns
-    -------
-    callable or None
-        ``factory(mask)`` returning ``{'tfce': ..., 'clustere': ...,
-        'clusterm': ...}`` (the requested ones), which the permutation
-        engine writes as ``<root>_<name>_corrp_<stat>``; None when nothing
-        is requested.
-    """
-    if tfce_params is None and cluster_extent is None and cluster_mass is None:
-        return None
-    if tfce_params is not None:
-        _check_params(tfce_params["H"], tfce_params["E"], method)
-        connectivity_offsets(tfce_params["connectivity"])  # validate before any input is read
-        _check_step(tfce_params.get("dh"), method)
-    connectivity_offsets(cluster_connectivity)
-
-    def factory(mask: np.ndarray) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-        out = {}
-        if tfce_params is not None:
-            out["tfce"] = tfce_transform(mask, method=method, **tfce_params)
-        if cluster_extent is not None:
-            out["clustere"] = cluster_transform(mask, cluster_extent, kind="extent", connectivity=cluster_connectivity)
-        if cluster_mass is not None:
-            out["clusterm"] = cluster_transform(mask, cluster_mass, kind="mass", connectivity=cluster_connectivity)
-        return out
-
-    return factory

@@ -46,6 +46,7 @@ batch of runs is held in memory at a time.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -60,12 +61,16 @@ import pandas as pd
 import torch
 from scipy import linalg
 
+from ..core.backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
+from ..core.bids import DEFAULT_SPACE, find_runs
+from ..core.errors import InputError
+from ..core.io import (
+    check_same_grid, load_header, load_image, load_mask, masked_data, read_tsv, save_image, split_ext, write_tsv,
+)
+from ..core.prefetch import items_ahead, prefetch
+from ..core.tasks import map_tasks
 from . import confounds as cf
-from .backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
-from .errors import InputError
-from .io import check_same_grid, load_header, load_image, load_mask, masked_data, read_tsv, save_image, split_ext, write_tsv
 from .physio import PHYSIO_COLUMNS, physio_confounds, physio_regressors
-from .prefetch import items_ahead, prefetch
 
 __all__ = [
     "DenoiseOptions",
@@ -194,7 +199,7 @@ class RunFiles:
 
     @classmethod
     def from_run(cls, run, **overrides) -> "RunFiles":
-        """From a :class:`gpuconn.bids.Run`, fields in ``overrides`` replacing the run's (no mask is an error)."""
+        """From a :class:`gpuconn.core.bids.Run`, fields in ``overrides`` replacing the run's (no mask is an error)."""
         fields = dict(bold=run.bold, mask=run.mask, confounds=run.confounds, physio=run.physio, wm=run.wm, csf=run.csf, label=run.label,
                       motion_par=getattr(run, "motion", None), censor_file=getattr(run, "censor", None))
         fields.update(overrides)
@@ -720,7 +725,7 @@ def collect_runs(
     derivatives, out_dir : path-like
     participant_label : sequence of str, optional
     space : str, optional
-        Default :data:`gpuconn.bids.DEFAULT_SPACE`.
+        Default :data:`gpuconn.core.bids.DEFAULT_SPACE`.
     **overrides
         :class:`RunFiles` fields (``mask``, ``wm``, ``csf``) that replace
         every run's own, e.g. a template mask where runs have none.
@@ -730,8 +735,6 @@ def collect_runs(
     files : list of RunFiles
     out_dirs : list of Path
     """
-    from .bids import DEFAULT_SPACE, find_runs
-
     runs = find_runs(derivatives, participant_label=participant_label, space=space or DEFAULT_SPACE)
     files = [RunFiles.from_run(run, **overrides) for run in runs]
     out_dirs = [Path(out_dir) / run.bold.parent.relative_to(Path(derivatives)) for run in runs]
@@ -775,14 +778,19 @@ def denoise_runs(
     batch_size: int = 1,
     on_run: Callable[[int], None] | None = None,
     read_ahead: int = 1,
+    client=None,
+    progress: bool = False,
 ) -> Iterator[dict[str, Path]]:
     """Denoise runs, streaming ``batch_size`` runs at a time; write NIfTI, design TSV, JSON.
 
     Each batch is fully validated before any of its outputs is written.
     While a batch is cleaned on the device, the next ``read_ahead`` batches
-    are read and prepared on threads (:func:`gpuconn.prefetch.prefetch`;
+    are read and prepared on threads (:func:`gpuconn.core.prefetch.prefetch`;
     fewer when they would take over a quarter of the host's available
-    memory); the outputs are identical to a serial run.
+    memory); the outputs are identical to a serial run. With ``client``,
+    each batch is one Dask task that denoises and writes its runs on a
+    worker (the same batches as in one process, so the same outputs); the
+    paths come once every task has finished.
 
     Parameters
     ----------
@@ -796,12 +804,26 @@ def denoise_runs(
         Called with the number of runs finished (progress).
     read_ahead : int, default 1
         Batches prepared ahead; 0 reads serially.
+    client : distributed.Client, optional
+        Run the batches as Dask tasks (:func:`gpuconn.core.tasks.map_tasks`);
+        ``device`` is resolved on each worker.
+    progress : bool, default False
+        With ``client``: a progress bar over the finished tasks.
 
     Yields
     ------
     dict
         The output paths of each run (see :func:`output_paths`).
     """
+    if client is not None:
+        pairs = [(f, Path(d)) for f, d in zip(files, out_dirs, strict=True)]
+        batches = [pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size)]
+        task = functools.partial(_denoise_batch, options=options, device=str(device))
+        for paths in map_tasks(client, task, batches, description="denoise", progress=progress):
+            yield from paths
+            if on_run is not None:
+                on_run(len(paths))
+        return
     device = resolve_device(device)
     starts = range(0, len(files), batch_size)
     if read_ahead > 0 and len(starts) > 1:  # a batch of 4D float32 images, held twice while prepared
@@ -820,3 +842,11 @@ def denoise_runs(
         if on_run is not None:
             on_run(len(batch))
         del batch, cleaned
+
+
+def _denoise_batch(
+    batch: Sequence[tuple[RunFiles, Path]], options: DenoiseOptions, device: str
+) -> list[dict[str, Path]]:
+    """One Dask task: :func:`denoise_runs` on one batch of runs, written on the worker."""
+    files, out_dirs = zip(*batch)
+    return list(denoise_runs(files, out_dirs, options, device=device, batch_size=len(files)))

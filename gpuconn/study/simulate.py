@@ -42,11 +42,11 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from . import io
-from .bids import DEFAULT_SPACE
-from .confounds import MOTION_COLUMNS, framewise_displacement
-from .errors import InputError
-from .physio import cardiac_response, respiration_response
+from ..core import io
+from ..core.bids import DEFAULT_SPACE
+from ..core.errors import InputError
+from ..subject.confounds import MOTION_COLUMNS, framewise_displacement
+from ..subject.physio import cardiac_response, respiration_response
 
 __all__ = ["NETWORKS", "SEEDS", "EFFECTS", "StudySummary", "make_grid", "simulate_study"]
 

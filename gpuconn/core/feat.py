@@ -10,13 +10,13 @@ gpuconn reads the data in standard space, as FSL's ``featregapply`` would
 write them to ``reg_standard/``:
 
 * the FEAT folder itself, or ``<feat>/reg_standard/filtered_func_data.nii.gz``,
-  opens (through :func:`gpuconn.io.load_header`) as the 4D series on the
+  opens (:func:`gpuconn.core.io.load_header` calls :func:`open_standard_view`) as the 4D series on the
   ``reg/standard`` grid;
 * ``<feat>/reg_standard/mask.nii.gz`` opens as the brain mask on that grid.
 
 When such a ``reg_standard`` file exists on disk (``featregapply`` was run)
 it is read as it is. Otherwise every volume is resampled with
-:mod:`gpuconn.resample`: through ``example_func2standard_warp`` when
+:mod:`gpuconn.core.resample`: through ``example_func2standard_warp`` when
 present, else ``example_func2standard.mat`` (FLIRT convention), trilinear,
 batched on the device (``auto``: CUDA when torch sees one), which is what
 ``applywarp --ref=standard --in=filtered_func_data --warp=...`` (or
@@ -45,7 +45,6 @@ __all__ = [
     "is_standard_view",
     "feat_run",
     "feat_runs",
-    "motion_sources",
     "study_runs",
     "open_standard_view",
 ]
@@ -141,26 +140,8 @@ def feat_runs(patterns: list[str | os.PathLike], *, registration: bool = True) -
     return runs
 
 
-def motion_sources(runs: list[FeatRun]) -> list[tuple[dict, np.ndarray]]:
-    """MCFLIRT motion of each FEAT run, as :func:`gpuconn.qc.motion_sources` returns it (``source``: the folder name).
-
-    Raises
-    ------
-    InputError
-        A run without ``mc/prefiltered_func_data_mcf.par``.
-    """
-    from .confounds import load_motion
-
-    out = []
-    for run in runs:
-        if run.motion_par is None:
-            raise InputError(f"FEAT folder {run.folder} has no mc/prefiltered_func_data_mcf.par; qc needs the motion")
-        out.append(({"source": run.folder.name}, load_motion(motion_par=run.motion_par)))
-    return out
-
-
 def study_runs(pattern: str) -> list:
-    """The FEAT folders of a study file's ``inputs.feat`` glob, as :class:`gpuconn.bids.Run` objects.
+    """The FEAT folders of a study file's ``inputs.feat`` glob, as :class:`gpuconn.core.bids.Run` objects.
 
     Subject and session come from ``sub-``/``ses-`` entities in the folder's
     path (the folder label when there is no ``sub-``); ``bold`` is the
@@ -230,10 +211,10 @@ class _ResampledProxy:
         self.shape, self.ndim = shape, len(shape)
 
     def __array__(self, dtype=None, copy=None):
-        from .io import load_image
+        from .nifti import load_nifti
         from .resample import resample_mask, resample_volumes
 
-        img = load_image(self._source, ndim=3 if self._is_mask else 4, what="FEAT mask" if self._is_mask else "FEAT data")
+        img = load_nifti(self._source, ndim=3 if self._is_mask else 4, what="FEAT mask" if self._is_mask else "FEAT data")
         data = np.asarray(img.dataobj, dtype=np.float32)
         source_voxels = self._transform(img)
         if self._is_mask:
@@ -273,7 +254,7 @@ def open_standard_view(path: str | os.PathLike, *, what: str = "image", device: 
     InputError
         As :func:`feat_run`, or an unreadable transform or source image.
     """
-    from .io import load_header
+    from .nifti import nifti_header
     from .resample import flirt_source_voxels, read_flirt_matrix, read_warp, warp_source_voxels
 
     path = Path(path)
@@ -281,9 +262,9 @@ def open_standard_view(path: str | os.PathLike, *, what: str = "image", device: 
     is_mask = not is_feat_dir(path) and path.name.startswith("mask")
     run = feat_run(folder)
     standard_path, warp_path, mat_path = _registration(run.folder)
-    standard = load_header(standard_path, what="FEAT standard image")
+    standard = nifti_header(standard_path, what="FEAT standard image")
     source_path = _find(run.folder, "mask" if is_mask else "filtered_func_data")
-    source = load_header(source_path, ndim=3 if is_mask else 4, what=what)
+    source = nifti_header(source_path, ndim=3 if is_mask else 4, what=what)
     if warp_path is not None:
         field = read_warp(warp_path, standard)
 

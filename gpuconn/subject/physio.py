@@ -48,8 +48,8 @@ import numpy as np
 import pandas as pd
 from scipy import signal as sps
 
-from .errors import InputError
-from .io import sidecar_path
+from ..core.errors import InputError
+from ..core.io import sidecar_path
 
 __all__ = [
     "cardiac_response",

@@ -15,7 +15,7 @@ anterior insula:
   within each model, map and test.
 
 The array-level functions return plain dicts; :func:`roi_tests` turns a tidy
-ROI table (:func:`gpuconn.roi.extract_roi_values`) and the study's models
+ROI table (:func:`gpuconn.maps.roi.extract_roi_values`) and the study's models
 into one tidy results table (:data:`RESULT_COLUMNS`).
 
 See Also
@@ -34,8 +34,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .errors import InputError
-from .stats.fdr import fdr_adjust
+from ..core.errors import InputError
+from ..stats.fdr import fdr_adjust
 
 __all__ = [
     "RESULT_COLUMNS",
@@ -244,7 +244,7 @@ def roi_tests(values: pd.DataFrame, models: Sequence[dict], *, roi_settings: dic
     ----------
     values : pandas.DataFrame
         Columns ``subject``, ``session``, ``map``, ``roi``, ``value``
-        (:func:`gpuconn.roi.extract_roi_values`); subjects with or without
+        (:func:`gpuconn.maps.roi.extract_roi_values`); subjects with or without
         ``sub-``.
     models : sequence of dict
         One per group model: ``name``, ``kind`` ('two-sample', 'paired',

@@ -30,12 +30,12 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from . import __version__
+from .. import __version__
 from . import afni, feat
+from .nifti import NIFTI_SUFFIXES, check_rank, nifti_header, read_data
 from .errors import GpuconnError, InputError
 
 __all__ = [
-    "NIFTI_SUFFIXES",
     "split_ext",
     "sidecar_path",
     "load_header",
@@ -57,7 +57,6 @@ __all__ = [
     "command_line",
 ]
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _AFFINE_ATOL = 1e-3  # mm; header round-off in float32 qform/sform
 
 
@@ -89,10 +88,10 @@ def load_header(path: str | os.PathLike, *, ndim: int | None = None, what: str =
     ----------
     path : path-like
         ``.nii`` or ``.nii.gz`` file, or an AFNI dataset (``x+tlrc``,
-        ``x+tlrc.HEAD``, ``.BRIK``, ``.BRIK.gz``; see :mod:`gpuconn.afni`),
+        ``x+tlrc.HEAD``, ``.BRIK``, ``.BRIK.gz``; see :mod:`gpuconn.core.afni`),
         or a first-level ``.feat`` folder (its ``filtered_func_data``) or
         ``<feat>/reg_standard/mask.nii.gz``, in standard space (see
-        :mod:`gpuconn.feat`).
+        :mod:`gpuconn.core.feat`).
     ndim : {3, 4}, optional
         Required dimensionality. A 4D image with one volume passes as 3D
         (and keeps its 4D shape here).
@@ -115,24 +114,10 @@ def load_header(path: str | os.PathLike, *, ndim: int | None = None, what: str =
     elif feat.is_standard_view(path):  # a .feat folder: its data resampled to reg/standard
         img = feat.open_standard_view(path, what=what)
     else:
-        if not path.exists():
-            raise InputError(f"{what} file not found: {path}")
-        if not str(path).endswith(NIFTI_SUFFIXES):
-            raise InputError(f"{what} {path} is not a NIfTI file (.nii or .nii.gz) or AFNI dataset (+orig/+tlrc .HEAD)")
-        try:
-            img = nib.load(str(path))
-        except Exception as exc:  # nibabel raises many types for corrupt files
-            raise _unreadable(path, what, exc) from exc
+        img = nifti_header(path, what=what, other_formats=" or AFNI dataset (+orig/+tlrc .HEAD)")
     note_input(path, source_format=img.extra.get("source_format"))
-    shape = img.shape
-    if ndim is not None and len(shape) != ndim and not (ndim == 3 and len(shape) == 4 and shape[3] == 1):
-        expected = "a 3D volume" if ndim == 3 else "a 4D series (x, y, z, time)"
-        raise InputError(f"{what} {path} has shape {shape}; expected {expected}")
+    check_rank(img, path, ndim, what)
     return img
-
-
-def _unreadable(path: Path, what: str, exc: Exception) -> InputError:
-    return InputError(f"cannot read {what} {path}: {type(exc).__name__}: {exc}; is the file complete?")
 
 
 def load_image(path: str | os.PathLike, *, ndim: int | None = None, what: str = "image") -> nib.Nifti1Image:
@@ -157,14 +142,7 @@ def load_image(path: str | os.PathLike, *, ndim: int | None = None, what: str = 
     InputError
         Missing, unreadable or truncated file, or wrong dimensionality.
     """
-    img = load_header(path, ndim=ndim, what=what)
-    try:
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:  # nibabel raises many types for corrupt files
-        raise _unreadable(Path(path), what, exc) from exc
-    if ndim == 3 and data.ndim == 4:
-        data = data[..., 0]
-    return nib.Nifti1Image(data, img.affine, img.header, extra=img.extra)
+    return read_data(load_header(path, ndim=ndim, what=what), path, ndim=ndim, what=what)
 
 
 def check_same_grid(
@@ -626,7 +604,7 @@ def read_tsv(path: str | os.PathLike, *, what: str = "table") -> pd.DataFrame:
     """Read a BIDS-style TSV (``n/a`` as missing) with a clear error when absent or malformed.
 
     An AFNI ``.1D`` file (e.g. extra regressors) is read as a table with
-    :func:`gpuconn.afni.read_1d_table` (columns ``col0``, ``col1``... or
+    :func:`gpuconn.core.afni.read_1d_table` (columns ``col0``, ``col1``... or
     the ``ColumnLabels`` of an ``X.xmat.1D``).
     """
     if afni.is_1d(path):

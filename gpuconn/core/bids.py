@@ -3,7 +3,8 @@
 A run is one preprocessed BOLD series in MNI space with the files fMRIPrep
 writes beside it: brain mask, confounds TSV, and (from the raw dataset, or
 beside the BOLD as the simulator writes them) physiological recordings, plus
-the subject's WM/CSF probability maps in the same space.
+the subject's WM/CSF probability maps in the same space. afni_proc.py
+``<subj>.results`` folders are found as runs too (:func:`find_results_runs`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["Run", "find_runs", "DEFAULT_SPACE"]
+__all__ = ["Run", "find_runs", "DEFAULT_SPACE", "is_results_layout", "find_results_runs"]
 
 DEFAULT_SPACE = "MNI152NLin2009cAsym"
 _ENTITY = re.compile(r"(?P<key>[a-z]+)-(?P<value>[a-zA-Z0-9]+)")
@@ -97,7 +98,7 @@ def find_runs(
     root : path-like
         fMRIPrep-style derivatives folder (``sub-*/[ses-*/]func/...``), or
         afni_proc.py ``*.results`` folders (see
-        :func:`gpuconn.afni.find_results_runs`; ``space`` is not used).
+        :func:`find_results_runs`; ``space`` is not used).
     participant_label : sequence of str, optional
         Subjects to keep (with or without ``sub-``); empty or None keeps all.
     space : str, default 'MNI152NLin2009cAsym'
@@ -119,10 +120,8 @@ def find_runs(
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"derivatives folder not found: {root}")
-    from . import afni
-
-    if afni.is_results_layout(root):  # afni_proc.py *.results folders
-        return afni.find_results_runs(root, participant_label=participant_label, desc=desc)
+    if is_results_layout(root):  # afni_proc.py *.results folders
+        return find_results_runs(root, participant_label=participant_label, desc=desc)
     wanted = {label.removeprefix("sub-") for label in participant_label} if participant_label else None
     runs = []
     for bold in sorted(root.glob(f"sub-*/**/func/*_space-{space}*_desc-{desc}_bold.nii*")):
@@ -155,3 +154,94 @@ def find_runs(
             "is this a fMRIPrep derivatives folder?"
         )
     return sorted(runs, key=lambda r: (r.subject, r.session or "", r.bold.name))
+
+
+# afni_proc.py results folders (<subj>.results): the runs AFNI's pipeline leaves.
+_RESULTS = ".results"
+
+
+def _results_folders(root: Path) -> list[Path]:
+    if root.name.endswith(_RESULTS) and root.is_dir():
+        return [root]
+    found: list[Path] = []
+    for pattern in (f"*{_RESULTS}", f"*/*{_RESULTS}", f"*/*/*{_RESULTS}"):
+        found += [p for p in root.glob(pattern) if p.is_dir()]
+    return sorted(found)
+
+
+def is_results_layout(root: str | os.PathLike) -> bool:
+    """Whether ``root`` is an afni_proc.py ``*.results`` folder or holds some (up to two levels down)."""
+    root = Path(root)
+    return root.is_dir() and bool(_results_folders(root))
+
+
+def _dataset(folder: Path, *prefixes: str) -> Path | None:
+    """The first ``<prefix>+tlrc.HEAD`` (then ``+orig``) found, in the order given."""
+    for view in ("tlrc", "orig"):
+        for prefix in prefixes:
+            head = folder / f"{prefix}+{view}.HEAD"
+            if head.exists():
+                return head
+    return None
+
+
+def find_results_runs(
+    root: str | os.PathLike,
+    *,
+    participant_label=None,
+    desc: str = "preproc",
+) -> list:
+    """The runs of afni_proc.py results folders, as :class:`Run` objects.
+
+    Parameters
+    ----------
+    root : path-like
+        A ``<subj>.results`` folder or a folder holding them.
+    participant_label : sequence of str, optional
+        Subjects to keep (with or without ``sub-``).
+    desc : {'preproc', 'denoised'}
+        ``preproc``: ``all_runs`` (to denoise with the motion and censor
+        files); ``denoised``: the residual series ``errts``.
+
+    Returns
+    -------
+    list of Run
+        Subject from the folder name (``sub-`` removed), session from a
+        ``ses-`` entity in the path; ``motion`` and ``censor`` set when the
+        files exist.
+
+    Raises
+    ------
+    InputError
+        An unknown ``desc``, a folder without the series asked for or
+        without a mask, or no folder left.
+    """
+    if desc not in ("preproc", "denoised"):
+        raise InputError(f"afni_proc results have desc 'preproc' (all_runs) or 'denoised' (errts), not {desc!r}")
+    root = Path(root)
+    wanted = {label.removeprefix("sub-") for label in participant_label} if participant_label else None
+    runs = []
+    for folder in _results_folders(root):
+        subj = folder.name[: -len(_RESULTS)]
+        subject = subj.removeprefix("sub-")
+        if wanted is not None and subject not in wanted:
+            continue
+        if desc == "denoised":
+            bold = _dataset(folder, f"errts.{subj}.fanaticor", f"errts.{subj}.tproject", f"errts.{subj}")
+            what = f"errts.{subj}+tlrc (afni_proc's residuals)"
+        else:
+            bold = _dataset(folder, f"all_runs.{subj}")
+            what = f"all_runs.{subj}+tlrc (volume-registered runs); use the residuals with --bold-desc denoised"
+        if bold is None:
+            raise InputError(f"afni_proc folder {folder} has no {what}")
+        mask = _dataset(folder, f"full_mask.{subj}", f"mask_epi_anat.{subj}")
+        if mask is None:
+            raise InputError(f"afni_proc folder {folder} has no full_mask.{subj}+tlrc; give a brain mask with --mask")
+        session = next((part[4:] for part in folder.resolve().parts if part.startswith("ses-")), None)
+        motion, censor = folder / "dfile_rall.1D", folder / f"censor_{subj}_combined_2.1D"
+        runs.append(Run(subject=subject, session=session, bold=bold, mask=mask,
+                        motion=motion if motion.exists() else None, censor=censor if censor.exists() else None))
+    if not runs:
+        which = f" for participant(s) {sorted(wanted)}" if wanted else ""
+        raise InputError(f"no afni_proc.py *.results folder{which} under {root}")
+    return sorted(runs, key=lambda r: (r.subject, r.session or ""))

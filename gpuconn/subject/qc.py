@@ -21,10 +21,13 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from ..core.bids import DEFAULT_SPACE, find_runs
+from ..core.errors import InputError
+from ..core.feat import FeatRun
+from ..core.tasks import map_tasks
 from .confounds import framewise_displacement, load_motion, rms_displacement
-from .errors import InputError
 
-__all__ = ["QC_COLUMNS", "motion_summary", "qc_table", "motion_sources"]
+__all__ = ["QC_COLUMNS", "motion_summary", "qc_table", "motion_sources", "feat_motion_sources"]
 
 #: Columns of :func:`qc_table` after the run identifiers.
 QC_COLUMNS = (
@@ -106,7 +109,7 @@ def qc_table(runs: Iterable[tuple[dict, np.ndarray]], *, client=None, progress: 
         'session': 'pre'}``; ``params`` the run's motion parameters.
     client : distributed.Client, optional
         Compute each run's summary as one Dask task
-        (:func:`gpuconn.distributed.map_tasks`); the same table.
+        (:func:`gpuconn.core.tasks.map_tasks`); the same table.
     progress : bool, default False
         Progress bar over the Dask tasks.
     **thresholds
@@ -122,7 +125,6 @@ def qc_table(runs: Iterable[tuple[dict, np.ndarray]], *, client=None, progress: 
     if client is None:
         summaries = [summary(params) for _, params in runs]
     else:
-        from .distributed import map_tasks
 
         summaries = map_tasks(client, summary, [params for _, params in runs], description="qc", progress=progress)
     return pd.DataFrame([{**ids, **row} for (ids, _), row in zip(runs, summaries, strict=True)])
@@ -151,7 +153,6 @@ def motion_sources(
     InputError
         Neither or both kinds of input, or a run without a confounds TSV.
     """
-    from .bids import DEFAULT_SPACE, find_runs
 
     files = [*motion_par, *confounds]
     if (derivatives is None) == (not files):
@@ -167,3 +168,19 @@ def motion_sources(
         return sources
     out = [({"source": Path(p).name}, load_motion(motion_par=p)) for p in motion_par]
     return out + [({"source": Path(p).name}, load_motion(confounds=p)) for p in confounds]
+
+
+def feat_motion_sources(runs: list[FeatRun]) -> list[tuple[dict, np.ndarray]]:
+    """MCFLIRT motion of each FEAT run, as :func:`motion_sources` returns it (``source``: the folder name).
+
+    Raises
+    ------
+    InputError
+        A run without ``mc/prefiltered_func_data_mcf.par``.
+    """
+    out = []
+    for run in runs:
+        if run.motion_par is None:
+            raise InputError(f"FEAT folder {run.folder} has no mc/prefiltered_func_data_mcf.par; qc needs the motion")
+        out.append(({"source": run.folder.name}, load_motion(motion_par=run.motion_par)))
+    return out

@@ -1,7 +1,7 @@
 """The study report: one self-contained HTML file with embedded figures.
 
 :func:`write_report` reads a study's results folder (as
-:func:`gpuconn.study.run_study` leaves it) and writes ``report.html`` with:
+:func:`gpuconn.study.runner.run_study` leaves it) and writes ``report.html`` with:
 motion QC per run, Table 1, each group model's design matrix, thresholded
 group maps as orthogonal slices through the strongest significant voxel,
 cluster tables, ROI-level tests with bar and scatter plots, the planted
@@ -24,8 +24,10 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from . import io
-from .errors import InputError
+from ..core import io
+from ..core.errors import InputError
+from ..stats.design import read_vest
+from .results import check_planted_effects, map_keys, model_contrasts, significant_voxels
 
 __all__ = ["figure_png", "ortho_slices", "write_report"]
 
@@ -151,9 +153,6 @@ def _design_figure(matrix: np.ndarray, names: list[str], title: str):
 
 
 def _model_section(out: Path, study, model: dict) -> str:
-    from .stats.design import read_vest
-    from .study import map_keys, model_contrasts, significant_voxels
-
     folder = out / "group" / model["name"]
     parts = [f"<h3>{html.escape(model['name'])} ({html.escape(model['kind'])}, {html.escape(model['session'])})</h3>"]
     design_tsv = _read(folder / "design.tsv")
@@ -266,7 +265,6 @@ def _planted_section(study, out: Path) -> str:
     truth_path = study.derivatives / "ground_truth.json"
     if not truth_path.exists():
         return ""
-    from .study import check_planted_effects
 
     checks = check_planted_effects(study, out, json.loads(truth_path.read_text()))
     checks["verdict"] = np.where(checks["found"] == checks["expected"], "as planted",
@@ -279,7 +277,7 @@ def write_report(study, out_dir: str | os.PathLike, path: str | os.PathLike) -> 
 
     Parameters
     ----------
-    study : gpuconn.study.Study
+    study : gpuconn.study.schema.Study
     out_dir : path-like
         The results folder.
     path : path-like

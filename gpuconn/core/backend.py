@@ -11,6 +11,7 @@ CPU-only install never imports it.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import gc
 import importlib.resources
@@ -35,6 +36,7 @@ __all__ = [
     "as_data",
     "as_design",
     "to_numpy",
+    "to_host",
     "require_cupy",
     "to_cupy",
     "from_cupy",
@@ -46,7 +48,10 @@ __all__ = [
     "map_launch",
     "tf32_disabled",
     "free_memory_bytes",
+    "host_available_bytes",
     "set_max_memory",
+    "memory_cap",
+    "max_memory",
     "chunk_size",
     "cuda_chunk_cap",
     "is_out_of_memory",
@@ -90,7 +95,8 @@ def tf32_disabled() -> bool:
 _disable_tf32()
 
 _DEVICE_CHOICES = ("auto", "cpu", "cuda")
-_max_memory: int | None = None
+# The --max-memory cap of the command running in this context (None: no cap).
+_MEMORY_CAP: contextvars.ContextVar[int | None] = contextvars.ContextVar("gpuconn_memory_cap", default=None)
 
 T = TypeVar("T")
 
@@ -158,6 +164,13 @@ def as_design(array: Any, device: torch.device) -> torch.Tensor:
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     """Return a host NumPy copy of a tensor from any device."""
     return tensor.detach().cpu().numpy()
+
+
+def to_host(values: torch.Tensor | np.ndarray | float | None) -> np.ndarray | None:
+    """A host NumPy array of a tensor (any device), an array or a number; None stays None."""
+    if values is None:
+        return None
+    return to_numpy(values) if torch.is_tensor(values) else np.asarray(values)
 
 
 def require_cupy():
@@ -349,7 +362,8 @@ def cupy_launch(device: torch.device) -> Iterator[Any]:
         yield cupy
 
 
-def _host_available_bytes() -> int:
+def host_available_bytes() -> int:
+    """Memory the host can still give (``MemAvailable``), in bytes."""
     try:
         with open("/proc/meminfo") as handle:
             for line in handle:
@@ -360,22 +374,51 @@ def _host_available_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
+def _check_cap(n_bytes: int | None) -> int | None:
+    if n_bytes is not None and n_bytes <= 0:
+        raise GpuconnError(f"--max-memory must be positive, got {n_bytes} bytes")
+    return n_bytes
+
+
 def set_max_memory(n_bytes: int | None) -> None:
-    """Cap the memory gpuconn plans to use on any device (``--max-memory``).
+    """Cap the memory gpuconn plans to use on any device (``--max-memory``), in the current context.
+
+    The cap is a :mod:`contextvars` variable: it holds for this thread (or
+    asyncio task) and the contexts copied from it, not for other threads or
+    Dask workers. For one block of work use :func:`memory_cap`, which also
+    restores the previous value.
 
     Parameters
     ----------
     n_bytes : int or None
         The cap in bytes; None removes it.
     """
-    global _max_memory
-    if n_bytes is not None and n_bytes <= 0:
-        raise GpuconnError(f"--max-memory must be positive, got {n_bytes} bytes")
-    _max_memory = n_bytes
+    _MEMORY_CAP.set(_check_cap(n_bytes))
+
+
+@contextlib.contextmanager
+def memory_cap(n_bytes: int | None) -> Iterator[None]:
+    """Cap the memory gpuconn plans to use while the block runs (None: no cap); the previous cap returns after it.
+
+    Raises
+    ------
+    GpuconnError
+        ``n_bytes`` not positive.
+    """
+    token = _MEMORY_CAP.set(_check_cap(n_bytes))
+    try:
+        yield
+    finally:
+        _MEMORY_CAP.reset(token)
+
+
+def max_memory() -> int | None:
+    """The memory cap in bytes of the current context (:func:`memory_cap`), or None."""
+    return _MEMORY_CAP.get()
 
 
 def free_memory_bytes(device: torch.device) -> int:
-    """Memory available for new work on ``device``, capped by :func:`set_max_memory`.
+    """Memory available for new work on ``device``, capped by :func:`memory_cap`.
 
     On CUDA this is ``torch.cuda.mem_get_info`` (free bytes) plus what
     torch's caching allocator holds reserved but unallocated (free for torch,
@@ -385,8 +428,9 @@ def free_memory_bytes(device: torch.device) -> int:
         free, _total = torch.cuda.mem_get_info(device)
         free += max(0, torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     else:
-        free = _host_available_bytes()
-    return free if _max_memory is None else min(free, _max_memory)
+        free = host_available_bytes()
+    cap = _MEMORY_CAP.get()
+    return free if cap is None else min(free, cap)
 
 
 def chunk_size(

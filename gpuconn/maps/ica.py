@@ -41,10 +41,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
-from .dualreg import check_subjects, common_mask, iter_series, matrix_text
-from .errors import InputError
-from .io import (
+from ..core.backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
+from ..core.errors import InputError
+from ..core.io import (
     check_same_grid,
     load_header,
     load_image,
@@ -57,7 +56,8 @@ from .io import (
     write_text,
     write_tsv,
 )
-from .progress import progress_bar
+from ..core.progress import progress_bar
+from .series import check_subjects, common_mask, iter_series, matrix_text
 
 __all__ = [
     "variance_normalise",

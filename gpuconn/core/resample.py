@@ -155,9 +155,9 @@ def read_warp(path: str | os.PathLike, reference: nib.Nifti1Image | None = None)
         Missing file, a coefficient file, a wrong shape or a grid other than
         the reference's.
     """
-    from .io import load_header
+    from .nifti import nifti_header
 
-    img = load_header(path, ndim=4, what="warp field")
+    img = nifti_header(path, ndim=4, what="warp field")
     code = int(img.header["intent_code"])
     if code in _COEFFICIENT_CODES:
         raise InputError(

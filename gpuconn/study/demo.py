@@ -1,10 +1,10 @@
 """The demo: simulate a study with planted effects, run the bundled study file on it, check the findings.
 
-:func:`run_demo` writes ``OUT/data`` (:func:`gpuconn.simulate.simulate_study`;
+:func:`run_demo` writes ``OUT/data`` (:func:`gpuconn.study.simulate.simulate_study`;
 kept when a previous demo wrote the same study), ``OUT/study.toml`` (the
 bundled ``demo_study.toml``), runs it into ``OUT/results``
-(:func:`gpuconn.study.run_study`, which skips up-to-date steps) and compares
-the results with ``ground_truth.json`` (:func:`gpuconn.study.check_planted_effects`).
+(:func:`gpuconn.study.runner.run_study`, which skips up-to-date steps) and compares
+the results with ``ground_truth.json`` (:func:`gpuconn.study.results.check_planted_effects`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import io
-from .errors import InputError
-from .study import StepRecord, check_planted_effects, load_study, run_study, template_text
+from ..core import io
+from ..core.errors import InputError
+from ..core.progress import progress_bar
+from .results import check_planted_effects
+from .runner import StepRecord, run_study
+from .schema import load_study, template_text
+from .simulate import simulate_study
 
 __all__ = ["DemoResult", "run_demo", "effect_lines"]
 
@@ -100,13 +104,13 @@ def run_demo(
     out : path-like
         Demo folder (``data/``, ``study.toml``, ``results/``).
     n_patients, n_controls, n_volumes, voxel_size, seed
-        Passed to :func:`gpuconn.simulate.simulate_study`.
+        Passed to :func:`gpuconn.study.simulate.simulate_study`.
     n_perm : int, optional
         Replaces the study file's ``[inference] n_perm``.
     device : str
     progress : bool
     on_step, on_start : callable, optional
-        Passed to :func:`gpuconn.study.run_study`.
+        Passed to :func:`gpuconn.study.runner.run_study`.
     console : rich.console.Console, optional
         Where to say what is happening.
 
@@ -114,8 +118,6 @@ def run_demo(
     -------
     DemoResult
     """
-    from .progress import progress_bar
-    from .simulate import simulate_study
 
     out = Path(out)
     data = out / "data"

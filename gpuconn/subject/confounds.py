@@ -45,10 +45,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import afni
-from .backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
-from .errors import InputError
-from .io import note_input, read_tsv
+from ..core import afni
+from ..core.backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
+from ..core.errors import InputError
+from ..core.io import note_input, read_tsv
 
 __all__ = [
     "MOTION_COLUMNS",
@@ -85,7 +85,7 @@ def read_motion_par(path: str | os.PathLike) -> np.ndarray:
     path : path-like
         Whitespace-separated, 6 columns: rx ry rz (radians) tx ty tz (mm).
         An AFNI ``dfile_rall.1D``/``motion_*.1D`` (roll pitch yaw in degrees,
-        dS dL dP in mm) goes through :func:`gpuconn.afni.read_motion_1d`.
+        dS dL dP in mm) goes through :func:`gpuconn.core.afni.read_motion_1d`.
 
     Returns
     -------
@@ -112,7 +112,7 @@ def read_matrix(path: str | os.PathLike, *, what: str = "confound matrix") -> np
 
     Columns may be separated by tabs or spaces; a header row of names is
     skipped when present. AFNI ``.1D`` files (``#`` comments, ``[cols]``
-    and ``{rows}`` selectors) are read with :func:`gpuconn.afni.read_1d`.
+    and ``{rows}`` selectors) are read with :func:`gpuconn.core.afni.read_1d`.
 
     Returns
     -------

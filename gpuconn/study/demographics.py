@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .errors import InputError
+from ..core.errors import InputError
 
 __all__ = ["TABLE_ONE_COLUMNS", "table_one"]
 

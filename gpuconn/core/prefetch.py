@@ -45,9 +45,9 @@ def items_ahead(item_bytes: int, wanted: int, *, available: int | None = None, f
         ``min(wanted, fraction * available // item_bytes)``, at least 0.
     """
     if available is None:
-        from .backend import _host_available_bytes
+        from .backend import host_available_bytes
 
-        available = _host_available_bytes()
+        available = host_available_bytes()
     if item_bytes <= 0:
         return max(0, wanted)
     return max(0, min(int(wanted), int(available * fraction) // int(item_bytes)))

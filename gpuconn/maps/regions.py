@@ -1,14 +1,10 @@
-"""Seed regions and seed-to-voxel connectivity maps.
+"""Seed and ROI regions: spheres at MNI coordinates, masks and atlas labels.
 
 A seed (or ROI) is a :class:`Region`: one or more spheres at world (MNI mm)
 coordinates with a radius, or the non-zero voxels / one label of an image.
-:func:`region_masks` places regions on any image grid through its affine,
-and :func:`correlate_seeds` turns the mean seed time series into Pearson r,
-Fisher z and regression beta maps for every voxel in a mask, as one batched
-matrix product ``(n_seeds, n_volumes) @ (n_volumes, n_voxels)`` on the
-device. :func:`compute_seed_maps` streams subjects from disk through it and
-writes one 4D file per subject (a volume per seed) or per seed (a volume per
-subject, ready for ``gpuconn randomise``).
+:func:`region_masks` places regions on any image grid through its affine;
+:func:`region_weights` and :func:`region_means` average a series over them.
+:func:`regions_from_options` builds regions from the command-line options.
 
 Sphere voxel-inclusion rule
 ---------------------------
@@ -36,46 +32,23 @@ the union of the two voxel sets.
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
 import os
 import re
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
-import pandas as pd
 import torch
 
-from .backend import as_data, resolve_device, to_numpy
-from .bids import DEFAULT_SPACE, find_runs
-from .errors import InputError
-from .io import (
-    check_same_grid,
-    load_header,
-    load_image,
-    load_mask,
-    masked_data,
-    read_tsv,
-    save_image,
-    split_ext,
-    unmask,
-    write_tsv,
-)
-from .progress import progress_bar
+from ..core.errors import InputError
+from ..core.io import check_same_grid, load_image, read_tsv, split_ext
 
 __all__ = [
     "Region",
-    "BoldInput",
-    "SeedMaps",
     "MIRROR_CHOICES",
-    "LAYOUTS",
-    "STATS",
-    "FISHER_CLIP",
     "mirror_coord",
     "parse_coord",
     "sphere_mask",
@@ -86,32 +59,24 @@ __all__ = [
     "region_masks",
     "region_weights",
     "region_means",
-    "correlate_seeds",
-    "fisher_z",
-    "bold_inputs",
-    "label_entities",
-    "PreparedInput",
-    "prepare_inputs",
-    "stream_inputs",
-    "compute_seed_maps",
 ]
+
 
 #: ``mirror`` values: none, ``add`` (a second seed at -x) or ``union`` (one bilateral seed).
 MIRROR_CHOICES = ("none", "add", "union")
-#: ``--layout`` values.
-LAYOUTS = ("subject", "seed")
-#: Statistics a seed map can hold.
-STATS = ("r", "z", "beta")
-#: Fisher z is computed as ``arctanh(clip(r, -FISHER_CLIP, FISHER_CLIP))`` in float64 (|z| <= 8.4).
-FISHER_CLIP = 1.0 - 1e-7
+
+
 
 _NAME = re.compile(r"^[A-Za-z0-9]+$")
+
+
+
 _MIRROR_WORDS = {
     "": "none", "none": "none", "no": "none", "false": "none", "0": "none",
     "add": "add", "yes": "add", "true": "add", "1": "add",
     "union": "union", "bilateral": "union",
 }  # fmt: skip
-_ENTITY = re.compile(r"(?:^|_)(sub|ses)-([A-Za-z0-9]+)")
+
 
 
 @dataclass(frozen=True)
@@ -149,50 +114,12 @@ class Region:
         return {"name": self.name, "centers_mm": [list(c) for c in self.centers], "radius_mm": self.radius}
 
 
-@dataclass(frozen=True)
-class BoldInput:
-    """One 4D series to analyse: its output label, BOLD file and brain mask."""
-
-    label: str
-    bold: Path
-    mask: Path
-
-    @property
-    def entities(self) -> dict[str, str | None]:
-        """``subject`` and ``session`` parsed from the label (None when absent)."""
-        return label_entities(self.label)
-
-
-def label_entities(text: str) -> dict[str, str | None]:
-    """``subject`` and ``session`` from the ``sub-``/``ses-`` entities of a label or file stem (None when absent)."""
-    found = dict(_ENTITY.findall(text))
-    return {"subject": found.get("sub"), "session": found.get("ses")}
-
-
-class SeedMaps(NamedTuple):
-    """Seed-to-voxel maps; leading batch dimensions of the data are kept.
-
-    Attributes
-    ----------
-    r, z, beta : torch.Tensor, shape (..., n_seeds, n_voxels)
-        Pearson r, Fisher z, and the slope of voxel on seed (float32).
-    timeseries : torch.Tensor, shape (..., n_seeds, n_volumes)
-        Mean seed time series (not centred).
-    """
-
-    r: torch.Tensor
-    z: torch.Tensor
-    beta: torch.Tensor
-    timeseries: torch.Tensor
-
-
-# --------------------------------------------------------------------------- spheres
-
 
 def mirror_coord(center: Sequence[float]) -> tuple[float, float, float]:
     """Reflect a world coordinate across the midline: ``(x, y, z) -> (-x, y, z)``."""
     x, y, z = (float(v) for v in center)
     return (-x if x != 0 else 0.0, y, z)
+
 
 
 def parse_coord(text: str, *, option: str = "--seed-coord") -> tuple[float, float, float]:
@@ -213,6 +140,7 @@ def parse_coord(text: str, *, option: str = "--seed-coord") -> tuple[float, floa
     return values  # type: ignore[return-value]
 
 
+
 def _allowed_voxels(shape: tuple[int, int, int], mask: np.ndarray | None) -> np.ndarray:
     """Indices ``(n, 3)`` of the voxels a sphere may use, in C order (as nilearn lists them)."""
     if mask is None:
@@ -223,10 +151,12 @@ def _allowed_voxels(shape: tuple[int, int, int], mask: np.ndarray | None) -> np.
     return np.argwhere(mask)
 
 
+
 def _world(ijk: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """World coordinates ``(n, 3)`` of voxel indices, computed as nilearn's ``coord_transform``."""
     homogeneous = np.c_[ijk, np.ones(len(ijk))].T.astype(np.float64)
     return np.dot(affine, homogeneous)[:3].T
+
 
 
 def _sphere_rows(center: np.ndarray, radius: float, affine: np.ndarray, ijk: np.ndarray, world: np.ndarray) -> np.ndarray:
@@ -238,6 +168,7 @@ def _sphere_rows(center: np.ndarray, radius: float, affine: np.ndarray, ijk: np.
     same_int = np.flatnonzero((world.astype(int) == np.array([int(v) for v in center])).all(axis=1))
     inside[same_int[:1]] = True
     return inside
+
 
 
 def sphere_mask(
@@ -284,13 +215,12 @@ def sphere_mask(
     return out
 
 
-# --------------------------------------------------------------------------- regions
-
 
 def _check_name(name: str, what: str) -> str:
     if not _NAME.match(str(name)):
         raise InputError(f"{what} name {name!r} must be letters and digits only (it is used in file names), e.g. S1back")
     return str(name)
+
 
 
 def _mirror_mode(value: object, what: str) -> str:
@@ -303,6 +233,7 @@ def _mirror_mode(value: object, what: str) -> str:
             "or union (one bilateral seed)"
         )
     return _MIRROR_WORDS[text]
+
 
 
 def sphere_regions(
@@ -347,6 +278,7 @@ def sphere_regions(
     return regions
 
 
+
 def image_region(path: str | os.PathLike, *, label: int | None = None, name: str | None = None, what: str = "seed") -> Region:
     """A region from a mask image (voxels > 0) or one label of an atlas image.
 
@@ -358,6 +290,7 @@ def image_region(path: str | os.PathLike, *, label: int | None = None, name: str
         stem = re.sub(r"[^A-Za-z0-9]", "", Path(split_ext(path.name)[0]).name) or "mask"
         name = stem + (f"label{label}" if label is not None else "")
     return Region(_check_name(name, what), image=path, label=None if label is None else int(label))
+
 
 
 def read_regions(path: str | os.PathLike, *, what: str = "seed") -> list[Region]:
@@ -401,6 +334,7 @@ def read_regions(path: str | os.PathLike, *, what: str = "seed") -> list[Region]
     return _check_unique(regions, what)
 
 
+
 def _check_unique(regions: list[Region], what: str) -> list[Region]:
     names = [r.name for r in regions]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -409,6 +343,7 @@ def _check_unique(regions: list[Region], what: str) -> list[Region]:
     if not regions:
         raise InputError(f"no {what} given; use --{what.lower()}-coord, --{what.lower()}-table or --{what.lower()}-mask")
     return regions
+
 
 
 def regions_from_options(
@@ -468,6 +403,7 @@ def regions_from_options(
             raise InputError(f"{flag}-label {text!r} must be ATLAS:LABEL, e.g. {flag}-label atlas.nii.gz:7")
         regions.append(image_region(path, label=int(label), what=what))
     return _check_unique(regions, what)
+
 
 
 def region_masks(
@@ -534,6 +470,7 @@ def region_masks(
     return out
 
 
+
 def region_weights(masks: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Averaging weights of regions over the in-mask voxels.
 
@@ -553,8 +490,6 @@ def region_weights(masks: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (rows / rows.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-# --------------------------------------------------------------------------- seed maps
-
 
 def region_means(data: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Mean of each region per volume: ``weights @ data.T``.
@@ -570,335 +505,3 @@ def region_means(data: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     torch.Tensor, shape (..., n_regions, n_volumes)
     """
     return torch.matmul(weights.to(data.dtype), data.transpose(-1, -2))
-
-
-def fisher_z(r: torch.Tensor) -> torch.Tensor:
-    """``arctanh(r)`` computed in float64 after clipping ``|r|`` to :data:`FISHER_CLIP`; same dtype as ``r``."""
-    return torch.atanh(r.to(torch.float64).clamp(-FISHER_CLIP, FISHER_CLIP)).to(r.dtype)
-
-
-class _Columns(NamedTuple):
-    mean: torch.Tensor  # (..., 1, n)
-    centred: torch.Tensor  # (..., T, n)
-    norm: torch.Tensor  # (..., 1, n)
-    inverse: torch.Tensor  # (..., 1, n): 1 / norm, or 0 for constant columns
-    constant: torch.Tensor  # (..., 1, n) bool
-
-
-def _centre(x: torch.Tensor) -> _Columns:
-    """Centre columns over volumes; their norms and inverse norms.
-
-    A column is constant when its centred values are within a few float32
-    rounding steps of its mean (``norm <= 4 sqrt(n_volumes) eps |mean|``);
-    its inverse norm is 0. The mean is a float32 cascade sum: an error
-    ``d`` in it shifts a centred column by a constant, which changes r by
-    ``d * sum(centred seed) ~ 0``, so float64 would buy nothing here.
-    """
-    mean = x.mean(dim=-2, keepdim=True)
-    centred = x - mean
-    norm = torch.linalg.vector_norm(centred, dim=-2, keepdim=True)
-    constant = norm <= 4 * math.sqrt(x.shape[-2]) * torch.finfo(x.dtype).eps * mean.abs()
-    inverse = torch.where(constant, torch.zeros_like(norm), 1.0 / torch.where(constant, torch.ones_like(norm), norm))
-    return _Columns(mean, centred, norm, inverse, constant)
-
-
-def correlate_seeds(data: torch.Tensor, weights: torch.Tensor, *, source: str = "data") -> SeedMaps:
-    """Pearson correlation of mean seed time series with every voxel, batched.
-
-    Parameters
-    ----------
-    data : torch.Tensor, shape (..., n_volumes, n_voxels)
-        Time series inside the mask (float32); leading dimensions (subjects)
-        are batched.
-    weights : torch.Tensor, shape (n_seeds, n_voxels)
-        Seed averaging weights (:func:`region_weights`), same device.
-    source : str
-        Named in warnings (a file or subject label).
-
-    Returns
-    -------
-    SeedMaps
-        ``r`` clipped to [-1, 1]; ``z = arctanh(r)`` (:func:`fisher_z`);
-        ``beta = r * |x_c| / |s_c|``, the least-squares slope of voxel on seed
-        (with intercept). Constant voxels and constant seeds get r = z =
-        beta = 0 with a warning, never NaN.
-
-    Notes
-    -----
-    Centring and normalisation happen once per voxel and seed; all maps come
-    from one product ``(n_seeds, n_volumes) @ (n_volumes, n_voxels)`` per
-    subject. Same values as ``numpy.corrcoef`` of the seed mean with each voxel.
-
-    See Also
-    --------
-    nilearn.maskers.NiftiSpheresMasker, numpy.corrcoef : the references in the tests.
-    """
-    if data.shape[-2] < 3:
-        raise InputError(f"{source} has {data.shape[-2]} volume(s); seed correlation needs at least 3")
-    voxels = _centre(data)
-    # Seed means of the centred data keep float32 sums away from the large baseline.
-    seed_centred = region_means(voxels.centred, weights)  # (..., S, T)
-    timeseries = seed_centred + region_means(voxels.mean, weights)
-    seeds = _centre(seed_centred.transpose(-1, -2))  # (..., T, S)
-    if bool(voxels.constant.any()):
-        count = int(voxels.constant.sum())
-        warnings.warn(
-            f"{source}: {count} voxel(s) have a constant time series; their r, z and beta are set to 0",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    if bool(seeds.constant.any()):
-        warnings.warn(
-            f"{source}: {int(seeds.constant.sum())} seed time series are constant; their maps are set to 0",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    # Scale the small factors, not the (n_volumes, n_voxels) data: one pass less over it.
-    seed_unit = (seeds.centred * seeds.inverse).transpose(-1, -2)  # (..., S, T)
-    r = (torch.matmul(seed_unit, voxels.centred) * voxels.inverse).clamp_(-1.0, 1.0)  # (..., S, V)
-    beta = r * voxels.norm * seeds.inverse.transpose(-1, -2)
-    return SeedMaps(r=r, z=fisher_z(r), beta=beta, timeseries=timeseries)
-
-
-# --------------------------------------------------------------------------- files
-
-
-@dataclass(frozen=True)
-class PreparedInput:
-    """A validated run with its regions placed (see :func:`prepare_inputs`).
-
-    Attributes
-    ----------
-    source : BoldInput
-    mask : ndarray of bool, shape (x, y, z)
-        The run's brain mask.
-    weights : ndarray of float32, shape (n_regions, n_voxels)
-        Region averaging weights over the mask's voxels (:func:`region_weights`).
-    """
-
-    source: BoldInput
-    mask: np.ndarray
-    weights: np.ndarray
-
-
-def prepare_inputs(
-    inputs: Sequence[BoldInput], regions: Sequence[Region], *, what: str
-) -> tuple[list[PreparedInput], nib.Nifti1Image]:
-    """Validate every input and place the regions on each run's mask, reading headers only (before any output).
-
-    Parameters
-    ----------
-    inputs : sequence of BoldInput
-    regions : sequence of Region
-    what : {'seed', 'ROI'}
-        For error messages.
-
-    Returns
-    -------
-    prepared : list of PreparedInput
-        In input order; runs sharing a mask file share its weights.
-    reference : nibabel.Nifti1Image
-        The first run's header (all runs are checked to be on its grid).
-
-    Raises
-    ------
-    InputError
-        No input, repeated labels, a missing/unreadable/non-4D BOLD or one
-        with fewer than 3 volumes, grids that differ, a bad mask, or a region
-        with no voxel in a mask.
-    """
-    if not inputs:
-        raise InputError("no BOLD input given; use --bold or --derivatives")
-    labels = [item.label for item in inputs]
-    repeated = sorted({lab for lab in labels if labels.count(lab) > 1})
-    if repeated:
-        raise InputError(f"two inputs share the output label(s) {', '.join(repeated)}; give each run its own file name")
-    prepared: list[PreparedInput] = []
-    masks: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
-    first_img, first_path = None, None
-    for item in inputs:
-        header = load_header(item.bold, ndim=4, what="BOLD")
-        if header.shape[3] < 3:
-            raise InputError(f"BOLD {item.bold} has shape {header.shape}; expected a 4D series with at least 3 volumes")
-        if first_img is None:
-            first_img, first_path = header, item.bold
-        check_same_grid(first_img, first_path, header, item.bold)
-        if item.mask not in masks:
-            mask, _ = load_mask(item.mask, reference=header, reference_path=item.bold, what="brain mask")
-            found = region_masks(regions, header, mask=mask, reference_path=item.bold, mask_path=item.mask, what=what)
-            masks[item.mask] = (mask, region_weights(found, mask))
-        mask, weights = masks[item.mask]
-        prepared.append(PreparedInput(item, mask, weights))
-    return prepared, first_img
-
-
-def _load_series(item: PreparedInput) -> np.ndarray:
-    img = load_image(item.source.bold, ndim=4, what="BOLD")
-    return masked_data(img, item.mask, path=item.source.bold)
-
-
-def stream_inputs(prepared: Sequence[PreparedInput]) -> Iterator[tuple[PreparedInput, np.ndarray]]:
-    """Yield each run with its ``(n_volumes, n_voxels)`` float32 data, reading the next one in a thread meanwhile.
-
-    Raises
-    ------
-    InputError
-        A BOLD file that does not decode or has NaN/Inf inside its mask
-        (found on reading, after the runs before it were yielded).
-    """
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_load_series, prepared[0]) if prepared else None
-        for index, item in enumerate(prepared):
-            data = pending.result()
-            pending = pool.submit(_load_series, prepared[index + 1]) if index + 1 < len(prepared) else None
-            yield item, data
-
-
-def _run_label(path: Path) -> str:
-    """Output prefix of a BOLD file: its name up to ``_space-`` (or without extension and ``_bold``)."""
-    stem = Path(split_ext(path.name)[0]).name
-    return stem.split("_space-")[0].removesuffix("_bold")
-
-
-def bold_inputs(
-    *,
-    bold: Sequence[str | os.PathLike] = (),
-    mask: str | os.PathLike | None = None,
-    derivatives: str | os.PathLike | None = None,
-    participant_label: Sequence[str] | None = None,
-    desc: str = "preproc",
-    space: str = DEFAULT_SPACE,
-) -> list[BoldInput]:
-    """The runs to analyse, from BOLD files or a derivatives folder.
-
-    Parameters
-    ----------
-    bold : sequence of path
-        4D files (``--bold``); they need ``mask``.
-    mask : path, optional
-        Brain mask for every run; with ``derivatives`` it replaces each run's
-        own ``*_desc-brain_mask`` (required where a run has none).
-    derivatives : path, optional
-        A fMRIPrep-style folder searched with :func:`gpuconn.bids.find_runs`.
-    participant_label : sequence of str, optional
-    desc : str, default 'preproc'
-        ``desc-`` entity of the BOLD files there (e.g. ``denoised``).
-    space : str
-        ``space-`` entity.
-
-    Returns
-    -------
-    list of BoldInput
-        Labelled by the file name up to ``_space-`` (e.g.
-        ``sub-01_ses-pre_task-rest``).
-    """
-    if bool(bold) == (derivatives is not None):
-        raise InputError("give either --bold files (with --mask) or --derivatives, not both or neither")
-    if derivatives is None:
-        if mask is None:
-            raise InputError("--bold needs --mask (a brain mask on the BOLD grid)")
-        return [BoldInput(_run_label(Path(path)), Path(path), Path(mask)) for path in bold]
-    inputs = []
-    for run in find_runs(derivatives, participant_label=participant_label, space=space, desc=desc):
-        run_mask = Path(mask) if mask is not None else run.mask
-        if run_mask is None:
-            raise InputError(f"no brain mask (*_desc-brain_mask.nii.gz) beside {run.bold}; give one with --mask")
-        inputs.append(BoldInput(run.prefix, run.bold, run_mask))
-    return inputs
-
-
-def _volume_label(item: BoldInput, map_name: str) -> dict:
-    return {**item.entities, "label": item.label, "map": map_name}
-
-
-def compute_seed_maps(
-    inputs: Sequence[BoldInput],
-    regions: Sequence[Region],
-    out_dir: str | os.PathLike,
-    *,
-    layout: str = "subject",
-    stats: Sequence[str] = ("r", "z"),
-    device: str | torch.device = "auto",
-    progress: bool = False,
-    params: dict | None = None,
-) -> list[Path]:
-    """Seed-to-voxel maps for every run and seed, written as 4D NIfTI with JSON sidecars.
-
-    Parameters
-    ----------
-    inputs : sequence of BoldInput
-        Runs (4D BOLD on one grid) and their brain masks.
-    regions : sequence of Region
-        The seeds.
-    out_dir : path-like
-    layout : {'subject', 'seed'}
-        ``subject``: ``<label>_stat-<stat>_seedmap.nii.gz`` per run, a volume
-        per seed. ``seed``: ``seed-<name>_stat-<stat>_seedmap.nii.gz`` per seed,
-        a volume per run in input order (the sidecar lists them), ready for
-        ``gpuconn randomise``; holds ``n_runs * n_seeds * n_voxels`` float32
-        per statistic in host memory until written.
-    stats : sequence of {'r', 'z', 'beta'}
-    device : str or torch.device
-    progress : bool
-        Show a Rich progress bar.
-    params : dict, optional
-        Extra parameters recorded in sidecars (e.g. the command line).
-
-    Returns
-    -------
-    list of Path
-        The NIfTI outputs, plus ``<label>_seeds_timeseries.tsv`` per run.
-
-    Notes
-    -----
-    All headers, masks and seeds are checked before anything is written.
-    Subjects are read one at a time (the next one in a background thread
-    while the current one is on the device). In the subject layout each
-    run's files are written as soon as it is done; a data error found on
-    reading (NaN inside the mask) stops the run after the runs before it.
-    Voxels outside a run's mask are 0.
-    """
-    if layout not in LAYOUTS:
-        raise InputError(f"--layout {layout!r} is not one of {', '.join(LAYOUTS)}")
-    bad = [s for s in stats if s not in STATS]
-    if bad or not stats:
-        raise InputError(f"statistics {bad or '(none)'} not available; choose from {', '.join(STATS)}")
-    stats = list(dict.fromkeys(stats))
-    out_dir = Path(out_dir)
-    torch_device = resolve_device(device)
-    prepared, reference = prepare_inputs(inputs, regions, what="seed")
-    names = [region.name for region in regions]
-    record = {**(params or {}), "seeds": [region.describe() for region in regions], "layout": layout, "device": str(torch_device)}
-    stacks: dict[str, np.ndarray] = {}
-    if layout == "seed":  # every run's maps, on the union of the run masks, until written per seed
-        union = np.any([p.mask for p in prepared], axis=0)
-        stacks = {stat: np.zeros((len(prepared), len(regions), int(union.sum())), dtype=np.float32) for stat in stats}
-    written: list[Path] = []
-    with progress_bar("seed maps", len(prepared), enabled=progress) as advance:
-        for index, (item, data) in enumerate(stream_inputs(prepared)):
-            maps = correlate_seeds(as_data(data, torch_device), as_data(item.weights, torch_device), source=str(item.source.bold))
-            series = pd.DataFrame(to_numpy(maps.timeseries).T, columns=names)
-            written.append(write_tsv(series, out_dir / f"{item.source.label}_seeds_timeseries.tsv"))
-            for stat in stats:
-                values = to_numpy(getattr(maps, stat))  # (S, V_run)
-                if layout == "seed":
-                    stacks[stat][index] = unmask(values, item.mask)[union].T
-                    continue
-                path = out_dir / f"{item.source.label}_stat-{stat}_seedmap.nii.gz"
-                volumes = [_volume_label(item.source, f"seed-{name}_stat-{stat}") for name in names]
-                written.append(
-                    save_image(unmask(values, item.mask).astype(np.float32, copy=False), reference, path,
-                               params={**record, "stat": stat, "bold": str(item.source.bold),
-                                       "mask": str(item.source.mask), "volumes": volumes})
-                )
-            advance()
-    for stat, stack in stacks.items():
-        for seed_index, name in enumerate(names):
-            path = out_dir / f"seed-{name}_stat-{stat}_seedmap.nii.gz"
-            volumes = [_volume_label(p.source, f"seed-{name}_stat-{stat}") for p in prepared]
-            written.append(
-                save_image(unmask(stack[:, seed_index], union), reference, path,
-                           params={**record, "stat": stat, "seed": regions[seed_index].describe(),
-                                   "bolds": [str(p.source.bold) for p in prepared], "volumes": volumes})
-            )
-    return written

@@ -40,8 +40,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import GpuconnError, InputError
-from .stats.randomise import ChunkMerger, PreparedTest, Runner, _host, _run_loop
+from ..core.backend import to_host
+from ..core.errors import GpuconnError, InputError
+from .randomise import ChunkMerger, PreparedTest, Runner, run_chunk_loop
 
 __all__ = ["checkpoint_path", "run_key", "save_checkpoint", "load_checkpoint", "checkpoint_runner"]
 
@@ -55,7 +56,7 @@ def checkpoint_path(output_root: str | os.PathLike) -> Path:
 
 def _update(digest: "hashlib._Hash", value: Any) -> None:
     if torch.is_tensor(value) or isinstance(value, np.ndarray):
-        array = np.ascontiguousarray(_host(value))
+        array = np.ascontiguousarray(to_host(value))
         digest.update(f"{array.dtype.str}{array.shape}".encode())
         digest.update(array.tobytes())
     else:
@@ -103,7 +104,7 @@ def save_checkpoint(path: str | os.PathLike, key: str, merger: ChunkMerger, done
     """
     path = Path(path)
     arrays: dict[str, np.ndarray] = {}
-    arrays.update({f"count/{name}/{key_name}": _host(count) for (name, key_name), count in merger.counts.items()})
+    arrays.update({f"count/{name}/{key_name}": to_host(count) for (name, key_name), count in merger.counts.items()})
     arrays.update({f"max/{name}/{key_name}": values for (name, key_name), values in merger.merged_maxima().items()})
     meta = {"format": _FORMAT, "key": key, "done": int(done), "n_perm": merger.prepared.scheme.n_perm,
             "seed": merger.prepared.scheme.seed}
@@ -230,7 +231,7 @@ def checkpoint_runner(
                 last = time.monotonic()
 
         try:
-            result = _run_loop(prepared, progress, merger=merger, done=done, on_chunk=on_chunk)
+            result = run_chunk_loop(prepared, progress, merger=merger, done=done, on_chunk=on_chunk)
         except KeyboardInterrupt:
             merged = len(next(iter(merger.merged_maxima().values()), ()))  # a prefix, whatever was added last
             if merged > done:

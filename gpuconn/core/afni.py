@@ -16,7 +16,7 @@ Images
       template space, else ``scanner``.
 
     The image carries ``extra['source_format']`` (``'AFNI'``), which
-    :func:`gpuconn.io.save_image` writes into the output's sidecar.
+    :func:`gpuconn.core.io.save_image` writes into the output's sidecar.
 
 1D files
     Numbers in whitespace-separated columns, ``#`` comment lines (the NIML
@@ -43,8 +43,9 @@ Images
 
 afni_proc.py results folders
     A folder ``<subj>.results`` (or a folder holding such folders, possibly
-    under ``sub-*/[ses-*/]``) is read as runs by :func:`find_results_runs`,
-    which :func:`gpuconn.bids.find_runs` calls for such a folder, so every
+    under ``sub-*/[ses-*/]``) is read as runs by
+    :func:`gpuconn.core.bids.find_results_runs`, which
+    :func:`gpuconn.core.bids.find_runs` calls for such a folder, so every
     ``--derivatives`` option and the study file take it. Per subject:
     ``desc='preproc'`` (the default, like fMRIPrep's preprocessed series)
     is the volume-registered, scaled ``all_runs.<subj>+tlrc`` to denoise;
@@ -81,8 +82,6 @@ __all__ = [
     "read_motion_1d",
     "censor_to_spikes",
     "read_censor_1d",
-    "is_results_layout",
-    "find_results_runs",
 ]
 
 #: Value of ``img.extra['source_format']`` for images read from AFNI datasets.
@@ -445,94 +444,3 @@ def read_censor_1d(path: str | os.PathLike) -> np.ndarray:
 
 
 # --- afni_proc.py results folders ------------------------------------------------------------------------
-
-_RESULTS = ".results"
-
-
-def _results_folders(root: Path) -> list[Path]:
-    if root.name.endswith(_RESULTS) and root.is_dir():
-        return [root]
-    found: list[Path] = []
-    for pattern in (f"*{_RESULTS}", f"*/*{_RESULTS}", f"*/*/*{_RESULTS}"):
-        found += [p for p in root.glob(pattern) if p.is_dir()]
-    return sorted(found)
-
-
-def is_results_layout(root: str | os.PathLike) -> bool:
-    """Whether ``root`` is an afni_proc.py ``*.results`` folder or holds some (up to two levels down)."""
-    root = Path(root)
-    return root.is_dir() and bool(_results_folders(root))
-
-
-def _dataset(folder: Path, *prefixes: str) -> Path | None:
-    """The first ``<prefix>+tlrc.HEAD`` (then ``+orig``) found, in the order given."""
-    for view in ("tlrc", "orig"):
-        for prefix in prefixes:
-            head = folder / f"{prefix}+{view}.HEAD"
-            if head.exists():
-                return head
-    return None
-
-
-def find_results_runs(
-    root: str | os.PathLike,
-    *,
-    participant_label=None,
-    desc: str = "preproc",
-) -> list:
-    """The runs of afni_proc.py results folders, as :class:`gpuconn.bids.Run` objects.
-
-    Parameters
-    ----------
-    root : path-like
-        A ``<subj>.results`` folder or a folder holding them.
-    participant_label : sequence of str, optional
-        Subjects to keep (with or without ``sub-``).
-    desc : {'preproc', 'denoised'}
-        ``preproc``: ``all_runs`` (to denoise with the motion and censor
-        files); ``denoised``: the residual series ``errts``.
-
-    Returns
-    -------
-    list of gpuconn.bids.Run
-        Subject from the folder name (``sub-`` removed), session from a
-        ``ses-`` entity in the path; ``motion`` and ``censor`` set when the
-        files exist.
-
-    Raises
-    ------
-    InputError
-        An unknown ``desc``, a folder without the series asked for or
-        without a mask, or no folder left.
-    """
-    from .bids import Run
-
-    if desc not in ("preproc", "denoised"):
-        raise InputError(f"afni_proc results have desc 'preproc' (all_runs) or 'denoised' (errts), not {desc!r}")
-    root = Path(root)
-    wanted = {label.removeprefix("sub-") for label in participant_label} if participant_label else None
-    runs = []
-    for folder in _results_folders(root):
-        subj = folder.name[: -len(_RESULTS)]
-        subject = subj.removeprefix("sub-")
-        if wanted is not None and subject not in wanted:
-            continue
-        if desc == "denoised":
-            bold = _dataset(folder, f"errts.{subj}.fanaticor", f"errts.{subj}.tproject", f"errts.{subj}")
-            what = f"errts.{subj}+tlrc (afni_proc's residuals)"
-        else:
-            bold = _dataset(folder, f"all_runs.{subj}")
-            what = f"all_runs.{subj}+tlrc (volume-registered runs); use the residuals with --bold-desc denoised"
-        if bold is None:
-            raise InputError(f"afni_proc folder {folder} has no {what}")
-        mask = _dataset(folder, f"full_mask.{subj}", f"mask_epi_anat.{subj}")
-        if mask is None:
-            raise InputError(f"afni_proc folder {folder} has no full_mask.{subj}+tlrc; give a brain mask with --mask")
-        session = next((part[4:] for part in folder.resolve().parts if part.startswith("ses-")), None)
-        motion, censor = folder / "dfile_rall.1D", folder / f"censor_{subj}_combined_2.1D"
-        runs.append(Run(subject=subject, session=session, bold=bold, mask=mask,
-                        motion=motion if motion.exists() else None, censor=censor if censor.exists() else None))
-    if not runs:
-        which = f" for participant(s) {sorted(wanted)}" if wanted else ""
-        raise InputError(f"no afni_proc.py *.results folder{which} under {root}")
-    return sorted(runs, key=lambda r: (r.subject, r.session or ""))

@@ -1,6 +1,6 @@
 """ROI extraction: mean map values in ROIs, and ROI-to-ROI connectivity matrices.
 
-ROIs are :class:`gpuconn.seed.Region` objects (spheres at MNI coordinates,
+ROIs are :class:`gpuconn.maps.regions.Region` objects (spheres at MNI coordinates,
 mask images or atlas labels) placed on each image's grid with the same
 nilearn-equal sphere rule as the seeds. :func:`extract_roi_values` turns any
 3D/4D maps (seed maps, dual-regression maps, contrasts) into a tidy table
@@ -19,21 +19,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .backend import as_data, resolve_device, to_numpy
-from .errors import InputError
-from .io import load_image, load_mask, masked_data, check_same_grid, sidecar_path, split_ext, write_tsv
-from .progress import progress_bar
-from .seed import (
-    BoldInput,
-    Region,
-    correlate_seeds,
-    label_entities,
-    prepare_inputs,
-    region_masks,
-    region_means,
-    region_weights,
-    stream_inputs,
-)
+from ..core.backend import as_data, resolve_device, to_numpy
+from ..core.errors import InputError
+from ..core.io import load_image, load_mask, masked_data, check_same_grid, sidecar_path, split_ext, write_tsv
+from ..core.progress import progress_bar
+from .regions import Region, region_masks, region_means, region_weights
+from .seed import correlate_seeds
+from .series import BoldInput, label_entities, prepare_inputs, stream_inputs
 
 __all__ = ["ROI_COLUMNS", "roi_connectivity", "extract_roi_values", "compute_roi_matrices"]
 
@@ -48,7 +40,7 @@ def roi_connectivity(data: torch.Tensor, weights: torch.Tensor, *, source: str =
     ----------
     data : torch.Tensor, shape (..., n_volumes, n_voxels)
     weights : torch.Tensor, shape (n_rois, n_voxels)
-        Averaging weights (:func:`gpuconn.seed.region_weights`).
+        Averaging weights (:func:`gpuconn.maps.regions.region_weights`).
     source : str
         Named in warnings.
 
@@ -61,7 +53,7 @@ def roi_connectivity(data: torch.Tensor, weights: torch.Tensor, *, source: str =
 
     Notes
     -----
-    The ROI time series are correlated with :func:`gpuconn.seed.correlate_seeds`
+    The ROI time series are correlated with :func:`gpuconn.maps.seed.correlate_seeds`
     using identity weights, so the centring, constant handling and z clipping
     are those of the seed maps.
     """

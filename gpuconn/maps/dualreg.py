@@ -34,7 +34,6 @@ written by the workers into that staging folder.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import shutil
 import tempfile
@@ -46,13 +45,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from scipy import special
 
-from .backend import DESIGN_DTYPE, as_data, chunk_size, resolve_device, run_chunked, to_numpy
-from .errors import InputError
-from .io import (
-    check_same_grid,
-    load_header,
+from ..core.backend import DESIGN_DTYPE, as_data, chunk_size, resolve_device, run_chunked, to_numpy
+from ..core.errors import InputError
+from ..core.io import (
     load_image,
     load_mask,
     masked_data,
@@ -62,164 +58,24 @@ from .io import (
     write_json,
     write_text,
 )
-from .progress import progress_bar
+from ..core.progress import progress_bar
+from ..core.tasks import map_tasks
+from ..stats.design import load_design
+from ..stats.randomise import randomise
+from ..stats.spatial import spatial_transforms
+from ..stats.tfce import TFCE_DEFAULTS
+from ..stats.zstat import t_to_z_tensor
+from .series import check_subjects, common_mask, iter_series, matrix_text
 
 __all__ = [
-    "t_to_z",
     "spatial_regression",
     "temporal_regression",
-    "common_mask",
-    "check_subjects",
-    "read_series",
-    "iter_series",
-    "matrix_text",
     "DualRegressionResult",
     "dual_regression",
 ]
 
 #: Smallest ratio of smallest to largest eigenvalue of a design's X'X accepted as full rank.
 _RANK_TOL = 1e-10
-#: Beyond this log tail probability ``ndtri(exp(logp))`` underflows; Newton on ``log_ndtr`` takes over.
-_LOG_P_FLOOR = -600.0
-
-
-# --------------------------------------------------------------------------- t -> z
-
-
-def _series_coefficients(dof: int) -> np.ndarray:
-    """Coefficients ``a_0 .. a_{m-1}`` (``m = dof // 2``) of the central t series.
-
-    Even ``dof``: ``a_k = (2k-1)!! / (2k)!!``; odd: ``a_k = (2k)!! / (2k+1)!!``
-    (Abramowitz & Stegun 26.7.3-4), through ``lgamma`` so that large ``k``
-    neither overflows nor loses precision.
-    """
-    k = np.arange(dof // 2, dtype=np.float64)
-    lg = np.vectorize(math.lgamma, otypes=[np.float64])
-    if dof % 2 == 0:
-        log_a = lg(k + 0.5) - lg(k + 1.0) - 0.5 * math.log(math.pi)
-    else:
-        log_a = lg(k + 1.0) - lg(k + 1.5) + 0.5 * math.log(math.pi) - math.log(2.0)
-    return np.exp(log_a)
-
-
-def _two_sided_central(y: torch.Tensor, s: torch.Tensor, dof: int) -> torch.Tensor:
-    """``P(|T| > |t|)`` as one minus the finite series (accurate while not tiny).
-
-    ``y = cos^2(theta)``, ``s = sin(theta)``, ``theta = atan(|t| / sqrt(dof))``.
-    """
-    head = torch.zeros_like(y)
-    for a in _series_coefficients(dof)[::-1]:  # Horner in y
-        head.mul_(y).add_(float(a))
-    if dof % 2 == 0:
-        return 1.0 - s * head
-    c = torch.sqrt(y)
-    return 1.0 - (2.0 / math.pi) * (torch.atan2(s, c) + s * c * head)
-
-
-def _log_betainc_cf(x: torch.Tensor, log_1mx: torch.Tensor, a: float, b: float) -> torch.Tensor:
-    """``log I_x(a, b)`` by the continued fraction (modified Lentz), for ``x < (a+1)/(a+b+2)``.
-
-    Numerical Recipes 6.4 (``betacf``); iterates until every element has
-    converged to float64 round-off.
-    """
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-
-    def guard(v: torch.Tensor) -> torch.Tensor:
-        return v.masked_fill_(v.abs() < tiny, tiny)
-
-    c = torch.ones_like(x)
-    d = guard(1.0 - (qab / qap) * x).reciprocal_()
-    h = d.clone()
-    for m in range(1, 5001):
-        m2 = 2 * m
-        for coef in (m * (b - m) / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) / ((a + m2) * (qap + m2))):
-            aa = coef * x
-            d = guard(d.mul_(aa).add_(1.0)).reciprocal_()
-            c = guard(aa.div_(c).add_(1.0))
-            delta = d * c
-            h.mul_(delta)
-        if m % 4 == 0 and float((delta - 1.0).abs().max()) < 1e-15:
-            break
-    log_front = a * torch.log(x) + b * log_1mx - math.log(a) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
-    return log_front + torch.log(h)
-
-
-def _z_from_log_p(log_p: torch.Tensor) -> torch.Tensor:
-    """The upper-tail normal deviate ``z`` with ``log P(Z > z) = log_p`` (``log_p <= log 0.5``)."""
-    z = -torch.special.ndtri(torch.exp(log_p.clamp(min=_LOG_P_FLOOR)))
-    deep = log_p < _LOG_P_FLOOR
-    if bool(deep.any()):
-        lp = log_p[deep]
-        # Mills-ratio asymptote, then Newton on log Phi(-z) = log_p.
-        zz = torch.sqrt(-2.0 * lp - torch.log(-2.0 * lp) - math.log(2.0 * math.pi))
-        for _ in range(4):
-            log_tail = torch.special.log_ndtr(-zz)
-            log_pdf = -0.5 * zz * zz - 0.5 * math.log(2.0 * math.pi)
-            zz = zz + (log_tail - lp) / torch.exp(log_pdf - log_tail)
-        z[deep] = zz
-    return z
-
-
-def _t_to_z_series(t: torch.Tensor, dof: int) -> torch.Tensor:
-    """``t_to_z`` in torch, for any device (the CUDA path; the CPU path's far tail).
-
-    Where ``P(|T| > |t|) >= 1e-3`` it is one minus the finite series of
-    Abramowitz & Stegun 26.7.3-4 (integer ``dof``); beyond, the tail
-    probability ``I_x(dof/2, 1/2)`` (``x = dof / (dof + t^2)``) comes in log
-    space from the incomplete-beta continued fraction, so z stays exact far
-    past the float64 range of ``1 - F``.
-    """
-    tt = t.to(torch.float64)
-    a = tt.abs()
-    r2 = dof + a * a
-    two_sided = _two_sided_central(dof / r2, a / torch.sqrt(r2), dof)
-    log_p = torch.log(0.5 * two_sided.clamp(min=1e-300))
-    tail = two_sided < 1e-3
-    if bool(tail.any()):
-        at, rt = a[tail], r2[tail]
-        log_p[tail] = _log_betainc_cf(dof / rt, 2.0 * torch.log(at) - torch.log(rt), dof / 2.0, 0.5) - math.log(2.0)
-    return (torch.sign(tt) * _z_from_log_p(log_p) + 0.0).to(t.dtype)  # + 0.0: no -0.0
-
-
-def t_to_z(t: torch.Tensor, dof: int) -> torch.Tensor:
-    """Convert t statistics to z statistics with the same tail probability.
-
-    ``z = sign(t) * Phi^-1(1 - F_dof(|t|))`` for integer degrees of freedom,
-    to float64 round-off, including far tails where ``1 - F`` is far below
-    float64 resolution (FSL's ``T2z`` serves the same purpose). On CUDA it
-    is computed on the device (series and continued fraction in float64);
-    on the CPU ``scipy.special.stdtr``/``ndtri`` are faster and are used,
-    with the device formula only for tails below ``1e-300``.
-
-    Parameters
-    ----------
-    t : torch.Tensor, any shape
-        t statistics (computed in float64; returned in ``t``'s dtype).
-    dof : int
-        Degrees of freedom, a positive integer.
-
-    Returns
-    -------
-    torch.Tensor, same shape, dtype and device as ``t``
-
-    See Also
-    --------
-    scipy.stats.t.sf, scipy.stats.norm.isf : the reference the tests hold this to.
-    """
-    dof = int(dof)
-    if dof < 1:
-        raise ValueError(f"dof must be a positive integer, got {dof}")
-    if t.device.type != "cpu":
-        return _t_to_z_series(t, dof)
-    values = t.detach().numpy().astype(np.float64)
-    a = np.abs(values)
-    p = special.stdtr(dof, -a)
-    z = -special.ndtri(p)
-    deep = p < 1e-300
-    if deep.any():
-        z[deep] = _t_to_z_series(torch.from_numpy(a[deep]), dof).numpy()
-    return torch.from_numpy(np.sign(values) * z + 0.0).to(t.dtype)  # + 0.0: no -0.0
 
 
 # --------------------------------------------------------------------------- the two regressions
@@ -309,7 +165,7 @@ def temporal_regression(
     beta : torch.Tensor, shape (n_subjects, n_maps, n_voxels), ``data``'s dtype
     z : torch.Tensor, shape (n_subjects, n_maps, n_voxels), ``data``'s dtype
         Z statistics of each beta, from t with ``n_volumes - n_maps - 1``
-        degrees of freedom (see :func:`t_to_z`). Voxels without residual
+        degrees of freedom (see :func:`gpuconn.stats.zstat.t_to_z_tensor`). Voxels without residual
         variance get ``z = 0``.
 
     Raises
@@ -347,7 +203,7 @@ def temporal_regression(
     del resid
     var_beta = torch.diagonal(gram_inv, dim1=1, dim2=2).to(data.dtype).unsqueeze(2) * sigma2
     t = torch.where(var_beta > 0, beta / var_beta.clamp(min=torch.finfo(data.dtype).tiny).sqrt(), 0.0)
-    return beta, t_to_z(t, dof)
+    return beta, t_to_z_tensor(t, dof)
 
 
 # --------------------------------------------------------------------------- files
@@ -355,121 +211,6 @@ def temporal_regression(
 
 def _subject_name(index: int) -> str:
     return f"subject{index:05d}"
-
-
-def check_subjects(
-    subject_paths: Sequence[str | os.PathLike],
-    reference: nib.Nifti1Image,
-    reference_path: str | os.PathLike,
-    *,
-    min_volumes: int,
-    purpose: str,
-) -> list[int]:
-    """Check every subject series against a reference grid, reading headers only.
-
-    Parameters
-    ----------
-    subject_paths : sequence of path-like
-        4D series, in order.
-    reference : nibabel.Nifti1Image
-        Image whose grid (shape and affine) every subject must share.
-    reference_path : path-like
-        Its file, named in errors.
-    min_volumes : int
-        Fewest volumes a subject may have.
-    purpose : str
-        Why ``min_volumes`` are needed, for the error message.
-
-    Returns
-    -------
-    list of int
-        Number of volumes of each subject.
-
-    Raises
-    ------
-    InputError
-        A missing or unreadable file, a 3D image, a grid mismatch, or too few volumes.
-    """
-    if not subject_paths:
-        raise InputError("no subject series given; pass one 4D image per subject")
-    n_volumes = []
-    for path in map(Path, subject_paths):
-        img = load_header(path, what="subject series")
-        if len(img.shape) != 4:
-            raise InputError(f"subject series {path} has shape {img.shape}; expected a 4D series (x, y, z, time)")
-        check_same_grid(reference, reference_path, img, path)
-        if img.shape[3] < min_volumes:
-            raise InputError(
-                f"subject series {path} has {img.shape[3]} volumes but {purpose} needs at least {min_volumes}; "
-                "leave this subject out or use fewer components"
-            )
-        n_volumes.append(int(img.shape[3]))
-    return n_volumes
-
-
-def read_series(path: str | os.PathLike, mask: np.ndarray) -> np.ndarray:
-    """A subject's masked series, ``(n_volumes, n_voxels)`` float32."""
-    img = load_image(path, ndim=4, what="subject series")
-    return masked_data(img, mask, path=path)
-
-
-def common_mask(
-    subject_paths: Sequence[str | os.PathLike],
-    *,
-    progress: bool = False,
-) -> np.ndarray:
-    """Voxels with non-zero temporal standard deviation in every subject (FSL's common mask).
-
-    ``dual_regression`` builds its mask as ``fslmaths subj -Tstd -bin`` per
-    subject, then the minimum over subjects; the same here, one subject in
-    memory at a time. Voxels that are NaN or infinite in any subject are left
-    out too.
-
-    Parameters
-    ----------
-    subject_paths : sequence of path-like
-        4D series on one grid (checked by the caller).
-    progress : bool, default False
-
-    Returns
-    -------
-    ndarray of bool, shape (x, y, z)
-
-    Raises
-    ------
-    InputError
-        If no voxel survives.
-    """
-    mask = None
-    with progress_bar("common mask", len(subject_paths), enabled=progress) as advance:
-        for path in subject_paths:
-            data = np.asarray(load_image(path, ndim=4, what="subject series").dataobj, dtype=np.float32)
-            finite = np.isfinite(data).all(axis=3)
-            varying = np.nan_to_num(data).std(axis=3) > 0
-            mask = (finite & varying) if mask is None else (mask & finite & varying)
-            advance()
-    if not mask.any():
-        raise InputError(
-            "no voxel varies over time in every subject (common mask is empty); "
-            "check the inputs or pass --mask"
-        )
-    return mask
-
-
-def iter_series(paths: Sequence[Path], mask: np.ndarray, n_ahead: int) -> Iterator[np.ndarray]:
-    """Yield each subject's masked series, ``(n_volumes, n_voxels)`` float32, in order.
-
-    Up to ``n_ahead`` files are read ahead in two threads (NIfTI decoding
-    and gzip release the GIL), so reading overlaps the device work; memory
-    holds at most ``n_ahead + 1`` subjects.
-    """
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        pending = [pool.submit(read_series, p, mask) for p in paths[:n_ahead]]
-        for index in range(len(paths)):
-            data = pending.pop(0).result()
-            if index + n_ahead < len(paths):
-                pending.append(pool.submit(read_series, paths[index + n_ahead], mask))
-            yield data
 
 
 def _batches(n_volumes: Sequence[int], batch_size: int) -> Iterator[range]:
@@ -551,7 +292,7 @@ def dual_regression(
         Output folder (created).
     mask_path : path-like, optional
         3D mask on the same grid; default: voxels varying over time in every
-        subject (:func:`common_mask`, one extra read of every subject).
+        subject (:func:`~gpuconn.maps.series.common_mask`, one extra read of every subject).
     des_norm : bool, default True
         Normalise stage-2 regressors to unit standard deviation (FSL's ``1``).
     device : str or torch.device, default 'auto'
@@ -574,7 +315,7 @@ def dual_regression(
         Seed of the permutations.
     progress : bool, default False
     client : distributed.Client, optional
-        Run stages 1 and 2 as Dask tasks (:func:`gpuconn.distributed.map_tasks`),
+        Run stages 1 and 2 as Dask tasks (:func:`gpuconn.core.tasks.map_tasks`),
         each fitting its subjects on its worker (``device`` resolved there)
         and writing their files into the staging folder, which every worker
         must reach; this process then writes the ``dr_stage2_icNNNN`` files
@@ -737,7 +478,6 @@ def _fit_task(subjects: Sequence[tuple[int, Path, int]], *, maps_path: Path, sta
 def _fit_on_dask(client, maps_path: Path, paths: Sequence[Path], n_volumes: Sequence[int], staging: Path, *,
                  des_norm: bool, device: str, batch: int, progress: bool) -> None:
     """Stages 1 and 2 as one Dask task per device batch (the batches of one process with this ``batch``)."""
-    from .distributed import map_tasks
 
     tasks = [[(i, paths[i], n_volumes[i]) for i in group] for group in _batches(n_volumes, batch)]
     task = functools.partial(_fit_task, maps_path=maps_path, staging=staging, des_norm=des_norm, device=device)
@@ -758,7 +498,6 @@ def _check_stage3(design_path, contrast_path, one_sample: bool, n_perm: int, n_s
     if has_design:
         if design_path is None or contrast_path is None:
             raise InputError("give both -d design.mat and -t design.con")
-        from .stats.design import load_design
 
         load_design(design_path, contrast_path, n_obs=n_subjects, data_source="dr_stage2_icNNNN (one volume per subject)")
 
@@ -766,8 +505,6 @@ def _check_stage3(design_path, contrast_path, one_sample: bool, n_perm: int, n_s
 def _stage3(out_dir: Path, n_maps: int, design_path, contrast_path, one_sample: bool, n_perm: int, seed: int,
             device: torch.device, progress: bool) -> None:
     """Run randomise on every ``dr_stage2_icNNNN`` (as dual_regression's last step)."""
-    from .stats.randomise import randomise
-    from .stats.tfce import TFCE_DEFAULTS, spatial_transforms
 
     spatial = spatial_transforms(tfce_params=dict(TFCE_DEFAULTS)) if n_perm > 1 else None
     for k in range(n_maps):
@@ -778,11 +515,6 @@ def _stage3(out_dir: Path, n_maps: int, design_path, contrast_path, one_sample: 
             voxelwise=n_perm == 1, write_raw=("tfce",) if spatial else (), progress=progress,
             params={"dual_regression_stage": 3},
         )
-
-
-def matrix_text(matrix: np.ndarray) -> str:
-    """A matrix as FSL-style text: one row per line, values separated by two spaces."""
-    return "\n".join("  ".join(f"{v:.8g}" for v in row) for row in np.atleast_2d(matrix)) + "\n"
 
 
 def _write_component(folder: Path, k: int, betas: np.ndarray, mask: np.ndarray, reference) -> None:

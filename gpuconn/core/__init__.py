@@ -1,0 +1,1 @@
+"""Core: devices and dtypes, NIfTI/TSV I/O, errors, progress bars, BIDS discovery, Dask plumbing."""

@@ -1,0 +1,1 @@
+"""Connectivity maps: regions, shared series I/O, seed maps, ROI values, group ICA and dual regression."""

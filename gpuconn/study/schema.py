@@ -1,0 +1,562 @@
+"""The study file (TOML): its keys and defaults, validation, and the group models it defines.
+
+A study file names the inputs (a fMRIPrep-style derivatives folder and its
+``participants.tsv``) and the settings of every step; :func:`load_study`
+validates it completely before anything runs (unknown keys, wrong types,
+missing files and missing participants columns are one-line
+:class:`~gpuconn.core.errors.InputError` messages naming the key or file).
+:func:`model_table` and :func:`model_design` give a ``[[models]]`` entry's
+observations and design (used by the preflight check here and by the
+runner's group and ROI steps).
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+import tomllib
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..core import io
+from ..core.bids import DEFAULT_SPACE, Run, find_runs
+from ..core.feat import study_runs
+from ..core.errors import InputError
+from ..maps.regions import sphere_regions
+from ..stats.design import build_design
+from ..subject.denoise import DenoiseOptions
+
+__all__ = [
+    "MODEL_KINDS",
+    "INFERENCE_METHODS",
+    "QC_COVARIATES",
+    "Study",
+    "load_study",
+    "template_text",
+    "demo_study_path",
+    "study_regions",
+    "region_names",
+    "network_names",
+    "model_table",
+    "model_design",
+]
+
+
+#: ``[[models]] kind`` values.
+MODEL_KINDS = ("two-sample", "paired", "regression")
+
+
+
+#: ``[inference] method`` values.
+INFERENCE_METHODS = ("cluster", "tfce", "voxel", "grf")
+
+
+
+_REQUIRED = object()
+# The defaults of [denoise] are DenoiseOptions' own.
+_DENOISE = DenoiseOptions()
+
+#: Defaults of every scalar section; a key absent here is an error.
+_SECTIONS: dict[str, dict[str, Any]] = {
+    "study": {"name": "study", "device": "auto"},
+    "inputs": {
+        # exactly one of: fMRIPrep-style derivatives, a glob of first-level .feat folders, afni_proc.py results
+        "derivatives": "",
+        "feat": "",
+        "afni": "",
+        "participants": "",
+        "space": DEFAULT_SPACE,
+        "subject_column": "participant_id",
+        "group_column": "group",
+        "patients": "cLBP",
+        "controls": "HC",
+        "sessions": ["pre", "post"],
+    },
+    "qc": {"abs_threshold": 3.0, "rel_threshold": 2.0, "outlier_metric": "fd", "outlier_threshold": 0.5},
+    # every field of DenoiseOptions except the outlier rule (from [qc]), with its defaults; 0 stands for None
+    "denoise": {
+        "motion": _DENOISE.motion,
+        "acompcor": _DENOISE.acompcor,
+        "acompcor_mode": _DENOISE.acompcor_mode,
+        "tissue_threshold": _DENOISE.tissue_threshold,
+        "erode": _DENOISE.erode,
+        "physio": _DENOISE.physio,
+        "global_signal": _DENOISE.global_signal,
+        "censor": _DENOISE.censor,
+        "high_pass": _DENOISE.high_pass or 0.0,
+        "low_pass": _DENOISE.low_pass or 0.0,
+        "fwhm": _DENOISE.fwhm,
+        "columns": list(_DENOISE.columns),
+        "min_dof": _DENOISE.min_dof,
+        "tr": _DENOISE.tr or 0.0,
+        "batch_size": 1,
+    },
+    "ica": {"enabled": False, "dim": 10, "seed": 0, "templates": "", "template_names": []},
+    "derived": {},
+    "inference": {
+        "method": "cluster",
+        "n_perm": 500,
+        "seed": 0,
+        "cluster_threshold": 2.3,
+        "tfce_H": 2.0,
+        "tfce_E": 0.5,
+        "connectivity": 26,
+        "alpha": 0.05,
+    },
+    "roi_tests": {"alpha": 0.05, "correlate": [], "post_hoc": "tukey"},
+    "subgroups": {"variable": "", "edges": [], "labels": []},
+}
+
+
+
+#: Keys of each entry of the array-of-table sections.
+_TABLES: dict[str, dict[str, Any]] = {
+    "seeds": {"name": _REQUIRED, "center": _REQUIRED, "radius": 6.0, "mirror": "none"},
+    "rois": {"name": _REQUIRED, "center": _REQUIRED, "radius": 4.0, "mirror": "union"},
+    "networks": {"name": _REQUIRED, "nodes": [], "radius": 10.0},
+    "models": {
+        "name": _REQUIRED,
+        "kind": _REQUIRED,
+        "session": "",
+        "group": "",
+        "contrast": "",
+        "variable": "",
+        "seeds": [],
+        "networks": [],
+        "covariates": [],
+    },
+}
+
+
+
+_CHOICES = {
+    ("qc", "outlier_metric"): ("fd", "rms"),
+    ("denoise", "motion"): ("6", "24", "none"),
+    ("denoise", "physio"): ("auto", "yes", "no"),
+    ("denoise", "censor"): ("spikes", "drop"),
+    ("denoise", "acompcor_mode"): ("combined", "separate"),
+    ("inference", "method"): INFERENCE_METHODS,
+    ("roi_tests", "post_hoc"): ("tukey", "holm"),
+    ("models", "kind"): MODEL_KINDS,
+    ("seeds", "mirror"): ("none", "add", "union"),
+    ("rois", "mirror"): ("none", "add", "union"),
+}
+
+
+
+#: Covariates computed by the runner rather than read from participants.tsv.
+QC_COVARIATES = ("mean_rel_rms",)
+
+
+
+@dataclass
+class Study:
+    """A validated study file.
+
+    Attributes
+    ----------
+    path : Path
+        The study file (relative paths in it are relative to its folder).
+    config : dict
+        Every section with defaults filled in.
+    derivatives, participants : Path
+        Resolved input paths.
+    runs : list of gpuconn.core.bids.Run
+        The preprocessed runs found under ``derivatives``.
+    table : pandas.DataFrame
+        ``participants.tsv`` with the ``[derived]`` columns added.
+    """
+
+    path: Path
+    config: dict
+    derivatives: Path
+    participants: Path
+    runs: list[Run]
+    table: pd.DataFrame
+    ica_templates: Path | None = None
+
+    def section(self, name: str) -> Any:
+        """One section of :attr:`config`."""
+        return self.config[name]
+
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "true/false", int: "a number", float: "a number", str: "a string", list: "a list"}.get(type(value), type(value).__name__)
+
+
+
+def _check_value(where: str, key: str, value: Any, default: Any, source: Path) -> Any:
+    if default is _REQUIRED or default is None:
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, (int, float)):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and isinstance(default, float):
+            value = float(value)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise InputError(f"{source}: {where}.{key} must be {_type_name(default)}, got {value!r}")
+    return value
+
+
+
+def _fill(where: str, given: dict, schema: dict, source: Path) -> dict:
+    unknown = sorted(set(given) - set(schema))
+    if unknown:
+        raise InputError(f"{source}: unknown key {where}.{unknown[0]}; known keys of [{where}]: {', '.join(schema)}")
+    out = {}
+    for key, default in schema.items():
+        if key not in given:
+            if default is _REQUIRED:
+                raise InputError(f"{source}: [{where}] needs the key {key!r}")
+            out[key] = list(default) if isinstance(default, list) else default
+            continue
+        value = _check_value(where, key, given[key], default, source)
+        choices = _CHOICES.get((where, key))
+        if choices is not None and value not in choices:
+            raise InputError(f"{source}: {where}.{key} = {value!r} is not one of {', '.join(map(repr, choices))}")
+        out[key] = value
+    return out
+
+
+
+def _parse(path: Path) -> dict:
+    if not path.is_file():
+        raise InputError(f"study file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not valid TOML: {exc}") from None
+
+
+
+def _validate(raw: dict, path: Path) -> dict:
+    known = set(_SECTIONS) | set(_TABLES)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise InputError(f"{path}: unknown section [{unknown[0]}]; known sections: {', '.join(sorted(known))}")
+    config = {}
+    for name, schema in _SECTIONS.items():
+        given = raw.get(name, {})
+        if not isinstance(given, dict):
+            raise InputError(f"{path}: {name} must be a [{name}] table")
+        if name == "derived":
+            bad = [k for k, v in given.items() if not isinstance(v, str)]
+            if bad:
+                raise InputError(f"{path}: derived.{bad[0]} must be an expression string such as \"pain_post - pain_pre\"")
+            config[name] = dict(given)
+            continue
+        config[name] = _fill(name, given, schema, path)
+    for name, schema in _TABLES.items():
+        entries = raw.get(name, [])
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise InputError(f"{path}: {name} must be written as [[{name}]] tables")
+        config[name] = [_fill(name, entry, schema, path) for entry in entries]
+    _check_regions(config, path)
+    _check_models(config, path)
+    _check_inference(config, path)
+    bad = [c for c in config["denoise"]["columns"] if not isinstance(c, str)]
+    if bad:
+        raise InputError(f"{path}: denoise.columns must list confounds column names (strings), got {bad[0]!r}")
+    return config
+
+
+
+def _check_regions(config: dict, path: Path) -> None:
+    for kind in ("seeds", "rois"):
+        names = [entry["name"] for entry in config[kind]]
+        if len(set(names)) != len(names):
+            raise InputError(f"{path}: [[{kind}]] names must be unique, got {names}")
+        for entry in config[kind]:
+            center = entry["center"]
+            if not (isinstance(center, list) and len(center) == 3 and all(isinstance(v, (int, float)) for v in center)):
+                raise InputError(f"{path}: {kind} {entry['name']!r}: center must be [x, y, z] in MNI mm, got {center!r}")
+            sphere_regions(entry["name"], center, entry["radius"], mirror=entry["mirror"], what="ROI" if kind == "rois" else "seed")
+    if not config["seeds"]:
+        raise InputError(f"{path}: at least one [[seeds]] table is needed")
+
+
+
+def region_names(config: dict, kind: str) -> list[str]:
+    return [region.name for region in study_regions(config, kind)]
+
+
+
+def study_regions(config: dict, kind: str) -> list:
+    what = "ROI" if kind == "rois" else "seed"
+    return [r for e in config[kind] for r in sphere_regions(e["name"], e["center"], e["radius"], mirror=e["mirror"], what=what)]
+
+
+
+def network_names(config: dict) -> list[str]:
+    """ICA networks: the template image's volume names, else the ``[[networks]]`` tables."""
+    return list(config["ica"]["template_names"]) if config["ica"]["templates"] else [n["name"] for n in config["networks"]]
+
+
+
+def _check_networks(config: dict, path: Path) -> None:
+    ica = config["ica"]
+    if ica["templates"] and not ica["template_names"]:
+        raise InputError(f"{path}: ica.templates needs ica.template_names (one name per template volume)")
+    for network in config["networks"]:
+        nodes = network["nodes"]
+        if ica["templates"]:
+            raise InputError(f"{path}: give ICA templates either as ica.templates (an image) or as [[networks]] nodes, not both")
+        if not nodes or not all(isinstance(n, list) and len(n) == 3 and all(isinstance(v, (int, float)) for v in n) for n in nodes):
+            raise InputError(f"{path}: networks {network['name']!r}: nodes must be a list of [x, y, z] MNI mm, got {nodes!r}")
+    names = network_names(config)
+    for model in config["models"]:
+        bad = [n for n in model["networks"] if n not in names]
+        if bad:
+            raise InputError(f"{path}: model {model['name']!r}: network {bad[0]!r} is not an ICA network of the study ({', '.join(names) or 'none'})")
+        if model["networks"] and not ica["enabled"]:
+            raise InputError(f"{path}: model {model['name']!r} tests ICA networks but [ica] enabled = false")
+
+
+
+def _check_models(config: dict, path: Path) -> None:
+    _check_networks(config, path)
+    seeds = region_names(config, "seeds")
+    inputs = config["inputs"]
+    names = [m["name"] for m in config["models"]]
+    if len(set(names)) != len(names):
+        raise InputError(f"{path}: [[models]] names must be unique, got {names}")
+    if len(inputs["sessions"]) not in (1, 2):
+        raise InputError(f"{path}: inputs.sessions must list one or two sessions (first, second), got {inputs['sessions']}")
+    for model in config["models"]:
+        where = f"{path}: model {model['name']!r}"
+        bad = [s for s in model["seeds"] if s not in seeds]
+        if bad:
+            raise InputError(f"{where}: seed {bad[0]!r} is not a seed of the study ({', '.join(seeds)})")
+        model["seeds"] = model["seeds"] or ([] if model["networks"] else seeds)
+        if model["kind"] == "regression" and not model["variable"]:
+            raise InputError(f"{where}: a regression model needs variable = \"COLUMN\"")
+        if model["kind"] in ("paired",) and len(inputs["sessions"]) != 2:
+            raise InputError(f"{where}: a paired model needs two inputs.sessions")
+        if model["session"] and model["session"] not in inputs["sessions"] + ["change"]:
+            raise InputError(f"{where}: session {model['session']!r} is not one of {inputs['sessions'] + ['change']}")
+        if model["kind"] == "paired":
+            model["session"] = "change"
+        elif not model["session"]:
+            model["session"] = inputs["sessions"][0]
+        if model["kind"] == "two-sample":
+            levels = model["contrast"].split(">") if model["contrast"] else [inputs["patients"], inputs["controls"]]
+            if len(levels) != 2 or not all(levels):
+                raise InputError(f"{where}: contrast must read \"A>B\" with two groups, got {model['contrast']!r}")
+            model["contrast"] = ">".join(s.strip() for s in levels)
+        elif model["kind"] == "paired" and not model["group"]:
+            model["group"] = inputs["patients"]
+
+
+
+def _check_inference(config: dict, path: Path) -> None:
+    inference = config["inference"]
+    if inference["n_perm"] < 0 or int(inference["n_perm"]) != inference["n_perm"]:
+        raise InputError(f"{path}: inference.n_perm must be a whole number >= 0 (0 = exhaustive), got {inference['n_perm']}")
+    if inference["connectivity"] not in (6, 18, 26):
+        raise InputError(f"{path}: inference.connectivity must be 6, 18 or 26, got {inference['connectivity']}")
+    if not 0 < inference["alpha"] < 1:
+        raise InputError(f"{path}: inference.alpha must be between 0 and 1, got {inference['alpha']}")
+    groups = config["subgroups"]
+    if groups["variable"]:
+        edges, labels = groups["edges"], groups["labels"]
+        if len(edges) < 3 or len(labels) != len(edges) - 1 or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise InputError(
+                f"{path}: subgroups need increasing edges (n + 1 numbers, e.g. [0, 8, 16, 39]) and n labels; "
+                f"got edges {edges} and labels {labels}"
+            )
+
+
+
+def _add_derived(table: pd.DataFrame, derived: dict[str, str], path: Path) -> pd.DataFrame:
+    table = table.copy()
+    for name, expression in derived.items():
+        try:
+            table[name] = table.eval(expression)
+        except Exception as exc:  # pandas raises several types for a bad expression
+            raise InputError(f"{path}: derived.{name} = {expression!r} cannot be computed from participants.tsv: {exc}") from None
+    return table
+
+
+
+def _check_columns(config: dict, table: pd.DataFrame, participants: Path, path: Path) -> None:
+    inputs = config["inputs"]
+    needed = [("inputs.subject_column", inputs["subject_column"]), ("inputs.group_column", inputs["group_column"])]
+    for model in config["models"]:
+        needed += [(f"model {model['name']!r} covariate", c) for c in model["covariates"] if c not in QC_COVARIATES]
+        if model["variable"]:
+            needed.append((f"model {model['name']!r} variable", model["variable"]))
+    needed += [("roi_tests.correlate", column) for column in config["roi_tests"]["correlate"]]
+    if config["subgroups"]["variable"]:
+        needed.append(("subgroups.variable", config["subgroups"]["variable"]))
+    for key, column in needed:
+        if column not in table.columns:
+            raise InputError(
+                f"{path}: {key} {column!r} is not a column of {participants} "
+                f"(columns: {', '.join(map(str, table.columns))}); add it or a [derived] expression"
+            )
+    groups = set(table[inputs["group_column"]].astype(str))
+    for key in ("patients", "controls"):
+        if inputs[key] not in groups:
+            raise InputError(f"{path}: inputs.{key} = {inputs[key]!r} is not a value of column {inputs['group_column']!r} in {participants}")
+
+
+
+def load_study(path: str | os.PathLike, *, check_inputs: bool = True) -> Study:
+    """Read and validate a study file.
+
+    Parameters
+    ----------
+    path : path-like
+        The TOML study file.
+    check_inputs : bool, default True
+        Also check the input folder, ``participants.tsv`` and its columns.
+
+    Returns
+    -------
+    Study
+
+    Raises
+    ------
+    InputError
+        Unknown sections or keys, wrong types or values, missing files or
+        columns; the message names the key or file.
+    """
+    path = Path(path).resolve()
+    config = _validate(_parse(path), path)
+    inputs = config["inputs"]
+    given = [key for key in ("derivatives", "feat", "afni") if inputs[key]]
+    if len(given) != 1:
+        raise InputError(f"{path}: [inputs] needs one of derivatives (fMRIPrep-style folder), feat (glob of .feat "
+                         f"folders) or afni (afni_proc.py results); got {', '.join(given) or 'none'}")
+    source = given[0]
+    derivatives = _input_root(path.parent, inputs[source], source)
+    participants = (path.parent / inputs["participants"]).resolve() if inputs["participants"] else derivatives / "participants.tsv"
+    templates = (path.parent / config["ica"]["templates"]).resolve() if config["ica"]["templates"] else None
+    if not check_inputs:
+        return Study(path, config, derivatives, participants, [], pd.DataFrame(), templates)
+    if templates is not None and not templates.is_file():
+        raise InputError(f"{path}: ica.templates file not found: {templates}")
+    if not derivatives.is_dir():
+        raise InputError(f"{path}: inputs.{source} folder not found: {derivatives}")
+    if not participants.is_file():
+        raise InputError(f"{path}: inputs.participants file not found: {participants}")
+    table = _add_derived(io.read_tsv(participants, what="participants"), config["derived"], path)
+    _check_columns(config, table, participants, path)
+    if source == "feat":
+        runs = study_runs(str(path.parent / inputs["feat"]))
+    else:  # find_runs reads afni_proc.py results folders too
+        runs = find_runs(derivatives, space=inputs["space"])
+    known = set(table[inputs["subject_column"]].astype(str))
+    missing = sorted({f"sub-{r.subject}" for r in runs} - known)
+    if missing:
+        raise InputError(f"{participants} has no row for {', '.join(missing[:5])} (found under {derivatives}); add them")
+    study = Study(path, config, derivatives, participants, runs, table, templates)
+    _preflight_models(study)
+    return study
+
+
+
+
+def _input_root(base: Path, value: str, source: str) -> Path:
+    """The folder of the inputs: the value, or for a ``feat`` glob its part before the first wildcard."""
+    if source != "feat":
+        return (base / value).resolve()
+    parts = Path(value).parts
+    fixed = list(itertools.takewhile(lambda p: not glob.has_magic(p), parts))
+    root = base.joinpath(*fixed)
+    return (root.parent if len(fixed) == len(parts) else root).resolve()
+
+def _preflight_models(study: Study) -> None:
+    """Build every group design from the runs found (before QC) so a bad model fails before any work."""
+    placeholder_qc = pd.DataFrame({"run": [r.prefix for r in study.runs], "mean_rel_rms": 0.1 + 1e-3 * np.arange(len(study.runs))})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model in study.section("models"):
+            table, _ = model_table(study, placeholder_qc, model, study.runs)
+            if table.empty:
+                raise InputError(f"{study.path}: model {model['name']!r} has no subject with the runs it needs "
+                                 f"(session {model['session']!r}, group {model['group'] or model['contrast']!r}) under {study.derivatives}")
+            model_design(study, model, table)
+
+
+
+def demo_study_path() -> Path:
+    """The bundled demo study file (``gpuconn/data/demo_study.toml``)."""
+    return Path(str(resources.files("gpuconn") / "data" / "demo_study.toml"))
+
+
+
+def template_text() -> str:
+    """A commented study file (the bundled demo study), for ``gpuconn study init``."""
+    return demo_study_path().read_text()
+
+
+
+def model_table(study: Study, qc: pd.DataFrame, model: dict, runs: Sequence[Run]) -> tuple[pd.DataFrame, list[tuple[Run, ...]]]:
+    """Observations of a group model: one row per subject and the runs behind it.
+
+    Parameters
+    ----------
+    study : Study
+    qc : pandas.DataFrame
+        The QC table (``run``, ``participant_id``, ``session``, ``mean_rel_rms``...).
+    model : dict
+        One validated ``[[models]]`` entry.
+    runs : sequence of Run
+        The runs that passed QC.
+
+    Returns
+    -------
+    table : pandas.DataFrame
+        Participants' rows (with ``mean_rel_rms`` from QC, averaged over the
+        runs used) in subject order.
+    run_sets : list of tuple of Run
+        ``(run,)`` for a session model, ``(first, second)`` for a change model.
+    """
+    inputs = study.section("inputs")
+    subject_col, group_col = inputs["subject_column"], inputs["group_column"]
+    table = study.table.copy()
+    table[subject_col] = table[subject_col].astype(str)
+    by_key = {(f"sub-{r.subject}", r.session or ""): r for r in runs}
+    motion = qc.set_index("run")["mean_rel_rms"].to_dict()
+    if model["kind"] == "two-sample":
+        table = table[table[group_col].astype(str).isin(model["contrast"].split(">"))]
+    elif model["group"]:
+        table = table[table[group_col].astype(str) == model["group"]]
+    sessions = inputs["sessions"] if model["session"] == "change" else [model["session"]]
+    rows, run_sets = [], []
+    for _, row in table.iterrows():
+        found = tuple(by_key.get((row[subject_col], s)) for s in sessions)
+        if any(r is None for r in found):
+            continue
+        rows.append({**row.to_dict(), "mean_rel_rms": float(np.mean([motion[r.prefix] for r in found]))})
+        run_sets.append(found)
+    return pd.DataFrame(rows, columns=list(table.columns) + ["mean_rel_rms"]), run_sets
+
+
+
+def model_design(study: Study, model: dict, table: pd.DataFrame):
+    inputs = study.section("inputs")
+    constant = [c for c in model["covariates"] if table[c].nunique(dropna=False) < 2]
+    if constant:
+        warnings.warn(f"model {model['name']!r}: covariate(s) {', '.join(constant)} take a single value in its "
+                      f"{len(table)} observations and are left out of the design", UserWarning, stacklevel=2)
+    covariates = [c for c in model["covariates"] if c not in constant]
+    common = dict(covariates=covariates, subject=inputs["subject_column"], source=f"model {model['name']!r}")
+    if model["kind"] == "two-sample":
+        return build_design(table, "two-sample", group=inputs["group_column"], levels=model["contrast"].split(">"), **common)
+    if model["kind"] == "paired":
+        return build_design(table, "paired", paired_mode="differences", **common)
+    return build_design(table, "regression", variable=model["variable"], **common)
