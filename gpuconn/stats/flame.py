@@ -1,0 +1,439 @@
+"""Mixed-effects group analysis as FSL ``flameo``: OLS, fixed effects and FLAME1, batched over voxels.
+
+Model (Woolrich et al. 2004, NeuroImage 21:1732; Beckmann et al. 2003)
+-------------------------------------------------------------------------
+At each voxel the first-level estimates ``y`` (one cope per subject) and
+their variances ``s`` (varcopes) follow
+
+    y = X beta + e,   e_i ~ N(0, s_i + b_g(i)),
+
+with ``b_g`` the random-effects (between-subject) variance of the
+variance group ``g`` of subject ``i`` (``design.grp``; one group by
+default). With ``W = diag(1 / (s + b))``:
+
+- ``fe`` (fixed effects): ``b = 0``; GLS ``beta = (X'WX)^-1 X'W y``,
+  ``cov = (X'WX)^-1``; t dof 1000, as flameo without a dof file.
+- ``ols``: ``beta = pinv(X) y``, ``cov = (X'X)^-1 RSS / (N - P)``, dof ``N - P``
+  (varcopes ignored).
+- ``flame1``: each ``b_g`` is the mode of its marginal posterior (flameo's
+  ``solveforbeta``), using the rows of group ``g`` only, then GLS with all
+  groups; t dof ``N - P`` (flameo's lower bound, which it reports).
+
+The marginal posterior energy of ``b`` (flameo ``marg_posterior_energy``;
+its prior ``1/b`` and the Jacobian of the log-variance parameterisation
+cancel) is the restricted (REML) negative log-likelihood
+
+    E(b) = 1/2 [ sum_i log(s_i + b) + log|Z'WZ| + r'Wr ],   r = y - Z (Z'WZ)^-1 Z'W y,
+
+where ``Z`` is the group's design rows. Here ``Z`` is replaced by an
+orthonormal basis of its column space (rank-revealing SVD), which changes
+``E`` by a constant only and keeps ``Z'WZ`` invertible when a group's rows
+leave a design column all zero (the other group's mean in a two-group
+design).
+
+Search
+------
+flameo runs Brent's method per voxel on ``x = log b`` in
+``[log 1e-10, log 1e10]``. Here every voxel is searched at once, in float64:
+``y`` and ``s`` are first scaled by ``scale = var(y) + mean(s)`` of the
+voxel's group (``E`` is equivariant, so the mode scales back exactly), then
+
+1. ``E`` on a grid of ``x`` (one point per decade of ``b / scale`` from
+   1e-10 to 1e3) picks the lowest grid point;
+2. safeguarded Newton on ``x`` with the analytic first and second
+   derivatives of ``E`` (``dE/db = (tr P - y'PPy) / 2``,
+   ``d2E/db2 = (2 y'PPPy - tr PP) / 2``, ``P = W - WZ(Z'WZ)^-1 Z'W``),
+   kept inside the bracket of the neighbouring grid points and falling back
+   to bisection on the sign of ``dE/dx``; each voxel stops when its step or
+   bracket is below 1e-10 (a per-voxel convergence mask).
+
+A mode below ``1e-10 scale`` is reported as the lower end of the range (as
+flameo reports ``max(1e-10, b)``); voxels whose copes and varcopes are all
+zero (``scale = 0``) get zeros in every output.
+
+See Also
+--------
+FSL ``flameo`` (``gsmanager.cc``: ``strap_on``, ``solveforbeta``,
+``em_contrasts``, ``t_ols_contrast``), HALFpipe's Python port of FLAME1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..backend import DESIGN_DTYPE, chunk_size, resolve_device, run_chunked, to_numpy
+from ..errors import InputError
+from .glm import f_to_z, t_to_z
+
+__all__ = [
+    "RUN_MODES",
+    "FE_DOF",
+    "FlameResult",
+    "check_flame_inputs",
+    "estimate_re_variance",
+    "flame",
+]
+
+#: flameo's ``--runmode`` values implemented here (``flame12`` is not yet).
+RUN_MODES = ("fe", "ols", "flame1")
+#: t / F denominator dof flameo uses in fixed-effects mode without ``--dvc``.
+FE_DOF = 1000.0
+# Search range of b / scale and the grid on it (one point per decade).
+_LOG_LOW, _LOG_HIGH = float(np.log(1e-10)), float(np.log(1e3))
+_GRID = torch.linspace(_LOG_LOW, _LOG_HIGH, 14, dtype=torch.float64)
+_X_TOL = 1e-10
+_MAX_NEWTON = 100
+_RANK_TOL = 1e-10
+
+
+@dataclass(frozen=True)
+class FlameResult:
+    """flameo's outputs for the voxels of a mask (``stats/`` maps before unmasking).
+
+    Attributes
+    ----------
+    pe : ndarray, shape (n_regressors, n_voxels)
+        Parameter estimates (``pe<i>``).
+    cope, varcope, tstat, zstat, tdof : ndarray, shape (n_contrasts, n_voxels)
+        Per t contrast (``cope<i>``, ``varcope<i>``, ``tstat<i>``,
+        ``zstat<i>``, ``tdof_t<i>``).
+    fstat, zfstat, fdof2 : ndarray, shape (n_ftests, n_voxels)
+        Per F test (``fstat<j>``, ``zfstat<j>``, ``fdof2_f<j>``).
+    fdof1 : ndarray, shape (n_ftests,)
+        Numerator dof (contrasts combined) of each F test.
+    re_variance : ndarray, shape (n_groups, n_voxels)
+        Random-effects variance of each variance group
+        (``mean_random_effects_var<g>``; 0 for ``fe`` and ``ols``).
+    run_mode : str
+    """
+
+    pe: np.ndarray
+    cope: np.ndarray
+    varcope: np.ndarray
+    tstat: np.ndarray
+    zstat: np.ndarray
+    tdof: np.ndarray
+    re_variance: np.ndarray
+    run_mode: str
+    fstat: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    zfstat: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    fdof1: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    fdof2: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+
+
+def _group_labels(groups: np.ndarray | None, n_obs: int, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """Map ``design.grp`` values to 0..n_groups-1 (in sorted order of the labels)."""
+    if groups is None:
+        return np.zeros(n_obs, dtype=np.int64), np.array([1])
+    groups = np.asarray(groups).ravel()
+    if groups.shape[0] != n_obs:
+        raise InputError(
+            f"{source} has {groups.shape[0]} rows but there are {n_obs} subjects (volumes of --cope); "
+            "give one variance group per subject"
+        )
+    if not np.all(np.isfinite(groups)) or not np.all(groups == np.round(groups)) or np.any(groups < 1):
+        raise InputError(f"{source} must hold positive integer variance-group labels (1, 2, ...)")
+    values, index = np.unique(groups.astype(np.int64), return_inverse=True)
+    return index.astype(np.int64), values
+
+
+def check_flame_inputs(
+    copes: np.ndarray,
+    varcopes: np.ndarray,
+    design: np.ndarray,
+    *,
+    run_mode: str = "flame1",
+    groups: np.ndarray | None = None,
+    cope_source: str = "--cope",
+    varcope_source: str = "--varcope",
+    design_source: str = "--dm",
+    groups_source: str = "--cs",
+) -> None:
+    """Raise an :class:`InputError` for inputs flameo cannot fit.
+
+    Parameters
+    ----------
+    copes, varcopes : ndarray, shape (n_subjects, n_voxels)
+    design : ndarray, shape (n_subjects, n_regressors)
+    run_mode : {'fe', 'ols', 'flame1'}
+    groups : ndarray, shape (n_subjects,), optional
+    cope_source, varcope_source, design_source, groups_source : str
+        File names for the messages.
+
+    Raises
+    ------
+    InputError
+        Unknown run mode; shapes that disagree; NaN/Inf copes; negative or
+        NaN varcopes; zero varcopes in ``fe`` mode; as many regressors as
+        subjects (no residual dof); a group file of the wrong length or a
+        group with fewer subjects than its design rank plus one.
+    """
+    if run_mode not in RUN_MODES:
+        extra = " (FLAME1+2 is not implemented yet; use flame1)" if run_mode == "flame12" else ""
+        raise InputError(f"--runmode {run_mode!r} is not one of {', '.join(RUN_MODES)}{extra}")
+    copes, varcopes, design = np.asarray(copes), np.asarray(varcopes), np.asarray(design)
+    if copes.ndim != 2 or copes.shape != varcopes.shape:
+        raise InputError(
+            f"{cope_source} has shape {copes.shape} but {varcope_source} has {varcopes.shape}; "
+            "give one varcope volume per cope volume on the same grid"
+        )
+    n_obs = copes.shape[0]
+    if design.ndim != 2 or design.shape[0] != n_obs:
+        raise InputError(
+            f"{design_source} has {design.shape[0]} rows but {cope_source} has {n_obs} volumes; "
+            "give one design row per subject, in the same order"
+        )
+    if design.shape[1] >= n_obs:
+        raise InputError(
+            f"{design_source} has {design.shape[1]} columns for {n_obs} subjects: no residual degrees of freedom; "
+            "use more subjects or fewer regressors"
+        )
+    if not np.all(np.isfinite(copes)):
+        raise InputError(f"{cope_source} has NaN or Inf inside the mask; fix the image or tighten the mask")
+    bad = ~np.isfinite(varcopes) | (varcopes < 0)
+    if bad.any():
+        raise InputError(
+            f"{varcope_source} has {int(bad.any(axis=0).sum())} voxel(s) with negative, NaN or Inf variances "
+            "inside the mask; varcopes must be finite and >= 0 (check the first-level outputs or the mask)"
+        )
+    if run_mode == "fe" and np.any(varcopes <= 0):
+        raise InputError(
+            f"{varcope_source} has zero variances inside the mask; fixed effects (--runmode fe) needs varcopes > 0 "
+            "(use flame1 or ols, or tighten the mask)"
+        )
+    labels, values = _group_labels(groups, n_obs, groups_source)
+    if run_mode == "flame1":
+        for g, value in enumerate(values):
+            rows = design[labels == g]
+            rank = int(np.linalg.matrix_rank(rows)) if rows.size else 0
+            if rows.shape[0] <= rank:
+                raise InputError(
+                    f"{groups_source}: variance group {value} has {rows.shape[0]} subject(s) for a design of rank "
+                    f"{rank} within it; FLAME1 needs more subjects than that in every group (merge groups)"
+                )
+
+
+def _basis(rows: np.ndarray) -> np.ndarray:
+    """Orthonormal basis (n_rows, rank) of the column space of ``rows`` (float64)."""
+    u, sv, _ = np.linalg.svd(np.asarray(rows, dtype=np.float64), full_matrices=False)
+    keep = sv > _RANK_TOL * max(sv.max(initial=0.0), 1.0) * max(rows.shape)
+    return u[:, keep]
+
+
+def _reml(x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, q: torch.Tensor, *, derivatives: bool):
+    """REML energy ``E(exp(x))`` (and ``dE/dx``, ``d2E/dx2``) for each voxel.
+
+    ``x`` (V,), ``y`` and ``s`` (V, n), ``q`` (n, k); all float64 on one device.
+    """
+    b = torch.exp(x)
+    w = 1.0 / (s + b[:, None])  # (V, n)
+    qw = w[:, :, None] * q  # (V, n, k)
+    a = qw.transpose(1, 2) @ q  # Z'WZ, (V, k, k)
+    chol = torch.linalg.cholesky(a)
+    gam = torch.cholesky_solve((qw.transpose(1, 2) @ y[:, :, None]), chol)  # (V, k, 1)
+    r = y - (q @ gam)[:, :, 0]
+    wr = w * r
+    logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(dim=1)
+    energy = 0.5 * (torch.log(s + b[:, None]).sum(dim=1) + logdet + (wr * r).sum(dim=1))
+    if not derivatives:
+        return energy
+    bb = qw.transpose(1, 2) @ qw  # Z'W^2Z
+    cc = qw.transpose(1, 2) @ (w[:, :, None] * qw)  # Z'W^3Z
+    ainv_b = torch.cholesky_solve(bb, chol)
+    ainv_c = torch.cholesky_solve(cc, chol)
+    tr_p = w.sum(dim=1) - torch.diagonal(ainv_b, dim1=1, dim2=2).sum(dim=1)
+    ypp_y = (wr * wr).sum(dim=1)
+    tr_pp = (w * w).sum(dim=1) - 2.0 * torch.diagonal(ainv_c, dim1=1, dim2=2).sum(dim=1) \
+        + (ainv_b * ainv_b.transpose(1, 2)).sum(dim=(1, 2))
+    u = qw.transpose(1, 2) @ wr[:, :, None]  # Z'W (P y)
+    yppp_y = (w * wr * wr).sum(dim=1) - (u * torch.cholesky_solve(u, chol)).sum(dim=(1, 2))
+    d1 = 0.5 * (tr_p - ypp_y)
+    d2 = 0.5 * (2.0 * yppp_y - tr_pp)
+    return energy, b * d1, b * d1 + b * b * d2
+
+
+def _search(y: torch.Tensor, s: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Log of the mode of ``E`` (in scaled units) for each voxel: grid, then safeguarded Newton."""
+    n_vox = y.shape[0]
+    grid = _GRID.to(y.device)
+    energies = torch.stack([_reml(grid[i].expand(n_vox), y, s, q, derivatives=False) for i in range(len(grid))], 1)
+    best = torch.argmin(torch.nan_to_num(energies, nan=torch.inf), dim=1)
+    x = grid[best]
+    lo = grid[(best - 1).clamp(min=0)]
+    hi = grid[(best + 1).clamp(max=len(grid) - 1)]
+    active = torch.ones(n_vox, dtype=torch.bool, device=y.device)
+    # A minimum at an end of the range where E still rises inwards is the answer.
+    _, g0, _ = _reml(x, y, s, q, derivatives=True)
+    at_end = ((best == 0) & (g0 >= 0)) | ((best == len(grid) - 1) & (g0 <= 0))
+    active &= ~at_end
+    for _ in range(_MAX_NEWTON):
+        idx = torch.nonzero(active).squeeze(1)
+        if idx.numel() == 0:
+            break
+        xa, la, ha = x[idx], lo[idx], hi[idx]
+        _, g, h = _reml(xa, y[idx], s[idx], q, derivatives=True)
+        la = torch.where(g < 0, xa, la)
+        ha = torch.where(g > 0, xa, ha)
+        newton = xa - g / h
+        ok = (h > 0) & (newton > la) & (newton < ha) & torch.isfinite(newton)
+        x_new = torch.where(ok, newton, 0.5 * (la + ha))
+        done = ((x_new - xa).abs() < _X_TOL) | ((ha - la) < _X_TOL) | (g == 0)
+        x[idx], lo[idx], hi[idx] = x_new, la, ha
+        active[idx[done]] = False
+    return x
+
+
+def estimate_re_variance(
+    copes: torch.Tensor, varcopes: torch.Tensor, design: np.ndarray
+) -> torch.Tensor:
+    """FLAME1 random-effects variance (marginal-posterior mode) of one variance group.
+
+    Parameters
+    ----------
+    copes, varcopes : Tensor, shape (n_subjects, n_voxels)
+        The group's subjects only; any device (computed in float64 there).
+    design : ndarray, shape (n_subjects, n_regressors)
+        The group's design rows.
+
+    Returns
+    -------
+    Tensor of float64, shape (n_voxels,)
+        0 where the copes and varcopes are all zero.
+    """
+    y = copes.to(DESIGN_DTYPE).T.contiguous()
+    s = varcopes.to(DESIGN_DTYPE).T.contiguous()
+    q = torch.as_tensor(_basis(design), dtype=DESIGN_DTYPE, device=y.device)
+    scale = y.var(dim=1, unbiased=False) + s.mean(dim=1)
+    valid = scale > 0
+    safe = torch.where(valid, scale, torch.ones_like(scale))
+    x = _search(y / safe.sqrt()[:, None], s / safe[:, None], q)
+    return torch.where(valid, torch.exp(x) * safe, torch.zeros_like(scale))
+
+
+def _fit_chunk(y, s, x, contrasts, ftests, labels, n_groups, run_mode, design_np):
+    """GLS/OLS fit of a chunk (V voxels): returns dict of float64 tensors."""
+    n_obs, n_reg = x.shape
+    n_vox = y.shape[1]
+    if run_mode == "ols":
+        xtx_inv = torch.linalg.inv(x.T @ x)
+        beta = xtx_inv @ x.T @ y  # (p, V)
+        r = y - x @ beta
+        sigma2 = (r * r).sum(dim=0) / (n_obs - n_reg)
+        cov = xtx_inv[None] * sigma2[:, None, None]  # (V, p, p)
+        re_var = torch.zeros((n_groups, n_vox), dtype=DESIGN_DTYPE, device=y.device)
+        valid = torch.ones(n_vox, dtype=torch.bool, device=y.device)
+    else:
+        re_var = torch.zeros((n_groups, n_vox), dtype=DESIGN_DTYPE, device=y.device)
+        if run_mode == "flame1":
+            for g in range(n_groups):
+                rows = torch.as_tensor(np.flatnonzero(labels == g), device=y.device)
+                re_var[g] = estimate_re_variance(y[rows], s[rows], design_np[labels == g])
+        lab = torch.as_tensor(labels, device=y.device)
+        total = s + re_var[lab]  # (n, V)
+        valid = (total > 0).all(dim=0)
+        w = 1.0 / torch.where(valid[None], total, torch.ones_like(total))
+        xw = w.T[:, :, None] * x[None]  # (V, n, p)
+        a = xw.transpose(1, 2) @ x  # (V, p, p)
+        cov = torch.linalg.inv(a)
+        beta = (cov @ (xw.transpose(1, 2) @ y.T[:, :, None]))[:, :, 0].T  # (p, V)
+    cope = contrasts @ beta  # (c, V)
+    varcope = torch.einsum("cp,vpq,cq->cv", contrasts, cov, contrasts)
+    tstat = cope / varcope.clamp(min=torch.finfo(DESIGN_DTYPE).tiny).sqrt()
+    out = {"pe": beta, "cope": cope, "varcope": varcope, "tstat": tstat, "re_variance": re_var, "valid": valid}
+    fstats = []
+    for row in ftests:
+        c = contrasts[torch.as_tensor(np.flatnonzero(row), device=y.device)]  # (r, p)
+        cb = (c @ beta).T[:, :, None]  # (V, r, 1)
+        ccc = c[None] @ cov @ c.T[None]  # (V, r, r)
+        fstats.append((cb * torch.linalg.solve(ccc, cb)).sum(dim=(1, 2)) / c.shape[0])
+    out["fstat"] = torch.stack(fstats) if fstats else torch.zeros((0, n_vox), dtype=DESIGN_DTYPE, device=y.device)
+    return out
+
+
+def flame(
+    copes: np.ndarray | torch.Tensor,
+    varcopes: np.ndarray | torch.Tensor,
+    design: np.ndarray,
+    contrasts: np.ndarray,
+    *,
+    ftests: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+    run_mode: str = "flame1",
+    device: str | torch.device = "auto",
+    chunk: int | None = None,
+) -> FlameResult:
+    """Group mixed-effects GLM as FSL ``flameo`` (``fe``, ``ols``, ``flame1``), all voxels at once.
+
+    Parameters
+    ----------
+    copes, varcopes : ndarray or Tensor, shape (n_subjects, n_voxels)
+        First-level estimates and their variances (``--cope``, ``--varcope``).
+    design : ndarray, shape (n_subjects, n_regressors)
+        ``design.mat`` (``--dm``).
+    contrasts : ndarray, shape (n_contrasts, n_regressors)
+        t contrasts (``--tc``).
+    ftests : ndarray of {0, 1}, shape (n_ftests, n_contrasts), optional
+        F tests (``--fc``).
+    groups : ndarray of int, shape (n_subjects,), optional
+        Variance groups (``--cs``, ``design.grp``); one group by default.
+    run_mode : {'flame1', 'fe', 'ols'}, default 'flame1'
+    device : str or torch.device, default 'auto'
+    chunk : int, optional
+        Voxels per batch (default: from free memory). Results do not depend
+        on it beyond float64 round-off.
+
+    Returns
+    -------
+    FlameResult
+
+    Raises
+    ------
+    InputError
+        See :func:`check_flame_inputs`.
+
+    Notes
+    -----
+    z statistics use flameo's dof: ``N - P`` for ``ols`` and ``flame1``
+    (its lower bound), :data:`FE_DOF` for ``fe``.
+    """
+    copes_np = to_numpy(copes) if torch.is_tensor(copes) else np.asarray(copes)
+    varcopes_np = to_numpy(varcopes) if torch.is_tensor(varcopes) else np.asarray(varcopes)
+    design = np.atleast_2d(np.asarray(design, dtype=np.float64))
+    contrasts = np.atleast_2d(np.asarray(contrasts, dtype=np.float64))
+    check_flame_inputs(copes_np, varcopes_np, design, run_mode=run_mode, groups=groups)
+    labels, values = _group_labels(groups, design.shape[0], "--cs")
+    ftests = np.zeros((0, contrasts.shape[0]), dtype=int) if ftests is None else np.atleast_2d(ftests).astype(int)
+    torch_device = resolve_device(device)
+    n_obs, n_reg = design.shape
+    n_vox = copes_np.shape[1]
+    if chunk is None:
+        k = n_reg
+        chunk = chunk_size(8 * n_obs * (6 * k + 12) + 8 * 64, torch_device, n_items=n_vox, fraction=0.25,
+                           maximum=65536)
+    x = torch.as_tensor(design, dtype=DESIGN_DTYPE, device=torch_device)
+    c = torch.as_tensor(contrasts, dtype=DESIGN_DTYPE, device=torch_device)
+
+    def work(start: int, stop: int) -> dict[str, np.ndarray]:
+        y = torch.as_tensor(copes_np[:, start:stop], device=torch_device).to(DESIGN_DTYPE)
+        s = torch.as_tensor(varcopes_np[:, start:stop], device=torch_device).to(DESIGN_DTYPE)
+        out = _fit_chunk(y, s, x, c, ftests, labels, len(values), run_mode, design)
+        return {key: to_numpy(v) for key, v in out.items()}
+
+    parts = [result for _, _, result in run_chunked(work, n_vox, chunk)]
+    merged = {key: np.concatenate([p[key] for p in parts], axis=-1) for key in parts[0]} if parts else {}
+    valid = merged["valid"]
+    dof = FE_DOF if run_mode == "fe" else float(n_obs - n_reg)
+    for key in ("pe", "cope", "varcope", "tstat", "fstat", "re_variance"):
+        merged[key] = np.where(valid, merged[key], 0.0)
+    zstat = np.where(valid, t_to_z(merged["tstat"], dof), 0.0)
+    fdof1 = ftests.sum(axis=1).astype(np.float64)
+    zfstat = np.stack([np.where(valid, f_to_z(f, d1, dof), 0.0) for f, d1 in zip(merged["fstat"], fdof1)]) \
+        if len(ftests) else np.zeros((0, n_vox))
+    return FlameResult(
+        pe=merged["pe"], cope=merged["cope"], varcope=merged["varcope"], tstat=merged["tstat"], zstat=zstat,
+        tdof=np.full(merged["cope"].shape, dof), re_variance=merged["re_variance"], run_mode=run_mode,
+        fstat=merged["fstat"], zfstat=zfstat, fdof1=fdof1, fdof2=np.full(merged["fstat"].shape, dof),
+    )
