@@ -59,13 +59,20 @@ FSL ``flameo`` (``gsmanager.cc``: ``strap_on``, ``solveforbeta``,
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..backend import DESIGN_DTYPE, chunk_size, resolve_device, run_chunked, to_numpy
 from ..errors import InputError
+from ..io import check_same_grid, load_image, masked_data, provenance, save_image, unmask, write_json, write_tsv
+from .design import load_design, read_vest
 from .glm import f_to_z, t_to_z
 
 __all__ = [
@@ -75,6 +82,7 @@ __all__ = [
     "check_flame_inputs",
     "estimate_re_variance",
     "flame",
+    "run_flame",
 ]
 
 #: flameo's ``--runmode`` values implemented here (``flame12`` is not yet).
@@ -411,8 +419,9 @@ def flame(
     n_vox = copes_np.shape[1]
     if chunk is None:
         k = n_reg
+        # Small batches stay in cache on a CPU (4096 voxels ran 3.6x faster than 20000 at N = 181).
         chunk = chunk_size(8 * n_obs * (6 * k + 12) + 8 * 64, torch_device, n_items=n_vox, fraction=0.25,
-                           maximum=65536)
+                           maximum=65536 if torch_device.type == "cuda" else 4096)
     x = torch.as_tensor(design, dtype=DESIGN_DTYPE, device=torch_device)
     c = torch.as_tensor(contrasts, dtype=DESIGN_DTYPE, device=torch_device)
 
@@ -437,3 +446,151 @@ def flame(
         tdof=np.full(merged["cope"].shape, dof), re_variance=merged["re_variance"], run_mode=run_mode,
         fstat=merged["fstat"], zfstat=zfstat, fdof1=fdof1, fdof2=np.full(merged["fstat"].shape, dof),
     )
+
+
+def _grf_clusters(z, mask, img, smooth, out: Path, i: int, z_threshold: float, cluster_p: float) -> pd.DataFrame:
+    """easythresh on one z map: thresh_zstat, cluster_index_zstat and the cluster table (GRF p)."""
+    from .grf import grf_cluster_p
+    from .tables import cluster_table
+
+    labels, p = grf_cluster_p(z, mask, z_threshold=z_threshold, smoothness=smooth)
+    significant = [k for k, v in p.items() if v < cluster_p]
+    z_sig = np.where(np.isin(labels, significant), z, 0.0).astype(np.float32)
+    result = cluster_table(unmask(z, mask, fill=np.nan), img.affine, threshold=z_threshold, mask=mask,
+                           cluster_p=p, maxima=False)
+    table = result.table[result.table["p"] < cluster_p].reset_index(drop=True)
+    index_image = np.where(np.isin(result.index_image, table["cluster_index"]), result.index_image, 0)
+    save_image(unmask(z_sig, mask), img, out / f"thresh_zstat{i}.nii.gz", sidecar=False)
+    save_image(index_image, img, out / f"cluster_index_zstat{i}.nii.gz", sidecar=False, dtype=np.int32)
+    write_tsv(table, out / f"cluster_zstat{i}.tsv")
+    return table
+
+
+def run_flame(
+    cope_path: str | os.PathLike,
+    varcope_path: str | os.PathLike,
+    design_path: str | os.PathLike,
+    contrast_path: str | os.PathLike,
+    output_dir: str | os.PathLike = "stats",
+    *,
+    ftest_path: str | os.PathLike | None = None,
+    groups_path: str | os.PathLike | None = None,
+    mask_path: str | os.PathLike | None = None,
+    run_mode: str = "flame1",
+    z_threshold: float | None = 2.3,
+    cluster_p: float = 0.05,
+    device: str = "auto",
+    params: Mapping[str, Any] | None = None,
+) -> dict[str, pd.DataFrame]:
+    """File-level flameo (``gpuconn flame``): read the inputs, fit, write ``stats/``, GRF clusters.
+
+    Writes into ``output_dir`` flameo's names: ``pe<k>``, ``cope<i>``,
+    ``varcope<i>``, ``tstat<i>``, ``zstat<i>``, ``tdof_t<i>``, ``fstat<j>``,
+    ``zfstat<j>``, ``mean_random_effects_var<g>``, ``res4d`` and ``mask``
+    (``.nii.gz``); with a cluster threshold also, per t contrast,
+    ``thresh_zstat<i>``, ``cluster_index_zstat<i>`` and
+    ``cluster_zstat<i>.tsv`` (GRF cluster p from the smoothness of
+    ``res4d``, as FEAT runs smoothest and cluster) and ``smoothness.json``;
+    and ``flame.json`` with the parameters and versions.
+
+    Parameters
+    ----------
+    cope_path, varcope_path : path-like
+        4D images, one volume per subject (``--cope``, ``--varcope``).
+    design_path, contrast_path : path-like
+        ``design.mat`` and ``design.con`` (``--dm``, ``--tc``).
+    output_dir : path-like, default 'stats'
+        flameo's ``--ld``.
+    ftest_path, groups_path : path-like, optional
+        ``design.fts`` (``--fc``) and variance groups ``design.grp`` (``--cs``).
+    mask_path : path-like, optional
+        Default: voxels finite in every cope volume and non-zero in some.
+    run_mode : {'flame1', 'fe', 'ols'}
+    z_threshold : float or None, default 2.3
+        Cluster-forming z; None skips the cluster inference.
+    cluster_p : float, default 0.05
+    device : str, default 'auto'
+    params : mapping, optional
+        Extra values for ``flame.json``.
+
+    Returns
+    -------
+    dict of str to pandas.DataFrame
+        Significant clusters of each t contrast (``zstat1``...); empty without a threshold.
+
+    Raises
+    ------
+    InputError
+        Unreadable or mismatched inputs (one line naming the file); nothing is written.
+    """
+    from .grf import estimate_smoothness
+    from .randomise import _analysis_mask
+
+    if z_threshold is not None and z_threshold <= 1:
+        raise InputError(f"--cluster-z must be above 1 for GRF cluster inference, got {z_threshold}")
+    if not 0 < cluster_p <= 1:
+        raise InputError(f"--cluster-p must be in (0, 1], got {cluster_p}")
+    if run_mode not in RUN_MODES:
+        check_flame_inputs(np.zeros((2, 1)), np.zeros((2, 1)), np.zeros((2, 1)), run_mode=run_mode)
+    cope_img = load_image(cope_path, ndim=4, what="cope image (--cope)")
+    varcope_img = load_image(varcope_path, ndim=4, what="varcope image (--varcope)")
+    check_same_grid(cope_img, cope_path, varcope_img, varcope_path)
+    n_obs = cope_img.shape[3]
+    if varcope_img.shape[3] != n_obs:
+        raise InputError(
+            f"{varcope_path} has {varcope_img.shape[3]} volumes but {cope_path} has {n_obs}; "
+            "give one varcope volume per cope volume, in the same order"
+        )
+    design = load_design(design_path, contrast_path, ftest_path, n_obs=n_obs, data_source=str(cope_path))
+    groups = None
+    if groups_path is not None:
+        grp, _ = read_vest(groups_path, what="variance-group file (--cs)")
+        if grp.shape[1] != 1:
+            raise InputError(f"{groups_path} has {grp.shape[1]} columns; give one variance-group label per row")
+        groups = grp[:, 0]
+    mask = _analysis_mask(cope_img, cope_path, mask_path)
+    copes = masked_data(cope_img, mask, path=cope_path)
+    varcopes = masked_data(varcope_img, mask, path=varcope_path)
+    check_flame_inputs(copes, varcopes, design.matrix, run_mode=run_mode, groups=groups,
+                       cope_source=str(cope_path), varcope_source=str(varcope_path),
+                       design_source=str(design_path), groups_source=str(groups_path))
+    torch_device = resolve_device(device)
+    result = flame(copes, varcopes, design.matrix, design.contrasts, ftests=design.ftests if design.ftests.size else None,
+                   groups=groups, run_mode=run_mode, device=torch_device)
+    residuals = copes.astype(np.float64) - design.matrix @ result.pe
+    dof = n_obs - design.matrix.shape[1]
+    smooth = None
+    if z_threshold is not None:
+        smooth = estimate_smoothness(residuals, mask, dof=dof, voxel_size=tuple(cope_img.header.get_zooms()[:3]))
+    out = Path(output_dir)
+    ref = cope_img.slicer[..., 0]
+
+    def save(values: np.ndarray, name: str) -> None:
+        save_image(unmask(np.asarray(values, dtype=np.float32), mask), ref, out / f"{name}.nii.gz", sidecar=False)
+
+    for k, pe in enumerate(result.pe, start=1):
+        save(pe, f"pe{k}")
+    for g, var in enumerate(result.re_variance, start=1):
+        save(var, f"mean_random_effects_var{g}")
+    tables = {}
+    for i in range(result.cope.shape[0]):
+        for name in ("cope", "varcope", "tstat", "zstat"):
+            save(getattr(result, name)[i], f"{name}{i + 1}")
+        save(result.tdof[i], f"tdof_t{i + 1}")
+        if smooth is not None:
+            tables[f"zstat{i + 1}"] = _grf_clusters(result.zstat[i].astype(np.float32), mask, ref, smooth, out, i + 1,
+                                                   z_threshold, cluster_p)
+    for j in range(result.fstat.shape[0]):
+        save(result.fstat[j], f"fstat{j + 1}")
+        save(result.zfstat[j], f"zfstat{j + 1}")
+    save_image(unmask(residuals.astype(np.float32), mask), cope_img, out / "res4d.nii.gz", sidecar=False)
+    save_image(mask.astype(np.uint8), ref, out / "mask.nii.gz", sidecar=False, dtype=np.uint8)
+    if smooth is not None:
+        write_json(out / "smoothness.json", smooth.as_dict() | {"dof": dof})
+    record = {"cope": cope_path, "varcope": varcope_path, "design": design_path, "contrasts": contrast_path,
+              "ftests": ftest_path, "groups": groups_path, "mask": mask_path, "run_mode": run_mode, "dof": dof,
+              "z_threshold": z_threshold, "cluster_p": cluster_p, "device": str(torch_device),
+              "smoothness": smooth.as_dict() if smooth else None,
+              "n_clusters": {k: len(v) for k, v in tables.items()}, **dict(params or {})}
+    write_json(out / "flame.json", provenance(record))
+    return tables

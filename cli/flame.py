@@ -1,0 +1,38 @@
+"""``gpuconn flame``: mixed-effects group analysis as FSL flameo (fe, ols, FLAME1) with GRF clusters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .options import Device
+
+
+def flame(
+    cope: Annotated[Path, typer.Option("--cope", help="4D cope image, one volume per subject.")],
+    varcope: Annotated[Path, typer.Option("--varcope", "--vc", help="4D varcope image, same grid and order.")],
+    design_mat: Annotated[Path, typer.Option("--dm", help="Design matrix (FSL VEST design.mat).")],
+    design_con: Annotated[Path, typer.Option("--tc", help="t contrasts (FSL VEST design.con).")],
+    design_fts: Annotated[Optional[Path], typer.Option("--fc", help="F tests (FSL VEST design.fts).")] = None,
+    design_grp: Annotated[Optional[Path], typer.Option("--cs", help="Variance groups (FSL VEST design.grp).")] = None,
+    mask: Annotated[Optional[Path], typer.Option("--mask", help="Mask (default: voxels non-zero in some cope).")] = None,
+    run_mode: Annotated[str, typer.Option("--runmode", help="fe, ols or flame1.")] = "flame1",
+    log_dir: Annotated[Path, typer.Option("--ld", help="Output folder (flameo's logdir).")] = Path("stats"),
+    cluster_z: Annotated[float, typer.Option("--cluster-z", help="Cluster-forming z threshold.")] = 2.3,
+    cluster_p: Annotated[float, typer.Option("--cluster-p", help="GRF cluster p threshold.")] = 0.05,
+    no_clusters: Annotated[bool, typer.Option("--no-clusters", help="Skip the GRF cluster inference.")] = False,
+    device: Device = "auto",
+) -> None:
+    """Mixed-effects GLM on first-level copes/varcopes (flameo), GRF cluster-corrected (as FEAT)."""
+    from gpuconn.stats.flame import run_flame
+
+    tables = run_flame(
+        cope, varcope, design_mat, design_con, log_dir, ftest_path=design_fts, groups_path=design_grp,
+        mask_path=mask, run_mode=run_mode, z_threshold=None if no_clusters else cluster_z, cluster_p=cluster_p,
+        device=device,
+    )
+    for name, table in tables.items():
+        typer.echo(f"flame: {name}: {len(table)} cluster(s) with z > {cluster_z:g} and GRF p < {cluster_p:g}")
+    typer.echo(f"flame: {run_mode} outputs in {log_dir}")
