@@ -117,13 +117,13 @@ def _break(case, files, tmp_path):
         ("nan", ["varcope.nii.gz", "NaN or Inf"]),
         ("columns", ["design.mat"]),
         ("groups", ["design.grp", "15 rows but there are 16 subjects", "one variance group per subject"]),
-        ("runmode", ["--runmode 'flame12'", "not implemented yet"]),
+        ("runmode", ["--runmode 'flame3'", "not one of fe, ols, flame1, flame12"]),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(inputs, tmp_path, capsys, case, expect):
     extra = _break(case, inputs, tmp_path)
     out = tmp_path / "stats"
-    argv = _argv(inputs, out) + extra + (["--runmode", "flame12"] if case == "runmode" else [])
+    argv = _argv(inputs, out) + extra + (["--runmode", "flame3"] if case == "runmode" else [])
     before = sorted(p.name for p in tmp_path.iterdir())
     assert run(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -131,3 +131,14 @@ def test_bad_input_is_one_line_and_writes_nothing(inputs, tmp_path, capsys, case
     for text in expect:
         assert text in err[0], err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, not even stats/
+
+
+def test_flame12_from_the_command_line(inputs, tmp_path, capsys):
+    out = tmp_path / "f12"
+    argv = _argv(inputs, out, runmode="flame12", nj=300, bi=50, zlt=0.3, zut=3.0) + ["--no-clusters"]
+    assert run(argv) == 0, capsys.readouterr().err
+    record = json.loads((out / "flame.json").read_text())["Parameters"]
+    assert record["n_stage2_voxels"] > 0 and record["mcmc"]["n_jumps"] == 300
+    mask = np.asarray(nib.load(inputs["mask"]).dataobj) > 0
+    dof = np.asarray(nib.load(out / "tdof_t1.nii.gz").dataobj)[mask]
+    assert np.any(dof != N_SUBJECTS - 2) and np.all(dof >= 1)  # stage-2 voxels carry their fitted, smoothed dof

@@ -79,14 +79,15 @@ __all__ = [
     "RUN_MODES",
     "FE_DOF",
     "FlameResult",
+    "McmcOptions",
     "check_flame_inputs",
     "estimate_re_variance",
     "flame",
     "run_flame",
 ]
 
-#: flameo's ``--runmode`` values implemented here (``flame12`` is not yet).
-RUN_MODES = ("fe", "ols", "flame1")
+#: flameo's ``--runmode`` values.
+RUN_MODES = ("fe", "ols", "flame1", "flame12")
 #: t / F denominator dof flameo uses in fixed-effects mode without ``--dvc``.
 FE_DOF = 1000.0
 # Search range of b / scale and the grid on it (one point per decade).
@@ -130,6 +131,42 @@ class FlameResult:
     zfstat: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     fdof1: np.ndarray = field(default_factory=lambda: np.zeros(0))
     fdof2: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    mcmc_mask: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+
+
+@dataclass(frozen=True)
+class McmcOptions:
+    """FLAME stage 2 (``flame12``) settings, flameo's names and defaults.
+
+    Attributes
+    ----------
+    n_jumps : int, default 5000
+        ``--nj``: Metropolis-Hastings sweeps per voxel.
+    burnin : int, default 500
+        ``--bi``: sweeps discarded at the start.
+    sample_every : int, default 1
+        ``--se``.
+    seed : int, default 10
+        ``--seed``: one NumPy generator draws every chain's numbers.
+    fix_mean : bool, default False
+        ``--fm``: keep FLAME1's parameter estimates as the mean of the t fit.
+    z_lower, z_upper : float, default 2.0 and 20.0
+        ``--zlt`` / ``--zut``: voxels whose FLAME1 z (with dof 1000 and with
+        the FLAME1 dof) both lie above ``z_upper`` or both below ``z_lower``
+        skip stage 2 (FEAT's values).
+    sigma_dof_mm : float, default 1.0
+        ``--sdof``: Gaussian sigma (mm) smoothing the stage-2 dof maps
+        (applied by :func:`run_flame`, which knows the grid); -1 turns it off.
+    """
+
+    n_jumps: int = 5000
+    burnin: int = 500
+    sample_every: int = 1
+    seed: int = 10
+    fix_mean: bool = False
+    z_lower: float = 2.0
+    z_upper: float = 20.0
+    sigma_dof_mm: float = 1.0
 
 
 def _group_labels(groups: np.ndarray | None, n_obs: int, source: str) -> tuple[np.ndarray, np.ndarray]:
@@ -180,8 +217,7 @@ def check_flame_inputs(
         group with fewer subjects than its design rank plus one.
     """
     if run_mode not in RUN_MODES:
-        extra = " (FLAME1+2 is not implemented yet; use flame1)" if run_mode == "flame12" else ""
-        raise InputError(f"--runmode {run_mode!r} is not one of {', '.join(RUN_MODES)}{extra}")
+        raise InputError(f"--runmode {run_mode!r} is not one of {', '.join(RUN_MODES)}")
     copes, varcopes, design = np.asarray(copes), np.asarray(varcopes), np.asarray(design)
     if copes.ndim != 2 or copes.shape != varcopes.shape:
         raise InputError(
@@ -213,7 +249,7 @@ def check_flame_inputs(
             "(use flame1 or ols, or tighten the mask)"
         )
     labels, values = _group_labels(groups, n_obs, groups_source)
-    if run_mode == "flame1":
+    if run_mode in ("flame1", "flame12"):
         for g, value in enumerate(values):
             rows = design[labels == g]
             rank = int(np.linalg.matrix_rank(rows)) if rows.size else 0
@@ -335,7 +371,7 @@ def _fit_chunk(y, s, x, contrasts, ftests, labels, n_groups, run_mode, design_np
         valid = torch.ones(n_vox, dtype=torch.bool, device=y.device)
     else:
         re_var = torch.zeros((n_groups, n_vox), dtype=DESIGN_DTYPE, device=y.device)
-        if run_mode == "flame1":
+        if run_mode in ("flame1", "flame12"):
             for g in range(n_groups):
                 rows = torch.as_tensor(np.flatnonzero(labels == g), device=y.device)
                 re_var[g] = estimate_re_variance(y[rows], s[rows], design_np[labels == g])
@@ -372,6 +408,7 @@ def flame(
     run_mode: str = "flame1",
     device: str | torch.device = "auto",
     chunk: int | None = None,
+    mcmc: McmcOptions | None = None,
 ) -> FlameResult:
     """Group mixed-effects GLM as FSL ``flameo`` (``fe``, ``ols``, ``flame1``), all voxels at once.
 
@@ -387,11 +424,13 @@ def flame(
         F tests (``--fc``).
     groups : ndarray of int, shape (n_subjects,), optional
         Variance groups (``--cs``, ``design.grp``); one group by default.
-    run_mode : {'flame1', 'fe', 'ols'}, default 'flame1'
+    run_mode : {'flame1', 'flame12', 'fe', 'ols'}, default 'flame1'
     device : str or torch.device, default 'auto'
     chunk : int, optional
         Voxels per batch (default: from free memory). Results do not depend
         on it beyond float64 round-off.
+    mcmc : McmcOptions, optional
+        Stage-2 settings for ``flame12``.
 
     Returns
     -------
@@ -404,8 +443,10 @@ def flame(
 
     Notes
     -----
-    z statistics use flameo's dof: ``N - P`` for ``ols`` and ``flame1``
-    (its lower bound), :data:`FE_DOF` for ``fe``.
+    z statistics use flameo's dof: ``N - P`` for ``ols``, the FLAME lower
+    bound for ``flame1`` (:func:`_contrast_dof`), :data:`FE_DOF` for ``fe``.
+    ``flame12`` runs FLAME1, then stage 2 (:func:`_flame2`) on the voxels
+    flameo would pass to it; F tests keep their FLAME1 values there.
     """
     copes_np = to_numpy(copes) if torch.is_tensor(copes) else np.asarray(copes)
     varcopes_np = to_numpy(varcopes) if torch.is_tensor(varcopes) else np.asarray(varcopes)
@@ -417,6 +458,8 @@ def flame(
     torch_device = resolve_device(device)
     n_obs, n_reg = design.shape
     n_vox = copes_np.shape[1]
+    mcmc = mcmc or McmcOptions()
+    z_lower, z_upper = mcmc.z_lower, mcmc.z_upper
     if chunk is None:
         k = n_reg
         # Small batches stay in cache on a CPU (4096 voxels ran 3.6x faster than 20000 at N = 181).
@@ -434,18 +477,207 @@ def flame(
     parts = [result for _, _, result in run_chunked(work, n_vox, chunk)]
     merged = {key: np.concatenate([p[key] for p in parts], axis=-1) for key in parts[0]} if parts else {}
     valid = merged["valid"]
-    dof = FE_DOF if run_mode == "fe" else float(n_obs - n_reg)
     for key in ("pe", "cope", "varcope", "tstat", "fstat", "re_variance"):
         merged[key] = np.where(valid, merged[key], 0.0)
-    zstat = np.where(valid, t_to_z(merged["tstat"], dof), 0.0)
     fdof1 = ftests.sum(axis=1).astype(np.float64)
-    zfstat = np.stack([np.where(valid, f_to_z(f, d1, dof), 0.0) for f, d1 in zip(merged["fstat"], fdof1)]) \
-        if len(ftests) else np.zeros((0, n_vox))
+    tdof = np.array([_contrast_dof(design, row[None], labels, run_mode) for row in contrasts])
+    fdof2 = np.array([_contrast_dof(design, contrasts[row == 1], labels, run_mode) for row in ftests])
+    tdof = np.repeat(tdof[:, None], n_vox, axis=1)
+    fdof2 = np.repeat(fdof2.reshape(-1, 1), n_vox, axis=1)
+    mcmc_mask = np.zeros(n_vox, dtype=bool)
+    if run_mode == "flame12" and n_vox:
+        upper = t_to_z(merged["tstat"], FE_DOF)
+        lower = t_to_z(merged["tstat"], tdof)
+        mcmc_mask = valid & _pass_to_mcmc(upper, lower, z_lower, z_upper)
+        if ftests.size:
+            f_upper = np.stack([f_to_z(f, d1, FE_DOF) for f, d1 in zip(merged["fstat"], fdof1)])
+            f_lower = np.stack([f_to_z(f, d1, d2) for f, d1, d2 in zip(merged["fstat"], fdof1, fdof2)])
+            mcmc_mask |= valid & _pass_to_mcmc(f_upper, f_lower, z_lower, z_upper)
+        if mcmc_mask.any():
+            _flame2(merged, tdof, fdof2, mcmc_mask, copes_np, varcopes_np, design, contrasts, ftests, labels,
+                    len(values), torch_device, mcmc)
+    zstat = np.where(valid, t_to_z(merged["tstat"], np.floor(tdof)), 0.0)
+    zfstat = np.stack([np.where(valid, f_to_z(f, d1, np.floor(d2)), 0.0)
+                       for f, d1, d2 in zip(merged["fstat"], fdof1, fdof2)]) if len(ftests) else np.zeros((0, n_vox))
     return FlameResult(
         pe=merged["pe"], cope=merged["cope"], varcope=merged["varcope"], tstat=merged["tstat"], zstat=zstat,
-        tdof=np.full(merged["cope"].shape, dof), re_variance=merged["re_variance"], run_mode=run_mode,
-        fstat=merged["fstat"], zfstat=zfstat, fdof1=fdof1, fdof2=np.full(merged["fstat"].shape, dof),
+        tdof=tdof, re_variance=merged["re_variance"], run_mode=run_mode,
+        fstat=merged["fstat"], zfstat=zfstat, fdof1=fdof1, fdof2=fdof2, mcmc_mask=mcmc_mask,
     )
+
+
+def _contrast_dof(design: np.ndarray, rows: np.ndarray, labels: np.ndarray, run_mode: str) -> float:
+    """flameo's t (or F denominator) dof of a contrast.
+
+    ``fe``: 1000; ``ols``: ``N - P``; FLAME: the smallest ``n_g - P_g`` over
+    the variance groups the contrast involves (``P_g``: rank of the design
+    within group ``g``; a group is involved when a regressor with non-zero
+    weight is non-zero in its rows), as flameo's ``flame1_contrasts``; with
+    one group this is ``N - P``.
+    """
+    if run_mode == "fe":
+        return FE_DOF
+    if run_mode == "ols":
+        return float(design.shape[0] - design.shape[1])
+    used = np.any(rows != 0, axis=0)
+    dofs = []
+    for g in range(labels.max() + 1):
+        group_rows = design[labels == g]
+        if np.any(group_rows[:, used] != 0):
+            dofs.append(group_rows.shape[0] - int(np.linalg.matrix_rank(group_rows)))
+    return float(min(dofs)) if dofs else float(design.shape[0] - design.shape[1])
+
+
+def _pass_to_mcmc(upper: np.ndarray, lower: np.ndarray, z_lower: float, z_upper: float) -> np.ndarray:
+    """flameo's ``pass_through_to_mcmc``: unless both z bounds are above ``z_upper`` or both below ``z_lower``."""
+    clear = ((upper > z_upper) & (lower > z_upper)) | ((upper < z_lower) & (lower < z_lower))
+    return ~clear.all(axis=0) if clear.ndim > 1 else ~clear
+
+
+def _t_fit(samples: torch.Tensor, mean: torch.Tensor, n_iter: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and dof of a Student t with fixed ``mean`` fitted to samples, as flameo's ``multitfit`` (1-D).
+
+    ``samples`` (n_samples, V), ``mean`` (V,). Starting from the sample
+    variance ``phi`` and ``nu = 10``, 50 fixed-point steps of
+    ``phi = mean_j(tau_j d_j)`` with ``tau_j = phi (nu + 1) / (nu phi + d_j)``,
+    ``d_j = (x_j - mean)^2``, and ``nu = 2 / (1 - phi / c)``, ``c = sum_j d_j / (n - 1)``.
+    Returns ``(phi, nu)``, each (V,).
+    """
+    n = samples.shape[0]
+    d = (samples - mean) ** 2
+    phi = samples.var(dim=0, unbiased=True)
+    cosi = d.sum(dim=0) / (n - 1)
+    nu = torch.full_like(phi, 10.0)
+    for _ in range(n_iter):
+        tau = phi * (nu + 1.0) / (nu * phi + d)
+        phi = (tau * d).sum(dim=0) / n
+        nu = 2.0 / (1.0 - phi / cosi)
+    return phi, nu
+
+
+def _flame2(merged, tdof, fdof2, mask, copes, varcopes, design, contrasts, ftests, labels, n_groups, device,
+            opts: McmcOptions) -> None:
+    """FLAME stage 2 on the voxels of ``mask``: batched Metropolis-Hastings chains, then t fits (in place).
+
+    The chain of each voxel is flameo's ``Mcmc_Mh``: state ``(gamma, b)``,
+    energy ``sum_i [log(s_i + b_g(i)) + r_i^2 / (s_i + b_g(i))] / 2 + sum_g log b_g``
+    (prior ``1/b``), one random-walk proposal per variance group then per
+    regressor in each sweep, started at FLAME1's estimates; proposal sds
+    ``8 sqrt(cov_ee)`` for the regressors and, for ``b``, ``4 (b + mean s)
+    sqrt(2 / n_g)`` (flameo uses 4 in the data's units; this scales with
+    them); every 41 sweeps each sd is multiplied by
+    ``0.65 (1 + accepted + rejected) / (1 + rejected)``. All chains advance
+    together; the normal and uniform numbers of every sweep come from one
+    NumPy generator seeded with ``opts.seed``, in blocks, so CPU and GPU
+    runs draw the same numbers. The contrast samples ``c gamma`` get a t fit
+    (:func:`_t_fit`) around ``c pe``: cope, varcope (the fitted scale), t and
+    the fitted dof (in [1, 1000]) replace FLAME1's; ``pe`` (unless
+    ``fix_mean``) and the RE variances become sample means.
+    """
+    idx = np.flatnonzero(mask)
+    f64 = dict(dtype=DESIGN_DTYPE, device=device)
+    y = torch.as_tensor(copes[:, idx].T, **f64)  # (V, N)
+    s = torch.as_tensor(varcopes[:, idx].T, **f64)
+    x = torch.as_tensor(design, **f64)
+    c = torch.as_tensor(contrasts, **f64)
+    lab = torch.as_tensor(labels, device=device)
+    n_vox, n_obs = y.shape
+    n_reg = x.shape[1]
+    gamma = torch.as_tensor(merged["pe"][:, idx].T, **f64).clone()  # (V, P)
+    tiny = 1e-10 * (y.var(dim=1) + s.mean(dim=1)).clamp(min=1e-300)
+    beta = torch.as_tensor(merged["re_variance"][:, idx].T, **f64).clone()  # (V, G)
+    beta = torch.maximum(beta, tiny[:, None])
+    w = 1.0 / (s + beta[:, lab])
+    cov = torch.linalg.inv((w[:, :, None] * x[None]).transpose(1, 2) @ x)
+    gamma_sd = 8.0 * torch.diagonal(cov, dim1=1, dim2=2).sqrt()
+    n_g = torch.as_tensor(np.bincount(labels, minlength=n_groups), **f64)
+    mean_s = torch.stack([s[:, lab == g].mean(dim=1) for g in range(n_groups)], dim=1)
+    beta_sd = 4.0 * (beta + mean_s) * torch.sqrt(2.0 / n_g)
+    r = y - gamma @ x.T  # (V, N)
+    members = [lab == g for g in range(n_groups)]
+    accepted = torch.zeros((n_vox, n_groups + n_reg), **f64)
+    rejected = torch.zeros_like(accepted)
+    n_samples = max((opts.n_jumps - opts.burnin) // opts.sample_every, 1)
+    samples = torch.zeros((n_samples, n_vox, c.shape[0]), **f64)
+    gamma_sum = torch.zeros_like(gamma)
+    beta_sum = torch.zeros_like(beta)
+    rng = np.random.default_rng(opts.seed)
+    block, since_adapt, taken = 100, 0, 0
+    n_par = n_groups + n_reg
+    for start in range(0, opts.n_jumps, block):
+        size = min(block, opts.n_jumps - start)
+        normals = torch.as_tensor(rng.standard_normal((size, n_vox, n_par)), **f64)
+        logu = torch.log(torch.as_tensor(rng.random((size, n_vox, n_par)), **f64))
+        for j in range(size):
+            for g in range(n_groups):
+                old = beta[:, g]
+                new = old + normals[j, :, g] * beta_sd[:, g]
+                ok = new > 0
+                new_safe = torch.where(ok, new, old)
+                rg, sg = r[:, members[g]], s[:, members[g]]
+                e_old = 0.5 * (torch.log(sg + old[:, None]) + rg * rg / (sg + old[:, None])).sum(1) + torch.log(old)
+                e_new = 0.5 * (torch.log(sg + new_safe[:, None]) + rg * rg / (sg + new_safe[:, None])).sum(1) \
+                    + torch.log(new_safe)
+                accept = ok & (e_old - e_new > logu[j, :, g])
+                beta[:, g] = torch.where(accept, new_safe, old)
+                accepted[:, g] += accept
+                rejected[:, g] += ~accept
+            var = s + beta[:, lab]
+            for e in range(n_reg):
+                step = normals[j, :, n_groups + e] * gamma_sd[:, e]
+                r_new = r - step[:, None] * x[:, e][None]
+                delta = 0.5 * ((r_new * r_new - r * r) / var).sum(1)
+                accept = -delta > logu[j, :, n_groups + e]
+                gamma[:, e] += torch.where(accept, step, torch.zeros_like(step))
+                r = torch.where(accept[:, None], r_new, r)
+                accepted[:, n_groups + e] += accept
+                rejected[:, n_groups + e] += ~accept
+            if since_adapt > 40:
+                factor = 0.65 * (1.0 + accepted + rejected) / (1.0 + rejected)
+                beta_sd = beta_sd * factor[:, :n_groups]
+                gamma_sd = gamma_sd * factor[:, n_groups:]
+                accepted.zero_()
+                rejected.zero_()
+                since_adapt = 0
+            else:
+                since_adapt += 1
+            jump = start + j
+            if jump >= opts.burnin and (jump - opts.burnin) % opts.sample_every == 0 and taken < n_samples:
+                samples[taken] = gamma @ c.T
+                gamma_sum += gamma
+                beta_sum += beta
+                taken += 1
+    if not opts.fix_mean:
+        merged["pe"][:, idx] = to_numpy(gamma_sum / taken).T
+    merged["re_variance"][:, idx] = to_numpy(beta_sum / taken).T
+    pe = torch.as_tensor(merged["pe"][:, idx].T, **f64)
+    cope = pe @ c.T  # (V, C)
+    for k in range(c.shape[0]):
+        phi, nu = _t_fit(samples[:taken, :, k], cope[:, k])
+        merged["cope"][k, idx] = to_numpy(cope[:, k])
+        merged["varcope"][k, idx] = to_numpy(phi)
+        merged["tstat"][k, idx] = to_numpy(cope[:, k] / phi.sqrt())
+        # nu <= 0 (phi >= c: tails no heavier than a Gaussian's) where flameo would stop: dof 1000.
+        nu = torch.where((nu <= 0) | (nu > FE_DOF) | ~torch.isfinite(nu), torch.full_like(nu, FE_DOF), nu)
+        tdof[k, idx] = np.maximum(to_numpy(nu), 1.0)
+
+
+def _smooth_stage2_dof(result: FlameResult, mask: np.ndarray, zooms, sigma_mm: float) -> None:
+    """flameo's ``regularise_flame2_contrasts``: Gaussian-smooth the dof maps in the mask, redo z (in place).
+
+    Only the stage-2 voxels take the smoothed dof and new z (flameo writes
+    the smoothed dof map everywhere but recomputes z only there).
+    """
+    from scipy import ndimage
+
+    sigma = [sigma_mm / float(z) for z in zooms]
+    weight = ndimage.gaussian_filter(mask.astype(np.float64), sigma, mode="constant", truncate=4.0)[mask]
+    sel = result.mcmc_mask
+    for k in range(result.tdof.shape[0]):
+        dof = unmask(result.tdof[k], mask)
+        smooth = ndimage.gaussian_filter(dof, sigma, mode="constant", truncate=4.0)[mask] / weight
+        result.tdof[k, sel] = smooth[sel]
+        result.zstat[k, sel] = t_to_z(result.tstat[k, sel], np.floor(result.tdof[k, sel]))
 
 
 def _grf_clusters(z, mask, img, smooth, out: Path, i: int, z_threshold: float, cluster_p: float) -> pd.DataFrame:
@@ -480,6 +712,7 @@ def run_flame(
     z_threshold: float | None = 2.3,
     cluster_p: float = 0.05,
     device: str = "auto",
+    mcmc: McmcOptions | None = None,
     params: Mapping[str, Any] | None = None,
 ) -> dict[str, pd.DataFrame]:
     """File-level flameo (``gpuconn flame``): read the inputs, fit, write ``stats/``, GRF clusters.
@@ -505,11 +738,15 @@ def run_flame(
         ``design.fts`` (``--fc``) and variance groups ``design.grp`` (``--cs``).
     mask_path : path-like, optional
         Default: voxels finite in every cope volume and non-zero in some.
-    run_mode : {'flame1', 'fe', 'ols'}
+    run_mode : {'flame1', 'flame12', 'fe', 'ols'}
     z_threshold : float or None, default 2.3
         Cluster-forming z; None skips the cluster inference.
     cluster_p : float, default 0.05
     device : str, default 'auto'
+    mcmc : McmcOptions, optional
+        FLAME stage 2 settings (``flame12``); the stage-2 dof are smoothed
+        with a Gaussian of ``sigma_dof_mm`` inside the mask (flameo
+        ``--sdof``) and the z of the stage-2 voxels recomputed from them.
     params : mapping, optional
         Extra values for ``flame.json``.
 
@@ -555,8 +792,11 @@ def run_flame(
                        cope_source=str(cope_path), varcope_source=str(varcope_path),
                        design_source=str(design_path), groups_source=str(groups_path))
     torch_device = resolve_device(device)
+    mcmc = mcmc or McmcOptions()
     result = flame(copes, varcopes, design.matrix, design.contrasts, ftests=design.ftests if design.ftests.size else None,
-                   groups=groups, run_mode=run_mode, device=torch_device)
+                   groups=groups, run_mode=run_mode, device=torch_device, mcmc=mcmc)
+    if run_mode == "flame12" and mcmc.sigma_dof_mm > 0 and result.mcmc_mask.any():
+        _smooth_stage2_dof(result, mask, cope_img.header.get_zooms()[:3], mcmc.sigma_dof_mm)
     residuals = copes.astype(np.float64) - design.matrix @ result.pe
     dof = n_obs - design.matrix.shape[1]
     smooth = None
@@ -590,6 +830,8 @@ def run_flame(
     record = {"cope": cope_path, "varcope": varcope_path, "design": design_path, "contrasts": contrast_path,
               "ftests": ftest_path, "groups": groups_path, "mask": mask_path, "run_mode": run_mode, "dof": dof,
               "z_threshold": z_threshold, "cluster_p": cluster_p, "device": str(torch_device),
+              "mcmc": vars(mcmc) if run_mode == "flame12" else None,
+              "n_stage2_voxels": int(result.mcmc_mask.sum()),
               "smoothness": smooth.as_dict() if smooth else None,
               "n_clusters": {k: len(v) for k, v in tables.items()}, **dict(params or {})}
     write_json(out / "flame.json", provenance(record))
