@@ -251,3 +251,30 @@ def test_flame12_agrees_with_flame1_where_random_effects_dominate():
     assert np.median(np.abs(both.tstat[0] - stage1.tstat[0])) < 0.35
     near = np.abs(stage1.zstat[0]) < 3.5
     assert near.sum() >= 5 and np.abs(both.zstat[0] - stage1.zstat[0])[near].max() < 0.5
+
+
+def test_null_grf_cluster_fwer_is_not_inflated():
+    """Cheap version of bench/bench_flame.py --fwer: FLAME1 + GRF clusters on null smoothed data."""
+    import math
+
+    from scipy import ndimage
+
+    from gpuconn.stats.grf import estimate_smoothness, grf_cluster_p
+
+    rng = np.random.default_rng(2)
+    shape, n, n_sets = (20, 20, 14), 10, 12
+    mask = np.zeros(shape, dtype=bool)
+    mask[3:-3, 3:-3, 3:-3] = True
+    sigma = 3.0 / math.sqrt(8 * math.log(2))
+    x = np.ones((n, 1))
+    hits = 0
+    for _ in range(n_sets):
+        noise = np.stack([ndimage.gaussian_filter(rng.standard_normal(shape), sigma)[mask] for _ in range(n)])
+        s = rng.uniform(0.1, 0.5, noise.shape)
+        y = noise / noise.std() * np.sqrt(s + 0.5)
+        res = flame(y, s, x, np.ones((1, 1)), device="cpu")
+        smooth = estimate_smoothness(y - x @ res.pe, mask, dof=n - 1)
+        _, p = grf_cluster_p(res.zstat[0], mask, z_threshold=2.3, smoothness=smooth)
+        hits += any(v < 0.05 for v in p.values())
+    # Nominal FWER 0.05: P(X >= 4) for X ~ Binomial(12, 0.05) is 0.002, so 4+ hits means inflation.
+    assert hits <= 3, hits
