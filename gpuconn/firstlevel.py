@@ -31,7 +31,10 @@ level that takes these copes and varcopes).
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,7 +43,10 @@ from .backend import DESIGN_DTYPE, resolve_device, to_numpy
 from .errors import InputError
 from .stats.glm import t_to_z
 
-__all__ = ["PREWHITEN_MODES", "FirstLevelResult", "tukey_autocorrelation", "first_level_glm"]
+__all__ = ["PREWHITEN_MODES", "FirstLevelResult", "tukey_autocorrelation", "first_level_glm", "seed_glm_maps"]
+
+#: Maps written per run and seed by :func:`seed_glm_maps`.
+GLM_STATS = ("cope", "varcope", "tstat", "zstat")
 
 PREWHITEN_MODES = ("film", "none")
 _SPECTRUM_FLOOR = 0.01
@@ -207,3 +213,59 @@ def first_level_glm(
         pe=to_numpy(beta).T, cope=to_numpy(cope).T, varcope=to_numpy(varcope).T, tstat=tstat_np,
         zstat=t_to_z(tstat_np, dof), dof=dof, prewhiten=prewhiten,
     )
+
+
+def seed_glm_maps(
+    inputs: Sequence,
+    regions: Sequence,
+    out_dir: str | os.PathLike,
+    *,
+    prewhiten: str = "film",
+    device: str | torch.device = "auto",
+    params: dict | None = None,
+) -> list[Path]:
+    """``gpuconn seed --glm``: per run and seed, the seed's mean series as a regressor (with a constant).
+
+    Writes ``<label>_seed-<name>_<stat>.nii.gz`` for ``stat`` in cope,
+    varcope, tstat, zstat (contrast ``[1, 0]``: the seed's regression
+    coefficient), each with a JSON sidecar (dof, prewhitening, seed); the
+    copes and varcopes are the inputs of ``gpuconn flame``.
+
+    Parameters
+    ----------
+    inputs : sequence of gpuconn.seed.BoldInput
+    regions : sequence of gpuconn.seed.Region
+    out_dir : path-like
+    prewhiten : {'film', 'none'}, default 'film'
+    device : str or torch.device
+    params : dict, optional
+        Extra sidecar entries.
+
+    Returns
+    -------
+    list of Path
+    """
+    from .io import save_image, unmask
+    from .seed import prepare_inputs, region_means, stream_inputs
+
+    if prewhiten not in PREWHITEN_MODES:
+        raise InputError(f"--glm {prewhiten!r} is not one of {', '.join(PREWHITEN_MODES)}")
+    torch_device = resolve_device(device)
+    prepared, reference = prepare_inputs(inputs, regions, what="seed")
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    for item, data in stream_inputs(prepared):
+        y = torch.as_tensor(data, device=torch_device, dtype=DESIGN_DTYPE)
+        series = to_numpy(region_means(y, torch.as_tensor(item.weights, device=torch_device)))  # (S, T)
+        for region, seed_series in zip(regions, series):
+            design = np.column_stack([seed_series - seed_series.mean(), np.ones(len(seed_series))])
+            res = first_level_glm(y, design, np.array([[1.0, 0.0]]), prewhiten=prewhiten, mask=item.mask,
+                                  device=torch_device)
+            record = {**(params or {}), "bold": str(item.source.bold), "mask": str(item.source.mask),
+                      "seed": region.describe(), "design": "seed mean series (demeaned), constant",
+                      "contrast": [1, 0], "dof": res.dof, "prewhiten": prewhiten}
+            for stat in GLM_STATS:
+                values = getattr(res, stat)[0].astype(np.float32)
+                path = out_dir / f"{item.source.label}_seed-{region.name}_{stat}.nii.gz"
+                written.append(save_image(unmask(values, item.mask), reference, path, params={**record, "stat": stat}))
+    return written
