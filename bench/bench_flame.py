@@ -135,7 +135,10 @@ def main() -> None:
     parser.add_argument("--n-voxels", type=int, default=228269)
     parser.add_argument("--sample", type=int, default=400, help="voxels for the SciPy loop")
     parser.add_argument("--fwer", type=int, default=0, help="null data sets for the GRF FWER check (0: skip)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     bench_speed(args.n_obs, args.n_voxels, args.sample)
     if args.fwer:
         start = time.perf_counter()
