@@ -123,6 +123,8 @@ class FlameResult:
         Random-effects variance of each variance group
         (``mean_random_effects_var<g>``; 0 for ``fe`` and ``ols``).
     run_mode : str
+    mcmc_mask : ndarray of bool, shape (n_voxels,)
+        Voxels that went through FLAME stage 2 (``flame12`` only).
     """
 
     pe: np.ndarray
@@ -225,6 +227,8 @@ def check_flame_inputs(
     if run_mode not in RUN_MODES:
         raise InputError(f"--runmode {run_mode!r} is not one of {', '.join(RUN_MODES)}")
     copes, varcopes, design = np.asarray(copes), np.asarray(varcopes), np.asarray(design)
+    if copes.ndim == 2 and copes.shape[1] == 0:
+        raise InputError(f"{cope_source}: no voxel to analyse (empty mask)")
     if copes.ndim != 2 or copes.shape != varcopes.shape:
         raise InputError(
             f"{cope_source} has shape {copes.shape} but {varcope_source} has {varcopes.shape}; "
