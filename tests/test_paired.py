@@ -46,3 +46,23 @@ def test_paired_differences_bad_input(tmp_path, rng, fault):
     with pytest.raises(InputError, match=message):
         paired_differences(p["pre"], p["post"], p["vpre"], p["vpost"], tmp_path / "d.nii.gz", tmp_path / "v.nii.gz")
     assert not (tmp_path / "d.nii.gz").exists()
+
+
+def test_gpuconn_design_regression_with_paired_copes(tmp_path, rng, capsys):
+    import pandas as pd
+
+    from gpuconn.cli.app import run
+
+    arrays, p = _images(tmp_path, rng)  # 6 subjects
+    table = pd.DataFrame({"participant_id": [f"sub-{i}" for i in range(6)], "pain_change": [1.0, 0, 3, -1, 2, 0.5]})
+    table.to_csv(tmp_path / "participants.tsv", sep="\t", index=False)
+    argv = ["design", "regression", str(tmp_path / "participants.tsv"), "-o", str(tmp_path / "reg"),
+            "--variable", "pain_change", "--copes", f"{p['pre']},{p['post']}", "--varcopes", f"{p['vpre']},{p['vpost']}"]
+    assert run(argv) == 0, capsys.readouterr().err
+    diff = nib.load(tmp_path / "reg_cope.nii.gz").get_fdata()
+    f32 = {k: v.astype(np.float32).astype(np.float64) for k, v in arrays.items()}
+    np.testing.assert_allclose(diff, f32["post"] - f32["pre"], rtol=1e-6, atol=1e-6)  # float32 output
+    assert (tmp_path / "reg_varcope.nii.gz").exists() and (tmp_path / "reg.mat").exists()
+    rc = run(argv[:-2] + ["-o", str(tmp_path / "bad")])
+    assert rc == 2 and "--copes and --varcopes need PRE,POST each" in capsys.readouterr().err
+    assert not list(tmp_path.glob("bad*"))
