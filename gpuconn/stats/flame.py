@@ -1,4 +1,4 @@
-"""Mixed-effects group analysis as FSL ``flameo``: OLS, fixed effects and FLAME1, batched over voxels.
+"""Mixed-effects group analysis as FSL ``flameo``: OLS, fixed effects, FLAME1 and FLAME1+2, batched over voxels.
 
 Model (Woolrich et al. 2004, NeuroImage 21:1732; Beckmann et al. 2003)
 -------------------------------------------------------------------------
@@ -17,7 +17,10 @@ default). With ``W = diag(1 / (s + b))``:
   (varcopes ignored).
 - ``flame1``: each ``b_g`` is the mode of its marginal posterior (flameo's
   ``solveforbeta``), using the rows of group ``g`` only, then GLS with all
-  groups; t dof ``N - P`` (flameo's lower bound, which it reports).
+  groups; t dof: the smallest ``n_g - P_g`` over the groups the contrast
+  involves (flameo's lower bound, which it reports; ``N - P`` with one group).
+- ``flame12``: FLAME1, then flameo's stage 2 on the voxels whose z lies near
+  threshold (MCMC, t fit; :func:`_flame2`).
 
 The marginal posterior energy of ``b`` (flameo ``marg_posterior_energy``;
 its prior ``1/b`` and the Jacobian of the log-variance parameterisation
