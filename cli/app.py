@@ -28,6 +28,7 @@ from . import design
 from . import clusters, glm
 from . import denoise, qc
 from . import demo, study
+from . import flame
 
 app = typer.Typer(
     name="gpuconn",
@@ -66,6 +67,7 @@ app.command("randomise")(randomise.randomise)
 app.command("glm")(glm.glm)
 app.command("clusters")(clusters.clusters)
 app.command("design")(design.design)
+app.command("flame")(flame.flame)
 
 app.add_typer(study.app, name="study")
 app.command("demo")(demo.demo)

@@ -32,6 +32,8 @@ def design(
     paired_mode: Annotated[
         str, typer.Option("--paired-mode", help="full (subject means + blocks) or differences (one-sample).")
     ] = "full",
+    copes: Annotated[Optional[str], typer.Option("--copes", help="PRE,POST 4D copes (a volume per design row): writes <root>_cope.nii.gz = POST - PRE.")] = None,
+    varcopes: Annotated[Optional[str], typer.Option("--varcopes", help="PRE,POST 4D varcopes: writes <root>_varcope.nii.gz = PRE + POST.")] = None,
 ) -> None:
     """Build a randomise design (design.mat, design.con, design.grp for paired) and a readable TSV."""
     from gpuconn.stats.design import build_design, save_design
@@ -48,7 +50,17 @@ def design(
         paired_mode=paired_mode,
         covariates=covariate or [],
     )
+    pair_c, pair_v = _split(copes) or [], _split(varcopes) or []
+    if (copes is not None or varcopes is not None) and (len(pair_c) != 2 or len(pair_v) != 2):
+        from gpuconn.core.errors import InputError
+
+        raise InputError("--copes and --varcopes need PRE,POST each (two 4D images, comma-separated), together")
     written = save_design(built, output_root)
+    if pair_c:  # the paper's paired regression for gpuconn flame: post - pre copes, summed varcopes
+        from gpuconn.stats.paired import paired_differences
+
+        written += paired_differences(pair_c[0], pair_c[1], pair_v[0], pair_v[1],
+                                      f"{output_root}_cope.nii.gz", f"{output_root}_varcope.nii.gz")
     typer.echo(
         f"design: {kind}, {built.matrix.shape[0]} rows x {built.matrix.shape[1]} columns, "
         f"{len(built.contrast_names)} contrast(s) ({', '.join(built.contrast_names)}); "

@@ -41,6 +41,9 @@ def dualreg(
         int,
         typer.Option("-n", "--n-perm", help="Stage 3 permutations: 0 none, 1 raw t maps, >1 randomise with TFCE."),
     ] = 0,
+    out_varcb: Annotated[
+        bool, typer.Option("--out-varcb", help="Also write dr_stage2_subjectNNNNN_varcb.nii.gz (fsl_glm --out_varcb).")
+    ] = False,
     seed: Seed = 0,
     device: Device = "auto",
     max_memory: MaxMemory = None,
@@ -65,7 +68,7 @@ def dualreg(
             result = dual_regression(
                 maps, subjects, out_dir, mask_path=mask, des_norm=des_norm, device=device, batch_size=batch,
                 design_path=design, contrast_path=contrasts, one_sample=one_sample, n_perm=n_perm, seed=seed,
-                progress=not quiet, client=client,
+                progress=not quiet, client=client, varcb=out_varcb,
             )
     if not quiet:
         Console(stderr=True).print(

@@ -70,6 +70,7 @@ from .series import check_subjects, common_mask, iter_series, matrix_text
 __all__ = [
     "spatial_regression",
     "temporal_regression",
+    "temporal_regression_varcb",
     "DualRegressionResult",
     "dual_regression",
 ]
@@ -145,6 +146,17 @@ def temporal_regression(
     des_norm: bool = True,
     names: Sequence[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 2 betas and Z maps: :func:`temporal_regression_varcb` without the variances."""
+    return temporal_regression_varcb(data, timecourses, des_norm=des_norm, names=names)[:2]
+
+
+def temporal_regression_varcb(
+    data: torch.Tensor,
+    timecourses: torch.Tensor,
+    *,
+    des_norm: bool = True,
+    names: Sequence[str] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stage 2: regress each voxel's series on the time courses (``fsl_glm --demean [--des_norm]``).
 
     Parameters
@@ -167,6 +179,8 @@ def temporal_regression(
         Z statistics of each beta, from t with ``n_volumes - n_maps - 1``
         degrees of freedom (see :func:`gpuconn.stats.zstat.t_to_z_tensor`). Voxels without residual
         variance get ``z = 0``.
+    varcb : torch.Tensor, shape (n_subjects, n_maps, n_voxels), ``data``'s dtype
+        Variance of each beta, ``(X'X)^-1_kk RSS / dof`` (``fsl_glm --out_varcb``).
 
     Raises
     ------
@@ -203,7 +217,7 @@ def temporal_regression(
     del resid
     var_beta = torch.diagonal(gram_inv, dim1=1, dim2=2).to(data.dtype).unsqueeze(2) * sigma2
     t = torch.where(var_beta > 0, beta / var_beta.clamp(min=torch.finfo(data.dtype).tiny).sqrt(), 0.0)
-    return beta, t_to_z_tensor(t, dof)
+    return beta, t_to_z_tensor(t, dof), var_beta
 
 
 # --------------------------------------------------------------------------- files
@@ -273,6 +287,7 @@ def dual_regression(
     seed: int = 0,
     progress: bool = False,
     client=None,
+    varcb: bool = False,
 ) -> DualRegressionResult:
     """Run FSL-style dual regression of group maps on every subject's series.
 
@@ -295,6 +310,10 @@ def dual_regression(
         subject (:func:`~gpuconn.maps.series.common_mask`, one extra read of every subject).
     des_norm : bool, default True
         Normalise stage-2 regressors to unit standard deviation (FSL's ``1``).
+    varcb : bool, default False
+        Also write ``dr_stage2_subjectNNNNN_varcb.nii.gz``, the variances of
+        the stage-2 betas (``fsl_glm --out_varcb``), varcopes for ``gpuconn
+        flame``; not with ``client`` (Dask) yet.
     device : str or torch.device, default 'auto'
     batch_size : int, optional
         Subjects per device batch; default from free memory (at most 32 on
@@ -365,6 +384,8 @@ def dual_regression(
     if batch < 1:
         raise InputError(f"--batch must be at least 1, got {batch}")
     _check_stage3(design_path, contrast_path, one_sample, n_perm, len(paths))
+    if varcb and client is not None:
+        raise InputError("--out-varcb is not available with --workers/--dask-scheduler yet; run it in one process")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".dualreg-", dir=out_dir))
@@ -377,7 +398,7 @@ def dual_regression(
         if client is None:
             with progress_bar("dual regression", len(paths), enabled=progress) as advance:
                 _fit_subjects(maps_img, maps, mask, range(len(paths)), paths, n_volumes, staging, des_norm=des_norm,
-                              device=device, batch=batch, advance=advance, stack=stack)
+                              device=device, batch=batch, advance=advance, stack=stack, varcb=varcb)
         else:
             _fit_on_dask(client, maps_path, paths, n_volumes, staging, des_norm=des_norm, device=worker_device,
                          batch=batch, progress=progress)
@@ -427,6 +448,7 @@ def _fit_subjects(
     batch: int,
     advance,
     stack: np.ndarray | None = None,
+    varcb: bool = False,
 ) -> None:
     """Stages 1 and 2 of subjects ``indices`` (their ``paths`` and ``n_volumes``) in device batches of ``batch``.
 
@@ -448,13 +470,14 @@ def _fit_subjects(
             def fit(start: int, stop: int, host=host, names=names):
                 data = as_data(host[start:stop], device)
                 timecourses = spatial_regression(data, maps_t, maps_name=f"group maps {maps_img.get_filename()}")
-                beta, z = temporal_regression(data, timecourses, des_norm=des_norm, names=names[start:stop])
-                return to_numpy(timecourses), to_numpy(beta), to_numpy(z)
+                beta, z, var = temporal_regression_varcb(data, timecourses, des_norm=des_norm, names=names[start:stop])
+                return to_numpy(timecourses), to_numpy(beta), to_numpy(z), to_numpy(var) if varcb else None
 
-            for start, stop, (timecourses, beta, z) in run_chunked(fit, len(group), len(group)):
+            for start, stop, (timecourses, beta, z, var) in run_chunked(fit, len(group), len(group)):
                 for j, index in enumerate(group[start:stop]):
                     pending.append(writers.submit(
-                        _write_subject, staging, index, timecourses[j], beta[j], z[j], mask, maps_img
+                        _write_subject, staging, index, timecourses[j], beta[j], z[j], mask, maps_img,
+                        None if var is None else var[j],
                     ))
                     if stack is not None:
                         stack[:, index, :] = beta[j]
@@ -530,9 +553,12 @@ def _write_subject(
     z: np.ndarray,
     mask: np.ndarray,
     reference: nib.Nifti1Image,
+    varcb: np.ndarray | None = None,
 ) -> None:
-    """Write one subject's stage-1 text file and stage-2 beta and Z images into ``folder``."""
+    """Write one subject's stage-1 text file and stage-2 beta and Z (and varcb) images into ``folder``."""
     name = _subject_name(index)
     write_text(folder / f"dr_stage1_{name}.txt", matrix_text(timecourses))
     save_image(unmask(beta, mask), reference, folder / f"dr_stage2_{name}.nii.gz", sidecar=False)
     save_image(unmask(z, mask), reference, folder / f"dr_stage2_{name}_Z.nii.gz", sidecar=False)
+    if varcb is not None:
+        save_image(unmask(varcb, mask), reference, folder / f"dr_stage2_{name}_varcb.nii.gz", sidecar=False)
