@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import image_root
+from .options import Flag, image_root
 
 
 def clusters(
@@ -24,7 +24,7 @@ def clusters(
     ] = None,
     connectivity: Annotated[int, typer.Option("--connectivity", help="6, 18 or 26 (FSL cluster: 26).")] = 26,
     min_voxels: Annotated[int, typer.Option("--min-voxels", help="Drop clusters smaller than this.")] = 1,
-    maxima: Annotated[bool, typer.Option("--maxima", help="Also write local maxima (<root>_maxima.tsv).")] = False,
+    maxima: Annotated[bool, Flag("--maxima", help="Also write local maxima (<root>_maxima.tsv).")] = False,
     peak_distance: Annotated[float, typer.Option("--peak-distance", help="Minimum mm between local maxima.")] = 8.0,
 ) -> None:
     """Table of clusters (size, peak, MNI mm, centre of gravity) and the cluster index image."""

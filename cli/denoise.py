@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .options import DaskScheduler, Derivatives, Device, FeatDirs, Participants, Quiet, Space, Workers
+from .options import DaskScheduler, Derivatives, Device, FeatDirs, Flag, Participants, Quiet, Space, Workers
 
 _File = Path | None
 
@@ -32,7 +32,7 @@ def denoise(
     tissue_threshold: Annotated[float, typer.Option("--tissue-threshold", help="WM/CSF probability threshold.")] = 0.9,
     erode: Annotated[int, typer.Option("--erode", help="Erosions of the WM/CSF masks (voxels).")] = 1,
     physio_mode: Annotated[str, typer.Option("--physio-mode", help="HR/RV regressors: auto (when a recording exists), yes, no.")] = "auto",
-    global_signal: Annotated[bool, typer.Option("--global-signal", help="Regress the mean signal in the brain mask.")] = False,
+    global_signal: Annotated[bool, Flag("--global-signal", help="Regress the mean signal in the brain mask.")] = False,
     outlier_metric: Annotated[str, typer.Option("--outlier-metric", help="fd (Power) or rms (Jenkinson relative), or none.")] = "fd",
     outlier_threshold: Annotated[float, typer.Option("--outlier-threshold", help="Outlier threshold in mm.")] = 0.5,
     censor: Annotated[str, typer.Option("--censor", help="spikes (a regressor per outlier) or drop (remove the volumes).")] = "spikes",

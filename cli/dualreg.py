@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from .options import DaskScheduler, Device, MaxMemory, Quiet, Seed, Workers
+from .options import DaskScheduler, Device, Flag, MaxMemory, Quiet, Seed, Workers
 
 
 def dualreg(
@@ -24,7 +24,7 @@ def dualreg(
     ] = None,
     des_norm: Annotated[
         bool,
-        typer.Option("--des-norm/--no-des-norm", help="Normalise stage-2 regressors to unit std (FSL's des_norm=1)."),
+        Flag("--des-norm/--no-des-norm", help="Normalise stage-2 regressors to unit std (FSL's des_norm=1)."),
     ] = True,
     batch: Annotated[
         int | None,
@@ -35,14 +35,14 @@ def dualreg(
     ] = None,
     contrasts: Annotated[Path | None, typer.Option("-t", "--contrasts", help="Stage 3: design.con.")] = None,
     one_sample: Annotated[
-        bool, typer.Option("-1", "--one-sample", help="Stage 3: group-mean test instead of -d/-t.")
+        bool, Flag("-1", "--one-sample", help="Stage 3: group-mean test instead of -d/-t.")
     ] = False,
     n_perm: Annotated[
         int,
         typer.Option("-n", "--n-perm", help="Stage 3 permutations: 0 none, 1 raw t maps, >1 randomise with TFCE."),
     ] = 0,
     out_varcb: Annotated[
-        bool, typer.Option("--out-varcb", help="Also write dr_stage2_subjectNNNNN_varcb.nii.gz (fsl_glm --out_varcb).")
+        bool, Flag("--out-varcb", help="Also write dr_stage2_subjectNNNNN_varcb.nii.gz (fsl_glm --out_varcb).")
     ] = False,
     seed: Seed = 0,
     device: Device = "auto",

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import Device
+from .options import Device, Flag
 
 
 def flame(
@@ -22,11 +22,11 @@ def flame(
     log_dir: Annotated[Path, typer.Option("--ld", help="Output folder (flameo's logdir).")] = Path("stats"),
     cluster_z: Annotated[float, typer.Option("--cluster-z", help="Cluster-forming z threshold.")] = 2.3,
     cluster_p: Annotated[float, typer.Option("--cluster-p", help="GRF cluster p threshold.")] = 0.05,
-    no_clusters: Annotated[bool, typer.Option("--no-clusters", help="Skip the GRF cluster inference.")] = False,
+    no_clusters: Annotated[bool, Flag("--no-clusters", help="Skip the GRF cluster inference.")] = False,
     n_jumps: Annotated[int, typer.Option("--nj", help="flame12: MCMC jumps per voxel.")] = 5000,
     burnin: Annotated[int, typer.Option("--bi", help="flame12: jumps discarded at the start.")] = 500,
     sample_every: Annotated[int, typer.Option("--se", help="flame12: jumps per sample.")] = 1,
-    fix_mean: Annotated[bool, typer.Option("--fm", help="flame12: fix the t-fit mean at FLAME1's estimate.")] = False,
+    fix_mean: Annotated[bool, Flag("--fm", help="flame12: fix the t-fit mean at FLAME1's estimate.")] = False,
     z_lower: Annotated[float, typer.Option("--zlt", help="flame12: lower z of the band sent to MCMC.")] = 2.0,
     z_upper: Annotated[float, typer.Option("--zut", help="flame12: upper z of the band sent to MCMC.")] = 20.0,
     sigma_dof: Annotated[float, typer.Option("--sdof", help="flame12: sigma (mm) smoothing the MCMC dof; -1 off.")] = 1.0,

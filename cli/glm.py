@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import Device, image_root
+from .options import Device, Flag, image_root
 
 
 def glm(
@@ -16,7 +16,7 @@ def glm(
     design_mat: Annotated[Optional[Path], typer.Option("-d", help="Design matrix (FSL VEST design.mat).")] = None,
     design_con: Annotated[Optional[Path], typer.Option("-t", help="t contrasts (FSL VEST design.con).")] = None,
     mask: Annotated[Optional[Path], typer.Option("-m", help="Mask image (default: voxels non-zero in some volume).")] = None,
-    one_sample: Annotated[bool, typer.Option("-1", help="One-sample group mean; no -d/-t.")] = False,
+    one_sample: Annotated[bool, Flag("-1", help="One-sample group mean; no -d/-t.")] = False,
     cluster_z: Annotated[float, typer.Option("--cluster-z", help="Cluster-forming z threshold.")] = 2.3,
     cluster_p: Annotated[float, typer.Option("--cluster-p", help="GRF cluster p threshold.")] = 0.05,
     device: Device = "auto",

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+
+def Flag(*names: str, help: str) -> Any:  # noqa: N802 - used like typer.Option in annotations
+    """An on/off option, shown in ``--help`` without a value (typer 0.29 with click 8.5 prints ``<bool>``)."""
+    return typer.Option(*names, metavar="", help=help)
+
 
 def image_root(value: Path | None) -> Path | None:
     """An output root without an image extension, as FSL takes ``-o grp.nii.gz`` (files ``grp_tstat1.nii.gz``)."""
@@ -35,7 +40,7 @@ Device = Annotated[
     typer.Option("--device", help="Where tensors live: auto (cuda when torch sees a GPU), cpu, cuda or cuda:N."),
 ]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the NumPy generator behind every random draw.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+Quiet = Annotated[bool, Flag("--quiet", "-q", help="No progress bars.")]
 Derivatives = Annotated[
     Path | None, typer.Option("--derivatives", help="fMRIPrep-style derivatives folder: every subject and session.")
 ]

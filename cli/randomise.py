@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import DaskScheduler, Device, MaxMemory, Quiet, Seed, Workers, image_root, parse_count
+from .options import DaskScheduler, Device, Flag, MaxMemory, Quiet, Seed, Workers, image_root, parse_count
 
 InputImage = Annotated[Path, typer.Option("-i", help="4D input image, one volume per subject/observation.")]
 OutputRoot = Annotated[Path, typer.Option("-o", callback=image_root, help="Output root; files are <root>_tstat1.nii.gz, ...")]
@@ -17,30 +17,30 @@ DesignFts = Annotated[Optional[Path], typer.Option("-f", help="F tests (FSL VEST
 DesignGrp = Annotated[Optional[Path], typer.Option("-e", help="Exchangeability blocks (FSL VEST design.grp).")]
 Mask = Annotated[Optional[Path], typer.Option("-m", help="Mask image (default: voxels non-zero in some volume).")]
 NPerm = Annotated[int, typer.Option("-n", parser=parse_count, help="Number of permutations (identity included; 5000 or 1e6); 0 = exhaustive.")]
-OneSample = Annotated[bool, typer.Option("-1", help="One-sample group mean test (sign flipping); no -d/-t.")]
-Demean = Annotated[bool, typer.Option("-D", help="Demean data and design (the mean becomes a nuisance regressor).")]
+OneSample = Annotated[bool, Flag("-1", help="One-sample group mean test (sign flipping); no -d/-t.")]
+Demean = Annotated[bool, Flag("-D", help="Demean data and design (the mean becomes a nuisance regressor).")]
 Voxelwise = Annotated[
-    bool, typer.Option("-x", help="Write voxelwise FWER-corrected p (<root>_vox_corrp_*, as 1-p).")
+    bool, Flag("-x", help="Write voxelwise FWER-corrected p (<root>_vox_corrp_*, as 1-p).")
 ]
-Uncorrp = Annotated[bool, typer.Option("--uncorrp", help="Write uncorrected p (<root>_vox_p_*, and <root>_tfce_p_* etc. for each spatial statistic; as 1-p).")]
-Fdr = Annotated[bool, typer.Option("--fdr", help="Write Benjamini-Hochberg FDR-adjusted p (<root>_vox_fdrp_*, 1-p).")]
+Uncorrp = Annotated[bool, Flag("--uncorrp", help="Write uncorrected p (<root>_vox_p_*, and <root>_tfce_p_* etc. for each spatial statistic; as 1-p).")]
+Fdr = Annotated[bool, Flag("--fdr", help="Write Benjamini-Hochberg FDR-adjusted p (<root>_vox_fdrp_*, 1-p).")]
 PermuteBlocks = Annotated[
-    bool, typer.Option("--permute-blocks", help="Shuffle whole exchangeability blocks (equal sizes) instead of within them.")
+    bool, Flag("--permute-blocks", help="Shuffle whole exchangeability blocks (equal sizes) instead of within them.")
 ]
-Tfce = Annotated[bool, typer.Option("-T", help="TFCE as FSL randomise computes it: of the t map (F tests: of their z), H=2, E=0.5, 6-connectivity, step dh = the unpermuted map's maximum / 100 kept for every rearrangement, values on randomise's scale (the sum of extent^E h^H over the steps, not multiplied by dh): <root>_tfce_tstat1, <root>_tfce_corrp_tstat1 (1 - FWER p).")]
-Tfce2D = Annotated[bool, typer.Option("--T2", help="TFCE for 2D/skeleton data (H=2, E=1, 26-connectivity); instead of -T.")]
+Tfce = Annotated[bool, Flag("-T", help="TFCE as FSL randomise computes it: of the t map (F tests: of their z), H=2, E=0.5, 6-connectivity, step dh = the unpermuted map's maximum / 100 kept for every rearrangement, values on randomise's scale (the sum of extent^E h^H over the steps, not multiplied by dh): <root>_tfce_tstat1, <root>_tfce_corrp_tstat1 (1 - FWER p).")]
+Tfce2D = Annotated[bool, Flag("--T2", help="TFCE for 2D/skeleton data (H=2, E=1, 26-connectivity); instead of -T.")]
 TfceH = Annotated[Optional[float], typer.Option("--tfce-H", help="TFCE height exponent (default 2).")]
 TfceE = Annotated[Optional[float], typer.Option("--tfce-E", help="TFCE extent exponent (default 0.5; 1 with --T2).")]
 TfceC = Annotated[Optional[int], typer.Option("--tfce-C", help="TFCE connectivity 6, 18 or 26 (default 6; 26 with --T2).")]
 TfceDh = Annotated[Optional[float], typer.Option("--tfce-dh", help="TFCE step for every rearrangement (randomise --tfce_D); default: the unpermuted map's maximum / 100.")]
-TfceExact = Annotated[bool, typer.Option("--tfce-exact", help="Exact TFCE integral instead of randomise's steps (values on the integral's scale).")]
+TfceExact = Annotated[bool, Flag("--tfce-exact", help="Exact TFCE integral instead of randomise's steps (values on the integral's scale).")]
 ClusterT = Annotated[Optional[float], typer.Option("-c", help="Cluster extent FWER for t contrasts at this cluster-forming threshold.")]
 ClusterMassT = Annotated[Optional[float], typer.Option("-C", help="Cluster mass FWER for t contrasts: clusters of voxels above this threshold (26-connectivity), mass = the sum of t over the cluster (FSL randomise's definition).")]
 ClusterF = Annotated[Optional[float], typer.Option("-F", help="Cluster extent FWER for F tests at this threshold.")]
 ClusterMassF = Annotated[Optional[float], typer.Option("-S", help="Cluster mass FWER for F tests: mass = the sum of F over the cluster (FSL randomise's definition).")]
 Resume = Annotated[
     bool,
-    typer.Option("--resume", help="Continue from <root>_checkpoint.npz left by a killed run (same inputs and options)."),
+    Flag("--resume", help="Continue from <root>_checkpoint.npz left by a killed run (same inputs and options)."),
 ]
 CheckpointInterval = Annotated[
     float,

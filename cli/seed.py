@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .options import DaskScheduler, Derivatives, Device, FeatDirs, Participants, Quiet, Space, Workers
+from .options import DaskScheduler, Derivatives, Device, FeatDirs, Flag, Participants, Quiet, Space, Workers
 
 BoldFiles = Annotated[list[Path], typer.Option("--bold", help="4D BOLD file (repeatable); needs --mask.")]
 Mask = Annotated[
@@ -18,8 +18,8 @@ BoldDesc = Annotated[
 ]
 Radius = Annotated[list[float], typer.Option("--radius", help="Sphere radius in mm: once for all, or once per coordinate.")]
 Name = Annotated[list[str], typer.Option("--name", help="Name per coordinate (letters and digits).")]
-Mirror = Annotated[bool, typer.Option("--mirror", help="Also use each coordinate sphere mirrored to (-x, y, z) as a separate region.")]
-Bilateral = Annotated[bool, typer.Option("--bilateral", help="Make each coordinate sphere the union with its mirror (one bilateral region).")]
+Mirror = Annotated[bool, Flag("--mirror", help="Also use each coordinate sphere mirrored to (-x, y, z) as a separate region.")]
+Bilateral = Annotated[bool, Flag("--bilateral", help="Make each coordinate sphere the union with its mirror (one bilateral region).")]
 
 
 def mirror_mode(mirror: bool, bilateral: bool) -> str:
@@ -49,7 +49,7 @@ def seed(
     seed_mask: Annotated[list[Path], typer.Option("--seed-mask", help="Seed from a mask image (voxels > 0; repeatable).")] = [],
     seed_label: Annotated[list[str], typer.Option("--seed-label", help="Seed from an atlas label, ATLAS:LABEL (repeatable).")] = [],
     layout: Annotated[str, typer.Option("--layout", help="subject: a 4D file per run (a volume per seed); seed: a 4D file per seed (a volume per run, for randomise).")] = "subject",
-    beta: Annotated[bool, typer.Option("--beta", help="Also write regression beta maps (voxel on seed).")] = False,
+    beta: Annotated[bool, Flag("--beta", help="Also write regression beta maps (voxel on seed).")] = False,
     glm: Annotated[str | None, typer.Option("--glm", help="GLM mode (film or none prewhitening): cope/varcope/tstat/zstat per run and seed instead of r/z.")] = None,
     device: Device = "auto",
     dask_scheduler: DaskScheduler = None,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from .options import Quiet
+from .options import Flag, Quiet
 
 app = typer.Typer(help="Run a whole study (QC to report) from one study file.", no_args_is_help=True)
 
@@ -52,7 +52,7 @@ def run(
 @app.command("init")
 def init(
     path: Annotated[Path, typer.Argument(help="Study file to write (a commented template).")],
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+    force: Annotated[bool, Flag("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a commented template study file (the reference cLBP analysis)."""
     from gpuconn.core.errors import InputError

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from gpuconn.cli.app import run
 
 
@@ -40,3 +42,13 @@ def test_user_error_is_one_line_without_traceback(tmp_path):
 
 def test_unknown_option_exits_nonzero(capsys):
     assert run(["info", "--bogus"]) == 2
+
+
+@pytest.mark.parametrize("command", [["randomise"], ["seed"], ["denoise"], ["dualreg"], ["flame"], ["glm"],
+                                     ["clusters"], ["study", "run"]])
+def test_help_shows_on_off_options_as_flags(command, capsys):
+    from gpuconn.cli.app import run
+
+    assert run([*command, "--help"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "<bool>" in line and "--help" not in line]
+    assert not rows, rows  # click's own --help row is the one left
