@@ -451,3 +451,45 @@ def test_a_bad_run_stops_denoising_before_any_output(tiny):
     with pytest.raises(InputError, match="sub-007"):
         run_study(path, broken / "out", progress=False)
     assert not (broken / "out" / "denoise").exists()
+
+
+def test_flame_inference_runs_flameo_on_the_seeds_copes_and_varcopes(tiny, tmp_path):
+    """method = "flame1": first-level copes/varcopes per run, FLAME on them (varcopes summed for changes), GRF."""
+    import nibabel as nib
+
+    from gpuconn.stats.design import read_vest
+    from gpuconn.stats.flame import flame
+
+    root, _, _ = tiny
+    path = _write(root, STUDY.replace('method = "cluster"', 'method = "flame1"'), name="flame.toml")
+    out = tmp_path / "out"
+    run_study(path, out, progress=False)
+    seeds = sorted((out / "seeds").glob("*_seed-S1back_varcope.nii.gz"))
+    assert len(seeds) == len(list((out / "seeds").glob("*_stat-z_seedmap.nii.gz"))) > 0
+    group = out / "group" / "post_vs_pre"
+    for name in ("zstat1", "thresh_zstat1", "cope1", "varcope1", "tdof_t1", "mean_random_effects_var1"):
+        assert (group / f"seed-S1back_{name}.nii.gz").exists(), name
+    assert (group / "seed-S1back_clusters_tstat1.tsv").exists()  # the clusters step reads FLAME's GRF clusters
+    # the group z map is FLAME1 of the written inputs: post - pre copes, pre + post varcopes
+    mask = np.asarray(nib.load(str(out / "group" / "mask.nii.gz")).dataobj) > 0
+    copes = np.asarray(nib.load(str(group / "seed-S1back_cope_input.nii.gz")).dataobj)[mask].T
+    varcopes = np.asarray(nib.load(str(group / "seed-S1back_varcope_input.nii.gz")).dataobj)[mask].T
+    design, contrasts = read_vest(group / "design.mat")[0], read_vest(group / "design.con")[0]
+    expected = flame(copes, varcopes, design, contrasts, run_mode="flame1")
+    got = np.asarray(nib.load(str(group / "seed-S1back_zstat1.nii.gz")).dataobj)[mask]
+    np.testing.assert_allclose(got, expected.zstat[0], rtol=1e-5, atol=1e-5)
+    first = next(iter(sorted((out / "seeds").glob("*_ses-pre_*seed-S1back_varcope.nii.gz"))))
+    second = Path(str(first).replace("ses-pre", "ses-post"))
+    pre, post = (np.asarray(nib.load(str(p)).dataobj)[mask] for p in (first, second))
+    assert np.any(np.all(np.isclose(varcopes, pre + post, rtol=1e-6), axis=1))  # one subject's summed varcope
+
+
+def test_flame_needs_seed_maps_not_networks(tiny):
+    root, _, _ = tiny
+    text = STUDY.replace('method = "cluster"', 'method = "flame12"').replace(
+        '[[models]]\nname = "post_vs_pre"\nkind = "paired"',
+        '[[models]]\nname = "post_vs_pre"\nkind = "paired"\nnetworks = ["dmn"]')
+    text = text.replace("[inference]", '[ica]\nenabled = true\n[[networks]]\nname = "dmn"\nnodes = [[0, -52, 26]]\n[inference]')
+    with pytest.raises(InputError, match=r"model 'post_vs_pre' tests ICA networks, but \[inference\] method = 'flame12' "
+                                         "needs first-level variance maps"):
+        load_study(_write(root, text, name="flame_net.toml"))

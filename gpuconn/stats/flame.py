@@ -709,7 +709,8 @@ def _smooth_stage2_dof(result: FlameResult, mask: np.ndarray, zooms, sigma_mm: f
         result.zstat[k, sel] = t_to_z(result.tstat[k, sel], np.floor(result.tdof[k, sel]))
 
 
-def _grf_clusters(z, mask, img, smooth, out: Path, i: int, z_threshold: float, cluster_p: float) -> pd.DataFrame:
+def _grf_clusters(z, mask, img, smooth, out: Path, prefix: str, i: int, z_threshold: float,
+                  cluster_p: float) -> pd.DataFrame:
     """easythresh on one z map: thresh_zstat, cluster_index_zstat and the cluster table (GRF p)."""
     from .grf import grf_cluster_p
     from .tables import cluster_table
@@ -721,9 +722,9 @@ def _grf_clusters(z, mask, img, smooth, out: Path, i: int, z_threshold: float, c
                            cluster_p=p, maxima=False)
     table = result.table[result.table["p"] < cluster_p].reset_index(drop=True)
     index_image = np.where(np.isin(result.index_image, table["cluster_index"]), result.index_image, 0)
-    save_image(unmask(z_sig, mask), img, out / f"thresh_zstat{i}.nii.gz", sidecar=False)
-    save_image(index_image, img, out / f"cluster_index_zstat{i}.nii.gz", sidecar=False, dtype=np.int32)
-    write_tsv(table, out / f"cluster_zstat{i}.tsv")
+    save_image(unmask(z_sig, mask), img, out / f"{prefix}thresh_zstat{i}.nii.gz", sidecar=False)
+    save_image(index_image, img, out / f"{prefix}cluster_index_zstat{i}.nii.gz", sidecar=False, dtype=np.int32)
+    write_tsv(table, out / f"{prefix}cluster_zstat{i}.tsv")
     return table
 
 
@@ -734,6 +735,7 @@ def run_flame(
     contrast_path: str | os.PathLike,
     output_dir: str | os.PathLike = "stats",
     *,
+    prefix: str = "",
     ftest_path: str | os.PathLike | None = None,
     groups_path: str | os.PathLike | None = None,
     mask_path: str | os.PathLike | None = None,
@@ -763,6 +765,9 @@ def run_flame(
         ``design.mat`` and ``design.con`` (``--dm``, ``--tc``).
     output_dir : path-like, default 'stats'
         flameo's ``--ld``.
+    prefix : str, default ''
+        Put before every output name (the study runner writes
+        ``<root>_zstat1.nii.gz``... beside its other results).
     ftest_path, groups_path : path-like, optional
         ``design.fts`` (``--fc``) and variance groups ``design.grp`` (``--cs``).
     mask_path : path-like, optional
@@ -835,7 +840,7 @@ def run_flame(
     ref = cope_img.slicer[..., 0]
 
     def save(values: np.ndarray, name: str) -> None:
-        save_image(unmask(np.asarray(values, dtype=np.float32), mask), ref, out / f"{name}.nii.gz", sidecar=False)
+        save_image(unmask(np.asarray(values, dtype=np.float32), mask), ref, out / f"{prefix}{name}.nii.gz", sidecar=False)
 
     for k, pe in enumerate(result.pe, start=1):
         save(pe, f"pe{k}")
@@ -847,15 +852,15 @@ def run_flame(
             save(getattr(result, name)[i], f"{name}{i + 1}")
         save(result.tdof[i], f"tdof_t{i + 1}")
         if smooth is not None:
-            tables[f"zstat{i + 1}"] = _grf_clusters(result.zstat[i].astype(np.float32), mask, ref, smooth, out, i + 1,
-                                                   z_threshold, cluster_p)
+            tables[f"zstat{i + 1}"] = _grf_clusters(result.zstat[i].astype(np.float32), mask, ref, smooth, out, prefix,
+                                                   i + 1, z_threshold, cluster_p)
     for j in range(result.fstat.shape[0]):
         save(result.fstat[j], f"fstat{j + 1}")
         save(result.zfstat[j], f"zfstat{j + 1}")
-    save_image(unmask(residuals.astype(np.float32), mask), cope_img, out / "res4d.nii.gz", sidecar=False)
-    save_image(mask.astype(np.uint8), ref, out / "mask.nii.gz", sidecar=False, dtype=np.uint8)
+    save_image(unmask(residuals.astype(np.float32), mask), cope_img, out / f"{prefix}res4d.nii.gz", sidecar=False)
+    save_image(mask.astype(np.uint8), ref, out / f"{prefix}mask.nii.gz", sidecar=False, dtype=np.uint8)
     if smooth is not None:
-        write_json(out / "smoothness.json", smooth.as_dict() | {"dof": dof})
+        write_json(out / f"{prefix}smoothness.json", smooth.as_dict() | {"dof": dof})
     record = {"cope": cope_path, "varcope": varcope_path, "design": design_path, "contrasts": contrast_path,
               "ftests": ftest_path, "groups": groups_path, "mask": mask_path, "run_mode": run_mode, "dof": dof,
               "z_threshold": z_threshold, "cluster_p": cluster_p, "device": str(torch_device),
@@ -863,5 +868,5 @@ def run_flame(
               "n_stage2_voxels": int(result.mcmc_mask.sum()),
               "smoothness": smooth.as_dict() if smooth else None,
               "n_clusters": {k: len(v) for k, v in tables.items()}, **dict(params or {})}
-    write_json(out / "flame.json", provenance(record))
+    write_json(out / f"{prefix}flame.json", provenance(record))
     return tables

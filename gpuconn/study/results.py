@@ -19,7 +19,7 @@ import pandas as pd
 from ..core import io
 from ..maps.regions import Region, region_masks
 from ..stats.tables import cluster_table
-from .schema import Study
+from .schema import FLAME_METHODS, Study
 
 __all__ = [
     "map_keys",
@@ -61,10 +61,11 @@ def significant_voxels(out_dir: str | os.PathLike, model: str, key: str, contras
     -------
     ndarray of bool, shape (x, y, z)
         From the ``*_corrp_tstat<i>`` map of the method (``1 - p > 1 - alpha``),
-        or for ``grf`` the voxels of significant clusters (``*_thresh_zstat<i>``).
+        or for ``grf``, ``flame1`` and ``flame12`` the voxels of significant
+        GRF clusters (``*_thresh_zstat<i>``).
     """
     root = stat_root(Path(out_dir), model, key)
-    if inference["method"] == "grf":
+    if inference["method"] in ("grf", *FLAME_METHODS):
         return np.asarray(nib.load(f"{root}_thresh_zstat{contrast}.nii.gz").dataobj) != 0
     prefix = _CORRP[inference["method"]]
     corrp = np.asarray(nib.load(f"{root}_{prefix}_corrp_tstat{contrast}.nii.gz").dataobj, dtype=np.float64)

@@ -8,13 +8,16 @@ step        library call
 ==========  ==============================================================
 qc          :func:`gpuconn.subject.qc.qc_table` on each run's motion parameters
 denoise     :func:`gpuconn.subject.denoise.denoise_runs` (runs passing QC)
-seeds       :func:`gpuconn.maps.seed.compute_seed_maps` (Fisher z per seed)
+seeds       :func:`gpuconn.maps.seed.compute_seed_maps` (Fisher z per seed); for FLAME
+            inference also :func:`gpuconn.maps.firstlevel.seed_glm_maps` (copes, varcopes)
 ica         :func:`gpuconn.maps.ica.run_group_ica`, :func:`gpuconn.maps.ica.match_templates`
             and :func:`gpuconn.maps.dualreg.dual_regression` (when ``[ica] enabled``)
 group       :func:`gpuconn.stats.design.build_design`, then per model and map
             (seed map or network) :func:`gpuconn.stats.randomise.run_permutation_test`
             + :func:`~gpuconn.stats.randomise.write_outputs`, or for
-            ``method = "grf"`` :func:`gpuconn.stats.grf.parametric_glm`
+            ``method = "grf"`` :func:`gpuconn.stats.grf.parametric_glm`, or for
+            ``flame1``/``flame12`` :func:`gpuconn.stats.flame.run_flame` on the
+            seeds' copes and varcopes (summed for post - pre changes), GRF clusters
 clusters    :func:`gpuconn.stats.tables.cluster_table` of the significant voxels
 rois        :func:`gpuconn.maps.roi.extract_roi_values`, then
             :mod:`gpuconn.study.roi_stats` (t-tests, correlations, subgroups, FDR)
@@ -48,10 +51,12 @@ from ..maps.dualreg import dual_regression
 from ..maps.ica import match_templates, run_group_ica
 from ..maps.regions import Region, region_masks
 from ..maps.roi import extract_roi_values
+from ..maps.firstlevel import seed_glm_maps
 from ..maps.seed import compute_seed_maps
 from ..maps.series import BoldInput
 from ..stats import randomise
 from ..stats.design import save_design
+from ..stats.flame import McmcOptions, run_flame
 from ..stats.grf import parametric_glm
 from ..stats.tables import cluster_table
 from ..stats.spatial import spatial_transforms
@@ -62,7 +67,7 @@ from .demographics import table_one
 from .report import write_report
 from .results import map_keys, model_contrasts, significant_voxels, stat_root
 from .roi_stats import roi_tests
-from .schema import Study, load_study, model_design, model_table, network_names, region_names, study_regions
+from .schema import FLAME_METHODS, Study, load_study, model_design, model_table, network_names, region_names, study_regions
 from .stamps import Stamps
 
 __all__ = [
@@ -123,6 +128,10 @@ class _Context:
 
     def seed_map(self, run: Run) -> Path:
         return self.out / "seeds" / f"{run.prefix}_stat-z_seedmap.nii.gz"
+
+    def seed_glm(self, run: Run, seed: str, stat: str) -> Path:
+        """A run's first-level ``cope`` or ``varcope`` of one seed (FLAME inference)."""
+        return self.out / "seeds" / f"{run.prefix}_seed-{seed}_{stat}.nii.gz"
 
     def _run_dir(self, step: str, run: Run) -> Path:
         parts = [f"sub-{run.subject}"] + ([f"ses-{run.session}"] if run.session else [])
@@ -189,6 +198,9 @@ def _step_seeds(ctx: _Context) -> list[Path]:
     inputs = [BoldInput(r.prefix, ctx.denoised(r), r.mask) for r in ctx.kept_runs()]
     regions = study_regions(ctx.study.config, "seeds")
     written = compute_seed_maps(inputs, regions, ctx.out / "seeds", layout="subject", stats=("z",), device=ctx.device, progress=ctx.progress)
+    if ctx.study.section("inference")["method"] in FLAME_METHODS:  # FEAT's first level: copes and their variances
+        written += seed_glm_maps(inputs, regions, ctx.out / "seeds", prewhiten="film", device=ctx.device,
+                                 params={"step": "seeds"})
     return written
 
 
@@ -262,12 +274,37 @@ def _map_source(ctx: _Context, key: str) -> Callable[[Run], np.ndarray]:
     return read
 
 
-def _model_data(read: Callable[[Run], np.ndarray], run_sets: Sequence[tuple[Run, ...]], mask: np.ndarray) -> np.ndarray:
+def _model_data(read: Callable[[Run], np.ndarray], run_sets: Sequence[tuple[Run, ...]], mask: np.ndarray, *,
+                summed: bool = False) -> np.ndarray:
+    """One row per observation: the run's map, or of a change model the second run's minus the first's.
+
+    ``summed``: the two maps added instead (the variance of a difference of
+    independent estimates, as the reference study summed its varcopes).
+    """
     rows = []
     for runs in run_sets:
         maps = [read(r)[mask] for r in runs]
-        rows.append(maps[0] if len(maps) == 1 else maps[1] - maps[0])
+        rows.append(maps[0] if len(maps) == 1 else (maps[1] + maps[0] if summed else maps[1] - maps[0]))
     return np.stack(rows)
+
+
+def _glm_source(ctx: _Context, key: str, stat: str) -> Callable[[Run], np.ndarray]:
+    """Reader of one run's first-level ``cope``/``varcope`` of a seed map key."""
+    seed = key.split("-", 1)[1]
+    return lambda run: np.asarray(nib.load(str(ctx.seed_glm(run, seed, stat))).dataobj, dtype=np.float32)
+
+
+def _flame_model(ctx: _Context, key: str, run_sets, mask: np.ndarray, reference, root: Path, folder: Path,
+                 mask_path: Path, settings: dict, params: dict) -> list[Path]:
+    """FSL FLAME (``flame1``/``flame12``) on the first-level copes and varcopes of one seed, GRF clusters."""
+    copes = _model_data(_glm_source(ctx, key, "cope"), run_sets, mask)
+    varcopes = _model_data(_glm_source(ctx, key, "varcope"), run_sets, mask, summed=True)
+    cope_path = io.save_image(io.unmask(copes, mask), reference, f"{root}_cope_input.nii.gz", params=params)
+    varcope_path = io.save_image(io.unmask(varcopes, mask), reference, f"{root}_varcope_input.nii.gz", params=params)
+    run_flame(cope_path, varcope_path, folder / "design.mat", folder / "design.con", root.parent, prefix=f"{root.name}_",
+              mask_path=mask_path, run_mode=settings["method"], z_threshold=settings["cluster_threshold"],
+              cluster_p=settings["alpha"], device=ctx.device, mcmc=McmcOptions(seed=settings["seed"]), params=params)
+    return [cope_path, varcope_path, *sorted(p for p in root.parent.glob(f"{root.name}_*") if "_input." not in p.name)]
 
 
 def _step_group(ctx: _Context) -> list[Path]:
@@ -287,13 +324,18 @@ def _step_group(ctx: _Context) -> list[Path]:
             design = model_design(study, model, table)
             written += save_design(design, folder / "design")
             written.append(io.write_tsv(table, folder / "observations.tsv"))
-            if settings["method"] != "grf":
+            permutation = settings["method"] not in ("grf", *FLAME_METHODS)
+            if permutation:
                 dof = design.matrix.shape[0] - int(np.linalg.matrix_rank(design.matrix))
                 spatial = _spatial(settings, mask, dof)
             for key in map_keys(model):
-                data = _model_data(_map_source(ctx, key), run_sets, mask)
                 root = stat_root(ctx.out, model["name"], key)
                 params = {"model": model, "map": key, "inference": settings, "runs": [[r.prefix for r in rs] for rs in run_sets]}
+                if settings["method"] in FLAME_METHODS:
+                    written += _flame_model(ctx, key, run_sets, mask, reference, root, folder, mask_path, settings, params)
+                    advance()
+                    continue
+                data = _model_data(_map_source(ctx, key), run_sets, mask)
                 input_path = io.save_image(io.unmask(data, mask), reference, f"{root}_input.nii.gz", params=params)
                 written.append(input_path)
                 if settings["method"] == "grf":
@@ -389,7 +431,8 @@ def _participants(study: Study) -> list[Path]:
 _STEP_TABLE = (
     _Step("qc", _step_qc, _sections("qc", "inputs"), lambda s: [r.motion or r.confounds for r in s.runs if r.motion or r.confounds], ()),
     _Step("denoise", _step_denoise, _sections("denoise", "qc"), lambda s: [p for r in s.runs for p in _run_files(r)], ("qc",)),
-    _Step("seeds", _step_seeds, _sections("seeds"), lambda s: [], ("denoise",)),
+    _Step("seeds", _step_seeds, lambda s: {"seeds": s.config["seeds"], "glm": s.config["inference"]["method"] in FLAME_METHODS},
+          lambda s: [], ("denoise",)),
     _Step("ica", _step_ica, _sections("ica", "networks"), lambda s: [s.ica_templates] if s.ica_templates else [], ("denoise",),
           lambda s: s.config["ica"]["enabled"]),
     _Step("group", _step_group, _sections("models", "inference", "inputs", "derived", "seeds"), _participants, ("qc", "seeds", "ica")),

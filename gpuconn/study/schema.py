@@ -37,6 +37,7 @@ from ..subject.denoise import DenoiseOptions
 __all__ = [
     "MODEL_KINDS",
     "INFERENCE_METHODS",
+    "FLAME_METHODS",
     "QC_COVARIATES",
     "Study",
     "load_study",
@@ -56,7 +57,9 @@ MODEL_KINDS = ("two-sample", "paired", "regression")
 
 
 #: ``[inference] method`` values.
-INFERENCE_METHODS = ("cluster", "tfce", "voxel", "grf")
+INFERENCE_METHODS = ("cluster", "tfce", "voxel", "grf", "flame1", "flame12")
+#: Methods that model first-level variances (FSL FLAME): seed maps as copes with varcopes, GRF clusters.
+FLAME_METHODS = ("flame1", "flame12")
 
 
 
@@ -322,6 +325,10 @@ def _check_networks(config: dict, path: Path) -> None:
             raise InputError(f"{path}: model {model['name']!r}: network {bad[0]!r} is not an ICA network of the study ({', '.join(names) or 'none'})")
         if model["networks"] and not ica["enabled"]:
             raise InputError(f"{path}: model {model['name']!r} tests ICA networks but [ica] enabled = false")
+        if model["networks"] and config["inference"]["method"] in FLAME_METHODS:
+            raise InputError(f"{path}: model {model['name']!r} tests ICA networks, but [inference] method = "
+                             f"{config['inference']['method']!r} needs first-level variance maps, which the study "
+                             "runner makes for seeds only; use method = \"grf\" (or a permutation method) for networks")
 
 
 
