@@ -68,6 +68,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
+from .textfile import numeric_rows
 
 __all__ = [
     "SOURCE_FORMAT",
@@ -301,14 +302,7 @@ def _read_1d_text(path: str | os.PathLike, what: str) -> tuple[np.ndarray, list[
                 lines.append([v for token in line.split() for v in _expand(token)])
             except ValueError as exc:
                 raise InputError(f"{what} {file} has a malformed run-length item ({exc}); expected count@value") from exc
-    if not lines:
-        raise InputError(f"{what} {file} is empty; expected one row per volume")
-    if len({len(row) for row in lines}) != 1:
-        raise InputError(f"{what} {file} has rows of different lengths; expected a rectangular matrix")
-    try:
-        matrix = np.array(lines, dtype=float)
-    except ValueError as exc:
-        raise InputError(f"{what} {file} has non-numeric values ({exc}); expected a numeric .1D matrix") from exc
+    matrix = numeric_rows(lines, file, what=what, kind="numeric .1D matrix")
     if labels is not None and len(labels) != matrix.shape[1]:
         labels = None
     if cols is not None:

@@ -49,6 +49,7 @@ from ..core import afni
 from ..core.backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
 from ..core.errors import InputError
 from ..core.io import note_input, read_tsv
+from ..core.textfile import numeric_rows
 
 __all__ = [
     "MOTION_COLUMNS",
@@ -136,14 +137,7 @@ def read_matrix(path: str | os.PathLike, *, what: str = "confound matrix") -> np
     lines = [line.split() for line in text.splitlines() if line.strip()]
     if lines and not _is_numeric_row(lines[0]):
         lines = lines[1:]
-    if not lines:
-        raise InputError(f"{what} {path} is empty; expected one row per volume")
-    if len({len(row) for row in lines}) != 1:
-        raise InputError(f"{what} {path} has rows of different lengths; expected a rectangular matrix")
-    try:
-        matrix = np.array(lines, dtype=float)
-    except ValueError as exc:
-        raise InputError(f"{what} {path} has non-numeric values ({exc}); expected a numeric matrix") from exc
+    matrix = numeric_rows(lines, path, what=what)
     _check_finite(matrix, path, what)
     return matrix
 
