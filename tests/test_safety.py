@@ -105,13 +105,19 @@ def test_ctrl_c_saves_the_checkpoint_now_and_says_how_to_resume(one_sample, monk
     assert "holds the permutations of an interrupted run; starting over" in capsys.readouterr().err
 
 
-def test_n_accepts_scientific_notation_and_the_estimate_is_printed_in_logs(one_sample, capsys):
+def test_n_accepts_scientific_notation_and_the_estimate_is_printed_in_logs(one_sample, capsys, monkeypatch):
+    from gpuconn.core import progress
+
+    monkeypatch.setattr(progress, "ESTIMATE_FROM_S", 0.0)  # this run is short; say it anyway
     argv = [a for a in _randomise(one_sample, one_sample / "g", "--max-memory", "4KB") if a != "-q"]
     argv[argv.index("20")] = "2e1"
     assert run(argv) == 0
     err = capsys.readouterr().err
     assert "randomise: " in err and " of 20 in " in err and "in all" in err  # stderr is not a terminal here
     assert "\n\n" not in err
+    monkeypatch.setattr(progress, "ESTIMATE_FROM_S", 1e9)  # expected to take less: nothing to say
+    assert run(argv) == 0
+    assert "in all" not in capsys.readouterr().err
 
 
 def test_version():

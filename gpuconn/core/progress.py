@@ -2,8 +2,9 @@
 
 On a terminal: a rich progress bar. Elsewhere (a log file, a batch job): no
 bar (no control characters or blank lines), but the same one line that a
-terminal also gets after the first step: how long that took and about how
-long the whole will take, so a run that will last a week says so at once.
+terminal also gets after the first step when the whole will take at least
+10 s: how long that step took and about how long the whole will take, so a
+run that will last a week says so at once.
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
+#: Say nothing of steps expected to take less than this (seconds).
+ESTIMATE_FROM_S = 10.0
+
+
 class _Estimate:
     """Says once, after the first step that did work, how long the whole is likely to take."""
 
@@ -87,5 +92,7 @@ class _Estimate:
             return
         self.said = True
         total = elapsed / self.done * self.total
+        if total < ESTIMATE_FROM_S:
+            return
         _console.print(f"{self.description}: {self.done} of {self.total} in {_duration(elapsed)}; about "
                        f"{_duration(total)} in all", markup=False, highlight=False)
