@@ -151,3 +151,22 @@ def test_numba_caches_stay_out_of_the_installed_package(tmp_path):
     cached = [p for p in package.rglob("*") if p.suffix in (".nbi", ".nbc")]
     assert not cached, cached
     assert list((tmp_path / "cache" / "gpuconn" / "numba").rglob("*.nbi"))
+
+
+def test_repetition_time_falls_back_to_the_bids_sidecar(tmp_path):
+    """A header TR of 0 (some converters write it) takes RepetitionTime from the BOLD's JSON, and says so."""
+    import json
+
+    from gpuconn.core.errors import InputError
+    from gpuconn.subject.denoise import repetition_time
+
+    img = nib.Nifti1Image(np.zeros((2, 2, 2, 5), np.float32), np.eye(4))
+    img.header.set_zooms((2.0, 2.0, 2.0, 0.0))
+    bold = tmp_path / "sub-01_task-rest_desc-preproc_bold.nii.gz"
+    with pytest.raises(InputError, match="nor a RepetitionTime in sub-01_task-rest_desc-preproc_bold.json; pass --tr"):
+        repetition_time(img, bold)
+    (tmp_path / "sub-01_task-rest_desc-preproc_bold.json").write_text(json.dumps({"RepetitionTime": 2.5}))
+    with pytest.warns(UserWarning, match=r"using RepetitionTime = 2.5 s from sub-01_task-rest_desc-preproc_bold.json"):
+        assert repetition_time(img, bold) == 2.5
+    img.header.set_zooms((2.0, 2.0, 2.0, 3.0))
+    assert repetition_time(img, bold) == 3.0  # the header wins when it has one

@@ -47,6 +47,7 @@ batch of runs is held in memory at a time.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import warnings
@@ -65,7 +66,8 @@ from ..core.backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
 from ..core.bids import DEFAULT_SPACE, find_runs
 from ..core.errors import InputError
 from ..core.io import (
-    check_same_grid, load_header, load_image, load_mask, masked_data, read_tsv, save_image, split_ext, write_tsv,
+    check_same_grid, load_header, load_image, load_mask, masked_data, read_tsv, save_image, sidecar_path, split_ext,
+    write_tsv,
 )
 from ..core.prefetch import items_ahead, prefetch
 from ..core.tasks import map_tasks
@@ -471,7 +473,12 @@ def smooth(volumes: torch.Tensor, mask: torch.Tensor, *, fwhm: float, voxel_size
 
 
 def repetition_time(img: nib.Nifti1Image, path, override: float | None = None) -> float:
-    """TR in seconds from ``override`` or the NIfTI header (ms headers converted)."""
+    """TR in seconds: ``override``, else the NIfTI header (ms headers converted), else the BIDS sidecar.
+
+    A header TR of 0 or none (some converters and resampling tools write
+    that) falls back to ``RepetitionTime`` in the BOLD's JSON sidecar, with
+    a warning saying so.
+    """
     if override is not None:
         if override <= 0:
             raise InputError(f"--tr must be positive, got {override}")
@@ -480,9 +487,19 @@ def repetition_time(img: nib.Nifti1Image, path, override: float | None = None) -
     tr = float(zooms[3]) if len(zooms) > 3 else 0.0
     if img.header.get_xyzt_units()[1] == "msec":
         tr /= 1000.0
-    if not tr > 0:
-        raise InputError(f"BOLD {path} has no repetition time in its header (pixdim[4] = {tr}); pass --tr")
-    return tr
+    if tr > 0:
+        return tr
+    sidecar = sidecar_path(path)
+    try:
+        from_sidecar = float(json.loads(sidecar.read_text()).get("RepetitionTime", 0.0)) if sidecar.exists() else 0.0
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise InputError(f"{sidecar} has no readable RepetitionTime ({exc}); fix the sidecar or pass --tr") from exc
+    if not from_sidecar > 0:
+        raise InputError(f"BOLD {path} has no repetition time in its header (pixdim[4] = {tr}) nor a RepetitionTime "
+                         f"in {sidecar.name}; pass --tr")
+    warnings.warn(f"{path}: the header's repetition time is {tr}; using RepetitionTime = {from_sidecar} s from "
+                  f"{sidecar.name}", UserWarning, stacklevel=2)
+    return from_sidecar
 
 
 def _tissue_signals(files: RunFiles, img, data_4d: np.ndarray | None, options: DenoiseOptions) -> list[tuple[str, np.ndarray | None]]:
