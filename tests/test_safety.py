@@ -170,3 +170,18 @@ def test_repetition_time_falls_back_to_the_bids_sidecar(tmp_path):
         assert repetition_time(img, bold) == 2.5
     img.header.set_zooms((2.0, 2.0, 2.0, 3.0))
     assert repetition_time(img, bold) == 3.0  # the header wins when it has one
+
+
+def test_denoised_outputs_are_a_derivatives_folder_with_their_mask(tmp_path):
+    """denoise --derivatives writes the mask it used beside each run: seed reads the output without --mask."""
+    from gpuconn.study.simulate import simulate_study
+
+    simulate_study(tmp_path / "data", n_patients=3, n_controls=2, n_volumes=30, voxel_size=8.0, seed=2)
+    assert run(["denoise", "--derivatives", str(tmp_path / "data"), "-o", str(tmp_path / "den"), "--acompcor", "0",
+                "--device", "cpu", "-q"]) == 0
+    masks = sorted((tmp_path / "den").rglob("*_desc-brain_mask.nii.gz"))
+    bolds = sorted((tmp_path / "den").rglob("*_desc-denoised_bold.nii.gz"))
+    assert len(masks) == len(bolds) > 0
+    assert run(["seed", "--derivatives", str(tmp_path / "den"), "--bold-desc", "denoised", "--seed-coord", "-18,-38,72",
+                "--radius", "8", "-o", str(tmp_path / "seeds"), "--device", "cpu", "-q"]) == 0
+    assert len(list((tmp_path / "seeds").glob("*_stat-z_seedmap.nii.gz"))) == len(bolds)

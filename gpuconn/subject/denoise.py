@@ -759,13 +759,20 @@ def collect_runs(
 
 
 def output_paths(files: RunFiles, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """BIDS-derivative output names: ``*_desc-denoised_bold.nii.gz`` and ``*_desc-denoised_design.tsv``."""
+    """BIDS-derivative output names: ``*_desc-denoised_bold.nii.gz``, ``*_desc-denoised_design.tsv``, ``*_desc-brain_mask.nii.gz``.
+
+    The mask is the one the run was denoised and smoothed in, written beside
+    it as fMRIPrep names masks, so the output folder is itself a derivatives
+    folder (``gpuconn seed --derivatives OUT --bold-desc denoised`` needs no
+    ``--mask``).
+    """
     name = files.bold.name
     stem = name.split("_desc-")[0] if "_desc-" in name else split_ext(name)[0].split("_bold")[0]  # also x+tlrc.HEAD, x.feat
     folder = Path(out_dir)
     return {
         "bold": folder / f"{stem}_desc-denoised_bold.nii.gz",
         "design": folder / f"{stem}_desc-denoised_design.tsv",
+        "mask": folder / f"{stem}_desc-brain_mask.nii.gz",
     }
 
 
@@ -855,6 +862,7 @@ def denoise_runs(
             params = _params(run, options)
             write_tsv(run.design, paths["design"], params=params, sidecar=False, float_format="%.8g")
             save_image(volumes, run.img, paths["bold"], params=params)
+            save_image(run.mask.astype(np.uint8), run.img.slicer[..., 0], paths["mask"], sidecar=False, dtype=np.uint8)
             yield paths
         if on_run is not None:
             on_run(len(batch))
