@@ -406,7 +406,9 @@ def test_cli_denoise_derivatives_and_single_run(study, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     written = sorted(p.name for p in out.rglob("*"))
     stem = "sub-004_ses-pre_task-rest_space-MNI152NLin2009cAsym_desc-denoised"
-    assert [f"{stem}_bold.json", f"{stem}_bold.nii.gz", f"{stem}_design.tsv"] == [w for w in written if w.startswith("sub-004_")]
+    mask = "sub-004_ses-pre_task-rest_space-MNI152NLin2009cAsym_desc-brain_mask.nii.gz"  # the mask it was denoised in
+    assert [mask, f"{stem}_bold.json", f"{stem}_bold.nii.gz", f"{stem}_design.tsv"] == [
+        w for w in written if w.startswith("sub-004_")]
     files, _ = dn.collect_runs(study.root, out, participant_label=["004"])
     f = files[0]
     single = tmp_path / "single"
