@@ -8,6 +8,7 @@ standard error with exit code 2 and no traceback.
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import sys
 import threading
@@ -106,7 +107,38 @@ def run(argv: list[str] | None = None) -> int:
         command_line.reset(token)
 
 
+# Options that take several values after one flag, as BIDS Apps do (--participant-label 001 002).
+_MULTI_VALUE = ("--participant-label",)
+_LABEL = re.compile(r"^(sub-)?[A-Za-z0-9]+$")
+
+
+def _expand_multi_value(argv: list[str]) -> list[str]:
+    """``--participant-label 001 002`` as ``--participant-label 001 --participant-label 002``.
+
+    After an option's first value, only BIDS labels (letters and digits,
+    optionally ``sub-``) are taken as further values, so a following path or
+    option is left alone.
+    """
+    out: list[str] = []
+    pending = None  # a multi-value option whose first value comes next
+    current = None  # a multi-value option that may take further values
+    for token in argv:
+        if pending is not None:
+            out.append(token)
+            current, pending = pending, None
+            continue
+        if current is not None and _LABEL.match(token):
+            out += [current, token]
+            continue
+        current = None
+        out.append(token)
+        if token in _MULTI_VALUE:
+            pending = token
+    return out
+
+
 def _run(argv: list[str]) -> int:
+    argv = _expand_multi_value(argv)
     command = typer.main.get_command(app)
     # A failed command leaves no output; a study keeps the steps it completed (it resumes from them).
     transaction = contextlib.nullcontext() if argv[:1] in (["study"], ["demo"]) else output_transaction()

@@ -49,7 +49,7 @@ FeatDirs = Annotated[
     typer.Option("--feat", help="First-level .feat folder (repeatable; a quoted glob is expanded): its data, mask and "
                                 "motion, resampled to reg/standard on the device."),
 ]
-Participants = Annotated[list[str], typer.Option("--participant-label", help="Only these subjects (repeatable).")]
+Participants = Annotated[list[str], typer.Option("--participant-label", help="Only these subjects, with or without sub-: several after one flag (001 002, as BIDS Apps) or the flag repeated.")]
 Space = Annotated[str, typer.Option("--space", help="space- entity of the BOLD files under --derivatives.")]
 DaskScheduler = Annotated[
     str | None,

@@ -7,13 +7,13 @@ from typing import Annotated
 
 import typer
 
-from .options import DaskScheduler, FeatDirs, Quiet, Workers
+from .options import DaskScheduler, FeatDirs, Participants, Quiet, Workers
 
 
 def qc(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output TSV (a JSON sidecar is written beside it).")],
     derivatives: Annotated[Path | None, typer.Option("--derivatives", help="fMRIPrep-style derivatives folder.")] = None,
-    participant_label: Annotated[list[str], typer.Option("--participant-label", help="Only these subjects (repeatable).")] = [],
+    participant_label: Participants = [],
     space: Annotated[str, typer.Option("--space", help="space- entity of the BOLD files under --derivatives.")] = "MNI152NLin2009cAsym",
     motion_par: Annotated[list[Path], typer.Option("--motion-par", help="MCFLIRT .par or AFNI dfile_rall.1D (repeatable) instead of --derivatives.")] = [],
     confounds: Annotated[list[Path], typer.Option("--confounds", help="fMRIPrep confounds TSV (repeatable) instead of --derivatives.")] = [],

@@ -185,3 +185,16 @@ def test_denoised_outputs_are_a_derivatives_folder_with_their_mask(tmp_path):
     assert run(["seed", "--derivatives", str(tmp_path / "den"), "--bold-desc", "denoised", "--seed-coord", "-18,-38,72",
                 "--radius", "8", "-o", str(tmp_path / "seeds"), "--device", "cpu", "-q"]) == 0
     assert len(list((tmp_path / "seeds").glob("*_stat-z_seedmap.nii.gz"))) == len(bolds)
+
+
+def test_participant_label_takes_several_values_after_one_flag(tmp_path):
+    """The BIDS-App form --participant-label 001 sub-004 (with or without sub-), then a path that is no label."""
+    import pandas as pd
+
+    from gpuconn.study.simulate import simulate_study
+
+    simulate_study(tmp_path / "data", n_patients=3, n_controls=2, n_volumes=20, voxel_size=8.0, seed=2)
+    out = tmp_path / "qc.tsv"
+    assert run(["qc", "--derivatives", str(tmp_path / "data"), "--participant-label", "001", "sub-004", "-o", str(out)]) == 0
+    table = pd.read_csv(out, sep="\t")
+    assert sorted(set(table["participant_id"])) == ["sub-001", "sub-004"]
