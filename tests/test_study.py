@@ -493,3 +493,16 @@ def test_flame_needs_seed_maps_not_networks(tiny):
     with pytest.raises(InputError, match=r"model 'post_vs_pre' tests ICA networks, but \[inference\] method = 'flame12' "
                                          "needs first-level variance maps"):
         load_study(_write(root, text, name="flame_net.toml"))
+
+
+def test_permutation_cluster_tables_carry_the_corrected_p(tiny):
+    """Each significant cluster's smallest FWER p, from the clustere_corrp map (1 - p), at most alpha."""
+    import pandas as pd
+
+    _, _, result = tiny
+    tables = sorted(result.out_dir.joinpath("group").rglob("*_clusters_tstat*.tsv"))
+    assert tables
+    for path in tables:
+        table = pd.read_csv(path, sep="\t")
+        assert "p_corrected_min" in table.columns
+        assert (table["p_corrected_min"] <= 0.05 + 1e-12).all(), path.name

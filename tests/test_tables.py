@@ -128,3 +128,15 @@ def test_peak_at_planted_node_of_simulated_study(tmp_path):
     assert np.linalg.norm(peak - node) <= 6.0 * np.sqrt(3) / 2  # the nearest grid point to the node
     np.testing.assert_allclose(peak, img.affine[:3, :3] @ top[["peak_i", "peak_j", "peak_k"]].to_numpy(float)
                                + img.affine[:3, 3])
+
+
+def test_atlas_overlap_lists_each_label_share_largest_first():
+    """The 64-voxel cluster spans i = 2..5: three planes (48 voxels) in label 7, one (16) in label 9."""
+    stat = _map()
+    atlas = np.zeros(stat.shape, dtype=int)
+    atlas[:5] = 7
+    atlas[5:10] = 9
+    table = cluster_table(stat, AFFINE, threshold=2.3, min_voxels=2, atlas=atlas,
+                          atlas_labels={7: "S1 back", 9: "M1"}).table
+    assert table["atlas_overlap"].tolist() == ["S1 back 75%; M1 25%", "n/a 100%"]
+    assert table["peak_label"].tolist() == ["S1 back", "n/a"]

@@ -158,7 +158,9 @@ def cluster_table(
         them (e.g. GRF p): adds ``p`` and ``log10_p`` (FSL's ``-log10(P)``).
     atlas : ndarray of int, shape (x, y, z), optional
         Atlas image on the same grid: adds ``peak_label`` (``atlas_labels``
-        name, else the integer).
+        name, else the integer) and ``atlas_overlap``, the labels the
+        cluster's voxels fall in with their share, largest first
+        (``"insula 62%; n/a 38%"``; ``n/a``: outside every label).
     maxima : bool, default False
         Also return local maxima (:func:`local_maxima`).
     n_maxima, min_distance_mm
@@ -211,13 +213,17 @@ def cluster_table(
             row["p"] = p
             row["log10_p"] = float(-np.log10(max(p, 1e-300)))
         if atlas is not None:
-            code = int(np.asarray(atlas)[tuple(peak)])
-            row["peak_label"] = (atlas_labels or {}).get(code, str(code)) if code else "n/a"
+            codes = np.asarray(atlas)[tuple(voxels.T)].astype(np.int64)
+            name = lambda c: (atlas_labels or {}).get(int(c), str(int(c))) if c else "n/a"  # noqa: E731
+            row["peak_label"] = name(np.asarray(atlas)[tuple(peak)])
+            found, counts = np.unique(codes, return_counts=True)
+            order = np.argsort(-counts, kind="stable")
+            row["atlas_overlap"] = "; ".join(f"{name(found[i])} {100 * counts[i] / codes.size:.0f}%" for i in order)
         rows.append(row)
     columns = ["cluster_index", "voxels", "volume_mm3", "peak_value", "peak_i", "peak_j", "peak_k",
                "peak_x", "peak_y", "peak_z", "cog_x", "cog_y", "cog_z"]
     optional = (["p_corrected_min"] * (corrp is not None) + ["p", "log10_p"] * (cluster_p is not None)
-                + ["peak_label"] * (atlas is not None))  # present even with no cluster
+                + ["peak_label", "atlas_overlap"] * (atlas is not None))  # present even with no cluster
     table = pd.DataFrame(rows, columns=columns + optional)
     table = table.sort_values("cluster_index", ascending=False, ignore_index=True)
     lmax = local_maxima(stat, index_image, affine, n_per_cluster=n_maxima,

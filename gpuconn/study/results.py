@@ -25,6 +25,7 @@ __all__ = [
     "map_keys",
     "stat_root",
     "significant_voxels",
+    "corrp_path",
     "model_contrasts",
     "check_planted_effects",
     "FOUND_RADIUS_MM",
@@ -64,16 +65,21 @@ def significant_voxels(out_dir: str | os.PathLike, model: str, key: str, contras
         or for ``grf``, ``flame1`` and ``flame12`` the voxels of significant
         GRF clusters (``*_thresh_zstat<i>``).
     """
-    root = stat_root(Path(out_dir), model, key)
-    if inference["method"] in ("grf", *FLAME_METHODS):
+    corrp = corrp_path(out_dir, model, key, contrast, inference)
+    if corrp is None:
+        root = stat_root(Path(out_dir), model, key)
         return np.asarray(nib.load(f"{root}_thresh_zstat{contrast}.nii.gz").dataobj) != 0
-    prefix = _CORRP[inference["method"]]
-    corrp = np.asarray(nib.load(f"{root}_{prefix}_corrp_tstat{contrast}.nii.gz").dataobj, dtype=np.float64)
-    return corrp > 1.0 - inference["alpha"]
-
+    return np.asarray(nib.load(str(corrp)).dataobj, dtype=np.float64) > 1.0 - inference["alpha"]
 
 
 _CORRP = {"cluster": "clustere", "tfce": "tfce", "voxel": "vox"}
+
+
+def corrp_path(out_dir: str | os.PathLike, model: str, key: str, contrast: int, inference: dict) -> Path | None:
+    """The permutation method's ``*_corrp_tstat<i>`` map (``1 - p``); None for ``grf``/FLAME (GRF cluster p)."""
+    if inference["method"] in ("grf", *FLAME_METHODS):
+        return None
+    return Path(f"{stat_root(Path(out_dir), model, key)}_{_CORRP[inference['method']]}_corrp_tstat{contrast}.nii.gz")
 
 
 

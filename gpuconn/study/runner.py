@@ -65,7 +65,7 @@ from ..subject.denoise import DenoiseOptions, RunFiles, denoise_runs, output_pat
 from ..subject.qc import qc_table
 from .demographics import table_one
 from .report import write_report
-from .results import map_keys, model_contrasts, significant_voxels, stat_root
+from .results import corrp_path, map_keys, model_contrasts, significant_voxels, stat_root
 from .roi_stats import roi_tests
 from .schema import FLAME_METHODS, Study, load_study, model_design, model_table, network_names, region_names, study_regions
 from .stamps import Stamps
@@ -363,7 +363,10 @@ def _step_clusters(ctx: _Context) -> list[Path]:
                 img = nib.load(f"{root}_zstat{contrast}.nii.gz")
                 z = np.asarray(img.dataobj, dtype=np.float64)
                 significant = significant_voxels(ctx.out, model["name"], key, contrast, settings)
-                result = cluster_table(np.where(significant, z, 0.0), img.affine, threshold=0.0, mask=mask, connectivity=settings["connectivity"])
+                corrp = corrp_path(ctx.out, model["name"], key, contrast, settings)  # None: GRF (its own tables)
+                corrp = None if corrp is None else np.asarray(nib.load(str(corrp)).dataobj, dtype=np.float64)
+                result = cluster_table(np.where(significant, z, 0.0), img.affine, threshold=0.0, mask=mask,
+                                       connectivity=settings["connectivity"], corrp=corrp)
                 table = result.table.assign(model=model["name"], map=key, contrast=contrast)
                 written.append(io.write_tsv(table, f"{root}_clusters_tstat{contrast}.tsv"))
     return written
