@@ -511,6 +511,8 @@ def test_constant_voxels(command, ws, capsys):
     for path in ws["out"].rglob("*.nii.gz"):
         values = np.asarray(nib.load(str(path)).dataobj)
         assert np.isfinite(values).all(), path.name
+        if path.name.endswith("_desc-brain_mask.nii.gz"):  # the mask a run was denoised in: 1 inside, not a statistic
+            continue
         assert np.allclose(values[2, 3, 2], 0, atol=1e-6), path.name
 
 

@@ -467,3 +467,30 @@ def test_drop_censoring_writes_fewer_volumes_and_records_them(tmp_path, rng):
     meta = json.loads(paths["bold"].with_name(paths["bold"].name.replace(".nii.gz", ".json")).read_text())["Parameters"]
     assert meta["CensoredVolumes"] == [5, 22] and meta["VolumesKept"] == 38
     assert len(pd.read_csv(paths["design"], sep="\t")) == 38
+
+
+def test_probseg_at_another_resolution_is_resampled_to_the_bold_grid(tmp_path, rng):
+    """fMRIPrep's res-1 anatomy beside a res-2 BOLD: a 1.5 mm copy of a 3 mm WM map gives the same components.
+
+    The fine voxels 2i and 2i + 1 sit 0.75 mm either side of coarse voxel i's
+    centre (origin -0.75 mm) and hold its value, so trilinear resampling
+    gives the coarse map back exactly.
+    """
+    files, _, mask = _write_run(tmp_path, rng)
+    wm = np.zeros(mask.shape, np.float32)
+    wm[2:6, 2:7, 2:5] = 1.0
+    csf = np.zeros(mask.shape, np.float32)
+    csf[1:7, 1:8, 1] = 0.95
+    coarse = np.diag([3.0, 3.0, 3.0, 1.0])
+    fine = np.diag([1.5, 1.5, 1.5, 1.0])
+    fine[:3, 3] = -0.75
+    nib.save(nib.Nifti1Image(wm, coarse), tmp_path / "wm.nii.gz")
+    nib.save(nib.Nifti1Image(np.kron(wm, np.ones((2, 2, 2), np.float32)), fine), tmp_path / "wm_res-1.nii.gz")
+    nib.save(nib.Nifti1Image(csf, coarse), tmp_path / "csf.nii.gz")
+    options = _options(acompcor=3, erode=0, acompcor_mode="separate")
+    same = dn.prepare_run(dn.RunFiles(bold=files.bold, mask=files.mask, confounds=files.confounds,
+                                      wm=tmp_path / "wm.nii.gz", csf=tmp_path / "csf.nii.gz"), options)
+    with pytest.warns(UserWarning, match=r"wm_res-1\.nii\.gz: its \(16, 18, 14\) grid of \(1.5, 1.5, 1.5\) mm is not the BOLD.s"):
+        resampled = dn.prepare_run(dn.RunFiles(bold=files.bold, mask=files.mask, confounds=files.confounds,
+                                               wm=tmp_path / "wm_res-1.nii.gz", csf=tmp_path / "csf.nii.gz"), options)
+    np.testing.assert_allclose(resampled.design.to_numpy(float), same.design.to_numpy(float), rtol=1e-6, atol=1e-9)

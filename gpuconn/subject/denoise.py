@@ -502,6 +502,25 @@ def repetition_time(img: nib.Nifti1Image, path, override: float | None = None) -
     return from_sidecar
 
 
+def _on_bold_grid(prob: nib.Nifti1Image, path, img: nib.Nifti1Image, bold) -> nib.Nifti1Image:
+    """A WM/CSF probability map on the BOLD grid: as it is, or resampled (trilinear, through both affines).
+
+    fMRIPrep writes the anatomical ``res-1`` maps beside a ``res-2`` BOLD in
+    the same space; they are resampled with a warning naming both grids.
+    """
+    try:
+        check_same_grid(img, bold, prob, path)
+        return prob
+    except InputError:
+        from nibabel.processing import resample_from_to
+
+    shape = img.shape[:3]
+    warnings.warn(f"{path}: its {prob.shape[:3]} grid of {tuple(float(z) for z in prob.header.get_zooms()[:3])} mm "
+                  f"is not the BOLD's ({shape}, {bold}); resampled to it (trilinear, by the affines)",
+                  UserWarning, stacklevel=3)
+    return resample_from_to(prob, (shape, img.affine), order=1)
+
+
 def _tissue_signals(files: RunFiles, img, data_4d: np.ndarray | None, options: DenoiseOptions) -> list[tuple[str, np.ndarray | None]]:
     """WM and CSF signals (n_volumes, n_voxels) in their thresholded, eroded masks.
 
@@ -510,8 +529,7 @@ def _tissue_signals(files: RunFiles, img, data_4d: np.ndarray | None, options: D
     """
     masks = []
     for name, path in (("wm", files.wm), ("csf", files.csf)):
-        prob = load_image(path, ndim=3, what=f"{name.upper()} map")
-        check_same_grid(img, files.bold, prob, path)
+        prob = _on_bold_grid(load_image(path, ndim=3, what=f"{name.upper()} map"), path, img, files.bold)
         masks.append((name, path, cf.tissue_mask(np.asarray(prob.dataobj), threshold=options.tissue_threshold, erode=options.erode)))
     groups = [masks] if options.acompcor_mode == "combined" else [[m] for m in masks]
     for group in groups:
