@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.backend import DESIGN_DTYPE, resolve_device, to_numpy
+from ..core.backend import DESIGN_DTYPE, resolve_device, uses_device, to_numpy
 from ..core.errors import InputError
 from ..core.io import save_image, unmask
 from ..stats.zstat import t_to_z
@@ -218,6 +218,7 @@ def first_level_glm(
     )
 
 
+@uses_device
 def seed_glm_maps(
     inputs: Sequence,
     regions: Sequence,

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core.backend import as_data, resolve_device, to_numpy
+from ..core.backend import as_data, resolve_device, uses_device, to_numpy
 from ..core.errors import InputError
 from ..core.io import load_image, load_mask, masked_data, check_same_grid, sidecar_path, split_ext, write_tsv
 from ..core.progress import progress_bar
@@ -140,6 +140,7 @@ def _square(matrix: np.ndarray, names: list[str]) -> pd.DataFrame:
     return table
 
 
+@uses_device
 def compute_roi_matrices(
     inputs: Sequence[BoldInput],
     regions: Sequence[Region],

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core.backend import as_data, resolve_device, to_numpy
+from ..core.backend import as_data, resolve_device, uses_device, to_numpy
 from ..core.errors import InputError
 from ..core.io import save_image, unmask, write_tsv
 from ..core.progress import progress_bar
@@ -162,6 +162,7 @@ def _volume_label(item: BoldInput, map_name: str) -> dict:
     return {**item.entities, "label": item.label, "map": map_name}
 
 
+@uses_device
 def compute_seed_maps(
     inputs: Sequence[BoldInput],
     regions: Sequence[Region],

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -152,6 +153,9 @@ def _load_series(item: PreparedInput) -> np.ndarray:
 def stream_inputs(prepared: Sequence[PreparedInput]) -> Iterator[tuple[PreparedInput, np.ndarray]]:
     """Yield each run with its ``(n_volumes, n_voxels)`` float32 data, reading the next one in a thread meanwhile.
 
+    The thread reads in a copy of the caller's context (its
+    :func:`gpuconn.core.backend.device_scope`: FEAT inputs resample there).
+
     Raises
     ------
     InputError
@@ -159,10 +163,11 @@ def stream_inputs(prepared: Sequence[PreparedInput]) -> Iterator[tuple[PreparedI
         (found on reading, after the runs before it were yielded).
     """
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_load_series, prepared[0]) if prepared else None
+        pending = pool.submit(contextvars.copy_context().run, _load_series, prepared[0]) if prepared else None
         for index, item in enumerate(prepared):
             data = pending.result()
-            pending = pool.submit(_load_series, prepared[index + 1]) if index + 1 < len(prepared) else None
+            pending = (pool.submit(contextvars.copy_context().run, _load_series, prepared[index + 1])
+                       if index + 1 < len(prepared) else None)
             yield item, data
 
 
@@ -331,11 +336,11 @@ def iter_series(paths: Sequence[Path], mask: np.ndarray, n_ahead: int) -> Iterat
     holds at most ``n_ahead + 1`` subjects.
     """
     with ThreadPoolExecutor(max_workers=2) as pool:
-        pending = [pool.submit(read_series, p, mask) for p in paths[:n_ahead]]
+        pending = [pool.submit(contextvars.copy_context().run, read_series, p, mask) for p in paths[:n_ahead]]
         for index in range(len(paths)):
             data = pending.pop(0).result()
             if index + n_ahead < len(paths):
-                pending.append(pool.submit(read_series, paths[index + n_ahead], mask))
+                pending.append(pool.submit(contextvars.copy_context().run, read_series, paths[index + n_ahead], mask))
             yield data
 
 
