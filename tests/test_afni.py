@@ -393,3 +393,57 @@ def test_seed_glm_on_errts_fits_the_kept_volumes(tmp_path, rng):
                 "--glm", "none", "-o", str(tmp_path / "out"), "-q", "--device", "cpu"]) == 0
     sidecar = json.loads(next((tmp_path / "out").glob("*_cope.json")).read_text())["Parameters"]
     assert sidecar["censored_volumes"] == 3 and sidecar["dof"] == keep.sum() - 2
+
+
+# --- atlas label names in the .HEAD -----------------------------------------------------------------------
+
+_DTABLE = '<VALUE_LABEL_DTABLE\\n ni_type="2*String"\\n ni_dimen="2" >\\n"1" "L_Amygdala"\\n"2" "R-Amygdala"\\n</VALUE_LABEL_DTABLE>\\n'
+_POINTS = ('<atlas_point_list ni_form="ni_group" >\n<ATLAS_POINT data_type="atlas_point" STRUCT="Insula" VAL="3" '
+           'OKEY="3" GYoAR="0" />\n</atlas_point_list>')
+
+
+def _atlas(tmp_path: Path, attributes: dict[str, str]) -> Path:
+    from afni_files import _attr
+
+    atlas = np.zeros((6, 7, 5), np.int16)
+    atlas[1:3, 1:4, 1:3], atlas[3:5, 1:4, 1:3], atlas[2:4, 4:6, 2:4] = 1, 2, 3
+    head = write_dataset(tmp_path / "atlas", atlas, AFFINE)
+    with head.open("a") as f:
+        for name, text in attributes.items():
+            f.write("\n" + _attr("string", name, text) + "\n")
+    return head
+
+
+def test_afni_label_table_from_the_head(tmp_path):
+    head = _atlas(tmp_path, {"VALUE_LABEL_DTABLE": _DTABLE, "ATLAS_LABEL_TABLE": _POINTS})
+    assert afni.label_table(head) == {"L_Amygdala": 1, "R-Amygdala": 2, "Insula": 3}
+    assert afni.label_table(write_dataset(tmp_path / "plain", np.ones((2, 2, 2), np.int16), AFFINE)) == {}
+
+
+def test_seed_label_takes_a_name_from_an_afni_atlas(tmp_path):
+    from gpuconn.maps.regions import regions_from_options
+
+    head = _atlas(tmp_path, {"VALUE_LABEL_DTABLE": _DTABLE, "ATLAS_LABEL_TABLE": _POINTS})
+    stem = str(head)[: -len(".HEAD")]
+    by_name = regions_from_options(labels=[f"{stem}:R-Amygdala", f"{head}:Insula", f"{stem}:l_amygdala"])
+    by_number = regions_from_options(labels=[f"{stem}:2", f"{stem}:3", f"{stem}:1"])
+    assert [r.label for r in by_name] == [r.label for r in by_number] == [2, 3, 1]
+    assert [r.name for r in by_name] == ["atlasRAmygdala", "atlasInsula", "atlasLAmygdala"]
+    with pytest.raises(InputError, match=r"has no label 'Hippocampus'.*L_Amygdala, R-Amygdala, Insula"):
+        regions_from_options(labels=[f"{stem}:Hippocampus"])
+    nib.save(nib.Nifti1Image(np.ones((2, 2, 2), np.int16), AFFINE), str(tmp_path / "plain.nii.gz"))
+    with pytest.raises(InputError, match=r"plain.nii.gz has no label table .*give the label's number"):
+        regions_from_options(labels=[f"{tmp_path / 'plain.nii.gz'}:Insula"])
+    (tmp_path / "seeds.tsv").write_text(f"name\timage\tlabel\nins\t{head.name}\tInsula\nleft\t{head.name}\t1\n")
+    assert [(r.name, r.label) for r in regions_from_options(table=tmp_path / "seeds.tsv")] == [("ins", 3), ("left", 1)]
+
+
+def test_seed_command_with_an_afni_label_name_matches_its_number(tmp_path, rng):
+    folder, *_ = _censored_errts(tmp_path / "afni", rng)
+    stem = str(_atlas(tmp_path, {"VALUE_LABEL_DTABLE": _DTABLE}))[: -len(".HEAD")]
+    common = ["--derivatives", str(folder.parent), "--bold-desc", "denoised", "-q", "--device", "cpu"]
+    assert run(["seed", *common, "--seed-label", f"{stem}:R-Amygdala", "-o", str(tmp_path / "name")]) == 0
+    assert run(["seed", *common, "--seed-label", f"{stem}:2", "-o", str(tmp_path / "number")]) == 0
+    a = nib.load(str(tmp_path / "name" / "sub-01_stat-r_seedmap.nii.gz")).get_fdata()
+    b = nib.load(str(tmp_path / "number" / "sub-01_stat-r_seedmap.nii.gz")).get_fdata()
+    np.testing.assert_array_equal(a, b)
