@@ -359,6 +359,7 @@ def group_ica(
     )
 
 
+@uses_device
 def run_group_ica(
     subject_paths: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
