@@ -89,7 +89,7 @@ def denoise(
     with warnings.catch_warnings():  # the full pass warns about the real design
         warnings.simplefilter("ignore")
         for f in files:  # every input checked before any output is written
-            prepare_run(f, options, load_data=False)
+            prepare_run(f, options, device=device, load_data=False)
     with dask_client(scheduler=dask_scheduler, workers=workers) as client:  # None: one process
         # with Dask: one task per batch of runs, written by the workers, and a bar over the tasks
         with progress_bar("denoise", len(files), enabled=not quiet and client is None) as advance:

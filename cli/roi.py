@@ -15,7 +15,7 @@ app = typer.Typer(help="ROI extraction: mean map values in ROIs, ROI-to-ROI conn
 RoiCoord = Annotated[list[str], typer.Option("--roi-coord", help="ROI sphere centre x,y,z in MNI mm (repeatable).")]
 RoiTable = Annotated[Path | None, typer.Option("--roi-table", help="TSV: name, x, y, z, radius[, mirror] or name, image[, label].")]
 RoiMask = Annotated[list[Path], typer.Option("--roi-mask", help="ROI from a mask image (voxels > 0; repeatable).")]
-RoiLabel = Annotated[list[str], typer.Option("--roi-label", help="ROI from an atlas label, ATLAS:LABEL (repeatable).")]
+RoiLabel = Annotated[list[str], typer.Option("--roi-label", help="ROI from an atlas label, ATLAS:LABEL (a number, or a name from an AFNI atlas's label table; repeatable).")]
 
 
 def _regions(roi_coord, radius, name, mirror, bilateral, roi_table, roi_mask, roi_label):

@@ -47,7 +47,7 @@ def seed(
     bilateral: Bilateral = False,
     seed_table: Annotated[Path | None, typer.Option("--seed-table", help="TSV: name, x, y, z, radius[, mirror] or name, image[, label].")] = None,
     seed_mask: Annotated[list[Path], typer.Option("--seed-mask", help="Seed from a mask image (voxels > 0; repeatable).")] = [],
-    seed_label: Annotated[list[str], typer.Option("--seed-label", help="Seed from an atlas label, ATLAS:LABEL (repeatable).")] = [],
+    seed_label: Annotated[list[str], typer.Option("--seed-label", help="Seed from an atlas label, ATLAS:LABEL (a number, or a name from an AFNI atlas's label table; repeatable).")] = [],
     layout: Annotated[str, typer.Option("--layout", help="subject: a 4D file per run (a volume per seed); seed: a 4D file per seed (a volume per run, for randomise).")] = "subject",
     beta: Annotated[bool, Flag("--beta", help="Also write regression beta maps (voxel on seed).")] = False,
     glm: Annotated[str | None, typer.Option("--glm", help="GLM mode (film or none prewhitening): cope/varcope/tstat/zstat per run and seed instead of r/z.")] = None,

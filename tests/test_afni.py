@@ -314,3 +314,136 @@ def test_qc_denoise_seed_on_an_afni_proc_folder(tmp_path, rng):
     assert run(["seed", "--derivatives", str(root), "--bold-desc", "denoised", "--seed-coord", "84,-116,-63",
                 "--radius", "5", "-o", str(tmp_path / "seed"), "-q", "--device", "cpu"]) == 0
     assert (tmp_path / "seed" / "sub-01_ses-pre_stat-z_seedmap.nii.gz").exists()
+
+
+def _censored_errts(root: Path, rng, n: int = 30, censored=(4, 5, 17)) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One afni_proc results folder whose errts is 0 at the censored volumes, as afni_proc writes it."""
+    shape = (6, 7, 5)
+    mask = np.zeros(shape, bool)
+    mask[1:5, 1:6, 1:4] = True
+    seed = np.zeros(shape, bool)
+    seed[2:4, 2:4, 2] = True
+    common = rng.normal(size=n)
+    data = rng.normal(size=shape + (n,)) + 0.7 * common * (np.arange(shape[0]) < 3)[:, None, None, None]
+    keep = np.ones(n, bool)
+    keep[list(censored)] = False
+    data[..., ~keep] = 0.0
+    folder = root / "sub-01.results"
+    folder.mkdir(parents=True)
+    write_dataset(folder / "errts.sub-01.fanaticor", (data * mask[..., None]).astype(np.float32), AFFINE, tr=2.0)
+    write_dataset(folder / "full_mask.sub-01", mask.astype(np.uint8), AFFINE)
+    _write_1d(folder / "censor_sub-01_combined_2.1D", keep[:, None].astype(float))
+    return folder, data.astype(np.float32), mask, seed, keep
+
+
+def test_seed_on_errts_leaves_the_censored_volumes_out(tmp_path, rng):
+    folder, data, mask, seed, keep = _censored_errts(tmp_path / "afni", rng)
+    seed_path = tmp_path / "seed.nii.gz"
+    nib.save(nib.Nifti1Image(seed.astype(np.uint8), AFFINE), str(seed_path))
+    assert run(["seed", "--derivatives", str(folder.parent), "--bold-desc", "denoised", "--seed-mask", str(seed_path),
+                "-o", str(tmp_path / "out"), "-q", "--device", "cpu"]) == 0
+    r = np.asarray(nib.load(str(tmp_path / "out" / "sub-01_stat-r_seedmap.nii.gz")).dataobj)[..., 0]
+    kept = data[..., keep].astype(np.float64)  # the reference: the kept volumes only
+    seed_series = kept[seed & mask].mean(axis=0)
+    expected = np.array([np.corrcoef(seed_series, v)[0, 1] for v in kept[mask]])
+    # float32 data, 27 volumes: r agrees to a few float32 rounding steps
+    np.testing.assert_allclose(r[mask], expected, atol=1e-5)
+    sidecar = json.loads((tmp_path / "out" / "sub-01_stat-r_seedmap.json").read_text())["Parameters"]
+    assert sidecar["censored_volumes"] == 3 and sidecar["censor"].endswith("censor_sub-01_combined_2.1D")
+    assert sidecar["volumes"][0]["censored_volumes"] == 3
+    series = io.read_tsv(tmp_path / "out" / "sub-01_seeds_timeseries.tsv")
+    assert len(series) == keep.sum()
+    np.testing.assert_allclose(series.iloc[:, 0], seed_series, atol=1e-5)
+
+
+def test_roi_matrix_on_errts_leaves_the_censored_volumes_out(tmp_path, rng):
+    folder, data, mask, seed, keep = _censored_errts(tmp_path / "afni", rng)
+    other = mask.copy()
+    other[:3] = False
+    paths = []
+    for name, region in (("a", seed), ("b", other)):
+        paths.append(tmp_path / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(region.astype(np.uint8), AFFINE), str(paths[-1]))
+    assert run(["roi", "matrix", "--derivatives", str(folder.parent), "--bold-desc", "denoised",
+                *[a for p in paths for a in ("--roi-mask", str(p))], "-o", str(tmp_path / "out"), "-q",
+                "--device", "cpu"]) == 0
+    kept = data[..., keep].astype(np.float64)
+    expected = np.corrcoef(kept[seed & mask].mean(axis=0), kept[other & mask].mean(axis=0))[0, 1]
+    matrix = io.read_tsv(tmp_path / "out" / "sub-01_stat-r_roimatrix.tsv")
+    assert abs(float(matrix.iloc[0, 2]) - expected) < 1e-5
+    assert len(io.read_tsv(tmp_path / "out" / "sub-01_rois_timeseries.tsv")) == keep.sum()
+    sidecar = json.loads((tmp_path / "out" / "sub-01_stat-r_roimatrix.json").read_text())["Parameters"]
+    assert sidecar["censored_volumes"] == 3
+
+
+def test_censor_file_of_another_length_is_a_clear_error(tmp_path, rng):
+    folder, *_ = _censored_errts(tmp_path / "afni", rng)
+    _write_1d(folder / "censor_sub-01_combined_2.1D", np.ones((29, 1)))
+    with pytest.raises(InputError, match=r"censor_sub-01_combined_2.1D has 29 rows but .*errts.* has 30 volumes"):
+        from gpuconn.maps.series import bold_inputs, prepare_inputs
+
+        prepare_inputs(bold_inputs(derivatives=folder.parent, desc="denoised"), [], what="seed")
+
+
+def test_seed_glm_on_errts_fits_the_kept_volumes(tmp_path, rng):
+    folder, data, mask, seed, keep = _censored_errts(tmp_path / "afni", rng)
+    seed_path = tmp_path / "seed.nii.gz"
+    nib.save(nib.Nifti1Image(seed.astype(np.uint8), AFFINE), str(seed_path))
+    assert run(["seed", "--derivatives", str(folder.parent), "--bold-desc", "denoised", "--seed-mask", str(seed_path),
+                "--glm", "none", "-o", str(tmp_path / "out"), "-q", "--device", "cpu"]) == 0
+    sidecar = json.loads(next((tmp_path / "out").glob("*_cope.json")).read_text())["Parameters"]
+    assert sidecar["censored_volumes"] == 3 and sidecar["dof"] == keep.sum() - 2
+
+
+# --- atlas label names in the .HEAD -----------------------------------------------------------------------
+
+_DTABLE = '<VALUE_LABEL_DTABLE\\n ni_type="2*String"\\n ni_dimen="2" >\\n"1" "L_Amygdala"\\n"2" "R-Amygdala"\\n</VALUE_LABEL_DTABLE>\\n'
+_POINTS = ('<atlas_point_list ni_form="ni_group" >\n<ATLAS_POINT data_type="atlas_point" STRUCT="Insula" VAL="3" '
+           'OKEY="3" GYoAR="0" />\n</atlas_point_list>')
+
+
+def _atlas(tmp_path: Path, attributes: dict[str, str]) -> Path:
+    from afni_files import _attr
+
+    atlas = np.zeros((6, 7, 5), np.int16)
+    atlas[1:3, 1:4, 1:3], atlas[3:5, 1:4, 1:3], atlas[2:4, 4:6, 2:4] = 1, 2, 3
+    head = write_dataset(tmp_path / "atlas", atlas, AFFINE)
+    with head.open("a") as f:
+        for name, text in attributes.items():
+            f.write("\n" + _attr("string", name, text) + "\n")
+    return head
+
+
+def test_afni_label_table_from_the_head(tmp_path):
+    head = _atlas(tmp_path, {"VALUE_LABEL_DTABLE": _DTABLE, "ATLAS_LABEL_TABLE": _POINTS})
+    assert afni.label_table(head) == {"L_Amygdala": 1, "R-Amygdala": 2, "Insula": 3}
+    assert afni.label_table(write_dataset(tmp_path / "plain", np.ones((2, 2, 2), np.int16), AFFINE)) == {}
+
+
+def test_seed_label_takes_a_name_from_an_afni_atlas(tmp_path):
+    from gpuconn.maps.regions import regions_from_options
+
+    head = _atlas(tmp_path, {"VALUE_LABEL_DTABLE": _DTABLE, "ATLAS_LABEL_TABLE": _POINTS})
+    stem = str(head)[: -len(".HEAD")]
+    by_name = regions_from_options(labels=[f"{stem}:R-Amygdala", f"{head}:Insula", f"{stem}:l_amygdala"])
+    by_number = regions_from_options(labels=[f"{stem}:2", f"{stem}:3", f"{stem}:1"])
+    assert [r.label for r in by_name] == [r.label for r in by_number] == [2, 3, 1]
+    assert [r.name for r in by_name] == ["atlasRAmygdala", "atlasInsula", "atlasLAmygdala"]
+    with pytest.raises(InputError, match=r"has no label 'Hippocampus'.*L_Amygdala, R-Amygdala, Insula"):
+        regions_from_options(labels=[f"{stem}:Hippocampus"])
+    nib.save(nib.Nifti1Image(np.ones((2, 2, 2), np.int16), AFFINE), str(tmp_path / "plain.nii.gz"))
+    with pytest.raises(InputError, match=r"plain.nii.gz has no label table .*give the label's number"):
+        regions_from_options(labels=[f"{tmp_path / 'plain.nii.gz'}:Insula"])
+    (tmp_path / "seeds.tsv").write_text(f"name\timage\tlabel\nins\t{head.name}\tInsula\nleft\t{head.name}\t1\n")
+    assert [(r.name, r.label) for r in regions_from_options(table=tmp_path / "seeds.tsv")] == [("ins", 3), ("left", 1)]
+
+
+def test_seed_command_with_an_afni_label_name_matches_its_number(tmp_path, rng):
+    folder, *_ = _censored_errts(tmp_path / "afni", rng)
+    stem = str(_atlas(tmp_path, {"VALUE_LABEL_DTABLE": _DTABLE}))[: -len(".HEAD")]
+    common = ["--derivatives", str(folder.parent), "--bold-desc", "denoised", "-q", "--device", "cpu"]
+    assert run(["seed", *common, "--seed-label", f"{stem}:R-Amygdala", "-o", str(tmp_path / "name")]) == 0
+    assert run(["seed", *common, "--seed-label", f"{stem}:2", "-o", str(tmp_path / "number")]) == 0
+    a = nib.load(str(tmp_path / "name" / "sub-01_stat-r_seedmap.nii.gz")).get_fdata()
+    b = nib.load(str(tmp_path / "number" / "sub-01_stat-r_seedmap.nii.gz")).get_fdata()
+    np.testing.assert_array_equal(a, b)

@@ -215,3 +215,21 @@ def test_memory_cap_is_per_context_and_restored(monkeypatch):
         thread.join()
     assert backend.max_memory() is None
     assert seen == [None], "another thread does not inherit the cap of this one"
+
+
+def test_uses_device_scopes_functions_generators_and_read_ahead_threads():
+    from gpuconn.core.prefetch import prefetch
+
+    @backend.uses_device
+    def step(x, *, device="auto"):
+        return backend.scoped_device()
+
+    @backend.uses_device
+    def steps(items, *, device="cuda:1"):
+        yield from prefetch(items, lambda item: (item, backend.scoped_device()), ahead=2)
+
+    assert backend.scoped_device() == "auto"
+    assert step(1) == "auto" and step(1, device="cpu") == "cpu"
+    assert list(steps([1, 2, 3], device="cpu")) == [(1, "cpu"), (2, "cpu"), (3, "cpu")]  # threads see it too
+    assert list(steps([4])) == [(4, "cuda:1")]  # the default, unresolved
+    assert backend.scoped_device() == "auto"  # restored after each step

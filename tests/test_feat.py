@@ -126,6 +126,33 @@ def test_seed_on_feat_matches_seed_on_the_resampled_files(tmp_path):
     assert sidecar["SourceFormat"] == feat.SOURCE_FORMAT
 
 
+@pytest.mark.parametrize("command", ["seed", "denoise", "ica"])
+def test_device_option_reaches_the_feat_resampling(tmp_path, monkeypatch, command):
+    """``--device cpu`` resamples on the CPU even where ``auto`` would pick CUDA (in the read-ahead thread too)."""
+    import torch
+
+    from gpuconn.core import backend
+
+    folder = make_feat(tmp_path)
+    seen = []
+    real = resample.resolve_device
+
+    def spy(name="auto"):
+        seen.append(real(name).type)
+        return torch.device("cpu")  # this machine may have no GPU: compute on the CPU whatever was asked
+
+    monkeypatch.setattr(backend, "cuda_available", lambda: True)  # 'auto' now means cuda
+    monkeypatch.setattr(resample, "resolve_device", spy)
+    if command == "ica":
+        make_feat(tmp_path, "sub-02_rest.feat", seed=1)
+        args = ["ica", "run", str(tmp_path / "sub-01_rest.feat"), str(tmp_path / "sub-02_rest.feat"), "--dim", "2"]
+    else:
+        options = ["--seed-coord", "9,-3,1", "--radius", "4"] if command == "seed" else ["--acompcor", "0"]
+        args = [command, "--feat", str(folder), *options]
+    assert run([*args, "-q", "--device", "cpu", "-o", str(tmp_path / "out")]) == 0
+    assert seen and set(seen) == {"cpu"}, seen
+
+
 def test_denoise_and_qc_take_feat_folders(tmp_path):
     folder = make_feat(tmp_path)
     assert run(["denoise", "--feat", str(folder), "--acompcor", "0", "--fwhm", "0", "--physio-mode", "no",

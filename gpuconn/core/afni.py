@@ -17,6 +17,9 @@ Images
 
     The image carries ``extra['source_format']`` (``'AFNI'``), which
     :func:`gpuconn.core.io.save_image` writes into the output's sidecar.
+    :func:`label_table` reads an atlas's label names from its ``.HEAD``
+    (``VALUE_LABEL_DTABLE``, ``ATLAS_LABEL_TABLE``), so ``--seed-label
+    atlas+tlrc:L_Amygdala`` works by name.
 
 1D files
     Numbers in whitespace-separated columns, ``#`` comment lines (the NIML
@@ -71,6 +74,7 @@ from .errors import InputError
 from .textfile import numeric_rows
 
 __all__ = [
+    "label_table",
     "SOURCE_FORMAT",
     "is_dataset",
     "dataset_suffix",
@@ -227,6 +231,51 @@ def open_dataset(path: str | os.PathLike, *, what: str = "image") -> nib.Nifti1I
 # --- 1D text files ---------------------------------------------------------------------------------------
 
 _ONE_D = re.compile(r"^(?P<file>.*?\.1[dD])(?P<cols>\[[^\]]*\])?(?P<rows>\{[^}]*\})?$")
+
+
+# "<value>" "<name>" pairs of a VALUE_LABEL_DTABLE (3drefit -labeltable, @MakeLabelTable)
+_DTABLE_PAIR = re.compile(r'"\s*(-?\d+)\s*"\s+"([^"]*)"')
+# <ATLAS_POINT ... STRUCT="name" ... VAL="value" ... /> of an ATLAS_LABEL_TABLE (@Atlasize, AFNI's atlases)
+_ATLAS_POINT = re.compile(r"<ATLAS_POINT\b[^>]*>", re.IGNORECASE)
+_POINT_FIELD = re.compile(r'\b(STRUCT|VAL)\s*=\s*"([^"]*)"', re.IGNORECASE)
+
+
+def label_table(path: str | os.PathLike) -> dict[str, int]:
+    """The label names of an AFNI atlas dataset, from its ``.HEAD``.
+
+    Parameters
+    ----------
+    path : path-like
+        Any name of the dataset (``x+tlrc``, ``x+tlrc.HEAD``, ...).
+
+    Returns
+    -------
+    dict of str to int
+        Name to voxel value, from ``VALUE_LABEL_DTABLE`` (the NIML table
+        ``3drefit -labeltable`` attaches: ``"value" "name"`` pairs) then
+        ``ATLAS_LABEL_TABLE`` (``<ATLAS_POINT STRUCT="name" VAL="value">``,
+        as ``@Atlasize`` writes); empty when the dataset has neither.
+
+    Raises
+    ------
+    InputError
+        A missing or unreadable ``.HEAD``.
+    """
+    head = head_path(path)
+    try:
+        info = nib.brikhead.parse_AFNI_header(str(head))
+    except FileNotFoundError:
+        raise InputError(f"atlas file not found: {head} (AFNI dataset {path})") from None
+    except Exception as exc:  # nibabel raises many types for what it cannot read
+        raise InputError(f"cannot read the AFNI header {head}: {type(exc).__name__}: {exc}") from exc
+    table: dict[str, int] = {}
+    for value, name in _DTABLE_PAIR.findall(str(info.get("VALUE_LABEL_DTABLE", ""))):
+        table.setdefault(name.strip(), int(value))
+    for point in _ATLAS_POINT.findall(str(info.get("ATLAS_LABEL_TABLE", ""))):
+        fields = {key.upper(): text for key, text in _POINT_FIELD.findall(point)}
+        if "STRUCT" in fields and fields.get("VAL", "").strip().lstrip("-").isdigit():
+            table.setdefault(fields["STRUCT"].strip(), int(fields["VAL"]))
+    return table
 
 
 def is_1d(path: str | os.PathLike) -> bool:

@@ -16,6 +16,7 @@ import functools
 import gc
 import importlib.resources
 import importlib.util
+import inspect
 import os
 import re
 import sys
@@ -32,6 +33,9 @@ __all__ = [
     "DATA_DTYPE",
     "DESIGN_DTYPE",
     "resolve_device",
+    "device_scope",
+    "scoped_device",
+    "uses_device",
     "cuda_available",
     "as_data",
     "as_design",
@@ -98,6 +102,10 @@ _DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # The --max-memory cap of the command running in this context (None: no cap).
 _MEMORY_CAP: contextvars.ContextVar[int | None] = contextvars.ContextVar("gpuconn_memory_cap", default=None)
 
+# The --device of the step running in this context, as given (None: no step set one; 'auto').
+_STEP_DEVICE: contextvars.ContextVar[str | torch.device | None] = contextvars.ContextVar("gpuconn_step_device",
+                                                                                       default=None)
+
 T = TypeVar("T")
 
 
@@ -145,6 +153,63 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
             )
         return device
     raise GpuconnError(f"--device {name!r} is not one of {', '.join(_DEVICE_CHOICES)} (or cuda:N)")
+
+
+@contextlib.contextmanager
+def device_scope(device: str | torch.device) -> Iterator[None]:
+    """Make ``device`` the device of the images opened while the block runs; the previous one returns after it.
+
+    Images that compute when read (FEAT data resampled to standard space,
+    :mod:`gpuconn.core.feat`) are opened deep inside :mod:`gpuconn.core.io`;
+    they take the device of the step that opens them from here. Like
+    :func:`memory_cap` it is a :mod:`contextvars` variable: it holds for this
+    thread and the contexts copied from it (the read-ahead threads copy it),
+    and each Dask task sets its own by calling its step.
+
+    Parameters
+    ----------
+    device : str or torch.device
+        As given to the step (``'auto'``, ``'cpu'``, ``'cuda:1'``); resolved
+        where it is used, so a Dask client needs no GPU for ``--device cuda``.
+    """
+    token = _STEP_DEVICE.set(device)
+    try:
+        yield
+    finally:
+        _STEP_DEVICE.reset(token)
+
+
+def scoped_device() -> str | torch.device:
+    """The device of the step running in this context (:func:`device_scope`), ``'auto'`` outside any."""
+    device = _STEP_DEVICE.get()
+    return "auto" if device is None else device
+
+
+def uses_device(func: Callable[..., T]) -> Callable[..., T]:
+    """Run a step (a function or a generator) inside :func:`device_scope` of its ``device`` argument.
+
+    For the library steps that take ``device`` and open images, so that
+    ``--device cpu`` holds for everything they compute, the resampling of
+    FEAT inputs included.
+    """
+    signature = inspect.signature(func)
+    default = signature.parameters["device"].default
+
+    def device_of(args: tuple, kwargs: dict) -> str | torch.device:
+        return signature.bind_partial(*args, **kwargs).arguments.get("device", default)
+
+    if inspect.isgeneratorfunction(func):
+        @functools.wraps(func)
+        def generator(*args: Any, **kwargs: Any) -> Any:
+            with device_scope(device_of(args, kwargs)):
+                return (yield from func(*args, **kwargs))
+        return generator
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        with device_scope(device_of(args, kwargs)):
+            return func(*args, **kwargs)
+    return wrapper
 
 
 def as_data(array: Any, device: torch.device) -> torch.Tensor:

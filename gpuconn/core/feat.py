@@ -18,7 +18,8 @@ When such a ``reg_standard`` file exists on disk (``featregapply`` was run)
 it is read as it is. Otherwise every volume is resampled with
 :mod:`gpuconn.core.resample`: through ``example_func2standard_warp`` when
 present, else ``example_func2standard.mat`` (FLIRT convention), trilinear,
-batched on the device (``auto``: CUDA when torch sees one), which is what
+batched on the device of the step that opens the data (its ``--device``,
+:func:`gpuconn.core.backend.device_scope`; ``auto`` outside a step), which is what
 ``applywarp --ref=standard --in=filtered_func_data --warp=...`` (or
 ``--premat=...mat``) gives. The mask is resampled with the same transform
 and kept where the interpolated value is at least 0.5. The images carry
@@ -229,7 +230,7 @@ class _ResampledProxy:
         return np.asarray(self)[slicer]
 
 
-def open_standard_view(path: str | os.PathLike, *, what: str = "image", device: str = "auto") -> nib.Nifti1Image:
+def open_standard_view(path: str | os.PathLike, *, what: str = "image", device: str | None = None) -> nib.Nifti1Image:
     """Open FEAT data on the ``reg/standard`` grid, resampled when read.
 
     Parameters
@@ -239,8 +240,10 @@ def open_standard_view(path: str | os.PathLike, *, what: str = "image", device: 
         ``<feat>/reg_standard/filtered_func_data.nii.gz`` / ``mask.nii.gz``.
     what : str
         For error messages.
-    device : str, default 'auto'
-        Where the resampling runs.
+    device : str, optional
+        Where the resampling runs; default the device of the step opening
+        the image (:func:`gpuconn.core.backend.device_scope`, set from the
+        command's ``--device``), ``auto`` outside any.
 
     Returns
     -------
@@ -254,6 +257,7 @@ def open_standard_view(path: str | os.PathLike, *, what: str = "image", device: 
     InputError
         As :func:`feat_run`, or an unreadable transform or source image.
     """
+    from .backend import scoped_device
     from .nifti import nifti_header
     from .resample import flirt_source_voxels, read_flirt_matrix, read_warp, warp_source_voxels
 
@@ -282,7 +286,7 @@ def open_standard_view(path: str | os.PathLike, *, what: str = "image", device: 
     zooms = tuple(float(z) for z in standard.header.get_zooms()[:3])
     header.set_zooms(zooms if is_mask else zooms + (float(source.header.get_zooms()[3]),))
     header.set_xyzt_units("mm", source.header.get_xyzt_units()[1] if not is_mask else "sec")
-    proxy = _ResampledProxy(source_path, transform, shape, is_mask, device)
+    proxy = _ResampledProxy(source_path, transform, shape, is_mask, scoped_device() if device is None else device)
     img = nib.Nifti1Image(proxy, standard.affine, header, extra={"source_format": SOURCE_FORMAT})
     img.set_qform(standard.affine, int(standard.header["qform_code"]) or "mni")
     img.set_sform(standard.affine, int(standard.header["sform_code"]) or "mni")

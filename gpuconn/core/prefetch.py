@@ -12,6 +12,7 @@ bounded by the host memory they take (:func:`items_ahead`).
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
@@ -61,8 +62,10 @@ def prefetch(items: Sequence[T] | Iterable[T], load: Callable[[T], U], *, ahead:
     ----------
     items : iterable
     load : callable
-        Runs on a worker thread; should release the GIL for the overlap to
-        pay (file decoding, gzip, NumPy and torch do).
+        Runs on a worker thread, in a copy of the caller's context (its
+        :func:`gpuconn.core.backend.device_scope` and memory cap); should
+        release the GIL for the overlap to pay (file decoding, gzip, NumPy
+        and torch do).
     ahead : int, default 1
         Items loaded beyond the one being consumed; 0 loads serially in the
         calling thread (no pool).
@@ -86,7 +89,7 @@ def prefetch(items: Sequence[T] | Iterable[T], load: Callable[[T], U], *, ahead:
         pending: deque[concurrent.futures.Future] = deque()
         try:
             for item in source:
-                pending.append(pool.submit(load, item))
+                pending.append(pool.submit(contextvars.copy_context().run, load, item))  # device scope, memory cap
                 if len(pending) > ahead:
                     yield pending.popleft().result()
             while pending:

@@ -46,7 +46,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from ..core.backend import DESIGN_DTYPE, as_data, chunk_size, resolve_device, run_chunked, to_numpy
+from ..core.backend import DESIGN_DTYPE, as_data, chunk_size, resolve_device, uses_device, run_chunked, to_numpy
 from ..core.errors import InputError
 from ..core.io import (
     load_image,
@@ -271,6 +271,7 @@ def _default_batch(n_volumes: int, n_voxels: int, n_maps: int, device: torch.dev
     return chunk_size(per_subject, device, n_items=n_subjects, maximum=32 if device.type == "cuda" else 4)
 
 
+@uses_device
 def dual_regression(
     maps_path: str | os.PathLike,
     subject_paths: Sequence[str | os.PathLike],
@@ -488,6 +489,7 @@ def _fit_subjects(
             future.result()
 
 
+@uses_device
 def _fit_task(subjects: Sequence[tuple[int, Path, int]], *, maps_path: Path, staging: Path, des_norm: bool,
               device: str) -> None:
     """One Dask task: stages 1 and 2 of ``subjects`` (number, file, volumes) as one device batch."""

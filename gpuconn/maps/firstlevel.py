@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.backend import DESIGN_DTYPE, resolve_device, to_numpy
+from ..core.backend import DESIGN_DTYPE, resolve_device, uses_device, to_numpy
 from ..core.errors import InputError
 from ..core.io import save_image, unmask
 from ..stats.zstat import t_to_z
@@ -218,6 +218,7 @@ def first_level_glm(
     )
 
 
+@uses_device
 def seed_glm_maps(
     inputs: Sequence,
     regions: Sequence,
@@ -232,7 +233,11 @@ def seed_glm_maps(
     Writes ``<label>_seed-<name>_<stat>.nii.gz`` for ``stat`` in cope,
     varcope, tstat, zstat (contrast ``[1, 0]``: the seed's regression
     coefficient), each with a JSON sidecar (dof, prewhitening, seed); the
-    copes and varcopes are the inputs of ``gpuconn flame``.
+    copes and varcopes are the inputs of ``gpuconn flame``. A run with a
+    censor file is fitted on its kept volumes only (for OLS the same as one
+    spike regressor per censored volume; FILM estimates the autocorrelation
+    over the kept volumes as if they were contiguous), and the sidecars
+    record ``censored_volumes``.
 
     Parameters
     ----------
@@ -264,7 +269,7 @@ def seed_glm_maps(
                                   device=torch_device)
             record = {**(params or {}), "bold": str(item.source.bold), "mask": str(item.source.mask),
                       "seed": region.describe(), "design": "seed mean series (demeaned), constant",
-                      "contrast": [1, 0], "dof": res.dof, "prewhiten": prewhiten}
+                      "contrast": [1, 0], "dof": res.dof, "prewhiten": prewhiten, **item.censor_record()}
             for stat in GLM_STATS:
                 values = getattr(res, stat)[0].astype(np.float32)
                 path = out_dir / f"{item.source.label}_seed-{region.name}_{stat}.nii.gz"

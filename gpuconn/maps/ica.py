@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core.backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
+from ..core.backend import DESIGN_DTYPE, as_data, resolve_device, uses_device, to_numpy
 from ..core.errors import InputError
 from ..core.io import (
     check_same_grid,
@@ -283,6 +283,7 @@ class GroupICA:
     converged: bool
 
 
+@uses_device
 def group_ica(
     series: Iterable[np.ndarray | torch.Tensor],
     *,
@@ -358,6 +359,7 @@ def group_ica(
     )
 
 
+@uses_device
 def run_group_ica(
     subject_paths: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,

@@ -43,6 +43,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from ..core import afni
 from ..core.errors import InputError
 from ..core.io import check_same_grid, load_image, read_tsv, split_ext
 
@@ -298,7 +299,8 @@ def read_regions(path: str | os.PathLike, *, what: str = "seed") -> list[Region]
 
     Columns: ``name`` and either ``x``, ``y``, ``z``, ``radius`` (mm) with an
     optional ``mirror`` (none/add/union, or no/yes/bilateral), or ``image``
-    (a path, relative to the TSV's folder) with an optional ``label``.
+    (a path, relative to the TSV's folder) with an optional ``label`` (a
+    number, or a name from an AFNI atlas's label table).
 
     Returns
     -------
@@ -320,8 +322,11 @@ def read_regions(path: str | os.PathLike, *, what: str = "seed") -> list[Region]
             image_path = Path(image.strip())
             label = row.get("label")
             has_label = label is not None and not (isinstance(label, float) and math.isnan(label))
-            regions.append(image_region(image_path if image_path.is_absolute() else path.parent / image_path,
-                                        label=int(label) if has_label else None, name=str(row["name"]), what=what))
+            image_path = image_path if image_path.is_absolute() else path.parent / image_path
+            if has_label and isinstance(label, str) and not label.strip().lstrip("-").isdigit():
+                label = _label_number(str(image_path), label.strip(), where)[0]  # a name in an AFNI atlas
+            regions.append(image_region(image_path, label=int(label) if has_label else None, name=str(row["name"]),
+                                        what=what))
             continue
         try:
             center = tuple(float(row[k]) for k in ("x", "y", "z"))
@@ -344,6 +349,21 @@ def _check_unique(regions: list[Region], what: str) -> list[Region]:
         raise InputError(f"no {what} given; use --{what.lower()}-coord, --{what.lower()}-table or --{what.lower()}-mask")
     return regions
 
+
+
+def _label_number(path: str, name: str, where: str) -> tuple[int, str]:
+    """The value and spelling of a label named in an AFNI atlas's ``.HEAD`` (exact, else the one case-insensitive match)."""
+    table = afni.label_table(path) if afni.is_dataset(path) else {}
+    if not table:
+        raise InputError(f"{where}: {path} has no label table (an AFNI .HEAD with "
+                         f"VALUE_LABEL_DTABLE or ATLAS_LABEL_TABLE); give the label's number, e.g. {path}:7")
+    if name in table:
+        return table[name], name
+    folded = [key for key in table if key.lower() == name.lower()]
+    if len(folded) == 1:
+        return table[folded[0]], folded[0]
+    listed = ", ".join(list(table)[:12]) + (", ..." if len(table) > 12 else "")
+    raise InputError(f"{where}: atlas {path} has no label {name!r}; its labels are {listed} (or give a number)")
 
 
 def regions_from_options(
@@ -374,7 +394,10 @@ def regions_from_options(
     masks : sequence of path
         Mask images (``--<what>-mask``), one region each.
     labels : sequence of str
-        ``'atlas.nii.gz:LABEL'`` (``--<what>-label``), one region each.
+        ``'atlas.nii.gz:LABEL'`` (``--<what>-label``), one region each;
+        LABEL is the voxel value, or for an AFNI atlas a name from its
+        ``.HEAD`` label table (:func:`gpuconn.core.afni.label_table`; the
+        region is then named after the file stem and the label).
     what : {'seed', 'roi'}
 
     Returns
@@ -399,9 +422,14 @@ def regions_from_options(
     regions.extend(image_region(path, what=what) for path in masks)
     for text in labels:
         path, _, label = str(text).rpartition(":")
-        if not path or not label.strip().lstrip("-").isdigit():
+        if not path or not label.strip():
             raise InputError(f"{flag}-label {text!r} must be ATLAS:LABEL, e.g. {flag}-label atlas.nii.gz:7")
-        regions.append(image_region(path, label=int(label), what=what))
+        if label.strip().lstrip("-").isdigit():
+            regions.append(image_region(path, label=int(label), what=what))
+            continue
+        number, name = _label_number(path, label.strip(), f"{flag}-label {text}")
+        stem = re.sub(r"[^A-Za-z0-9]", "", Path(split_ext(Path(path).name)[0]).name) or "atlas"
+        regions.append(image_region(path, label=number, name=stem + re.sub(r"[^A-Za-z0-9]", "", name), what=what))
     return _check_unique(regions, what)
 
 

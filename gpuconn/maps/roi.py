@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core.backend import as_data, resolve_device, to_numpy
+from ..core.backend import as_data, resolve_device, to_numpy, uses_device
 from ..core.errors import InputError
 from ..core.io import load_image, load_mask, masked_data, check_same_grid, sidecar_path, split_ext, write_tsv
 from ..core.progress import progress_bar
@@ -140,6 +140,7 @@ def _square(matrix: np.ndarray, names: list[str]) -> pd.DataFrame:
     return table
 
 
+@uses_device
 def compute_roi_matrices(
     inputs: Sequence[BoldInput],
     regions: Sequence[Region],
@@ -153,7 +154,9 @@ def compute_roi_matrices(
 
     Writes ``<label>_stat-r_roimatrix.tsv`` and ``<label>_stat-z_roimatrix.tsv``
     (square, first column ``roi``, with JSON sidecars) and
-    ``<label>_rois_timeseries.tsv`` per run.
+    ``<label>_rois_timeseries.tsv`` per run. A run's censored volumes (its
+    censor file, :attr:`gpuconn.maps.series.BoldInput.censor`) are left out
+    of both; the sidecars record how many (``censored_volumes``).
 
     Parameters
     ----------
@@ -179,7 +182,8 @@ def compute_roi_matrices(
         for item, data in stream_inputs(prepared):
             r, z, series = roi_connectivity(as_data(data, torch_device), as_data(item.weights, torch_device), source=str(item.source.bold))
             label = item.source.label
-            run_params = {**record, **item.source.entities, "bold": str(item.source.bold), "mask": str(item.source.mask)}
+            run_params = {**record, **item.source.entities, "bold": str(item.source.bold), "mask": str(item.source.mask),
+                          **item.censor_record()}
             written.append(write_tsv(pd.DataFrame(to_numpy(series).T, columns=names), out_dir / f"{label}_rois_timeseries.tsv"))
             for stat, matrix in (("r", r), ("z", z)):
                 written.append(write_tsv(_square(to_numpy(matrix), names), out_dir / f"{label}_stat-{stat}_roimatrix.tsv",

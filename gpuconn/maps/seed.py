@@ -24,13 +24,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core.backend import as_data, resolve_device, to_numpy
+from ..core.backend import as_data, resolve_device, uses_device, to_numpy
 from ..core.errors import InputError
 from ..core.io import save_image, unmask, write_tsv
 from ..core.progress import progress_bar
 from ..core.tasks import map_tasks
 from .regions import Region, region_means
-from .series import BoldInput, prepare_inputs, stream_inputs
+from .series import BoldInput, PreparedInput, prepare_inputs, stream_inputs
 
 __all__ = [
     "SeedMaps",
@@ -158,10 +158,11 @@ def correlate_seeds(data: torch.Tensor, weights: torch.Tensor, *, source: str = 
     return SeedMaps(r=r, z=fisher_z(r), beta=beta, timeseries=timeseries)
 
 
-def _volume_label(item: BoldInput, map_name: str) -> dict:
-    return {**item.entities, "label": item.label, "map": map_name}
+def _volume_label(item: PreparedInput, map_name: str) -> dict:
+    return {**item.source.entities, "label": item.source.label, "map": map_name, **item.censor_record()}
 
 
+@uses_device
 def compute_seed_maps(
     inputs: Sequence[BoldInput],
     regions: Sequence[Region],
@@ -204,7 +205,8 @@ def compute_seed_maps(
     Returns
     -------
     list of Path
-        The NIfTI outputs, plus ``<label>_seeds_timeseries.tsv`` per run.
+        The NIfTI outputs, plus ``<label>_seeds_timeseries.tsv`` per run
+        (a row per volume kept).
 
     Notes
     -----
@@ -213,7 +215,10 @@ def compute_seed_maps(
     while the current one is on the device). In the subject layout each
     run's files are written as soon as it is done; a data error found on
     reading (NaN inside the mask) stops the run after the runs before it.
-    Voxels outside a run's mask are 0.
+    Voxels outside a run's mask are 0. A run with a censor file
+    (afni_proc.py's, :attr:`gpuconn.maps.series.BoldInput.censor`) is
+    correlated over its kept volumes only; its sidecars name the file and
+    the number of ``censored_volumes``.
     """
     if layout not in LAYOUTS:
         raise InputError(f"--layout {layout!r} is not one of {', '.join(LAYOUTS)}")
@@ -245,17 +250,17 @@ def compute_seed_maps(
                     stacks[stat][index] = unmask(values, item.mask)[union].T
                     continue
                 path = out_dir / f"{item.source.label}_stat-{stat}_seedmap.nii.gz"
-                volumes = [_volume_label(item.source, f"seed-{name}_stat-{stat}") for name in names]
+                volumes = [_volume_label(item, f"seed-{name}_stat-{stat}") for name in names]
                 written.append(
                     save_image(unmask(values, item.mask).astype(np.float32, copy=False), reference, path,
                                params={**record, "stat": stat, "bold": str(item.source.bold),
-                                       "mask": str(item.source.mask), "volumes": volumes})
+                                       "mask": str(item.source.mask), **item.censor_record(), "volumes": volumes})
                 )
             advance()
     for stat, stack in stacks.items():
         for seed_index, name in enumerate(names):
             path = out_dir / f"seed-{name}_stat-{stat}_seedmap.nii.gz"
-            volumes = [_volume_label(p.source, f"seed-{name}_stat-{stat}") for p in prepared]
+            volumes = [_volume_label(p, f"seed-{name}_stat-{stat}") for p in prepared]
             written.append(
                 save_image(unmask(stack[:, seed_index], union), reference, path,
                            params={**record, "stat": stat, "seed": regions[seed_index].describe(),

@@ -1,10 +1,12 @@
 """Subject series I/O shared by the connectivity maps: BOLD discovery, checks, masks, streaming.
 
 - :class:`BoldInput` and :func:`bold_inputs`: the runs to analyse, from
-  ``--bold`` files or a fMRIPrep-style derivatives folder;
+  ``--bold`` files or a fMRIPrep-style derivatives folder (afni_proc.py
+  results with their censor file);
   :func:`prepare_inputs` validates them (headers only) and places the
-  regions on each run's mask; :func:`stream_inputs` yields their data,
-  reading the next run in a thread meanwhile (seed maps, ROI values).
+  regions on each run's mask; :func:`stream_inputs` yields their data
+  without the censored volumes, reading the next run in a thread
+  meanwhile (seed maps, ROI values).
 - :func:`check_subjects`, :func:`common_mask`, :func:`read_series` and
   :func:`iter_series`: subject series on one grid for group ICA and dual
   regression (FSL's common mask; reading ahead in threads).
@@ -15,6 +17,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -25,6 +28,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ..core.afni import read_censor_1d
 from ..core.bids import DEFAULT_SPACE, find_runs
 from ..core.errors import InputError
 from ..core.io import check_same_grid, load_header, load_image, load_mask, masked_data, split_ext
@@ -52,11 +56,23 @@ _ENTITY = re.compile(r"(?:^|_)(sub|ses)-([A-Za-z0-9]+)")
 
 @dataclass(frozen=True)
 class BoldInput:
-    """One 4D series to analyse: its output label, BOLD file and brain mask."""
+    """One 4D series to analyse: its output label, BOLD file and brain mask.
+
+    Attributes
+    ----------
+    label : str
+    bold, mask : Path
+    censor : Path or None
+        afni_proc.py censor file (``censor_<subj>_combined_2.1D``: one row
+        per volume, 1 = keep, 0 = censor); the censored volumes are left out
+        of everything computed from the run (afni_proc's ``errts`` holds
+        zeros there).
+    """
 
     label: str
     bold: Path
     mask: Path
+    censor: Path | None = None
 
     @property
     def entities(self) -> dict[str, str | None]:
@@ -83,11 +99,26 @@ class PreparedInput:
         The run's brain mask.
     weights : ndarray of float32, shape (n_regions, n_voxels)
         Region averaging weights over the mask's voxels (:func:`gpuconn.maps.regions.region_weights`).
+    keep : ndarray of bool, shape (n_volumes,), or None
+        The volumes :func:`stream_inputs` yields (None: all); from the
+        run's censor file.
     """
 
     source: BoldInput
     mask: np.ndarray
     weights: np.ndarray
+    keep: np.ndarray | None = None
+
+    @property
+    def n_censored(self) -> int:
+        """How many volumes the censor file leaves out (0 without one)."""
+        return 0 if self.keep is None else int((~self.keep).sum())
+
+    def censor_record(self) -> dict:
+        """Sidecar entries for the censoring: ``censor`` (the file) and ``censored_volumes``; empty without a censor file."""
+        if self.keep is None:
+            return {}
+        return {"censor": str(self.source.censor), "censored_volumes": self.n_censored}
 
 
 
@@ -114,8 +145,9 @@ def prepare_inputs(
     ------
     InputError
         No input, repeated labels, a missing/unreadable/non-4D BOLD or one
-        with fewer than 3 volumes, grids that differ, a bad mask, or a region
-        with no voxel in a mask.
+        with fewer than 3 volumes (kept by its censor file), grids that
+        differ, a bad mask, a region with no voxel in a mask, or a censor
+        file that is unreadable or not one row per volume.
     """
     if not inputs:
         raise InputError("no BOLD input given; use --bold or --derivatives")
@@ -130,6 +162,7 @@ def prepare_inputs(
         header = load_header(item.bold, ndim=4, what="BOLD")
         if header.shape[3] < 3:
             raise InputError(f"BOLD {item.bold} has shape {header.shape}; expected a 4D series with at least 3 volumes")
+        keep = _censor_keep(item, header.shape[3])
         if first_img is None:
             first_img, first_path = header, item.bold
         check_same_grid(first_img, first_path, header, item.bold)
@@ -138,19 +171,40 @@ def prepare_inputs(
             found = region_masks(regions, header, mask=mask, reference_path=item.bold, mask_path=item.mask, what=what)
             masks[item.mask] = (mask, region_weights(found, mask))
         mask, weights = masks[item.mask]
-        prepared.append(PreparedInput(item, mask, weights))
+        prepared.append(PreparedInput(item, mask, weights, keep))
     return prepared, first_img
 
 
 
+def _censor_keep(item: BoldInput, n_volumes: int) -> np.ndarray | None:
+    """The volumes a run's censor file keeps, checked against the run's length (None without one)."""
+    if item.censor is None:
+        return None
+    keep = ~read_censor_1d(item.censor).any(axis=1)
+    if len(keep) != n_volumes:
+        raise InputError(f"censor file {item.censor} has {len(keep)} rows but BOLD {item.bold} has {n_volumes} volumes; "
+                         "give the censor file of this run (one row per volume)")
+    if keep.sum() < 3:
+        raise InputError(f"censor file {item.censor} keeps {int(keep.sum())} of the {n_volumes} volumes of {item.bold}; "
+                         "a correlation needs at least 3: leave this run out")
+    return keep
+
+
 def _load_series(item: PreparedInput) -> np.ndarray:
     img = load_image(item.source.bold, ndim=4, what="BOLD")
-    return masked_data(img, item.mask, path=item.source.bold)
+    data = masked_data(img, item.mask, path=item.source.bold)
+    return data if item.keep is None else data[item.keep]
 
 
 
 def stream_inputs(prepared: Sequence[PreparedInput]) -> Iterator[tuple[PreparedInput, np.ndarray]]:
-    """Yield each run with its ``(n_volumes, n_voxels)`` float32 data, reading the next one in a thread meanwhile.
+    """Yield each run with its ``(n_kept, n_voxels)`` float32 data, reading the next one in a thread meanwhile.
+
+    ``n_kept`` is the run's volumes less those its censor file leaves out
+    (:attr:`PreparedInput.keep`).
+
+    The thread reads in a copy of the caller's context (its
+    :func:`gpuconn.core.backend.device_scope`: FEAT inputs resample there).
 
     Raises
     ------
@@ -159,10 +213,11 @@ def stream_inputs(prepared: Sequence[PreparedInput]) -> Iterator[tuple[PreparedI
         (found on reading, after the runs before it were yielded).
     """
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_load_series, prepared[0]) if prepared else None
+        pending = pool.submit(contextvars.copy_context().run, _load_series, prepared[0]) if prepared else None
         for index, item in enumerate(prepared):
             data = pending.result()
-            pending = pool.submit(_load_series, prepared[index + 1]) if index + 1 < len(prepared) else None
+            pending = (pool.submit(contextvars.copy_context().run, _load_series, prepared[index + 1])
+                       if index + 1 < len(prepared) else None)
             yield item, data
 
 
@@ -204,7 +259,8 @@ def bold_inputs(
     -------
     list of BoldInput
         Labelled by the file name up to ``_space-`` (e.g.
-        ``sub-01_ses-pre_task-rest``).
+        ``sub-01_ses-pre_task-rest``); afni_proc.py runs carry their censor
+        file.
     """
     if bool(bold) == (derivatives is not None):
         raise InputError("give either --bold files (with --mask) or --derivatives, not both or neither")
@@ -217,7 +273,7 @@ def bold_inputs(
         run_mask = Path(mask) if mask is not None else run.mask
         if run_mask is None:
             raise InputError(f"no brain mask (*_desc-brain_mask.nii.gz) beside {run.bold}; give one with --mask")
-        inputs.append(BoldInput(run.prefix, run.bold, run_mask))
+        inputs.append(BoldInput(run.prefix, run.bold, run_mask, run.censor))
     return inputs
 
 
@@ -331,11 +387,11 @@ def iter_series(paths: Sequence[Path], mask: np.ndarray, n_ahead: int) -> Iterat
     holds at most ``n_ahead + 1`` subjects.
     """
     with ThreadPoolExecutor(max_workers=2) as pool:
-        pending = [pool.submit(read_series, p, mask) for p in paths[:n_ahead]]
+        pending = [pool.submit(contextvars.copy_context().run, read_series, p, mask) for p in paths[:n_ahead]]
         for index in range(len(paths)):
             data = pending.pop(0).result()
             if index + n_ahead < len(paths):
-                pending.append(pool.submit(read_series, paths[index + n_ahead], mask))
+                pending.append(pool.submit(contextvars.copy_context().run, read_series, paths[index + n_ahead], mask))
             yield data
 
 

@@ -184,7 +184,7 @@ def _step_denoise(ctx: _Context) -> list[Path]:
     files = [RunFiles.from_run(r) for r in runs]
     options = _denoise_options(ctx)
     for run_files in files:  # every run checked (headers, lengths, columns, dof) before any output
-        prepare_run(run_files, options, load_data=False)
+        prepare_run(run_files, options, device=ctx.device, load_data=False)
     out_dirs = [ctx._run_dir("denoise", r) for r in runs]
     written = []
     with progress_bar("denoise", len(runs), enabled=ctx.progress) as advance:

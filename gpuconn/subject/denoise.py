@@ -62,7 +62,7 @@ import pandas as pd
 import torch
 from scipy import linalg
 
-from ..core.backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
+from ..core.backend import DESIGN_DTYPE, as_data, resolve_device, uses_device, to_numpy
 from ..core.bids import DEFAULT_SPACE, find_runs
 from ..core.errors import InputError
 from ..core.io import (
@@ -650,6 +650,7 @@ def _confound_table(files: RunFiles, img, data_4d, brain: np.ndarray, tr: float,
     return table, spikes
 
 
+@uses_device
 def prepare_run(
     files: RunFiles,
     options: DenoiseOptions = DenoiseOptions(),
@@ -664,7 +665,7 @@ def prepare_run(
     files : RunFiles
     options : DenoiseOptions
     device : torch.device or str
-        Where aCompCor is computed.
+        Where aCompCor is computed, and FEAT inputs are resampled.
     load_data : bool, default True
         False is a cheap validation pass: the BOLD data stay on disk, aCompCor
         and global-signal columns are placeholders, ``data`` is empty; every
@@ -811,6 +812,7 @@ def _params(run: PreparedRun, options: DenoiseOptions) -> dict:
     }
 
 
+@uses_device
 def denoise_runs(
     files: Sequence[RunFiles],
     out_dirs: Sequence[str | os.PathLike],
