@@ -46,7 +46,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from ..core.backend import DESIGN_DTYPE, as_data, chunk_size, resolve_device, uses_device, run_chunked, to_numpy
+from ..core.backend import DESIGN_DTYPE, as_data, chunk_size, resolve_device, run_chunked, to_numpy, uses_device
 from ..core.errors import InputError
 from ..core.io import (
     load_image,

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.backend import DESIGN_DTYPE, resolve_device, uses_device, to_numpy
+from ..core.backend import DESIGN_DTYPE, resolve_device, to_numpy, uses_device
 from ..core.errors import InputError
 from ..core.io import save_image, unmask
 from ..stats.zstat import t_to_z

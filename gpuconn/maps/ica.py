@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core.backend import DESIGN_DTYPE, as_data, resolve_device, uses_device, to_numpy
+from ..core.backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy, uses_device
 from ..core.errors import InputError
 from ..core.io import (
     check_same_grid,

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core.backend import as_data, resolve_device, uses_device, to_numpy
+from ..core.backend import as_data, resolve_device, to_numpy, uses_device
 from ..core.errors import InputError
 from ..core.io import save_image, unmask, write_tsv
 from ..core.progress import progress_bar

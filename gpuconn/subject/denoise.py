@@ -62,7 +62,7 @@ import pandas as pd
 import torch
 from scipy import linalg
 
-from ..core.backend import DESIGN_DTYPE, as_data, resolve_device, uses_device, to_numpy
+from ..core.backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy, uses_device
 from ..core.bids import DEFAULT_SPACE, find_runs
 from ..core.errors import InputError
 from ..core.io import (
