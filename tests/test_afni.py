@@ -263,7 +263,7 @@ def test_denoise_with_1d_motion_and_censor_matches_par_and_spikes(tmp_path, rng)
                 "-o", str(tmp_path / "a"), *common]) == 0
     assert run(["denoise", "--bold", str(bold_nii), "--motion-par", str(par), "--censor-file", str(spikes),
                 "-o", str(tmp_path / "f"), *common]) == 0
-    (a,), (f,) = list((tmp_path / "a").glob("*.nii.gz")), list((tmp_path / "f").glob("*.nii.gz"))
+    (a,), (f,) = (list((tmp_path / d).glob("*_desc-denoised_bold.nii.gz")) for d in ("a", "f"))
     # the .par holds the converted motion to 6 significant digits (%g): residuals agree to ~1e-6 of their scale
     np.testing.assert_allclose(np.asarray(nib.load(str(a)).dataobj), np.asarray(nib.load(str(f)).dataobj), atol=1e-4)
     assert json.loads(a.with_name(a.name.replace(".nii.gz", ".json")).read_text())["SourceFormat"] == "AFNI"
