@@ -40,13 +40,18 @@ import argparse
 import math
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import ndimage, optimize, stats
 
 from gpuconn.stats.flame import flame
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from flame_data import near_threshold_data  # noqa: E402 - the data the unit test pins
 
 
 def _problem(n_obs: int, n_vox: int, seed: int = 0):
@@ -143,17 +148,6 @@ def bench_flame12(n_obs: int, n_vox: int, fraction: float, stage1=None) -> None:
           f"{t1 / fraction:.0f} s (FLAME1) + {per * whole:.0f} s (stage 2) = {t1 / fraction + per * whole:.0f} s")
 
 
-def _near_threshold_data(n_obs: int, n_vox: int, seed: int):
-    """One-sample data, N small and varcopes spread over two orders of magnitude: FLAME1 z near 2.3."""
-    rng = np.random.default_rng(seed)
-    x = np.ones((n_obs, 1))
-    s = rng.uniform(0.05, 3.0, (n_obs, 40 * n_vox)) ** 2
-    y = 0.9 * rng.uniform(0.3, 1.2, s.shape[1]) + rng.standard_normal(s.shape) * np.sqrt(s + 0.3)
-    z1 = flame(y, s, x, np.ones((1, 1)), device="cpu").zstat[0]
-    near = np.flatnonzero((z1 > 2.0) & (z1 < 2.6))[:n_vox]
-    return y[:, near], s[:, near], x
-
-
 def near_threshold(n_obs: int = 10, n_vox: int = 24, n_seeds: int = 5, n_long: int = 3, factor: int = 10,
                    seed: int = 3) -> dict:
     """z of FLAME1 and of FLAME1+2 (default chain) against the mean of ``n_long`` ``factor``-times longer chains.
@@ -172,7 +166,7 @@ def near_threshold(n_obs: int = 10, n_vox: int = 24, n_seeds: int = 5, n_long: i
     """
     from gpuconn.stats.flame import McmcOptions
 
-    y, s, x = _near_threshold_data(n_obs, n_vox, seed)
+    y, s, x = near_threshold_data(n_obs, n_vox, seed)
     c, every = np.ones((1, 1)), dict(z_lower=-np.inf, z_upper=np.inf)
     z1 = flame(y, s, x, c, device="cpu").zstat[0]
     start = time.perf_counter()

@@ -30,3 +30,29 @@ def rng():
     import numpy as np
 
     return np.random.default_rng(20191)
+
+
+@pytest.fixture
+def oom_once_above(monkeypatch):
+    """``install(limit)``: the engine's first chunk of more than ``limit`` rearrangements raises a CUDA OOM.
+
+    Returns the list of the chunk sizes that failed (at most one), for the
+    test to check that a halving happened.
+    """
+    import gpuconn.stats.randomise as engine
+
+    real = engine.permuted_statistics
+
+    def install(limit: int) -> list[int]:
+        failed: list[int] = []
+
+        def flaky(model, residuals, sum_squares, orders, signs):
+            if orders.shape[0] > limit and not failed:
+                failed.append(orders.shape[0])
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real(model, residuals, sum_squares, orders, signs)
+
+        monkeypatch.setattr(engine, "permuted_statistics", flaky)
+        return failed
+
+    return install

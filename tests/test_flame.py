@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy import optimize, stats
 
+from flame_data import near_threshold_data
 from gpuconn.core.errors import InputError
 from gpuconn.stats.flame import FE_DOF, _reml, check_flame_inputs, flame
 
@@ -280,28 +281,17 @@ def test_null_grf_cluster_fwer_is_not_inflated():
     assert hits <= 3, hits
 
 
-# z of 24 near-threshold voxels (_near_threshold_data below): the mean of three FLAME1+2 chains of
+# z of 24 near-threshold voxels (tests/flame_data.py): the mean of three FLAME1+2 chains of
 # 50000 jumps (10x flameo's default, seeds 10-12), from `python bench/bench_flame.py --skip-speed --near`
 # (bench/RESULTS.md). Its Monte Carlo standard error per voxel: median 0.038, at most 0.094.
 _LONG_CHAIN_Z = np.array([2.747, 2.863, 2.930, 2.780, 2.542, 2.444, 2.170, 2.037, 2.292, 2.063, 2.973, 2.525,
                           2.853, 2.210, 2.131, 2.398, 2.755, 2.669, 2.604, 2.080, 1.646, 2.397, 2.547, 2.552])
 
 
-def _near_threshold_data(n_obs=10, n_vox=24, seed=3):
-    """bench_flame.py's near-threshold voxels: one-sample, N = 10, varcopes over two orders of magnitude."""
-    rng = np.random.default_rng(seed)
-    x = np.ones((n_obs, 1))
-    s = rng.uniform(0.05, 3.0, (n_obs, 40 * n_vox)) ** 2
-    y = 0.9 * rng.uniform(0.3, 1.2, s.shape[1]) + rng.standard_normal(s.shape) * np.sqrt(s + 0.3)
-    z1 = flame(y, s, x, np.ones((1, 1)), device="cpu").zstat[0]
-    near = np.flatnonzero((z1 > 2.0) & (z1 < 2.6))[:n_vox]
-    return y[:, near], s[:, near], x
-
-
 def test_flame12_is_closer_than_flame1_to_a_long_chain_near_threshold():
     from gpuconn.stats.flame import McmcOptions
 
-    y, s, x = _near_threshold_data()
+    y, s, x = near_threshold_data()
     c = np.ones((1, 1))
     z1 = flame(y, s, x, c, device="cpu").zstat[0]
     assert np.all((z1 > 2.0) & (z1 < 2.6))

@@ -203,21 +203,10 @@ def test_chunk_size_does_not_change_results(two_sample):
         np.testing.assert_array_equal(other.spatial["pos"].null_max, runs[0].spatial["pos"].null_max)
 
 
-def test_out_of_memory_halves_chunk_with_identical_results(two_sample, monkeypatch):
-    import gpuconn.stats.randomise as engine
-
+def test_out_of_memory_halves_chunk_with_identical_results(two_sample, oom_once_above):
     data, design, contrast = two_sample
     expected = run_permutation_test(data, design, contrast, n_perm=64, seed=4, chunk=64)["tstat1"]
-    real = engine.permuted_statistics
-    failed = []
-
-    def flaky(model, residuals, sum_squares, orders, signs):
-        if orders.shape[0] > 16 and not failed:
-            failed.append(orders.shape[0])
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(model, residuals, sum_squares, orders, signs)
-
-    monkeypatch.setattr(engine, "permuted_statistics", flaky)
+    failed = oom_once_above(16)
     got = run_permutation_test(data, design, contrast, n_perm=64, seed=4, chunk=64)["tstat1"]
     assert failed == [64]
     for key in ("stat", "p_fwe", "p_uncorrected", "null_max"):
