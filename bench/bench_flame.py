@@ -51,7 +51,7 @@ from scipy import ndimage, optimize, stats
 from gpuconn.stats.flame import flame
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from flame_data import near_threshold_data  # noqa: E402 - the data the unit test pins
+from flame_data import near_threshold_data, reference_energy  # noqa: E402 - the data the unit test pins
 
 
 def _problem(n_obs: int, n_vox: int, seed: int = 0):
@@ -67,18 +67,10 @@ def _problem(n_obs: int, n_vox: int, seed: int = 0):
     return copes, varcopes, design, contrast
 
 
-def _energy(x, y, z, s):
-    w = 1.0 / (s + np.exp(x))
-    a = (z.T * w) @ z
-    gam = np.linalg.solve(a, (z.T * w) @ y)
-    r = y - z @ gam
-    return 0.5 * (np.sum(np.log(s + np.exp(x))) + np.linalg.slogdet(a)[1] + np.sum(w * r * r))
-
-
 def _scipy_voxel(y, s, x, c):
     """One voxel, the plain way: bounded Brent on log variance (scaled units), GLS, t, z."""
     scale = y.var() + s.mean()
-    res = optimize.minimize_scalar(_energy, bounds=(np.log(1e-10), np.log(1e3)),
+    res = optimize.minimize_scalar(reference_energy, bounds=(np.log(1e-10), np.log(1e3)),
                                    args=(y / np.sqrt(scale), x, s / scale), method="bounded",
                                    options={"xatol": 1e-10, "maxiter": 1000})
     w = 1.0 / (s + np.exp(res.x) * scale)

@@ -1,10 +1,19 @@
-"""Near-threshold FLAME data shared by tests/test_flame.py and bench/bench_flame.py."""
+"""FLAME test material shared by tests/test_flame.py and bench/bench_flame.py: near-threshold data, the reference energy."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from gpuconn.stats.flame import flame
+
+
+def reference_energy(x, y, z, s):
+    """flameo's marginal posterior energy of log variance ``x`` (plain NumPy, full design rows), for SciPy to minimise."""
+    w = 1.0 / (s + np.exp(x))
+    a = (z.T * w) @ z
+    gam = np.linalg.solve(a, (z.T * w) @ y)
+    r = y - z @ gam
+    return 0.5 * (np.sum(np.log(s + np.exp(x))) + np.linalg.slogdet(a)[1] + np.sum(w * r * r))
 
 
 def near_threshold_data(n_obs: int = 10, n_vox: int = 24, seed: int = 3):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import optimize, stats
 
-from flame_data import near_threshold_data
+from flame_data import near_threshold_data, reference_energy
 from gpuconn.core.errors import InputError
 from gpuconn.stats.flame import FE_DOF, _reml, check_flame_inputs, flame
 
@@ -15,20 +15,11 @@ from gpuconn.stats.flame import FE_DOF, _reml, check_flame_inputs, flame
 _LOW, _HIGH = np.log(1e-10), np.log(1e3)
 
 
-def _energy(x, y, z, s):
-    """flameo's marginal posterior energy of log variance x (plain NumPy, full design rows)."""
-    w = 1.0 / (s + np.exp(x))
-    a = (z.T * w) @ z
-    gam = np.linalg.solve(a, (z.T * w) @ y)
-    r = y - z @ gam
-    return 0.5 * (np.sum(np.log(s + np.exp(x))) + np.linalg.slogdet(a)[1] + np.sum(w * r * r))
-
-
 def _reference_variance(y, z, s):
     """RE variance of one voxel with scipy.optimize.minimize_scalar, on the same scaled range."""
     z = z[:, np.any(z != 0, axis=0)]  # a group's rows may leave a column all zero
     scale = y.var() + s.mean()
-    res = optimize.minimize_scalar(_energy, bounds=(_LOW, _HIGH), args=(y / np.sqrt(scale), z, s / scale),
+    res = optimize.minimize_scalar(reference_energy, bounds=(_LOW, _HIGH), args=(y / np.sqrt(scale), z, s / scale),
                                    method="bounded", options={"xatol": 1e-10, "maxiter": 1000})
     return np.exp(res.x) * scale
 

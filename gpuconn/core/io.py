@@ -46,6 +46,7 @@ __all__ = [
     "unmask",
     "atomic_path",
     "note_input",
+    "existing_input",
     "output_lock",
     "output_transaction",
     "save_image",
@@ -275,6 +276,21 @@ class _CommandInputs:
 
 
 _inputs: contextvars.ContextVar[_CommandInputs | None] = contextvars.ContextVar("gpuconn_inputs", default=None)
+
+
+def existing_input(path: str | os.PathLike, *, what: str) -> Path:
+    """``path`` as a Path, checked to exist and noted as an input of the running command (:func:`note_input`).
+
+    Raises
+    ------
+    InputError
+        The file does not exist (``'<what> file not found: <path>'``).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} file not found: {path}")
+    note_input(path)
+    return path
 
 
 def note_input(path: str | os.PathLike, *, source_format: str | None = None) -> None:
@@ -609,10 +625,7 @@ def read_tsv(path: str | os.PathLike, *, what: str = "table") -> pd.DataFrame:
     """
     if afni.is_1d(path):
         return afni.read_1d_table(path, what=what)
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{what} file not found: {path}")
-    note_input(path)
+    path = existing_input(path, what=what)
     try:
         return pd.read_csv(path, sep="\t", na_values=["n/a", "NaN", "nan"], keep_default_na=True)
     except Exception as exc:

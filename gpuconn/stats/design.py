@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.errors import InputError
-from ..core.io import note_input, read_tsv, write_text, write_tsv
+from ..core.io import existing_input, read_tsv, write_text, write_tsv
 
 __all__ = [
     "Design",
@@ -112,10 +112,7 @@ def read_vest(path: str | os.PathLike, *, what: str = "design file") -> tuple[np
         Missing file, no ``/Matrix``, non-numeric or ragged rows, or a size
         that disagrees with ``/NumWaves`` / ``/NumPoints`` / ``/NumContrasts``.
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{what} not found: {path}")
-    note_input(path)
+    path = existing_input(path, what=what)
     headers: dict[str, str] = {}
     body: list[tuple[int, str]] = []
     in_matrix = False

@@ -48,7 +48,7 @@ import torch
 from ..core import afni
 from ..core.backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy
 from ..core.errors import InputError
-from ..core.io import note_input, read_tsv
+from ..core.io import existing_input, read_tsv
 from ..core.textfile import numeric_rows
 
 __all__ = [
@@ -126,10 +126,7 @@ def read_matrix(path: str | os.PathLike, *, what: str = "confound matrix") -> np
     """
     if afni.is_1d(path):
         return afni.read_1d(path, what=what)
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{what} file not found: {path}")
-    note_input(path)
+    path = existing_input(path, what=what)
     try:
         text = path.read_text()
     except UnicodeDecodeError as exc:
