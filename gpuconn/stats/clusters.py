@@ -37,11 +37,6 @@ nilearn.mass_univariate._utils.calculate_cluster_measures : max extent/mass.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import tempfile
-import warnings
-from pathlib import Path
 from collections.abc import Callable
 
 import numpy as np

@@ -48,7 +48,7 @@ from scipy import special, stats
 from ..core.backend import DESIGN_DTYPE, resolve_device, to_numpy
 from ..core.errors import InputError
 from ..core.io import load_image, masked_data, provenance, save_image, unmask, write_json, write_tsv
-from .clusters import connectivity_offsets, label_maps, neighbour_table
+from .clusters import label_maps, neighbour_table
 from .design import Design, load_design
 from .glm import glm_statistic
 from .randomise import analysis_mask

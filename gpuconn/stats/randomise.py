@@ -557,8 +557,6 @@ class ChunkMerger:
 
     def __init__(self, prepared: PreparedTest):
         self.prepared = prepared
-        self.observed: dict = {c.name: c.observed for c in prepared.contrasts}
-        self.observed.update({(c.name, k): v for c in prepared.contrasts for k, v in c.spatial_observed.items()})
         self.counts = {(c.name, k): 0 for c in prepared.contrasts for k in ("vox", *c.transforms)}
         self.maxima: dict[int, dict] = {}
 
@@ -586,7 +584,7 @@ class ChunkMerger:
         if n_done != prepared.scheme.n_perm:
             raise ValueError(f"merged {n_done} rearrangements, expected {prepared.scheme.n_perm}")
         n_perm = prepared.scheme.n_perm
-        results = [_summarise(c, n_perm, self.observed, self.counts, maxima) for c in prepared.contrasts]
+        results = [_summarise(c, n_perm, self.counts, maxima) for c in prepared.contrasts]
         return PermutationTestResult(results, prepared.scheme, str(prepared.device), prepared.chunk, seconds)
 
 
@@ -617,15 +615,15 @@ def run_chunk_loop(
     return merger.result(time.perf_counter() - began)
 
 
-def _summarise(c: _Contrast, n_perm: int, observed: dict, counts: dict, maxima: dict) -> ContrastResult:
-    stat = to_host(observed[c.name])
+def _summarise(c: _Contrast, n_perm: int, counts: dict, maxima: dict) -> ContrastResult:
+    stat = to_host(c.observed)
     null_max = maxima[(c.name, "vox")]
     p_unc = to_host(counts[(c.name, "vox")]).astype(np.float64) / n_perm
     dof = c.model.dof
     z = t_to_z(stat, dof) if c.kind == "t" else f_to_z(stat, c.model.rank, dof)
     spatial = {}
     for key, transform in c.transforms.items():
-        mapped = to_host(observed[(c.name, key)])
+        mapped = to_host(c.spatial_observed[key])
         key_max = maxima[(c.name, key)]
         key_unc = to_host(counts[(c.name, key)]).astype(np.float64) / n_perm
         spatial[key] = MapResult(mapped, _fwe_p(key_max, mapped), key_unc, key_max,

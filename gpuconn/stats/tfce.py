@@ -62,17 +62,15 @@ nilearn.mass_univariate._utils.calculate_tfce : the stepped reference.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-import warnings
-from dataclasses import dataclass, replace
-
 from ..core.backend import chunk_size, cupy_launch, kernel_problem, load_kernel, map_launch, to_cupy, to_numpy
 from ..core.errors import InputError
-from .clusters import as_batch, connectivity_offsets, neighbour_table
+from .clusters import as_batch, neighbour_table
 from .numba_compat import njit, prange, warn_no_numba
 from .zstat import f_to_z
 
