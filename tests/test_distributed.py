@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -436,3 +437,22 @@ def test_cli_dualreg_and_qc_with_scheduler(client, dualreg_inputs, study, tmp_pa
     assert run([*qc, "-o", str(tmp_path / "one.tsv")]) == 0, capsys.readouterr().err
     assert run([*qc, "-o", str(tmp_path / "two.tsv"), "--dask-scheduler", address]) == 0, capsys.readouterr().err
     assert (tmp_path / "one.tsv").read_bytes() == (tmp_path / "two.tsv").read_bytes()
+
+
+def _late_writer(item):
+    """A task that fails at once, or writes its file after a pause (a slow subject)."""
+    path, fail = item
+    if fail:
+        raise ValueError("bad item")
+    time.sleep(1.0)
+    Path(path).write_text("done")
+    return path
+
+
+def test_a_task_error_reaches_the_caller_only_after_every_task_ended(client, tmp_path):
+    """Callers remove partial outputs on an error; no task may still be writing then (it would write them back)."""
+    late = tmp_path / "late.txt"
+    with pytest.raises(ValueError, match="bad item"):
+        tasks.map_tasks(client, _late_writer, [(tmp_path / "never.txt", True), (late, False)], description="late",
+                        progress=False, retries=0)
+    assert late.exists()

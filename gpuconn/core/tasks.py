@@ -197,8 +197,10 @@ def map_tasks(
     Raises
     ------
     Exception
-        The first task error, as raised on the worker; the other tasks are
-        cancelled.
+        The first task error, as raised on the worker, once every other task
+        has ended: a task already running on a worker cannot be stopped, and
+        one still writing when the caller removes its partial outputs (a
+        staging folder) would write them back.
     """
     distributed = require_distributed()
     token = uuid.uuid4().hex[:12]
@@ -217,6 +219,9 @@ def map_tasks(
                     warnings.warn(message, stacklevel=2)
                 results[order[future.key]] = value
                 advance()
+    except Exception:
+        distributed.wait(futures)
+        raise
     finally:
         client.cancel(futures)
     return results
