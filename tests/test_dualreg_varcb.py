@@ -58,7 +58,7 @@ def test_varcb_off_by_default_and_refused_with_dask(tmp_path, rng):
     assert not list((tmp_path / "plain").glob("*_varcb.nii.gz"))
     from gpuconn.core.errors import InputError
 
-    with pytest.raises(InputError, match="--out-varcb is not available with --workers"):
+    with pytest.raises(InputError, match="varcb is not available with Dask"):
         dual_regression(maps_path, subjects, tmp_path / "dask", device="cpu", varcb=True, client=object())
 
 

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from ..core.backend import DESIGN_DTYPE, as_data, chunk_size, resolve_device, run_chunked, to_numpy, uses_device
-from ..core.errors import InputError
+from ..core.errors import InputError, OptionError
 from ..core.io import (
     load_image,
     load_mask,
@@ -359,6 +359,8 @@ def dual_regression(
     --------
     spatial_regression, temporal_regression : the two stages on tensors.
     """
+    if batch_size is not None and batch_size < 1:
+        raise OptionError(f"{{batch_size}} must be at least 1, got {batch_size}")
     worker_device = str(device)
     device = resolve_device(device)
     maps_path, out_dir = Path(maps_path), Path(out_dir)
@@ -382,11 +384,9 @@ def dual_regression(
         batch = batch_size or 1
     else:
         batch = batch_size or _default_batch(max(n_volumes), n_voxels, n_maps, device, len(paths))
-    if batch < 1:
-        raise InputError(f"--batch must be at least 1, got {batch}")
     _check_stage3(design_path, contrast_path, one_sample, n_perm, len(paths))
     if varcb and client is not None:
-        raise InputError("--out-varcb is not available with --workers/--dask-scheduler yet; run it in one process")
+        raise OptionError("{varcb} is not available with Dask workers yet; run it in one process")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".dualreg-", dir=out_dir))
@@ -512,17 +512,19 @@ def _fit_on_dask(client, maps_path: Path, paths: Sequence[Path], n_volumes: Sequ
 def _check_stage3(design_path, contrast_path, one_sample: bool, n_perm: int, n_subjects: int) -> None:
     """Validate stage-3 options before any work (design rows = subjects)."""
     if n_perm < 0:
-        raise InputError(f"-n must be 0 (no randomise), 1 (raw t maps) or more, got {n_perm}")
+        raise OptionError(f"{{n_perm}} must be 0 (no randomise), 1 (raw t maps) or more, got {n_perm}")
     has_design = design_path is not None or contrast_path is not None
     if n_perm == 0:
         if has_design or one_sample:
-            raise InputError("a design (-d/-t or -1) was given but -n is 0; give -n N to run randomise on each map")
+            raise OptionError("a design ({design_path}/{contrast_path} or {one_sample}) was given but {n_perm} is 0; "
+                              "give {n_perm} N to run randomise on each map")
         return
     if one_sample == has_design:
-        raise InputError("stage 3 needs either -d design.mat -t design.con or -1 (group mean), not both or neither")
+        raise OptionError("stage 3 needs either {design_path} design.mat {contrast_path} design.con or {one_sample} "
+                          "(group mean), not both or neither")
     if has_design:
         if design_path is None or contrast_path is None:
-            raise InputError("give both -d design.mat and -t design.con")
+            raise OptionError("give both {design_path} design.mat and {contrast_path} design.con")
 
         load_design(design_path, contrast_path, n_obs=n_subjects, data_source="dr_stage2_icNNNN (one volume per subject)")
 
