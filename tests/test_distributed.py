@@ -280,7 +280,7 @@ def test_option_errors(capsys):
     with pytest.raises(InputError, match="not both"):
         with tasks.dask_client(scheduler="tcp://127.0.0.1:1", workers=2):
             pass
-    with pytest.raises(InputError, match="--workers must be >= 1, got 0"):
+    with pytest.raises(InputError, match="^workers must be >= 1, got 0$"):
         with tasks.dask_client(workers=0):
             pass
     with tasks.dask_client() as none:
@@ -416,7 +416,7 @@ def test_qc_on_dask_equals_one_process(client, study):
     spread = qc_table(sources, client=client, **thresholds)
     assert len(local) == 8  # 3 patients x 2 sessions + 2 controls
     pd.testing.assert_frame_equal(local, spread, check_exact=True)
-    with pytest.raises(InputError, match="--outlier-metric 'dvars'"):
+    with pytest.raises(InputError, match="^outlier_metric 'dvars'"):
         qc_table(sources, client=object(), outlier_metric="dvars")
 
 
