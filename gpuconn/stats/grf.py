@@ -46,7 +46,7 @@ import torch
 from scipy import special, stats
 
 from ..core.backend import DESIGN_DTYPE, resolve_device, to_numpy
-from ..core.errors import InputError
+from ..core.errors import InputError, OptionError
 from ..core.io import load_image, masked_data, provenance, save_image, unmask, write_json, write_tsv
 from .clusters import label_maps, neighbour_table
 from .design import Design, load_design
@@ -380,11 +380,13 @@ def parametric_glm(
     n_obs = img.shape[3]
     if one_sample:
         if design_path or contrast_path:
-            raise InputError("-1 (one-sample) builds its own design; drop -d/-t or drop -1")
+            raise OptionError("{one_sample} (one-sample) builds its own design; drop {design_path}/{contrast_path} "
+                              "or drop {one_sample}")
         design = Design(np.ones((n_obs, 1)), np.ones((1, 1)))
     else:
         if design_path is None or contrast_path is None:
-            raise InputError("give a design and contrasts (-d design.mat -t design.con), or -1 for a one-sample test")
+            raise OptionError("give a design and contrasts ({design_path} design.mat {contrast_path} design.con), "
+                              "or {one_sample} for a one-sample test")
         design = load_design(design_path, contrast_path, n_obs=n_obs, data_source=str(input_path))
     mask = analysis_mask(img, input_path, mask_path)
     dof = n_obs - int(np.linalg.matrix_rank(design.matrix))
