@@ -314,7 +314,7 @@ def dual_regression(
     varcb : bool, default False
         Also write ``dr_stage2_subjectNNNNN_varcb.nii.gz``, the variances of
         the stage-2 betas (``fsl_glm --out_varcb``), varcopes for ``gpuconn
-        flame``; not with ``client`` (Dask) yet.
+        flame``; also on Dask (``client``).
     device : str or torch.device, default 'auto'
     batch_size : int, optional
         Subjects per device batch; default from free memory (at most 32 on
@@ -385,8 +385,6 @@ def dual_regression(
     else:
         batch = batch_size or _default_batch(max(n_volumes), n_voxels, n_maps, device, len(paths))
     _check_stage3(design_path, contrast_path, one_sample, n_perm, len(paths))
-    if varcb and client is not None:
-        raise OptionError("{varcb} is not available with Dask workers yet; run it in one process")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".dualreg-", dir=out_dir))
@@ -402,7 +400,7 @@ def dual_regression(
                               device=device, batch=batch, advance=advance, stack=stack, varcb=varcb)
         else:
             _fit_on_dask(client, maps_path, paths, n_volumes, staging, des_norm=des_norm, device=worker_device,
-                         batch=batch, progress=progress)
+                         batch=batch, progress=progress, varcb=varcb)
             staged = [staging / f"dr_stage2_{_subject_name(i)}.nii.gz" for i in range(len(paths))]
             for index, betas in enumerate(iter_series(staged, mask, n_ahead=2)):  # (K, V) each
                 stack[:, index, :] = betas
@@ -491,21 +489,23 @@ def _fit_subjects(
 
 @uses_device
 def _fit_task(subjects: Sequence[tuple[int, Path, int]], *, maps_path: Path, staging: Path, des_norm: bool,
-              device: str) -> None:
+              device: str, varcb: bool) -> None:
     """One Dask task: stages 1 and 2 of ``subjects`` (number, file, volumes) as one device batch."""
     maps_img = load_image(maps_path, what="group maps")
     mask = np.asarray(load_image(staging / "mask.nii.gz", ndim=3, what="mask").dataobj) > 0
     indices, paths, n_volumes = zip(*subjects)
     _fit_subjects(maps_img, masked_data(maps_img, mask, path=maps_path), mask, indices, paths, n_volumes, staging,
-                  des_norm=des_norm, device=resolve_device(device), batch=len(subjects), advance=lambda n: None)
+                  des_norm=des_norm, device=resolve_device(device), batch=len(subjects), advance=lambda n: None,
+                  varcb=varcb)
 
 
 def _fit_on_dask(client, maps_path: Path, paths: Sequence[Path], n_volumes: Sequence[int], staging: Path, *,
-                 des_norm: bool, device: str, batch: int, progress: bool) -> None:
+                 des_norm: bool, device: str, batch: int, progress: bool, varcb: bool) -> None:
     """Stages 1 and 2 as one Dask task per device batch (the batches of one process with this ``batch``)."""
 
     tasks = [[(i, paths[i], n_volumes[i]) for i in group] for group in _batches(n_volumes, batch)]
-    task = functools.partial(_fit_task, maps_path=maps_path, staging=staging, des_norm=des_norm, device=device)
+    task = functools.partial(_fit_task, maps_path=maps_path, staging=staging, des_norm=des_norm, device=device,
+                             varcb=varcb)
     map_tasks(client, task, tasks, description="dual regression", progress=progress)
 
 
