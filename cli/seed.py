@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from gpuconn.maps import ROI_RADIUS_MM, SEED_RADIUS_MM
+
 from .options import DaskScheduler, Derivatives, Device, FeatDirs, Flag, Participants, Quiet, Space, Workers
 
 BoldFiles = Annotated[list[Path], typer.Option("--bold", help="4D BOLD file (repeatable); needs --mask.")]
@@ -16,7 +18,9 @@ Mask = Annotated[
 BoldDesc = Annotated[
     str, typer.Option("--bold-desc", help="desc- entity of the BOLD files under --derivatives (e.g. preproc, denoised).")
 ]
-Radius = Annotated[list[float], typer.Option("--radius", help="Sphere radius in mm: once for all, or once per coordinate.")]
+Radius = Annotated[list[float], typer.Option(
+    "--radius", help=f"Sphere radius in mm: once for all, or once per coordinate (default {SEED_RADIUS_MM:g} mm for seeds, "
+                     f"{ROI_RADIUS_MM:g} mm for ROIs, the study's).")]
 Name = Annotated[list[str], typer.Option("--name", help="Name per coordinate (letters and digits).")]
 Mirror = Annotated[bool, Flag("--mirror", help="Also use each coordinate sphere mirrored to (-x, y, z) as a separate region.")]
 Bilateral = Annotated[bool, Flag("--bilateral", help="Make each coordinate sphere the union with its mirror (one bilateral region).")]

@@ -347,6 +347,19 @@ def _cases() -> list[Case]:
              lambda ws: {"c": _text(ws, "censor_s_combined_2.1D", "1\n" * (N_VOLUMES + 2))},
              extra=[("--censor-file", "{c}")], expect=("censor_s_combined_2.1D", f"{N_VOLUMES + 2} rows")),
         Case("confounds-missing-column", "denoise", extra=[("--column", "not_a_column")], expect=("not_a_column",)),
+        Case("high-pass-above-nyquist", "denoise", extra=[("--high-pass", "0.3")],
+             expect=("--high-pass 0.3 Hz", "Nyquist frequency 0.25 Hz", "TR 2 s")),
+        Case("motion-par-in-degrees", "denoise",
+             lambda ws: {"m": _text(ws, "degrees.par", "".join(f"{8 * np.sin(t / 9):.4f} 0.5 -1 0.1 0.2 0.3\n"
+                                                                for t in range(N_VOLUMES)))},
+             extra=[("--motion-par", "{m}")], expect=("degrees.par", "look like degrees", "radians")),
+        Case("max-memory-too-small", "randomise", extra=[("--max-memory", "1KB")],
+             expect=("--max-memory 1000 bytes is too small", "at least")),
+        Case("max-memory-too-small", "dualreg", extra=[("--max-memory", "1KB")],
+             expect=("--max-memory 1000 bytes is too small", "at least")),
+        Case("participants-comma-separated-tsv", "design",
+             lambda ws: {"participants": _text(ws, "comma.tsv", pd.read_csv(ws["participants"], sep="\t").to_csv(index=False))},
+             expect=("comma.tsv", "comma-separated", ".csv")),
         Case("confounds-missing-values", "denoise",
              lambda ws: _confounds_case(ws, lambda t: t.assign(trans_x=t.trans_x.where(t.index != 7))),
              expect=("bad_confounds",)),
@@ -555,3 +568,32 @@ def test_output_transaction_semantics(tmp_path):
             write_text(tmp_path / "kept.txt", "z")
             raise SystemExit(0)
     assert (tmp_path / "kept.txt").exists()
+
+
+def test_participants_csv_is_read(ws, capsys):
+    """Documented: a participants file named .csv is read comma-separated (the same design as the TSV)."""
+    csv = ws["in"] / "participants.csv"
+    pd.read_csv(ws["participants"], sep="\t").to_csv(csv, index=False)
+    assert run(_argv("design", ws, {}, [])) == 0, capsys.readouterr().err
+    assert run(_argv("design", ws, {"participants": csv, "out": ws["out"] / "csv"}, [])) == 0, capsys.readouterr().err
+    assert (ws["out"] / "csv" / "des.mat").read_text() == (ws["out"] / "des.mat").read_text()
+
+
+@pytest.mark.parametrize("form", ["separate", "equals"])
+def test_negative_seed_coord_and_default_radius(form, ws, capsys):
+    """``--seed-coord -2,-4,0`` and ``--seed-coord=-2,-4,0`` (a negative first number) both work; no --radius: 6 mm."""
+    argv = [t for t in _argv("seed", ws, {}, []) if t not in ("--radius", "6")]
+    at = argv.index("--seed-coord")
+    argv[at: at + 2] = ["--seed-coord", "-2,-4,0"] if form == "separate" else ["--seed-coord=-2,-4,0"]
+    assert run(argv) == 0, capsys.readouterr().err
+    sidecar = next((ws["out"] / "seed").glob("*.json"))
+    seeds = json.loads(sidecar.read_text())["Parameters"]["seeds"]
+    assert seeds == [{"name": "seed1", "centers_mm": [[-2.0, -4.0, 0.0]], "radius_mm": 6.0}]
+
+
+def test_rotations_like_degrees_warn(ws, capsys):
+    """Rotations above 0.5 rad (but below 2 pi) run, with a one-line warning that they look like degrees."""
+    par = _text(ws, "deg.par", "".join(f"{2 * np.sin(t / 9):.4f} 0.5 -1 0.1 0.2 0.3\n" for t in range(N_VOLUMES)))
+    assert run(_argv("denoise", ws, {}, [("--motion-par", str(par)), ("--outlier-metric", "none")])) == 0
+    err = capsys.readouterr().err
+    assert "gpuconn: warning: motion parameters" in err and "deg.par" in err and "look like degrees" in err, err

@@ -16,8 +16,10 @@ from nilearn.maskers.nifti_spheres_masker import apply_mask_and_get_affinity
 
 from gpuconn.cli.app import run
 from gpuconn.core.errors import InputError
+from gpuconn.maps import ROI_RADIUS_MM, SEED_RADIUS_MM
 from gpuconn.maps.seed import FISHER_CLIP, compute_seed_maps, correlate_seeds, fisher_z
 from gpuconn.maps.series import BoldInput, bold_inputs
+from gpuconn.study.schema import _TABLES
 from gpuconn.maps.regions import (
     Region,
     image_region,
@@ -189,8 +191,10 @@ def test_seed_table_and_options(tmp_path):
     assert parse_coord(" -18, -38 ,72") == (-18.0, -38.0, 72.0)
     with pytest.raises(InputError, match=r"--seed-coord '1,2' is not x,y,z in mm; write it as e.g. --seed-coord -18,-38,72"):
         regions_from_options(coords=["1,2"], radii=[6])
-    with pytest.raises(InputError, match="--seed-coord needs --radius"):
-        regions_from_options(coords=["1,2,3"])
+    # no --radius: the study's radii (one constant each, shared with the study file's defaults)
+    assert regions_from_options(coords=["1,2,3"])[0].radius == SEED_RADIUS_MM == 6.0
+    assert regions_from_options(coords=["1,2,3"], what="roi")[0].radius == ROI_RADIUS_MM == 4.0
+    assert _TABLES["seeds"]["radius"] == SEED_RADIUS_MM and _TABLES["rois"]["radius"] == ROI_RADIUS_MM
     with pytest.raises(InputError, match="--radius was given 2 times for 3 --seed-coord"):
         regions_from_options(coords=["1,2,3"] * 3, radii=[4, 5], names=["a", "b", "c"])
     with pytest.raises(InputError, match="names must be unique; repeated: A"):

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from ..core import afni
+from . import ROI_RADIUS_MM, SEED_RADIUS_MM
 from ..core.errors import InputError
 from ..core.io import check_same_grid, load_image, read_tsv, split_ext
 
@@ -384,7 +385,9 @@ def regions_from_options(
     coords : sequence of str
         ``'x,y,z'`` per sphere (``--<what>-coord``, repeatable).
     radii : sequence of float
-        One radius for all spheres, or one per coordinate (``--radius``).
+        One radius for all spheres, or one per coordinate (``--radius``);
+        none: the study's default, :data:`gpuconn.maps.SEED_RADIUS_MM` for
+        seeds and :data:`gpuconn.maps.ROI_RADIUS_MM` for ROIs.
     names : sequence of str
         One name per coordinate (``--name``); default ``<what>1``, ``<what>2``...
     mirror : {'none', 'add', 'union'}
@@ -406,9 +409,9 @@ def regions_from_options(
         Coordinates first, then the table, masks and labels; names unique.
     """
     flag = f"--{what.lower()}"
-    if coords and not radii:
-        raise InputError(f"{flag}-coord needs --radius (mm), e.g. --radius 6")
-    if len(radii) not in (0, 1, len(coords)):
+    if not radii:
+        radii = [SEED_RADIUS_MM if what.lower() == "seed" else ROI_RADIUS_MM]
+    if len(radii) not in (1, len(coords)):
         raise InputError(f"--radius was given {len(radii)} times for {len(coords)} {flag}-coord; give it once or once per coordinate")
     if names and len(names) != len(coords):
         raise InputError(f"--name was given {len(names)} times for {len(coords)} {flag}-coord; give one name per coordinate")

@@ -30,6 +30,7 @@ from ..core import io
 from ..core.bids import DEFAULT_SPACE, Run, find_runs
 from ..core.feat import study_runs
 from ..core.errors import InputError
+from ..maps import ROI_RADIUS_MM, SEED_RADIUS_MM
 from ..maps.regions import sphere_regions
 from ..stats.design import build_design
 from ..subject.denoise import DenoiseOptions
@@ -122,8 +123,8 @@ _SECTIONS: dict[str, dict[str, Any]] = {
 
 #: Keys of each entry of the array-of-table sections.
 _TABLES: dict[str, dict[str, Any]] = {
-    "seeds": {"name": _REQUIRED, "center": _REQUIRED, "radius": 6.0, "mirror": "none"},
-    "rois": {"name": _REQUIRED, "center": _REQUIRED, "radius": 4.0, "mirror": "union"},
+    "seeds": {"name": _REQUIRED, "center": _REQUIRED, "radius": SEED_RADIUS_MM, "mirror": "none"},
+    "rois": {"name": _REQUIRED, "center": _REQUIRED, "radius": ROI_RADIUS_MM, "mirror": "union"},
     "networks": {"name": _REQUIRED, "nodes": [], "radius": 10.0},
     "models": {
         "name": _REQUIRED,

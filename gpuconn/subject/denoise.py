@@ -299,9 +299,20 @@ def nuisance_design(
     Returns
     -------
     pandas.DataFrame, shape (n_volumes, n_confounds + n_cosines + 1)
+
+    Raises
+    ------
+    InputError
+        ``high_pass`` at or above the Nyquist frequency ``1 / (2 tr)``;
+        ``low_pass`` not above ``high_pass``.
     """
     n = len(confounds)
     parts = [confounds.reset_index(drop=True)]
+    nyquist = 0.5 / tr
+    if high_pass and high_pass >= nyquist:
+        raise InputError(f"--high-pass {high_pass:g} Hz is at or above the Nyquist frequency {nyquist:.4g} Hz of TR "
+                         f"{tr:g} s: it would remove the whole signal; give a cutoff in Hz, e.g. --high-pass 0.006 "
+                         "(a period of 167 s)")
     if high_pass:
         hp = cosine_basis(n, tr=tr, high_pass=high_pass)
         parts.append(pd.DataFrame(hp, columns=[f"cosine_{i:02d}" for i in range(hp.shape[1])]))
