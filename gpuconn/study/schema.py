@@ -12,6 +12,7 @@ runner's group and ROI steps).
 
 from __future__ import annotations
 
+import functools
 import glob
 import itertools
 import os
@@ -190,6 +191,26 @@ class Study:
     def section(self, name: str) -> Any:
         """One section of :attr:`config`."""
         return self.config[name]
+
+    def participant_id(self, run: Run) -> str:
+        """The run's subject as the participants table spells it (``sub-001`` or ``001``); ``sub-<label>`` when absent.
+
+        Outputs and tables carry this spelling, so they join with the
+        participants table whichever form the folders or
+        ``--participant-label`` used.
+        """
+        return self._participant_ids.get(run.subject, f"sub-{run.subject}")
+
+    @functools.cached_property
+    def _participant_ids(self) -> dict[str, str]:
+        return participant_ids(self.table, self.section("inputs")["subject_column"])
+
+
+def participant_ids(table: pd.DataFrame, column: str) -> dict[str, str]:
+    """``{label without sub-: spelling in the table}`` for a participants table's subject column (empty without it)."""
+    if column not in table.columns:
+        return {}
+    return {spelled.removeprefix("sub-"): spelled for spelled in table[column].astype(str)}
 
 
 
@@ -466,8 +487,8 @@ def load_study(path: str | os.PathLike, *, check_inputs: bool = True) -> Study:
         runs = study_runs(str(path.parent / inputs["feat"]))
     else:  # find_runs reads afni_proc.py results folders too
         runs = find_runs(derivatives, space=inputs["space"])
-    known = set(table[inputs["subject_column"]].astype(str))
-    missing = sorted({f"sub-{r.subject}" for r in runs} - known)
+    known = participant_ids(table, inputs["subject_column"])
+    missing = sorted({f"sub-{r.subject}" for r in runs if r.subject not in known})
     if missing:
         raise InputError(f"{participants} has no row for {', '.join(missing[:5])} (found under {derivatives}); add them")
     study = Study(path, config, derivatives, participants, runs, table, templates)
@@ -537,7 +558,7 @@ def model_table(study: Study, qc: pd.DataFrame, model: dict, runs: Sequence[Run]
     subject_col, group_col = inputs["subject_column"], inputs["group_column"]
     table = study.table.copy()
     table[subject_col] = table[subject_col].astype(str)
-    by_key = {(f"sub-{r.subject}", r.session or ""): r for r in runs}
+    by_key = {(study.participant_id(r), r.session or ""): r for r in runs}
     motion = qc.set_index("run")["mean_rel_rms"].to_dict()
     if model["kind"] == "two-sample":
         table = table[table[group_col].astype(str).isin(model["contrast"].split(">"))]
