@@ -597,3 +597,13 @@ def test_rotations_like_degrees_warn(ws, capsys):
     assert run(_argv("denoise", ws, {}, [("--motion-par", str(par)), ("--outlier-metric", "none")])) == 0
     err = capsys.readouterr().err
     assert "gpuconn: warning: motion parameters" in err and "deg.par" in err and "look like degrees" in err, err
+
+
+def test_participant_ids_spelled_as_in_the_table(ws, capsys):
+    """Documented: participant_id values such as 001 stay 001 in the outputs (read as text, not as the number 1)."""
+    table = pd.read_csv(ws["participants"], sep="\t")
+    table["participant_id"] = [f"{i:03d}" for i in range(len(table))]
+    table.to_csv(ws["in"] / "bare.tsv", sep="\t", index=False)
+    assert run(_argv("design", ws, {"participants": ws["in"] / "bare.tsv"}, [])) == 0, capsys.readouterr().err
+    written = pd.read_csv(ws["out"] / "des.tsv", sep="\t", dtype=str)
+    assert written["participant_id"].tolist() == table["participant_id"].tolist()
