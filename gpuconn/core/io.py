@@ -49,6 +49,7 @@ __all__ = [
     "existing_input",
     "output_lock",
     "output_transaction",
+    "keep_outputs",
     "save_image",
     "write_json",
     "write_tsv",
@@ -339,6 +340,20 @@ def output_transaction() -> Iterator[list[Path]]:
         parent = _created.get()
         if parent is not None:
             parent.extend(created)
+
+
+def keep_outputs(paths) -> None:
+    """Keep ``paths`` and their JSON sidecars even if the enclosing :func:`output_transaction` fails.
+
+    For a multi-run command interrupted after some runs were complete (each
+    written atomically): the rollback then removes only the rest. Paths the
+    transaction did not create are ignored.
+    """
+    created = _created.get()
+    if created is None:
+        return
+    kept = {Path(p) for p in paths} | {sidecar_path(p) for p in paths}
+    created[:] = [p for p in created if p not in kept]
 
 
 @contextlib.contextmanager

@@ -92,6 +92,7 @@ __all__ = [
     "clean_runs",
     "denoise_runs",
     "output_paths",
+    "finished_run",
     "collect_runs",
 ]
 
@@ -806,11 +807,40 @@ def output_paths(files: RunFiles, out_dir: str | os.PathLike) -> dict[str, Path]
     }
 
 
+def _sources(files: RunFiles) -> dict[str, Path]:
+    """The input files of a run as its sidecar records them (``Sources``)."""
+    return {k: v for k, v in vars(files).items() if v is not None and k != "label"}
+
+
+def finished_run(files: RunFiles, out_dir: str | os.PathLike, options: DenoiseOptions) -> bool:
+    """Whether a run's outputs are complete from the same inputs and settings, so a rerun may skip it.
+
+    True when all three outputs (:func:`output_paths`) exist, the BOLD's
+    sidecar records the same ``Sources`` and ``Options``, and no input file
+    is newer than the denoised BOLD. Each output is written atomically and
+    the mask last, so an interrupted run is never taken as finished.
+    """
+    from dataclasses import asdict
+
+    paths = output_paths(files, out_dir)
+    sidecar = sidecar_path(paths["bold"])
+    if not all(p.exists() for p in (*paths.values(), sidecar)):
+        return False
+    try:
+        recorded = json.loads(sidecar.read_text()).get("Parameters", {})
+    except (json.JSONDecodeError, OSError, AttributeError):
+        return False
+    same = (recorded.get("Sources") == {k: str(v) for k, v in _sources(files).items()}
+            and recorded.get("Options") == json.loads(json.dumps(asdict(options))))
+    written = paths["bold"].stat().st_mtime
+    return same and all(Path(p).stat().st_mtime <= written for p in _sources(files).values() if Path(p).exists())
+
+
 def _params(run: PreparedRun, options: DenoiseOptions) -> dict:
     from dataclasses import asdict
 
     return {
-        "Sources": {k: v for k, v in vars(run.files).items() if v is not None and k != "label"},
+        "Sources": _sources(run.files),
         "Options": asdict(options),
         "RepetitionTime": run.tr,
         "Columns": list(run.design.columns),
