@@ -213,6 +213,13 @@ def _feat_without_reg(ws: dict) -> Path:
     return folder
 
 
+def _atlas(ws: dict) -> Path:
+    """An atlas of two labels (1 and 2) inside the mask."""
+    labels = np.zeros(SHAPE)
+    labels[1:3, 1:6, 1:4], labels[3:5, 1:6, 1:4] = 1, 2
+    return _image(ws["in"] / "atlas.nii.gz", labels)
+
+
 def _text(ws: dict, name: str, text: str) -> Path:
     path = ws["in"] / name
     path.write_text(text)
@@ -373,6 +380,14 @@ def _cases() -> list[Case]:
         Case("dim-above-volumes", "ica-run", extra=[("-d", "500")], expect=("--dim",)),
         Case("seed-outside-grid", "seed", extra=[("--seed-coord", "300,0,0")], expect=("300",)),
         Case("roi-outside-grid", "roi", extra=[("--roi-coord", "300,0,0")], expect=("300",)),
+        Case("atlas-without-label-in-table", "roi",
+             lambda ws: {"atlas": _atlas(ws), "t": _text(ws, "rois.tsv", "name\timage\nparc\tatlas.nii.gz\n")},
+             extra=[("--roi-table", "{t}")], expect=("atlas.nii.gz", "holds 2 labels", "--roi-mask")),
+        Case("atlas-label-table-without-columns", "roi",
+             lambda ws: {"atlas": _atlas(ws), "l": _text(ws, "labels.tsv", "id\tlabel\n1\ta\n2\tb\n")},
+             extra=[("--roi-mask", "{atlas}"), ("--atlas-labels", "{l}")], expect=("labels.tsv", "'index'", "'name'")),
+        Case("atlas-label-name-without-table", "roi", lambda ws: {"atlas": _atlas(ws)},
+             extra=[("--roi-label", "{atlas}:Insula")], expect=("--roi-label", "atlas.nii.gz", "--atlas-labels")),
         Case("design-missing-values", "design",
              lambda ws: _participants_case(ws, lambda t: t.assign(age=t.age.where(t.index != 2))),
              expect=("age",)),

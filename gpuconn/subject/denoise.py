@@ -20,6 +20,9 @@ Order of operations for one run (what :func:`denoise_runs` does):
    reference study's ``fsl_motion_outliers`` matrix), or their volumes are
    dropped (``censor='drop'``: the cosine set is built on the full time grid,
    then the censored rows are removed from data and design, as nilearn does).
+   A spike column fits its volume exactly, so that volume's residuals are 0:
+   the sidecar lists those volumes (``SpikeCensoredVolumes``) and the seed
+   and ROI maps leave them out rather than correlate zeros.
 4. Rank: columns are scaled to unit maximum, a column-pivoted QR finds the
    rank, and columns that depend on the others are **dropped with a warning
    naming them** (and listed in the sidecar). Fewer than ``min_dof``
@@ -76,6 +79,7 @@ from .physio import PHYSIO_COLUMNS, physio_confounds, physio_regressors
 
 __all__ = [
     "DenoiseOptions",
+    "SPIKE_VOLUMES_KEY",
     "RunFiles",
     "PreparedRun",
     "cosine_basis",
@@ -95,6 +99,10 @@ __all__ = [
     "finished_run",
     "collect_runs",
 ]
+
+#: Sidecar entry listing the output volumes fitted by spike regressors (all-zero residuals): the seed and ROI maps
+#: leave them out (:func:`gpuconn.maps.series.prepare_inputs`).
+SPIKE_VOLUMES_KEY = "SpikeCensoredVolumes"
 
 _VOXEL_CHUNK = 65536  # voxels cast to float64 at a time in the projection
 
@@ -228,6 +236,9 @@ class PreparedRun:
     dropped_columns : list of str
     n_outliers : int
     tr : float
+    spike_volumes : list of int
+        Volumes (0-based, of the output series) fitted by a spike regressor
+        (``censor='spikes'``): their residuals are exactly 0.
     """
 
     files: RunFiles
@@ -239,6 +250,7 @@ class PreparedRun:
     dropped_columns: list[str] = field(default_factory=list)
     n_outliers: int = 0
     tr: float = 0.0
+    spike_volumes: list[int] = field(default_factory=list)
 
     @property
     def dof(self) -> int:
@@ -715,7 +727,8 @@ def prepare_run(
             f"{design.shape[1]} regressors); need at least {options.min_dof}: use fewer regressors or a higher outlier threshold"
         )
     data = masked_data(img, brain, path=files.bold) if load_data else np.empty((n, 0), dtype=np.float32)
-    return PreparedRun(files, img, brain, data, design, keep, dropped, int(spikes.shape[1]), tr)
+    spiked = np.flatnonzero(spikes.astype(bool).any(axis=1)).tolist() if options.censor == "spikes" else []
+    return PreparedRun(files, img, brain, data, design, keep, dropped, int(spikes.shape[1]), tr, spiked)
 
 
 def clean_runs(runs: Sequence[PreparedRun], *, fwhm: float, device: torch.device | str = "cpu") -> list[np.ndarray]:
@@ -848,6 +861,7 @@ def _params(run: PreparedRun, options: DenoiseOptions) -> dict:
         "NumberOfOutliers": run.n_outliers,
         "VolumesKept": int(run.keep.sum()),
         "CensoredVolumes": np.flatnonzero(~run.keep).tolist(),
+        SPIKE_VOLUMES_KEY: run.spike_volumes,
         "ResidualDegreesOfFreedom": run.dof,
         "Order": "confounds (+aCompCor/global from unsmoothed data) + cosine high-pass (+low-pass) + constant regressed jointly; then Gaussian smoothing inside the brain mask normalised by the smoothed mask",
     }
