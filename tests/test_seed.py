@@ -161,22 +161,27 @@ def test_image_and_atlas_regions(tmp_path):
     atlas[5:8, 5:8, 5:8] = 2
     nib.save(nib.Nifti1Image(atlas, affine), tmp_path / "atlas.nii.gz")
     ref = nib.Nifti1Image(np.zeros(SHAPE, dtype=np.float32), affine)
-    regions = [image_region(tmp_path / "atlas.nii.gz", label=7), image_region(tmp_path / "atlas.nii.gz")]
-    assert [r.name for r in regions] == ["atlaslabel7", "atlas"]
+    regions = [image_region(tmp_path / "atlas.nii.gz", label=7), image_region(tmp_path / "atlas.nii.gz", label=2)]
+    assert [r.name for r in regions] == ["atlaslabel7", "atlaslabel2"]
     masks = region_masks(regions, ref)
-    assert np.array_equal(masks[0], atlas == 7) and np.array_equal(masks[1], atlas > 0)
+    assert np.array_equal(masks[0], atlas == 7) and np.array_equal(masks[1], atlas == 2)
     other = nib.Nifti1Image(np.zeros(SHAPE, dtype=np.float32), AFFINES["iso2"])
     with pytest.raises(InputError, match="affine mismatch"):
         region_masks(regions, other)
     with pytest.raises(InputError, match=r"seed 'atlaslabel3' \(image .*atlas.nii.gz label 3\) has no voxel"):
         region_masks([image_region(tmp_path / "atlas.nii.gz", label=3)], ref)
-    # the same regions from a table (paths relative to it) and from options
-    (tmp_path / "seeds.tsv").write_text("name\timage\tlabel\nseven\tatlas.nii.gz\t7\nall\tatlas.nii.gz\tn/a\n")
+    # an atlas is never collapsed into one region: without a label it is refused (#16 item 11)
+    with pytest.raises(InputError, match=r"seed 'atlas': image .*atlas.nii.gz holds 2 labels \(an atlas\)"):
+        region_masks([image_region(tmp_path / "atlas.nii.gz")], ref)
+    # the same regions from a table (paths relative to it) and from options (a mask that is an atlas: a region per label)
+    (tmp_path / "seeds.tsv").write_text("name\timage\tlabel\nseven\tatlas.nii.gz\t7\ntwo\tatlas.nii.gz\t2\n")
     from_table = read_regions(tmp_path / "seeds.tsv")
-    assert [(r.name, r.label) for r in from_table] == [("seven", 7), ("all", None)]
+    assert [(r.name, r.label) for r in from_table] == [("seven", 7), ("two", 2)]
     np.testing.assert_array_equal(region_masks(from_table, ref), masks)
-    from_options = regions_from_options(labels=[f"{tmp_path / 'atlas.nii.gz'}:7"], masks=[tmp_path / "atlas.nii.gz"])
-    assert [r.name for r in from_options] == ["atlas", "atlaslabel7"]
+    from_options = regions_from_options(masks=[tmp_path / "atlas.nii.gz"])
+    assert [(r.name, r.label) for r in from_options] == [("atlaslabel2", 2), ("atlaslabel7", 7)]
+    np.testing.assert_array_equal(region_masks(from_options, ref), masks[::-1])
+    assert [r.name for r in regions_from_options(labels=[f"{tmp_path / 'atlas.nii.gz'}:7"])] == ["atlaslabel7"]
 
 
 def test_seed_table_and_options(tmp_path):
