@@ -119,6 +119,10 @@ def tiny(tmp_path_factory):
         (lambda t: t.replace('session = "change"', 'session = "post"').replace('group = "cLBP"\nsession', 'group = "HC"\nsession'), r"model 'pain_change' has no subject"),
         (lambda t: t.replace('covariates = ["age"]', 'covariates = ["pain_post"]').replace('contrast = "cLBP>HC"', 'contrast = "HC>HC"'), r"model 'patients_vs_controls'"),
         (lambda t: t.replace('"pain_post - pain_pre"', '"pain_post - pain_missing"'), r"derived\.pain_change"),
+        # a stage's options object checks its section, worded with the study's keys
+        (lambda t: t.replace("[inference]", "[ica]\ndim = 0\n[inference]"), r"bad\.toml: ica\.dim must be at least 1, got 0$"),
+        (lambda t: t.replace("[inference]", "[ica]\ndim = 4\nsubject_dim = 3\n[inference]"),
+         r": ica\.subject_dim \(3\) must be at least ica\.dim \(4\)$"),
     ],
 )
 def test_bad_study_files_are_one_line_errors(tiny, edit, message):

@@ -24,7 +24,7 @@ import pandas as pd
 from scipy import ndimage
 
 from ..core.atlas import read_atlas_labels
-from ..core.errors import InputError
+from ..core.errors import InputError, OptionError
 from ..core.io import check_same_grid, load_image, load_mask, save_image, write_tsv
 from .clusters import label_maps
 
@@ -270,7 +270,7 @@ def write_cluster_table(
     if "corrp" in extra and not (np.nanmin(extra["corrp"]) >= 0 and np.nanmax(extra["corrp"]) <= 1):
         raise InputError(f"{corrp_path} has values outside [0, 1]; pass a randomise *_corrp_* map (1 - p)")
     if atlas_labels_path is not None and atlas_path is None:
-        raise InputError("--atlas-labels needs --atlas (the atlas image the labels belong to)")
+        raise OptionError("{atlas_labels_path} needs {atlas_path} (the atlas image the labels belong to)")
     labels = read_atlas_labels(atlas_labels_path) if atlas_labels_path is not None else None
     result = cluster_table(stat, img.affine, threshold=threshold, mask=mask, connectivity=connectivity,
                            min_voxels=min_voxels, corrp=extra.get("corrp"), atlas=extra.get("atlas"),

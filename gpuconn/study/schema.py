@@ -19,7 +19,7 @@ import os
 import tomllib
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,11 @@ import pandas as pd
 from ..core import io
 from ..core.bids import DEFAULT_SPACE, Run, find_runs
 from ..core.feat import study_runs
-from ..core.errors import InputError
+from ..core.errors import InputError, OptionError
 from ..maps import ROI_RADIUS_MM, SEED_RADIUS_MM
+from ..maps.options import ICAOptions
 from ..maps.regions import sphere_regions
+from ..stats.options import GrfOptions
 from ..stats.design import build_design
 from ..subject.denoise import DenoiseOptions
 
@@ -50,6 +52,7 @@ __all__ = [
     "network_names",
     "model_table",
     "model_design",
+    "grf_options",
 ]
 
 
@@ -66,6 +69,40 @@ FLAME_METHODS = ("flame1", "flame12")
 
 
 _REQUIRED = object()
+
+
+def _option_keys(cls: type) -> dict[str, Any]:
+    """A section's keys and defaults from an options object's fields (TOML has no None: 0 stands for it)."""
+    return {f.name: 0 if f.default is None else f.default for f in fields(cls)}
+
+
+#: Sections filled and checked by a stage's options object (:meth:`Study.options`).
+_OPTION_SECTIONS: dict[str, type] = {"ica": ICAOptions}
+
+
+def _options_object(cls: type, values: dict[str, Any], keys: dict[str, str], path: Path) -> Any:
+    """``cls(**values)``; its OptionError re-worded with the study file's keys (``keys``: field -> key)."""
+    try:
+        return cls(**values)
+    except OptionError as exc:
+        raise InputError(f"{path}: {exc.named(lambda name: keys[name])}") from None
+
+
+def _section_options(config: dict, name: str, path: Path) -> Any:
+    cls = _OPTION_SECTIONS[name]
+    given = config[name]
+    values = {f.name: None if f.default is None and given[f.name] == 0 else given[f.name] for f in fields(cls)}
+    return _options_object(cls, values, {f.name: f"{name}.{f.name}" for f in fields(cls)}, path)
+
+
+# [inference] keys of GRF cluster inference (methods grf, flame1, flame12), by GrfOptions field.
+_GRF_KEYS = {"cluster_z": "cluster_threshold", "cluster_p": "alpha"}
+
+
+def grf_options(inference: dict, path: Path) -> GrfOptions:
+    """GRF cluster inference as a study's ``[inference]`` section sets it (``cluster_threshold``, ``alpha``)."""
+    values = {name: inference[key] for name, key in _GRF_KEYS.items()}
+    return _options_object(GrfOptions, values, {name: f"inference.{key}" for name, key in _GRF_KEYS.items()}, path)
 # The defaults of [denoise] are DenoiseOptions' own.
 _DENOISE = DenoiseOptions()
 
@@ -104,7 +141,8 @@ _SECTIONS: dict[str, dict[str, Any]] = {
         "tr": _DENOISE.tr or 0.0,
         "batch_size": 1,
     },
-    "ica": {"enabled": False, "dim": 10, "seed": 0, "templates": "", "template_names": []},
+    # the fields of ICAOptions (0 stands for None) between the study's own keys
+    "ica": {"enabled": False, **_option_keys(ICAOptions), "templates": "", "template_names": []},
     "derived": {},
     "inference": {
         "method": "cluster",
@@ -191,6 +229,10 @@ class Study:
     def section(self, name: str) -> Any:
         """One section of :attr:`config`."""
         return self.config[name]
+
+    def options(self, name: str) -> Any:
+        """The options object of a stage's section (``ica``: :class:`gpuconn.maps.options.ICAOptions`)."""
+        return _section_options(self.config, name, self.path)
 
     def participant_id(self, run: Run) -> str:
         """The run's subject as the participants table spells it (``sub-001`` or ``001``); ``sub-<label>`` when absent.
@@ -288,6 +330,8 @@ def _validate(raw: dict, path: Path) -> dict:
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             raise InputError(f"{path}: {name} must be written as [[{name}]] tables")
         config[name] = [_fill(name, entry, schema, path) for entry in entries]
+    for name in _OPTION_SECTIONS:
+        _section_options(config, name, path)
     _check_regions(config, path)
     _check_models(config, path)
     _check_inference(config, path)
@@ -397,6 +441,8 @@ def _check_inference(config: dict, path: Path) -> None:
         raise InputError(f"{path}: inference.connectivity must be 6, 18 or 26, got {inference['connectivity']}")
     if not 0 < inference["alpha"] < 1:
         raise InputError(f"{path}: inference.alpha must be between 0 and 1, got {inference['alpha']}")
+    if inference["method"] in ("grf", *FLAME_METHODS):
+        grf_options(inference, path)
     groups = config["subgroups"]
     if groups["variable"]:
         edges, labels = groups["edges"], groups["labels"]
