@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from .errors import GpuconnError
+from .errors import GpuconnError, OptionError
 
 __all__ = [
     "DATA_DTYPE",
@@ -537,9 +537,9 @@ def chunk_size(
 
     Raises
     ------
-    GpuconnError
-        A :func:`memory_cap` (``--max-memory``) too small for ``minimum``
-        items: the work cannot be done within it.
+    OptionError
+        A :func:`memory_cap` (``max_memory``, ``--max-memory``) too small
+        for ``minimum`` items: the work cannot be done within it.
     """
     if bytes_per_item <= 0:
         raise ValueError(f"bytes_per_item must be positive, got {bytes_per_item}")
@@ -548,8 +548,8 @@ def chunk_size(
     need = bytes_per_item * max(minimum, 1)
     if cap is not None and int(cap * fraction) < need:
         least = math.ceil(need / fraction)
-        raise GpuconnError(f"--max-memory {cap} bytes is too small for this work: it needs at least {least} bytes "
-                           f"(about {_readable(least)}); raise --max-memory or leave it out")
+        raise OptionError(f"{{max_memory}} {cap} bytes is too small for this work: it needs at least {least} bytes "
+                          f"(about {_readable(least)}); raise {{max_memory}} or leave it out")
     size = max(minimum, 1, budget // bytes_per_item)
     if maximum is not None:
         size = min(size, maximum)

@@ -67,7 +67,7 @@ from scipy import linalg
 
 from ..core.backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy, uses_device
 from ..core.bids import DEFAULT_SPACE, find_runs
-from ..core.errors import InputError
+from ..core.errors import InputError, OptionError
 from ..core.io import (
     check_same_grid, load_header, load_image, load_mask, masked_data, read_tsv, save_image, sidecar_path, split_ext,
     write_tsv,
@@ -323,9 +323,9 @@ def nuisance_design(
     parts = [confounds.reset_index(drop=True)]
     nyquist = 0.5 / tr
     if high_pass and high_pass >= nyquist:
-        raise InputError(f"--high-pass {high_pass:g} Hz is at or above the Nyquist frequency {nyquist:.4g} Hz of TR "
-                         f"{tr:g} s: it would remove the whole signal; give a cutoff in Hz, e.g. --high-pass 0.006 "
-                         "(a period of 167 s)")
+        raise OptionError(f"{{high_pass}} {high_pass:g} Hz is at or above the Nyquist frequency {nyquist:.4g} Hz of "
+                          f"TR {tr:g} s: it would remove the whole signal; give a cutoff in Hz, e.g. {{high_pass}} "
+                          "0.006 (a period of 167 s)")
     if high_pass:
         hp = cosine_basis(n, tr=tr, high_pass=high_pass)
         parts.append(pd.DataFrame(hp, columns=[f"cosine_{i:02d}" for i in range(hp.shape[1])]))
