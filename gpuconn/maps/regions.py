@@ -566,11 +566,14 @@ def region_masks(
     ijk = _allowed_voxels(shape, mask)
     world = _world(ijk, affine)
     out = np.zeros((len(regions),) + shape, dtype=bool)
+    images: dict[Path, np.ndarray] = {}  # an atlas is read once for all its labels
     for index, region in enumerate(regions):
         if region.image is not None:
-            img = load_image(region.image, ndim=3, what=f"{what} {region.name} image")
-            check_same_grid(reference, reference_path, img, region.image)
-            data = np.nan_to_num(np.asarray(img.dataobj, dtype=np.float64))
+            if region.image not in images:
+                img = load_image(region.image, ndim=3, what=f"{what} {region.name} image")
+                check_same_grid(reference, reference_path, img, region.image)
+                images[region.image] = np.nan_to_num(np.asarray(img.dataobj, dtype=np.float64))
+            data = images[region.image]
             if region.label is None and len(found := atlas_values(data)) > 1:  # never collapse an atlas into one region
                 raise InputError(
                     f"{what} '{region.name}': image {region.image} holds {len(found)} labels (an atlas); give one "
