@@ -23,8 +23,9 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from ..core.atlas import read_atlas_labels
 from ..core.errors import InputError, OptionError
-from ..core.io import check_same_grid, load_image, load_mask, read_tsv, save_image, write_tsv
+from ..core.io import check_same_grid, load_image, load_mask, save_image, write_tsv
 from .clusters import label_maps
 
 __all__ = ["ClusterTable", "cluster_table", "local_maxima", "read_atlas_labels", "write_cluster_table"]
@@ -229,25 +230,6 @@ def cluster_table(
     lmax = local_maxima(stat, index_image, affine, n_per_cluster=n_maxima,
                         min_distance_mm=min_distance_mm) if maxima else None
     return ClusterTable(table, index_image.astype(np.int32), lmax)
-
-
-def read_atlas_labels(path: str | os.PathLike) -> dict[int, str]:
-    """Read an atlas label table: TSV with columns ``index`` and ``name``.
-
-    Raises
-    ------
-    InputError
-        Missing columns or non-integer indices.
-    """
-    table = read_tsv(path, what="atlas label table")
-    missing = [c for c in ("index", "name") if c not in table.columns]
-    if missing:
-        raise InputError(f"atlas label table {path} lacks column(s) {missing}; it needs 'index' and 'name'")
-    try:
-        indices = table["index"].astype(int)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"atlas label table {path}: 'index' must hold integers ({exc})") from exc
-    return dict(zip(indices, table["name"].astype(str)))
 
 
 def write_cluster_table(

@@ -150,7 +150,7 @@ def _step_qc(ctx: _Context) -> list[Path]:
             if run.confounds is None and run.motion is None:
                 raise InputError(f"QC needs motion parameters: no *_desc-confounds_timeseries.tsv beside {run.bold}")
             params = load_motion(confounds=run.confounds, motion_par=run.motion, bold=run.bold)
-            rows.append(({"run": run.prefix, "participant_id": f"sub-{run.subject}", "session": run.session or ""}, params))
+            rows.append(({"run": run.prefix, "participant_id": ctx.study.participant_id(run), "session": run.session or ""}, params))
             advance()
     table = qc_table(rows, **settings)
     return [io.write_tsv(table, ctx.out / "qc" / "qc.tsv", params={"thresholds": settings}, sidecar=True)]

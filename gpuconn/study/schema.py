@@ -12,6 +12,7 @@ runner's group and ROI steps).
 
 from __future__ import annotations
 
+import functools
 import glob
 import itertools
 import os
@@ -30,6 +31,7 @@ from ..core import io
 from ..core.bids import DEFAULT_SPACE, Run, find_runs
 from ..core.feat import study_runs
 from ..core.errors import InputError, OptionError
+from ..maps import ROI_RADIUS_MM, SEED_RADIUS_MM
 from ..maps.options import ICAOptions
 from ..maps.regions import sphere_regions
 from ..stats.options import GrfOptions
@@ -160,8 +162,8 @@ _SECTIONS: dict[str, dict[str, Any]] = {
 
 #: Keys of each entry of the array-of-table sections.
 _TABLES: dict[str, dict[str, Any]] = {
-    "seeds": {"name": _REQUIRED, "center": _REQUIRED, "radius": 6.0, "mirror": "none"},
-    "rois": {"name": _REQUIRED, "center": _REQUIRED, "radius": 4.0, "mirror": "union"},
+    "seeds": {"name": _REQUIRED, "center": _REQUIRED, "radius": SEED_RADIUS_MM, "mirror": "none"},
+    "rois": {"name": _REQUIRED, "center": _REQUIRED, "radius": ROI_RADIUS_MM, "mirror": "union"},
     "networks": {"name": _REQUIRED, "nodes": [], "radius": 10.0},
     "models": {
         "name": _REQUIRED,
@@ -231,6 +233,26 @@ class Study:
     def options(self, name: str) -> Any:
         """The options object of a stage's section (``ica``: :class:`gpuconn.maps.options.ICAOptions`)."""
         return _section_options(self.config, name, self.path)
+
+    def participant_id(self, run: Run) -> str:
+        """The run's subject as the participants table spells it (``sub-001`` or ``001``); ``sub-<label>`` when absent.
+
+        Outputs and tables carry this spelling, so they join with the
+        participants table whichever form the folders or
+        ``--participant-label`` used.
+        """
+        return self._participant_ids.get(run.subject, f"sub-{run.subject}")
+
+    @functools.cached_property
+    def _participant_ids(self) -> dict[str, str]:
+        return participant_ids(self.table, self.section("inputs")["subject_column"])
+
+
+def participant_ids(table: pd.DataFrame, column: str) -> dict[str, str]:
+    """``{label without sub-: spelling in the table}`` for a participants table's subject column (empty without it)."""
+    if column not in table.columns:
+        return {}
+    return {spelled.removeprefix("sub-"): spelled for spelled in table[column].astype(str)}
 
 
 
@@ -511,8 +533,8 @@ def load_study(path: str | os.PathLike, *, check_inputs: bool = True) -> Study:
         runs = study_runs(str(path.parent / inputs["feat"]))
     else:  # find_runs reads afni_proc.py results folders too
         runs = find_runs(derivatives, space=inputs["space"])
-    known = set(table[inputs["subject_column"]].astype(str))
-    missing = sorted({f"sub-{r.subject}" for r in runs} - known)
+    known = participant_ids(table, inputs["subject_column"])
+    missing = sorted({f"sub-{r.subject}" for r in runs if r.subject not in known})
     if missing:
         raise InputError(f"{participants} has no row for {', '.join(missing[:5])} (found under {derivatives}); add them")
     study = Study(path, config, derivatives, participants, runs, table, templates)
@@ -582,7 +604,7 @@ def model_table(study: Study, qc: pd.DataFrame, model: dict, runs: Sequence[Run]
     subject_col, group_col = inputs["subject_column"], inputs["group_column"]
     table = study.table.copy()
     table[subject_col] = table[subject_col].astype(str)
-    by_key = {(f"sub-{r.subject}", r.session or ""): r for r in runs}
+    by_key = {(study.participant_id(r), r.session or ""): r for r in runs}
     motion = qc.set_index("run")["mean_rel_rms"].to_dict()
     if model["kind"] == "two-sample":
         table = table[table[group_col].astype(str).isin(model["contrast"].split(">"))]
