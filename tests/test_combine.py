@@ -269,3 +269,4 @@ def test_cli_two_inputs_write_per_input_and_combined_outputs(tmp_path, rng):
     mc = nib.load(root.parent / "r_m1_vox_mcorrp_tstat1.nii.gz").get_fdata()
     own = nib.load(root.parent / "r_m1_vox_corrp_tstat1.nii.gz").get_fdata()
     assert np.all(mcc <= mc + 1e-7) and np.all(mc <= own + 1e-7)  # 1 - p: more correction, smaller values
+
