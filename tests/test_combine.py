@@ -12,7 +12,7 @@ import torch
 from scipy import stats as sps
 
 from gpuconn.core.errors import InputError
-from gpuconn.stats.combine import combine_statistics, fwe_across, npc_test, parametric_p, randomise_inputs
+from gpuconn.stats.combine import combine_statistics, combined_fwe_across, fwe_across, npc_test, parametric_p, randomise_inputs
 from gpuconn.stats.randomise import prepare_permutation_test, randomise, run_chunk_loop
 
 N, V = 20, 40
@@ -84,8 +84,8 @@ def test_corrcon_matches_numpy_max_over_contrasts(study):
     zs = [_z(s, kind, df1, dof) for s, kind, df1, dof in ref]
     null = np.max([z.max(1) for z in zs], axis=0)
     got = fwe_across(result.contrasts)
-    for (p, _), z, c in zip(got, zs, result.contrasts):
-        np.testing.assert_allclose(c.stat, ref[result.contrasts.index(c)][0][0], rtol=1e-4, atol=1e-4)
+    for (p, _), z, c, (s, *_) in zip(got, zs, result.contrasts, ref):
+        np.testing.assert_allclose(c.stat, s[0], rtol=1e-4, atol=1e-4)
         np.testing.assert_array_equal(p, (null[None] >= z[0][:, None]).mean(1))
         assert np.all(p >= c.p_fwe) and np.any(p > c.p_fwe)
 
@@ -158,12 +158,14 @@ def test_npc_matches_hand_computation(study, method):
     got = npc_test(prepared, method)
     orders, signs = prepared[0].scheme.chunk(0, prepared[0].scheme.n_perm)
     refs = [_reference_stats(y, design, contrasts, ftests, orders, signs) for y in inputs]
+    scores = []
     for j, r in enumerate(got):
         partial = np.array([
             sps.t.sf(ref[j][0], ref[j][3]) if ref[j][1] == "t" else sps.f.sf(ref[j][0], ref[j][2], ref[j][3])
             for ref in refs
         ])
         score, para = _hand_npc(method, partial)
+        scores.append(score)
         p_unc = (score >= score[0]).mean(0)
         p_fwe = (score.max(1)[None] >= score[0][:, None]).mean(1)
         # float32 statistics: a voxel whose count differs sits within rounding of a tie; none expected here.
@@ -172,6 +174,9 @@ def test_npc_matches_hand_computation(study, method):
         np.testing.assert_allclose(r.p_parametric, para, rtol=1e-3)
         if method != "tippett":
             np.testing.assert_allclose(r.stat, score[0], rtol=1e-4)
+    null = np.max([score.max(1) for score in scores], axis=0)  # --corrcon of the combined statistics
+    for p, score in zip(combined_fwe_across(got), scores):
+        np.testing.assert_array_equal(p, (null[None] >= score[0][:, None]).mean(1))
 
 
 def test_npc_does_not_depend_on_chunk_size(study):

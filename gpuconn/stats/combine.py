@@ -83,6 +83,7 @@ __all__ = [
     "statistic_z",
     "parametric_p",
     "fwe_across",
+    "combined_fwe_across",
     "combine_statistics",
     "npc_test",
     "randomise_inputs",
@@ -264,6 +265,16 @@ def npc_test(prepared: Sequence[PreparedTest], method: str, *, progress: bool = 
     return results
 
 
+def combined_fwe_across(combined: Sequence[CombinedResult]) -> list[np.ndarray]:
+    """FWER p of each contrast's combined statistic against the maximum over all the contrasts (``--corrcon``).
+
+    One method and number of inputs, so the combined statistics of the
+    contrasts are on one scale.
+    """
+    null = np.max([r.null_max for r in combined], axis=0)
+    return [_fwe_p(null, r.stat) for r in combined]
+
+
 class _Writer:
     """Randomise-style image and null writers for one output root."""
 
@@ -412,14 +423,14 @@ def randomise_inputs(
         combined = npc_test(prepared, npc, progress=progress)
         record["npc_seconds"] = round(time.perf_counter() - began, 3)
         writer = _Writer(f"{root}_npc_{npc}", writers[0].mask, writers[0].reference)
-        combined_null = np.max([r.null_max for r in combined], axis=0)
-        for r in combined:
+        across = combined_fwe_across(combined) if corrcon else [None] * len(combined)
+        for r, p_across in zip(combined, across):
             writer.image(r.stat, r.name)
             writer.image(1 - r.p_fwe, f"vox_corrp_{r.name}")
             if options.get("uncorrp", False):
                 writer.image(1 - r.p_uncorrected, f"vox_p_{r.name}")
             if corrcon:
-                writer.image(1 - _fwe_p(combined_null, r.stat), f"vox_ccorrp_{r.name}")
+                writer.image(1 - p_across, f"vox_ccorrp_{r.name}")
             if save_parametric:
                 writer.image(1 - r.p_parametric, f"vox_parap_{r.name}")
             writer.written.append(write_text(f"{root}_perm_npc_{npc}_{r.name}.txt",
