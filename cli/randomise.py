@@ -111,6 +111,7 @@ def randomise(
     from gpuconn.core.io import output_lock
     from gpuconn.stats.checkpoint import Interrupted, checkpoint_path, checkpoint_runner
     from gpuconn.stats.dask_runner import permutation_runner
+    from gpuconn.stats.combine import input_roots
     from gpuconn.stats.combine import randomise_inputs as run
 
     from gpuconn.stats.spatial import spatial_transforms
@@ -140,10 +141,9 @@ def randomise(
         raise InputError("--npc is not checkpointed; drop --resume (or --npc)")
     options = {"tfce": tfce_params, "tfce_method": method_tfce, "c": cluster_t, "C": cluster_mass_t,
                "F": cluster_f, "S": cluster_mass_f}
-    roots = [output_root] if len(input_image) == 1 else [Path(f"{output_root}_m{k + 1}") for k in range(len(input_image))]
     dask = runner
 
-    def runner_for(root: str):
+    def runner_for(root: str):  # one checkpoint per input: <root>_checkpoint.npz, <root>_m1_checkpoint.npz...
         return dask or checkpoint_runner(checkpoint_path(root), resume=resume, options=options,
                                          interval=checkpoint_interval)
     try:
@@ -182,7 +182,7 @@ def randomise(
         typer.echo(f"randomise: interrupted after {stop.done} of {stop.n_perm} rearrangements; {saved}: rerun the "
                    "same command with --resume to continue", err=True)
         raise typer.Exit(130) from None
-    for root in roots:
+    for root in input_roots(output_root, len(input_image)):
         checkpoint_path(root).unlink(missing_ok=True)
     if not quiet:
         result = results[0]

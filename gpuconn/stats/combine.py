@@ -86,6 +86,7 @@ __all__ = [
     "combined_fwe_across",
     "combine_statistics",
     "npc_test",
+    "input_roots",
     "randomise_inputs",
 ]
 
@@ -294,8 +295,9 @@ class _Writer:
             self.image(1 - values, f"{key}_{tag}_{c.name}")
 
 
-def _input_root(output_root: str, k: int, n_inputs: int) -> str:
-    return output_root if n_inputs == 1 else f"{output_root}_m{k + 1}"
+def input_roots(output_root: str | os.PathLike, n_inputs: int) -> list[str]:
+    """Each input's output root: ``<root>`` for one input, ``<root>_m1``, ``<root>_m2``... for several."""
+    return [str(output_root)] if n_inputs == 1 else [f"{output_root}_m{k + 1}" for k in range(n_inputs)]
 
 
 def _check_inputs(input_paths: Sequence[str | os.PathLike], mask_path, *, corrmod: bool, npc: str | None) -> None:
@@ -392,8 +394,7 @@ def randomise_inputs(
         return run
 
     results, writers = [], []
-    for k, path in enumerate(input_paths):
-        root_k = _input_root(root, k, n_inputs)
+    for path, root_k in zip(input_paths, input_roots(root, n_inputs)):
         results.append(randomise(path, root_k, runner=keeping(runner_for(root_k)), progress=progress,
                                  params={**dict(params or {}), **record}, **options))
         if corrcon or corrmod or npc or save_parametric:
@@ -436,7 +437,7 @@ def randomise_inputs(
             writer.written.append(write_text(f"{root}_perm_npc_{npc}_{r.name}.txt",
                                              "\n".join(f"{v:.9g}" for v in r.null_max) + "\n"))
     if n_inputs > 1:
-        record |= {"input_roots": [_input_root(root, k, n_inputs) for k in range(n_inputs)],
+        record |= {"input_roots": input_roots(root, n_inputs),
                    "npc_statistic": {"fisher": "-2 sum_k log p_k", "stouffer": "sum_k z_k / sqrt(K)",
                                      "tippett": "max_k z_k (the z of min_k p_k)"}.get(npc),
                    "partial_p": "one-sided parametric p of each input's statistic (1 - Phi(z))" if npc else None}
