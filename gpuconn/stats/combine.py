@@ -75,7 +75,7 @@ from .randomise import (
     randomise,
     run_chunk_loop,
 )
-from .zstat import f_to_z, t_to_z
+from .zstat import f_to_z, t_to_z, t_to_z_tensor
 
 __all__ = [
     "NPC_METHODS",
@@ -188,8 +188,11 @@ def _partial_z(prepared: Sequence[PreparedTest], j: int, rearrangements: tuple, 
     zs = []
     for test in prepared:
         c = test.contrasts[j]
-        stats = to_numpy(contrast_statistics(c, rearrangements, start))
-        zs.append(torch.as_tensor(statistic_z(stats, c.kind, c.model.df), device=test.device))
+        stats = contrast_statistics(c, rearrangements, start)
+        if c.kind == "t":  # on the device (CUDA: series in float64; CPU: SciPy)
+            zs.append(t_to_z_tensor(stats.double(), c.model.df[1]))
+        else:
+            zs.append(torch.as_tensor(statistic_z(to_numpy(stats), c.kind, c.model.df), device=test.device))
     return torch.stack(zs)
 
 
@@ -210,8 +213,9 @@ def npc_test(prepared: Sequence[PreparedTest], method: str, *, progress: bool = 
 
     Every chunk of rearrangements is evaluated for every input together
     (:func:`gpuconn.stats.randomise.contrast_statistics`); the statistics
-    are turned into z on the host (:func:`statistic_z`), combined on the
-    device (:func:`combine_statistics`) and reduced, as the engine does, to
+    are turned into z (t: :func:`gpuconn.stats.zstat.t_to_z_tensor`, on the
+    device; F: :func:`statistic_z`, on the host), combined on the device
+    (:func:`combine_statistics`) and reduced, as the engine does, to
     voxelwise exceedance counts and per-rearrangement maxima. Chunks are
     halved on OOM; results do not depend on the chunk size.
 
