@@ -12,7 +12,14 @@ import torch
 from scipy import stats as sps
 
 from gpuconn.core.errors import InputError
-from gpuconn.stats.combine import combine_statistics, combined_fwe_across, fwe_across, npc_test, parametric_p, randomise_inputs
+from gpuconn.stats.combine import (
+    combine_statistics,
+    combined_fwe_across,
+    fwe_across,
+    npc_test,
+    parametric_p,
+    randomise_inputs,
+)
 from gpuconn.stats.randomise import prepare_permutation_test, randomise, run_chunk_loop
 
 N, V = 20, 40

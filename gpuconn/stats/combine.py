@@ -52,7 +52,6 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -281,15 +280,14 @@ def combined_fwe_across(combined: Sequence[CombinedResult]) -> list[np.ndarray]:
 
 
 class _Writer:
-    """Randomise-style image and null writers for one output root."""
+    """Randomise-style image writer (values in mask order) for one output root."""
 
     def __init__(self, root: str, mask: np.ndarray, reference: Any):
-        self.root, self.mask, self.reference, self.written = root, mask, reference, []
+        self.root, self.mask, self.reference = root, mask, reference
 
     def image(self, values: np.ndarray, suffix: str) -> None:
-        path = f"{self.root}_{suffix}.nii.gz"
         data = unmask(np.asarray(values, dtype=np.float32), self.mask)
-        self.written.append(save_image(data, self.reference, path, sidecar=False))
+        save_image(data, self.reference, f"{self.root}_{suffix}.nii.gz", sidecar=False)
 
     def fwe(self, tag: str, c: ContrastResult, p: tuple[np.ndarray, dict[str, np.ndarray]], voxelwise: bool) -> None:
         voxel, spatial = p
@@ -297,6 +295,45 @@ class _Writer:
             self.image(1 - voxel, f"vox_{tag}_{c.name}")
         for key, values in spatial.items():
             self.image(1 - values, f"{key}_{tag}_{c.name}")
+
+
+def _write_across(writers: list[_Writer], results: list[PermutationTestResult], *, corrcon: bool, corrmod: bool,
+                  save_parametric: bool, voxelwise: bool) -> None:
+    """Each input's parametric p and FWER p across contrasts (``ccorrp``), inputs (``mcorrp``), both (``mccorrp``)."""
+    for writer, result in zip(writers, results):
+        if save_parametric:
+            for c in result.contrasts:
+                writer.image(1 - parametric_p(c), f"vox_parap_{c.name}")
+        if corrcon:
+            for c, p in zip(result.contrasts, fwe_across(result.contrasts)):
+                writer.fwe("ccorrp", c, p, voxelwise)
+    if not corrmod:
+        return
+    for j in range(len(results[0].contrasts)):
+        group = [r.contrasts[j] for r in results]
+        for writer, c, p in zip(writers, group, fwe_across(group)):
+            writer.fwe("mcorrp", c, p, voxelwise)
+    if corrcon:
+        p_all = iter(fwe_across([c for r in results for c in r.contrasts]))
+        for writer, r in zip(writers, results):
+            for c in r.contrasts:
+                writer.fwe("mccorrp", c, next(p_all), voxelwise)
+
+
+def _write_npc(writer: _Writer, combined: list[CombinedResult], *, corrcon: bool, save_parametric: bool,
+               uncorrp: bool, null_root: str) -> None:
+    """The combined statistic, its p-maps (``1 - p``) and its null, per contrast."""
+    across = combined_fwe_across(combined) if corrcon else [None] * len(combined)
+    for r, p_across in zip(combined, across):
+        writer.image(r.stat, r.name)
+        writer.image(1 - r.p_fwe, f"vox_corrp_{r.name}")
+        if uncorrp:
+            writer.image(1 - r.p_uncorrected, f"vox_p_{r.name}")
+        if corrcon:
+            writer.image(1 - p_across, f"vox_ccorrp_{r.name}")
+        if save_parametric:
+            writer.image(1 - r.p_parametric, f"vox_parap_{r.name}")
+        write_text(f"{null_root}_{r.name}.txt", "\n".join(f"{v:.9g}" for v in r.null_max) + "\n")
 
 
 def input_roots(output_root: str | os.PathLike, n_inputs: int) -> list[str]:
@@ -404,42 +441,15 @@ def randomise_inputs(
         if corrcon or corrmod or npc or save_parametric:
             img = load_image(path, ndim=4, what="input (-i)")
             writers.append(_Writer(root_k, analysis_mask(img, path, options.get("mask_path")), img))
-    voxelwise = options.get("voxelwise", True)
-    for writer, result in zip(writers, results):
-        if save_parametric:
-            for c in result.contrasts:
-                writer.image(special.ndtr(statistic_z(c.stat, c.kind, c.df)), f"vox_parap_{c.name}")
-        if corrcon:
-            for c, p in zip(result.contrasts, fwe_across(result.contrasts)):
-                writer.fwe("ccorrp", c, p, voxelwise)
-    if corrmod:
-        for j in range(len(results[0].contrasts)):
-            group = [r.contrasts[j] for r in results]
-            for writer, c, p in zip(writers, group, fwe_across(group)):
-                writer.fwe("mcorrp", c, p, voxelwise)
-        if corrcon:
-            group = [c for r in results for c in r.contrasts]
-            p_all = iter(fwe_across(group))
-            for writer, r in zip(writers, results):
-                for c in r.contrasts:
-                    writer.fwe("mccorrp", c, next(p_all), voxelwise)
+    _write_across(writers, results, corrcon=corrcon, corrmod=corrmod, save_parametric=save_parametric,
+                  voxelwise=options.get("voxelwise", True))
     if npc is not None:
         began = time.perf_counter()
         combined = npc_test(prepared, npc, progress=progress)
         record["npc_seconds"] = round(time.perf_counter() - began, 3)
         writer = _Writer(f"{root}_npc_{npc}", writers[0].mask, writers[0].reference)
-        across = combined_fwe_across(combined) if corrcon else [None] * len(combined)
-        for r, p_across in zip(combined, across):
-            writer.image(r.stat, r.name)
-            writer.image(1 - r.p_fwe, f"vox_corrp_{r.name}")
-            if options.get("uncorrp", False):
-                writer.image(1 - r.p_uncorrected, f"vox_p_{r.name}")
-            if corrcon:
-                writer.image(1 - p_across, f"vox_ccorrp_{r.name}")
-            if save_parametric:
-                writer.image(1 - r.p_parametric, f"vox_parap_{r.name}")
-            writer.written.append(write_text(f"{root}_perm_npc_{npc}_{r.name}.txt",
-                                             "\n".join(f"{v:.9g}" for v in r.null_max) + "\n"))
+        _write_npc(writer, combined, corrcon=corrcon, save_parametric=save_parametric,
+                   uncorrp=options.get("uncorrp", False), null_root=f"{root}_perm_npc_{npc}")
     if n_inputs > 1:
         record |= {"input_roots": input_roots(root, n_inputs),
                    "npc_statistic": {"fisher": "-2 sum_k log p_k", "stouffer": "sum_k z_k / sqrt(K)",
