@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
 from .options import DaskScheduler, Device, Flag, MaxMemory, Quiet, Seed, Workers, image_root, parse_count
 
-InputImage = Annotated[Path, typer.Option("-i", help="4D input image, one volume per subject/observation.")]
+InputImage = Annotated[List[Path], typer.Option("-i", help="4D input image, one volume per subject/observation. Repeat for several inputs (same design, grid and mask, same rearrangements): each input's files then take the root <root>_m1, <root>_m2, ...")]
 OutputRoot = Annotated[Path, typer.Option("-o", callback=image_root, help="Output root; files are <root>_tstat1.nii.gz, ...")]
 DesignMat = Annotated[Optional[Path], typer.Option("-d", help="Design matrix (FSL VEST design.mat).")]
 DesignCon = Annotated[Optional[Path], typer.Option("-t", help="t contrasts (FSL VEST design.con).")]
@@ -46,6 +46,10 @@ CheckpointInterval = Annotated[
     float,
     typer.Option("--checkpoint-interval", help="Seconds between checkpoints of the permutations done (0: every chunk)."),
 ]
+CorrCon = Annotated[bool, Flag("--corrcon", help="FWER across all contrasts (PALM -corrcon): each rearrangement's maximum over the contrasts, as z at each one's df; writes <root>_vox_ccorrp_* (and <root>_tfce_ccorrp_* etc.; 1-p).")]
+CorrMod = Annotated[bool, Flag("--corrmod", help="FWER across the inputs (PALM -corrmod; several -i): <root>_m<k>_vox_mcorrp_*; with --corrcon, across inputs and contrasts: <root>_m<k>_vox_mccorrp_* (1-p).")]
+Npc = Annotated[Optional[str], typer.Option("--npc", help="Non-parametric combination of the inputs (PALM -npc; several -i): fisher, stouffer or tippett, of each statistic's one-sided parametric p; writes <root>_npc_<method>_tstat1 (Tippett: max z), <root>_npc_<method>_vox_corrp_* (1-p) and <root>_perm_npc_<method>_*.txt; not checkpointed.")]
+SaveParametric = Annotated[bool, Flag("--save-parametric", help="Write the parametric p of each statistic (PALM -saveparametric; t one-sided, F upper tail) as <root>_vox_parap_* (1-p).")]
 Method = Annotated[
     str,
     typer.Option(
@@ -89,6 +93,10 @@ def randomise(
     resume: Resume = False,
     checkpoint_interval: CheckpointInterval = 10.0,
     max_memory: MaxMemory = None,
+    corrcon: CorrCon = False,
+    corrmod: CorrMod = False,
+    npc: Npc = None,
+    save_parametric: SaveParametric = False,
     quiet: Quiet = False,
 ) -> None:
     """Permutation inference for the GLM (Freedman-Lane, max-statistic FWER), like FSL randomise.
@@ -103,7 +111,8 @@ def randomise(
     from gpuconn.core.io import output_lock
     from gpuconn.stats.checkpoint import Interrupted, checkpoint_path, checkpoint_runner
     from gpuconn.stats.dask_runner import permutation_runner
-    from gpuconn.stats.randomise import randomise as run
+    from gpuconn.stats.combine import input_roots
+    from gpuconn.stats.combine import randomise_inputs as run
 
     from gpuconn.stats.spatial import spatial_transforms
     from gpuconn.stats.tfce import TFCE_2D, TFCE_DEFAULTS
@@ -128,13 +137,18 @@ def randomise(
         raise InputError("--resume needs the single-process runner; drop --dask-scheduler/--workers")
     if checkpoint_interval < 0:
         raise InputError(f"--checkpoint-interval must be >= 0 seconds, got {checkpoint_interval}")
-    checkpoint = checkpoint_path(output_root)
+    if npc is not None and resume:
+        raise InputError("--npc is not checkpointed; drop --resume (or --npc)")
     options = {"tfce": tfce_params, "tfce_method": method_tfce, "c": cluster_t, "C": cluster_mass_t,
                "F": cluster_f, "S": cluster_mass_f}
-    runner = runner or checkpoint_runner(checkpoint, resume=resume, options=options, interval=checkpoint_interval)
+    dask = runner
+
+    def runner_for(root: str):  # one checkpoint per input: <root>_checkpoint.npz, <root>_m1_checkpoint.npz...
+        return dask or checkpoint_runner(checkpoint_path(root), resume=resume, options=options,
+                                         interval=checkpoint_interval)
     try:
         with memory_cap(max_memory), output_lock(output_root):
-            result = run(
+            results = run(
                 input_image,
                 output_root,
                 design_path=design_mat,
@@ -157,18 +171,25 @@ def randomise(
                 write_raw=("tfce",),
                 params={"options": options},
                 progress=not quiet,
-                runner=runner,
+                runner_for=runner_for,
+                corrcon=corrcon,
+                corrmod=corrmod,
+                npc=npc,
+                save_parametric=save_parametric,
             )
     except Interrupted as stop:
         saved = f"the checkpoint {stop.path} holds them" if stop.path.exists() else "none was saved yet"
         typer.echo(f"randomise: interrupted after {stop.done} of {stop.n_perm} rearrangements; {saved}: rerun the "
                    "same command with --resume to continue", err=True)
         raise typer.Exit(130) from None
-    checkpoint.unlink(missing_ok=True)
+    for root in input_roots(output_root, len(input_image)):
+        checkpoint_path(root).unlink(missing_ok=True)
     if not quiet:
+        result = results[0]
         scheme = result.scheme
         kind = "exhaustive" if scheme.exhaustive else "random"
         typer.echo(
             f"randomise: {scheme.n_perm} {kind} rearrangements ({scheme.method}) of {len(result.contrasts)} "
-            f"contrast(s) on {result.device} in {result.seconds:.1f} s; outputs {output_root}_*"
+            f"contrast(s) of {len(results)} input(s) on {result.device} in {sum(r.seconds for r in results):.1f} s; "
+            f"outputs {output_root}_*"
         )

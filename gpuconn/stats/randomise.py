@@ -97,6 +97,8 @@ __all__ = [
     "run_permutation_test",
     "prepare_permutation_test",
     "evaluate_chunk",
+    "chunk_rearrangements",
+    "contrast_statistics",
     "plan_chunk",
     "run_chunk_loop",
     "analysis_mask",
@@ -503,6 +505,25 @@ def plan_chunk(contrasts: list[_Contrast], device: torch.device, n_items: int) -
     return chunk_size(per_item, device, n_items=n_items, maximum=maximum)
 
 
+def chunk_rearrangements(prepared: PreparedTest, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orders and signs of rearrangements ``start`` to ``stop - 1``, on the prepared test's device."""
+    orders, signs = prepared.scheme.chunk(start, stop)
+    return (torch.as_tensor(orders, device=prepared.device),
+            torch.as_tensor(signs, dtype=DESIGN_DTYPE, device=prepared.device))
+
+
+def contrast_statistics(c: _Contrast, rearrangements: tuple[torch.Tensor, torch.Tensor], start: int) -> torch.Tensor:
+    """Statistic maps ``(n_chunk, n_voxels)`` of one contrast for a chunk of rearrangements from ``start``.
+
+    Row 0 of the chunk at ``start == 0`` is the identity: exactly the
+    observed map every chunk compares with.
+    """
+    stats = permuted_statistics(c.model, c.residuals, c.sum_squares, *rearrangements)
+    if start == 0:
+        stats[0] = c.observed
+    return stats
+
+
 def evaluate_chunk(prepared: PreparedTest, start: int, stop: int) -> dict[str, dict[str, Any]]:
     """Statistics of rearrangements ``start`` to ``stop - 1``, reduced to what the merge needs.
 
@@ -524,15 +545,10 @@ def evaluate_chunk(prepared: PreparedTest, start: int, stop: int) -> dict[str, d
         (``{'vox' or spatial name: ndarray, shape (stop - start,)}``
         per-rearrangement maxima).
     """
-    device = prepared.device
-    orders, signs = prepared.scheme.chunk(start, stop)
-    orders_t = torch.as_tensor(orders, device=device)
-    signs_t = torch.as_tensor(signs, dtype=DESIGN_DTYPE, device=device)
+    rearrangements = chunk_rearrangements(prepared, start, stop)
     out = {}
     for c in prepared.contrasts:
-        stats = permuted_statistics(c.model, c.residuals, c.sum_squares, orders_t, signs_t)
-        if start == 0:  # the identity: exactly the map every chunk compares with
-            stats[0] = c.observed
+        stats = contrast_statistics(c, rearrangements, start)
         maps = _spatial_maps(c.transforms, stats, c.name)
         references = {"vox": (stats, c.observed)} | {k: (m, c.spatial_observed[k]) for k, m in maps.items()}
         out[c.name] = {
