@@ -314,7 +314,8 @@ def permuted_g(
     Returns
     -------
     g : torch.Tensor, shape (n_perm, n_voxels), float64
-        v (rank-1 contrast) or G; 0 for constant voxels.
+        v (t contrast) or G (F test; ``v^2`` for a rank-1 F test); 0 for
+        constant voxels.
     df2 : torch.Tensor, shape (n_perm, n_voxels), float64
         Denominator degrees of freedom (``dof`` for constant voxels).
     """
@@ -334,6 +335,7 @@ def permuted_g(
     psi = proj[:, :s].transpose(0, 1)  # (s, n_perm, n_voxels)
     if s == 1:
         g = psi[0] * effect[0, 0].sqrt()
+        g = g.square_() if model.kind == "f" else g
     else:
         g = (effect * psi[:, None] * psi[None, :]).sum((0, 1)) / s
     del inverse_cov, effect
@@ -352,8 +354,8 @@ def permuted_g(
     return g, df2
 
 
-def g_to_z(g: torch.Tensor, rank: int, df2: torch.Tensor) -> torch.Tensor:
-    """z of v (``rank == 1``, t with ``df2``) or of G (F with ``(rank, df2)``), element by element.
+def g_to_z(g: torch.Tensor, df2: torch.Tensor, *, kind: str, rank: int) -> torch.Tensor:
+    """z of v (``kind='t'``: t with ``df2``) or of G (``'f'``: F with ``(rank, df2)``), element by element.
 
     The one-sided upper tail, as PALM's ``palm_gtoz``; computed on the host
     with :func:`gpuconn.stats.zstat.t_to_z` / :func:`~gpuconn.stats.zstat.f_to_z`
@@ -363,14 +365,16 @@ def g_to_z(g: torch.Tensor, rank: int, df2: torch.Tensor) -> torch.Tensor:
     Parameters
     ----------
     g, df2 : torch.Tensor, same shape
+    kind : {'t', 'f'}
     rank : int
+        Rank of the contrast (numerator df of G).
 
     Returns
     -------
     torch.Tensor, float64, same shape and device as ``g``
     """
     values, dof = to_numpy(g).astype(np.float64), to_numpy(df2).astype(np.float64)
-    z = t_to_z(values, dof) if rank == 1 else f_to_z(values, rank, dof)
+    z = t_to_z(values, dof) if kind == "t" else f_to_z(values, rank, dof)
     return torch.from_numpy(np.asarray(z, dtype=np.float64)).to(g.device)
 
 
@@ -390,4 +394,4 @@ def g_statistics(
     df2 : torch.Tensor, shape (n_perm, n_voxels), float64
     """
     g, df2 = permuted_g(model, groups, residuals, sum_squares, orders, signs)
-    return g.to(DATA_DTYPE), g_to_z(g, groups.rank, df2).to(DATA_DTYPE), df2
+    return g.to(DATA_DTYPE), g_to_z(g, df2, kind=model.kind, rank=model.rank).to(DATA_DTYPE), df2
