@@ -270,3 +270,61 @@ def test_cli_bad_vg_is_one_line_error(tmp_path, rng, capsys):
     assert run(args + ["--vg", "auto"]) == 2
     assert "--vg auto takes the variance groups from the exchangeability blocks" in capsys.readouterr().err
     assert not root.parent.exists()
+
+
+@pytest.mark.parametrize(("kind", "rank"), [("t", 1), ("f", 1), ("f", 3)])
+def test_device_z_of_g_matches_the_cpu_path(rng, kind, rank):
+    """The CUDA path's continued fractions (run here on the CPU) against SciPy, per-element real df."""
+    from gpuconn.stats.gstat import _g_to_z_device
+
+    g = np.r_[0.0, 1e-3, rng.normal(size=300) * 4, 8.0, 40.0, 300.0, 1e4]
+    df2 = np.r_[2.5, 1.2, rng.uniform(1.1, 500.0, 300), 3.3, 7.5, 20.2, 100.0]
+    g = g if kind == "t" else np.abs(g) ** 1.5 + 0.05  # F of z > -5 (below, SciPy's 1 - p loses digits)
+    g_t, df_t = torch.as_tensor(g), torch.as_tensor(df2)
+    device = _g_to_z_device(g_t, df_t, kind, rank).numpy()
+    cpu = g_to_z(g_t, df_t, kind=kind, rank=rank).numpy()
+    assert np.all(np.isfinite(device)) and device[-1] > 30  # far tails stay finite (log space)
+    # float64 round-off of two tail algorithms; near z = 0 SciPy's p = 0.5 - tiny is the coarser.
+    np.testing.assert_allclose(device, cpu, rtol=1e-9, atol=1e-9)
+
+
+def test_v_and_g_maps_equal_palms(tmp_path):
+    """PALM -vg on the same data (tests/data/palm, case VG): v, G and their df; G's FWER p, null and TFCE."""
+    from pathlib import Path
+
+    from gpuconn.cli.app import run
+    from gpuconn.stats.design import load_design, read_vest
+    from gpuconn.stats.tfce import tfce
+
+    data = Path(__file__).parent / "data" / "palm"
+    mask = nib.load(data / "VG_mask.nii.gz").get_fdata() > 0
+
+    def image(path):
+        return np.asarray(nib.load(path).get_fdata()[mask]).ravel()
+
+    root = tmp_path / "vg"
+    assert run(["randomise", "-i", str(data / "VG_data.nii.gz"), "-m", str(data / "VG_mask.nii.gz"),
+                "-d", str(data / "VG_design.mat"), "-t", str(data / "VG_design.con"), "-f", str(data / "VG_design.fts"),
+                "--vg", str(data / "VG_design.grp"), "-n", "500", "--seed", "1", "-x", "--device", "cpu", "-q",
+                "-o", str(root)]) == 0
+    for ours, palm in (("tstat1", "vstat_c1"), ("tstat2", "vstat_c2"), ("fstat1", "gstat_c3")):
+        np.testing.assert_allclose(image(f"{root}_{ours}.nii.gz"), image(data / f"palmVG_vox_{palm}.nii.gz"),
+                                   rtol=1e-5, atol=1e-6)
+    design = load_design(data / "VG_design.mat", data / "VG_design.con", data / "VG_design.fts")
+    result = run_permutation_test(nib.load(data / "VG_data.nii.gz").get_fdata()[mask].T, design, n_perm=2,
+                                  variance_groups=read_vest(data / "VG_design.grp")[0])
+    # v: PALM's fastv df is 1 / (3 S), a third of Welch-Satterthwaite's; G: the same df.
+    np.testing.assert_allclose(result["tstat1"].df2, 3 * image(data / "palmVG_vox_vstat_c1_dof.nii.gz"), rtol=1e-6)
+    np.testing.assert_allclose(result["fstat1"].df2, image(data / "palmVG_vox_gstat_c3_dof.nii.gz"), rtol=1e-6)
+    # G's p and null are of its z (same df as PALM): within Monte Carlo error of PALM's own 500 rearrangements.
+    p_ours = 1 - image(f"{root}_vox_corrp_fstat1.nii.gz")
+    p_palm = image(data / "palmVG_vox_gstat_fwep_c3.nii.gz")
+    p_mid = (p_ours + p_palm) / 2
+    assert np.all(np.abs(p_ours - p_palm) <= 3 * np.sqrt(2 * p_mid * (1 - p_mid) / 500) + 1 / 500 + 1e-6)
+    null_palm = np.loadtxt(data / "palmVG_vox_gstat_max_c3.csv")
+    null_ours = np.loadtxt(f"{root}_perm_fstat1.txt")
+    assert null_ours[0] == pytest.approx(null_palm[0], rel=1e-5)
+    assert stats.ks_2samp(null_ours[1:], null_palm[1:]).pvalue > 0.01
+    z = image(f"{root}_zfstat1.nii.gz")
+    np.testing.assert_allclose(tfce(torch.as_tensor(z[None]), mask, method="palm").numpy()[0],
+                               image(data / "palmVG_tfce_gstat_c3.nii.gz"), rtol=1e-4, atol=1e-4)

@@ -73,7 +73,7 @@ import torch
 from ..core.backend import DATA_DTYPE, DESIGN_DTYPE, as_design, to_numpy
 from ..core.errors import InputError
 from .glm import ContrastModel, _permuted_rows
-from .zstat import f_to_z, t_to_z
+from .zstat import _log_betainc_cf, _z_from_log_p, f_to_z, t_to_z
 
 __all__ = [
     "GroupModel",
@@ -354,13 +354,54 @@ def permuted_g(
     return g, df2
 
 
+def _log_beta_tails(x: torch.Tensor, x_c: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log I_x(a, b)`` and ``log (1 - I_x(a, b))``, given ``x`` and ``x_c = 1 - x`` (both computed directly).
+
+    The continued fraction where it converges fast (``x < (a+1)/(a+b+2)``),
+    else its mirror ``I_x(a, b) = 1 - I_{1-x}(b, a)``: each tail accurate in log
+    space where it is small.
+    """
+    log_x, log_xc = torch.log(x), torch.log(x_c)
+    lower, upper = torch.empty_like(x), torch.empty_like(x)
+    front = x < (a + 1.0) / (a + b + 2.0)
+    if bool(front.any()):
+        lower[front] = _log_betainc_cf(x[front], log_xc[front], a[front], b[front])
+    back = ~front
+    if bool(back.any()):
+        upper[back] = _log_betainc_cf(x_c[back], log_x[back], b[back], a[back])
+    lower[back] = torch.log1p(-torch.exp(upper[back]))
+    upper[front] = torch.log1p(-torch.exp(lower[front]))
+    return lower, upper
+
+
+def _g_to_z_device(g: torch.Tensor, df2: torch.Tensor, kind: str, rank: int) -> torch.Tensor:
+    """:func:`g_to_z` in torch on any device: incomplete-beta continued fractions in float64, per-element df."""
+    g, df2 = g.to(DESIGN_DTYPE), df2.to(DESIGN_DTYPE)
+    if kind == "t":
+        square = g * g
+        half = torch.full_like(g, 0.5)
+        log_p = _log_beta_tails(df2 / (df2 + square), square / (df2 + square), df2 / 2, half)[0] + np.log(0.5)
+        return torch.sign(g) * _z_from_log_p(log_p) + 0.0  # + 0.0: no -0.0
+    scaled = rank * g.clamp_min(0.0)
+    log_p, log_q = _log_beta_tails(df2 / (df2 + scaled), scaled / (df2 + scaled), df2 / 2,
+                                   torch.full_like(g, rank / 2))
+    upper = log_p <= np.log(0.5)
+    z = _z_from_log_p(torch.where(upper, log_p, np.log(0.5)))
+    # P(F > G) near 1: z from the lower tail, floored at p = 1 - 2**-53 as f_to_z.
+    low = -_z_from_log_p(torch.where(upper, np.log(0.5), log_q.clamp_min(-53 * np.log(2.0))))
+    return torch.where(upper, z, low)
+
+
 def g_to_z(g: torch.Tensor, df2: torch.Tensor, *, kind: str, rank: int) -> torch.Tensor:
     """z of v (``kind='t'``: t with ``df2``) or of G (``'f'``: F with ``(rank, df2)``), element by element.
 
-    The one-sided upper tail, as PALM's ``palm_gtoz``; computed on the host
-    with :func:`gpuconn.stats.zstat.t_to_z` / :func:`~gpuconn.stats.zstat.f_to_z`
-    (log survival function: extreme statistics keep finite z), real
-    degrees of freedom per element.
+    The one-sided upper tail, as PALM's ``palm_gtoz``, with real degrees of
+    freedom per element, from the log survival function (extreme statistics
+    keep finite z). On the CPU with SciPy (:func:`gpuconn.stats.zstat.t_to_z`
+    / :func:`~gpuconn.stats.zstat.f_to_z`); on other devices by incomplete-beta
+    continued fractions in float64 on the device, held to the CPU path in the
+    tests.
 
     Parameters
     ----------
@@ -373,9 +414,11 @@ def g_to_z(g: torch.Tensor, df2: torch.Tensor, *, kind: str, rank: int) -> torch
     -------
     torch.Tensor, float64, same shape and device as ``g``
     """
+    if g.device.type != "cpu":
+        return _g_to_z_device(g, df2, kind, rank)
     values, dof = to_numpy(g).astype(np.float64), to_numpy(df2).astype(np.float64)
     z = t_to_z(values, dof) if kind == "t" else f_to_z(values, rank, dof)
-    return torch.from_numpy(np.asarray(z, dtype=np.float64)).to(g.device)
+    return torch.from_numpy(np.asarray(z, dtype=np.float64))
 
 
 def g_statistics(

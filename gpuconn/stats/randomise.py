@@ -24,6 +24,10 @@ How a run works
    uncorrected ``p(v) = #{i : T_i(v) >= T_0(v)} / n``, FWER-corrected
    ``p(v) = #{i : max_w T_i(w) >= T_0(v)} / n``; FDR (Benjamini-Hochberg)
    is applied to the uncorrected p.
+5. With variance groups (``variance_groups``, PALM ``-vg``) each contrast's
+   statistic is Aspin-Welch v or G (:mod:`gpuconn.stats.gstat`), and its z
+   (per-voxel degrees of freedom) takes the place of t/F in step 4 and in
+   the spatial statistics, as PALM does.
 
 Spatial statistics hook (TFCE, cluster extent/mass)
 ---------------------------------------------------
