@@ -254,6 +254,9 @@ def test_cli_vg_writes_randomise_names_and_records_the_statistic(tmp_path, rng):
     assert sidecar["contrasts"]["fstat1"]["statistic"] == "G"
     assert sidecar["variance_groups"] == [2] * 6 + [1] * 10
     assert sidecar["variance_groups_file"].endswith("vg.grp")
+    assert sidecar["spatial"]["tstat1"]["tfce"]["on"] == "z of Aspin-Welch v"
+    assert sidecar["spatial"]["fstat1"]["tfce"]["on"] == "z of G"
+    assert sidecar["spatial"]["tstat1"]["clustere"]["on"] == "z of Aspin-Welch v"
 
 
 def test_cli_bad_vg_is_one_line_error(tmp_path, rng, capsys):

@@ -676,6 +676,7 @@ def _summarise(c: _Contrast, n_perm: int, counts: dict, maxima: dict) -> Contras
     null_max = maxima[(c.name, "vox")]
     p_unc = to_host(counts[(c.name, "vox")]).astype(np.float64) / n_perm
     dof = c.model.dof
+    statistic = statistic_name(c.kind, 1 if c.groups is None else c.groups.n_groups)
     if c.groups is None:
         stat = to_host(c.observed)
         z = t_to_z(stat, dof) if c.kind == "t" else f_to_z(stat, c.model.rank, dof)
@@ -686,8 +687,10 @@ def _summarise(c: _Contrast, n_perm: int, counts: dict, maxima: dict) -> Contras
         mapped = to_host(c.spatial_observed[key])
         key_max = maxima[(c.name, key)]
         key_unc = to_host(counts[(c.name, key)]).astype(np.float64) / n_perm
-        spatial[key] = MapResult(mapped, _fwe_p(key_max, mapped), key_unc, key_max,
-                                 dict(getattr(transform, "settings", {})))
+        settings = dict(getattr(transform, "settings", {}))
+        if c.groups is not None:
+            settings["on"] = f"z of {statistic}"
+        spatial[key] = MapResult(mapped, _fwe_p(key_max, mapped), key_unc, key_max, settings)
     return ContrastResult(
         name=c.name,
         kind=c.kind,
@@ -700,7 +703,7 @@ def _summarise(c: _Contrast, n_perm: int, counts: dict, maxima: dict) -> Contras
         p_fdr=fdr_adjust(p_unc),
         null_max=null_max,
         spatial=spatial,
-        statistic=statistic_name(c.kind, 1 if c.groups is None else c.groups.n_groups),
+        statistic=statistic,
         df2=None if c.groups is None else to_host(c.df2),
     )
 
