@@ -132,13 +132,13 @@ def test_engine_matches_numpy_loop_and_chunk_size(three_groups):
     data, design, labels = three_groups
     contrasts, ftests = np.array([[1.0, -1.0, 0.0], [0.0, 0.0, 1.0]]), np.array([[1, 1]])
     spatial = {"pos": lambda s: s.clamp_min(0)}
-    runs = [run_permutation_test(data, design, contrasts, ftests=ftests, n_perm=80, seed=6, chunk=chunk,
-                                 variance_groups=labels, spatial=spatial, spatial_f=spatial) for chunk in (7, 80)]
+    runs = [run_permutation_test(data, design, contrasts, ftests=ftests, n_perm=40, seed=6, chunk=chunk,
+                                 variance_groups=labels, spatial=spatial, spatial_f=spatial) for chunk in (7, 40)]
     for a, b in zip(*(r.contrasts for r in runs)):
         for name in ("stat", "z", "p_uncorrected", "p_fwe", "null_max", "df2"):
             assert np.array_equal(getattr(a, name), getattr(b, name)), (a.name, name)
         assert np.array_equal(a.spatial["pos"].null_max, b.spatial["pos"].null_max)
-    orders, signs = runs[0].scheme.chunk(0, 80)
+    orders, signs = runs[0].scheme.chunk(0, 40)
     for c in runs[0].contrasts:
         ref_g, ref_df2 = _reference_null(data, design, c.contrast, labels, orders, signs)
         ref_z = _reference_z(ref_g, ref_df2, c.kind, c.contrast.shape[0]).astype(np.float32)
@@ -146,7 +146,7 @@ def test_engine_matches_numpy_loop_and_chunk_size(three_groups):
         np.testing.assert_allclose(c.stat, ref_g[0], rtol=1e-6)
         np.testing.assert_allclose(c.null_max, ref_z.max(1), rtol=1e-5)
         # p-values count the z of G (per-voxel df), as PALM; a float32 tie could move one count.
-        np.testing.assert_allclose(c.p_uncorrected, (ref_z >= ref_z[0]).mean(0), atol=1.01 / 80)
+        np.testing.assert_allclose(c.p_uncorrected, (ref_z >= ref_z[0]).mean(0), atol=1.01 / 40)
         np.testing.assert_allclose(c.spatial["pos"].null_max, np.maximum(ref_z, 0).max(1), rtol=1e-5)
 
 
@@ -197,9 +197,9 @@ def test_group_without_residual_dof_is_refused(rng):
 def test_null_error_rate_t_liberal_v_nominal():
     """4:1 variance ratio, the small group the noisy one: per-voxel error at alpha = 0.05 over 2000 null voxels.
 
-    The permutation test of t is anti-conservative (about 0.12); that of v is asymptotically exact (Janssen
-    1997) and within the 99.9% binomial interval at 24 vs 96 (at 8 vs 32 it is about 0.067: see
-    bench/bench_vg.py and bench/RESULTS.md).
+    The permutation test of t is anti-conservative (about 0.13); that of v is asymptotically exact (Janssen
+    1997) and within the 99.9% binomial interval here, at 24 vs 96. At 8 vs 32 its per-voxel rate is still
+    0.067 while its FWER (max statistic) is 0.050 and t's 0.73 (bench/bench_vg.py, bench/RESULTS.md).
     """
     rng = np.random.default_rng(12)
     n1, n2, n_vox = 24, 96, 2000
