@@ -26,7 +26,8 @@ of freedom, voxel by voxel, before the max statistic, TFCE and clusters
   groups with one mean each, ``v`` is Welch's t and ``df2`` Welch's df, as
   ``scipy.stats.ttest_ind(equal_var=False)``);
 - ``z`` from the upper tail of t(``df2``) for ``v``, of F(``s``, ``df2``) for
-  ``G``.
+  ``G`` (an F test of rank 1 gives ``G = v^2`` and F(1, ``df2``)); on the CPU
+  with SciPy, on other devices in torch (:func:`g_to_z`).
 
 Where this differs from PALM
 ----------------------------
