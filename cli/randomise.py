@@ -15,6 +15,7 @@ DesignMat = Annotated[Optional[Path], typer.Option("-d", help="Design matrix (FS
 DesignCon = Annotated[Optional[Path], typer.Option("-t", help="t contrasts (FSL VEST design.con).")]
 DesignFts = Annotated[Optional[Path], typer.Option("-f", help="F tests (FSL VEST design.fts).")]
 DesignGrp = Annotated[Optional[Path], typer.Option("-e", help="Exchangeability blocks (FSL VEST design.grp).")]
+VarianceGroups = Annotated[Optional[str], typer.Option("--vg", help="Variance groups (PALM -vg): a VEST design.grp with one integer per volume, or 'auto' (the -e blocks; with --permute-blocks one group per position in a block). With two or more groups, t contrasts use Aspin-Welch v and F tests PALM's G (weighted least squares with per-group variances, Welch-Satterthwaite df per voxel), written under the usual names (<root>_tstat1 holds v); the max statistic, TFCE and clusters use their z.")]
 Mask = Annotated[Optional[Path], typer.Option("-m", help="Mask image (default: voxels non-zero in some volume).")]
 NPerm = Annotated[int, typer.Option("-n", parser=parse_count, help="Number of permutations (identity included; 5000 or 1e6); 0 = exhaustive.")]
 OneSample = Annotated[bool, Flag("-1", help="One-sample group mean test (sign flipping); no -d/-t.")]
@@ -67,6 +68,7 @@ def randomise(
     design_fts: DesignFts = None,
     design_grp: DesignGrp = None,
     mask: Mask = None,
+    variance_groups: VarianceGroups = None,
     n_perm: NPerm = 5000,
     one_sample: OneSample = False,
     demean: Demean = False,
@@ -156,6 +158,7 @@ def randomise(
                 ftest_path=design_fts,
                 groups_path=design_grp,
                 mask_path=mask,
+                variance_groups_path=variance_groups,
                 one_sample=one_sample,
                 n_perm=n_perm,
                 demean=demean,

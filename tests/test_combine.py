@@ -104,6 +104,22 @@ def test_corrcon_of_one_contrast_is_its_own_fwer(study):
     np.testing.assert_array_equal(p, result.contrasts[0].p_fwe)
 
 
+def test_variance_groups_are_compared_as_the_z_the_engine_uses(study):
+    """With --vg the engine's statistic is already the z of v/G: corrcon, parametric p and NPC take it as it is."""
+    design, contrasts, ftests, inputs = study
+    groups = design[:, 0].astype(int) + 1
+    prepared = [_run(y, design, contrasts[:1], None, variance_groups=groups)[0] for y in inputs]
+    results = [run_chunk_loop(test, False) for test in prepared]
+    c = results[0].contrasts[0]
+    assert c.statistic == "Aspin-Welch v"
+    ((p, _),) = fwe_across([c])
+    np.testing.assert_array_equal(p, c.p_fwe)
+    np.testing.assert_allclose(parametric_p(c), sps.norm.sf(c.z), rtol=1e-6)
+    (combined,) = npc_test(prepared, "stouffer")
+    expected = (results[0].contrasts[0].z.astype(np.float64) + results[1].contrasts[0].z) / np.sqrt(2)
+    np.testing.assert_allclose(combined.stat, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_corrmod_and_both_match_numpy_on_the_same_rearrangements(study):
     (r1, ref1), (r2, ref2) = _reference(study, 0), _reference(study, 1)
     np.testing.assert_array_equal(r1.scheme.chunk(0, 150)[0], r2.scheme.chunk(0, 150)[0])

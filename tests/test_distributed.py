@@ -79,6 +79,16 @@ def test_randomise_chunks_on_dask_equal_one_process(client, two_sample, task_chu
     assert single.chunk_size == 300  # one chunk in one process: equality across chunk sizes too
 
 
+def test_variance_groups_on_dask_equal_one_process(client, two_sample):
+    data, design, contrasts = two_sample
+    kw = dict(ftests=np.array([[1, 1]]), n_perm=120, seed=4, device="cpu",
+              variance_groups=np.r_[np.ones(6), np.full(12, 2)])
+    single = run_permutation_test(data, design, contrasts, **kw)
+    spread = run_permutation_test(data, design, contrasts, **kw, runner=gd.dask_runner(client, device="cpu", chunk=17))
+    _assert_same(single, spread)
+    assert spread["tstat1"].statistic == "Aspin-Welch v" and spread["fstat1"].statistic == "G"
+
+
 def test_sign_flips_exhaustive_and_spatial_statistic_on_dask(client, rng):
     mask = np.zeros((5, 6, 4), dtype=bool)
     mask[1:4, 1:5, 1:3] = True

@@ -125,9 +125,19 @@ def statistic_z(values: np.ndarray, kind: str, df: tuple[int, int]) -> np.ndarra
     return t_to_z(values, df[1]) if kind == "t" else f_to_z(values, df[0], df[1])
 
 
+def _null_z(c: ContrastResult) -> np.ndarray:
+    """z of each rearrangement's maximum (with variance groups the engine compares z of v/G already)."""
+    return np.asarray(c.null_max, dtype=np.float64) if c.df2 is not None else statistic_z(c.null_max, c.kind, c.df)
+
+
+def observed_z(c: ContrastResult) -> np.ndarray:
+    """z of a contrast's observed statistic (float64): of t or F at their df, or of v/G at each voxel's df."""
+    return np.asarray(c.z, dtype=np.float64) if c.df2 is not None else statistic_z(c.stat, c.kind, c.df)
+
+
 def parametric_p(c: ContrastResult) -> np.ndarray:
-    """Parametric p of a contrast's statistic: one-sided for t, upper tail for F (float64)."""
-    return special.ndtr(-statistic_z(c.stat, c.kind, c.df))
+    """Parametric p of a contrast's statistic: one-sided for t (and v), upper tail for F (and G), float64."""
+    return special.ndtr(-observed_z(c))
 
 
 def fwe_across(group: Sequence[ContrastResult]) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
@@ -149,12 +159,12 @@ def fwe_across(group: Sequence[ContrastResult]) -> list[tuple[np.ndarray, dict[s
     lengths = {c.null_max.shape[0] for c in group}
     if len(lengths) != 1:
         raise ValueError(f"statistics from different numbers of rearrangements {sorted(lengths)}")
-    null = np.max([statistic_z(c.null_max, c.kind, c.df) for c in group], axis=0)
+    null = np.max([_null_z(c) for c in group], axis=0)
     spatial_null: dict[str, np.ndarray] = {}
     for c in group:
         for key, mapped in c.spatial.items():
             spatial_null[key] = np.maximum(spatial_null.get(key, mapped.null_max), mapped.null_max)
-    return [(_fwe_p(null, statistic_z(c.stat, c.kind, c.df)),
+    return [(_fwe_p(null, observed_z(c)),
              {key: _fwe_p(spatial_null[key], mapped.stat) for key, mapped in c.spatial.items()}) for c in group]
 
 
@@ -188,7 +198,9 @@ def _partial_z(prepared: Sequence[PreparedTest], j: int, rearrangements: tuple, 
     for test in prepared:
         c = test.contrasts[j]
         stats = contrast_statistics(c, rearrangements, start)
-        if c.kind == "t":  # on the device (CUDA: series in float64; CPU: SciPy)
+        if c.groups is not None:  # variance groups: the engine's statistic is the z of v/G already
+            zs.append(stats.double())
+        elif c.kind == "t":  # on the device (CUDA: series in float64; CPU: SciPy)
             zs.append(t_to_z_tensor(stats.double(), c.model.df[1]))
         else:
             zs.append(torch.as_tensor(statistic_z(to_numpy(stats), c.kind, c.model.df), device=test.device))
