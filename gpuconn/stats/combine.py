@@ -86,6 +86,7 @@ __all__ = [
     "combine_statistics",
     "npc_test",
     "input_roots",
+    "write_across",
     "randomise_inputs",
 ]
 
@@ -309,9 +310,28 @@ class _Writer:
             self.image(1 - values, f"{key}_{tag}_{c.name}")
 
 
-def _write_across(writers: list[_Writer], results: list[PermutationTestResult], *, corrcon: bool, corrmod: bool,
-                  save_parametric: bool, voxelwise: bool) -> None:
-    """Each input's parametric p and FWER p across contrasts (``ccorrp``), inputs (``mcorrp``), both (``mccorrp``)."""
+def write_across(roots: Sequence[str], mask: np.ndarray, reference: Any, results: Sequence[PermutationTestResult], *,
+                 corrcon: bool, corrmod: bool, save_parametric: bool = False, voxelwise: bool = True) -> None:
+    """Write each map's parametric p and FWER p across contrasts (``ccorrp``), maps (``mcorrp``), both (``mccorrp``).
+
+    Parameters
+    ----------
+    roots : sequence of str
+        Output root of each result (``<root>_vox_ccorrp_tstat1.nii.gz``...).
+    mask : ndarray of bool, shape (x, y, z)
+        The voxels of every result (mask order), on ``reference``'s grid.
+    reference : nibabel image
+    results : sequence of PermutationTestResult
+        Tests of one design on the same rearrangements (the inputs of one
+        run, or the maps of one study model), with the same contrasts.
+    corrcon, corrmod : bool
+        FWER across the contrasts of each result / across the results.
+    save_parametric : bool
+        Also ``<root>_vox_parap_<stat>``.
+    voxelwise : bool
+        Write the voxelwise maps (spatial statistics' maps are always written).
+    """
+    writers = [_Writer(str(root), mask, reference) for root in roots]
     for writer, result in zip(writers, results):
         if save_parametric:
             for c in result.contrasts:
@@ -446,20 +466,20 @@ def randomise_inputs(
             return (runner or run_chunk_loop)(test, show)
         return run
 
-    results, writers = [], []
-    for path, root_k in zip(input_paths, input_roots(root, n_inputs)):
-        results.append(randomise(path, root_k, runner=keeping(runner_for(root_k)), progress=progress,
-                                 params={**dict(params or {}), **record}, **options))
-        if corrcon or corrmod or npc or save_parametric:
-            img = load_image(path, ndim=4, what="input (-i)")
-            writers.append(_Writer(root_k, analysis_mask(img, path, options.get("mask_path")), img))
-    _write_across(writers, results, corrcon=corrcon, corrmod=corrmod, save_parametric=save_parametric,
-                  voxelwise=options.get("voxelwise", True))
+    roots = input_roots(root, n_inputs)
+    results = [randomise(path, root_k, runner=keeping(runner_for(root_k)), progress=progress,
+                         params={**dict(params or {}), **record}, **options)
+               for path, root_k in zip(input_paths, roots)]
+    if corrcon or corrmod or npc or save_parametric:
+        img = load_image(input_paths[0], ndim=4, what="input (-i)")
+        mask = analysis_mask(img, input_paths[0], options.get("mask_path"))  # every input's (_check_inputs)
+        write_across(roots, mask, img, results, corrcon=corrcon, corrmod=corrmod, save_parametric=save_parametric,
+                     voxelwise=options.get("voxelwise", True))
     if npc is not None:
         began = time.perf_counter()
         combined = npc_test(prepared, npc, progress=progress)
         record["npc_seconds"] = round(time.perf_counter() - began, 3)
-        writer = _Writer(f"{root}_npc_{npc}", writers[0].mask, writers[0].reference)
+        writer = _Writer(f"{root}_npc_{npc}", mask, img)
         _write_npc(writer, combined, corrcon=corrcon, save_parametric=save_parametric,
                    uncorrp=options.get("uncorrp", False), null_root=f"{root}_perm_npc_{npc}")
     if n_inputs > 1:
