@@ -52,7 +52,9 @@ Accel = Annotated[
         "--accel",
         help="PALM's faster inference (Winkler et al. 2016): tail (generalised Pareto fit to the tail of each null, "
         "p < 0.1 refined, empirical p where the fit fails), gamma (gamma fit to the null's first three moments), "
-        "or negbin (stop each voxel after 2 exceedances; writes uncorrected p, no FWER, no spatial statistics).",
+        "negbin (stop each voxel after 2 exceedances), or noperm (no permutations: a gamma with the closed-form "
+        "permutation moments; plain permutation with an intercept). negbin and noperm write uncorrected p (and "
+        "--fdr) only: no FWER, no spatial statistics.",
     ),
 ]
 AccelOut = Annotated[
@@ -141,12 +143,9 @@ def randomise(
         problem = compile_kernels(device)  # now, not mid-run; Dask workers compile their own
         if problem is not None:
             typer.echo(f"warning: {problem}; TFCE and cluster statistics use their slower fallbacks", err=True)
-    if accel == "negbin" and runner is not None:
+    if accel == "negbin" and runner is not None:  # noperm has nothing to distribute and ignores the runner
         raise InputError("--accel negbin runs chunk after chunk on the voxels still running; drop "
                          "--dask-scheduler/--workers")
-    if accel == "negbin" and voxelwise:
-        raise InputError("--accel negbin has no FWER p (no voxel sees every rearrangement); drop -x, or use "
-                         "--accel tail")
     if runner is not None and resume:
         raise InputError("--resume needs the single-process runner; drop --dask-scheduler/--workers")
     if checkpoint_interval < 0:
@@ -168,8 +167,8 @@ def randomise(
                 one_sample=one_sample,
                 n_perm=n_perm,
                 demean=demean,
-                voxelwise=voxelwise or not (spatial or spatial_f or accel == "negbin"),
-                uncorrp=uncorrp or accel == "negbin",  # negbin's one p
+                voxelwise=voxelwise or not (spatial or spatial_f or accel in ("negbin", "noperm")),
+                uncorrp=uncorrp or accel in ("negbin", "noperm"),  # their one p
                 fdr=fdr,
                 seed=seed,
                 method=method,

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -168,6 +169,60 @@ def test_gamma_equals_pearson3_from_power_sums():
 def test_negbin_rule():
     p = A.negbin_p(np.array([2, 2, 0, 1]), np.array([4, 100, 0, 0]), 500, 2)
     np.testing.assert_allclose(p, [2 / 4, 2 / 100, 1 / 500, 2 / 500])
+
+
+def _enumerated(a, u):
+    """G = (P u)' A (P u) over every permutation of the rows of u (n!), one column per voxel."""
+    perms = np.array(list(itertools.permutations(range(u.shape[0]))))
+    return np.stack([np.einsum("pi,ij,pj->p", u[perms, v], a, u[perms, v]) for v in range(u.shape[1])], 1)
+
+
+def test_permutation_moments_equal_all_permutations():
+    rng = np.random.default_rng(3)
+    n = 7
+    x = rng.standard_normal((n, 2))
+    q, _ = np.linalg.qr(x - x.mean(0))
+    u = rng.standard_normal((n, 4)) ** 3
+    u -= u.mean(0)
+    u /= np.linalg.norm(u, axis=0)
+    g = _enumerated(q @ q.T, u)
+    mean, variance, skew = A.permutation_moments(q @ q.T, u)
+    np.testing.assert_allclose(mean, g.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(variance, g.var(0), rtol=1e-10)
+    np.testing.assert_allclose(skew, stats.skew(g, axis=0), rtol=1e-9)
+
+
+def test_noperm_equals_gamma_of_the_enumerated_distribution():
+    rng = np.random.default_rng(4)
+    n, v = 8, 12
+    design = np.c_[np.ones(n), np.repeat([0.0, 1.0], n // 2)]
+    data = (rng.standard_normal((n, v)) + design[:, 1:] * np.linspace(-2, 2, v)).astype(np.float32)
+    result = run_permutation_test(data, design, np.array([[0.0, 1.0]]), device="cpu", accel="noperm").contrasts[0]
+    prepared = prepare_permutation_test(data, design, np.array([[0.0, 1.0]]), device="cpu")
+    c = prepared.contrasts[0]
+    interest = c.model.rows[:1].numpy()
+    u = c.residuals.numpy() / np.linalg.norm(c.residuals.numpy(), axis=0)
+    g = _enumerated(interest.T @ interest, u)
+    observed = np.sum((interest @ u) ** 2, 0)
+    two_sided = np.array([_gamma_reference(observed[j], g[:, j]) for j in range(v)])  # floor 1 / 8!, as noperm's
+    expected = np.where(result.stat >= 0, two_sided / 2, 1 - two_sided / 2)
+    # _gamma_reference uses the sample skewness of the n! values; the closed form is the population one
+    np.testing.assert_allclose(result.p_uncorrected, expected, rtol=2e-3)
+    exact = np.where(result.stat >= 0, (g >= observed - 1e-12).mean(0) / 2, 1 - (g >= observed - 1e-12).mean(0) / 2)
+    assert np.max(np.abs(result.p_uncorrected - exact)) < 0.05  # the gamma is close to the exact distribution
+    assert np.isnan(result.p_fwe).all() and result.null_max.size == 0
+
+
+def test_noperm_applies_only_where_it_can():
+    data, design, contrast = _data()
+    with pytest.raises(InputError, match="plain permutation only"):
+        run_permutation_test(data, np.ones((24, 1)), np.ones((1, 1)), device="cpu", accel="noperm")
+    with pytest.raises(InputError, match="plain permutation only"):
+        run_permutation_test(data, design, contrast, device="cpu", accel="noperm", groups=np.repeat([1, 2], 12))
+    with pytest.raises(InputError, match="needs the intercept among the nuisance"):
+        run_permutation_test(data, design[:, 1:], contrast[:, 1:], device="cpu", accel="noperm")
+    with pytest.raises(InputError, match="--accel noperm gives uncorrected p only"):
+        run_permutation_test(data, design, contrast, device="cpu", accel="noperm", spatial=SPATIAL)
 
 
 # ---------------------------------------------------------------- the engine
@@ -381,13 +436,17 @@ def test_cli_writes_the_plain_files_and_records_the_mode(mode, images, tmp_path)
     assert record["options"]["accel"] == mode
 
 
-def test_cli_negbin_writes_uncorrected_p_and_refuses_fwer(images, tmp_path, capsys):
-    assert _cli(images, tmp_path / "nb", "--accel", "negbin", "--fdr") == 0
+@pytest.mark.parametrize("mode", ["negbin", "noperm"])
+def test_cli_uncorrected_only_modes(mode, images, tmp_path):
+    assert _cli(images, tmp_path / "nb", "--accel", mode, "--fdr") == 0
     names = _names(tmp_path, "nb")
     assert "_vox_p_tstat1.nii.gz" in names and "_vox_fdrp_tstat1.nii.gz" in names
     assert not any("corrp" in n or "perm_" in n for n in names)
     record = json.loads((tmp_path / "nb.json").read_text())["Parameters"]
-    assert record["accel"]["mode"] == "negbin" and record["accel"]["r"] == 2
+    assert record["accel"]["mode"] == mode and record["accel"]["fwer"] is None
+
+
+def test_cli_negbin_refuses_fwer(images, tmp_path, capsys):
     assert _cli(images, tmp_path / "x", "--accel", "negbin", "-x") != 0
     assert "--accel negbin has no FWER p" in capsys.readouterr().err
     assert _cli(images, tmp_path / "t", "--accel", "negbin", "-T") != 0

@@ -31,6 +31,26 @@ negbin
     ``(exceedances + 1) / n_perm``. Only uncorrected (and FDR) p: no voxel
     sees every rearrangement, so there is no null of the maximum and no
     FWER (PALM refuses FWER and spatial statistics with negbin too).
+noperm
+    No rearrangement at all: the statistic is written as ``G = u' A u``
+    (``u`` the voxel's data residualised on the nuisance, unit length;
+    ``A`` the projection on the effect of interest, so ``G`` is the partial
+    R^2, monotone in t^2 and F), the first three moments of its
+    distribution over all permutations come in closed form (Kazi-Aoual et
+    al. 1995, with the coefficient 3 of Minas & Montana 2014, as
+    ``palm_moments``) and a gamma with them gives p (``palm_gamma``). A t
+    contrast's p is one-sided: ``p/2`` for a positive t, ``1 - p/2`` for a
+    negative one (as PALM, assuming symmetry). It exists only for plain
+    permutation (no sign flips, no exchangeability blocks) and only for
+    uncorrected (and FDR) p, and needs the intercept among the nuisance
+    regressors (the closed-form moments are those of centred ``A`` and
+    ``u``; checked against all 5040 permutations of 7 observations in
+    the tests). As in PALM, they are the moments of ``u' A u`` with ``u``
+    permuted, which is the Freedman-Lane statistic exactly when the
+    intercept is the only nuisance, and close to it otherwise (the permuted
+    residuals are not residualised again). Where a left-skewed fit puts the statistic
+    beyond its support, p = 1 / n! (the smallest a permutation p can be;
+    PALM has no value there).
 
 How gpuconn differs from PALM, and why
 --------------------------------------
@@ -75,11 +95,15 @@ __all__ = [
     "accel_p",
     "accel_fwe_p",
     "negbin_p",
+    "permutation_moments",
+    "noperm_p",
     "merge_state",
 ]
 
 #: Acceleration modes of ``gpuconn randomise --accel``.
-MODES = ("tail", "gamma", "negbin")
+MODES = ("tail", "gamma", "negbin", "noperm")
+#: Modes with uncorrected p only (no null of the maximum).
+NO_FWER = ("negbin", "noperm")
 #: p below this are refined by the tail fit (PALM's ``opts.accel.tail_thr``).
 TAIL_THRESHOLD = 0.10
 #: Exceedances after which a voxel stops (PALM's ``opts.accel.negbin_nexced``).
@@ -132,8 +156,8 @@ class Accel:
             raise ValueError(f"acceleration {self.mode!r} is not one of {', '.join(MODES)}")
         if self.mode == "negbin" and self.negbin_r < 2:
             raise ValueError(f"negbin needs r >= 2 exceedances, got {self.negbin_r}")
-        if self.g1out and self.mode == "negbin":
-            raise ValueError("leaving the unpermuted statistic out applies to tail and gamma, not negbin")
+        if self.g1out and self.mode in NO_FWER:
+            raise ValueError(f"leaving the unpermuted statistic out applies to tail and gamma, not {self.mode}")
 
     @property
     def null_size(self) -> int:
@@ -154,6 +178,8 @@ class Accel:
         if self.mode == "gamma":
             return {"mode": "gamma", "moments": "mean, variance, skewness (unbiased)",
                     "unpermuted_in_null": not self.g1out}
+        if self.mode == "noperm":
+            return {"mode": "noperm", "moments": "Kazi-Aoual et al. 1995, closed form", "fwer": None}
         return {"mode": "negbin", "r": self.negbin_r, "fwer": None}
 
 
@@ -397,6 +423,105 @@ def negbin_p(count: np.ndarray, stopped_at: np.ndarray, n_perm: int, r: int) -> 
     """
     stopped = stopped_at > 0
     return np.where(stopped, r / np.maximum(stopped_at, 1), (np.asarray(count) + 1) / n_perm)
+
+
+def permutation_moments(a: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, variance and skewness of ``G = (P u)' A (P u)`` over all permutations ``P`` (Kazi-Aoual et al. 1995).
+
+    Parameters
+    ----------
+    a : ndarray, shape (n, n)
+        Symmetric (here the projection on the effect of interest).
+    u : ndarray, shape (n, n_voxels)
+        Unit columns (``W = u u'`` per voxel), ``n >= 6``.
+
+    Returns
+    -------
+    mean, variance, skewness : ndarray, shape (n_voxels,)
+        Of the permutation distribution (population moments).
+    """
+    a = np.asarray(a, np.float64)
+    u = np.asarray(u, np.float64)
+    n = a.shape[0]
+    d = np.diag(a)
+    a2 = a @ a
+    t, t2, s2 = np.trace(a), np.trace(a2), np.sum(d ** 2)
+    t3, s3, uu = np.trace(a2 @ a), np.sum(d ** 3), np.sum(a ** 3)
+    r, b = d @ np.diag(a2), d @ a @ d
+    # W = u u' with |u| = 1: trace(W^j) = 1, W^2 = W, sum(W^3) = (sum u^3)^2 = diag(W)' W diag(W).
+    ws, ws2, ws3 = 1.0, 1.0, 1.0
+    wss2, wss3 = np.sum(u ** 4, 0), np.sum(u ** 6, 0)
+    wu = np.sum(u ** 3, 0) ** 2
+    wr, wb = wss2, wu
+    mean = t * ws / (n - 1)
+    variance = (2 * ((n - 1) * t2 - t ** 2) * ((n - 1) * ws2 - ws ** 2) / (n - 1) ** 2 / (n + 1) / (n - 2)
+                + (n * (n + 1) * s2 - (n - 1) * (t ** 2 + 2 * t2)) * (n * (n + 1) * wss2 - (n - 1) * (ws ** 2 + 2 * ws2))
+                / (n + 1) / n / (n - 1) / (n - 2) / (n - 3))
+    et3 = (
+        n ** 2 * (n + 1) * (n ** 2 + 15 * n - 4) * s3 * wss3
+        + 4 * (n ** 4 - 8 * n ** 3 + 19 * n ** 2 - 4 * n - 16) * uu * wu
+        + 24 * (n ** 2 - n - 4) * (uu * wb + b * wu)
+        + 6 * (n ** 4 - 8 * n ** 3 + 21 * n ** 2 - 6 * n - 24) * b * wb
+        + 12 * (n ** 4 - n ** 3 - 8 * n ** 2 + 36 * n - 48) * r * wr
+        + 12 * (n ** 3 - 2 * n ** 2 + 9 * n - 12) * (t * s2 * wr + r * ws * wss2)
+        + 3 * (n ** 4 - 4 * n ** 3 - 2 * n ** 2 + 9 * n - 12) * t * ws * s2 * wss2
+        + 24 * ((n ** 3 - 3 * n ** 2 - 2 * n + 8) * (r * wu + uu * wr)
+                + (n ** 3 - 2 * n ** 2 - 3 * n + 12) * (r * wb + b * wr))
+        + 12 * (n ** 2 - n + 4) * (t * s2 * wu + uu * ws * wss2)
+        + 6 * (2 * n ** 3 - 7 * n ** 2 - 3 * n + 12) * (t * s2 * wb + b * ws * wss2)
+        - 2 * n * (n - 1) * (n ** 2 - n + 4) * ((2 * uu + 3 * b) * wss3 + (2 * wu + 3 * wb) * s3)
+        - 3 * n * (n - 1) ** 2 * (n + 4) * ((t * s2 + 4 * r) * wss3 + (ws * wss2 + 4 * wr) * s3)
+        + 2 * n * (n - 1) * (n - 2) * ((t ** 3 + 6 * t * t2 + 8 * t3) * wss3 + (ws ** 3 + 6 * ws * ws2 + 8 * ws3) * s3)
+        + t ** 3 * ((n ** 3 - 9 * n ** 2 + 23 * n - 14) * ws ** 3 + 6 * (n - 4) * ws * ws2 + 8 * ws3)
+        + 6 * t * t2 * ((n - 4) * ws ** 3 + (n ** 3 - 9 * n ** 2 + 24 * n - 14) * ws * ws2 + 4 * (n - 3) * ws3)
+        + 8 * t3 * (ws ** 3 + 3 * (n - 3) * ws * ws2 + (n ** 3 - 9 * n ** 2 + 26 * n - 22) * ws3)
+        - 16 * (t ** 3 * wu + uu * ws ** 3) - 6 * (t * t2 * wu + uu * ws * ws2) * (2 * n ** 2 - 10 * n + 16)
+        - 8 * (t3 * wu + uu * ws3) * (3 * n ** 2 - 15 * n + 16) - (t ** 3 * wb + b * ws ** 3) * (6 * n ** 2 - 30 * n + 24)
+        - 6 * (t * t2 * wb + b * ws * ws2) * (4 * n ** 2 - 20 * n + 24)
+        - 8 * (t3 * wb + b * ws3) * (3 * n ** 2 - 15 * n + 24)
+        - (n - 2) * (24 * (t ** 3 * wr + r * ws ** 3) + 6 * (t * t2 * wr + r * ws * ws2) * (2 * n ** 2 - 10 * n + 24)
+                     + 8 * (t3 * wr + r * ws3) * (3 * n ** 2 - 15 * n + 24)
+                     + (3 * n ** 2 - 15 * n + 6) * (t ** 3 * ws * wss2 + t * s2 * ws ** 3)
+                     + 6 * (t * t2 * ws * wss2 + t * s2 * ws * ws2) * (n ** 2 - 5 * n + 6)
+                     + 48 * (t3 * ws * wss2 + t * s2 * ws3))
+    ) / n / (n - 1) / (n - 2) / (n - 3) / (n - 4) / (n - 5)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        skewness = (et3 - 3 * mean * variance - mean ** 3) / variance ** 1.5
+    return np.broadcast_to(mean, variance.shape).copy(), variance, skewness
+
+
+def noperm_p(interest: np.ndarray, residuals: np.ndarray, observed: np.ndarray, kind: str) -> np.ndarray:
+    """PALM's ``-accel noperm`` p of each voxel, without rearrangements.
+
+    Parameters
+    ----------
+    interest : ndarray, shape (rank, n)
+        Orthonormal rows spanning the effect of interest (orthogonal to the
+        nuisance: the ``rows[:rank]`` of :class:`gpuconn.stats.glm.ContrastModel`).
+    residuals : ndarray, shape (n, n_voxels)
+        The data residualised on the nuisance.
+    observed : ndarray, shape (n_voxels,)
+        The t or F statistic (its sign makes a t contrast's p one-sided).
+    kind : {'t', 'f'}
+
+    Returns
+    -------
+    ndarray, shape (n_voxels,)
+        1 for voxels constant up to the nuisance.
+    """
+    interest = np.asarray(interest, np.float64)
+    residuals = np.asarray(residuals, np.float64)
+    n = residuals.shape[0]
+    norm = np.linalg.norm(residuals, axis=0)
+    u = residuals / np.where(norm > 0, norm, 1)
+    g = np.sum((interest @ u) ** 2, axis=0)
+    mean, variance, skew = permutation_moments(interest.T @ interest, u)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (g - mean) / np.sqrt(variance)
+    p = gamma_p(z, skew, 1 / special.gamma(n + 1))
+    if kind == "t":
+        p = np.where(np.asarray(observed) >= 0, p / 2, 1 - p / 2)
+    return np.where((norm > 0) & np.isfinite(p), p, 1.0)
 
 
 def merge_state(accel: Accel, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

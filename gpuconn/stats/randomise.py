@@ -32,7 +32,8 @@ and spatial), each voxel's state for the fit (its largest values, or float64
 power sums), merged by :func:`merge_chunk_outputs`; :func:`_summarise` turns
 them and the null of the maximum into p (:mod:`gpuconn.stats.accel`).
 ``negbin`` evaluates each chunk on the voxels still running only and ends
-the loop once every voxel has stopped; it has no FWER p.
+the loop once every voxel has stopped; ``noperm`` evaluates none
+(:func:`_noperm_result`). Neither has FWER p.
 
 Spatial statistics hook (TFCE, cluster extent/mass)
 ---------------------------------------------------
@@ -384,6 +385,8 @@ def run_permutation_test(
     PermutationTestResult
     """
     prepared = prepare_permutation_test(data, design, contrasts, **options)
+    if prepared.accel is not None and prepared.accel.mode == "noperm":
+        return _noperm_result(prepared)  # no rearrangement to run
     return (runner or run_chunk_loop)(prepared, progress)
 
 
@@ -442,9 +445,10 @@ def prepare_permutation_test(
         Rearrangements per chunk; default from free device memory.
     design_source : str
         Design file name for error messages.
-    accel : {'tail', 'gamma', 'negbin'}, optional
-        PALM's acceleration (:mod:`gpuconn.stats.accel`); ``negbin`` gives
-        uncorrected p only and takes no spatial statistics.
+    accel : {'tail', 'gamma', 'negbin', 'noperm'}, optional
+        PALM's acceleration (:mod:`gpuconn.stats.accel`); ``negbin`` and
+        ``noperm`` give uncorrected p only and take no spatial statistics;
+        ``noperm`` needs plain permutation and the intercept in the model.
     accel_g1out : bool, default False
         ``tail``/``gamma``: leave the unpermuted statistic out of the null
         (PALM's ``-accel tail out``; :class:`gpuconn.stats.accel.Accel`).
@@ -507,14 +511,33 @@ def _check_accel(mode: str | None, g1out: bool, scheme: PermutationScheme,
         return None
     if mode not in _accel.MODES:
         raise InputError(f"--accel {mode!r} is not one of {', '.join(_accel.MODES)}")
-    if mode == "negbin" and any(spatial):
-        raise InputError("--accel negbin gives uncorrected p only (no voxel sees every rearrangement, so there is "
-                         "no null of the maximum); drop -T/-c/-C/-F/-S or use --accel tail")
+    if mode in _accel.NO_FWER and any(spatial):
+        raise InputError(f"--accel {mode} gives uncorrected p only (there is no null of the maximum); drop "
+                         "-T/-c/-C/-F/-S or use --accel tail")
+    if mode == "noperm" and (scheme.flip or scheme.blocks is not None):
+        raise InputError("--accel noperm has closed-form moments for plain permutation only (no sign flips, "
+                         "one-sample tests or exchangeability blocks -e); use --accel tail or gamma")
     if mode == "negbin" and scheme.n_perm < 3:
         raise InputError(f"--accel negbin needs at least 3 rearrangements, got -n {scheme.n_perm}")
-    if g1out and mode == "negbin":
-        raise InputError("--accel-out applies to --accel tail and gamma, not negbin; drop it")
+    if g1out and mode in _accel.NO_FWER:
+        raise InputError(f"--accel-out applies to --accel tail and gamma, not {mode}; drop it")
     return _accel.Accel(mode, scheme.n_perm, g1out=g1out)
+
+
+def _noperm_result(prepared: PreparedTest) -> PermutationTestResult:
+    """``noperm``: each contrast's p from the closed-form permutation moments (:func:`gpuconn.stats.accel.noperm_p`)."""
+    results = []
+    for c in prepared.contrasts:
+        if not _contains_ones(to_host(c.model.nuisance)):
+            raise InputError(f"--accel noperm needs the intercept among the nuisance regressors ({c.name} has none); "
+                             "add a column of ones (or -D), or use --accel tail or gamma")
+        stat = to_host(c.observed)
+        p = _accel.noperm_p(to_host(c.model.rows[:c.model.rank]), to_host(c.residuals), stat, c.kind)
+        z = t_to_z(stat, c.model.dof) if c.kind == "t" else f_to_z(stat, c.model.rank, c.model.dof)
+        results.append(ContrastResult(c.name, c.kind, c.matrix, c.model.df, stat, z.astype(np.float32), p,
+                                      np.full(p.shape, np.nan), fdr_adjust(p), np.empty(0, np.float32)))
+    record = {**prepared.accel.record(), "rearrangements_evaluated": 0}
+    return PermutationTestResult(results, prepared.scheme, str(prepared.device), 0, 0.0, accel=record)
 
 
 def plan_chunk(contrasts: list[_Contrast], device: torch.device, n_items: int) -> int:
@@ -984,9 +1007,9 @@ def randomise(
     progress : bool, default True
     runner : callable, optional
         As in :func:`run_permutation_test` (Dask: :func:`gpuconn.stats.dask_runner.dask_runner`).
-    accel : {'tail', 'gamma', 'negbin'}, optional
-        As in :func:`prepare_permutation_test`; ``negbin`` has no FWER p
-        (``voxelwise`` must be False).
+    accel : {'tail', 'gamma', 'negbin', 'noperm'}, optional
+        As in :func:`prepare_permutation_test`; ``negbin`` and ``noperm``
+        have no FWER p (``voxelwise`` must be False).
     accel_g1out : bool
         As in :func:`prepare_permutation_test`.
 
@@ -994,8 +1017,8 @@ def randomise(
     -------
     PermutationTestResult
     """
-    if accel == "negbin" and voxelwise:
-        raise InputError("--accel negbin has no FWER p (no voxel sees every rearrangement); drop -x, or use "
+    if accel in _accel.NO_FWER and voxelwise:
+        raise InputError(f"--accel {accel} has no FWER p (there is no null of the maximum); drop -x, or use "
                          "--accel tail")
     img = load_image(input_path, ndim=4, what="input (-i)")
     n_obs = img.shape[3]
