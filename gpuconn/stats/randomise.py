@@ -807,14 +807,13 @@ def run_chunk_loop(
 def _p_values(c: _Contrast, key: str, observed: np.ndarray, n_perm: int, counts: dict, null_max: np.ndarray,
               accel: _accel.Accel | None, state: dict | None) -> tuple[np.ndarray, np.ndarray]:
     """Uncorrected and FWER p of one statistic: counted, or from the acceleration's fits."""
-    p_unc = to_host(counts[(c.name, key)]).astype(np.float64) / n_perm
+    count = to_host(counts[(c.name, key)])
     if accel is None:
-        return p_unc, _fwe_p(null_max, observed)
+        return count.astype(np.float64) / n_perm, _fwe_p(null_max, observed)
     if accel.mode == "negbin":
-        stopped = to_host(state["stopped"])
-        return _accel.negbin_p(to_host(counts[(c.name, key)]), stopped, n_perm, accel.negbin_r), \
-            np.full(observed.shape, np.nan)
-    return (_accel.accel_p(accel, observed, to_host(counts[(c.name, key)]), to_host(state["accel"][key])),
+        no_fwer = np.full(observed.shape, np.nan)
+        return _accel.negbin_p(count, to_host(state["stopped"]), n_perm, accel.negbin_r), no_fwer
+    return (_accel.accel_p(accel, observed, count, to_host(state["accel"][key])),
             _accel.accel_fwe_p(accel, observed, null_max))
 
 
@@ -908,7 +907,7 @@ def write_outputs(
             image(1 - c.p_fwe, f"vox_corrp_{c.name}")
         if fdr:
             image(1 - c.p_fdr, f"vox_fdrp_{c.name}")
-        if c.null_max.size:  # negbin has no null of the maximum
+        if c.null_max.size:  # negbin and noperm have no null of the maximum
             null(c.null_max, c.name)
         for key, mapped in c.spatial.items():
             if key in write_raw:
