@@ -81,6 +81,7 @@ from scipy import special
 
 __all__ = [
     "MODES",
+    "NO_FWER",
     "TAIL_THRESHOLD",
     "NEGBIN_R",
     "Accel",
@@ -530,10 +531,12 @@ def merge_state(accel: Accel, first: torch.Tensor, second: torch.Tensor) -> torc
     ``tail``: the ``keep`` largest values of both (exact, whatever the
     order); ``gamma``: power sums added (``first + second``).
     """
+    first = torch.as_tensor(first)
+    second = torch.as_tensor(second).to(first.device)
     if accel.mode == "tail":
-        both = torch.cat([torch.as_tensor(first), torch.as_tensor(second).to(torch.as_tensor(first).device)])
+        both = torch.cat([first, second])
         return both.topk(min(accel.keep, both.shape[0]), dim=0).values
-    return torch.as_tensor(first) + torch.as_tensor(second).to(torch.as_tensor(first).device)
+    return first + second
 
 
 def chunk_state(accel: Accel, values: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
