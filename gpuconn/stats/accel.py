@@ -402,12 +402,13 @@ def gamma_p(z: np.ndarray, skewness: np.ndarray, floor: float) -> np.ndarray:
     return np.where(skewness == 0, special.ndtr(-z), p)
 
 
-def _gamma_p_from_sums(sums: np.ndarray, n_perm: int, offset: np.ndarray, p_empirical: np.ndarray) -> np.ndarray:
-    """Gamma p of values ``offset`` above the centre the power ``sums`` were taken about."""
-    shift, variance, skew = gamma_moments(sums, n_perm)
+def _gamma_p_from_sums(sums: np.ndarray, n: int, offset: np.ndarray, p_empirical: np.ndarray,
+                       floor: float) -> np.ndarray:
+    """Gamma p of values ``offset`` above the centre the power ``sums`` (of ``n`` values) were taken about."""
+    shift, variance, skew = gamma_moments(sums, n)
     with np.errstate(divide="ignore", invalid="ignore"):
         z = (offset - shift) / np.sqrt(variance)
-    p = gamma_p(z, skew, 1 / n_perm)
+    p = gamma_p(z, skew, floor)
     return np.where((variance > 0) & np.isfinite(p), p, p_empirical)
 
 
@@ -555,7 +556,8 @@ def accel_p(accel: Accel, observed: np.ndarray, count: np.ndarray, state: np.nda
     p_empirical = (np.asarray(count, np.float64) - out) / accel.null_size
     if accel.mode == "tail":
         return tail_p(observed, p_empirical, gpd_fit(state, accel.null_size))
-    return _gamma_p_from_sums(state, accel.null_size, 0.0, p_empirical)  # sums about the observed value
+    # sums about the observed value; PALM's floor is 1 / n_perm, the identity out or in
+    return _gamma_p_from_sums(state, accel.null_size, 0.0, p_empirical, 1 / accel.n_perm)
 
 
 def accel_fwe_p(accel: Accel, observed: np.ndarray, null_max: np.ndarray) -> np.ndarray:
@@ -570,4 +572,4 @@ def accel_fwe_p(accel: Accel, observed: np.ndarray, null_max: np.ndarray) -> np.
         return tail_p(observed, p_empirical, gpd_fit(null[::-1, None], null.size))
     centre = null.mean()
     sums = np.stack([((null - centre) ** j).sum()[None] for j in (1, 2, 3)])
-    return _gamma_p_from_sums(sums, null.size, observed - centre, p_empirical)
+    return _gamma_p_from_sums(sums, null.size, observed - centre, p_empirical, 1 / accel.n_perm)
