@@ -105,7 +105,7 @@ def null_fwer(args) -> list[dict]:
     positives = {name: 0 for name, _ in modes}
     seconds = {name: 0.0 for name, _ in modes}
     for s in range(args.sets):
-        data, design, contrast = _two_sample(args.null_obs, args.null_voxels, 1000 + s, 0.0)
+        data, design, contrast = _two_sample(args.null_obs, args.null_voxels, args.null_seed + s, 0.0)
         for name, kw in modes:
             result, elapsed = _run(data, design, contrast, n_perm=args.null_perm, seed=s, **kw)
             c = result.contrasts[0]
@@ -159,6 +159,7 @@ def main() -> None:
     parser.add_argument("--null-obs", type=int, default=20)
     parser.add_argument("--null-voxels", type=int, default=200)
     parser.add_argument("--null-perm", type=int, default=500)
+    parser.add_argument("--null-seed", type=int, default=1000, help="data seed of the first null set")
     parser.add_argument("--tfce-sets", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
