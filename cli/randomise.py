@@ -192,7 +192,9 @@ def randomise(
     if not quiet:
         scheme = result.scheme
         kind = "exhaustive" if scheme.exhaustive else "random"
+        done = (result.accel or {}).get("rearrangements_evaluated", scheme.n_perm)  # negbin may stop, noperm runs none
         typer.echo(
-            f"randomise: {scheme.n_perm} {kind} rearrangements ({scheme.method}) of {len(result.contrasts)} "
-            f"contrast(s) on {result.device} in {result.seconds:.1f} s; outputs {output_root}_*"
+            f"randomise: {done} {kind} rearrangements ({scheme.method}) of {len(result.contrasts)} "
+            f"contrast(s) on {result.device} in {result.seconds:.1f} s"
+            + (f" (--accel {accel})" if accel else "") + f"; outputs {output_root}_*"
         )

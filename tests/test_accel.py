@@ -307,6 +307,9 @@ def test_checkpoint_resume_is_identical(mode, tmp_path):
         merger.add(start, start + 20, evaluate_chunk(prepared, start, start + 20, running=merger.running()
                                                      if mode == "negbin" else None))
     key = run_key(prepared)
+    other = "tail" if mode != "tail" else "gamma"
+    assert run_key(prepare_permutation_test(data, design, contrast, n_perm=240, seed=3, device="cpu", chunk=20,
+                                            accel=other)) != key  # a checkpoint of another mode is refused
     save_checkpoint(tmp_path / "c.npz", key, merger, 100)
     restored, done = load_checkpoint(tmp_path / "c.npz", key, prepared)
     resumed = run_chunk_loop(prepared, False, merger=restored, done=done)
@@ -447,8 +450,17 @@ def test_cli_uncorrected_only_modes(mode, images, tmp_path):
     assert record["accel"]["mode"] == mode and record["accel"]["fwer"] is None
 
 
+def test_cli_reports_what_noperm_ran(images, tmp_path, capsys):
+    assert run(["randomise", "-i", str(images / "data.nii.gz"), "-d", str(images / "design.mat"),
+                "-t", str(images / "design.con"), "--device", "cpu", "-o", str(tmp_path / "np"),
+                "--accel", "noperm"]) == 0
+    assert "randomise: 0 random rearrangements (permute) of 1 contrast(s)" in capsys.readouterr().out
+
+
 def test_cli_negbin_refuses_fwer(images, tmp_path, capsys):
     assert _cli(images, tmp_path / "x", "--accel", "negbin", "-x") != 0
     assert "--accel negbin has no FWER p" in capsys.readouterr().err
     assert _cli(images, tmp_path / "t", "--accel", "negbin", "-T") != 0
     assert "drop -T/-c/-C/-F/-S" in capsys.readouterr().err
+    assert _cli(images, tmp_path / "w", "--accel", "negbin", "--workers", "2") != 0
+    assert "--accel negbin runs chunk after chunk on the voxels still running; drop" in capsys.readouterr().err
