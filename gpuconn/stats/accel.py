@@ -63,6 +63,10 @@ How gpuconn differs from PALM, and why
   end is a run of ties reaching past the kept values cannot be placed
   exactly and is skipped as a failed fit (only statistics with atoms, such
   as a voxel's TFCE null with many zeros, can meet this).
+- Memory: ``tail`` keeps about a quarter of each voxel's null, per
+  statistic, on the run's device (float32: 500 rearrangements x 200,000
+  voxels is 100 MB, 10,000 is 2 GB); it is meant for few rearrangements,
+  as in the paper. ``gamma`` keeps three float64 sums per voxel.
 - A voxel whose null has zero variance keeps its empirical p (PALM would
   write NaN).
 - Power sums are added in rearrangement order, so a result does not depend

@@ -8,9 +8,11 @@ model (residualised data, contrast bases, the permutation scheme) is
 scattered to every worker once; each task draws its rearrangements from the
 same host-side generator (:meth:`gpuconn.stats.permute.PermutationScheme.chunk`,
 one ``SeedSequence(seed, spawn_key=(i,))`` per rearrangement) and returns
-only its per-rearrangement maxima and voxelwise exceedance counts, which the
-client merges in rearrangement order
-(:class:`gpuconn.stats.randomise.ChunkMerger`). The result is the same, bit
+only its per-rearrangement maxima and voxelwise exceedance counts (with
+``--accel tail``/``gamma`` also each voxel's kept tail values or power
+sums), which the client merges in rearrangement order
+(:class:`gpuconn.stats.randomise.ChunkMerger`). ``--accel negbin`` is
+refused here: each of its chunks depends on the ones before. The result is the same, bit
 for bit, whatever the number of workers, their order of completion or a
 retried task: the observed maps every chunk compares with travel in the
 prepared model, the counts are integer sums, the maxima are concatenated by
