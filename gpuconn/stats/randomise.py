@@ -648,7 +648,8 @@ def _negbin_chunk(accel: _accel.Accel, c: _Contrast, start: int, orders: torch.T
     total = exceed.cumsum(0)
     reached = total >= need
     hit = reached.any(0)
-    first = reached.to(torch.int8).argmax(0)
+    rows = torch.arange(stats.shape[0], device=device)[:, None]
+    first = torch.where(reached, rows, stats.shape[0]).amin(0)  # the row of the r-th exceedance
     count = torch.zeros(n_vox, dtype=torch.int64, device=device)
     count[index] = torch.minimum(total[-1], need)
     stopped = torch.zeros(n_vox, dtype=torch.int64, device=device)
