@@ -338,6 +338,18 @@ def test_dask_task_merges_sub_chunks_like_the_merger(mode, monkeypatch):
         np.testing.assert_array_equal(task["tstat1"]["count"][key], whole["tstat1"]["count"][key])
 
 
+@pytest.mark.parametrize("mode", ["tail", "gamma", "negbin"])
+def test_same_p_on_each_device(mode, device):
+    """One body on the CPU and (gpu-marked) on CUDA, held to the CPU run: the statistics are float64 rounded
+    once to float32, so the kept values, sums and counts agree; p to float64 rounding."""
+    data, design, contrast = _data()
+    kw = dict(n_perm=200, seed=2, chunk=64, accel=mode, spatial=None if mode == "negbin" else SPATIAL)
+    here = run_permutation_test(data, design, contrast, device=device, **kw).contrasts[0]
+    cpu = run_permutation_test(data, design, contrast, device="cpu", **kw).contrasts[0]
+    np.testing.assert_allclose(here.p_uncorrected, cpu.p_uncorrected, rtol=1e-9)
+    np.testing.assert_allclose(here.p_fwe, cpu.p_fwe, rtol=1e-9)
+
+
 def test_negbin_refuses_what_it_cannot_give():
     data, design, contrast = _data()
     with pytest.raises(InputError, match="uncorrected p only"):
