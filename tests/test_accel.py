@@ -101,12 +101,12 @@ def _all_statistics(prepared, contrast=0, key="vox"):
     """Every rearrangement's statistic (n_perm, n_voxels), rearrangement 0 the observed map."""
     c = prepared.contrasts[contrast]
     orders, signs = prepared.scheme.chunk(0, prepared.scheme.n_perm)
-    values = permuted_statistics(c.model, c.residuals, c.sum_squares, torch.as_tensor(orders),
-                                 torch.as_tensor(signs, dtype=torch.float64))
+    values = permuted_statistics(c.model, c.residuals, c.sum_squares, torch.as_tensor(orders, device=prepared.device),
+                                 torch.as_tensor(signs, dtype=torch.float64, device=prepared.device))
     values[0] = c.observed
     if key != "vox":
         values = c.transforms[key](values)
-    return values.numpy().astype(np.float64)
+    return values.cpu().numpy().astype(np.float64)
 
 
 def _data(seed=0, n=24, v=80, effect=1.5):
@@ -230,9 +230,9 @@ def test_noperm_applies_only_where_it_can():
 
 @pytest.mark.parametrize("g1out", [False, True])
 @pytest.mark.parametrize("mode", ["tail", "gamma"])
-def test_engine_equals_reference_on_the_same_rearrangements(mode, g1out):
+def test_engine_equals_reference_on_the_same_rearrangements(mode, g1out, device):
     data, design, contrast = _data()
-    prepared = prepare_permutation_test(data, design, contrast, n_perm=300, seed=4, device="cpu", chunk=37,
+    prepared = prepare_permutation_test(data, design, contrast, n_perm=300, seed=4, device=device, chunk=37,
                                         accel=mode, accel_g1out=g1out, spatial=SPATIAL)
     result = run_chunk_loop(prepared, False).contrasts[0]
     reference = _pareto_reference if mode == "tail" else lambda g, null: _gamma_reference(g, null, 300)
@@ -246,9 +246,9 @@ def test_engine_equals_reference_on_the_same_rearrangements(mode, g1out):
         assert (got.p_uncorrected < 0.01).any()
 
 
-def test_negbin_equals_sequential_rule_and_evaluates_fewer_voxels(monkeypatch):
+def test_negbin_equals_sequential_rule_and_evaluates_fewer_voxels(monkeypatch, device):
     data, design, contrast = _data(effect=0.8)
-    prepared = prepare_permutation_test(data, design, contrast, n_perm=400, seed=5, device="cpu", chunk=16,
+    prepared = prepare_permutation_test(data, design, contrast, n_perm=400, seed=5, device=device, chunk=16,
                                         accel="negbin")
     values = _all_statistics(prepared)
     observed = values[0]
@@ -336,18 +336,6 @@ def test_dask_task_merges_sub_chunks_like_the_merger(mode, monkeypatch):
         else:
             np.testing.assert_allclose(a, b, rtol=1e-12)
         np.testing.assert_array_equal(task["tstat1"]["count"][key], whole["tstat1"]["count"][key])
-
-
-@pytest.mark.parametrize("mode", ["tail", "gamma", "negbin"])
-def test_same_p_on_each_device(mode, device):
-    """One body on the CPU and (gpu-marked) on CUDA, held to the CPU run: the statistics are float64 rounded
-    once to float32, so the kept values, sums and counts agree; p to float64 rounding."""
-    data, design, contrast = _data()
-    kw = dict(n_perm=200, seed=2, chunk=64, accel=mode, spatial=None if mode == "negbin" else SPATIAL)
-    here = run_permutation_test(data, design, contrast, device=device, **kw).contrasts[0]
-    cpu = run_permutation_test(data, design, contrast, device="cpu", **kw).contrasts[0]
-    np.testing.assert_allclose(here.p_uncorrected, cpu.p_uncorrected, rtol=1e-9)
-    np.testing.assert_allclose(here.p_fwe, cpu.p_fwe, rtol=1e-9)
 
 
 def test_negbin_refuses_what_it_cannot_give():
