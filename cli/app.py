@@ -13,11 +13,12 @@ import signal
 import sys
 import threading
 import warnings
+from typing import Any
 
 import typer
 from rich.console import Console
 
-from gpuconn.core.errors import GpuconnError
+from gpuconn.core.errors import GpuconnError, OptionError
 from gpuconn.core.io import command_line, output_transaction
 
 from . import roi, seed
@@ -137,6 +138,21 @@ def _expand_multi_value(argv: list[str]) -> list[str]:
     return out
 
 
+def option_flags(command: Any, argv: list[str]) -> dict[str, str]:
+    """Parameter name -> the flag that sets it, for the (sub)command ``argv`` invokes.
+
+    The first flag an option declares (``--dim`` for ``dim``, ``--nj`` for
+    ``n_jumps``): the name an :class:`~gpuconn.core.errors.OptionError` is
+    shown with on the command line.
+    """
+    for token in argv:  # typer vendors its own click: go by attributes, not classes
+        subcommands = getattr(command, "commands", {})
+        if token not in subcommands:
+            break
+        command = subcommands[token]
+    return {p.name: p.opts[0] for p in command.params if p.param_type_name == "option" and p.name}
+
+
 def _run(argv: list[str]) -> int:
     argv = _expand_multi_value(argv)
     command = typer.main.get_command(app)
@@ -147,6 +163,10 @@ def _run(argv: list[str]) -> int:
             command.main(args=argv, prog_name="gpuconn", standalone_mode=True)
     except SystemExit as exc:  # usage errors, --help and normal ends exit here
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except OptionError as exc:
+        flags = option_flags(command, argv)
+        _err.print(f"gpuconn: error: {exc.named(lambda name: flags.get(name, name))}", markup=False)
+        return 2
     except GpuconnError as exc:
         _err.print(f"gpuconn: error: {exc}", markup=False)
         return 2

@@ -18,8 +18,8 @@ def clusters(
     corrp: Annotated[
         Optional[Path], typer.Option("--corrp", help="randomise *_corrp_* map (1-p): adds the smallest corrected p per cluster.")
     ] = None,
-    atlas: Annotated[Optional[Path], typer.Option("--atlas", help="Integer atlas image on the same grid.")] = None,
-    atlas_labels: Annotated[
+    atlas_path: Annotated[Optional[Path], typer.Option("--atlas", help="Integer atlas image on the same grid.")] = None,
+    atlas_labels_path: Annotated[
         Optional[Path], typer.Option("--atlas-labels", help="TSV with columns index and name for --atlas.")
     ] = None,
     connectivity: Annotated[int, typer.Option("--connectivity", help="6, 18 or 26 (FSL cluster: 26).")] = 26,
@@ -31,8 +31,8 @@ def clusters(
     from gpuconn.stats.tables import write_cluster_table
 
     result = write_cluster_table(
-        stat, output_root, threshold=threshold, mask_path=mask, corrp_path=corrp, atlas_path=atlas,
-        atlas_labels_path=atlas_labels, connectivity=connectivity, min_voxels=min_voxels, maxima=maxima,
+        stat, output_root, threshold=threshold, mask_path=mask, corrp_path=corrp, atlas_path=atlas_path,
+        atlas_labels_path=atlas_labels_path, connectivity=connectivity, min_voxels=min_voxels, maxima=maxima,
         min_distance_mm=peak_distance,
     )
     table = result.table

@@ -43,19 +43,26 @@ def denoise(
     tr: Annotated[float | None, typer.Option("--tr", help="Repetition time in s (default: the BOLD header).")] = None,
     min_dof: Annotated[int, typer.Option("--min-dof", help="Least residual degrees of freedom accepted.")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Runs regressed together on the device.")] = 1,
+    overwrite: Annotated[bool, Flag("--overwrite", help="Recompute runs whose outputs exist from the same inputs and settings (default: skip them, e.g. after an interrupted run).")] = False,
     device: Device = "auto",
     dask_scheduler: DaskScheduler = None,
     workers: Workers = None,
     quiet: Quiet = False,
 ) -> None:
-    """Regress motion, physiological, aCompCor and outlier regressors with the high-pass in one model, then smooth."""
+    """Regress motion, physiological, aCompCor and outlier regressors with the high-pass in one model, then smooth.
+
+    Runs whose outputs already exist from the same inputs and settings are
+    skipped (--overwrite recomputes them). Ctrl-C or SIGTERM keeps the runs
+    already written and exits 130; rerunning the command finishes the rest.
+    """
     import warnings
 
     from gpuconn.core.errors import InputError
     from gpuconn.core.feat import feat_runs
+    from gpuconn.core.io import keep_outputs
     from gpuconn.core.progress import progress_bar
     from gpuconn.core.tasks import dask_client
-    from gpuconn.subject.denoise import DenoiseOptions, RunFiles, collect_runs, denoise_runs, prepare_run
+    from gpuconn.subject.denoise import DenoiseOptions, RunFiles, collect_runs, denoise_runs, finished_run, prepare_run
 
     options = DenoiseOptions(
         motion=motion, acompcor=acompcor, acompcor_mode=acompcor_mode, tissue_threshold=tissue_threshold,
@@ -86,13 +93,26 @@ def denoise(
         if mask is None:
             raise InputError("--bold needs --mask (the brain mask on the BOLD grid)")
         files, out_dirs = [RunFiles(bold=bold, mask=mask, **single)], [out]
+    done = [not overwrite and finished_run(f, d, options) for f, d in zip(files, out_dirs)]
+    if any(done):
+        typer.echo(f"gpuconn denoise: {sum(done)} of {len(files)} run(s) already denoised in {out} from the same inputs "
+                   "and settings, skipped (--overwrite recomputes them)")
+        files, out_dirs = [f for f, d in zip(files, done) if not d], [o for o, d in zip(out_dirs, done) if not d]
     with warnings.catch_warnings():  # the full pass warns about the real design
         warnings.simplefilter("ignore")
         for f in files:  # every input checked before any output is written
             prepare_run(f, options, device=device, load_data=False)
-    with dask_client(scheduler=dask_scheduler, workers=workers) as client:  # None: one process
-        # with Dask: one task per batch of runs, written by the workers, and a bar over the tasks
-        with progress_bar("denoise", len(files), enabled=not quiet and client is None) as advance:
-            written = list(denoise_runs(files, out_dirs, options, device=device, batch_size=batch_size, on_run=advance,
-                                        client=client, progress=not quiet))
+    written: list[dict] = []
+    try:
+        with dask_client(scheduler=dask_scheduler, workers=workers) as client:  # None: one process
+            # with Dask: one task per batch of runs, written by the workers, and a bar over the tasks
+            with progress_bar("denoise", len(files), enabled=not quiet and client is None) as advance:
+                for paths in denoise_runs(files, out_dirs, options, device=device, batch_size=batch_size,
+                                          on_run=advance, client=client, progress=not quiet):
+                    written.append(paths)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI raises it as Ctrl-C): keep the complete runs
+        keep_outputs([p for paths in written for p in paths.values()])
+        typer.echo(f"gpuconn denoise: interrupted after {len(written)} of {len(files)} run(s); their outputs are kept "
+                   f"in {out}, and rerunning the same command skips them", err=True)
+        raise typer.Exit(130) from None
     typer.echo(f"gpuconn denoise: {len(written)} run(s) -> {out}")

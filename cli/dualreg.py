@@ -26,14 +26,14 @@ def dualreg(
         bool,
         Flag("--des-norm/--no-des-norm", help="Normalise stage-2 regressors to unit std (FSL's des_norm=1)."),
     ] = True,
-    batch: Annotated[
+    batch_size: Annotated[
         int | None,
         typer.Option("--batch", help="Subjects per device batch (default: from free memory); with Dask, per task (default 1)."),
     ] = None,
-    design: Annotated[
+    design_path: Annotated[
         Path | None, typer.Option("-d", "--design", help="Stage 3: group design.mat (one row per subject).")
     ] = None,
-    contrasts: Annotated[Path | None, typer.Option("-t", "--contrasts", help="Stage 3: design.con.")] = None,
+    contrast_path: Annotated[Path | None, typer.Option("-t", "--contrasts", help="Stage 3: design.con.")] = None,
     one_sample: Annotated[
         bool, Flag("-1", "--one-sample", help="Stage 3: group-mean test instead of -d/-t.")
     ] = False,
@@ -41,7 +41,7 @@ def dualreg(
         int,
         typer.Option("-n", "--n-perm", help="Stage 3 permutations: 0 none, 1 raw t maps, >1 randomise with TFCE."),
     ] = 0,
-    out_varcb: Annotated[
+    varcb: Annotated[
         bool, Flag("--out-varcb", help="Also write dr_stage2_subjectNNNNN_varcb.nii.gz (fsl_glm --out_varcb).")
     ] = False,
     seed: Seed = 0,
@@ -66,9 +66,9 @@ def dualreg(
     with memory_cap(max_memory):
         with dask_client(scheduler=dask_scheduler, workers=workers) as client:  # None: one process
             result = dual_regression(
-                maps, subjects, out_dir, mask_path=mask, des_norm=des_norm, device=device, batch_size=batch,
-                design_path=design, contrast_path=contrasts, one_sample=one_sample, n_perm=n_perm, seed=seed,
-                progress=not quiet, client=client, varcb=out_varcb,
+                maps, subjects, out_dir, mask_path=mask, des_norm=des_norm, device=device, batch_size=batch_size,
+                design_path=design_path, contrast_path=contrast_path, one_sample=one_sample, n_perm=n_perm,
+                seed=seed, progress=not quiet, client=client, varcb=varcb,
             )
     if not quiet:
         Console(stderr=True).print(

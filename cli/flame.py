@@ -7,7 +7,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import Device, Flag
+from gpuconn.stats.options import GrfOptions, McmcOptions
+
+from .options import ClusterP, ClusterZ, Device, Flag, stage_options
+
+_GRF = GrfOptions()
+_MCMC = McmcOptions()
 
 
 def flame(
@@ -20,32 +25,29 @@ def flame(
     mask: Annotated[Optional[Path], typer.Option("--mask", help="Mask (default: voxels non-zero in some cope).")] = None,
     run_mode: Annotated[str, typer.Option("--runmode", help="fe, ols, flame1 or flame12.")] = "flame1",
     log_dir: Annotated[Path, typer.Option("--ld", help="Output folder (flameo's logdir).")] = Path("stats"),
-    cluster_z: Annotated[float, typer.Option("--cluster-z", help="Cluster-forming z threshold.")] = 2.3,
-    cluster_p: Annotated[float, typer.Option("--cluster-p", help="GRF cluster p threshold.")] = 0.05,
+    cluster_z: ClusterZ = _GRF.cluster_z,
+    cluster_p: ClusterP = _GRF.cluster_p,
     no_clusters: Annotated[bool, Flag("--no-clusters", help="Skip the GRF cluster inference.")] = False,
-    n_jumps: Annotated[int, typer.Option("--nj", help="flame12: MCMC jumps per voxel.")] = 5000,
-    burnin: Annotated[int, typer.Option("--bi", help="flame12: jumps discarded at the start.")] = 500,
-    sample_every: Annotated[int, typer.Option("--se", help="flame12: jumps per sample.")] = 1,
-    fix_mean: Annotated[bool, Flag("--fm", help="flame12: fix the t-fit mean at FLAME1's estimate.")] = False,
-    z_lower: Annotated[float, typer.Option("--zlt", help="flame12: lower z of the band sent to MCMC.")] = 2.0,
-    z_upper: Annotated[float, typer.Option("--zut", help="flame12: upper z of the band sent to MCMC.")] = 20.0,
-    sigma_dof: Annotated[float, typer.Option("--sdof", help="flame12: sigma (mm) smoothing the MCMC dof; -1 off.")] = 1.0,
-    seed: Annotated[int, typer.Option("--seed", help="flame12: seed of the MCMC random numbers.")] = 10,
+    n_jumps: Annotated[int, typer.Option("--nj", help="flame12: MCMC jumps per voxel.")] = _MCMC.n_jumps,
+    burnin: Annotated[int, typer.Option("--bi", help="flame12: jumps discarded at the start.")] = _MCMC.burnin,
+    sample_every: Annotated[int, typer.Option("--se", help="flame12: jumps per sample.")] = _MCMC.sample_every,
+    fix_mean: Annotated[bool, Flag("--fm", help="flame12: fix the t-fit mean at FLAME1's estimate.")] = _MCMC.fix_mean,
+    z_lower: Annotated[float, typer.Option("--zlt", help="flame12: lower z of the band sent to MCMC.")] = _MCMC.z_lower,
+    z_upper: Annotated[float, typer.Option("--zut", help="flame12: upper z of the band sent to MCMC.")] = _MCMC.z_upper,
+    sigma_dof_mm: Annotated[
+        float, typer.Option("--sdof", help="flame12: sigma (mm) smoothing the MCMC dof; -1 off.")
+    ] = _MCMC.sigma_dof_mm,
+    seed: Annotated[int, typer.Option("--seed", help="flame12: seed of the MCMC random numbers.")] = _MCMC.seed,
     device: Device = "auto",
 ) -> None:
     """Mixed-effects GLM on first-level copes/varcopes (flameo), GRF cluster-corrected (as FEAT)."""
-    from gpuconn.core.errors import InputError
-    from gpuconn.stats.flame import McmcOptions, run_flame
+    from gpuconn.stats.flame import run_flame
 
-    if n_jumps <= burnin or burnin < 0 or sample_every < 1:
-        raise InputError(f"--nj {n_jumps} --bi {burnin} --se {sample_every}: need 0 <= --bi < --nj and --se >= 1")
-    mcmc = McmcOptions(n_jumps=n_jumps, burnin=burnin, sample_every=sample_every, seed=seed, fix_mean=fix_mean,
-                       z_lower=z_lower, z_upper=z_upper, sigma_dof_mm=sigma_dof)
-
+    mcmc = stage_options(McmcOptions, locals())
+    clusters = None if no_clusters else stage_options(GrfOptions, locals())
     tables = run_flame(
         cope, varcope, design_mat, design_con, log_dir, ftest_path=design_fts, groups_path=design_grp,
-        mask_path=mask, run_mode=run_mode, z_threshold=None if no_clusters else cluster_z, cluster_p=cluster_p,
-        device=device, mcmc=mcmc,
+        mask_path=mask, run_mode=run_mode, clusters=clusters, device=device, mcmc=mcmc,
     )
     for name, table in tables.items():
         typer.echo(f"flame: {name}: {len(table)} cluster(s) with z > {cluster_z:g} and GRF p < {cluster_p:g}")

@@ -7,26 +7,30 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import Device, Flag, image_root
+from gpuconn.stats.options import GrfOptions
+
+from .options import ClusterP, ClusterZ, Device, Flag, image_root, stage_options
+
+_GRF = GrfOptions()
 
 
 def glm(
     input_image: Annotated[Path, typer.Option("-i", help="4D input image, one volume per subject/observation.")],
     output_root: Annotated[Path, typer.Option("-o", callback=image_root, help="Output root: <root>_zstat1.nii.gz, <root>_cluster_zstat1.tsv ...")],
-    design_mat: Annotated[Optional[Path], typer.Option("-d", help="Design matrix (FSL VEST design.mat).")] = None,
-    design_con: Annotated[Optional[Path], typer.Option("-t", help="t contrasts (FSL VEST design.con).")] = None,
+    design_path: Annotated[Optional[Path], typer.Option("-d", help="Design matrix (FSL VEST design.mat).")] = None,
+    contrast_path: Annotated[Optional[Path], typer.Option("-t", help="t contrasts (FSL VEST design.con).")] = None,
     mask: Annotated[Optional[Path], typer.Option("-m", help="Mask image (default: voxels non-zero in some volume).")] = None,
     one_sample: Annotated[bool, Flag("-1", help="One-sample group mean; no -d/-t.")] = False,
-    cluster_z: Annotated[float, typer.Option("--cluster-z", help="Cluster-forming z threshold.")] = 2.3,
-    cluster_p: Annotated[float, typer.Option("--cluster-p", help="GRF cluster p threshold.")] = 0.05,
+    cluster_z: ClusterZ = _GRF.cluster_z,
+    cluster_p: ClusterP = _GRF.cluster_p,
     device: Device = "auto",
 ) -> None:
     """Parametric GLM with Gaussian-random-field cluster correction (as FSL easythresh)."""
     from gpuconn.stats.grf import parametric_glm
 
     tables = parametric_glm(
-        input_image, output_root, design_path=design_mat, contrast_path=design_con, mask_path=mask,
-        one_sample=one_sample, z_threshold=cluster_z, cluster_p=cluster_p, device=device,
+        input_image, output_root, design_path=design_path, contrast_path=contrast_path, mask_path=mask,
+        one_sample=one_sample, clusters=stage_options(GrfOptions, locals()), device=device,
     )
     for name, table in tables.items():
         typer.echo(f"glm: {name}: {len(table)} cluster(s) with z > {cluster_z:g} and GRF p < {cluster_p:g}")

@@ -10,7 +10,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .options import Device, Quiet, Seed
+from gpuconn.maps.options import ICAOptions
+
+from .options import Device, Quiet, Seed, stage_options
+
+_DEFAULTS = ICAOptions()
 
 app = typer.Typer(
     help="Group ICA by temporal concatenation (MELODIC-like outputs) and matching of components to templates.",
@@ -22,19 +26,20 @@ app = typer.Typer(
 def ica_run(
     subjects: Annotated[list[Path], typer.Argument(help="Subjects' 4D series on one grid (e.g. denoised, MNI).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created).")],
-    dim: Annotated[int, typer.Option("--dim", "-d", help="Number of components.")] = 10,
+    dim: Annotated[int, typer.Option("--dim", "-d", help="Number of components.")] = _DEFAULTS.dim,
     mask: Annotated[
         Path | None,
         typer.Option("--mask", "-m", help="3D mask; default: voxels varying over time in every subject."),
     ] = None,
     subject_dim: Annotated[
         int | None, typer.Option("--subject-dim", help="Temporal PCs kept per subject (default max(2*dim, 20)).")
-    ] = None,
+    ] = _DEFAULTS.subject_dim,
     internal_dim: Annotated[
         int | None, typer.Option("--internal-dim", help="MIGP rows kept between subjects (default max(5*dim, 50)).")
-    ] = None,
-    max_iter: Annotated[int, typer.Option("--max-iter", help="FastICA iteration limit.")] = 1000,
-    seed: Seed = 0,
+    ] = _DEFAULTS.internal_dim,
+    max_iter: Annotated[int, typer.Option("--max-iter", help="FastICA iteration limit.")] = _DEFAULTS.max_iter,
+    tol: Annotated[float, typer.Option("--tol", help="FastICA convergence tolerance.")] = _DEFAULTS.tol,
+    seed: Seed = _DEFAULTS.seed,
     device: Device = "auto",
     quiet: Quiet = False,
 ) -> None:
@@ -45,10 +50,8 @@ def ica_run(
     """
     from gpuconn.maps.ica import run_group_ica
 
-    result = run_group_ica(
-        subjects, out_dir, mask_path=mask, dim=dim, subject_dim=subject_dim, internal_dim=internal_dim,
-        seed=seed, device=device, max_iter=max_iter, progress=not quiet,
-    )
+    options = stage_options(ICAOptions, locals())
+    result = run_group_ica(subjects, out_dir, options, mask_path=mask, device=device, progress=not quiet)
     if not result.converged:
         Console(stderr=True).print(
             f"warning: FastICA did not converge in {max_iter} iterations; raise --max-iter or lower --dim"

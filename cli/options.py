@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -79,3 +81,18 @@ MaxMemory = Annotated[
     typer.Option("--max-memory", parser=parse_memory, metavar="SIZE",
                  help="Cap the device memory gpuconn plans to use (e.g. 2GB, 512MiB) on a shared GPU/host."),
 ]
+
+
+ClusterZ = Annotated[float, typer.Option("--cluster-z", help="Cluster-forming z threshold (GRF).")]
+ClusterP = Annotated[float, typer.Option("--cluster-p", help="GRF cluster p threshold.")]
+
+
+def stage_options(cls: type, arguments: Mapping[str, Any]) -> Any:
+    """A stage's options object from a command's arguments (its ``locals()``).
+
+    Every field of the dataclass ``cls`` is a parameter of the command, of
+    the same name (so an :class:`~gpuconn.core.errors.OptionError` about a
+    field is shown with that parameter's flag), and its default is the
+    field's default.
+    """
+    return cls(**{f.name: arguments[f.name] for f in dataclasses.fields(cls)})

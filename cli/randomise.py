@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
 from .options import DaskScheduler, Device, Flag, MaxMemory, Quiet, Seed, Workers, image_root, parse_count
 
-InputImage = Annotated[Path, typer.Option("-i", help="4D input image, one volume per subject/observation.")]
+InputImage = Annotated[List[Path], typer.Option("-i", help="4D input image, one volume per subject/observation. Repeat for several inputs (same design, grid and mask, same rearrangements): each input's files then take the root <root>_m1, <root>_m2, ...")]
 OutputRoot = Annotated[Path, typer.Option("-o", callback=image_root, help="Output root; files are <root>_tstat1.nii.gz, ...")]
 DesignMat = Annotated[Optional[Path], typer.Option("-d", help="Design matrix (FSL VEST design.mat).")]
 DesignCon = Annotated[Optional[Path], typer.Option("-t", help="t contrasts (FSL VEST design.con).")]
 DesignFts = Annotated[Optional[Path], typer.Option("-f", help="F tests (FSL VEST design.fts).")]
 DesignGrp = Annotated[Optional[Path], typer.Option("-e", help="Exchangeability blocks (FSL VEST design.grp).")]
+VarianceGroups = Annotated[Optional[str], typer.Option("--vg", help="Variance groups (PALM -vg): a VEST design.grp with one integer per volume, or 'auto' (the -e blocks; with --permute-blocks one group per position in a block). With two or more groups, t contrasts use Aspin-Welch v and F tests PALM's G (weighted least squares with per-group variances, Welch-Satterthwaite df per voxel), written under the usual names (<root>_tstat1 holds v); the max statistic, TFCE and clusters use their z.")]
 Mask = Annotated[Optional[Path], typer.Option("-m", help="Mask image (default: voxels non-zero in some volume).")]
 NPerm = Annotated[int, typer.Option("-n", parser=parse_count, help="Number of permutations (identity included; 5000 or 1e6); 0 = exhaustive.")]
 OneSample = Annotated[bool, Flag("-1", help="One-sample group mean test (sign flipping); no -d/-t.")]
@@ -63,6 +64,10 @@ AccelOut = Annotated[
          "uses (PALM's -accel tail out); more accurate where effects are strong, but a p can be 0 where no fit is "
          "accepted."),
 ]
+CorrCon = Annotated[bool, Flag("--corrcon", help="FWER across all contrasts (PALM -corrcon): each rearrangement's maximum over the contrasts, as z at each one's df; writes <root>_vox_ccorrp_* (and <root>_tfce_ccorrp_* etc.; 1-p).")]
+CorrMod = Annotated[bool, Flag("--corrmod", help="FWER across the inputs (PALM -corrmod; several -i): <root>_m<k>_vox_mcorrp_*; with --corrcon, across inputs and contrasts: <root>_m<k>_vox_mccorrp_* (1-p).")]
+Npc = Annotated[Optional[str], typer.Option("--npc", help="Non-parametric combination of the inputs (PALM -npc; several -i): fisher, stouffer or tippett, of each statistic's one-sided parametric p; writes <root>_npc_<method>_tstat1 (Tippett: max z), <root>_npc_<method>_vox_corrp_* (1-p) and <root>_perm_npc_<method>_*.txt; not checkpointed.")]
+SaveParametric = Annotated[bool, Flag("--save-parametric", help="Write the parametric p of each statistic (PALM -saveparametric; t one-sided, F upper tail) as <root>_vox_parap_* (1-p).")]
 Method = Annotated[
     str,
     typer.Option(
@@ -80,6 +85,7 @@ def randomise(
     design_fts: DesignFts = None,
     design_grp: DesignGrp = None,
     mask: Mask = None,
+    variance_groups: VarianceGroups = None,
     n_perm: NPerm = 5000,
     one_sample: OneSample = False,
     demean: Demean = False,
@@ -108,6 +114,10 @@ def randomise(
     resume: Resume = False,
     checkpoint_interval: CheckpointInterval = 10.0,
     max_memory: MaxMemory = None,
+    corrcon: CorrCon = False,
+    corrmod: CorrMod = False,
+    npc: Npc = None,
+    save_parametric: SaveParametric = False,
     quiet: Quiet = False,
 ) -> None:
     """Permutation inference for the GLM (Freedman-Lane, max-statistic FWER), like FSL randomise.
@@ -122,7 +132,8 @@ def randomise(
     from gpuconn.core.io import output_lock
     from gpuconn.stats.checkpoint import Interrupted, checkpoint_path, checkpoint_runner
     from gpuconn.stats.dask_runner import permutation_runner
-    from gpuconn.stats.randomise import randomise as run
+    from gpuconn.stats.combine import input_roots
+    from gpuconn.stats.combine import randomise_inputs as run
 
     from gpuconn.stats.spatial import spatial_transforms
     from gpuconn.stats.tfce import TFCE_2D, TFCE_DEFAULTS
@@ -143,6 +154,9 @@ def randomise(
         problem = compile_kernels(device)  # now, not mid-run; Dask workers compile their own
         if problem is not None:
             typer.echo(f"warning: {problem}; TFCE and cluster statistics use their slower fallbacks", err=True)
+    if accel is not None and (corrcon or corrmod or npc is not None):
+        raise InputError(f"--accel {accel} is not combined with --corrcon/--corrmod/--npc (their p come from the "
+                         "counted nulls); drop one of them")
     if accel == "negbin" and runner is not None:  # noperm has nothing to distribute and ignores the runner
         raise InputError("--accel negbin runs chunk after chunk on the voxels still running; drop "
                          "--dask-scheduler/--workers")
@@ -150,13 +164,18 @@ def randomise(
         raise InputError("--resume needs the single-process runner; drop --dask-scheduler/--workers")
     if checkpoint_interval < 0:
         raise InputError(f"--checkpoint-interval must be >= 0 seconds, got {checkpoint_interval}")
-    checkpoint = checkpoint_path(output_root)
+    if npc is not None and resume:
+        raise InputError("--npc is not checkpointed; drop --resume (or --npc)")
     options = {"tfce": tfce_params, "tfce_method": method_tfce, "c": cluster_t, "C": cluster_mass_t,
                "F": cluster_f, "S": cluster_mass_f, "accel": accel, "accel_out": accel_out}
-    runner = runner or checkpoint_runner(checkpoint, resume=resume, options=options, interval=checkpoint_interval)
+    dask = runner
+
+    def runner_for(root: str):  # one checkpoint per input: <root>_checkpoint.npz, <root>_m1_checkpoint.npz...
+        return dask or checkpoint_runner(checkpoint_path(root), resume=resume, options=options,
+                                         interval=checkpoint_interval)
     try:
         with memory_cap(max_memory), output_lock(output_root):
-            result = run(
+            results = run(
                 input_image,
                 output_root,
                 design_path=design_mat,
@@ -164,6 +183,7 @@ def randomise(
                 ftest_path=design_fts,
                 groups_path=design_grp,
                 mask_path=mask,
+                variance_groups_path=variance_groups,
                 one_sample=one_sample,
                 n_perm=n_perm,
                 demean=demean,
@@ -179,7 +199,11 @@ def randomise(
                 write_raw=("tfce",),
                 params={"options": options},
                 progress=not quiet,
-                runner=runner,
+                runner_for=runner_for,
+                corrcon=corrcon,
+                corrmod=corrmod,
+                npc=npc,
+                save_parametric=save_parametric,
                 accel=accel,
                 accel_g1out=accel_out,
             )
@@ -188,13 +212,15 @@ def randomise(
         typer.echo(f"randomise: interrupted after {stop.done} of {stop.n_perm} rearrangements; {saved}: rerun the "
                    "same command with --resume to continue", err=True)
         raise typer.Exit(130) from None
-    checkpoint.unlink(missing_ok=True)
+    for root in input_roots(output_root, len(input_image)):
+        checkpoint_path(root).unlink(missing_ok=True)
     if not quiet:
+        result = results[0]
         scheme = result.scheme
         kind = "exhaustive" if scheme.exhaustive else "random"
         done = (result.accel or {}).get("rearrangements_evaluated", scheme.n_perm)  # negbin may stop, noperm runs none
         typer.echo(
             f"randomise: {done} {kind} rearrangements ({scheme.method}) of {len(result.contrasts)} "
-            f"contrast(s) on {result.device} in {result.seconds:.1f} s"
+            f"contrast(s) of {len(results)} input(s) on {result.device} in {sum(r.seconds for r in results):.1f} s"
             + (f" (--accel {accel})" if accel else "") + f"; outputs {output_root}_*"
         )

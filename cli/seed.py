@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from gpuconn.maps import ROI_RADIUS_MM, SEED_RADIUS_MM
+
 from .options import DaskScheduler, Derivatives, Device, FeatDirs, Flag, Participants, Quiet, Space, Workers
 
 BoldFiles = Annotated[list[Path], typer.Option("--bold", help="4D BOLD file (repeatable); needs --mask.")]
@@ -16,8 +18,13 @@ Mask = Annotated[
 BoldDesc = Annotated[
     str, typer.Option("--bold-desc", help="desc- entity of the BOLD files under --derivatives (e.g. preproc, denoised).")
 ]
-Radius = Annotated[list[float], typer.Option("--radius", help="Sphere radius in mm: once for all, or once per coordinate.")]
+Radius = Annotated[list[float], typer.Option(
+    "--radius", help=f"Sphere radius in mm: once for all, or once per coordinate (default {SEED_RADIUS_MM:g} mm for seeds, "
+                     f"{ROI_RADIUS_MM:g} mm for ROIs, the study's).")]
 Name = Annotated[list[str], typer.Option("--name", help="Name per coordinate (letters and digits).")]
+AtlasLabels = Annotated[Path | None, typer.Option(
+    "--atlas-labels", help="Label table of the atlas images given: 'index' and 'name' columns (BIDS dseg.tsv) or lines "
+                           "'<index> <name>' (default: the .tsv beside the atlas); names its regions.")]
 Mirror = Annotated[bool, Flag("--mirror", help="Also use each coordinate sphere mirrored to (-x, y, z) as a separate region.")]
 Bilateral = Annotated[bool, Flag("--bilateral", help="Make each coordinate sphere the union with its mirror (one bilateral region).")]
 
@@ -46,8 +53,9 @@ def seed(
     mirror: Mirror = False,
     bilateral: Bilateral = False,
     seed_table: Annotated[Path | None, typer.Option("--seed-table", help="TSV: name, x, y, z, radius[, mirror] or name, image[, label].")] = None,
-    seed_mask: Annotated[list[Path], typer.Option("--seed-mask", help="Seed from a mask image (voxels > 0; repeatable).")] = [],
-    seed_label: Annotated[list[str], typer.Option("--seed-label", help="Seed from an atlas label, ATLAS:LABEL (a number, or a name from an AFNI atlas's label table; repeatable).")] = [],
+    seed_mask: Annotated[list[Path], typer.Option("--seed-mask", help="Seed from a mask image (voxels > 0), or one seed per label of an atlas image (whole-number labels; repeatable).")] = [],
+    seed_label: Annotated[list[str], typer.Option("--seed-label", help="Seed from an atlas label, ATLAS:LABEL (a number, or a name from the atlas's label table; repeatable).")] = [],
+    atlas_labels: AtlasLabels = None,
     layout: Annotated[str, typer.Option("--layout", help="subject: a 4D file per run (a volume per seed); seed: a 4D file per seed (a volume per run, for randomise).")] = "subject",
     beta: Annotated[bool, Flag("--beta", help="Also write regression beta maps (voxel on seed).")] = False,
     glm: Annotated[str | None, typer.Option("--glm", help="GLM mode (film or none prewhitening): cope/varcope/tstat/zstat per run and seed instead of r/z.")] = None,
@@ -65,7 +73,7 @@ def seed(
 
     regions = regions_from_options(
         coords=seed_coord, radii=radius, names=name, mirror=mirror_mode(mirror, bilateral),
-        table=seed_table, masks=seed_mask, labels=seed_label, what="seed",
+        table=seed_table, masks=seed_mask, labels=seed_label, atlas_labels=atlas_labels, what="seed",
     )  # fmt: skip
     inputs = [BoldInput(run.label, run.bold, mask or run.mask) for run in feat_runs(feat)]
     if bold or derivatives is not None or not feat:
@@ -75,11 +83,11 @@ def seed(
     if glm is not None:  # first-level GLM mode (gpuconn.maps.firstlevel): inputs for gpuconn flame
         from gpuconn.maps.firstlevel import seed_glm_maps
 
-        written = seed_glm_maps(inputs, regions, out, prewhiten=glm, device=device, params={"command": "gpuconn seed --glm"})
+        written = seed_glm_maps(inputs, regions, out, prewhiten=glm, device=device, params={"command": "gpuconn seed --glm", "atlas_labels": atlas_labels})
         typer.echo(f"gpuconn seed --glm {glm}: {len(regions)} seed(s) x {len(inputs)} run(s) -> {len(written)} file(s) in {out}")
         return
     stats = ["r", "z"] + (["beta"] if beta else [])
-    params = {"command": "gpuconn seed", "layout": layout}
+    params = {"command": "gpuconn seed", "layout": layout, "atlas_labels": atlas_labels}
     with dask_client(scheduler=dask_scheduler, workers=workers) as client:  # None: one process; else a task per run
         written = compute_seed_maps(
             inputs, regions, out, layout=layout, stats=stats, device=device, progress=not quiet, params=params,

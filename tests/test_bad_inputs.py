@@ -213,6 +213,13 @@ def _feat_without_reg(ws: dict) -> Path:
     return folder
 
 
+def _atlas(ws: dict) -> Path:
+    """An atlas of two labels (1 and 2) inside the mask."""
+    labels = np.zeros(SHAPE)
+    labels[1:3, 1:6, 1:4], labels[3:5, 1:6, 1:4] = 1, 2
+    return _image(ws["in"] / "atlas.nii.gz", labels)
+
+
 def _text(ws: dict, name: str, text: str) -> Path:
     path = ws["in"] / name
     path.write_text(text)
@@ -347,6 +354,19 @@ def _cases() -> list[Case]:
              lambda ws: {"c": _text(ws, "censor_s_combined_2.1D", "1\n" * (N_VOLUMES + 2))},
              extra=[("--censor-file", "{c}")], expect=("censor_s_combined_2.1D", f"{N_VOLUMES + 2} rows")),
         Case("confounds-missing-column", "denoise", extra=[("--column", "not_a_column")], expect=("not_a_column",)),
+        Case("high-pass-above-nyquist", "denoise", extra=[("--high-pass", "0.3")],
+             expect=("--high-pass 0.3 Hz", "Nyquist frequency 0.25 Hz", "TR 2 s")),
+        Case("motion-par-in-degrees", "denoise",
+             lambda ws: {"m": _text(ws, "degrees.par", "".join(f"{8 * np.sin(t / 9):.4f} 0.5 -1 0.1 0.2 0.3\n"
+                                                                for t in range(N_VOLUMES)))},
+             extra=[("--motion-par", "{m}")], expect=("degrees.par", "look like degrees", "radians")),
+        Case("max-memory-too-small", "randomise", extra=[("--max-memory", "1KB")],
+             expect=("--max-memory 1000 bytes is too small", "at least")),
+        Case("max-memory-too-small", "dualreg", extra=[("--max-memory", "1KB")],
+             expect=("--max-memory 1000 bytes is too small", "at least")),
+        Case("participants-comma-separated-tsv", "design",
+             lambda ws: {"participants": _text(ws, "comma.tsv", pd.read_csv(ws["participants"], sep="\t").to_csv(index=False))},
+             expect=("comma.tsv", "comma-separated", ".csv")),
         Case("confounds-missing-values", "denoise",
              lambda ws: _confounds_case(ws, lambda t: t.assign(trans_x=t.trans_x.where(t.index != 7))),
              expect=("bad_confounds",)),
@@ -360,6 +380,14 @@ def _cases() -> list[Case]:
         Case("dim-above-volumes", "ica-run", extra=[("-d", "500")], expect=("--dim",)),
         Case("seed-outside-grid", "seed", extra=[("--seed-coord", "300,0,0")], expect=("300",)),
         Case("roi-outside-grid", "roi", extra=[("--roi-coord", "300,0,0")], expect=("300",)),
+        Case("atlas-without-label-in-table", "roi",
+             lambda ws: {"atlas": _atlas(ws), "t": _text(ws, "rois.tsv", "name\timage\nparc\tatlas.nii.gz\n")},
+             extra=[("--roi-table", "{t}")], expect=("atlas.nii.gz", "holds 2 labels", "--roi-mask")),
+        Case("atlas-label-table-without-columns", "roi",
+             lambda ws: {"atlas": _atlas(ws), "l": _text(ws, "labels.tsv", "id\tlabel\n1\ta\n2\tb\n")},
+             extra=[("--roi-mask", "{atlas}"), ("--atlas-labels", "{l}")], expect=("labels.tsv", "'index'", "'name'")),
+        Case("atlas-label-name-without-table", "roi", lambda ws: {"atlas": _atlas(ws)},
+             extra=[("--roi-label", "{atlas}:Insula")], expect=("--roi-label", "atlas.nii.gz", "--atlas-labels")),
         Case("design-missing-values", "design",
              lambda ws: _participants_case(ws, lambda t: t.assign(age=t.age.where(t.index != 2))),
              expect=("age",)),
@@ -555,3 +583,42 @@ def test_output_transaction_semantics(tmp_path):
             write_text(tmp_path / "kept.txt", "z")
             raise SystemExit(0)
     assert (tmp_path / "kept.txt").exists()
+
+
+def test_participants_csv_is_read(ws, capsys):
+    """Documented: a participants file named .csv is read comma-separated (the same design as the TSV)."""
+    csv = ws["in"] / "participants.csv"
+    pd.read_csv(ws["participants"], sep="\t").to_csv(csv, index=False)
+    assert run(_argv("design", ws, {}, [])) == 0, capsys.readouterr().err
+    assert run(_argv("design", ws, {"participants": csv, "out": ws["out"] / "csv"}, [])) == 0, capsys.readouterr().err
+    assert (ws["out"] / "csv" / "des.mat").read_text() == (ws["out"] / "des.mat").read_text()
+
+
+@pytest.mark.parametrize("form", ["separate", "equals"])
+def test_negative_seed_coord_and_default_radius(form, ws, capsys):
+    """``--seed-coord -2,-4,0`` and ``--seed-coord=-2,-4,0`` (a negative first number) both work; no --radius: 6 mm."""
+    argv = [t for t in _argv("seed", ws, {}, []) if t not in ("--radius", "6")]
+    at = argv.index("--seed-coord")
+    argv[at: at + 2] = ["--seed-coord", "-2,-4,0"] if form == "separate" else ["--seed-coord=-2,-4,0"]
+    assert run(argv) == 0, capsys.readouterr().err
+    sidecar = next((ws["out"] / "seed").glob("*.json"))
+    seeds = json.loads(sidecar.read_text())["Parameters"]["seeds"]
+    assert seeds == [{"name": "seed1", "centers_mm": [[-2.0, -4.0, 0.0]], "radius_mm": 6.0}]
+
+
+def test_rotations_like_degrees_warn(ws, capsys):
+    """Rotations above 0.5 rad (but below 2 pi) run, with a one-line warning that they look like degrees."""
+    par = _text(ws, "deg.par", "".join(f"{2 * np.sin(t / 9):.4f} 0.5 -1 0.1 0.2 0.3\n" for t in range(N_VOLUMES)))
+    assert run(_argv("denoise", ws, {}, [("--motion-par", str(par)), ("--outlier-metric", "none")])) == 0
+    err = capsys.readouterr().err
+    assert "gpuconn: warning: motion parameters" in err and "deg.par" in err and "look like degrees" in err, err
+
+
+def test_participant_ids_spelled_as_in_the_table(ws, capsys):
+    """Documented: participant_id values such as 001 stay 001 in the outputs (read as text, not as the number 1)."""
+    table = pd.read_csv(ws["participants"], sep="\t")
+    table["participant_id"] = [f"{i:03d}" for i in range(len(table))]
+    table.to_csv(ws["in"] / "bare.tsv", sep="\t", index=False)
+    assert run(_argv("design", ws, {"participants": ws["in"] / "bare.tsv"}, [])) == 0, capsys.readouterr().err
+    written = pd.read_csv(ws["out"] / "des.tsv", sep="\t", dtype=str)
+    assert written["participant_id"].tolist() == table["participant_id"].tolist()

@@ -494,3 +494,49 @@ def test_probseg_at_another_resolution_is_resampled_to_the_bold_grid(tmp_path, r
         resampled = dn.prepare_run(dn.RunFiles(bold=files.bold, mask=files.mask, confounds=files.confounds,
                                                wm=tmp_path / "wm_res-1.nii.gz", csf=tmp_path / "csf.nii.gz"), options)
     np.testing.assert_allclose(resampled.design.to_numpy(float), same.design.to_numpy(float), rtol=1e-6, atol=1e-9)
+
+
+def test_cli_denoise_sigterm_keeps_finished_runs_and_a_rerun_skips_them(study, tmp_path, capsys, monkeypatch):
+    """SIGTERM (handled as Ctrl-C) during the 2nd run: exit 130 with one line, the 1st run's outputs stay (the
+    2nd leaves nothing), a rerun skips the 1st and says so, --overwrite and a changed setting recompute (#16 item 4)."""
+    import os
+    import signal
+
+    from gpuconn.cli.app import run
+
+    out = tmp_path / "den"
+    argv = ["denoise", "--derivatives", str(study.root), "--participant-label", "001", "004", "--fwhm", "0",
+            "--out", str(out), "--quiet", "--device", "cpu"]
+    files, out_dirs = dn.collect_runs(study.root, out, participant_label=["001", "004"])
+    assert len(files) >= 3
+    real, calls = dn.clean_runs, []
+
+    def clean(runs, **kwargs):
+        calls.append(runs[0].files.bold.name)
+        if interrupt and len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the CLI's handler raises KeyboardInterrupt here
+        return real(runs, **kwargs)
+
+    monkeypatch.setattr(dn, "clean_runs", clean)
+    interrupt = True
+    capsys.readouterr()
+    assert run(argv) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == (f"gpuconn denoise: interrupted after 1 of {len(files)} run(s); their outputs are kept in {out}, "
+                           "and rerunning the same command skips them")
+    first = dn.output_paths(files[0], out_dirs[0])
+    assert all(p.exists() for p in first.values())
+    kept = sorted(p.name for p in out.rglob("*") if p.is_file())
+    assert kept == sorted([*(p.name for p in first.values()), first["bold"].name.replace(".nii.gz", ".json")])
+    stamp = first["bold"].stat().st_mtime_ns
+    interrupt, calls[:] = False, []
+    assert run(argv) == 0
+    assert (f"1 of {len(files)} run(s) already denoised in {out} from the same inputs and settings, skipped "
+            "(--overwrite recomputes them)") in capsys.readouterr().out
+    assert len(calls) == len(files) - 1 and files[0].bold.name not in calls
+    assert first["bold"].stat().st_mtime_ns == stamp
+    calls[:] = []
+    assert run([*argv, "--overwrite"]) == 0 and len(calls) == len(files)
+    calls[:] = []
+    assert run([*argv, "--fwhm", "4"]) == 0 and len(calls) == len(files)  # another setting (the last --fwhm): redone
+    assert "skipped" not in capsys.readouterr().out

@@ -101,6 +101,16 @@ def test_negbin_needs_one_process(client, two_sample):
                              runner=gd.dask_runner(client, device="cpu"))
 
 
+def test_variance_groups_on_dask_equal_one_process(client, two_sample):
+    data, design, contrasts = two_sample
+    kw = dict(ftests=np.array([[1, 1]]), n_perm=120, seed=4, device="cpu",
+              variance_groups=np.r_[np.ones(6), np.full(12, 2)])
+    single = run_permutation_test(data, design, contrasts, **kw)
+    spread = run_permutation_test(data, design, contrasts, **kw, runner=gd.dask_runner(client, device="cpu", chunk=17))
+    _assert_same(single, spread)
+    assert spread["tstat1"].statistic == "Aspin-Welch v" and spread["fstat1"].statistic == "G"
+
+
 def test_sign_flips_exhaustive_and_spatial_statistic_on_dask(client, rng):
     mask = np.zeros((5, 6, 4), dtype=bool)
     mask[1:4, 1:5, 1:3] = True
@@ -302,7 +312,7 @@ def test_option_errors(capsys):
     with pytest.raises(InputError, match="not both"):
         with tasks.dask_client(scheduler="tcp://127.0.0.1:1", workers=2):
             pass
-    with pytest.raises(InputError, match="--workers must be >= 1, got 0"):
+    with pytest.raises(InputError, match="^workers must be >= 1, got 0$"):
         with tasks.dask_client(workers=0):
             pass
     with tasks.dask_client() as none:
@@ -372,7 +382,7 @@ def test_dualreg_on_dask_equals_one_process(client, dualreg_inputs, tmp_path, ba
     maps, bolds = dualreg_inputs
     with _one_thread():  # as a worker: stage 1 reduces over voxels, which MKL splits across threads
         local = dual_regression(maps, bolds, tmp_path / "single", device="cpu", batch_size=batch_size or 1)
-    threads = dual_regression(maps, bolds, tmp_path / "threads", device="cpu", batch_size=batch_size or 1)
+    dual_regression(maps, bolds, tmp_path / "threads", device="cpu", batch_size=batch_size or 1)
     spread = dual_regression(maps, bolds, tmp_path / "dask", device="cpu", batch_size=batch_size, client=client)
     assert spread == replace(local, out_dir=tmp_path / "dask", mask=tmp_path / "dask" / "mask.nii.gz",
                              **{f: [tmp_path / "dask" / p.name for p in getattr(local, f)]
@@ -388,6 +398,21 @@ def test_dualreg_on_dask_equals_one_process(client, dualreg_inputs, tmp_path, ba
     assert sorted(p.name for p in (tmp_path / "dask").iterdir()) == sorted([*a, "dualreg.json"])  # no staging left
     meta = json.loads((tmp_path / "dask" / "dualreg.json").read_text())["Parameters"]
     assert meta["device"] == "dask (cpu)"
+
+
+def test_dualreg_varcb_on_dask_equals_one_process(client, dualreg_inputs, tmp_path):
+    """--out-varcb in Dask tasks: the same files, bit for bit, as one process."""
+    from gpuconn.maps.dualreg import dual_regression
+
+    maps, bolds = dualreg_inputs
+    with _one_thread():  # as a worker
+        dual_regression(maps, bolds, tmp_path / "single", device="cpu", batch_size=1, varcb=True)
+    dual_regression(maps, bolds, tmp_path / "dask", device="cpu", batch_size=1, client=client, varcb=True)
+    a, b = _dualreg_outputs(tmp_path / "single"), _dualreg_outputs(tmp_path / "dask")
+    varcb = [name for name in a if name.endswith("_varcb.nii.gz")]
+    assert a.keys() == b.keys() and len(varcb) == len(bolds)
+    for name in varcb:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
 def test_dualreg_on_dask_checks_inputs_before_any_task(dualreg_inputs, tmp_path, rng):
@@ -438,7 +463,7 @@ def test_qc_on_dask_equals_one_process(client, study):
     spread = qc_table(sources, client=client, **thresholds)
     assert len(local) == 8  # 3 patients x 2 sessions + 2 controls
     pd.testing.assert_frame_equal(local, spread, check_exact=True)
-    with pytest.raises(InputError, match="--outlier-metric 'dvars'"):
+    with pytest.raises(InputError, match="^outlier_metric 'dvars'"):
         qc_table(sources, client=object(), outlier_metric="dvars")
 
 

@@ -244,6 +244,13 @@ def test_cli_dualreg(tmp_path, rng, capsys):
     rc = run(["dualreg", str(maps_path), str(tmp_path / "missing.nii.gz"), "-o", str(out), "-q"])
     err = capsys.readouterr().err
     assert rc == 2 and "subject series file not found" in err and "missing.nii.gz" in err
+    # the library's option messages, shown with the flags typed
+    rc = run(["dualreg", str(maps_path), *map(str, subjects), "-o", str(out), "-1", "-q", "--device", "cpu"])
+    assert rc == 2
+    assert "error: a design (-d/-t or -1) was given but -n is 0; give -n N to run randomise on each map\n" in (
+        capsys.readouterr().err)
+    rc = run(["dualreg", str(maps_path), *map(str, subjects), "-o", str(out), "--batch", "0", "-q"])
+    assert rc == 2 and "error: --batch must be at least 1, got 0\n" in capsys.readouterr().err
 
 
 def test_stage3_randomise_on_each_component(tmp_path, rng):
@@ -266,7 +273,7 @@ def test_stage3_design_is_checked_before_any_work(tmp_path, rng):
         dual_regression(maps_path, subjects, tmp_path / "dr", device="cpu", design_path=mat,
                         contrast_path=con, n_perm=10)
     _assert_no_output(tmp_path / "dr")
-    with pytest.raises(InputError, match="a design .* was given but -n is 0"):
+    with pytest.raises(InputError, match="a design .design_path/contrast_path or one_sample. was given but n_perm is 0"):
         dual_regression(maps_path, subjects, tmp_path / "dr", device="cpu", one_sample=True)
     with pytest.raises(InputError, match="not both or neither"):
         dual_regression(maps_path, subjects, tmp_path / "dr", device="cpu", n_perm=5)

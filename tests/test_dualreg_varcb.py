@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
-import pytest
 
 from gpuconn.cli.app import run
 from gpuconn.maps.dualreg import dual_regression
@@ -52,14 +51,10 @@ def test_varcb_is_the_variance_of_the_stage2_betas(tmp_path, rng):
         np.testing.assert_allclose(varcb, expected, rtol=2e-4)
 
 
-def test_varcb_off_by_default_and_refused_with_dask(tmp_path, rng):
+def test_varcb_off_by_default(tmp_path, rng):
     maps_path, subjects, _ = _study(tmp_path, rng)
     dual_regression(maps_path, subjects, tmp_path / "plain", device="cpu")
     assert not list((tmp_path / "plain").glob("*_varcb.nii.gz"))
-    from gpuconn.core.errors import InputError
-
-    with pytest.raises(InputError, match="--out-varcb is not available with --workers"):
-        dual_regression(maps_path, subjects, tmp_path / "dask", device="cpu", varcb=True, client=object())
 
 
 def test_cli_out_varcb(tmp_path, rng, capsys):

@@ -164,7 +164,7 @@ def test_constant_voxel_gives_zeros(rng):
         ("columns", "--dm has 20 columns for 20 subjects: no residual degrees of freedom"),
         ("groups", "--cs has 19 rows but there are 20 subjects"),
         ("shape", "--cope has shape (20, 4) but --varcope has (20, 3)"),
-        ("mode", "--runmode 'flame3' is not one of fe, ols, flame1, flame12"),
+        ("mode", "run_mode 'flame3' is not one of fe, ols, flame1, flame12"),  # the CLI says --runmode
     ],
 )
 def test_bad_inputs_are_named(rng, change, message):

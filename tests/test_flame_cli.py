@@ -142,3 +142,13 @@ def test_flame12_from_the_command_line(inputs, tmp_path, capsys):
     mask = np.asarray(nib.load(inputs["mask"]).dataobj) > 0
     dof = np.asarray(nib.load(out / "tdof_t1.nii.gz").dataobj)[mask]
     assert np.any(dof != N_SUBJECTS - 2) and np.all(dof >= 1)  # stage-2 voxels carry their fitted, smoothed dof
+
+
+def test_mcmc_and_cluster_options_are_checked_once_and_named_as_flags(inputs, tmp_path, capsys):
+    """McmcOptions and GrfOptions check the values; the CLI shows the flags the user typed."""
+    assert run(_argv(inputs, tmp_path / "stats", runmode="flame12", nj=100, bi=200)) == 2
+    assert "error: --nj 100, --bi 200, --se 1: need 0 <= --bi < --nj and --se >= 1\n" in capsys.readouterr().err
+    assert run(_argv(inputs, tmp_path / "stats") + ["--cluster-p", "1.5"]) == 2
+    assert "error: --cluster-p must be in (0, 1], got 1.5\n" in capsys.readouterr().err
+    assert not (tmp_path / "stats").exists()
+

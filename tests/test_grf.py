@@ -19,6 +19,7 @@ from gpuconn.stats.grf import (
     expected_clusters,
     grf_cluster_p,
     ols_residuals,
+    parametric_glm,
 )
 
 
@@ -157,3 +158,10 @@ def test_glm_cli_errors(tmp_path, capsys):
     assert rc == 2
     assert "--cluster-z must be above 1" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4, 6), np.float32), np.eye(4)), tmp_path / "in.nii.gz")
+    rc = run(["glm", "-i", str(tmp_path / "in.nii.gz"), "-o", str(tmp_path / "g"), "-1", "-d", "design.mat"])
+    assert rc == 2
+    assert "error: -1 (one-sample) builds its own design; drop -d/-t or drop -1\n" in capsys.readouterr().err
+    with pytest.raises(InputError, match=r"^one_sample \(one-sample\) builds its own design; drop design_path/"):
+        parametric_glm(tmp_path / "in.nii.gz", tmp_path / "g", one_sample=True, design_path="design.mat")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.nii.gz"]

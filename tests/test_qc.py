@@ -35,7 +35,7 @@ def test_exclusion_reasons_and_thresholds():
     assert relaxed["excluded"] is False
     rms = motion_summary(params, outlier_metric="rms", outlier_threshold=0.05)
     assert rms["n_outliers"] == 9
-    with pytest.raises(InputError, match="--outlier-metric 'dvars' is not one of fd, rms"):
+    with pytest.raises(InputError, match="^outlier_metric 'dvars' is not one of fd, rms$"):
         motion_summary(params, outlier_metric="dvars")
 
 

@@ -120,6 +120,25 @@ def test_interrupt_then_resume_is_identical(kind, inputs, reference, tmp_path, m
     _assert_same(_outputs(root), reference[kind])
 
 
+def test_two_inputs_interrupt_then_resume_is_identical(inputs, tmp_path, monkeypatch, capsys):
+    """Several inputs: one checkpoint per input root (<root>_m1_checkpoint.npz); --corrmod after the resume."""
+    img = nib.load(str(inputs["maps"]))
+    second = tmp_path / "maps2.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj) * 2.0 + 1.0, img.affine), str(second))
+    extra = ("-i", str(second), "--corrmod")
+    assert run(_argv(inputs, tmp_path / "ref" / "r", *extra)) == 0
+    root = tmp_path / "two" / "r"
+    _interrupt_after(monkeypatch, N_PERM // 2)
+    assert run(_argv(inputs, root, *extra)) == 130
+    assert checkpoint_path(f"{root}_m1").exists()
+    monkeypatch.undo()
+    assert run(_argv(inputs, root, *extra, "--resume")) == 0, capsys.readouterr().err
+    assert not list(root.parent.glob("*checkpoint*"))
+    reference = _outputs(tmp_path / "ref" / "r")
+    assert "r_m2_vox_mcorrp_tstat1.nii.gz" in reference
+    _assert_same(_outputs(root), reference)
+
+
 def test_resume_with_another_chunk_size(inputs, reference, tmp_path, monkeypatch):
     """Chunk boundaries after the resume differ from those before: same results."""
     root = tmp_path / "plain"

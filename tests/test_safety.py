@@ -95,7 +95,7 @@ def test_ctrl_c_saves_the_checkpoint_now_and_says_how_to_resume(one_sample, monk
     monkeypatch.setattr(engine, "evaluate_chunk", evaluate)
     root = one_sample / "grp"
     # checkpoints are due only every hour: the interrupt itself must write one
-    argv = _randomise(one_sample, root, "--max-memory", "4KB", "--checkpoint-interval", "3600")
+    argv = _randomise(one_sample, root, "--max-memory", "10KB", "--checkpoint-interval", "3600")
     assert run(argv) == 130
     err = capsys.readouterr().err
     assert "interrupted after 8 of 20 rearrangements" in err and "--resume" in err
@@ -109,7 +109,7 @@ def test_n_accepts_scientific_notation_and_the_estimate_is_printed_in_logs(one_s
     from gpuconn.core import progress
 
     monkeypatch.setattr(progress, "ESTIMATE_FROM_S", 0.0)  # this run is short; say it anyway
-    argv = [a for a in _randomise(one_sample, one_sample / "g", "--max-memory", "4KB") if a != "-q"]
+    argv = [a for a in _randomise(one_sample, one_sample / "g", "--max-memory", "10KB") if a != "-q"]
     argv[argv.index("20")] = "2e1"
     assert run(argv) == 0
     err = capsys.readouterr().err

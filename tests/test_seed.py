@@ -16,8 +16,10 @@ from nilearn.maskers.nifti_spheres_masker import apply_mask_and_get_affinity
 
 from gpuconn.cli.app import run
 from gpuconn.core.errors import InputError
+from gpuconn.maps import ROI_RADIUS_MM, SEED_RADIUS_MM
 from gpuconn.maps.seed import FISHER_CLIP, compute_seed_maps, correlate_seeds, fisher_z
 from gpuconn.maps.series import BoldInput, bold_inputs
+from gpuconn.study.schema import _TABLES
 from gpuconn.maps.regions import (
     Region,
     image_region,
@@ -159,22 +161,27 @@ def test_image_and_atlas_regions(tmp_path):
     atlas[5:8, 5:8, 5:8] = 2
     nib.save(nib.Nifti1Image(atlas, affine), tmp_path / "atlas.nii.gz")
     ref = nib.Nifti1Image(np.zeros(SHAPE, dtype=np.float32), affine)
-    regions = [image_region(tmp_path / "atlas.nii.gz", label=7), image_region(tmp_path / "atlas.nii.gz")]
-    assert [r.name for r in regions] == ["atlaslabel7", "atlas"]
+    regions = [image_region(tmp_path / "atlas.nii.gz", label=7), image_region(tmp_path / "atlas.nii.gz", label=2)]
+    assert [r.name for r in regions] == ["atlaslabel7", "atlaslabel2"]
     masks = region_masks(regions, ref)
-    assert np.array_equal(masks[0], atlas == 7) and np.array_equal(masks[1], atlas > 0)
+    assert np.array_equal(masks[0], atlas == 7) and np.array_equal(masks[1], atlas == 2)
     other = nib.Nifti1Image(np.zeros(SHAPE, dtype=np.float32), AFFINES["iso2"])
     with pytest.raises(InputError, match="affine mismatch"):
         region_masks(regions, other)
     with pytest.raises(InputError, match=r"seed 'atlaslabel3' \(image .*atlas.nii.gz label 3\) has no voxel"):
         region_masks([image_region(tmp_path / "atlas.nii.gz", label=3)], ref)
-    # the same regions from a table (paths relative to it) and from options
-    (tmp_path / "seeds.tsv").write_text("name\timage\tlabel\nseven\tatlas.nii.gz\t7\nall\tatlas.nii.gz\tn/a\n")
+    # an atlas is never collapsed into one region: without a label it is refused (#16 item 11)
+    with pytest.raises(InputError, match=r"seed 'atlas': image .*atlas.nii.gz holds 2 labels \(an atlas\)"):
+        region_masks([image_region(tmp_path / "atlas.nii.gz")], ref)
+    # the same regions from a table (paths relative to it) and from options (a mask that is an atlas: a region per label)
+    (tmp_path / "seeds.tsv").write_text("name\timage\tlabel\nseven\tatlas.nii.gz\t7\ntwo\tatlas.nii.gz\t2\n")
     from_table = read_regions(tmp_path / "seeds.tsv")
-    assert [(r.name, r.label) for r in from_table] == [("seven", 7), ("all", None)]
+    assert [(r.name, r.label) for r in from_table] == [("seven", 7), ("two", 2)]
     np.testing.assert_array_equal(region_masks(from_table, ref), masks)
-    from_options = regions_from_options(labels=[f"{tmp_path / 'atlas.nii.gz'}:7"], masks=[tmp_path / "atlas.nii.gz"])
-    assert [r.name for r in from_options] == ["atlas", "atlaslabel7"]
+    from_options = regions_from_options(masks=[tmp_path / "atlas.nii.gz"])
+    assert [(r.name, r.label) for r in from_options] == [("atlaslabel2", 2), ("atlaslabel7", 7)]
+    np.testing.assert_array_equal(region_masks(from_options, ref), masks[::-1])
+    assert [r.name for r in regions_from_options(labels=[f"{tmp_path / 'atlas.nii.gz'}:7"])] == ["atlaslabel7"]
 
 
 def test_seed_table_and_options(tmp_path):
@@ -189,8 +196,10 @@ def test_seed_table_and_options(tmp_path):
     assert parse_coord(" -18, -38 ,72") == (-18.0, -38.0, 72.0)
     with pytest.raises(InputError, match=r"--seed-coord '1,2' is not x,y,z in mm; write it as e.g. --seed-coord -18,-38,72"):
         regions_from_options(coords=["1,2"], radii=[6])
-    with pytest.raises(InputError, match="--seed-coord needs --radius"):
-        regions_from_options(coords=["1,2,3"])
+    # no --radius: the study's radii (one constant each, shared with the study file's defaults)
+    assert regions_from_options(coords=["1,2,3"])[0].radius == SEED_RADIUS_MM == 6.0
+    assert regions_from_options(coords=["1,2,3"], what="roi")[0].radius == ROI_RADIUS_MM == 4.0
+    assert _TABLES["seeds"]["radius"] == SEED_RADIUS_MM and _TABLES["rois"]["radius"] == ROI_RADIUS_MM
     with pytest.raises(InputError, match="--radius was given 2 times for 3 --seed-coord"):
         regions_from_options(coords=["1,2,3"] * 3, radii=[4, 5], names=["a", "b", "c"])
     with pytest.raises(InputError, match="names must be unique; repeated: A"):

@@ -124,9 +124,9 @@ def test_planted_nuisance_and_qc_failure_are_in_the_data(study):
 
 
 def test_bad_sizes_are_clear_errors(tmp_path):
-    with pytest.raises(InputError, match="--n-patients must be >= 3"):
+    with pytest.raises(InputError, match="^n_patients must be >= 3"):
         simulate_study(tmp_path, n_patients=1)
-    with pytest.raises(InputError, match="--n-volumes must be >= 20"):
+    with pytest.raises(InputError, match="^n_volumes must be >= 20"):
         simulate_study(tmp_path, n_volumes=5)
 
 

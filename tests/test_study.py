@@ -119,6 +119,10 @@ def tiny(tmp_path_factory):
         (lambda t: t.replace('session = "change"', 'session = "post"').replace('group = "cLBP"\nsession', 'group = "HC"\nsession'), r"model 'pain_change' has no subject"),
         (lambda t: t.replace('covariates = ["age"]', 'covariates = ["pain_post"]').replace('contrast = "cLBP>HC"', 'contrast = "HC>HC"'), r"model 'patients_vs_controls'"),
         (lambda t: t.replace('"pain_post - pain_pre"', '"pain_post - pain_missing"'), r"derived\.pain_change"),
+        # a stage's options object checks its section, worded with the study's keys
+        (lambda t: t.replace("[inference]", "[ica]\ndim = 0\n[inference]"), r"bad\.toml: ica\.dim must be at least 1, got 0$"),
+        (lambda t: t.replace("[inference]", "[ica]\ndim = 4\nsubject_dim = 3\n[inference]"),
+         r": ica\.subject_dim \(3\) must be at least ica\.dim \(4\)$"),
     ],
 )
 def test_bad_study_files_are_one_line_errors(tiny, edit, message):
@@ -506,3 +510,29 @@ def test_permutation_cluster_tables_carry_the_corrected_p(tiny):
         table = pd.read_csv(path, sep="\t")
         assert "p_corrected_min" in table.columns
         assert (table["p_corrected_min"] <= 0.05 + 1e-12).all(), path.name
+
+
+def test_participant_ids_keep_the_participants_tsv_spelling(tiny, tmp_path):
+    """participants.tsv spelling ids without sub- (001): the study finds every subject, and the QC table, the
+    models and Table 1 carry participant_id as the table spells it (#16 item 10)."""
+    from gpuconn.study.runner import _Context, _step_qc, _step_table1
+    from gpuconn.study.schema import model_table
+
+    root, _, _ = tiny
+    table = pd.read_csv(root / "data" / "participants.tsv", sep="\t", dtype=str)
+    table["participant_id"] = table["participant_id"].str.removeprefix("sub-")
+    table.to_csv(root / "bare_participants.tsv", sep="\t", index=False)
+    path = _write(root, STUDY.replace('derivatives = "data"', 'derivatives = "data"\nparticipants = "bare_participants.tsv"'),
+                  name="bare.toml")
+    study = load_study(path)
+    assert {study.participant_id(r) for r in study.runs} == set(table["participant_id"]) and "002" in set(table["participant_id"])
+    ctx = _Context(study, tmp_path, "cpu", False)
+    _step_qc(ctx)
+    _step_table1(ctx)
+    qc = pd.read_csv(tmp_path / "qc" / "qc.tsv", sep="\t", dtype=str)
+    assert set(qc["participant_id"]) == set(table["participant_id"])
+    paired = next(m for m in study.section("models") if m["name"] == "post_vs_pre")
+    rows, _ = model_table(study, ctx.qc_table(), paired, study.runs)
+    assert len(rows) == 4 and set(rows["participant_id"]) <= set(table["participant_id"])
+    one = pd.read_csv(tmp_path / "table1.tsv", sep="\t").set_index("variable")
+    assert np.isfinite(one.loc["mean_rel_rms", "mean_A"])  # QC motion joined to the table by its spelling

@@ -17,6 +17,7 @@ import gc
 import importlib.resources
 import importlib.util
 import inspect
+import math
 import os
 import re
 import sys
@@ -27,7 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from .errors import GpuconnError
+from .errors import GpuconnError, OptionError
 
 __all__ = [
     "DATA_DTYPE",
@@ -498,6 +499,14 @@ def free_memory_bytes(device: torch.device) -> int:
     return free if cap is None else min(free, cap)
 
 
+def _readable(n_bytes: int) -> str:
+    """``1536000`` -> ``'1.5 MB'`` (decimal units, as --max-memory takes them)."""
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n_bytes >= size:
+            return f"{n_bytes / size:.3g} {unit}"
+    return f"{n_bytes} B"
+
+
 def chunk_size(
     bytes_per_item: int,
     device: torch.device,
@@ -525,10 +534,22 @@ def chunk_size(
     -------
     int
         At least ``minimum`` (and at least 1).
+
+    Raises
+    ------
+    OptionError
+        A :func:`memory_cap` (``max_memory``, ``--max-memory``) too small
+        for ``minimum`` items: the work cannot be done within it.
     """
     if bytes_per_item <= 0:
         raise ValueError(f"bytes_per_item must be positive, got {bytes_per_item}")
     budget = int(free_memory_bytes(device) * fraction)
+    cap = _MEMORY_CAP.get()
+    need = bytes_per_item * max(minimum, 1)
+    if cap is not None and int(cap * fraction) < need:
+        least = math.ceil(need / fraction)
+        raise OptionError(f"{{max_memory}} {cap} bytes is too small for this work: it needs at least {least} bytes "
+                          f"(about {_readable(least)}); raise {{max_memory}} or leave it out")
     size = max(minimum, 1, budget // bytes_per_item)
     if maximum is not None:
         size = min(size, maximum)

@@ -49,6 +49,7 @@ __all__ = [
     "existing_input",
     "output_lock",
     "output_transaction",
+    "keep_outputs",
     "save_image",
     "write_json",
     "write_tsv",
@@ -341,6 +342,20 @@ def output_transaction() -> Iterator[list[Path]]:
             parent.extend(created)
 
 
+def keep_outputs(paths) -> None:
+    """Keep ``paths`` and their JSON sidecars even if the enclosing :func:`output_transaction` fails.
+
+    For a multi-run command interrupted after some runs were complete (each
+    written atomically): the rollback then removes only the rest. Paths the
+    transaction did not create are ignored.
+    """
+    created = _created.get()
+    if created is None:
+        return
+    kept = {Path(p) for p in paths} | {sidecar_path(p) for p in paths}
+    created[:] = [p for p in created if p not in kept]
+
+
 @contextlib.contextmanager
 def output_lock(target: str | os.PathLike, *, folder: bool = False) -> Iterator[Path]:
     """Hold an advisory lock on an output root or folder while a command writes it.
@@ -619,14 +634,23 @@ def write_tsv(
 def read_tsv(path: str | os.PathLike, *, what: str = "table") -> pd.DataFrame:
     """Read a BIDS-style TSV (``n/a`` as missing) with a clear error when absent or malformed.
 
-    An AFNI ``.1D`` file (e.g. extra regressors) is read as a table with
-    :func:`gpuconn.core.afni.read_1d_table` (columns ``col0``, ``col1``... or
-    the ``ColumnLabels`` of an ``X.xmat.1D``).
+    A ``.csv`` file is read comma-separated; a file of another name whose
+    only column's header holds commas is refused, naming it (a CSV saved as
+    ``.tsv``). A ``participant_id`` column is read as text, as spelled
+    (``001`` stays ``001``). An AFNI ``.1D`` file (e.g. extra regressors) is
+    read as a table with :func:`gpuconn.core.afni.read_1d_table` (columns
+    ``col0``, ``col1``... or the ``ColumnLabels`` of an ``X.xmat.1D``).
     """
     if afni.is_1d(path):
         return afni.read_1d_table(path, what=what)
     path = existing_input(path, what=what)
+    sep = "," if path.suffix.lower() == ".csv" else "\t"
     try:
-        return pd.read_csv(path, sep="\t", na_values=["n/a", "NaN", "nan"], keep_default_na=True)
+        table = pd.read_csv(path, sep=sep, na_values=["n/a", "NaN", "nan"], keep_default_na=True,
+                            dtype={"participant_id": str})
     except Exception as exc:
         raise InputError(f"cannot read {what} {path}: {exc}") from exc
+    if sep == "\t" and table.shape[1] == 1 and "," in str(table.columns[0]):
+        raise InputError(f"{what} {path} is comma-separated (header {str(table.columns[0])!r}); "
+                         "save it tab-separated, or name it .csv")
+    return table

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, OptionError
 from .progress import progress_bar
 
 __all__ = ["require_distributed", "check_options", "dask_client", "n_workers", "map_tasks"]
@@ -88,7 +88,7 @@ def check_options(scheduler: str | None, workers: int | None) -> bool:
             "give --dask-scheduler (use a running cluster) or --workers N (start a local one), not both"
         )
     if workers is not None and workers < 1:
-        raise InputError(f"--workers must be >= 1, got {workers}")
+        raise OptionError(f"{{workers}} must be >= 1, got {workers}")
     require_distributed()
     return True
 

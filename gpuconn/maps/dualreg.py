@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from ..core.backend import DESIGN_DTYPE, as_data, chunk_size, resolve_device, run_chunked, to_numpy, uses_device
-from ..core.errors import InputError
+from ..core.errors import InputError, OptionError
 from ..core.io import (
     load_image,
     load_mask,
@@ -314,7 +314,7 @@ def dual_regression(
     varcb : bool, default False
         Also write ``dr_stage2_subjectNNNNN_varcb.nii.gz``, the variances of
         the stage-2 betas (``fsl_glm --out_varcb``), varcopes for ``gpuconn
-        flame``; not with ``client`` (Dask) yet.
+        flame``; also on Dask (``client``).
     device : str or torch.device, default 'auto'
     batch_size : int, optional
         Subjects per device batch; default from free memory (at most 32 on
@@ -359,6 +359,8 @@ def dual_regression(
     --------
     spatial_regression, temporal_regression : the two stages on tensors.
     """
+    if batch_size is not None and batch_size < 1:
+        raise OptionError(f"{{batch_size}} must be at least 1, got {batch_size}")
     worker_device = str(device)
     device = resolve_device(device)
     maps_path, out_dir = Path(maps_path), Path(out_dir)
@@ -382,11 +384,7 @@ def dual_regression(
         batch = batch_size or 1
     else:
         batch = batch_size or _default_batch(max(n_volumes), n_voxels, n_maps, device, len(paths))
-    if batch < 1:
-        raise InputError(f"--batch must be at least 1, got {batch}")
     _check_stage3(design_path, contrast_path, one_sample, n_perm, len(paths))
-    if varcb and client is not None:
-        raise InputError("--out-varcb is not available with --workers/--dask-scheduler yet; run it in one process")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".dualreg-", dir=out_dir))
@@ -402,7 +400,7 @@ def dual_regression(
                               device=device, batch=batch, advance=advance, stack=stack, varcb=varcb)
         else:
             _fit_on_dask(client, maps_path, paths, n_volumes, staging, des_norm=des_norm, device=worker_device,
-                         batch=batch, progress=progress)
+                         batch=batch, progress=progress, varcb=varcb)
             staged = [staging / f"dr_stage2_{_subject_name(i)}.nii.gz" for i in range(len(paths))]
             for index, betas in enumerate(iter_series(staged, mask, n_ahead=2)):  # (K, V) each
                 stack[:, index, :] = betas
@@ -491,38 +489,42 @@ def _fit_subjects(
 
 @uses_device
 def _fit_task(subjects: Sequence[tuple[int, Path, int]], *, maps_path: Path, staging: Path, des_norm: bool,
-              device: str) -> None:
+              device: str, varcb: bool) -> None:
     """One Dask task: stages 1 and 2 of ``subjects`` (number, file, volumes) as one device batch."""
     maps_img = load_image(maps_path, what="group maps")
     mask = np.asarray(load_image(staging / "mask.nii.gz", ndim=3, what="mask").dataobj) > 0
     indices, paths, n_volumes = zip(*subjects)
     _fit_subjects(maps_img, masked_data(maps_img, mask, path=maps_path), mask, indices, paths, n_volumes, staging,
-                  des_norm=des_norm, device=resolve_device(device), batch=len(subjects), advance=lambda n: None)
+                  des_norm=des_norm, device=resolve_device(device), batch=len(subjects), advance=lambda n: None,
+                  varcb=varcb)
 
 
 def _fit_on_dask(client, maps_path: Path, paths: Sequence[Path], n_volumes: Sequence[int], staging: Path, *,
-                 des_norm: bool, device: str, batch: int, progress: bool) -> None:
+                 des_norm: bool, device: str, batch: int, progress: bool, varcb: bool) -> None:
     """Stages 1 and 2 as one Dask task per device batch (the batches of one process with this ``batch``)."""
 
     tasks = [[(i, paths[i], n_volumes[i]) for i in group] for group in _batches(n_volumes, batch)]
-    task = functools.partial(_fit_task, maps_path=maps_path, staging=staging, des_norm=des_norm, device=device)
+    task = functools.partial(_fit_task, maps_path=maps_path, staging=staging, des_norm=des_norm, device=device,
+                             varcb=varcb)
     map_tasks(client, task, tasks, description="dual regression", progress=progress)
 
 
 def _check_stage3(design_path, contrast_path, one_sample: bool, n_perm: int, n_subjects: int) -> None:
     """Validate stage-3 options before any work (design rows = subjects)."""
     if n_perm < 0:
-        raise InputError(f"-n must be 0 (no randomise), 1 (raw t maps) or more, got {n_perm}")
+        raise OptionError(f"{{n_perm}} must be 0 (no randomise), 1 (raw t maps) or more, got {n_perm}")
     has_design = design_path is not None or contrast_path is not None
     if n_perm == 0:
         if has_design or one_sample:
-            raise InputError("a design (-d/-t or -1) was given but -n is 0; give -n N to run randomise on each map")
+            raise OptionError("a design ({design_path}/{contrast_path} or {one_sample}) was given but {n_perm} is 0; "
+                              "give {n_perm} N to run randomise on each map")
         return
     if one_sample == has_design:
-        raise InputError("stage 3 needs either -d design.mat -t design.con or -1 (group mean), not both or neither")
+        raise OptionError("stage 3 needs either {design_path} design.mat {contrast_path} design.con or {one_sample} "
+                          "(group mean), not both or neither")
     if has_design:
         if design_path is None or contrast_path is None:
-            raise InputError("give both -d design.mat and -t design.con")
+            raise OptionError("give both {design_path} design.mat and {contrast_path} design.con")
 
         load_design(design_path, contrast_path, n_obs=n_subjects, data_source="dr_stage2_icNNNN (one volume per subject)")
 

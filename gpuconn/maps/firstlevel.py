@@ -234,7 +234,7 @@ def seed_glm_maps(
     varcope, tstat, zstat (contrast ``[1, 0]``: the seed's regression
     coefficient), each with a JSON sidecar (dof, prewhitening, seed); the
     copes and varcopes are the inputs of ``gpuconn flame``. A run with a
-    censor file is fitted on its kept volumes only (for OLS the same as one
+    censor file (or spike-censored volumes in its gpuconn denoise sidecar) is fitted on its kept volumes only (for OLS the same as one
     spike regressor per censored volume; FILM estimates the autocorrelation
     over the kept volumes as if they were contiguous), and the sidecars
     record ``censored_volumes``.

@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +42,7 @@ import pandas as pd
 import torch
 
 from ..core.backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy, uses_device
-from ..core.errors import InputError
+from ..core.errors import InputError, OptionError
 from ..core.io import (
     check_same_grid,
     load_header,
@@ -57,6 +57,7 @@ from ..core.io import (
     write_tsv,
 )
 from ..core.progress import progress_bar
+from .options import ICAOptions
 from .series import check_subjects, common_mask, iter_series, matrix_text
 
 __all__ = [
@@ -66,6 +67,7 @@ __all__ = [
     "whiten",
     "fastica",
     "GroupICA",
+    "ICAOptions",
     "group_ica",
     "run_group_ica",
     "spatial_correlation",
@@ -200,8 +202,8 @@ def whiten(group: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, f
     evals, evecs = torch.linalg.eigh(g @ g.T / n_voxels)
     evals, evecs = evals.flip(0)[:dim], evecs.flip(1)[:, :dim]
     if float(evals[-1]) <= float(evals[0]) * 1e-12:
-        raise InputError(
-            f"the group data have fewer than {dim} non-degenerate dimensions; ask for fewer components (--dim)"
+        raise OptionError(
+            f"the group data have fewer than {dim} non-degenerate dimensions; ask for fewer components ({{dim}})"
         )
     white = (evecs / evals.sqrt()).T @ g
     return white, evecs * evals.sqrt(), float(torch.trace(g @ g.T)) / n_voxels
@@ -286,14 +288,9 @@ class GroupICA:
 @uses_device
 def group_ica(
     series: Iterable[np.ndarray | torch.Tensor],
+    options: ICAOptions | None = None,
     *,
-    dim: int = 10,
-    subject_dim: int | None = None,
-    internal_dim: int | None = None,
-    seed: int = 0,
     device: str | torch.device = "auto",
-    max_iter: int = 1000,
-    tol: float = 1e-6,
 ) -> GroupICA:
     """Temporal-concatenation group ICA of subjects streamed one at a time.
 
@@ -301,16 +298,9 @@ def group_ica(
     ----------
     series : iterable of array, each shape (n_volumes, n_voxels)
         Subjects' masked series on common voxels (consumed once, in order).
-    dim : int, default 10
-        Number of components.
-    subject_dim : int, optional
-        Temporal components kept per subject; default ``max(2 * dim, 20)``.
-    internal_dim : int, optional
-        MIGP rows kept between subjects; default ``max(5 * dim, 50)``.
-    seed : int, default 0
-        Seeds ``numpy.random.default_rng`` for FastICA's initial unmixing matrix.
+    options : ICAOptions, optional
+        Default ``ICAOptions()``.
     device : str or torch.device, default 'auto'
-    max_iter, tol : FastICA stopping rule (see :func:`fastica`).
 
     Returns
     -------
@@ -321,28 +311,22 @@ def group_ica(
     InputError
         No subjects, or fewer non-degenerate dimensions than ``dim``.
     """
+    options = options or ICAOptions()
     device = resolve_device(device)
-    if dim < 1:
-        raise InputError(f"--dim must be at least 1, got {dim}")
-    subject_dim = subject_dim or max(2 * dim, 20)
-    internal_dim = internal_dim or max(5 * dim, 50)
-    if subject_dim < dim or internal_dim < dim:
-        raise InputError(
-            f"--subject-dim ({subject_dim}) and --internal-dim ({internal_dim}) must be at least --dim ({dim})"
-        )
-    reducer = MigpReducer(internal_dim)
+    dim = options.dim
+    reducer = MigpReducer(options.internal_components)
     for data in series:
-        reducer.add(subject_pca(variance_normalise(as_data(data, device)), subject_dim))
+        reducer.add(subject_pca(variance_normalise(as_data(data, device)), options.subject_components))
     if reducer.matrix is None:
         raise InputError("no subject series given; pass one 4D image per subject")
     if reducer.matrix.shape[0] < dim:
-        raise InputError(
-            f"the subjects give only {reducer.matrix.shape[0]} temporal dimensions, fewer than --dim {dim}; "
+        raise OptionError(
+            f"the subjects give only {reducer.matrix.shape[0]} temporal dimensions, fewer than {{dim}} {dim}; "
             "ask for fewer components"
         )
     white, dewhite, total = whiten(reducer.matrix, dim)
-    w_init = np.random.default_rng(seed).standard_normal((dim, dim))
-    unmixing, n_iter = fastica(white, w_init, max_iter=max_iter, tol=tol)
+    w_init = np.random.default_rng(options.seed).standard_normal((dim, dim))
+    unmixing, n_iter = fastica(white, w_init, max_iter=options.max_iter, tol=options.tol)
     sources = unmixing @ white  # (dim, V), zero mean and unit variance over voxels
     mixing = dewhite @ unmixing.T  # (n_rows, dim)
     skew = (sources**3).mean(dim=1)
@@ -355,7 +339,7 @@ def group_ica(
         mixing=to_numpy(mixing[:, order]),
         explained=to_numpy(explained[order]) / total * 100.0,
         n_iter=n_iter,
-        converged=n_iter < max_iter,
+        converged=n_iter < options.max_iter,
     )
 
 
@@ -363,14 +347,10 @@ def group_ica(
 def run_group_ica(
     subject_paths: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
+    options: ICAOptions | None = None,
     *,
     mask_path: str | os.PathLike | None = None,
-    dim: int = 10,
-    subject_dim: int | None = None,
-    internal_dim: int | None = None,
-    seed: int = 0,
     device: str | torch.device = "auto",
-    max_iter: int = 1000,
     progress: bool = False,
 ) -> GroupICA:
     """Group ICA of 4D subject files; writes MELODIC-named outputs.
@@ -385,16 +365,18 @@ def run_group_ica(
     subject_paths : sequence of path-like
         4D series on one grid.
     out_dir : path-like
+    options : ICAOptions, optional
+        Default ``ICAOptions()``.
     mask_path : path-like, optional
         Default: voxels varying over time in every subject (as dual_regression).
-    dim, subject_dim, internal_dim, seed, device, max_iter
-        See :func:`group_ica`.
+    device : str or torch.device, default 'auto'
     progress : bool, default False
 
     Returns
     -------
     GroupICA
     """
+    options = options or ICAOptions()
     paths = [Path(p) for p in subject_paths]
     if not paths:
         raise InputError("no subject series given; pass one 4D image per subject")
@@ -404,9 +386,9 @@ def run_group_ica(
         mask, _ = load_mask(mask_path, reference=reference, reference_path=paths[0])
     else:
         mask = common_mask(paths, progress=progress)
-    if int(mask.sum()) <= dim:
-        raise InputError(f"the mask has {int(mask.sum())} voxels, too few for --dim {dim} components; "
-                         "lower --dim or use a larger mask")
+    if int(mask.sum()) <= options.dim:
+        raise OptionError(f"the mask has {int(mask.sum())} voxels, too few for {{dim}} {options.dim} components; "
+                          "lower {dim} or use a larger mask")
     with progress_bar("group ICA", len(paths), enabled=progress) as advance:
 
         def stream():
@@ -414,14 +396,12 @@ def run_group_ica(
                 yield data
                 advance()
 
-        result = group_ica(
-            stream(), dim=dim, subject_dim=subject_dim, internal_dim=internal_dim, seed=seed, device=device,
-            max_iter=max_iter,
-        )
+        result = group_ica(stream(), options, device=device)
     out_dir = Path(out_dir)
     params = {
         "subjects": paths, "mask": mask_path or "common mask (non-zero temporal std in every subject)",
-        "dim": dim, "subject_dim": subject_dim, "internal_dim": internal_dim, "seed": seed,
+        **asdict(options), "subject_components": options.subject_components,
+        "internal_components": options.internal_components,
         "variance_normalisation": "MELODIC varnorm (dim 30, level 1.6)", "fastica": "symmetric, logcosh",
         "n_iter": result.n_iter, "converged": result.converged,
     }
@@ -520,8 +500,8 @@ def match_templates(
     templates = masked_data(tpl_img, mask, path=templates_path)
     names = list(names) if names else [f"template{i}" for i in range(templates.shape[0])]
     if len(names) != templates.shape[0]:
-        raise InputError(
-            f"--names gives {len(names)} names but {templates_path} has {templates.shape[0]} template volumes"
+        raise OptionError(
+            f"{{names}} gives {len(names)} names but {templates_path} has {templates.shape[0]} template volumes"
         )
     corr = spatial_correlation(maps, templates)
     if np.isnan(corr).any():

@@ -2,6 +2,8 @@
 
 A seed (or ROI) is a :class:`Region`: one or more spheres at world (MNI mm)
 coordinates with a radius, or the non-zero voxels / one label of an image.
+An atlas (an image of whole-number labels) given as a mask is one region
+per label (:func:`atlas_regions`), never one region for all its labels.
 :func:`region_masks` places regions on any image grid through its affine;
 :func:`region_weights` and :func:`region_means` average a series over them.
 :func:`regions_from_options` builds regions from the command-line options.
@@ -35,6 +37,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +47,10 @@ import numpy as np
 import torch
 
 from ..core import afni
+from ..core.atlas import read_atlas_labels, sibling_label_table
 from ..core.errors import InputError
 from ..core.io import check_same_grid, load_image, read_tsv, split_ext
+from . import ROI_RADIUS_MM, SEED_RADIUS_MM
 
 __all__ = [
     "Region",
@@ -55,6 +60,8 @@ __all__ = [
     "sphere_mask",
     "sphere_regions",
     "image_region",
+    "atlas_values",
+    "atlas_regions",
     "read_regions",
     "regions_from_options",
     "region_masks",
@@ -96,6 +103,8 @@ class Region:
         A 3D image on the data's grid: voxels ``> 0``, or ``== label``.
     label : int or None
         The atlas label to take from ``image``.
+    label_name : str or None
+        The atlas's own name for ``label`` (from its label table), as spelled there.
     """
 
     name: str
@@ -103,6 +112,7 @@ class Region:
     radius: float | None = None
     image: Path | None = None
     label: int | None = None
+    label_name: str | None = None
 
     def __post_init__(self) -> None:
         if (self.image is None) == (not self.centers) or (self.centers and self.radius is None):
@@ -111,7 +121,8 @@ class Region:
     def describe(self) -> dict:
         """A JSON-ready definition for sidecars."""
         if self.image is not None:
-            return {"name": self.name, "image": str(self.image), "label": self.label}
+            described = {"name": self.name, "image": str(self.image), "label": self.label}
+            return described | ({"label_name": self.label_name} if self.label_name is not None else {})
         return {"name": self.name, "centers_mm": [list(c) for c in self.centers], "radius_mm": self.radius}
 
 
@@ -288,10 +299,74 @@ def image_region(path: str | os.PathLike, *, label: int | None = None, name: str
     """
     path = Path(path)
     if name is None:
-        stem = re.sub(r"[^A-Za-z0-9]", "", Path(split_ext(path.name)[0]).name) or "mask"
-        name = stem + (f"label{label}" if label is not None else "")
+        name = _stem(path, "mask") + (f"label{label}" if label is not None else "")
     return Region(_check_name(name, what), image=path, label=None if label is None else int(label))
 
+
+
+def _stem(path: str | os.PathLike, default: str) -> str:
+    """A file's stem with only letters and digits kept (region names become parts of file names)."""
+    return re.sub(r"[^A-Za-z0-9]", "", Path(split_ext(Path(path).name)[0]).name) or default
+
+
+def atlas_values(data: np.ndarray) -> np.ndarray:
+    """The labels of an atlas image: its distinct values > 0 when they are whole numbers and more than one; else empty.
+
+    A binary mask (one value) or a probability map (fractions) is not an
+    atlas: it is one region, its voxels > 0.
+    """
+    data = np.asarray(data)
+    values = np.unique(data[np.isfinite(data) & (data > 0)])
+    if len(values) > 1 and np.array_equal(values, np.round(values)):
+        return values.astype(np.int64)
+    return np.empty(0, dtype=np.int64)
+
+
+def atlas_regions(
+    path: str | os.PathLike,
+    *,
+    labels: str | os.PathLike | None = None,
+    what: str = "seed",
+) -> list[Region]:
+    """Regions from a mask image: one per label of an atlas, else one region (voxels > 0).
+
+    Parameters
+    ----------
+    path : path-like
+        A 3D image (``--<what>-mask``). Whole-number values with more than
+        one distinct value > 0 make it an atlas (:func:`atlas_values`).
+    labels : path-like, optional
+        The atlas's label table (:func:`gpuconn.core.atlas.read_atlas_labels`);
+        default: the BIDS table beside the image (``x_dseg.nii.gz`` ->
+        ``x_dseg.tsv``) when there is one.
+    what : {'seed', 'roi'}
+
+    Returns
+    -------
+    list of Region
+        For an atlas, one region per label in increasing label order, named
+        after the table's name with only letters and digits kept (its
+        spelling in :attr:`Region.label_name`), else ``<stem>label<N>``; a
+        label missing from the table is named so with a warning. For a mask,
+        one region named after the file stem.
+    """
+    path = Path(path)
+    values = atlas_values(load_image(path, ndim=3, what=f"{what} mask").dataobj)
+    if not len(values):
+        return [image_region(path, what=what)]
+    table_path = labels if labels is not None else sibling_label_table(path)
+    names = read_atlas_labels(table_path) if table_path is not None else {}
+    stem = _stem(path, "atlas")
+    unnamed = [int(v) for v in values if int(v) not in names]
+    if names and unnamed:
+        warnings.warn(f"atlas {path}: label(s) {', '.join(map(str, unnamed[:10]))} are not in its label table "
+                      f"{table_path}; named {stem}label<N>", UserWarning, stacklevel=2)
+    regions = []
+    for value in (int(v) for v in values):
+        spelled = names.get(value)
+        name = (re.sub(r"[^A-Za-z0-9]", "", spelled) if spelled else "") or f"{stem}label{value}"
+        regions.append(Region(_check_name(name, what), image=path, label=value, label_name=spelled))
+    return regions
 
 
 def read_regions(path: str | os.PathLike, *, what: str = "seed") -> list[Region]:
@@ -351,12 +426,22 @@ def _check_unique(regions: list[Region], what: str) -> list[Region]:
 
 
 
-def _label_number(path: str, name: str, where: str) -> tuple[int, str]:
-    """The value and spelling of a label named in an AFNI atlas's ``.HEAD`` (exact, else the one case-insensitive match)."""
-    table = afni.label_table(path) if afni.is_dataset(path) else {}
+def _label_number(path: str, name: str, where: str, labels: str | os.PathLike | None = None) -> tuple[int, str]:
+    """The value and spelling of a label named in the atlas's label table (exact, else the one case-insensitive match).
+
+    The table is ``labels`` when given, else an AFNI atlas's ``.HEAD`` table,
+    else the BIDS table beside the image (:func:`gpuconn.core.atlas.sibling_label_table`).
+    """
+    if labels is None and not afni.is_dataset(path):
+        labels = sibling_label_table(path)
+    if labels is not None:
+        table = {spelled: value for value, spelled in read_atlas_labels(labels).items()}
+    else:
+        table = afni.label_table(path) if afni.is_dataset(path) else {}
     if not table:
-        raise InputError(f"{where}: {path} has no label table (an AFNI .HEAD with "
-                         f"VALUE_LABEL_DTABLE or ATLAS_LABEL_TABLE); give the label's number, e.g. {path}:7")
+        raise InputError(f"{where}: {path} has no label table (give one with --atlas-labels: index and name columns, "
+                         f"or an AFNI .HEAD with VALUE_LABEL_DTABLE or ATLAS_LABEL_TABLE); give the label's number, "
+                         f"e.g. {path}:7")
     if name in table:
         return table[name], name
     folded = [key for key in table if key.lower() == name.lower()]
@@ -375,6 +460,7 @@ def regions_from_options(
     table: str | os.PathLike | None = None,
     masks: Sequence[str | os.PathLike] = (),
     labels: Sequence[str] = (),
+    atlas_labels: str | os.PathLike | None = None,
     what: str = "seed",
 ) -> list[Region]:
     """Build regions from command-line options (shared by ``gpuconn seed`` and ``gpuconn roi``).
@@ -384,7 +470,9 @@ def regions_from_options(
     coords : sequence of str
         ``'x,y,z'`` per sphere (``--<what>-coord``, repeatable).
     radii : sequence of float
-        One radius for all spheres, or one per coordinate (``--radius``).
+        One radius for all spheres, or one per coordinate (``--radius``);
+        none: the study's default, :data:`gpuconn.maps.SEED_RADIUS_MM` for
+        seeds and :data:`gpuconn.maps.ROI_RADIUS_MM` for ROIs.
     names : sequence of str
         One name per coordinate (``--name``); default ``<what>1``, ``<what>2``...
     mirror : {'none', 'add', 'union'}
@@ -392,12 +480,17 @@ def regions_from_options(
     table : path, optional
         A TSV read by :func:`read_regions`.
     masks : sequence of path
-        Mask images (``--<what>-mask``), one region each.
+        Mask images (``--<what>-mask``): one region each, or one per label
+        for an atlas (:func:`atlas_regions`).
     labels : sequence of str
         ``'atlas.nii.gz:LABEL'`` (``--<what>-label``), one region each;
-        LABEL is the voxel value, or for an AFNI atlas a name from its
-        ``.HEAD`` label table (:func:`gpuconn.core.afni.label_table`; the
-        region is then named after the file stem and the label).
+        LABEL is the voxel value, or a name from the atlas's label table
+        (``atlas_labels``, an AFNI atlas's ``.HEAD`` table
+        (:func:`gpuconn.core.afni.label_table`), or the BIDS table beside
+        the image); the region is then named after the file stem and the label.
+    atlas_labels : path-like, optional
+        Label table of the atlases given (``--atlas-labels``), see
+        :func:`gpuconn.core.atlas.read_atlas_labels`.
     what : {'seed', 'roi'}
 
     Returns
@@ -406,9 +499,9 @@ def regions_from_options(
         Coordinates first, then the table, masks and labels; names unique.
     """
     flag = f"--{what.lower()}"
-    if coords and not radii:
-        raise InputError(f"{flag}-coord needs --radius (mm), e.g. --radius 6")
-    if len(radii) not in (0, 1, len(coords)):
+    if not radii:
+        radii = [SEED_RADIUS_MM if what.lower() == "seed" else ROI_RADIUS_MM]
+    if len(radii) not in (1, len(coords)):
         raise InputError(f"--radius was given {len(radii)} times for {len(coords)} {flag}-coord; give it once or once per coordinate")
     if names and len(names) != len(coords):
         raise InputError(f"--name was given {len(names)} times for {len(coords)} {flag}-coord; give one name per coordinate")
@@ -419,7 +512,8 @@ def regions_from_options(
         regions.extend(sphere_regions(name, parse_coord(text, option=f"{flag}-coord"), radius, mirror=mirror, what=what))
     if table is not None:
         regions.extend(read_regions(table, what=what))
-    regions.extend(image_region(path, what=what) for path in masks)
+    for path in masks:
+        regions.extend(atlas_regions(path, labels=atlas_labels, what=what))
     for text in labels:
         path, _, label = str(text).rpartition(":")
         if not path or not label.strip():
@@ -427,9 +521,9 @@ def regions_from_options(
         if label.strip().lstrip("-").isdigit():
             regions.append(image_region(path, label=int(label), what=what))
             continue
-        number, name = _label_number(path, label.strip(), f"{flag}-label {text}")
-        stem = re.sub(r"[^A-Za-z0-9]", "", Path(split_ext(Path(path).name)[0]).name) or "atlas"
-        regions.append(image_region(path, label=number, name=stem + re.sub(r"[^A-Za-z0-9]", "", name), what=what))
+        number, name = _label_number(path, label.strip(), f"{flag}-label {text}", atlas_labels)
+        regions.append(Region(_check_name(_stem(path, "atlas") + re.sub(r"[^A-Za-z0-9]", "", name), what),
+                              image=Path(path), label=number, label_name=name))
     return _check_unique(regions, what)
 
 
@@ -472,11 +566,20 @@ def region_masks(
     ijk = _allowed_voxels(shape, mask)
     world = _world(ijk, affine)
     out = np.zeros((len(regions),) + shape, dtype=bool)
+    images: dict[Path, np.ndarray] = {}  # an atlas is read once for all its labels
     for index, region in enumerate(regions):
         if region.image is not None:
-            img = load_image(region.image, ndim=3, what=f"{what} {region.name} image")
-            check_same_grid(reference, reference_path, img, region.image)
-            data = np.nan_to_num(np.asarray(img.dataobj, dtype=np.float64))
+            if region.image not in images:
+                img = load_image(region.image, ndim=3, what=f"{what} {region.name} image")
+                check_same_grid(reference, reference_path, img, region.image)
+                images[region.image] = np.nan_to_num(np.asarray(img.dataobj, dtype=np.float64))
+            data = images[region.image]
+            if region.label is None and len(found := atlas_values(data)) > 1:  # never collapse an atlas into one region
+                raise InputError(
+                    f"{what} '{region.name}': image {region.image} holds {len(found)} labels (an atlas); give one "
+                    f"label (ATLAS:LABEL, or a label column in the table), or pass it with --{what.lower()}-mask for "
+                    f"one {what} per label"
+                )
             voxels = data > 0 if region.label is None else data == region.label
             out[index] = voxels if mask is None else voxels & mask
         else:

@@ -24,13 +24,17 @@ from ..core.errors import InputError
 from ..core.io import load_image, load_mask, masked_data, check_same_grid, sidecar_path, split_ext, write_tsv
 from ..core.progress import progress_bar
 from .regions import Region, region_masks, region_means, region_weights
-from .seed import correlate_seeds
+from .seed import correlate_seeds, fisher_z
 from .series import BoldInput, label_entities, prepare_inputs, stream_inputs
 
-__all__ = ["ROI_COLUMNS", "roi_connectivity", "extract_roi_values", "compute_roi_matrices"]
+__all__ = ["ROI_COLUMNS", "DIAGONAL", "roi_connectivity", "extract_roi_values", "compute_roi_matrices"]
 
 #: Columns of the tidy table written by ``gpuconn roi extract``.
 ROI_COLUMNS = ("subject", "session", "map", "roi", "value")
+
+
+#: How the matrices' diagonals are defined (recorded in their sidecars).
+DIAGONAL = {"r": 1.0, "z": "n/a (NaN: the Fisher z of r = 1 is infinite)"}
 
 
 def roi_connectivity(data: torch.Tensor, weights: torch.Tensor, *, source: str = "data") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,20 +51,30 @@ def roi_connectivity(data: torch.Tensor, weights: torch.Tensor, *, source: str =
     Returns
     -------
     r, z : torch.Tensor, shape (..., n_rois, n_rois)
-        Pearson r (diagonal 1 unless an ROI is constant) and Fisher z (the
-        diagonal is ``arctanh`` of the clipped r, finite).
+        Pearson r and Fisher z, exactly symmetric (``r[i, j] == r[j, i]``
+        bit for bit). The diagonal of r is 1 (also for a constant ROI, whose
+        other entries are 0 with a warning, as in the seed maps); the
+        diagonal of z is NaN: the z of r = 1 is infinite, and a NaN is never
+        mistaken for a connection (it is written ``n/a``; average matrices
+        with ``nanmean``). See :data:`DIAGONAL`.
     timeseries : torch.Tensor, shape (..., n_rois, n_volumes)
 
     Notes
     -----
     The ROI time series are correlated with :func:`gpuconn.maps.seed.correlate_seeds`
     using identity weights, so the centring, constant handling and z clipping
-    are those of the seed maps.
+    are those of the seed maps; the two halves are then averaged,
+    ``(r + r.T) / 2`` (they differ by float32 rounding only).
     """
     timeseries = region_means(data, weights)  # (..., R, T)
-    eye = torch.eye(weights.shape[0], dtype=data.dtype, device=data.device)
-    maps = correlate_seeds(timeseries.transpose(-1, -2), eye, source=source)
-    return maps.r, maps.z, timeseries
+    n_rois = weights.shape[0]
+    eye = torch.eye(n_rois, dtype=data.dtype, device=data.device)
+    r = correlate_seeds(timeseries.transpose(-1, -2), eye, source=source).r
+    r = (r + r.transpose(-1, -2)) / 2
+    diagonal = torch.eye(n_rois, dtype=torch.bool, device=r.device)
+    r = r.masked_fill(diagonal, 1.0)
+    z = fisher_z(r).masked_fill(diagonal, float("nan"))
+    return r, z, timeseries
 
 
 def _volume_labels(path: Path, n_volumes: int) -> list[dict]:
@@ -153,10 +167,15 @@ def compute_roi_matrices(
     """ROI-to-ROI correlation matrices (all pairs) for every run.
 
     Writes ``<label>_stat-r_roimatrix.tsv`` and ``<label>_stat-z_roimatrix.tsv``
-    (square, first column ``roi``, with JSON sidecars) and
-    ``<label>_rois_timeseries.tsv`` per run. A run's censored volumes (its
-    censor file, :attr:`gpuconn.maps.series.BoldInput.censor`) are left out
-    of both; the sidecars record how many (``censored_volumes``).
+    (square, first column ``roi``, exactly symmetric, diagonal r = 1 and
+    z = ``n/a`` as :func:`roi_connectivity` defines it; JSON sidecars
+    record it under ``diagonal``) and ``<label>_rois_timeseries.tsv`` per
+    run. A run's censored volumes (its censor file, or the volumes gpuconn
+    denoise fitted with spike regressors: see
+    :func:`gpuconn.maps.series.prepare_inputs`) are left out of both: the
+    time series have a row per kept volume, and the sidecars record how
+    many were left out (``censored_volumes``) and which were kept
+    (``volumes_kept``, 0-based).
 
     Parameters
     ----------
@@ -184,9 +203,10 @@ def compute_roi_matrices(
             label = item.source.label
             run_params = {**record, **item.source.entities, "bold": str(item.source.bold), "mask": str(item.source.mask),
                           **item.censor_record()}
-            written.append(write_tsv(pd.DataFrame(to_numpy(series).T, columns=names), out_dir / f"{label}_rois_timeseries.tsv"))
+            written.append(write_tsv(pd.DataFrame(to_numpy(series).T, columns=names), out_dir / f"{label}_rois_timeseries.tsv",
+                                     params={**run_params, "volumes_kept": item.kept_volumes()}, sidecar=True))
             for stat, matrix in (("r", r), ("z", z)):
                 written.append(write_tsv(_square(to_numpy(matrix), names), out_dir / f"{label}_stat-{stat}_roimatrix.tsv",
-                                         params={**run_params, "stat": stat}, sidecar=True))
+                                         params={**run_params, "stat": stat, "diagonal": DIAGONAL[stat]}, sidecar=True))
             advance()
     return written

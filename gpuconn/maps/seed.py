@@ -216,9 +216,10 @@ def compute_seed_maps(
     run's files are written as soon as it is done; a data error found on
     reading (NaN inside the mask) stops the run after the runs before it.
     Voxels outside a run's mask are 0. A run with a censor file
-    (afni_proc.py's, :attr:`gpuconn.maps.series.BoldInput.censor`) is
-    correlated over its kept volumes only; its sidecars name the file and
-    the number of ``censored_volumes``.
+    (afni_proc.py's, :attr:`gpuconn.maps.series.BoldInput.censor`), or a
+    gpuconn denoise output with spike-censored volumes (listed in its
+    sidecar), is correlated over its kept volumes only; its sidecars name
+    the source and the number of ``censored_volumes``.
     """
     if layout not in LAYOUTS:
         raise InputError(f"--layout {layout!r} is not one of {', '.join(LAYOUTS)}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextvars
+import json
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -31,8 +32,9 @@ import numpy as np
 from ..core.afni import read_censor_1d
 from ..core.bids import DEFAULT_SPACE, find_runs
 from ..core.errors import InputError
-from ..core.io import check_same_grid, load_header, load_image, load_mask, masked_data, split_ext
+from ..core.io import check_same_grid, load_header, load_image, load_mask, masked_data, sidecar_path, split_ext
 from ..core.progress import progress_bar
+from ..subject.denoise import SPIKE_VOLUMES_KEY
 from .regions import Region, region_masks, region_weights
 
 __all__ = [
@@ -101,24 +103,31 @@ class PreparedInput:
         Region averaging weights over the mask's voxels (:func:`gpuconn.maps.regions.region_weights`).
     keep : ndarray of bool, shape (n_volumes,), or None
         The volumes :func:`stream_inputs` yields (None: all); from the
-        run's censor file.
+        run's censor file, or the spike volumes its gpuconn denoise sidecar lists.
+    censor_source : str or None
+        Where ``keep`` comes from (a file, or ``<sidecar> SpikeCensoredVolumes``).
     """
 
     source: BoldInput
     mask: np.ndarray
     weights: np.ndarray
     keep: np.ndarray | None = None
+    censor_source: str | None = None
 
     @property
     def n_censored(self) -> int:
-        """How many volumes the censor file leaves out (0 without one)."""
+        """How many volumes the censoring leaves out (0 without any)."""
         return 0 if self.keep is None else int((~self.keep).sum())
 
+    def kept_volumes(self) -> list[int] | str:
+        """The 0-based volumes :func:`stream_inputs` yields, or ``'all'``."""
+        return "all" if self.keep is None else np.flatnonzero(self.keep).tolist()
+
     def censor_record(self) -> dict:
-        """Sidecar entries for the censoring: ``censor`` (the file) and ``censored_volumes``; empty without a censor file."""
+        """Sidecar entries for the censoring: ``censor`` (its source) and ``censored_volumes``; empty without any."""
         if self.keep is None:
             return {}
-        return {"censor": str(self.source.censor), "censored_volumes": self.n_censored}
+        return {"censor": self.censor_source, "censored_volumes": self.n_censored}
 
 
 
@@ -145,9 +154,15 @@ def prepare_inputs(
     ------
     InputError
         No input, repeated labels, a missing/unreadable/non-4D BOLD or one
-        with fewer than 3 volumes (kept by its censor file), grids that
+        with fewer than 3 volumes (kept by its censoring), grids that
         differ, a bad mask, a region with no voxel in a mask, or a censor
         file that is unreadable or not one row per volume.
+
+    Notes
+    -----
+    A run's volumes are censored by its censor file (afni_proc.py's), else,
+    for a gpuconn denoise output, by the volumes its sidecar lists under
+    ``SpikeCensoredVolumes`` (fitted by spike regressors, all zero).
     """
     if not inputs:
         raise InputError("no BOLD input given; use --bold or --derivatives")
@@ -162,7 +177,7 @@ def prepare_inputs(
         header = load_header(item.bold, ndim=4, what="BOLD")
         if header.shape[3] < 3:
             raise InputError(f"BOLD {item.bold} has shape {header.shape}; expected a 4D series with at least 3 volumes")
-        keep = _censor_keep(item, header.shape[3])
+        keep, censor_source = _censor_keep(item, header.shape[3])
         if first_img is None:
             first_img, first_path = header, item.bold
         check_same_grid(first_img, first_path, header, item.bold)
@@ -171,23 +186,51 @@ def prepare_inputs(
             found = region_masks(regions, header, mask=mask, reference_path=item.bold, mask_path=item.mask, what=what)
             masks[item.mask] = (mask, region_weights(found, mask))
         mask, weights = masks[item.mask]
-        prepared.append(PreparedInput(item, mask, weights, keep))
+        prepared.append(PreparedInput(item, mask, weights, keep, censor_source))
     return prepared, first_img
 
 
 
-def _censor_keep(item: BoldInput, n_volumes: int) -> np.ndarray | None:
-    """The volumes a run's censor file keeps, checked against the run's length (None without one)."""
-    if item.censor is None:
+def _spike_volumes(bold: Path) -> tuple[list[int], Path] | None:
+    """The volumes a gpuconn denoise output's sidecar lists as spike-censored (None without such a sidecar)."""
+    sidecar = sidecar_path(bold)
+    if not sidecar.is_file():
         return None
-    keep = ~read_censor_1d(item.censor).any(axis=1)
+    try:
+        volumes = json.loads(sidecar.read_text()).get("Parameters", {}).get(SPIKE_VOLUMES_KEY)
+    except (json.JSONDecodeError, OSError, AttributeError):
+        return None
+    if not isinstance(volumes, list) or not all(isinstance(v, int) for v in volumes):
+        return None
+    return volumes, sidecar
+
+
+def _censor_keep(item: BoldInput, n_volumes: int) -> tuple[np.ndarray | None, str | None]:
+    """The volumes a run keeps and where that comes from, checked against the run's length ((None, None): all).
+
+    From the run's censor file (afni_proc.py), else from the sidecar of a
+    gpuconn denoise output: the volumes it fitted with spike regressors are
+    all zero, and are left out, not correlated as zeros.
+    """
+    if item.censor is not None:
+        keep, source, what = ~read_censor_1d(item.censor).any(axis=1), str(item.censor), f"censor file {item.censor}"
+    elif (spikes := _spike_volumes(item.bold)) is not None and spikes[0]:
+        volumes, sidecar = spikes
+        if max(volumes) >= n_volumes or min(volumes) < 0:
+            raise InputError(f"{sidecar} lists {SPIKE_VOLUMES_KEY} up to {max(volumes)} but BOLD {item.bold} has "
+                             f"{n_volumes} volumes; give the sidecar of this run")
+        keep = np.ones(n_volumes, dtype=bool)
+        keep[volumes] = False
+        source, what = f"{sidecar} {SPIKE_VOLUMES_KEY}", f"the spike censoring of {sidecar}"
+    else:
+        return None, None
     if len(keep) != n_volumes:
         raise InputError(f"censor file {item.censor} has {len(keep)} rows but BOLD {item.bold} has {n_volumes} volumes; "
                          "give the censor file of this run (one row per volume)")
     if keep.sum() < 3:
-        raise InputError(f"censor file {item.censor} keeps {int(keep.sum())} of the {n_volumes} volumes of {item.bold}; "
+        raise InputError(f"{what} keeps {int(keep.sum())} of the {n_volumes} volumes of {item.bold}; "
                          "a correlation needs at least 3: leave this run out")
-    return keep
+    return keep, source
 
 
 def _load_series(item: PreparedInput) -> np.ndarray:

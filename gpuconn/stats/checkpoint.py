@@ -84,6 +84,8 @@ def run_key(prepared: PreparedTest, options: Mapping[str, Any] | None = None) ->
         _update(digest, getattr(scheme, f.name) if getattr(scheme, f.name) is not None else "none")
     _update(digest, str(prepared.device))
     _update(digest, prepared.accel.record() if prepared.accel is not None else "no-accel")
+    if prepared.variance_groups is not None:  # (runs without them keep their keys)
+        _update(digest, prepared.variance_groups)
     for c in prepared.contrasts:
         _update(digest, [c.name, c.kind, sorted(c.transforms)])
         _update(digest, np.asarray(c.matrix, dtype=np.float64))

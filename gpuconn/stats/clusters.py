@@ -291,8 +291,9 @@ def _cluster_cuda(values: torch.Tensor, table: np.ndarray, threshold: float, kin
 
     Both kernels run one thread per map and sum each cluster in voxel order,
     as the Numba twin does, so the float64 totals are bit-identical to the
-    CPU's (no atomics). Without the kernels: torch labels and a scatter sum,
-    with a warning.
+    CPU's (no atomics). Without the kernels: torch labels and an exact
+    integer scatter sum (:func:`_per_voxel_cluster_stats`, bit-identical
+    from run to run), with a warning.
     """
     device = values.device
     if kernel_problem(device, "cluster inference", "torch label propagation and a scatter sum") is not None:
@@ -356,16 +357,29 @@ def label_maps(
 
 
 def _per_voxel_cluster_stats(values: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
-    """Each voxel's cluster extent (voxels) or mass (sum of the statistic); 0 outside clusters."""
+    """Each voxel's cluster extent (voxels) or mass (sum of the statistic); 0 outside clusters.
+
+    The sums are exact integer sums, so the scatter's order (atomics on
+    CUDA) cannot change a bit: extent counts voxels; mass adds each value
+    in fixed point, ``round(v * 2**e)`` as int64 with one exponent ``e``
+    per map, the largest for which the map's total ``sum |v|`` cannot
+    overflow (every float32 value above about ``2**-e * 2**24`` is exact;
+    smaller ones are rounded by less than ``2**-e``). Within summation-
+    order rounding of the voxel-order float64 sums of the Numba twin.
+    """
     n_maps, n_vox = values.shape
     n_bins = n_vox + 1  # labels are at most n_vox
     flat = (labels + torch.arange(n_maps, device=labels.device)[:, None] * n_bins).reshape(-1)
     if kind == "extent":
-        weights = torch.ones(flat.shape, dtype=torch.float64, device=values.device)
+        weights = torch.ones(flat.shape, dtype=torch.int64, device=values.device)
+        scale = torch.ones((n_maps, 1), dtype=torch.float64, device=values.device)
     else:
-        weights = values.to(torch.float64).reshape(-1)
-    totals = torch.zeros(n_maps * n_bins, dtype=torch.float64, device=values.device).index_add_(0, flat, weights)
-    per_voxel = totals[flat].reshape(n_maps, n_vox)
+        wide = values.to(torch.float64)
+        bound = torch.where(labels > 0, wide.abs(), torch.zeros_like(wide)).sum(1, keepdim=True) + 1.0
+        scale = torch.exp2(61.0 - torch.ceil(torch.log2(bound)))  # |total| * scale <= 2**61
+        weights = torch.round(wide * scale).to(torch.int64).reshape(-1)
+    totals = torch.zeros(n_maps * n_bins, dtype=torch.int64, device=values.device).index_add_(0, flat, weights)
+    per_voxel = totals[flat].reshape(n_maps, n_vox).to(torch.float64) / scale
     return torch.where(labels > 0, per_voxel, torch.zeros_like(per_voxel))
 
 

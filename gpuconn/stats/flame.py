@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +76,10 @@ import pandas as pd
 import torch
 
 from ..core.backend import DESIGN_DTYPE, chunk_size, resolve_device, run_chunked, to_numpy
-from ..core.errors import InputError
-from ..core.io import check_same_grid, load_image, masked_data, provenance, save_image, unmask, write_json, write_tsv
+from ..core.errors import InputError, OptionError
+from ..core.io import check_same_grid, load_image, masked_data, provenance, save_image, unmask, write_json
 from .design import load_design, read_vest
+from .options import GrfOptions, McmcOptions
 from .zstat import f_to_z, t_to_z
 
 __all__ = [
@@ -145,41 +146,6 @@ class FlameResult:
     mcmc_mask: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
 
-@dataclass(frozen=True)
-class McmcOptions:
-    """FLAME stage 2 (``flame12``) settings, flameo's names and defaults.
-
-    Attributes
-    ----------
-    n_jumps : int, default 5000
-        ``--nj``: Metropolis-Hastings sweeps per voxel.
-    burnin : int, default 500
-        ``--bi``: sweeps discarded at the start.
-    sample_every : int, default 1
-        ``--se``.
-    seed : int, default 10
-        ``--seed``: one NumPy generator draws every chain's numbers.
-    fix_mean : bool, default False
-        ``--fm``: keep FLAME1's parameter estimates as the mean of the t fit.
-    z_lower, z_upper : float, default 2.0 and 20.0
-        ``--zlt`` / ``--zut``: voxels whose FLAME1 z (with dof 1000 and with
-        the FLAME1 dof) both lie above ``z_upper`` or both below ``z_lower``
-        skip stage 2 (FEAT's values).
-    sigma_dof_mm : float, default 1.0
-        ``--sdof``: Gaussian sigma (mm) smoothing the stage-2 dof maps
-        (applied by :func:`run_flame`, which knows the grid); -1 turns it off.
-    """
-
-    n_jumps: int = 5000
-    burnin: int = 500
-    sample_every: int = 1
-    seed: int = 10
-    fix_mean: bool = False
-    z_lower: float = 2.0
-    z_upper: float = 20.0
-    sigma_dof_mm: float = 1.0
-
-
 def _group_labels(groups: np.ndarray | None, n_obs: int, source: str) -> tuple[np.ndarray, np.ndarray]:
     """Map ``design.grp`` values to 0..n_groups-1 (in sorted order of the labels)."""
     if groups is None:
@@ -228,7 +194,7 @@ def check_flame_inputs(
         group with fewer subjects than its design rank plus one.
     """
     if run_mode not in RUN_MODES:
-        raise InputError(f"--runmode {run_mode!r} is not one of {', '.join(RUN_MODES)}")
+        raise OptionError(f"{{run_mode}} {run_mode!r} is not one of {', '.join(RUN_MODES)}")
     copes, varcopes, design = np.asarray(copes), np.asarray(varcopes), np.asarray(design)
     if copes.ndim == 2 and copes.shape[1] == 0:
         raise InputError(f"{cope_source}: no voxel to analyse (empty mask)")
@@ -709,25 +675,6 @@ def _smooth_stage2_dof(result: FlameResult, mask: np.ndarray, zooms, sigma_mm: f
         result.zstat[k, sel] = t_to_z(result.tstat[k, sel], np.floor(result.tdof[k, sel]))
 
 
-def _grf_clusters(z, mask, img, smooth, out: Path, prefix: str, i: int, z_threshold: float,
-                  cluster_p: float) -> pd.DataFrame:
-    """easythresh on one z map: thresh_zstat, cluster_index_zstat and the cluster table (GRF p)."""
-    from .grf import grf_cluster_p
-    from .tables import cluster_table
-
-    labels, p = grf_cluster_p(z, mask, z_threshold=z_threshold, smoothness=smooth)
-    significant = [k for k, v in p.items() if v < cluster_p]
-    z_sig = np.where(np.isin(labels, significant), z, 0.0).astype(np.float32)
-    result = cluster_table(unmask(z, mask, fill=np.nan), img.affine, threshold=z_threshold, mask=mask,
-                           cluster_p=p, maxima=False)
-    table = result.table[result.table["p"] < cluster_p].reset_index(drop=True)
-    index_image = np.where(np.isin(result.index_image, table["cluster_index"]), result.index_image, 0)
-    save_image(unmask(z_sig, mask), img, out / f"{prefix}thresh_zstat{i}.nii.gz", sidecar=False)
-    save_image(index_image, img, out / f"{prefix}cluster_index_zstat{i}.nii.gz", sidecar=False, dtype=np.int32)
-    write_tsv(table, out / f"{prefix}cluster_zstat{i}.tsv")
-    return table
-
-
 def run_flame(
     cope_path: str | os.PathLike,
     varcope_path: str | os.PathLike,
@@ -740,8 +687,7 @@ def run_flame(
     groups_path: str | os.PathLike | None = None,
     mask_path: str | os.PathLike | None = None,
     run_mode: str = "flame1",
-    z_threshold: float | None = 2.3,
-    cluster_p: float = 0.05,
+    clusters: GrfOptions | None = GrfOptions(),
     device: str = "auto",
     mcmc: McmcOptions | None = None,
     params: Mapping[str, Any] | None = None,
@@ -773,9 +719,8 @@ def run_flame(
     mask_path : path-like, optional
         Default: voxels finite in every cope volume and non-zero in some.
     run_mode : {'flame1', 'flame12', 'fe', 'ols'}
-    z_threshold : float or None, default 2.3
-        Cluster-forming z; None skips the cluster inference.
-    cluster_p : float, default 0.05
+    clusters : GrfOptions or None, default GrfOptions()
+        GRF cluster inference (z > 2.3, p < 0.05); None skips it.
     device : str, default 'auto'
     mcmc : McmcOptions, optional
         FLAME stage 2 settings (``flame12``); the stage-2 dof are smoothed
@@ -794,13 +739,9 @@ def run_flame(
     InputError
         Unreadable or mismatched inputs (one line naming the file); nothing is written.
     """
-    from .grf import estimate_smoothness
+    from .grf import estimate_smoothness, write_grf_clusters
     from .randomise import analysis_mask
 
-    if z_threshold is not None and z_threshold <= 1:
-        raise InputError(f"--cluster-z must be above 1 for GRF cluster inference, got {z_threshold}")
-    if not 0 < cluster_p <= 1:
-        raise InputError(f"--cluster-p must be in (0, 1], got {cluster_p}")
     if run_mode not in RUN_MODES:
         check_flame_inputs(np.zeros((2, 1)), np.zeros((2, 1)), np.zeros((2, 1)), run_mode=run_mode)
     cope_img = load_image(cope_path, ndim=4, what="cope image (--cope)")
@@ -834,7 +775,7 @@ def run_flame(
     residuals = copes.astype(np.float64) - design.matrix @ result.pe
     dof = n_obs - design.matrix.shape[1]
     smooth = None
-    if z_threshold is not None:
+    if clusters is not None:
         smooth = estimate_smoothness(residuals, mask, dof=dof, voxel_size=tuple(cope_img.header.get_zooms()[:3]))
     out = Path(output_dir)
     ref = cope_img.slicer[..., 0]
@@ -852,8 +793,8 @@ def run_flame(
             save(getattr(result, name)[i], f"{name}{i + 1}")
         save(result.tdof[i], f"tdof_t{i + 1}")
         if smooth is not None:
-            tables[f"zstat{i + 1}"] = _grf_clusters(result.zstat[i].astype(np.float32), mask, ref, smooth, out, prefix,
-                                                   i + 1, z_threshold, cluster_p)
+            tables[f"zstat{i + 1}"] = write_grf_clusters(result.zstat[i].astype(np.float32), mask, ref, smooth,
+                                                         os.path.join(out, prefix), i + 1, clusters)
     for j in range(result.fstat.shape[0]):
         save(result.fstat[j], f"fstat{j + 1}")
         save(result.zfstat[j], f"zfstat{j + 1}")
@@ -863,8 +804,8 @@ def run_flame(
         write_json(out / f"{prefix}smoothness.json", smooth.as_dict() | {"dof": dof})
     record = {"cope": cope_path, "varcope": varcope_path, "design": design_path, "contrasts": contrast_path,
               "ftests": ftest_path, "groups": groups_path, "mask": mask_path, "run_mode": run_mode, "dof": dof,
-              "z_threshold": z_threshold, "cluster_p": cluster_p, "device": str(torch_device),
-              "mcmc": vars(mcmc) if run_mode == "flame12" else None,
+              "clusters": asdict(clusters) if clusters else None, "device": str(torch_device),
+              "mcmc": asdict(mcmc) if run_mode == "flame12" else None,
               "n_stage2_voxels": int(result.mcmc_mask.sum()),
               "smoothness": smooth.as_dict() if smooth else None,
               "n_clusters": {k: len(v) for k, v in tables.items()}, **dict(params or {})}

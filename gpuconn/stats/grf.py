@@ -37,7 +37,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -46,11 +46,12 @@ import torch
 from scipy import special, stats
 
 from ..core.backend import DESIGN_DTYPE, resolve_device, to_numpy
-from ..core.errors import InputError
+from ..core.errors import InputError, OptionError
 from ..core.io import load_image, masked_data, provenance, save_image, unmask, write_json, write_tsv
 from .clusters import label_maps, neighbour_table
 from .design import Design, load_design
 from .glm import glm_statistic
+from .options import GrfOptions
 from .randomise import analysis_mask
 from .tables import cluster_table
 from .zstat import t_to_z
@@ -63,6 +64,7 @@ __all__ = [
     "cluster_p_values",
     "grf_cluster_p",
     "ols_residuals",
+    "write_grf_clusters",
     "parametric_glm",
 ]
 
@@ -290,6 +292,47 @@ def ols_residuals(data: torch.Tensor, design: np.ndarray) -> torch.Tensor:
     return y - x @ (torch.linalg.pinv(x) @ y)
 
 
+def write_grf_clusters(z: np.ndarray, mask: np.ndarray, reference: Any, smooth: Smoothness, root: str, index: int,
+                       options: GrfOptions) -> pd.DataFrame:
+    """easythresh on one z map: GRF cluster p, then the significant clusters written and tabled.
+
+    Writes ``<root>thresh_zstat<index>`` (z inside significant clusters, else
+    0), ``<root>cluster_index_zstat<index>`` (FSL ``--oindex`` of those
+    clusters) and ``<root>cluster_zstat<index>.tsv``.
+
+    Parameters
+    ----------
+    z : ndarray, shape (n_voxels,)
+        The z map in mask order.
+    mask : ndarray of bool, shape (x, y, z)
+    reference : nibabel image
+        Grid and header of the outputs.
+    smooth : Smoothness
+        From :func:`estimate_smoothness` of the model's residuals.
+    root : str
+        Path prefix of the outputs.
+    index : int
+        The contrast's number in the names.
+    options : GrfOptions
+
+    Returns
+    -------
+    pandas.DataFrame
+        The significant clusters (GRF p below ``options.cluster_p``).
+    """
+    labels, p = grf_cluster_p(z, mask, z_threshold=options.cluster_z, smoothness=smooth)
+    significant = [k for k, v in p.items() if v < options.cluster_p]
+    z_sig = np.where(np.isin(labels, significant), z, 0.0).astype(np.float32)
+    result = cluster_table(unmask(z, mask, fill=np.nan), reference.affine, threshold=options.cluster_z, mask=mask,
+                           cluster_p=p, maxima=False)
+    table = result.table[result.table["p"] < options.cluster_p].reset_index(drop=True)
+    index_image = np.where(np.isin(result.index_image, table["cluster_index"]), result.index_image, 0)
+    save_image(unmask(z_sig, mask), reference, f"{root}thresh_zstat{index}.nii.gz", sidecar=False)
+    save_image(index_image, reference, f"{root}cluster_index_zstat{index}.nii.gz", sidecar=False, dtype=np.int32)
+    write_tsv(table, f"{root}cluster_zstat{index}.tsv")
+    return table
+
+
 def parametric_glm(
     input_path: str | os.PathLike,
     output_root: str | os.PathLike,
@@ -298,8 +341,7 @@ def parametric_glm(
     contrast_path: str | os.PathLike | None = None,
     mask_path: str | os.PathLike | None = None,
     one_sample: bool = False,
-    z_threshold: float = 2.3,
-    cluster_p: float = 0.05,
+    clusters: GrfOptions = GrfOptions(),
     device: str = "auto",
     params: Mapping[str, Any] | None = None,
 ) -> dict[str, pd.DataFrame]:
@@ -323,10 +365,8 @@ def parametric_glm(
         Default: voxels non-zero in some volume.
     one_sample : bool
         Design of ones and contrast ``[1]`` (excludes a design).
-    z_threshold : float, default 2.3
-        Cluster-forming z.
-    cluster_p : float, default 0.05
-        Clusters with GRF p below it are kept.
+    clusters : GrfOptions, default GrfOptions()
+        Cluster-forming z (2.3) and the GRF p below which clusters are kept (0.05).
     device : str, default 'auto'
     params : mapping, optional
         Extra values for the JSON sidecar.
@@ -336,19 +376,17 @@ def parametric_glm(
     dict of str to pandas.DataFrame
         The cluster table of each contrast (``zstat1``...), significant clusters only.
     """
-    if not 0 < cluster_p <= 1:
-        raise InputError(f"--cluster-p must be in (0, 1], got {cluster_p}")
-    if z_threshold <= 1:
-        raise InputError(f"--cluster-z must be above 1 for GRF cluster inference, got {z_threshold}")
     img = load_image(input_path, ndim=4, what="input (-i)")
     n_obs = img.shape[3]
     if one_sample:
         if design_path or contrast_path:
-            raise InputError("-1 (one-sample) builds its own design; drop -d/-t or drop -1")
+            raise OptionError("{one_sample} (one-sample) builds its own design; drop {design_path}/{contrast_path} "
+                              "or drop {one_sample}")
         design = Design(np.ones((n_obs, 1)), np.ones((1, 1)))
     else:
         if design_path is None or contrast_path is None:
-            raise InputError("give a design and contrasts (-d design.mat -t design.con), or -1 for a one-sample test")
+            raise OptionError("give a design and contrasts ({design_path} design.mat {contrast_path} design.con), "
+                              "or {one_sample} for a one-sample test")
         design = load_design(design_path, contrast_path, n_obs=n_obs, data_source=str(input_path))
     mask = analysis_mask(img, input_path, mask_path)
     dof = n_obs - int(np.linalg.matrix_rank(design.matrix))
@@ -363,22 +401,13 @@ def parametric_glm(
     for i, contrast in enumerate(np.atleast_2d(design.contrasts), start=1):
         t = to_numpy(glm_statistic(data, design.matrix, contrast, kind="t", device=torch_device))
         z = t_to_z(t, dof).astype(np.float32)
-        labels, p = grf_cluster_p(z, mask, z_threshold=z_threshold, smoothness=smooth)
-        significant = {k: v for k, v in p.items() if v < cluster_p}
-        z_sig = np.where(np.isin(labels, list(significant)), z, 0.0)
-        result = cluster_table(unmask(z, mask, fill=np.nan), img.affine, threshold=z_threshold, mask=mask,
-                               cluster_p=p, maxima=False)
-        table = result.table[result.table["p"] < cluster_p].reset_index(drop=True)
-        index_image = np.where(np.isin(result.index_image, table["cluster_index"]), result.index_image, 0)
         save_image(unmask(t, mask), img, f"{root}_tstat{i}.nii.gz", sidecar=False)
         save_image(unmask(z, mask), img, f"{root}_zstat{i}.nii.gz", sidecar=False)
-        save_image(unmask(z_sig.astype(np.float32), mask), img, f"{root}_thresh_zstat{i}.nii.gz", sidecar=False)
-        save_image(index_image, img, f"{root}_cluster_index_zstat{i}.nii.gz", sidecar=False, dtype=np.int32)
-        write_tsv(table, f"{root}_cluster_zstat{i}.tsv")
+        table = write_grf_clusters(z, mask, img, smooth, f"{root}_", i, clusters)
         tables[f"zstat{i}"] = table
     write_json(f"{root}_smoothness.json", smooth.as_dict() | {"dof": dof})
     record = {"input": str(input_path), "design": design_path, "contrasts": contrast_path, "mask": mask_path,
-              "one_sample": one_sample, "z_threshold": z_threshold, "cluster_p": cluster_p, "dof": dof,
+              "one_sample": one_sample, **asdict(clusters), "dof": dof,
               "smoothness": smooth.as_dict(), "device": str(torch_device), **dict(params or {})}
     write_json(f"{root}.json", provenance(record))
     return tables

@@ -24,6 +24,10 @@ How a run works
    uncorrected ``p(v) = #{i : T_i(v) >= T_0(v)} / n``, FWER-corrected
    ``p(v) = #{i : max_w T_i(w) >= T_0(v)} / n``; FDR (Benjamini-Hochberg)
    is applied to the uncorrected p.
+5. With variance groups (``variance_groups``, PALM ``-vg``) each contrast's
+   statistic is Aspin-Welch v or G (:mod:`gpuconn.stats.gstat`), and its z
+   (per-voxel degrees of freedom) takes the place of t/F in step 4 and in
+   the spatial statistics, as PALM does.
 
 Acceleration (``accel``, PALM's ``-accel``)
 -------------------------------------------
@@ -84,7 +88,7 @@ from ..core.errors import InputError
 from ..core.io import load_image, load_mask, masked_data, provenance, save_image, unmask, write_json, write_text
 from ..core.progress import progress_bar
 from . import accel as _accel
-from .design import Design, check_design, load_design
+from .design import Design, check_design, load_design, read_vest
 from .fdr import fdr_adjust
 from .glm import (
     ContrastModel,
@@ -93,6 +97,8 @@ from .glm import (
     permuted_statistics,
     residualise,
 )
+from .gstat import GroupModel, g_statistics, group_model, statistic_name
+from .gstat import variance_groups as resolve_variance_groups
 from .permute import PermutationScheme, make_scheme
 from .zstat import f_to_z, t_to_z
 
@@ -109,6 +115,8 @@ __all__ = [
     "run_permutation_test",
     "prepare_permutation_test",
     "evaluate_chunk",
+    "chunk_rearrangements",
+    "contrast_statistics",
     "plan_chunk",
     "run_chunk_loop",
     "analysis_mask",
@@ -168,6 +176,13 @@ class ContrastResult:
     null_max : ndarray, shape (n_perm,)
         Maximum statistic of each rearrangement (0 = observed).
     spatial : dict of str to MapResult
+    statistic : str
+        What ``stat`` holds: ``'t'``, ``'F'``, or with variance groups
+        ``'Aspin-Welch v'`` (t contrasts) or ``'G'`` (F tests), whose z (with
+        ``df2``) is then the statistic that ``null_max``, the p-values and the
+        spatial statistics use (:mod:`gpuconn.stats.gstat`).
+    df2 : ndarray, shape (n_voxels,), or None
+        Per-voxel degrees of freedom of v or G (None for t and F).
     """
 
     name: str
@@ -181,6 +196,8 @@ class ContrastResult:
     p_fdr: np.ndarray
     null_max: np.ndarray
     spatial: dict[str, MapResult] = field(default_factory=dict)
+    statistic: str = "t"
+    df2: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -202,6 +219,8 @@ class PermutationTestResult:
         Rearrangements restored from a checkpoint (0: not resumed).
     accel : dict or None
         The acceleration and its parameters (:meth:`gpuconn.stats.accel.Accel.record`).
+    variance_groups : ndarray of int, shape (n_obs,), or None
+        Variance-group label of each observation (None: one group).
     """
 
     contrasts: list[ContrastResult]
@@ -211,6 +230,7 @@ class PermutationTestResult:
     seconds: float
     resumed_from: int = 0
     accel: dict | None = None
+    variance_groups: np.ndarray | None = None
 
     def __getitem__(self, name: str) -> ContrastResult:
         for result in self.contrasts:
@@ -230,12 +250,24 @@ class _Contrast:
     observed: torch.Tensor
     transforms: Mapping[str, SpatialTransform]
     spatial_observed: Mapping[str, torch.Tensor]
+    # Variance groups: their constants, and the observed v/G map and its df (``observed`` is then its z).
+    groups: GroupModel | None = None
+    gstat: torch.Tensor | None = None
+    df2: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "_Contrast":
         model = replace(self.model, nuisance=self.model.nuisance.to(device), rows=self.model.rows.to(device))
+        moved = {} if self.groups is None else {"groups": self.groups.to(device), "gstat": self.gstat.to(device),
+                                                "df2": self.df2.to(device)}
         return replace(self, model=model, residuals=self.residuals.to(device), sum_squares=self.sum_squares.to(device),
                        observed=self.observed.to(device),
-                       spatial_observed={k: v.to(device) for k, v in self.spatial_observed.items()})
+                       spatial_observed={k: v.to(device) for k, v in self.spatial_observed.items()}, **moved)
+
+    def statistics(self, orders: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+        """The compared statistic of rearrangements (t or F; with variance groups the z of v or G), float32."""
+        if self.groups is None:
+            return permuted_statistics(self.model, self.residuals, self.sum_squares, orders, signs)
+        return g_statistics(self.model, self.groups, self.residuals, self.sum_squares, orders, signs)[1]
 
 
 @dataclass(frozen=True)
@@ -254,6 +286,8 @@ class PreparedTest:
         Rearrangements per chunk.
     accel : Accel or None
         Acceleration (:mod:`gpuconn.stats.accel`; None: plain counting).
+    variance_groups : ndarray of int, shape (n_obs,), or None
+        Variance-group labels (None: one group, t and F statistics).
     """
 
     contrasts: list[_Contrast]
@@ -261,6 +295,7 @@ class PreparedTest:
     device: torch.device
     chunk: int
     accel: _accel.Accel | None = None
+    variance_groups: np.ndarray | None = None
 
     def to(self, device: str | torch.device) -> "PreparedTest":
         """The same test with its tensors on ``device`` (this object when already there)."""
@@ -409,6 +444,8 @@ def prepare_permutation_test(
     design_source: str = "design",
     accel: str | None = None,
     accel_g1out: bool = False,
+    variance_groups: np.ndarray | str | None = None,
+    variance_groups_source: str = "variance groups (--vg)",
 ) -> PreparedTest:
     """Validate the inputs, draw the scheme and residualise the data, once.
 
@@ -452,6 +489,15 @@ def prepare_permutation_test(
     accel_g1out : bool, default False
         ``tail``/``gamma``: leave the unpermuted statistic out of the null
         (PALM's ``-accel tail out``; :class:`gpuconn.stats.accel.Accel`).
+    variance_groups : ndarray of int, shape (n_obs,), or 'auto', optional
+        Variance groups (PALM ``-vg``; ``'auto'``: from the blocks, see
+        :func:`gpuconn.stats.gstat.variance_groups`). With two or more, each
+        contrast's statistic is Aspin-Welch v (t) or G (F), and its z (per
+        voxel df) is what the max statistic, the p-values and the spatial
+        statistics use (:mod:`gpuconn.stats.gstat`); distinct rearrangements
+        are then counted on the effect of interest and the group labels.
+    variance_groups_source : str
+        The variance groups' file name for error messages.
 
     Returns
     -------
@@ -475,8 +521,13 @@ def prepare_permutation_test(
     # Distinct rearrangements are counted on the effect of interest, as PALM does (Guttman partition: the
     # design columns a contrast weights); one scheme serves every contrast, so on the columns any of them weights.
     interest = matrix[:, np.any(np.atleast_2d(t_contrasts) != 0, axis=0)]
+    # With variance groups also on their labels (PALM: on X only), so that no two rearrangements that give
+    # different v or G count as one.
+    labels = resolve_variance_groups(variance_groups, n_obs=matrix.shape[0], blocks=groups,
+                                     whole_blocks=permute_blocks, source=variance_groups_source)
     scheme = make_scheme(
-        interest, n_perm=n_perm, seed=seed, permute=do_permute, flip=do_flip, blocks=groups,
+        interest if labels is None else np.column_stack([interest, labels]), n_perm=n_perm, seed=seed,
+        permute=do_permute, flip=do_flip, blocks=groups,
         whole_blocks=permute_blocks, blocks_source="exchangeability blocks (-e)",
     )
     invariant = _invariant_vectors(scheme)
@@ -487,22 +538,29 @@ def prepare_permutation_test(
     for name, kind, matrix_c in specs:
         model = contrast_model(matrix, matrix_c, kind=kind, device=device, invariant=invariant)
         residuals, sum_squares = residualise(values, model)
-        observed = permuted_statistics(model, residuals, sum_squares, identity, no_flip)[0]
+        extra = {}
+        if labels is None:
+            observed = permuted_statistics(model, residuals, sum_squares, identity, no_flip)[0]
+        else:  # the z of v or G stands in for t (TFCE and clusters of z, as PALM)
+            gm = group_model(model, labels, source=variance_groups_source)
+            gstat, observed, df2 = (v[0] for v in g_statistics(model, gm, residuals, sum_squares, identity, no_flip))
+            extra = {"groups": gm, "gstat": gstat, "df2": df2}
         transforms = {
-            key: transform.bind(observed, kind=kind, df=model.df) if hasattr(transform, "bind") else transform
+            key: transform.bind(observed, kind="t" if extra else kind, df=model.df) if hasattr(transform, "bind")
+            else transform
             for key, transform in ((spatial if kind == "t" else spatial_f) or {}).items()
         }
         # One map, through run_chunked for its out-of-memory message.
         ((_, _, spatial_observed),) = run_chunked(lambda *_: _spatial_maps(transforms, observed[None], name), 1, 1)
         contrasts_state.append(_Contrast(name, kind, matrix_c, model, residuals, sum_squares, observed, transforms,
-                                         {k: v[0] for k, v in spatial_observed.items()}))
+                                         {k: v[0] for k, v in spatial_observed.items()}, **extra))
     del values
     chunk = plan_chunk(contrasts_state, device, scheme.n_perm) if chunk is None else chunk
-    return PreparedTest(contrasts_state, scheme, device, int(chunk), _check_accel(accel, accel_g1out, scheme,
-                                                                                   spatial, spatial_f))
+    return PreparedTest(contrasts_state, scheme, device, int(chunk), variance_groups=labels,
+                        accel=_check_accel(accel, accel_g1out, scheme, labels is not None, spatial, spatial_f))
 
 
-def _check_accel(mode: str | None, g1out: bool, scheme: PermutationScheme,
+def _check_accel(mode: str | None, g1out: bool, scheme: PermutationScheme, variance_groups: bool,
                  *spatial: Mapping | None) -> _accel.Accel | None:
     if mode is None:
         if g1out:
@@ -517,6 +575,9 @@ def _check_accel(mode: str | None, g1out: bool, scheme: PermutationScheme,
     if mode == "noperm" and (scheme.flip or scheme.blocks is not None):
         raise InputError("--accel noperm has closed-form moments for plain permutation only (no sign flips, "
                          "one-sample tests or exchangeability blocks -e); use --accel tail or gamma")
+    if mode in _accel.NO_FWER and variance_groups:
+        raise InputError(f"--accel {mode} is for t and F statistics, not variance groups (--vg); use --accel tail "
+                         "or gamma")
     if mode == "negbin" and scheme.n_perm < 3:
         raise InputError(f"--accel negbin needs at least 3 rearrangements, got -n {scheme.n_perm}")
     if g1out and mode in _accel.NO_FWER:
@@ -535,7 +596,8 @@ def _noperm_result(prepared: PreparedTest) -> PermutationTestResult:
         p = _accel.noperm_p(to_host(c.model.rows[:c.model.rank]), to_host(c.residuals), stat, c.kind)
         z = t_to_z(stat, c.model.dof) if c.kind == "t" else f_to_z(stat, c.model.rank, c.model.dof)
         results.append(ContrastResult(c.name, c.kind, c.matrix, c.model.df, stat, z.astype(np.float32), p,
-                                      np.full(p.shape, np.nan), fdr_adjust(p), np.empty(0, np.float32)))
+                                      np.full(p.shape, np.nan), fdr_adjust(p), np.empty(0, np.float32),
+                                      statistic=statistic_name(c.kind, 1)))
     record = {**prepared.accel.record(), "rearrangements_evaluated": 0}
     return PermutationTestResult(results, prepared.scheme, str(prepared.device), 0, 0.0, accel=record)
 
@@ -562,13 +624,32 @@ def plan_chunk(contrasts: list[_Contrast], device: torch.device, n_items: int) -
     int
     """
     n_vox = contrasts[0].residuals.shape[1]
-    rows = max(c.model.rows.shape[0] for c in contrasts)
+    rows = max(c.model.rows.shape[0] if c.groups is None else c.groups.work_rows for c in contrasts)
     n_maps = max(len(c.transforms) for c in contrasts)
     # float64: the projections (rows) and three voxel-sized temporaries; float32: the statistic and its maps.
     per_item = max(n_vox, 1) * (8 * (rows + 3) + 4 * (2 + 2 * n_maps))
     maximum = (cuda_chunk_cap(n_items, spatial=n_maps > 0) if device.type == "cuda"
                else max(1, _CPU_CHUNK_BYTES // per_item))
     return chunk_size(per_item, device, n_items=n_items, maximum=maximum)
+
+
+def chunk_rearrangements(prepared: PreparedTest, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orders and signs of rearrangements ``start`` to ``stop - 1``, on the prepared test's device."""
+    orders, signs = prepared.scheme.chunk(start, stop)
+    return (torch.as_tensor(orders, device=prepared.device),
+            torch.as_tensor(signs, dtype=DESIGN_DTYPE, device=prepared.device))
+
+
+def contrast_statistics(c: _Contrast, rearrangements: tuple[torch.Tensor, torch.Tensor], start: int) -> torch.Tensor:
+    """Statistic maps ``(n_chunk, n_voxels)`` of one contrast for a chunk of rearrangements from ``start``.
+
+    Row 0 of the chunk at ``start == 0`` is the identity: exactly the
+    observed map every chunk compares with.
+    """
+    stats = c.statistics(*rearrangements)
+    if start == 0:
+        stats[0] = c.observed
+    return stats
 
 
 def evaluate_chunk(prepared: PreparedTest, start: int, stop: int,
@@ -599,18 +680,13 @@ def evaluate_chunk(prepared: PreparedTest, start: int, stop: int,
         (``{key: per-voxel state}``, :func:`gpuconn.stats.accel.chunk_state`),
         with ``negbin`` ``stopped`` (see :func:`_negbin_chunk`).
     """
-    device = prepared.device
-    orders, signs = prepared.scheme.chunk(start, stop)
-    orders_t = torch.as_tensor(orders, device=device)
-    signs_t = torch.as_tensor(signs, dtype=DESIGN_DTYPE, device=device)
+    rearrangements = chunk_rearrangements(prepared, start, stop)
     out = {}
     for c in prepared.contrasts:
         if prepared.accel is not None and prepared.accel.mode == "negbin":
-            out[c.name] = _negbin_chunk(prepared.accel, c, start, orders_t, signs_t, (running or {}).get(c.name))
+            out[c.name] = _negbin_chunk(prepared.accel, c, start, *rearrangements, (running or {}).get(c.name))
             continue
-        stats = permuted_statistics(c.model, c.residuals, c.sum_squares, orders_t, signs_t)
-        if start == 0:  # the identity: exactly the map every chunk compares with
-            stats[0] = c.observed
+        stats = contrast_statistics(c, rearrangements, start)
         maps = _spatial_maps(c.transforms, stats, c.name)
         references = {"vox": (stats, c.observed)} | {k: (m, c.spatial_observed[k]) for k, m in maps.items()}
         out[c.name] = {
@@ -771,7 +847,7 @@ class ChunkMerger:
         if accel is not None and prepared.accel.mode == "negbin":
             accel["rearrangements_evaluated"] = self.done
         return PermutationTestResult(results, prepared.scheme, str(prepared.device), prepared.chunk, seconds,
-                                     accel=accel)
+                                     accel=accel, variance_groups=prepared.variance_groups)
 
 
 def run_chunk_loop(
@@ -820,17 +896,25 @@ def _p_values(c: _Contrast, key: str, observed: np.ndarray, n_perm: int, counts:
 
 def _summarise(c: _Contrast, n_perm: int, counts: dict, maxima: dict, accel: _accel.Accel | None = None,
                state: dict | None = None) -> ContrastResult:
-    stat = to_host(c.observed)
     null_max = maxima[(c.name, "vox")] if accel is None or accel.mode != "negbin" else np.empty(0, np.float32)
-    p_unc, p_fwe = _p_values(c, "vox", stat, n_perm, counts, null_max, accel, state)
+    # the compared map: the statistic, or with variance groups the z of v or G (as PALM)
+    p_unc, p_fwe = _p_values(c, "vox", to_host(c.observed), n_perm, counts, null_max, accel, state)
     dof = c.model.dof
-    z = t_to_z(stat, dof) if c.kind == "t" else f_to_z(stat, c.model.rank, dof)
+    statistic = statistic_name(c.kind, 1 if c.groups is None else c.groups.n_groups)
+    if c.groups is None:
+        stat = to_host(c.observed)
+        z = t_to_z(stat, dof) if c.kind == "t" else f_to_z(stat, c.model.rank, dof)
+    else:  # p-values and null of the z of v or G, as PALM
+        stat, z = to_host(c.gstat), to_host(c.observed)
     spatial = {}
     for key, transform in c.transforms.items():
         mapped = to_host(c.spatial_observed[key])
         key_max = maxima[(c.name, key)]
         key_unc, key_fwe = _p_values(c, key, mapped, n_perm, counts, key_max, accel, state)
-        spatial[key] = MapResult(mapped, key_fwe, key_unc, key_max, dict(getattr(transform, "settings", {})))
+        settings = dict(getattr(transform, "settings", {}))
+        if c.groups is not None:
+            settings["on"] = f"z of {statistic}"
+        spatial[key] = MapResult(mapped, key_fwe, key_unc, key_max, settings)
     return ContrastResult(
         name=c.name,
         kind=c.kind,
@@ -843,6 +927,8 @@ def _summarise(c: _Contrast, n_perm: int, counts: dict, maxima: dict, accel: _ac
         p_fdr=fdr_adjust(p_unc),
         null_max=null_max,
         spatial=spatial,
+        statistic=statistic,
+        df2=None if c.groups is None else to_host(c.df2),
     )
 
 
@@ -934,7 +1020,11 @@ def write_outputs(
         "device": result.device,
         "chunk_size": result.chunk_size,
         "permutation_seconds": round(result.seconds, 3),
-        "contrasts": {c.name: {"kind": c.kind, "weights": c.contrast, "df": list(c.df)} for c in result.contrasts},
+        "contrasts": {c.name: {"kind": c.kind, "weights": c.contrast, "df": list(c.df), "statistic": c.statistic,
+                               **({} if c.df2 is None else {"df2": "per voxel (Welch-Satterthwaite)",
+                                                            "df2_range": [float(c.df2.min()), float(c.df2.max())]})}
+                      for c in result.contrasts},
+        "variance_groups": result.variance_groups,
         "spatial": {c.name: {k: m.settings for k, m in c.spatial.items()} for c in result.contrasts if c.spatial},
         "accel": result.accel,
         **dict(params or {}),
@@ -963,6 +1053,7 @@ def randomise(
     ftest_path: str | os.PathLike | None = None,
     groups_path: str | os.PathLike | None = None,
     mask_path: str | os.PathLike | None = None,
+    variance_groups_path: str | os.PathLike | None = None,
     one_sample: bool = False,
     n_perm: int = 5000,
     demean: bool = False,
@@ -994,6 +1085,10 @@ def randomise(
         ``-d``, ``-t``, ``-f``, ``-e``.
     mask_path : path-like, optional
         ``-m``; default: voxels non-zero in some volume.
+    variance_groups_path : path-like or 'auto', optional
+        ``--vg``: variance groups (VEST ``design.grp``, one integer per
+        volume) or ``'auto'`` (from ``-e``); see
+        :func:`prepare_permutation_test`.
     one_sample : bool
         ``-1``: design is a column of ones, contrast ``[1]``, sign flipping;
         excludes ``-d``/``-t``.
@@ -1031,6 +1126,9 @@ def randomise(
             raise InputError("give a design and contrasts (-d design.mat -t design.con), or -1 for a one-sample test")
         design = load_design(design_path, contrast_path, ftest_path, groups_path, n_obs=n_obs,
                              data_source=str(input_path))
+    vg = variance_groups_path
+    if vg is not None and str(vg) != "auto":
+        vg = read_vest(vg, what="variance groups (--vg)")[0]
     mask = analysis_mask(img, input_path, mask_path)
     data = masked_data(img, mask, path=input_path)
     spatial = spatial(mask) if callable(spatial) else spatial
@@ -1038,11 +1136,13 @@ def randomise(
     result = run_permutation_test(
         data, design, n_perm=n_perm, seed=seed, method=method, permute_blocks=permute_blocks,
         demean=demean, device=device, spatial=spatial, spatial_f=spatial_f, progress=progress, runner=runner,
-        design_source=str(design_path or "-1 design"), accel=accel, accel_g1out=accel_g1out,
+        design_source=str(design_path or "-1 design"), variance_groups=vg, variance_groups_source=str(variance_groups_path),
+        accel=accel, accel_g1out=accel_g1out,
     )
     inputs = {
         "input": str(input_path), "design_file": design_path, "contrast_file": contrast_path,
-        "ftest_file": ftest_path, "groups_file": groups_path, "mask": mask_path, "one_sample": one_sample, "demean": demean,
+        "ftest_file": ftest_path, "groups_file": groups_path, "variance_groups_file": variance_groups_path,
+        "mask": mask_path, "one_sample": one_sample, "demean": demean,
         "design_matrix": design.matrix, "contrast_names": design.contrast_names,
     }
     write_outputs(result, output_root, mask, img, uncorrp=uncorrp, voxelwise=voxelwise, fdr=fdr,

@@ -23,8 +23,9 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from ..core.errors import InputError
-from ..core.io import check_same_grid, load_image, load_mask, read_tsv, save_image, write_tsv
+from ..core.atlas import read_atlas_labels
+from ..core.errors import InputError, OptionError
+from ..core.io import check_same_grid, load_image, load_mask, save_image, write_tsv
 from .clusters import label_maps
 
 __all__ = ["ClusterTable", "cluster_table", "local_maxima", "read_atlas_labels", "write_cluster_table"]
@@ -231,25 +232,6 @@ def cluster_table(
     return ClusterTable(table, index_image.astype(np.int32), lmax)
 
 
-def read_atlas_labels(path: str | os.PathLike) -> dict[int, str]:
-    """Read an atlas label table: TSV with columns ``index`` and ``name``.
-
-    Raises
-    ------
-    InputError
-        Missing columns or non-integer indices.
-    """
-    table = read_tsv(path, what="atlas label table")
-    missing = [c for c in ("index", "name") if c not in table.columns]
-    if missing:
-        raise InputError(f"atlas label table {path} lacks column(s) {missing}; it needs 'index' and 'name'")
-    try:
-        indices = table["index"].astype(int)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"atlas label table {path}: 'index' must hold integers ({exc})") from exc
-    return dict(zip(indices, table["name"].astype(str)))
-
-
 def write_cluster_table(
     stat_path: str | os.PathLike,
     output_root: str | os.PathLike,
@@ -288,7 +270,7 @@ def write_cluster_table(
     if "corrp" in extra and not (np.nanmin(extra["corrp"]) >= 0 and np.nanmax(extra["corrp"]) <= 1):
         raise InputError(f"{corrp_path} has values outside [0, 1]; pass a randomise *_corrp_* map (1 - p)")
     if atlas_labels_path is not None and atlas_path is None:
-        raise InputError("--atlas-labels needs --atlas (the atlas image the labels belong to)")
+        raise OptionError("{atlas_labels_path} needs {atlas_path} (the atlas image the labels belong to)")
     labels = read_atlas_labels(atlas_labels_path) if atlas_labels_path is not None else None
     result = cluster_table(stat, img.affine, threshold=threshold, mask=mask, connectivity=connectivity,
                            min_voxels=min_voxels, corrp=extra.get("corrp"), atlas=extra.get("atlas"),

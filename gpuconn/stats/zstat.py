@@ -114,11 +114,14 @@ def _two_sided_central(y: torch.Tensor, s: torch.Tensor, dof: int) -> torch.Tens
 
 
 
-def _log_betainc_cf(x: torch.Tensor, log_1mx: torch.Tensor, a: float, b: float) -> torch.Tensor:
+def _log_betainc_cf(
+    x: torch.Tensor, log_1mx: torch.Tensor, a: float | torch.Tensor, b: float | torch.Tensor
+) -> torch.Tensor:
     """``log I_x(a, b)`` by the continued fraction (modified Lentz), for ``x < (a+1)/(a+b+2)``.
 
     Numerical Recipes 6.4 (``betacf``); iterates until every element has
-    converged to float64 round-off.
+    converged to float64 round-off. ``a`` and ``b`` are numbers or tensors
+    of ``x``'s shape (per-element degrees of freedom).
     """
     tiny = 1e-300
     qab, qap, qam = a + b, a + 1.0, a - 1.0
@@ -139,7 +142,12 @@ def _log_betainc_cf(x: torch.Tensor, log_1mx: torch.Tensor, a: float, b: float) 
             h.mul_(delta)
         if m % 4 == 0 and float((delta - 1.0).abs().max()) < 1e-15:
             break
-    log_front = a * torch.log(x) + b * log_1mx - math.log(a) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        a, b = (torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in (a, b))
+        log_a, log_beta = torch.log(a), torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
+    else:
+        log_a, log_beta = math.log(a), math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    log_front = a * torch.log(x) + b * log_1mx - log_a - log_beta
     return log_front + torch.log(h)
 
 

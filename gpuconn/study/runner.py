@@ -67,7 +67,7 @@ from .demographics import table_one
 from .report import write_report
 from .results import corrp_path, map_keys, model_contrasts, significant_voxels, stat_root
 from .roi_stats import roi_tests
-from .schema import FLAME_METHODS, Study, load_study, model_design, model_table, network_names, region_names, study_regions
+from .schema import FLAME_METHODS, Study, grf_options, load_study, model_design, model_table, network_names, region_names, study_regions
 from .stamps import Stamps
 
 __all__ = [
@@ -150,7 +150,7 @@ def _step_qc(ctx: _Context) -> list[Path]:
             if run.confounds is None and run.motion is None:
                 raise InputError(f"QC needs motion parameters: no *_desc-confounds_timeseries.tsv beside {run.bold}")
             params = load_motion(confounds=run.confounds, motion_par=run.motion, bold=run.bold)
-            rows.append(({"run": run.prefix, "participant_id": f"sub-{run.subject}", "session": run.session or ""}, params))
+            rows.append(({"run": run.prefix, "participant_id": ctx.study.participant_id(run), "session": run.session or ""}, params))
             advance()
     table = qc_table(rows, **settings)
     return [io.write_tsv(table, ctx.out / "qc" / "qc.tsv", params={"thresholds": settings}, sidecar=True)]
@@ -205,12 +205,11 @@ def _step_seeds(ctx: _Context) -> list[Path]:
 
 
 def _step_ica(ctx: _Context) -> list[Path]:
-    settings = ctx.study.section("ica")
     runs = ctx.kept_runs()
     paths = [ctx.denoised(r) for r in runs]
     folder = ctx.out / "ica"
     ic_path = folder / "melodic_IC.nii.gz"
-    run_group_ica(paths, folder, dim=settings["dim"], seed=settings["seed"], device=ctx.device, progress=ctx.progress)
+    run_group_ica(paths, folder, ctx.study.options("ica"), device=ctx.device, progress=ctx.progress)
     io.write_tsv(pd.DataFrame({"run": [r.prefix for r in runs]}), folder / "runs.tsv")
     names = network_names(ctx.study.config)
     if names:
@@ -302,8 +301,8 @@ def _flame_model(ctx: _Context, key: str, run_sets, mask: np.ndarray, reference,
     cope_path = io.save_image(io.unmask(copes, mask), reference, f"{root}_cope_input.nii.gz", params=params)
     varcope_path = io.save_image(io.unmask(varcopes, mask), reference, f"{root}_varcope_input.nii.gz", params=params)
     run_flame(cope_path, varcope_path, folder / "design.mat", folder / "design.con", root.parent, prefix=f"{root.name}_",
-              mask_path=mask_path, run_mode=settings["method"], z_threshold=settings["cluster_threshold"],
-              cluster_p=settings["alpha"], device=ctx.device, mcmc=McmcOptions(seed=settings["seed"]), params=params)
+              mask_path=mask_path, run_mode=settings["method"], clusters=grf_options(settings, ctx.study.path),
+              device=ctx.device, mcmc=McmcOptions(seed=settings["seed"]), params=params)
     return [cope_path, varcope_path, *sorted(p for p in root.parent.glob(f"{root.name}_*") if "_input." not in p.name)]
 
 
@@ -340,8 +339,8 @@ def _step_group(ctx: _Context) -> list[Path]:
                 written.append(input_path)
                 if settings["method"] == "grf":
                     parametric_glm(input_path, root, design_path=folder / "design.mat", contrast_path=folder / "design.con",
-                                   mask_path=mask_path, z_threshold=settings["cluster_threshold"], cluster_p=settings["alpha"],
-                                   device=ctx.device, params=params)
+                                   mask_path=mask_path, clusters=grf_options(settings, study.path), device=ctx.device,
+                                   params=params)
                     written += sorted(root.parent.glob(f"{root.name}_*"))
                 else:
                     result = randomise.run_permutation_test(data, design, n_perm=settings["n_perm"], seed=settings["seed"], device=ctx.device,

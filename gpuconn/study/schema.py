@@ -12,13 +12,14 @@ runner's group and ROI steps).
 
 from __future__ import annotations
 
+import functools
 import glob
 import itertools
 import os
 import tomllib
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,11 @@ import pandas as pd
 from ..core import io
 from ..core.bids import DEFAULT_SPACE, Run, find_runs
 from ..core.feat import study_runs
-from ..core.errors import InputError
+from ..core.errors import InputError, OptionError
+from ..maps import ROI_RADIUS_MM, SEED_RADIUS_MM
+from ..maps.options import ICAOptions
 from ..maps.regions import sphere_regions
+from ..stats.options import GrfOptions
 from ..stats.design import build_design
 from ..subject.denoise import DenoiseOptions
 
@@ -48,6 +52,7 @@ __all__ = [
     "network_names",
     "model_table",
     "model_design",
+    "grf_options",
 ]
 
 
@@ -64,6 +69,40 @@ FLAME_METHODS = ("flame1", "flame12")
 
 
 _REQUIRED = object()
+
+
+def _option_keys(cls: type) -> dict[str, Any]:
+    """A section's keys and defaults from an options object's fields (TOML has no None: 0 stands for it)."""
+    return {f.name: 0 if f.default is None else f.default for f in fields(cls)}
+
+
+#: Sections filled and checked by a stage's options object (:meth:`Study.options`).
+_OPTION_SECTIONS: dict[str, type] = {"ica": ICAOptions}
+
+
+def _options_object(cls: type, values: dict[str, Any], keys: dict[str, str], path: Path) -> Any:
+    """``cls(**values)``; its OptionError re-worded with the study file's keys (``keys``: field -> key)."""
+    try:
+        return cls(**values)
+    except OptionError as exc:
+        raise InputError(f"{path}: {exc.named(lambda name: keys[name])}") from None
+
+
+def _section_options(config: dict, name: str, path: Path) -> Any:
+    cls = _OPTION_SECTIONS[name]
+    given = config[name]
+    values = {f.name: None if f.default is None and given[f.name] == 0 else given[f.name] for f in fields(cls)}
+    return _options_object(cls, values, {f.name: f"{name}.{f.name}" for f in fields(cls)}, path)
+
+
+# [inference] keys of GRF cluster inference (methods grf, flame1, flame12), by GrfOptions field.
+_GRF_KEYS = {"cluster_z": "cluster_threshold", "cluster_p": "alpha"}
+
+
+def grf_options(inference: dict, path: Path) -> GrfOptions:
+    """GRF cluster inference as a study's ``[inference]`` section sets it (``cluster_threshold``, ``alpha``)."""
+    values = {name: inference[key] for name, key in _GRF_KEYS.items()}
+    return _options_object(GrfOptions, values, {name: f"inference.{key}" for name, key in _GRF_KEYS.items()}, path)
 # The defaults of [denoise] are DenoiseOptions' own.
 _DENOISE = DenoiseOptions()
 
@@ -102,7 +141,8 @@ _SECTIONS: dict[str, dict[str, Any]] = {
         "tr": _DENOISE.tr or 0.0,
         "batch_size": 1,
     },
-    "ica": {"enabled": False, "dim": 10, "seed": 0, "templates": "", "template_names": []},
+    # the fields of ICAOptions (0 stands for None) between the study's own keys
+    "ica": {"enabled": False, **_option_keys(ICAOptions), "templates": "", "template_names": []},
     "derived": {},
     "inference": {
         "method": "cluster",
@@ -122,8 +162,8 @@ _SECTIONS: dict[str, dict[str, Any]] = {
 
 #: Keys of each entry of the array-of-table sections.
 _TABLES: dict[str, dict[str, Any]] = {
-    "seeds": {"name": _REQUIRED, "center": _REQUIRED, "radius": 6.0, "mirror": "none"},
-    "rois": {"name": _REQUIRED, "center": _REQUIRED, "radius": 4.0, "mirror": "union"},
+    "seeds": {"name": _REQUIRED, "center": _REQUIRED, "radius": SEED_RADIUS_MM, "mirror": "none"},
+    "rois": {"name": _REQUIRED, "center": _REQUIRED, "radius": ROI_RADIUS_MM, "mirror": "union"},
     "networks": {"name": _REQUIRED, "nodes": [], "radius": 10.0},
     "models": {
         "name": _REQUIRED,
@@ -189,6 +229,30 @@ class Study:
     def section(self, name: str) -> Any:
         """One section of :attr:`config`."""
         return self.config[name]
+
+    def options(self, name: str) -> Any:
+        """The options object of a stage's section (``ica``: :class:`gpuconn.maps.options.ICAOptions`)."""
+        return _section_options(self.config, name, self.path)
+
+    def participant_id(self, run: Run) -> str:
+        """The run's subject as the participants table spells it (``sub-001`` or ``001``); ``sub-<label>`` when absent.
+
+        Outputs and tables carry this spelling, so they join with the
+        participants table whichever form the folders or
+        ``--participant-label`` used.
+        """
+        return self._participant_ids.get(run.subject, f"sub-{run.subject}")
+
+    @functools.cached_property
+    def _participant_ids(self) -> dict[str, str]:
+        return participant_ids(self.table, self.section("inputs")["subject_column"])
+
+
+def participant_ids(table: pd.DataFrame, column: str) -> dict[str, str]:
+    """``{label without sub-: spelling in the table}`` for a participants table's subject column (empty without it)."""
+    if column not in table.columns:
+        return {}
+    return {spelled.removeprefix("sub-"): spelled for spelled in table[column].astype(str)}
 
 
 
@@ -266,6 +330,8 @@ def _validate(raw: dict, path: Path) -> dict:
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             raise InputError(f"{path}: {name} must be written as [[{name}]] tables")
         config[name] = [_fill(name, entry, schema, path) for entry in entries]
+    for name in _OPTION_SECTIONS:
+        _section_options(config, name, path)
     _check_regions(config, path)
     _check_models(config, path)
     _check_inference(config, path)
@@ -375,6 +441,8 @@ def _check_inference(config: dict, path: Path) -> None:
         raise InputError(f"{path}: inference.connectivity must be 6, 18 or 26, got {inference['connectivity']}")
     if not 0 < inference["alpha"] < 1:
         raise InputError(f"{path}: inference.alpha must be between 0 and 1, got {inference['alpha']}")
+    if inference["method"] in ("grf", *FLAME_METHODS):
+        grf_options(inference, path)
     groups = config["subgroups"]
     if groups["variable"]:
         edges, labels = groups["edges"], groups["labels"]
@@ -465,8 +533,8 @@ def load_study(path: str | os.PathLike, *, check_inputs: bool = True) -> Study:
         runs = study_runs(str(path.parent / inputs["feat"]))
     else:  # find_runs reads afni_proc.py results folders too
         runs = find_runs(derivatives, space=inputs["space"])
-    known = set(table[inputs["subject_column"]].astype(str))
-    missing = sorted({f"sub-{r.subject}" for r in runs} - known)
+    known = participant_ids(table, inputs["subject_column"])
+    missing = sorted({f"sub-{r.subject}" for r in runs if r.subject not in known})
     if missing:
         raise InputError(f"{participants} has no row for {', '.join(missing[:5])} (found under {derivatives}); add them")
     study = Study(path, config, derivatives, participants, runs, table, templates)
@@ -536,7 +604,7 @@ def model_table(study: Study, qc: pd.DataFrame, model: dict, runs: Sequence[Run]
     subject_col, group_col = inputs["subject_column"], inputs["group_column"]
     table = study.table.copy()
     table[subject_col] = table[subject_col].astype(str)
-    by_key = {(f"sub-{r.subject}", r.session or ""): r for r in runs}
+    by_key = {(study.participant_id(r), r.session or ""): r for r in runs}
     motion = qc.set_index("run")["mean_rel_rms"].to_dict()
     if model["kind"] == "two-sample":
         table = table[table[group_col].astype(str).isin(model["contrast"].split(">"))]

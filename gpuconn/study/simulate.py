@@ -44,7 +44,7 @@ from scipy import ndimage
 
 from ..core import io
 from ..core.bids import DEFAULT_SPACE
-from ..core.errors import InputError
+from ..core.errors import OptionError
 from ..subject.confounds import MOTION_COLUMNS, framewise_displacement
 from ..subject.physio import cardiac_response, respiration_response
 
@@ -156,7 +156,7 @@ def make_grid(voxel_size: float = 4.0) -> tuple[tuple[int, int, int], np.ndarray
         RAS+ voxel-to-MNI-mm affine; voxel centres land on x = 0.
     """
     if not 1.0 <= voxel_size <= 8.0:
-        raise InputError(f"--voxel-size must be between 1 and 8 mm, got {voxel_size}")
+        raise OptionError(f"{{voxel_size}} must be between 1 and 8 mm, got {voxel_size}")
     margin = 2 * voxel_size
     low = _BRAIN_CENTRE - _BRAIN_AXES - margin
     high = _BRAIN_CENTRE + _BRAIN_AXES + margin
@@ -442,11 +442,11 @@ def simulate_study(
         controls, fewer than 20 volumes).
     """
     if n_patients < 3 or n_controls < 2:
-        raise InputError(f"--n-patients must be >= 3 and --n-controls >= 2 (got {n_patients} and {n_controls})")
+        raise OptionError(f"{{n_patients}} must be >= 3 and {{n_controls}} >= 2 (got {n_patients} and {n_controls})")
     if n_volumes < 20:
-        raise InputError(f"--n-volumes must be >= 20, got {n_volumes}")
+        raise OptionError(f"{{n_volumes}} must be >= 20, got {n_volumes}")
     if tr <= 0:
-        raise InputError(f"--tr must be positive, got {tr}")
+        raise OptionError(f"{{tr}} must be positive, got {tr}")
     root = Path(out_dir)
     anatomy = _anatomy(voxel_size)
     participants = _participants(np.random.default_rng([seed, 0]), n_patients, n_controls)

@@ -38,6 +38,7 @@ Derived regressors:
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -59,6 +60,7 @@ __all__ = [
     "read_fmriprep_confounds",
     "fmriprep_motion",
     "load_motion",
+    "MAX_ROTATION_RAD",
     "check_length",
     "friston24",
     "friston24_names",
@@ -258,14 +260,34 @@ def load_motion(
     Raises
     ------
     InputError
-        Wrong number of rows (naming both files), or a file problem.
+        Wrong number of rows (naming both files), rotations above 2 pi
+        (degrees; above :data:`MAX_ROTATION_RAD` radians only a warning
+        says so), or a file problem.
     """
     source = motion_par if motion_par is not None else confounds
     if source is None:
         return None
     params = read_motion_par(motion_par) if motion_par is not None else fmriprep_motion(confounds)
     check_length(params, n_volumes, source, bold)
+    _check_rotation_units(params, source)
     return params
+
+
+#: Largest head rotation taken as radians without a warning (0.5 rad, about 29 degrees, more than a head coil allows).
+MAX_ROTATION_RAD = 0.5
+
+
+def _check_rotation_units(params: np.ndarray, source) -> None:
+    """Warn when rotations look like degrees (above :data:`MAX_ROTATION_RAD`); refuse them above 2 pi, which no angle in radians needs."""
+    largest = float(np.abs(params[:, :3]).max(initial=0.0))
+    if largest <= MAX_ROTATION_RAD:
+        return
+    message = (f"motion parameters {source}: rotations reach {largest:.3g}, {np.degrees(largest):.0f} degrees if radians; "
+               "they look like degrees, or like translations first (SPM's rp_*.txt): gpuconn reads rx ry rz in radians, "
+               "then tx ty tz in mm (MCFLIRT .par order); convert degrees with numpy.deg2rad")
+    if largest > 2 * np.pi:
+        raise InputError(message)
+    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def check_length(values, n_volumes: int | None, path, bold) -> None:

@@ -20,6 +20,9 @@ Order of operations for one run (what :func:`denoise_runs` does):
    reference study's ``fsl_motion_outliers`` matrix), or their volumes are
    dropped (``censor='drop'``: the cosine set is built on the full time grid,
    then the censored rows are removed from data and design, as nilearn does).
+   A spike column fits its volume exactly, so that volume's residuals are 0:
+   the sidecar lists those volumes (``SpikeCensoredVolumes``) and the seed
+   and ROI maps leave them out rather than correlate zeros.
 4. Rank: columns are scaled to unit maximum, a column-pivoted QR finds the
    rank, and columns that depend on the others are **dropped with a warning
    naming them** (and listed in the sidecar). Fewer than ``min_dof``
@@ -64,7 +67,7 @@ from scipy import linalg
 
 from ..core.backend import DESIGN_DTYPE, as_data, resolve_device, to_numpy, uses_device
 from ..core.bids import DEFAULT_SPACE, find_runs
-from ..core.errors import InputError
+from ..core.errors import InputError, OptionError
 from ..core.io import (
     check_same_grid, load_header, load_image, load_mask, masked_data, read_tsv, save_image, sidecar_path, split_ext,
     write_tsv,
@@ -76,6 +79,7 @@ from .physio import PHYSIO_COLUMNS, physio_confounds, physio_regressors
 
 __all__ = [
     "DenoiseOptions",
+    "SPIKE_VOLUMES_KEY",
     "RunFiles",
     "PreparedRun",
     "cosine_basis",
@@ -92,8 +96,13 @@ __all__ = [
     "clean_runs",
     "denoise_runs",
     "output_paths",
+    "finished_run",
     "collect_runs",
 ]
+
+#: Sidecar entry listing the output volumes fitted by spike regressors (all-zero residuals): the seed and ROI maps
+#: leave them out (:func:`gpuconn.maps.series.prepare_inputs`).
+SPIKE_VOLUMES_KEY = "SpikeCensoredVolumes"
 
 _VOXEL_CHUNK = 65536  # voxels cast to float64 at a time in the projection
 
@@ -227,6 +236,9 @@ class PreparedRun:
     dropped_columns : list of str
     n_outliers : int
     tr : float
+    spike_volumes : list of int
+        Volumes (0-based, of the output series) fitted by a spike regressor
+        (``censor='spikes'``): their residuals are exactly 0.
     """
 
     files: RunFiles
@@ -238,6 +250,7 @@ class PreparedRun:
     dropped_columns: list[str] = field(default_factory=list)
     n_outliers: int = 0
     tr: float = 0.0
+    spike_volumes: list[int] = field(default_factory=list)
 
     @property
     def dof(self) -> int:
@@ -299,9 +312,20 @@ def nuisance_design(
     Returns
     -------
     pandas.DataFrame, shape (n_volumes, n_confounds + n_cosines + 1)
+
+    Raises
+    ------
+    InputError
+        ``high_pass`` at or above the Nyquist frequency ``1 / (2 tr)``;
+        ``low_pass`` not above ``high_pass``.
     """
     n = len(confounds)
     parts = [confounds.reset_index(drop=True)]
+    nyquist = 0.5 / tr
+    if high_pass and high_pass >= nyquist:
+        raise OptionError(f"{{high_pass}} {high_pass:g} Hz is at or above the Nyquist frequency {nyquist:.4g} Hz of "
+                          f"TR {tr:g} s: it would remove the whole signal; give a cutoff in Hz, e.g. {{high_pass}} "
+                          "0.006 (a period of 167 s)")
     if high_pass:
         hp = cosine_basis(n, tr=tr, high_pass=high_pass)
         parts.append(pd.DataFrame(hp, columns=[f"cosine_{i:02d}" for i in range(hp.shape[1])]))
@@ -703,7 +727,8 @@ def prepare_run(
             f"{design.shape[1]} regressors); need at least {options.min_dof}: use fewer regressors or a higher outlier threshold"
         )
     data = masked_data(img, brain, path=files.bold) if load_data else np.empty((n, 0), dtype=np.float32)
-    return PreparedRun(files, img, brain, data, design, keep, dropped, int(spikes.shape[1]), tr)
+    spiked = np.flatnonzero(spikes.astype(bool).any(axis=1)).tolist() if options.censor == "spikes" else []
+    return PreparedRun(files, img, brain, data, design, keep, dropped, int(spikes.shape[1]), tr, spiked)
 
 
 def clean_runs(runs: Sequence[PreparedRun], *, fwhm: float, device: torch.device | str = "cpu") -> list[np.ndarray]:
@@ -795,11 +820,40 @@ def output_paths(files: RunFiles, out_dir: str | os.PathLike) -> dict[str, Path]
     }
 
 
+def _sources(files: RunFiles) -> dict[str, Path]:
+    """The input files of a run as its sidecar records them (``Sources``)."""
+    return {k: v for k, v in vars(files).items() if v is not None and k != "label"}
+
+
+def finished_run(files: RunFiles, out_dir: str | os.PathLike, options: DenoiseOptions) -> bool:
+    """Whether a run's outputs are complete from the same inputs and settings, so a rerun may skip it.
+
+    True when all three outputs (:func:`output_paths`) exist, the BOLD's
+    sidecar records the same ``Sources`` and ``Options``, and no input file
+    is newer than the denoised BOLD. Each output is written atomically and
+    the mask last, so an interrupted run is never taken as finished.
+    """
+    from dataclasses import asdict
+
+    paths = output_paths(files, out_dir)
+    sidecar = sidecar_path(paths["bold"])
+    if not all(p.exists() for p in (*paths.values(), sidecar)):
+        return False
+    try:
+        recorded = json.loads(sidecar.read_text()).get("Parameters", {})
+    except (json.JSONDecodeError, OSError, AttributeError):
+        return False
+    same = (recorded.get("Sources") == {k: str(v) for k, v in _sources(files).items()}
+            and recorded.get("Options") == json.loads(json.dumps(asdict(options))))
+    written = paths["bold"].stat().st_mtime
+    return same and all(Path(p).stat().st_mtime <= written for p in _sources(files).values() if Path(p).exists())
+
+
 def _params(run: PreparedRun, options: DenoiseOptions) -> dict:
     from dataclasses import asdict
 
     return {
-        "Sources": {k: v for k, v in vars(run.files).items() if v is not None and k != "label"},
+        "Sources": _sources(run.files),
         "Options": asdict(options),
         "RepetitionTime": run.tr,
         "Columns": list(run.design.columns),
@@ -807,6 +861,7 @@ def _params(run: PreparedRun, options: DenoiseOptions) -> dict:
         "NumberOfOutliers": run.n_outliers,
         "VolumesKept": int(run.keep.sum()),
         "CensoredVolumes": np.flatnonzero(~run.keep).tolist(),
+        SPIKE_VOLUMES_KEY: run.spike_volumes,
         "ResidualDegreesOfFreedom": run.dof,
         "Order": "confounds (+aCompCor/global from unsmoothed data) + cosine high-pass (+low-pass) + constant regressed jointly; then Gaussian smoothing inside the brain mask normalised by the smoothed mask",
     }

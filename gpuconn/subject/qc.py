@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.bids import DEFAULT_SPACE, find_runs
-from ..core.errors import InputError
+from ..core.errors import InputError, OptionError
 from ..core.feat import FeatRun
 from ..core.tasks import map_tasks
 from .confounds import framewise_displacement, load_motion, rms_displacement
@@ -45,7 +45,7 @@ QC_COLUMNS = (
 
 def _check_metric(outlier_metric: str) -> None:
     if outlier_metric not in ("fd", "rms"):
-        raise InputError(f"--outlier-metric {outlier_metric!r} is not one of fd, rms")
+        raise OptionError(f"{{outlier_metric}} {outlier_metric!r} is not one of fd, rms")
 
 
 def motion_summary(
@@ -156,7 +156,7 @@ def motion_sources(
 
     files = [*motion_par, *confounds]
     if (derivatives is None) == (not files):
-        raise InputError("give either --derivatives or --motion-par/--confounds files")
+        raise OptionError("give either {derivatives} or {motion_par}/{confounds} files")
     if derivatives is not None:
         sources = []
         for run in find_runs(derivatives, participant_label=list(participant_label) or None, space=space or DEFAULT_SPACE):

@@ -1,0 +1,87 @@
+"""Options objects of the group-statistics stages: each one's defaults and checks, in one place.
+
+The library functions take these objects; the CLI takes its defaults from
+them (``gpuconn.cli.options.stage_options`` builds one from a command's
+arguments) and the study runner builds them from its sections. This module
+imports nothing heavy, so the CLI reads defaults without importing torch. A
+bad value raises :class:`~gpuconn.core.errors.OptionError` naming the field,
+which the CLI shows as its flag and the study runner as its key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..core.errors import OptionError
+
+__all__ = ["GrfOptions", "McmcOptions"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GrfOptions:
+    """Gaussian-random-field cluster inference (FSL ``cluster``/easythresh), as ``gpuconn glm`` and ``flame`` run it.
+
+    Attributes
+    ----------
+    cluster_z : float, default 2.3
+        Cluster-forming z threshold (FEAT's default).
+    cluster_p : float, default 0.05
+        Clusters whose GRF p is below it are kept.
+
+    Raises
+    ------
+    OptionError
+        ``cluster_z`` at or below 1 (GRF's cluster-size law needs a high
+        threshold) or ``cluster_p`` outside (0, 1].
+    """
+
+    cluster_z: float = 2.3
+    cluster_p: float = 0.05
+
+    def __post_init__(self):
+        if not self.cluster_z > 1:
+            raise OptionError(f"{{cluster_z}} must be above 1 for GRF cluster inference, got {self.cluster_z}")
+        if not 0 < self.cluster_p <= 1:
+            raise OptionError(f"{{cluster_p}} must be in (0, 1], got {self.cluster_p}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class McmcOptions:
+    """FLAME stage 2 (``flame12``) settings, flameo's names and defaults.
+
+    Attributes
+    ----------
+    n_jumps : int, default 5000
+        ``--nj``: Metropolis-Hastings sweeps per voxel.
+    burnin : int, default 500
+        ``--bi``: sweeps discarded at the start.
+    sample_every : int, default 1
+        ``--se``.
+    seed : int, default 10
+        ``--seed``: one NumPy generator draws every chain's numbers.
+    fix_mean : bool, default False
+        ``--fm``: keep FLAME1's parameter estimates as the mean of the t fit.
+    z_lower, z_upper : float, default 2.0 and 20.0
+        ``--zlt`` / ``--zut``: voxels whose FLAME1 z (with dof 1000 and with
+        the FLAME1 dof) both lie above ``z_upper`` or both below ``z_lower``
+        skip stage 2 (FEAT's values).
+    sigma_dof_mm : float, default 1.0
+        ``--sdof``: Gaussian sigma (mm) smoothing the stage-2 dof maps
+        (applied by :func:`run_flame`, which knows the grid); -1 turns it off.
+    """
+
+    n_jumps: int = 5000
+    burnin: int = 500
+    sample_every: int = 1
+    seed: int = 10
+    fix_mean: bool = False
+    z_lower: float = 2.0
+    z_upper: float = 20.0
+    sigma_dof_mm: float = 1.0
+
+    def __post_init__(self):
+        if not 0 <= self.burnin < self.n_jumps or self.sample_every < 1:
+            raise OptionError(f"{{n_jumps}} {self.n_jumps}, {{burnin}} {self.burnin}, {{sample_every}} "
+                              f"{self.sample_every}: need 0 <= {{burnin}} < {{n_jumps}} and {{sample_every}} >= 1")
+        if not self.z_lower < self.z_upper:
+            raise OptionError(f"{{z_lower}} ({self.z_lower}) must be below {{z_upper}} ({self.z_upper})")

@@ -1,0 +1,72 @@
+"""Stage options objects: one home for each stage's defaults and checks, shared by the library, CLI and study file."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import typer
+
+from gpuconn.cli.app import app, option_flags
+from gpuconn.core.errors import InputError, OptionError
+from gpuconn.maps.options import ICAOptions
+from gpuconn.stats.options import GrfOptions, McmcOptions
+from gpuconn.study import schema
+
+STAGES = [(ICAOptions, ["ica", "run"]), (GrfOptions, ["glm"]), (GrfOptions, ["flame"]), (McmcOptions, ["flame"])]
+
+
+def _params(argv: list[str]) -> dict:
+    command = typer.main.get_command(app)
+    for token in argv:
+        command = command.commands[token]
+    return {p.name: p for p in command.params}
+
+
+@pytest.mark.parametrize(("cls", "argv"), STAGES, ids=lambda v: v.__name__ if isinstance(v, type) else " ".join(v))
+def test_every_field_is_a_flag_with_the_objects_default(cls, argv):
+    params = _params(argv)
+    flags = option_flags(typer.main.get_command(app), argv)
+    for field in dataclasses.fields(cls):
+        assert field.name in flags, f"{cls.__name__}.{field.name} has no flag in gpuconn {' '.join(argv)}"
+        assert params[field.name].default == field.default, field.name
+
+
+def test_every_ica_field_is_a_study_key():
+    keys = schema._SECTIONS["ica"]
+    for field in dataclasses.fields(ICAOptions):
+        assert keys[field.name] == (0 if field.default is None else field.default)
+
+
+def test_option_flags_follow_the_subcommand():
+    command = typer.main.get_command(app)
+    assert option_flags(command, ["flame", "--nj", "5"])["n_jumps"] == "--nj"
+    assert option_flags(command, ["ica", "run", "a.nii.gz"])["dim"] == "--dim"
+    assert "dim" not in option_flags(command, ["flame"])
+
+
+def test_option_error_names_each_parameter_once_per_mention():
+    exc = OptionError("{burnin} 9 must be below {n_jumps} 5; lower {burnin}")
+    assert str(exc) == "burnin 9 must be below n_jumps 5; lower burnin" and exc.params == ("burnin", "n_jumps")
+    assert exc.named(lambda n: f"--{n}") == "--burnin 9 must be below --n_jumps 5; lower --burnin"
+    assert isinstance(exc, InputError)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: ICAOptions(max_iter=0), "max_iter must be at least 1, got 0"),
+        (lambda: ICAOptions(tol=0.0), "tol must be positive, got 0.0"),
+        (lambda: GrfOptions(cluster_z=1.0), "cluster_z must be above 1 for GRF cluster inference, got 1.0"),
+        (lambda: McmcOptions(z_lower=3.0, z_upper=3.0), "z_lower (3.0) must be below z_upper (3.0)"),
+    ],
+)
+def test_options_check_their_values(make, message):
+    with pytest.raises(OptionError) as info:
+        make()
+    assert str(info.value) == message
+
+
+def test_grf_options_from_the_study_name_its_keys(tmp_path):
+    with pytest.raises(InputError, match=r"s\.toml: inference\.cluster_threshold must be above 1 .* got 0\.5$"):
+        schema.grf_options({"cluster_threshold": 0.5, "alpha": 0.05}, tmp_path / "s.toml")
