@@ -32,7 +32,6 @@ from gpuconn.stats import dask_runner as dr
 from gpuconn.stats import randomise as engine
 from gpuconn.stats.checkpoint import load_checkpoint, run_key, save_checkpoint
 from gpuconn.stats.design import load_design
-from gpuconn.stats.glm import permuted_statistics
 from gpuconn.stats.randomise import (
     ChunkMerger,
     evaluate_chunk,
@@ -100,10 +99,7 @@ def _gamma_reference(observed, null, n_perm=None):
 def _all_statistics(prepared, contrast=0, key="vox"):
     """Every rearrangement's statistic (n_perm, n_voxels), rearrangement 0 the observed map."""
     c = prepared.contrasts[contrast]
-    orders, signs = prepared.scheme.chunk(0, prepared.scheme.n_perm)
-    values = permuted_statistics(c.model, c.residuals, c.sum_squares, torch.as_tensor(orders, device=prepared.device),
-                                 torch.as_tensor(signs, dtype=torch.float64, device=prepared.device))
-    values[0] = c.observed
+    values = engine.contrast_statistics(c, engine.chunk_rearrangements(prepared, 0, prepared.scheme.n_perm), 0)
     if key != "vox":
         values = c.transforms[key](values)
     return values.cpu().numpy().astype(np.float64)
@@ -246,6 +242,21 @@ def test_engine_equals_reference_on_the_same_rearrangements(mode, g1out, device)
         assert (got.p_uncorrected < 0.01).any()
 
 
+def test_tail_with_variance_groups_fits_the_z_of_v():
+    data, design, contrast = _data(n=24)
+    groups = np.r_[np.ones(8), np.full(16, 2)]
+    result = run_permutation_test(data, design, contrast, n_perm=300, seed=4, device="cpu", chunk=50, accel="tail",
+                                  variance_groups=groups).contrasts[0]
+    prepared = prepare_permutation_test(data, design, contrast, n_perm=300, seed=4, device="cpu",
+                                        variance_groups=groups)
+    values = _all_statistics(prepared)  # the z of Aspin-Welch v, the compared statistic
+    observed = values[0]
+    unc = np.array([_pareto_reference(observed[v:v + 1], values[:, v])[0] for v in range(values.shape[1])])
+    np.testing.assert_allclose(result.p_uncorrected, unc, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(result.p_fwe, _pareto_reference(observed, values.max(1)), rtol=1e-6, atol=1e-12)
+    assert result.statistic == "Aspin-Welch v"
+
+
 def test_negbin_equals_sequential_rule_and_evaluates_fewer_voxels(monkeypatch, device):
     data, design, contrast = _data(effect=0.8)
     prepared = prepare_permutation_test(data, design, contrast, n_perm=400, seed=5, device=device, chunk=16,
@@ -346,6 +357,9 @@ def test_negbin_refuses_what_it_cannot_give():
         prepare_permutation_test(data, design, contrast, n_perm=100, device="cpu", accel="lowrank")
     with pytest.raises(InputError, match="give --accel tail or --accel gamma"):
         prepare_permutation_test(data, design, contrast, n_perm=100, device="cpu", accel_g1out=True)
+    with pytest.raises(InputError, match="--accel negbin is for t and F statistics, not variance groups"):
+        prepare_permutation_test(data, design, contrast, n_perm=100, device="cpu", accel="negbin",
+                                 variance_groups=np.repeat([1, 2], 12))
 
 
 # ---------------------------------------------------------------- PALM and accuracy
@@ -462,5 +476,7 @@ def test_cli_negbin_refuses_fwer(images, tmp_path, capsys):
     assert "--accel negbin has no FWER p" in capsys.readouterr().err
     assert _cli(images, tmp_path / "t", "--accel", "negbin", "-T") != 0
     assert "drop -T/-c/-C/-F/-S" in capsys.readouterr().err
+    assert _cli(images, tmp_path / "c", "--accel", "tail", "--corrcon") != 0
+    assert "--accel tail is not combined with --corrcon/--corrmod/--npc" in capsys.readouterr().err
     assert _cli(images, tmp_path / "w", "--accel", "negbin", "--workers", "2") != 0
     assert "--accel negbin runs chunk after chunk on the voxels still running; drop" in capsys.readouterr().err
