@@ -47,7 +47,7 @@ from .randomise import ChunkMerger, PreparedTest, Runner, run_chunk_loop
 
 __all__ = ["checkpoint_path", "run_key", "save_checkpoint", "load_checkpoint", "checkpoint_runner"]
 
-_FORMAT = 3  # 2: counts per statistic, no observed maps; 3: the merged prefix, with the acceleration's state
+_FORMAT = 2  # 2: counts per statistic, no observed maps (--accel adds its state's arrays beside them)
 
 
 def checkpoint_path(output_root: str | os.PathLike) -> Path:
@@ -83,7 +83,8 @@ def run_key(prepared: PreparedTest, options: Mapping[str, Any] | None = None) ->
     for f in dataclasses.fields(scheme):
         _update(digest, getattr(scheme, f.name) if getattr(scheme, f.name) is not None else "none")
     _update(digest, str(prepared.device))
-    _update(digest, prepared.accel.record() if prepared.accel is not None else "no-accel")
+    if prepared.accel is not None:  # (runs without it keep their keys)
+        _update(digest, prepared.accel.record())
     if prepared.variance_groups is not None:  # (runs without them keep their keys)
         _update(digest, prepared.variance_groups)
     for c in prepared.contrasts:

@@ -11,11 +11,11 @@ one ``SeedSequence(seed, spawn_key=(i,))`` per rearrangement) and returns
 only its per-rearrangement maxima and voxelwise exceedance counts (with
 ``--accel tail``/``gamma`` also each voxel's kept tail values or power
 sums), which the client merges in rearrangement order
-(:class:`gpuconn.stats.randomise.ChunkMerger`). ``--accel negbin`` is
-refused here: each of its chunks depends on the ones before. The result is the same, bit
-for bit, whatever the number of workers, their order of completion or a
-retried task: the observed maps every chunk compares with travel in the
-prepared model, the counts are integer sums, the maxima are concatenated by
+(:class:`gpuconn.stats.randomise.ChunkMerger`; ``--accel negbin`` is
+refused here: each of its chunks depends on the ones before). The result
+is the same, bit for bit (``gamma``'s float64 sums: to rounding), whatever
+the number of workers, their order of completion or a retried task: the
+observed maps every chunk compares with travel in the prepared model, the counts are integer sums, the maxima are concatenated by
 rearrangement index, and each statistic is computed in float64 and rounded
 once to float32, so its value does not depend on the shape of the product
 it came from (:mod:`gpuconn.stats.glm`). Each worker evaluates its task in
