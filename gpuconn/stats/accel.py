@@ -1,6 +1,6 @@
 """Accelerated permutation inference (Winkler et al. 2016), as PALM does it.
 
-``--accel tail``, ``gamma`` and ``negbin`` of :mod:`gpuconn.stats.randomise`
+``--accel tail``, ``gamma``, ``negbin`` and ``noperm`` of :mod:`gpuconn.stats.randomise`
 (PALM's ``-accel``), each defined as in PALM's source
 (``palm_pareto.m``, ``palm_gamma.m``, ``palm_moments.m``, ``palm_core.m``,
 ``palm_saveall.m``; defaults from ``palm_defaults.m``):
@@ -18,7 +18,8 @@ tail
     their table, including its ``k = max(0.5, k)``, is kept as is). When no
     level is accepted, or the statistic is not above the tail's threshold
     at the accepted level, the empirical p stays. The unpermuted
-    statistic stays in the null (PALM's default, ``G1out = false``).
+    statistic stays in the null (PALM's default, ``G1out = false``; with
+    it a p is never 0); ``g1out`` (PALM's ``-accel tail out``) leaves it out.
 gamma
     A gamma distribution with the null's mean, variance and skewness
     (unbiased, as ``palm_moments``) gives every p (Minas & Montana 2014's
@@ -48,9 +49,9 @@ noperm
     the tests). As in PALM, they are the moments of ``u' A u`` with ``u``
     permuted, which is the Freedman-Lane statistic exactly when the
     intercept is the only nuisance, and close to it otherwise (the permuted
-    residuals are not residualised again). Where a left-skewed fit puts the statistic
-    beyond its support, p = 1 / n! (the smallest a permutation p can be;
-    PALM has no value there).
+    residuals are not residualised again). Where a left-skewed fit puts
+    the statistic beyond its support, p = 1 / n! (the smallest a
+    permutation p can be; PALM has no value there).
 
 How gpuconn differs from PALM, and why
 --------------------------------------
@@ -69,6 +70,8 @@ How gpuconn differs from PALM, and why
   as in the paper. ``gamma`` keeps three float64 sums per voxel.
 - A voxel whose null has zero variance keeps its empirical p (PALM would
   write NaN).
+- PALM's negbin p for a voxel that stopped is r / N (Haldane's unbiased
+  estimator would be (r - 1) / (N - 1)); gpuconn keeps PALM's.
 - Power sums are added in rearrangement order, so a result does not depend
   on the order chunks complete in; sums over different chunk sizes differ
   by float64 rounding (the p by ~1e-12 relative), the kept tail values and
