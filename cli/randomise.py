@@ -47,6 +47,23 @@ CheckpointInterval = Annotated[
     float,
     typer.Option("--checkpoint-interval", help="Seconds between checkpoints of the permutations done (0: every chunk)."),
 ]
+Accel = Annotated[
+    Optional[str],
+    typer.Option(
+        "--accel",
+        help="PALM's faster inference (Winkler et al. 2016): tail (generalised Pareto fit to the tail of each null, "
+        "p < 0.1 refined, empirical p where the fit fails), gamma (gamma fit to the null's first three moments), "
+        "negbin (stop each voxel after 2 exceedances), or noperm (no permutations: a gamma with the closed-form "
+        "permutation moments; plain permutation with an intercept). negbin and noperm write uncorrected p (and "
+        "--fdr) only: no FWER, no spatial statistics.",
+    ),
+]
+AccelOut = Annotated[
+    bool,
+    Flag("--accel-out", help="With --accel tail or gamma: leave the unpermuted statistic out of the null the fit "
+         "uses (PALM's -accel tail out); more accurate where effects are strong, but a p can be 0 where no fit is "
+         "accepted."),
+]
 CorrCon = Annotated[bool, Flag("--corrcon", help="FWER across all contrasts (PALM -corrcon): each rearrangement's maximum over the contrasts, as z at each one's df; writes <root>_vox_ccorrp_* (and <root>_tfce_ccorrp_* etc.; 1-p).")]
 CorrMod = Annotated[bool, Flag("--corrmod", help="FWER across the inputs (PALM -corrmod; several -i): <root>_m<k>_vox_mcorrp_*; with --corrcon, across inputs and contrasts: <root>_m<k>_vox_mccorrp_* (1-p).")]
 Npc = Annotated[Optional[str], typer.Option("--npc", help="Non-parametric combination of the inputs (PALM -npc; several -i): fisher, stouffer or tippett, of each statistic's one-sided parametric p; writes <root>_npc_<method>_tstat1 (Tippett: max z), <root>_npc_<method>_vox_corrp_* (1-p) and <root>_perm_npc_<method>_*.txt; not checkpointed.")]
@@ -88,6 +105,8 @@ def randomise(
     cluster_mass_t: ClusterMassT = None,
     cluster_f: ClusterF = None,
     cluster_mass_f: ClusterMassF = None,
+    accel: Accel = None,
+    accel_out: AccelOut = False,
     seed: Seed = 0,
     device: Device = "auto",
     dask_scheduler: DaskScheduler = None,
@@ -135,6 +154,12 @@ def randomise(
         problem = compile_kernels(device)  # now, not mid-run; Dask workers compile their own
         if problem is not None:
             typer.echo(f"warning: {problem}; TFCE and cluster statistics use their slower fallbacks", err=True)
+    if accel is not None and (corrcon or corrmod or npc is not None):
+        raise InputError(f"--accel {accel} is not combined with --corrcon/--corrmod/--npc (their p come from the "
+                         "counted nulls); drop one of them")
+    if accel == "negbin" and runner is not None:  # noperm has nothing to distribute and ignores the runner
+        raise InputError("--accel negbin runs chunk after chunk on the voxels still running; drop "
+                         "--dask-scheduler/--workers")
     if runner is not None and resume:
         raise InputError("--resume needs the single-process runner; drop --dask-scheduler/--workers")
     if checkpoint_interval < 0:
@@ -142,7 +167,7 @@ def randomise(
     if npc is not None and resume:
         raise InputError("--npc is not checkpointed; drop --resume (or --npc)")
     options = {"tfce": tfce_params, "tfce_method": method_tfce, "c": cluster_t, "C": cluster_mass_t,
-               "F": cluster_f, "S": cluster_mass_f}
+               "F": cluster_f, "S": cluster_mass_f, "accel": accel, "accel_out": accel_out}
     dask = runner
 
     def runner_for(root: str):  # one checkpoint per input: <root>_checkpoint.npz, <root>_m1_checkpoint.npz...
@@ -162,8 +187,8 @@ def randomise(
                 one_sample=one_sample,
                 n_perm=n_perm,
                 demean=demean,
-                voxelwise=voxelwise or not (spatial or spatial_f),
-                uncorrp=uncorrp,
+                voxelwise=voxelwise or not (spatial or spatial_f or accel in ("negbin", "noperm")),
+                uncorrp=uncorrp or accel in ("negbin", "noperm"),  # their one p
                 fdr=fdr,
                 seed=seed,
                 method=method,
@@ -179,6 +204,8 @@ def randomise(
                 corrmod=corrmod,
                 npc=npc,
                 save_parametric=save_parametric,
+                accel=accel,
+                accel_g1out=accel_out,
             )
     except Interrupted as stop:
         saved = f"the checkpoint {stop.path} holds them" if stop.path.exists() else "none was saved yet"
@@ -191,8 +218,9 @@ def randomise(
         result = results[0]
         scheme = result.scheme
         kind = "exhaustive" if scheme.exhaustive else "random"
+        done = (result.accel or {}).get("rearrangements_evaluated", scheme.n_perm)  # negbin may stop, noperm runs none
         typer.echo(
-            f"randomise: {scheme.n_perm} {kind} rearrangements ({scheme.method}) of {len(result.contrasts)} "
-            f"contrast(s) of {len(results)} input(s) on {result.device} in {sum(r.seconds for r in results):.1f} s; "
-            f"outputs {output_root}_*"
+            f"randomise: {done} {kind} rearrangements ({scheme.method}) of {len(result.contrasts)} "
+            f"contrast(s) of {len(results)} input(s) on {result.device} in {sum(r.seconds for r in results):.1f} s"
+            + (f" (--accel {accel})" if accel else "") + f"; outputs {output_root}_*"
         )

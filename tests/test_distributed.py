@@ -79,6 +79,28 @@ def test_randomise_chunks_on_dask_equal_one_process(client, two_sample, task_chu
     assert single.chunk_size == 300  # one chunk in one process: equality across chunk sizes too
 
 
+@pytest.mark.parametrize("accel", ["tail", "gamma"])
+def test_accelerated_on_dask_equal_one_process(client, two_sample, accel):
+    data, design, contrasts = two_sample
+    kw = dict(n_perm=200, seed=4, device="cpu", accel=accel)
+    single = run_permutation_test(data, design, contrasts, **kw)
+    spread = run_permutation_test(data, design, contrasts, **kw, runner=gd.dask_runner(client, device="cpu", chunk=23))
+    assert spread.accel == single.accel
+    for x, y in zip(single.contrasts, spread.contrasts):
+        for field in ("p_uncorrected", "p_fwe"):
+            if accel == "tail":  # the kept values are the same set whatever the split
+                np.testing.assert_array_equal(getattr(x, field), getattr(y, field))
+            else:  # float64 power sums grouped by other chunks: rounding only
+                np.testing.assert_allclose(getattr(x, field), getattr(y, field), rtol=1e-9)
+
+
+def test_negbin_needs_one_process(client, two_sample):
+    data, design, contrasts = two_sample
+    with pytest.raises(InputError, match="needs the single-process runner"):
+        run_permutation_test(data, design, contrasts, n_perm=100, device="cpu", accel="negbin",
+                             runner=gd.dask_runner(client, device="cpu"))
+
+
 def test_variance_groups_on_dask_equal_one_process(client, two_sample):
     data, design, contrasts = two_sample
     kw = dict(ftests=np.array([[1, 1]]), n_perm=120, seed=4, device="cpu",

@@ -7,7 +7,8 @@ always a prefix ``[0, done)``. A checkpoint holds what
 
 - the voxelwise exceedance counts of each statistic (voxel and spatial),
   int64 (the observed maps they count against are part of the prepared
-  test and are recomputed, not stored);
+  test and are recomputed, not stored), and with ``--accel`` each voxel's
+  merged acceleration state (kept tail values, power sums, negbin stops);
 - the per-rearrangement maxima of rearrangements ``0..done-1``;
 - ``done``, and a key: the SHA-256 of everything the remaining chunks
   depend on (the permutation scheme with its seed, the contrasts, each
@@ -46,7 +47,7 @@ from .randomise import ChunkMerger, PreparedTest, Runner, run_chunk_loop
 
 __all__ = ["checkpoint_path", "run_key", "save_checkpoint", "load_checkpoint", "checkpoint_runner"]
 
-_FORMAT = 2  # 2: counts per statistic, no observed maps
+_FORMAT = 2  # 2: counts per statistic, no observed maps (--accel adds its state's arrays beside them)
 
 
 def checkpoint_path(output_root: str | os.PathLike) -> Path:
@@ -82,6 +83,8 @@ def run_key(prepared: PreparedTest, options: Mapping[str, Any] | None = None) ->
     for f in dataclasses.fields(scheme):
         _update(digest, getattr(scheme, f.name) if getattr(scheme, f.name) is not None else "none")
     _update(digest, str(prepared.device))
+    if prepared.accel is not None:  # (runs without it keep their keys)
+        _update(digest, prepared.accel.record())
     if prepared.variance_groups is not None:  # (runs without them keep their keys)
         _update(digest, prepared.variance_groups)
     for c in prepared.contrasts:
@@ -106,7 +109,10 @@ def save_checkpoint(path: str | os.PathLike, key: str, merger: ChunkMerger, done
     """
     path = Path(path)
     arrays: dict[str, np.ndarray] = {}
-    arrays.update({f"count/{name}/{key_name}": to_host(count) for (name, key_name), count in merger.counts.items()})
+    for name, fields in (merger.merged or {}).items():
+        for field, values in fields.items():  # count, accel: {key: per-voxel}; stopped: per-voxel
+            for key_name, value in (values.items() if isinstance(values, dict) else [("", values)]):
+                arrays[f"{field}/{name}/{key_name}"] = to_host(value)
     arrays.update({f"max/{name}/{key_name}": values for (name, key_name), values in merger.merged_maxima().items()})
     meta = {"format": _FORMAT, "key": key, "done": int(done), "n_perm": merger.prepared.scheme.n_perm,
             "seed": merger.prepared.scheme.seed}
@@ -152,15 +158,18 @@ def load_checkpoint(path: str | os.PathLike, key: str, prepared: PreparedTest) -
             "statistics or device); rerun with the same ones, or delete it (or drop --resume) to start over"
         )
     device = prepared.device
-    merger = ChunkMerger(prepared)
-    for contrast, key_name in merger.counts:
-        merger.counts[(contrast, key_name)] = torch.as_tensor(arrays[f"count/{contrast}/{key_name}"], device=device)
+    merged: dict[str, dict] = {}
     maxima: dict[str, dict[str, np.ndarray]] = {}
     for name, values in arrays.items():
-        if name.startswith("max/"):
-            _, contrast, key_name = name.split("/", 2)
+        field, contrast, key_name = name.split("/", 2)
+        if field == "max":
             maxima.setdefault(contrast, {})[key_name] = values
-    merger.maxima = {0: maxima}
+        elif key_name:
+            merged.setdefault(contrast, {}).setdefault(field, {})[key_name] = torch.as_tensor(values, device=device)
+        else:
+            merged.setdefault(contrast, {})[field] = torch.as_tensor(values, device=device)
+    merger = ChunkMerger(prepared)
+    merger.restore(merged or None, maxima, int(meta["done"]))
     return merger, int(meta["done"])
 
 
@@ -235,7 +244,7 @@ def checkpoint_runner(
         try:
             result = run_chunk_loop(prepared, progress, merger=merger, done=done, on_chunk=on_chunk)
         except KeyboardInterrupt:
-            merged = len(next(iter(merger.merged_maxima().values()), ()))  # a prefix, whatever was added last
+            merged = merger.done  # the prefix merged, whatever was added last
             if merged > done:
                 save_checkpoint(path, key, merger, merged)
             raise Interrupted(merged, prepared.scheme.n_perm, Path(path)) from None

@@ -8,12 +8,14 @@ model (residualised data, contrast bases, the permutation scheme) is
 scattered to every worker once; each task draws its rearrangements from the
 same host-side generator (:meth:`gpuconn.stats.permute.PermutationScheme.chunk`,
 one ``SeedSequence(seed, spawn_key=(i,))`` per rearrangement) and returns
-only its per-rearrangement maxima and voxelwise exceedance counts, which the
-client merges in rearrangement order
-(:class:`gpuconn.stats.randomise.ChunkMerger`). The result is the same, bit
-for bit, whatever the number of workers, their order of completion or a
-retried task: the observed maps every chunk compares with travel in the
-prepared model, the counts are integer sums, the maxima are concatenated by
+only its per-rearrangement maxima and voxelwise exceedance counts (with
+``--accel tail``/``gamma`` also each voxel's kept tail values or power
+sums), which the client merges in rearrangement order
+(:class:`gpuconn.stats.randomise.ChunkMerger`; ``--accel negbin`` is
+refused here: each of its chunks depends on the ones before). The result
+is the same, bit for bit (``gamma``'s float64 sums: to rounding), whatever
+the number of workers, their order of completion or a retried task: the
+observed maps every chunk compares with travel in the prepared model, the counts are integer sums, the maxima are concatenated by
 rearrangement index, and each statistic is computed in float64 and rounded
 once to float32, so its value does not depend on the shape of the product
 it came from (:mod:`gpuconn.stats.glm`). Each worker evaluates its task in
@@ -36,13 +38,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
-
 from ..core.backend import resolve_device, run_chunked, to_host
-from ..core.errors import GpuconnError
+from ..core.errors import GpuconnError, InputError
 from ..core.progress import progress_bar
 from ..core.tasks import check_options, dask_client, n_workers, require_distributed
-from .randomise import ChunkMerger, evaluate_chunk, plan_chunk
+from .randomise import ChunkMerger, evaluate_chunk, merge_chunk_outputs, plan_chunk
 
 __all__ = ["dask_runner", "permutation_runner"]
 
@@ -54,10 +54,12 @@ def _evaluate_task(prepared, start: int, stop: int) -> dict:
     """``evaluate_chunk`` over ``[start, stop)`` in sub-chunks that fit this worker, halving on OOM.
 
     The sub-chunk is planned here, on the worker, from its device
-    (:func:`gpuconn.stats.randomise.plan_chunk`); the merge is the one
-    :class:`gpuconn.stats.randomise.ChunkMerger` does (integer counts summed,
-    maxima concatenated in rearrangement order), so the task's output does
-    not depend on the sub-chunks.
+    (:func:`gpuconn.stats.randomise.plan_chunk`); sub-chunks are merged by
+    :func:`gpuconn.stats.randomise.merge_chunk_outputs`, the merge
+    :class:`gpuconn.stats.randomise.ChunkMerger` uses (integer counts summed,
+    maxima concatenated in rearrangement order, ``--accel`` state merged),
+    so the task's output does not depend on the sub-chunks (``gamma``'s
+    float64 power sums: up to rounding).
     """
     merged: dict | None = None
 
@@ -66,13 +68,7 @@ def _evaluate_task(prepared, start: int, stop: int) -> dict:
 
     chunk = plan_chunk(prepared.contrasts, prepared.device, stop - start)
     for _s, _e, out in run_chunked(evaluate, stop - start, chunk, device=prepared.device):
-        if merged is None:
-            merged = out
-            continue
-        for name, r in out.items():
-            m = merged[name]
-            m["count"] = {k: m["count"][k] + r["count"][k] for k in m["count"]}
-            m["max"] = {k: np.concatenate([m["max"][k], r["max"][k]]) for k in m["max"]}
+        merged = out if merged is None else merge_chunk_outputs(prepared.accel, merged, out)
     return merged
 
 
@@ -87,14 +83,14 @@ def _chunk_task(token: str, model, start: int, stop: int, device: str) -> dict:
     if prepared is None:
         _WORKER_MODELS.clear()  # one run at a time per worker: drop the previous model
         prepared = _WORKER_MODELS[token] = model.to(resolve_device(device))
-    out = _evaluate_task(prepared, start, stop)
-    return {
-        name: {
-            "count": {k: to_host(v) for k, v in r["count"].items()},
-            "max": r["max"],
-        }
-        for name, r in out.items()
-    }
+    return _to_host(_evaluate_task(prepared, start, stop))
+
+
+def _to_host(out):
+    """A chunk output with every tensor as a host array (nested dicts)."""
+    if isinstance(out, dict):
+        return {k: _to_host(v) for k, v in out.items()}
+    return to_host(out)
 
 
 def _task_size(n_perm: int, workers: int, tasks_per_worker: int) -> int:
@@ -161,6 +157,9 @@ def permutation_runner(*, scheduler: str | None, workers: int | None, device: st
 
 def _run_permutations(client, prepared, *, device: str, chunk: int | None, tasks_per_worker: int, retries: int,
                       progress: bool):
+    if prepared.accel is not None and prepared.accel.mode == "negbin":
+        raise InputError("--accel negbin stops each voxel after its exceedances, chunk after chunk; it needs the "
+                         "single-process runner: drop --dask-scheduler/--workers")
     n_perm = prepared.scheme.n_perm
     workers = n_workers(client)
     size = int(chunk) if chunk is not None else _task_size(n_perm, workers, tasks_per_worker)

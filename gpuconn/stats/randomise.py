@@ -29,6 +29,16 @@ How a run works
    (per-voxel degrees of freedom) takes the place of t/F in step 4 and in
    the spatial statistics, as PALM does.
 
+Acceleration (``accel``, PALM's ``-accel``)
+-------------------------------------------
+With ``tail`` or ``gamma`` each chunk also returns, per statistic (voxel
+and spatial), each voxel's state for the fit (its largest values, or float64
+power sums), merged by :func:`merge_chunk_outputs`; :func:`_summarise` turns
+them and the null of the maximum into p (:mod:`gpuconn.stats.accel`).
+``negbin`` evaluates each chunk on the voxels still running only and ends
+the loop once every voxel has stopped; ``noperm`` evaluates none
+(:func:`_noperm_result`). Neither has FWER p.
+
 Spatial statistics hook (TFCE, cluster extent/mass)
 ---------------------------------------------------
 ``spatial`` (for t contrasts) and ``spatial_f`` (for F contrasts) map a
@@ -77,6 +87,7 @@ from ..core.backend import DESIGN_DTYPE, as_data, chunk_size, cuda_chunk_cap, re
 from ..core.errors import InputError
 from ..core.io import load_image, load_mask, masked_data, provenance, save_image, unmask, write_json, write_text
 from ..core.progress import progress_bar
+from . import accel as _accel
 from .design import Design, check_design, load_design, read_vest
 from .fdr import fdr_adjust
 from .glm import (
@@ -100,6 +111,7 @@ __all__ = [
     "PreparedTest",
     "Runner",
     "ChunkMerger",
+    "merge_chunk_outputs",
     "run_permutation_test",
     "prepare_permutation_test",
     "evaluate_chunk",
@@ -205,6 +217,8 @@ class PermutationTestResult:
         Wall time of the permutation loop.
     resumed_from : int
         Rearrangements restored from a checkpoint (0: not resumed).
+    accel : dict or None
+        The acceleration and its parameters (:meth:`gpuconn.stats.accel.Accel.record`).
     variance_groups : ndarray of int, shape (n_obs,), or None
         Variance-group label of each observation (None: one group).
     """
@@ -215,6 +229,7 @@ class PermutationTestResult:
     chunk_size: int
     seconds: float
     resumed_from: int = 0
+    accel: dict | None = None
     variance_groups: np.ndarray | None = None
 
     def __getitem__(self, name: str) -> ContrastResult:
@@ -269,6 +284,8 @@ class PreparedTest:
     device : torch.device
     chunk : int
         Rearrangements per chunk.
+    accel : Accel or None
+        Acceleration (:mod:`gpuconn.stats.accel`; None: plain counting).
     variance_groups : ndarray of int, shape (n_obs,), or None
         Variance-group labels (None: one group, t and F statistics).
     """
@@ -277,6 +294,7 @@ class PreparedTest:
     scheme: PermutationScheme
     device: torch.device
     chunk: int
+    accel: _accel.Accel | None = None
     variance_groups: np.ndarray | None = None
 
     def to(self, device: str | torch.device) -> "PreparedTest":
@@ -402,6 +420,8 @@ def run_permutation_test(
     PermutationTestResult
     """
     prepared = prepare_permutation_test(data, design, contrasts, **options)
+    if prepared.accel is not None and prepared.accel.mode == "noperm":
+        return _noperm_result(prepared)  # no rearrangement to run
     return (runner or run_chunk_loop)(prepared, progress)
 
 
@@ -422,6 +442,8 @@ def prepare_permutation_test(
     spatial_f: Mapping[str, SpatialTransform] | None = None,
     chunk: int | None = None,
     design_source: str = "design",
+    accel: str | None = None,
+    accel_g1out: bool = False,
     variance_groups: np.ndarray | str | None = None,
     variance_groups_source: str = "variance groups (--vg)",
 ) -> PreparedTest:
@@ -460,6 +482,13 @@ def prepare_permutation_test(
         Rearrangements per chunk; default from free device memory.
     design_source : str
         Design file name for error messages.
+    accel : {'tail', 'gamma', 'negbin', 'noperm'}, optional
+        PALM's acceleration (:mod:`gpuconn.stats.accel`); ``negbin`` and
+        ``noperm`` give uncorrected p only and take no spatial statistics;
+        ``noperm`` needs plain permutation and the intercept in the model.
+    accel_g1out : bool, default False
+        ``tail``/``gamma``: leave the unpermuted statistic out of the null
+        (PALM's ``-accel tail out``; :class:`gpuconn.stats.accel.Accel`).
     variance_groups : ndarray of int, shape (n_obs,), or 'auto', optional
         Variance groups (PALM ``-vg``; ``'auto'``: from the blocks, see
         :func:`gpuconn.stats.gstat.variance_groups`). With two or more, each
@@ -527,7 +556,50 @@ def prepare_permutation_test(
                                          {k: v[0] for k, v in spatial_observed.items()}, **extra))
     del values
     chunk = plan_chunk(contrasts_state, device, scheme.n_perm) if chunk is None else chunk
-    return PreparedTest(contrasts_state, scheme, device, int(chunk), labels)
+    return PreparedTest(contrasts_state, scheme, device, int(chunk), variance_groups=labels,
+                        accel=_check_accel(accel, accel_g1out, scheme, labels is not None, spatial, spatial_f))
+
+
+def _check_accel(mode: str | None, g1out: bool, scheme: PermutationScheme, variance_groups: bool,
+                 *spatial: Mapping | None) -> _accel.Accel | None:
+    if mode is None:
+        if g1out:
+            raise InputError("--accel-out leaves the unpermuted statistic out of --accel tail/gamma's fits; "
+                             "give --accel tail or --accel gamma")
+        return None
+    if mode not in _accel.MODES:
+        raise InputError(f"--accel {mode!r} is not one of {', '.join(_accel.MODES)}")
+    if mode in _accel.NO_FWER and any(spatial):
+        raise InputError(f"--accel {mode} gives uncorrected p only (there is no null of the maximum); drop "
+                         "-T/-c/-C/-F/-S or use --accel tail")
+    if mode == "noperm" and (scheme.flip or scheme.blocks is not None):
+        raise InputError("--accel noperm has closed-form moments for plain permutation only (no sign flips, "
+                         "one-sample tests or exchangeability blocks -e); use --accel tail or gamma")
+    if mode in _accel.NO_FWER and variance_groups:
+        raise InputError(f"--accel {mode} is for t and F statistics, not variance groups (--vg); use --accel tail "
+                         "or gamma")
+    if mode == "negbin" and scheme.n_perm < 3:
+        raise InputError(f"--accel negbin needs at least 3 rearrangements, got -n {scheme.n_perm}")
+    if g1out and mode in _accel.NO_FWER:
+        raise InputError(f"--accel-out applies to --accel tail and gamma, not {mode}; drop it")
+    return _accel.Accel(mode, scheme.n_perm, g1out=g1out)
+
+
+def _noperm_result(prepared: PreparedTest) -> PermutationTestResult:
+    """``noperm``: each contrast's p from the closed-form permutation moments (:func:`gpuconn.stats.accel.noperm_p`)."""
+    results = []
+    for c in prepared.contrasts:
+        if not _contains_ones(to_host(c.model.nuisance)):
+            raise InputError(f"--accel noperm needs the intercept among the nuisance regressors ({c.name} has none); "
+                             "add a column of ones (or -D), or use --accel tail or gamma")
+        stat = to_host(c.observed)
+        p = _accel.noperm_p(to_host(c.model.rows[:c.model.rank]), to_host(c.residuals), stat, c.kind)
+        z = t_to_z(stat, c.model.dof) if c.kind == "t" else f_to_z(stat, c.model.rank, c.model.dof)
+        results.append(ContrastResult(c.name, c.kind, c.matrix, c.model.df, stat, z.astype(np.float32), p,
+                                      np.full(p.shape, np.nan), fdr_adjust(p), np.empty(0, np.float32),
+                                      statistic=statistic_name(c.kind, 1)))
+    record = {**prepared.accel.record(), "rearrangements_evaluated": 0}
+    return PermutationTestResult(results, prepared.scheme, str(prepared.device), 0, 0.0, accel=record)
 
 
 def plan_chunk(contrasts: list[_Contrast], device: torch.device, n_items: int) -> int:
@@ -580,7 +652,8 @@ def contrast_statistics(c: _Contrast, rearrangements: tuple[torch.Tensor, torch.
     return stats
 
 
-def evaluate_chunk(prepared: PreparedTest, start: int, stop: int) -> dict[str, dict[str, Any]]:
+def evaluate_chunk(prepared: PreparedTest, start: int, stop: int,
+                   running: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, dict[str, Any]]:
     """Statistics of rearrangements ``start`` to ``stop - 1``, reduced to what the merge needs.
 
     A pure function of its arguments: a chunk gives the same output in
@@ -592,6 +665,10 @@ def evaluate_chunk(prepared: PreparedTest, start: int, stop: int) -> dict[str, d
     prepared : PreparedTest
     start, stop : int
         Rearrangement indices, ``0 <= start < stop <= n_perm``.
+    running : mapping, optional
+        ``negbin`` only: per contrast, the voxels still running and the
+        exceedances each still needs (:meth:`ChunkMerger.running`); default:
+        every voxel, ``r`` each.
 
     Returns
     -------
@@ -599,11 +676,16 @@ def evaluate_chunk(prepared: PreparedTest, start: int, stop: int) -> dict[str, d
         Per contrast name: ``count`` (``{'vox' or spatial name: voxelwise
         #{i in chunk : S_i >= S_0}}``, int64, shape (n_voxels,)) and ``max``
         (``{'vox' or spatial name: ndarray, shape (stop - start,)}``
-        per-rearrangement maxima).
+        per-rearrangement maxima); with ``tail``/``gamma`` also ``accel``
+        (``{key: per-voxel state}``, :func:`gpuconn.stats.accel.chunk_state`),
+        with ``negbin`` ``stopped`` (see :func:`_negbin_chunk`).
     """
     rearrangements = chunk_rearrangements(prepared, start, stop)
     out = {}
     for c in prepared.contrasts:
+        if prepared.accel is not None and prepared.accel.mode == "negbin":
+            out[c.name] = _negbin_chunk(prepared.accel, c, start, *rearrangements, (running or {}).get(c.name))
+            continue
         stats = contrast_statistics(c, rearrangements, start)
         maps = _spatial_maps(c.transforms, stats, c.name)
         references = {"vox": (stats, c.observed)} | {k: (m, c.spatial_observed[k]) for k, m in maps.items()}
@@ -612,32 +694,135 @@ def evaluate_chunk(prepared: PreparedTest, start: int, stop: int) -> dict[str, d
             "count": {k: (m >= ref).sum(0, dtype=torch.int32).long() for k, (m, ref) in references.items()},
             "max": {k: to_numpy(m.amax(1)) for k, (m, _) in references.items()},
         }
+        if prepared.accel is not None:
+            skip = int(start == 0 and prepared.accel.g1out)  # the identity left out of the null
+            out[c.name]["accel"] = {k: _accel.chunk_state(prepared.accel, m[skip:], ref)
+                                    for k, (m, ref) in references.items()}
     return out
+
+
+def _negbin_chunk(accel: _accel.Accel, c: _Contrast, start: int, orders: torch.Tensor, signs: torch.Tensor,
+                  running: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
+    """One chunk of ``negbin``, on the running voxels only (the saving).
+
+    ``count``: exceedances counted until each voxel's ``r``-th (the
+    identity not counted, as PALM); ``stopped``: the rearrangement of the
+    ``r``-th exceedance (0: not in this chunk). Both integers, so the result
+    does not depend on the chunk size.
+    """
+    n_vox = c.observed.shape[0]
+    device = c.observed.device
+    if running is None:
+        index = torch.arange(n_vox, device=device)
+        need = torch.full((n_vox,), accel.negbin_r, dtype=torch.int64, device=device)
+    else:
+        index, need = running
+    stats = permuted_statistics(c.model, c.residuals[:, index], c.sum_squares[index], orders, signs)
+    exceed = stats >= c.observed[index]
+    if start == 0:
+        exceed[0] = False
+    total = exceed.cumsum(0)
+    reached = total >= need
+    hit = reached.any(0)
+    rows = torch.arange(stats.shape[0], device=device)[:, None]
+    first = torch.where(reached, rows, stats.shape[0]).amin(0)  # the row of the r-th exceedance
+    count = torch.zeros(n_vox, dtype=torch.int64, device=device)
+    count[index] = torch.minimum(total[-1], need)
+    stopped = torch.zeros(n_vox, dtype=torch.int64, device=device)
+    stopped[index[hit]] = start + first[hit]
+    return {"count": {"vox": count}, "max": {"vox": np.full(stats.shape[0], np.nan, np.float32)},
+            "stopped": stopped}
+
+
+def merge_chunk_outputs(accel: _accel.Accel | None, first: Mapping[str, dict], second: Mapping[str, dict]) -> dict:
+    """Merge the outputs of :func:`evaluate_chunk` for two consecutive ranges (``first`` before ``second``).
+
+    The one merge of the engine (:class:`ChunkMerger`, and the Dask tasks'
+    sub-chunks): counts summed, maxima concatenated, the acceleration state
+    merged (:func:`gpuconn.stats.accel.merge_state`), ``negbin`` stops kept
+    from the first range that has them. Fields absent from ``first`` are
+    left out.
+    """
+    merged = {}
+    for name, a in first.items():
+        b = second[name]
+        m = {"count": {k: a["count"][k] + b["count"][k] for k in a["count"]}}
+        if "max" in a:
+            m["max"] = {k: np.concatenate([a["max"][k], b["max"][k]]) for k in a["max"]}
+        if "accel" in a:
+            m["accel"] = {k: _accel.merge_state(accel, a["accel"][k], b["accel"][k]) for k in a["accel"]}
+        if "stopped" in a:
+            sa, sb = torch.as_tensor(a["stopped"]), torch.as_tensor(b["stopped"])
+            m["stopped"] = torch.where(sa > 0, sa, sb.to(sa.device))
+        merged[name] = m
+    return merged
 
 
 class ChunkMerger:
     """Merge chunk outputs (any completion order) into a :class:`PermutationTestResult`.
 
-    Exceedance counts are integers, summed as chunks arrive; maxima are kept
-    per chunk and concatenated in rearrangement order, so the result does
-    not depend on the order of :meth:`add` calls.
+    Outputs are folded in rearrangement order with :func:`merge_chunk_outputs`
+    as soon as they extend the merged prefix ``[0, done)`` (a chunk that
+    completes early waits); maxima are kept per chunk and concatenated at
+    the end. The result does not depend on the order of :meth:`add` calls.
 
     Parameters
     ----------
     prepared : PreparedTest
+
+    Attributes
+    ----------
+    done : int
+        Rearrangements merged (a prefix).
+    merged : dict or None
+        The merged output of ``[0, done)``, without maxima.
     """
 
     def __init__(self, prepared: PreparedTest):
         self.prepared = prepared
-        self.counts = {(c.name, k): 0 for c in prepared.contrasts for k in ("vox", *c.transforms)}
+        self.done = 0
+        self.merged: dict | None = None
         self.maxima: dict[int, dict] = {}
+        self._pending: dict[int, tuple[int, dict]] = {}
+
+    @property
+    def counts(self) -> dict[tuple[str, str], Any]:
+        """Per ``(contrast name, 'vox' or spatial name)``: merged exceedance counts (0 before any chunk)."""
+        if self.merged is None:
+            return {(c.name, k): 0 for c in self.prepared.contrasts for k in ("vox", *c.transforms)}
+        return {(name, k): v for name, m in self.merged.items() for k, v in m["count"].items()}
 
     def add(self, start: int, stop: int, out: Mapping[str, dict]) -> None:
         """Add the output of :func:`evaluate_chunk` for ``[start, stop)`` (tensors or arrays)."""
-        for c in self.prepared.contrasts:
-            for key, count in out[c.name]["count"].items():
-                self.counts[(c.name, key)] = self.counts[(c.name, key)] + count
         self.maxima[start] = {c.name: out[c.name]["max"] for c in self.prepared.contrasts}
+        self._pending[start] = (stop, {name: {k: v for k, v in r.items() if k != "max"} for name, r in out.items()})
+        while self.done in self._pending:
+            stop, part = self._pending.pop(self.done)
+            self.merged = part if self.merged is None else merge_chunk_outputs(self.prepared.accel, self.merged, part)
+            self.done = stop
+
+    def restore(self, merged: dict, maxima: dict[str, dict[str, np.ndarray]], done: int) -> None:
+        """Continue from a saved prefix ``[0, done)`` (:mod:`gpuconn.stats.checkpoint`)."""
+        self.merged, self.maxima, self.done, self._pending = merged, {0: maxima}, int(done), {}
+
+    def running(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """``negbin``: per contrast, the voxels not yet stopped and the exceedances each still needs."""
+        if self.merged is None:
+            return None
+        r = self.prepared.accel.negbin_r
+        out = {}
+        for name, m in self.merged.items():
+            stopped = torch.as_tensor(m["stopped"])
+            index = torch.nonzero(stopped == 0).flatten()
+            out[name] = (index, r - torch.as_tensor(m["count"]["vox"]).to(stopped.device)[index])
+        return out
+
+    def finished(self) -> bool:
+        """``negbin``: every voxel of every contrast has stopped (later rearrangements change nothing)."""
+        accel = self.prepared.accel
+        if accel is None or accel.mode != "negbin" or self.merged is None:
+            return False
+        return all(bool((torch.as_tensor(m["stopped"]) > 0).all()) for m in self.merged.values())
 
     def merged_maxima(self) -> dict[tuple[str, str], np.ndarray]:
         """Per ``(contrast name, 'vox' or spatial name)``: the maxima of the rearrangements added, in order."""
@@ -649,16 +834,20 @@ class ChunkMerger:
         return {k: np.concatenate(v) for k, v in maxima.items()}
 
     def result(self, seconds: float) -> PermutationTestResult:
-        """The merged result; every rearrangement must have been added once."""
+        """The merged result; every rearrangement must have been added once (``negbin``: or all stopped)."""
         prepared = self.prepared
         maxima = self.merged_maxima()
         n_done = len(next(iter(maxima.values()), ()))
-        if n_done != prepared.scheme.n_perm:
+        if n_done != prepared.scheme.n_perm and not (self.finished() and n_done == self.done):
             raise ValueError(f"merged {n_done} rearrangements, expected {prepared.scheme.n_perm}")
         n_perm = prepared.scheme.n_perm
-        results = [_summarise(c, n_perm, self.counts, maxima) for c in prepared.contrasts]
+        results = [_summarise(c, n_perm, self.counts, maxima, prepared.accel, self.merged[c.name])
+                   for c in prepared.contrasts]
+        accel = None if prepared.accel is None else prepared.accel.record()
+        if accel is not None and prepared.accel.mode == "negbin":
+            accel["rearrangements_evaluated"] = self.done
         return PermutationTestResult(results, prepared.scheme, str(prepared.device), prepared.chunk, seconds,
-                                     variance_groups=prepared.variance_groups)
+                                     accel=accel, variance_groups=prepared.variance_groups)
 
 
 def run_chunk_loop(
@@ -678,19 +867,38 @@ def run_chunk_loop(
     merger = ChunkMerger(prepared) if merger is None else merger
     began = time.perf_counter()
     with progress_bar("randomise", prepared.scheme.n_perm, enabled=progress, completed=done) as advance:
-        evaluate = lambda start, stop: evaluate_chunk(prepared, done + start, done + stop)  # noqa: E731
+        negbin = prepared.accel is not None and prepared.accel.mode == "negbin"
+        evaluate = lambda start, stop: evaluate_chunk(  # noqa: E731
+            prepared, done + start, done + stop, **({"running": merger.running()} if negbin else {}))
         for start, stop, out in run_chunked(evaluate, prepared.scheme.n_perm - done, prepared.chunk,
                                             device=prepared.device):
             merger.add(done + start, done + stop, out)
             advance(stop - start)
+            if merger.finished():  # negbin: every voxel stopped
+                break
             if on_chunk is not None:
                 on_chunk(merger, done + stop)
     return merger.result(time.perf_counter() - began)
 
 
-def _summarise(c: _Contrast, n_perm: int, counts: dict, maxima: dict) -> ContrastResult:
-    null_max = maxima[(c.name, "vox")]
-    p_unc = to_host(counts[(c.name, "vox")]).astype(np.float64) / n_perm
+def _p_values(c: _Contrast, key: str, observed: np.ndarray, n_perm: int, counts: dict, null_max: np.ndarray,
+              accel: _accel.Accel | None, state: dict | None) -> tuple[np.ndarray, np.ndarray]:
+    """Uncorrected and FWER p of one statistic: counted, or from the acceleration's fits."""
+    count = to_host(counts[(c.name, key)])
+    if accel is None:
+        return count.astype(np.float64) / n_perm, _fwe_p(null_max, observed)
+    if accel.mode == "negbin":
+        no_fwer = np.full(observed.shape, np.nan)
+        return _accel.negbin_p(count, to_host(state["stopped"]), n_perm, accel.negbin_r), no_fwer
+    return (_accel.accel_p(accel, observed, count, to_host(state["accel"][key])),
+            _accel.accel_fwe_p(accel, observed, null_max))
+
+
+def _summarise(c: _Contrast, n_perm: int, counts: dict, maxima: dict, accel: _accel.Accel | None = None,
+               state: dict | None = None) -> ContrastResult:
+    null_max = maxima[(c.name, "vox")] if accel is None or accel.mode != "negbin" else np.empty(0, np.float32)
+    # the compared map: the statistic, or with variance groups the z of v or G (as PALM)
+    p_unc, p_fwe = _p_values(c, "vox", to_host(c.observed), n_perm, counts, null_max, accel, state)
     dof = c.model.dof
     statistic = statistic_name(c.kind, 1 if c.groups is None else c.groups.n_groups)
     if c.groups is None:
@@ -702,11 +910,11 @@ def _summarise(c: _Contrast, n_perm: int, counts: dict, maxima: dict) -> Contras
     for key, transform in c.transforms.items():
         mapped = to_host(c.spatial_observed[key])
         key_max = maxima[(c.name, key)]
-        key_unc = to_host(counts[(c.name, key)]).astype(np.float64) / n_perm
+        key_unc, key_fwe = _p_values(c, key, mapped, n_perm, counts, key_max, accel, state)
         settings = dict(getattr(transform, "settings", {}))
         if c.groups is not None:
             settings["on"] = f"z of {statistic}"
-        spatial[key] = MapResult(mapped, _fwe_p(key_max, mapped), key_unc, key_max, settings)
+        spatial[key] = MapResult(mapped, key_fwe, key_unc, key_max, settings)
     return ContrastResult(
         name=c.name,
         kind=c.kind,
@@ -715,7 +923,7 @@ def _summarise(c: _Contrast, n_perm: int, counts: dict, maxima: dict) -> Contras
         stat=stat,
         z=z.astype(np.float32),
         p_uncorrected=p_unc,
-        p_fwe=_fwe_p(null_max, stat if c.groups is None else z),
+        p_fwe=p_fwe,
         p_fdr=fdr_adjust(p_unc),
         null_max=null_max,
         spatial=spatial,
@@ -786,7 +994,8 @@ def write_outputs(
             image(1 - c.p_fwe, f"vox_corrp_{c.name}")
         if fdr:
             image(1 - c.p_fdr, f"vox_fdrp_{c.name}")
-        null(c.null_max, c.name)
+        if c.null_max.size:  # negbin and noperm have no null of the maximum
+            null(c.null_max, c.name)
         for key, mapped in c.spatial.items():
             if key in write_raw:
                 image(mapped.stat, f"{key}_{c.name}")
@@ -817,6 +1026,7 @@ def write_outputs(
                       for c in result.contrasts},
         "variance_groups": result.variance_groups,
         "spatial": {c.name: {k: m.settings for k, m in c.spatial.items()} for c in result.contrasts if c.spatial},
+        "accel": result.accel,
         **dict(params or {}),
     }
     written.append(write_json(root + ".json", provenance(record)))
@@ -860,6 +1070,8 @@ def randomise(
     params: Mapping[str, Any] | None = None,
     progress: bool = True,
     runner: Runner | None = None,
+    accel: str | None = None,
+    accel_g1out: bool = False,
 ) -> PermutationTestResult:
     """File-level randomise: NIfTI and VEST in, randomise-named NIfTI out.
 
@@ -890,11 +1102,19 @@ def randomise(
     progress : bool, default True
     runner : callable, optional
         As in :func:`run_permutation_test` (Dask: :func:`gpuconn.stats.dask_runner.dask_runner`).
+    accel : {'tail', 'gamma', 'negbin', 'noperm'}, optional
+        As in :func:`prepare_permutation_test`; ``negbin`` and ``noperm``
+        have no FWER p (``voxelwise`` must be False).
+    accel_g1out : bool
+        As in :func:`prepare_permutation_test`.
 
     Returns
     -------
     PermutationTestResult
     """
+    if accel in _accel.NO_FWER and voxelwise:
+        raise InputError(f"--accel {accel} has no FWER p (there is no null of the maximum); drop -x, or use "
+                         "--accel tail")
     img = load_image(input_path, ndim=4, what="input (-i)")
     n_obs = img.shape[3]
     if one_sample:
@@ -917,6 +1137,7 @@ def randomise(
         data, design, n_perm=n_perm, seed=seed, method=method, permute_blocks=permute_blocks,
         demean=demean, device=device, spatial=spatial, spatial_f=spatial_f, progress=progress, runner=runner,
         design_source=str(design_path or "-1 design"), variance_groups=vg, variance_groups_source=str(variance_groups_path),
+        accel=accel, accel_g1out=accel_g1out,
     )
     inputs = {
         "input": str(input_path), "design_file": design_path, "contrast_file": contrast_path,
