@@ -24,7 +24,7 @@ from gpuconn.cli.app import run
 from gpuconn.core.errors import InputError
 from gpuconn.study.simulate import simulate_study
 from gpuconn.study.runner import STEPS, run_study
-from gpuconn.study.results import check_planted_effects
+from gpuconn.study.results import check_planted_effects, corrp_path
 from gpuconn.study.schema import load_study, template_text
 
 STUDY = """
@@ -442,6 +442,37 @@ def test_grf_inference_and_tfce_are_selectable(tiny):
         assert Path(f"{root_map}_clusters_tstat1.tsv").exists()
         if method == "grf":
             assert json.loads((out / "group" / "post_vs_pre" / "seed-S1back_smoothness.json").read_text())["dof"] == 3
+
+
+def test_palm_options_of_the_permutation_methods(tiny):
+    """[inference] accel, variance_groups and correct_across reach randomise, and significance reads the matching map."""
+    root, _, _ = tiny
+    out = root / "palm_out"
+    shutil.copytree(root / "out", out)
+    text = STUDY.replace('method = "cluster"', 'method = "cluster"\naccel = "tail"\nvariance_groups = true\n'
+                                                'correct_across = "both"')
+    result = run_study(_write(root, text, name="palm.toml"), out, progress=False)
+    assert result.status()["group"] == "ran" and result.status()["seeds"] == "skipped"
+    two = out / "group" / "patients_vs_controls" / "seed-S1back"
+    meta = json.loads(Path(f"{two}.json").read_text())["Parameters"]
+    assert meta["accel"]["mode"] == "tail" and meta["contrasts"]["tstat1"]["statistic"] == "Aspin-Welch v"
+    paired = json.loads((out / "group" / "post_vs_pre" / "seed-S1back.json").read_text())["Parameters"]
+    assert paired["contrasts"]["tstat1"]["statistic"] == "t"  # one group: variance groups apply to two-sample models
+    for kind in ("ccorrp", "mcorrp", "mccorrp"):
+        assert Path(f"{two}_clustere_{kind}_tstat1.nii.gz").exists() and Path(f"{two}_vox_{kind}_tstat1.nii.gz").exists()
+    settings = load_study(root / "palm.toml").section("inference")
+    corrp = corrp_path(out, "patients_vs_controls", "seed-S1back", 1, settings)
+    assert corrp.name == "seed-S1back_clustere_mccorrp_tstat1.nii.gz"
+    # corrected across both contrasts (and the one map): never smaller than the map's own FWER p
+    own = np.asarray(nib.load(f"{two}_clustere_corrp_tstat1.nii.gz").dataobj)
+    assert np.all(np.asarray(nib.load(str(corrp)).dataobj) <= own + 1e-7)
+
+
+def test_palm_options_need_a_permutation_method(tiny):
+    root, _, _ = tiny
+    text = STUDY.replace('method = "cluster"', 'method = "grf"\ncorrect_across = "maps"')
+    with pytest.raises(InputError, match=r"inference\.correct_across applies to the permutation methods"):
+        load_study(_write(root, text, name="bad_palm.toml"))
 
 
 def test_a_bad_run_stops_denoising_before_any_output(tiny):

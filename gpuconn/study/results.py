@@ -73,13 +73,22 @@ def significant_voxels(out_dir: str | os.PathLike, model: str, key: str, contras
 
 
 _CORRP = {"cluster": "clustere", "tfce": "tfce", "voxel": "vox"}
+# The FWER map of each [inference] correct_across (randomise's corrp; PALM-style ccorrp/mcorrp/mccorrp of combine).
+_ACROSS = {"none": "corrp", "contrasts": "ccorrp", "maps": "mcorrp", "both": "mccorrp"}
 
 
 def corrp_path(out_dir: str | os.PathLike, model: str, key: str, contrast: int, inference: dict) -> Path | None:
-    """The permutation method's ``*_corrp_tstat<i>`` map (``1 - p``); None for ``grf``/FLAME (GRF cluster p)."""
+    """The permutation method's FWER map ``*_<corrp|ccorrp|mcorrp|mccorrp>_tstat<i>`` (``1 - p``).
+
+    The map follows ``inference['correct_across']``: corrected within the map
+    and contrast (``corrp``), across the map's contrasts (``ccorrp``), across
+    the model's maps (``mcorrp``) or both (``mccorrp``). None for ``grf`` and
+    FLAME (GRF cluster p).
+    """
     if inference["method"] in ("grf", *FLAME_METHODS):
         return None
-    return Path(f"{stat_root(Path(out_dir), model, key)}_{_CORRP[inference['method']]}_corrp_tstat{contrast}.nii.gz")
+    kind = _ACROSS[inference.get("correct_across", "none")]
+    return Path(f"{stat_root(Path(out_dir), model, key)}_{_CORRP[inference['method']]}_{kind}_tstat{contrast}.nii.gz")
 
 
 

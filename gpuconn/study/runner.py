@@ -56,6 +56,7 @@ from ..maps.seed import compute_seed_maps
 from ..maps.series import BoldInput
 from ..stats import randomise
 from ..stats.design import save_design
+from ..stats.combine import write_across
 from ..stats.flame import McmcOptions, run_flame
 from ..stats.grf import parametric_glm
 from ..stats.tables import cluster_table
@@ -250,6 +251,13 @@ def _spatial(settings: dict, mask: np.ndarray, dof: int) -> dict:
     return {} if factory is None else factory(mask)
 
 
+def _variance_groups(study: Study, model: dict, table: pd.DataFrame, settings: dict) -> np.ndarray | None:
+    """``[inference] variance_groups``: a two-sample model's groups (1, 2) as variance groups; else None (one group)."""
+    if not settings["variance_groups"] or model["kind"] != "two-sample":
+        return None
+    return pd.factorize(table[study.section("inputs")["group_column"]])[0] + 1
+
+
 def _group_mask(runs: Sequence[Run]) -> np.ndarray:
     masks = [io.load_mask(path, what="brain mask")[0] for path in sorted({r.mask for r in runs})]
     return np.logical_and.reduce(masks)
@@ -327,6 +335,7 @@ def _step_group(ctx: _Context) -> list[Path]:
             if permutation:
                 dof = design.matrix.shape[0] - int(np.linalg.matrix_rank(design.matrix))
                 spatial = _spatial(settings, mask, dof)
+            family = []  # (root, result) of the model's permutation tests: one design, the same rearrangements
             for key in map_keys(model):
                 root = stat_root(ctx.out, model["name"], key)
                 params = {"model": model, "map": key, "inference": settings, "runs": [[r.prefix for r in rs] for rs in run_sets]}
@@ -343,11 +352,19 @@ def _step_group(ctx: _Context) -> list[Path]:
                                    params=params)
                     written += sorted(root.parent.glob(f"{root.name}_*"))
                 else:
-                    result = randomise.run_permutation_test(data, design, n_perm=settings["n_perm"], seed=settings["seed"], device=ctx.device,
-                                                  spatial=spatial, design_source=f"model {model['name']}")
+                    result = randomise.run_permutation_test(
+                        data, design, n_perm=settings["n_perm"], seed=settings["seed"], device=ctx.device, spatial=spatial,
+                        design_source=f"model {model['name']}", accel=None if settings["accel"] == "none" else settings["accel"],
+                        variance_groups=_variance_groups(study, model, table, settings))
                     params["cluster_t_threshold"] = cluster_t_threshold(settings["cluster_threshold"], dof)
                     written += randomise.write_outputs(result, root, mask, reference, params=params)
+                    family.append((root, result))
                 advance()
+            if family and settings["correct_across"] != "none":
+                across = settings["correct_across"]
+                write_across([str(root) for root, _ in family], mask, reference, [result for _, result in family],
+                             corrcon=across in ("contrasts", "both"), corrmod=across in ("maps", "both"))
+                written += sorted(p for root, _ in family for p in root.parent.glob(f"{root.name}_*corrp_*"))
     return written
 
 

@@ -42,6 +42,8 @@ __all__ = [
     "MODEL_KINDS",
     "INFERENCE_METHODS",
     "FLAME_METHODS",
+    "ACCEL_METHODS",
+    "CORRECT_ACROSS",
     "QC_COVARIATES",
     "Study",
     "load_study",
@@ -65,6 +67,11 @@ MODEL_KINDS = ("two-sample", "paired", "regression")
 INFERENCE_METHODS = ("cluster", "tfce", "voxel", "grf", "flame1", "flame12")
 #: Methods that model first-level variances (FSL FLAME): seed maps as copes with varcopes, GRF clusters.
 FLAME_METHODS = ("flame1", "flame12")
+#: ``[inference] accel`` values: none, or PALM's accelerations that give FWER p (``randomise --accel``).
+ACCEL_METHODS = ("none", "tail", "gamma")
+#: ``[inference] correct_across`` values: FWER within each map and contrast (none), across a map's contrasts, across
+#: a model's maps (seeds/networks: randomise --corrmod), or both.
+CORRECT_ACROSS = ("none", "contrasts", "maps", "both")
 
 
 
@@ -153,6 +160,11 @@ _SECTIONS: dict[str, dict[str, Any]] = {
         "tfce_E": 0.5,
         "connectivity": 26,
         "alpha": 0.05,
+        # permutation methods only (cluster, tfce, voxel): PALM's tail/gamma acceleration of the FWER p, variance
+        # groups (two-sample models: patients and controls), FWER across contrasts and/or the maps of a model
+        "accel": "none",
+        "variance_groups": False,
+        "correct_across": "none",
     },
     "roi_tests": {"alpha": 0.05, "correlate": [], "post_hoc": "tukey"},
     "subgroups": {"variable": "", "edges": [], "labels": []},
@@ -187,6 +199,8 @@ _CHOICES = {
     ("denoise", "censor"): ("spikes", "drop"),
     ("denoise", "acompcor_mode"): ("combined", "separate"),
     ("inference", "method"): INFERENCE_METHODS,
+    ("inference", "accel"): ACCEL_METHODS,
+    ("inference", "correct_across"): CORRECT_ACROSS,
     ("roi_tests", "post_hoc"): ("tukey", "holm"),
     ("models", "kind"): MODEL_KINDS,
     ("seeds", "mirror"): ("none", "add", "union"),
@@ -443,6 +457,11 @@ def _check_inference(config: dict, path: Path) -> None:
         raise InputError(f"{path}: inference.alpha must be between 0 and 1, got {inference['alpha']}")
     if inference["method"] in ("grf", *FLAME_METHODS):
         grf_options(inference, path)
+        given = [key for key, off in (("accel", "none"), ("variance_groups", False), ("correct_across", "none"))
+                 if inference[key] != off]
+        if given:
+            raise InputError(f"{path}: inference.{given[0]} applies to the permutation methods (cluster, tfce, voxel), "
+                             f"not to method = {inference['method']!r}; drop it or change the method")
     groups = config["subgroups"]
     if groups["variable"]:
         edges, labels = groups["edges"], groups["labels"]
