@@ -36,7 +36,7 @@ def run(
     out: Annotated[Path, typer.Option("--out", "-o", help="Results folder (a rerun skips steps that are up to date).")],
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N (default: the study file's).")] = None,
     template: Annotated[Path | None, typer.Option("--template", help="T1 template in the study's space for the report's "
-                                                  "underlay (replaces [report] template; default: the mean EPI).")] = None,
+                                                  "underlay (replaces the study file's report.template; default: the mean EPI).")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Run every step of a study; steps whose outputs are up to date are skipped."""
