@@ -131,7 +131,7 @@ def runs_section(page: Page) -> str:
     fd_table = _read(page.out / "qc" / "framewise_displacement.tsv")
     parts, rows = [], []
     for run in _carpet_runs(page):
-        img = nib.load(str(run.bold))
+        img = io.load_header(run.bold, ndim=4, what="BOLD")  # also FEAT folders and AFNI datasets, in standard space
         data = np.asarray(img.dataobj, dtype=np.float32)
         mask = io.load_mask(run.mask, what="brain mask")[0]
         fd = (fd_table.loc[fd_table["run"] == run.prefix, "framewise_displacement"].to_numpy(float)
@@ -143,7 +143,7 @@ def runs_section(page: Page) -> str:
         censored = page.censored(run)
         parts.append(figure_png(carpet_figure(f"{_short(run.prefix)}: mean FD {fd[1:].mean() if len(fd) > 1 else 0:.3f} mm",
                                               fd, carpets, censored), alt=f"carpet plot {run.prefix}"))
-        snr = tsnr(data)
+        snr = io.unmask(tsnr(data[mask]), mask)
         parts.append(figure_png(ortho_slices(snr, mask, _underlay_for(page, img), img.affine, title=f"{_short(run.prefix)}: tSNR",
                                              label="tSNR", cmap="viridis", symmetric=False), alt=f"tSNR {run.prefix}"))
         rows.append({"run": run.prefix, "mean_fd": float(fd[1:].mean()) if len(fd) > 1 else np.nan,
