@@ -359,6 +359,8 @@ def test_report_draws_a_given_t1_template_under_the_maps(tiny, tmp_path):
     study.config["report"]["template"] = str(tmp_path / "tpl_T1w.nii.gz")
     text = write_report(study, root / "out", tmp_path / "report.html").read_text()
     assert "anatomy: T1 template tpl_T1w.nii.gz" in text and "Underlay: T1 template tpl_T1w.nii.gz." in text
+    sidecar = json.loads((tmp_path / "report.json").read_text())
+    assert sidecar["Parameters"] == {"underlay": "T1 template tpl_T1w.nii.gz", "template": str(tmp_path / "tpl_T1w.nii.gz")}
 
 
 def test_template_option_names_a_missing_file_in_one_line(tiny, capsys):

@@ -214,12 +214,12 @@ def parameter_tables(config: dict) -> str:
     return "".join(parts)
 
 
-def _versions() -> str:
-    record = io.provenance({})
+def _versions(record: dict) -> str:
     generated = record.get("GeneratedBy", [])
     generated = generated if isinstance(generated, list) else [generated]
-    rows = [{"package": g.get("Name", ""), "version": g.get("Version", "")} for g in generated if isinstance(g, dict)]
-    rows += [{"package": k, "version": _cell(v)} for k, v in (record.get("Versions") or {}).items()]
+    rows = [{"item": g.get("Name", ""), "value": g.get("Version", "")} for g in generated if isinstance(g, dict)]
+    rows += [{"item": "command line", "value": g["CommandLine"]} for g in generated if isinstance(g, dict) and g.get("CommandLine")]
+    rows += [{"item": k, "value": _cell(v)} for k, v in (record.get("Versions") or {}).items()]
     return table_html(pd.DataFrame(rows))
 
 
@@ -246,7 +246,9 @@ def write_report(study, out_dir: str | os.PathLike, path: str | os.PathLike) -> 
     out_dir : path-like
         The results folder (after the runner's steps before ``report``).
     path : path-like
-        The HTML file to write (atomically).
+        The HTML file to write (atomically); its JSON sidecar (same name,
+        ``.json``) records the command line, versions, the underlay and the
+        template.
 
     Returns
     -------
@@ -255,6 +257,8 @@ def write_report(study, out_dir: str | os.PathLike, path: str | os.PathLike) -> 
     out = Path(out_dir)
     name = html.escape(study.section("study")["name"])
     page = _page(study, out)
+    template = report_template(study.path, study.config)
+    record = io.provenance({"underlay": page.underlay_name, "template": str(template) if template else None})
     sections = [
         ("Planted effects (simulated study)", _planted_section(study, out)),
         ("Motion QC", motion_section(page)),
@@ -268,7 +272,7 @@ def write_report(study, out_dir: str | os.PathLike, path: str | os.PathLike) -> 
                          + "".join(_model_section(page, m) for m in study.section("models"))),
         ("ROIs", _roi_section(out, study)),
         ("Parameters", parameter_tables(study.config)),
-        ("Versions", _versions()),
+        ("Versions", _versions(record)),
     ]
     sections = [(title, body) for title, body in sections if body]
     contents = "".join(f"<li><a href='#{_anchor(title)}'>{html.escape(title)}</a></li>" for title, _ in sections)
@@ -277,4 +281,5 @@ def write_report(study, out_dir: str | os.PathLike, path: str | os.PathLike) -> 
               f"results: <code>{html.escape(str(out))}</code><br>anatomy: {html.escape(page.underlay_name)}</p>")
     document = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{name}</title><style>{_STYLE}</style></head>"
                 f"<body>{header}<nav><strong>Contents</strong><ol>{contents}</ol></nav>{body}</body></html>\n")
+    io.write_json(Path(path).with_suffix(".json"), record)  # the sidecar: command line, underlay and template
     return io.write_text(path, document)

@@ -415,7 +415,8 @@ def _step_table1(ctx: _Context) -> list[Path]:
 
 
 def _step_report(ctx: _Context) -> list[Path]:
-    return [write_report(ctx.study, ctx.out, ctx.out / "report.html")]
+    report = write_report(ctx.study, ctx.out, ctx.out / "report.html")
+    return [report, report.with_suffix(".json")]
 
 
 @dataclass(frozen=True)
