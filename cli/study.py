@@ -35,14 +35,21 @@ def run(
     study_file: Annotated[Path, typer.Argument(help="The study file (TOML).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Results folder (a rerun skips steps that are up to date).")],
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N (default: the study file's).")] = None,
+    template: Annotated[Path | None, typer.Option("--template", help="T1 template in the study's space for the report's "
+                                                  "underlay (replaces the study file's report.template; default: the mean EPI).")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Run every step of a study; steps whose outputs are up to date are skipped."""
+    from gpuconn.core.errors import InputError
     from gpuconn.core.io import output_lock
     from gpuconn.study.runner import run_study
     from gpuconn.study.schema import load_study
 
     study = load_study(study_file)
+    if template is not None:  # recorded with the study's settings (the report step's stamp and the report's parameters)
+        if not template.is_file():
+            raise InputError(f"--template {template}: file not found; give a T1 image in the study's space")
+        study.config["report"]["template"] = str(template.resolve())
     _console.print(f"study {study.path}: {len(study.runs)} runs -> {out}")
     with output_lock(out, folder=True):  # a second run into the same folder stops instead of redoing its steps
         result = run_study(study, out, device=device, progress=not quiet, on_step=print_step, on_start=print_start)

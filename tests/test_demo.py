@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from gpuconn.cli.app import run
-from gpuconn.study.demo import effect_lines
+from gpuconn.study.results import effect_lines
 from gpuconn.study.schema import demo_study_path, load_study
 
 TINY = ["--n-patients", "4", "--n-controls", "3", "--n-volumes", "40", "--voxel-size", "8", "--n-perm", "20", "--seed", "1", "-q"]
@@ -55,8 +55,23 @@ def test_effect_lines_say_found_and_a_null_hit_is_a_chance_hit():
         {"kind": "null", "name": "aTPJ", "model": "m", "seed": "S", "region": "aTPJ", "map_voxels": 1, "roi_p": 0.5, "roi_effect": 0.0, "found": True, "expected": False},
     ])
     lines = effect_lines(checks, {"method": "cluster", "alpha": 0.05})
-    assert lines[0].startswith("  planted e (seed S -> insula, model m): FOUND: 3 significant voxels near insula")
+    assert lines[0].startswith("  planted e (seed S -> insula, model m): FOUND: 3 significant voxels within 10 mm of insula")
     assert "found: a chance hit (each null check is a test with a 5% false-positive rate)" in lines[1]
+
+
+def test_effect_found_only_by_its_roi_test_never_reads_found_zero_voxels():
+    """Found at the ROI with no significant voxel on the map: said as such ("FOUND: 0 significant voxels" read as a contradiction)."""
+    import pandas as pd
+
+    checks = pd.DataFrame([
+        {"kind": "effect", "name": "e", "model": "m", "seed": "S", "region": "dlPFC", "map_voxels": 0, "roi_p": 0.001, "roi_effect": 0.5, "found": True, "expected": True},
+        {"kind": "effect", "name": "f", "model": "m", "seed": "S", "region": "insula", "map_voxels": 0, "roi_p": 0.3, "roi_effect": 0.1, "found": False, "expected": True},
+    ])
+    lines = effect_lines(checks, {"method": "flame12", "alpha": 0.05})
+    assert lines[0] == ("  planted e (seed S -> dlPFC, model m): FOUND: at the ROI test (ROI test p = 0.001, effect +0.500); "
+                        "no significant voxels within 10 mm of dlPFC (flame12, p < 0.05)")
+    assert lines[1].startswith("  planted f (seed S -> insula, model m): not found: no significant voxels within 10 mm of insula")
+    assert not any("FOUND: 0" in line or ": 0 significant" in line for line in lines)
 
 
 def test_demo_never_overwrites_a_folder_it_did_not_write(tmp_path, capsys):

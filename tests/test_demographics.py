@@ -61,3 +61,19 @@ def test_missing_values_are_left_out_and_constant_groups_give_no_p(participants)
 def test_missing_column_is_an_input_error(participants):
     with pytest.raises(InputError, match="'weight'"):
         table_one(participants, group="group", columns=["weight"], levels=["cLBP", "HC"])
+
+
+@pytest.mark.parametrize(("mean", "sd", "text"), [(45.31, 10.24, "45.3 ± 10.2"), (0.0523, 0.0131, "0.052 ± 0.013"),
+                                                  (0.4, 0.25, "0.40 ± 0.25"), (1.5, 0.0, "1.5 ± 0.0")])
+def test_mean_sd_keeps_two_significant_digits_of_small_sds(mean, sd, text):
+    from gpuconn.study.demographics import mean_sd
+
+    assert mean_sd(mean, sd) == text
+
+
+def test_motion_summary_is_not_rounded_to_zero(participants):
+    """RMS motion of ~0.05 mm printed with one decimal was "0.1 ± 0.0"."""
+    participants = participants.assign(mean_rel_rms=np.linspace(0.03, 0.09, len(participants)))
+    row = table_one(participants, group="group", columns=["mean_rel_rms"], levels=["cLBP", "HC"]).set_index("variable").loc["mean_rel_rms"]
+    mean, sd = (float(v) for v in row["summary_A"].split(" ± "))
+    assert mean == pytest.approx(row["mean_A"], abs=5e-4) and sd == pytest.approx(row["sd_A"], abs=5e-4) and sd > 0

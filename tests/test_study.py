@@ -199,6 +199,40 @@ def test_every_output_exists(tiny):
     for step in STEPS:
         if step != "ica":
             assert json.loads((out / "stamps" / f"{step}.json").read_text())["outputs"]
+    assert len(list((out / "rois" / "matrices").glob("*_stat-z_roimatrix.tsv"))) == 11
+
+
+def test_qc_writes_each_runs_fd_series_and_rois_each_runs_matrix(tiny):
+    """The report's inputs: FD per volume equals Power FD of the run's motion; ROI matrices of seeds and ROIs."""
+    from gpuconn.subject.confounds import framewise_displacement, load_motion
+
+    root, path, _ = tiny
+    out = root / "out"
+    study = load_study(path)
+    fd = pd.read_csv(out / "qc" / "framewise_displacement.tsv", sep="\t")
+    assert list(fd.columns) == ["run", "volume", "framewise_displacement"] and fd["run"].nunique() == 11
+    run = study.runs[3]
+    expected = framewise_displacement(load_motion(confounds=run.confounds, motion_par=run.motion, bold=run.bold))
+    np.testing.assert_allclose(fd.loc[fd["run"] == run.prefix, "framewise_displacement"], expected, rtol=1e-5)  # 6 digits
+    matrix = pd.read_csv(out / "rois" / "matrices" / f"{run.prefix}_stat-z_roimatrix.tsv", sep="\t")
+    assert list(matrix["roi"]) == ["S1back", "insula", "dlPFC", "aTPJ"]
+
+
+def test_table_one_counts_only_the_participants_the_models_used(tiny, tmp_path):
+    """A control whose only run QC excluded is in no model, so not in Table 1."""
+    from gpuconn.study.runner import _Context, _step_table1
+
+    root, path, _ = tiny
+    out = tmp_path / "out"
+    shutil.copytree(root / "out" / "qc", out / "qc")
+    qc = pd.read_csv(out / "qc" / "qc.tsv", sep="\t", dtype={"session": str}, keep_default_na=False)
+    qc.loc[qc["participant_id"] == "sub-007", "excluded"] = True
+    qc.to_csv(out / "qc" / "qc.tsv", sep="\t", index=False)
+    _step_table1(_Context(load_study(path), out, "cpu", False))
+    table = pd.read_csv(out / "table1.tsv", sep="\t").set_index("variable")
+    assert (table.loc["N", "n_A"], table.loc["N", "n_B"]) == (4, 2)
+    kept = qc[(qc["session"] == "pre") & ~qc["excluded"].astype(bool) & qc["participant_id"].isin(["sub-005", "sub-006"])]
+    assert table.loc["mean_rel_rms", "mean_B"] == pytest.approx(kept["mean_rel_rms"].mean(), rel=1e-5)
 
 
 def test_group_input_equals_the_seed_maps(tiny):
@@ -256,9 +290,144 @@ def test_report_is_self_contained_and_every_image_decodes(tiny):
         raw = base64.b64decode(source.split(",", 1)[1], validate=True)
         assert raw[:8] == b"\x89PNG\r\n\x1a\n"
         assert matplotlib.image.imread(bytes_io.BytesIO(raw), format="png").ndim == 3
-    for heading in ("Motion QC", "Table 1", "Group models", "ROI-level tests", "Planted effects", "Versions"):
+    for heading in ("Motion QC", "Table 1", "Group models", "ROI-level tests", "Planted effects", "Versions",
+                    "Framewise displacement per run", "Carpet plots and tSNR", "Seeds", "ROI-to-ROI matrices",
+                    "Motion and connectivity (QC-FC)", "Parameters"):
         assert heading in text
     assert "http://" not in text and "https://" not in text
+
+
+class _Outline(HTMLParser):
+    """Headings with their ids, links, and the element nesting (every end tag closes the last open element)."""
+
+    VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+    def __init__(self):
+        super().__init__()
+        self.ids, self.links, self.open, self.errors, self.pre = {}, [], [], [], 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "h2":
+            self.ids[attrs.get("id")] = tag
+        if tag == "a" and "href" in attrs:
+            self.links.append(attrs["href"])
+        self.pre += tag == "pre"
+        if tag not in self.VOID:
+            self.open.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.open or self.open.pop() != tag:
+            self.errors.append(tag)
+
+
+def test_report_has_contents_linking_every_section_and_well_formed_html(tiny):
+    root, _, result = tiny
+    parser = _Outline()
+    parser.feed(result.report.read_text())
+    assert not parser.errors and not parser.open
+    sections = [i for i in parser.ids if i]
+    assert len(sections) == len(parser.ids) >= 10  # every section heading has an id
+    assert [link for link in parser.links if link.startswith("#")] == [f"#{i}" for i in sections]
+    assert parser.pre == 0  # parameters and versions are tables, no JSON dump
+
+
+def test_report_states_the_same_findings_as_the_demo(tiny):
+    """One source for the finding text: the report lists :func:`effect_lines` verbatim."""
+    import html
+
+    from gpuconn.study.results import effect_lines
+
+    root, path, result = tiny
+    study = load_study(path)
+    checks = check_planted_effects(study, root / "out", json.loads((root / "data" / "ground_truth.json").read_text()))
+    text = result.report.read_text()
+    for line in effect_lines(checks, study.section("inference")):
+        assert f"<li>{html.escape(line.strip())}</li>" in text
+    assert "FOUND: 0 " not in text
+
+
+def test_report_draws_a_given_t1_template_under_the_maps(tiny, tmp_path):
+    from gpuconn.study.report import write_report
+
+    root, path, _ = tiny
+    study = load_study(path)
+    grid = nib.load(str(root / "out" / "group" / "mask.nii.gz"))
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = grid.affine[:3, 3] - 4
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((90, 110, 90)).astype(np.float32), affine), str(tmp_path / "tpl_T1w.nii.gz"))
+    study.config["report"]["template"] = str(tmp_path / "tpl_T1w.nii.gz")
+    text = write_report(study, root / "out", tmp_path / "report.html").read_text()
+    assert "anatomy: T1 template tpl_T1w.nii.gz" in text and "Underlay: T1 template tpl_T1w.nii.gz." in text
+    sidecar = json.loads((tmp_path / "report.json").read_text())
+    assert sidecar["Parameters"] == {"underlay": "T1 template tpl_T1w.nii.gz", "template": str(tmp_path / "tpl_T1w.nii.gz")}
+
+
+def test_template_option_names_a_missing_file_in_one_line(tiny, capsys):
+    root, path, _ = tiny
+    assert run(["study", "run", str(path), "-o", str(root / "out"), "--template", str(root / "missing.nii.gz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--template" in err and "missing.nii.gz: file not found" in err
+    edited = path.read_text() + '\n[report]\ntemplate = "none.nii.gz"\n'
+    with pytest.raises(InputError, match=r"report\.template file not found: .*none\.nii\.gz"):
+        load_study(_write(root, edited, "with_template.toml"))
+
+
+_PROBE = ("<script>window.addEventListener('load', () => { const bad = [...document.images].filter("
+          "i => !i.complete || i.naturalWidth === 0).length; console.log('gpuconn-probe images=' + "
+          "document.images.length + ' broken=' + bad); });</script>")
+
+
+def _chromium():
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium on this machine (Debian: apt-get install chromium); the HTML parse tests cover it")
+    return browser
+
+
+def _browser_console(browser, page, tmp_path, *extra):
+    """Open a copy of ``page`` with an image probe in headless Chromium: (console lines, DOM, probe line)."""
+    import subprocess
+
+    probed = tmp_path / f"probed_{page.name}"
+    probed.write_text(page.read_text().replace("</body>", _PROBE + "</body>"))
+    done = subprocess.run([browser, "--headless", "--disable-gpu", "--no-sandbox", "--enable-logging=stderr", "--v=0",
+                           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1300,2000", *extra, probed.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+    probe = [line for line in console if "gpuconn-probe" in line]
+    return [line for line in console if line not in probe], done.stdout, probe
+
+
+def test_the_browser_check_sees_console_errors_and_broken_images(tmp_path):
+    """The check below can fail: a script error and an image that does not decode are both caught."""
+    browser = _chromium()
+    page = tmp_path / "bad.html"
+    page.write_text('<!DOCTYPE html><html><body><img src="data:image/png;base64,AAAA">'
+                    '<script>undefinedFunction();</script></body></html>')
+    console, _, probe = _browser_console(browser, page, tmp_path, "--dump-dom")
+    assert any("Uncaught ReferenceError" in line for line in console)
+    assert len(probe) == 1 and "images=1 broken=1" in probe[0]
+
+
+def test_report_renders_in_headless_chromium_without_console_errors(tiny, tmp_path):
+    """Debian's chromium, where installed: no console message, every embedded figure decodes, the page is drawn."""
+    import matplotlib.image
+
+    browser = _chromium()
+    root, _, result = tiny
+    console, dom, probe = _browser_console(browser, result.report, tmp_path, "--dump-dom")
+    assert not console, console
+    count = result.report.read_text().count("<img ")
+    assert count >= 15 and len(probe) == 1 and f"images={count} broken=0" in probe[0], probe
+    parser = _Images()
+    parser.feed(dom)  # the DOM the browser built holds every embedded figure
+    assert len(parser.sources) == count
+    shot = tmp_path / "report.png"
+    _browser_console(browser, result.report, tmp_path, f"--screenshot={shot}")
+    pixels = matplotlib.image.imread(str(shot))[..., :3]
+    assert pixels.std() > 0.05  # text and figures drawn, not a blank page
 
 
 def test_planted_effect_check_lists_effects_and_null_region(tiny):

@@ -22,12 +22,12 @@ import pandas as pd
 from ..core import io
 from ..core.errors import InputError
 from ..core.progress import progress_bar
-from .results import check_planted_effects
+from .results import check_planted_effects, effect_lines
 from .runner import StepRecord, run_study
 from .schema import load_study, template_text
 from .simulate import simulate_study
 
-__all__ = ["DemoResult", "run_demo", "effect_lines"]
+__all__ = ["DemoResult", "run_demo"]
 
 
 @dataclass
@@ -58,28 +58,6 @@ def _clear_previous(data: Path) -> None:
     if not (data / "ground_truth.json").exists():
         raise InputError(f"{data} exists and is not a study simulated by gpuconn; choose another demo folder")
     shutil.rmtree(data)
-
-
-def effect_lines(checks: pd.DataFrame, inference: dict) -> list[str]:
-    """One human-readable line per planted effect and null region check."""
-    lines = []
-    for row in checks.itertuples():
-        detail = (f"{row.map_voxels} significant voxels near {row.region} ({inference['method']}, p < {inference['alpha']}); "
-                  f"ROI test p = {row.roi_p:.3g}, effect {row.roi_effect:+.3f}")
-        if row.roi_p < inference["alpha"] and row.roi_effect < 0:
-            detail += " (significant in the direction opposite to the model's hypothesis)"
-        if row.kind == "elsewhere":
-            verdict = "none, as planted" if not row.found else f"{row.map_voxels} (false positives)"
-            lines.append(f"  significant voxels elsewhere (model {row.model}, seed {row.seed}): {verdict}")
-            continue
-        if row.kind == "effect":
-            verdict = "FOUND" if row.found else "not found"
-            lines.append(f"  planted {row.name} (seed {row.seed} -> {row.region}, model {row.model}): {verdict}: {detail}")
-        else:
-            verdict = ("not found, as planted" if not row.found else
-                       "found: a chance hit (each null check is a test with a 5% false-positive rate)")
-            lines.append(f"  null region {row.region} (model {row.model}): {verdict}: {detail}")
-    return lines
 
 
 def run_demo(

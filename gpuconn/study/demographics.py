@@ -1,7 +1,7 @@
 """Table 1: demographic and clinical variables by group, with between-group tests.
 
 As the reference study's Table 1: numeric variables as mean ± SD (sample
-SD, ``ddof=1``) per group with a Student two-sample t-test (equal
+SD, ``ddof=1``; :func:`mean_sd` keeps two significant digits of the SD) per group with a Student two-sample t-test (equal
 variances); categorical variables as counts and percentages per level with
 Pearson's chi-square test of the group-by-level contingency table (no Yates
 continuity correction). Missing values are left out variable by variable.
@@ -21,19 +21,28 @@ from scipy import stats
 
 from ..core.errors import InputError
 
-__all__ = ["TABLE_ONE_COLUMNS", "table_one"]
+__all__ = ["TABLE_ONE_COLUMNS", "mean_sd", "table_one"]
 
 #: Columns of :func:`table_one` (``A``/``B`` are the two group labels).
 TABLE_ONE_COLUMNS = ("variable", "kind", "summary_A", "summary_B", "n_A", "n_B", "mean_A", "mean_B", "sd_A", "sd_B",
                      "test", "statistic", "df", "p")
 
 
+def mean_sd(mean: float, sd: float) -> str:
+    """``mean ± SD`` with one decimal, or more so the SD keeps two significant digits (0.052 ± 0.013)."""
+    if not np.isfinite(mean):
+        return ""
+    scale = sd if np.isfinite(sd) and sd > 0 else abs(mean)
+    decimals = max(1, 1 - int(np.floor(np.log10(scale)))) if scale > 0 else 1
+    return f"{mean:.{decimals}f} ± {sd:.{decimals}f}"
+
+
 def _numeric_row(name: str, a: pd.Series, b: pd.Series) -> dict:
     a, b = a.dropna().astype(float), b.dropna().astype(float)
     row = {"variable": name, "kind": "numeric", "n_A": len(a), "n_B": len(b), "mean_A": a.mean(), "mean_B": b.mean(),
            "sd_A": a.std(ddof=1), "sd_B": b.std(ddof=1), "test": "t", "statistic": np.nan, "df": np.nan, "p": np.nan}
-    row["summary_A"] = f"{row['mean_A']:.1f} ± {row['sd_A']:.1f}"
-    row["summary_B"] = f"{row['mean_B']:.1f} ± {row['sd_B']:.1f}"
+    row["summary_A"] = mean_sd(row["mean_A"], row["sd_A"])
+    row["summary_B"] = mean_sd(row["mean_B"], row["sd_B"])
     if len(a) >= 2 and len(b) >= 2 and (a.var() > 0 or b.var() > 0):
         result = stats.ttest_ind(a, b)
         row.update(statistic=float(result.statistic), df=float(len(a) + len(b) - 2), p=float(result.pvalue))

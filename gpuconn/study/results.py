@@ -17,17 +17,22 @@ import numpy as np
 import pandas as pd
 
 from ..core import io
+from ..core.bids import Run
 from ..maps.regions import Region, region_masks
 from ..stats.tables import cluster_table
+from ..subject.denoise import RunFiles, output_paths
 from .schema import FLAME_METHODS, Study
 
 __all__ = [
     "map_keys",
+    "run_dir",
+    "denoised_outputs",
     "stat_root",
     "significant_voxels",
     "corrp_path",
     "model_contrasts",
     "check_planted_effects",
+    "effect_lines",
     "FOUND_RADIUS_MM",
 ]
 
@@ -35,6 +40,18 @@ __all__ = [
 def map_keys(model: dict) -> list[str]:
     """The maps a group model tests: ``seed-<name>`` (seed maps) and ``net-<name>`` (dual-regression maps)."""
     return [f"seed-{s}" for s in model["seeds"]] + [f"net-{n}" for n in model["networks"]]
+
+
+
+def run_dir(out: Path, step: str, run: Run) -> Path:
+    """A step's per-run folder: ``OUT/<step>/sub-<label>[/ses-<label>]/func``."""
+    parts = [f"sub-{run.subject}"] + ([f"ses-{run.session}"] if run.session else [])
+    return Path(out).joinpath(step, *parts, "func")
+
+
+def denoised_outputs(out: Path, run: Run) -> dict[str, Path]:
+    """A run's denoising outputs (``bold``, ``design``, ``mask``) in a results folder."""
+    return output_paths(RunFiles.from_run(run), run_dir(out, "denoise", run))
 
 
 
@@ -189,6 +206,49 @@ def check_planted_effects(study: Study, out_dir: str | os.PathLike, ground_truth
                          "region": "rest of the brain", "map_voxels": voxels, "roi_p": np.nan, "roi_effect": np.nan,
                          "found": voxels > 0, "expected": False})
     return pd.DataFrame(rows, columns=["kind", "name", "model", "seed", "region", "map_voxels", "roi_p", "roi_effect", "found", "expected"])
+
+
+
+def effect_lines(checks: pd.DataFrame, inference: dict) -> list[str]:
+    """One line per planted effect, null region and "elsewhere" check: the finding text of the console and the report.
+
+    Parameters
+    ----------
+    checks : pandas.DataFrame
+        :func:`check_planted_effects`.
+    inference : dict
+        The ``[inference]`` settings (``method``, ``alpha``).
+
+    Returns
+    -------
+    list of str
+        A row found only by its ROI test says so ("FOUND at the ROI test,
+        no significant voxels near ..."), never "FOUND: 0 significant voxels".
+    """
+    lines = []
+    for row in checks.itertuples():
+        if row.kind == "elsewhere":
+            verdict = "none, as planted" if not row.found else f"{row.map_voxels} (false positives)"
+            lines.append(f"  significant voxels elsewhere (model {row.model}, seed {row.seed}): {verdict}")
+            continue
+        roi = f"ROI test p = {row.roi_p:.3g}, effect {row.roi_effect:+.3f}"
+        if row.roi_p < inference["alpha"] and row.roi_effect < 0:
+            roi += " (significant in the direction opposite to the model's hypothesis)"
+        near = f"significant voxels within {FOUND_RADIUS_MM:g} mm of {row.region} ({inference['method']}, p < {inference['alpha']})"
+        if row.map_voxels > 0:
+            detail = f"{row.map_voxels} {near}; {roi}"
+        elif row.found:
+            detail = f"at the ROI test ({roi}); no {near}"
+        else:
+            detail = f"no {near}; {roi}"
+        if row.kind == "effect":
+            verdict = "FOUND" if row.found else "not found"
+            lines.append(f"  planted {row.name} (seed {row.seed} -> {row.region}, model {row.model}): {verdict}: {detail}")
+        else:
+            verdict = ("not found, as planted" if not row.found else
+                       "found: a chance hit (each null check is a test with a 5% false-positive rate)")
+            lines.append(f"  null region {row.region} (model {row.model}): {verdict}: {detail}")
+    return lines
 
 
 

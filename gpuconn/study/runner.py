@@ -6,7 +6,7 @@ a results folder:
 ==========  ==============================================================
 step        library call
 ==========  ==============================================================
-qc          :func:`gpuconn.subject.qc.qc_table` on each run's motion parameters
+qc          :func:`gpuconn.subject.qc.qc_table` on each run's motion parameters, and each run's FD series
 denoise     :func:`gpuconn.subject.denoise.denoise_runs` (runs passing QC)
 seeds       :func:`gpuconn.maps.seed.compute_seed_maps` (Fisher z per seed); for FLAME
             inference also :func:`gpuconn.maps.firstlevel.seed_glm_maps` (copes, varcopes)
@@ -20,8 +20,9 @@ group       :func:`gpuconn.stats.design.build_design`, then per model and map
             seeds' copes and varcopes (summed for post - pre changes), GRF clusters
 clusters    :func:`gpuconn.stats.tables.cluster_table` of the significant voxels
 rois        :func:`gpuconn.maps.roi.extract_roi_values`, then
-            :mod:`gpuconn.study.roi_stats` (t-tests, correlations, subgroups, FDR)
-table1      :func:`gpuconn.study.demographics.table_one`
+            :mod:`gpuconn.study.roi_stats` (t-tests, correlations, subgroups, FDR);
+            :func:`gpuconn.maps.roi.compute_roi_matrices` of the seeds and ROIs (``rois/matrices``)
+table1      :func:`gpuconn.study.demographics.table_one` of the participants the models used
 report      :func:`gpuconn.study.report.write_report` (``OUT/report.html``)
 ==========  ==============================================================
 
@@ -50,7 +51,7 @@ from ..core.progress import progress_bar
 from ..maps.dualreg import dual_regression
 from ..maps.ica import match_templates, run_group_ica
 from ..maps.regions import Region, region_masks
-from ..maps.roi import extract_roi_values
+from ..maps.roi import compute_roi_matrices, extract_roi_values
 from ..maps.firstlevel import seed_glm_maps
 from ..maps.seed import compute_seed_maps
 from ..maps.series import BoldInput
@@ -61,12 +62,12 @@ from ..stats.flame import McmcOptions, run_flame
 from ..stats.grf import parametric_glm
 from ..stats.tables import cluster_table
 from ..stats.spatial import spatial_transforms
-from ..subject.confounds import load_motion
-from ..subject.denoise import DenoiseOptions, RunFiles, denoise_runs, output_paths, prepare_run
+from ..subject.confounds import framewise_displacement, load_motion
+from ..subject.denoise import DenoiseOptions, RunFiles, denoise_runs, prepare_run
 from ..subject.qc import qc_table
 from .demographics import table_one
 from .report import write_report
-from .results import corrp_path, map_keys, model_contrasts, significant_voxels, stat_root
+from .results import corrp_path, denoised_outputs, map_keys, model_contrasts, run_dir, significant_voxels, stat_root
 from .roi_stats import roi_tests
 from .schema import FLAME_METHODS, Study, grf_options, load_study, model_design, model_table, network_names, region_names, study_regions
 from .stamps import Stamps
@@ -125,7 +126,7 @@ class _Context:
         return [r for r in self.study.runs if r.prefix not in excluded]
 
     def denoised(self, run: Run) -> Path:
-        return output_paths(RunFiles.from_run(run), self._run_dir("denoise", run))["bold"]
+        return denoised_outputs(self.out, run)["bold"]
 
     def seed_map(self, run: Run) -> Path:
         return self.out / "seeds" / f"{run.prefix}_stat-z_seedmap.nii.gz"
@@ -133,10 +134,6 @@ class _Context:
     def seed_glm(self, run: Run, seed: str, stat: str) -> Path:
         """A run's first-level ``cope`` or ``varcope`` of one seed (FLAME inference)."""
         return self.out / "seeds" / f"{run.prefix}_seed-{seed}_{stat}.nii.gz"
-
-    def _run_dir(self, step: str, run: Run) -> Path:
-        parts = [f"sub-{run.subject}"] + ([f"ses-{run.session}"] if run.session else [])
-        return self.out.joinpath(step, *parts, "func")
 
 
 def _run_files(run: Run) -> list[Path]:
@@ -154,7 +151,10 @@ def _step_qc(ctx: _Context) -> list[Path]:
             rows.append(({"run": run.prefix, "participant_id": ctx.study.participant_id(run), "session": run.session or ""}, params))
             advance()
     table = qc_table(rows, **settings)
-    return [io.write_tsv(table, ctx.out / "qc" / "qc.tsv", params={"thresholds": settings}, sidecar=True)]
+    fd = pd.concat([pd.DataFrame({"run": ids["run"], "volume": np.arange(len(params)), "framewise_displacement": framewise_displacement(params)})
+                    for ids, params in rows], ignore_index=True)  # the report draws each run's trace
+    return [io.write_tsv(table, ctx.out / "qc" / "qc.tsv", params={"thresholds": settings}, sidecar=True),
+            io.write_tsv(fd, ctx.out / "qc" / "framewise_displacement.tsv", float_format="%.6g")]
 
 
 def _denoise_options(ctx: _Context):
@@ -186,7 +186,7 @@ def _step_denoise(ctx: _Context) -> list[Path]:
     options = _denoise_options(ctx)
     for run_files in files:  # every run checked (headers, lengths, columns, dof) before any output
         prepare_run(run_files, options, device=ctx.device, load_data=False)
-    out_dirs = [ctx._run_dir("denoise", r) for r in runs]
+    out_dirs = [run_dir(ctx.out, "denoise", r) for r in runs]
     written = []
     with progress_bar("denoise", len(runs), enabled=ctx.progress) as advance:
         for paths in denoise_runs(files, out_dirs, options, device=ctx.device,
@@ -395,6 +395,8 @@ def _step_rois(ctx: _Context) -> list[Path]:
     values = extract_roi_values([ctx.seed_map(r) for r in runs], rois)
     folder = ctx.out / "rois"
     written = [io.write_tsv(values, folder / "roi_values.tsv")]
+    inputs = [BoldInput(r.prefix, ctx.denoised(r), r.mask) for r in runs]  # seeds and ROIs: the report's matrices and QC-FC
+    written += compute_roi_matrices(inputs, study_regions(study.config, "seeds") + rois, folder / "matrices", device=ctx.device)
     tests = roi_tests(values, _roi_models(ctx, runs), roi_settings=study.section("roi_tests"), subgroups=study.section("subgroups"))
     written.append(io.write_tsv(tests, folder / "roi_tests.tsv", float_format="%.6g"))
     return written
@@ -413,10 +415,14 @@ def _roi_models(ctx: _Context, runs: Sequence[Run]) -> list[dict]:
 
 
 def _step_table1(ctx: _Context) -> list[Path]:
+    """Table 1 of the participants some group model used (after QC exclusion), motion from their first session."""
     inputs = ctx.study.section("inputs")
     qc = ctx.qc_table()
+    runs = ctx.kept_runs()
+    used = set().union(*(model_table(ctx.study, qc, m, runs)[0][inputs["subject_column"]].astype(str)
+                         for m in ctx.study.section("models")))
     first = qc[qc["session"].astype(str) == inputs["sessions"][0]]
-    table = ctx.study.table.merge(
+    table = ctx.study.table[ctx.study.table[inputs["subject_column"]].astype(str).isin(used)].merge(
         first[["participant_id", "mean_rel_rms"]].rename(columns={"participant_id": inputs["subject_column"]}),
         on=inputs["subject_column"], how="left",
     )
@@ -426,7 +432,8 @@ def _step_table1(ctx: _Context) -> list[Path]:
 
 
 def _step_report(ctx: _Context) -> list[Path]:
-    return [write_report(ctx.study, ctx.out, ctx.out / "report.html")]
+    report = write_report(ctx.study, ctx.out, ctx.out / "report.html")
+    return [report, report.with_suffix(".json")]
 
 
 @dataclass(frozen=True)
@@ -457,7 +464,7 @@ _STEP_TABLE = (
     _Step("group", _step_group, _sections("models", "inference", "inputs", "derived", "seeds"), _participants, ("qc", "seeds", "ica")),
     _Step("clusters", _step_clusters, _sections("inference"), lambda s: [], ("group",)),
     _Step("rois", _step_rois, _sections("rois", "models", "roi_tests", "subgroups", "inputs", "derived"), _participants, ("qc", "seeds")),
-    _Step("table1", _step_table1, _sections("inputs", "derived"), _participants, ("qc",)),
+    _Step("table1", _step_table1, _sections("inputs", "derived", "models"), _participants, ("qc",)),
     _Step("report", _step_report, lambda s: s.config, lambda s: [], STEPS[:-1]),
 )
 

@@ -49,6 +49,7 @@ __all__ = [
     "load_study",
     "template_text",
     "demo_study_path",
+    "report_template",
     "study_regions",
     "region_names",
     "network_names",
@@ -168,6 +169,8 @@ _SECTIONS: dict[str, dict[str, Any]] = {
     },
     "roi_tests": {"alpha": 0.05, "correlate": [], "post_hoc": "tukey"},
     "subgroups": {"variable": "", "edges": [], "labels": []},
+    # the report's anatomical underlay: a T1 template in the study's space (default: the mean EPI of the included runs)
+    "report": {"template": ""},
 }
 
 
@@ -542,6 +545,8 @@ def load_study(path: str | os.PathLike, *, check_inputs: bool = True) -> Study:
         return Study(path, config, derivatives, participants, [], pd.DataFrame(), templates)
     if templates is not None and not templates.is_file():
         raise InputError(f"{path}: ica.templates file not found: {templates}")
+    if config["report"]["template"] and not report_template(path, config).is_file():
+        raise InputError(f"{path}: report.template file not found: {report_template(path, config)}")
     if not derivatives.is_dir():
         raise InputError(f"{path}: inputs.{source} folder not found: {derivatives}")
     if not participants.is_file():
@@ -583,6 +588,12 @@ def _preflight_models(study: Study) -> None:
                 raise InputError(f"{study.path}: model {model['name']!r} has no subject with the runs it needs "
                                  f"(session {model['session']!r}, group {model['group'] or model['contrast']!r}) under {study.derivatives}")
             model_design(study, model, table)
+
+
+
+def report_template(path: Path, config: dict) -> Path | None:
+    """The report's T1 template (``[report] template``, relative to the study file's folder), or None."""
+    return (Path(path).parent / config["report"]["template"]).resolve() if config["report"]["template"] else None
 
 
 
