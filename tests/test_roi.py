@@ -54,8 +54,8 @@ def test_roi_connectivity_batched_is_exactly_symmetric_with_a_constant_roi(rng):
     assert np.array_equal(r, r.transpose(0, 2, 1)) and np.array_equal(z, z.transpose(0, 2, 1), equal_nan=True)
     assert (np.diagonal(r, axis1=1, axis2=2) == 1).all() and np.isnan(np.diagonal(z, axis1=1, axis2=2)).all()
     assert (r[:, 3, :3] == 0).all()
-    for run in range(3):  # float32 data: 1e-5 as above
-        np.testing.assert_allclose(r[run, :3, :3], np.corrcoef(weights[:3] @ data[run].T.astype(np.float64)), atol=1e-5)
+    for i in range(3):  # float32 data: 1e-5 as above
+        np.testing.assert_allclose(r[i, :3, :3], np.corrcoef(weights[:3] @ data[i].T.astype(np.float64)), atol=1e-5)
 
 
 def _maps(tmp_path, rng):
