@@ -36,6 +36,7 @@ from scipy.ndimage import gaussian_filter
 from gpuconn.stats.randomise import run_permutation_test
 from gpuconn.stats.spatial import spatial_transforms
 from gpuconn.stats.tfce import TFCE_DEFAULTS
+from gpuconn.stats.options import PermutationOptions
 
 
 def _two_sample(n_obs: int, n_voxels: int, seed: int, effect: float):
@@ -138,8 +139,10 @@ def null_fwer_tfce(args) -> list[dict]:
         data = noise.reshape(n, -1).astype(np.float32)
         design = np.c_[np.ones(n), np.repeat([0.0, 1.0], n // 2)]
         for name in hits:
-            result = run_permutation_test(data, design, np.array([[0.0, 1.0]]), n_perm=args.null_perm, seed=s,
-                                          device="cpu", spatial=spatial, accel=None if name == "plain" else name)
+            result = run_permutation_test(data, design, np.array([[0.0, 1.0]]),
+                                          permutation=PermutationOptions(n_perm=args.null_perm, seed=s, accel=None if name == "plain" else name)
+                                          ,
+                                          device="cpu", spatial=spatial)
             hits[name] += bool(result.contrasts[0].spatial["tfce"].p_fwe.min() <= 0.05)
     rows = [{"mode": f"{name} (TFCE)", "sets": args.tfce_sets, "fwer_hits": h, "fwer": h / args.tfce_sets,
              "fwer_interval": _interval(h, args.tfce_sets)} for name, h in hits.items()]

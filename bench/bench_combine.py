@@ -31,6 +31,7 @@ from scipy import stats
 
 from gpuconn.stats.combine import NPC_METHODS, fwe_across, npc_test
 from gpuconn.stats.randomise import prepare_permutation_test, run_chunk_loop
+from gpuconn.stats.options import PermutationOptions
 
 
 def null_fwer(n_sets: int, *, n_obs: int = 20, n_voxels: int = 20, n_perm: int = 200, alpha: float = 0.05,
@@ -43,7 +44,8 @@ def null_fwer(n_sets: int, *, n_obs: int = 20, n_voxels: int = 20, n_perm: int =
     for s in range(n_sets):
         design = np.c_[rng.normal(size=(n_obs, 3)), np.ones(n_obs)]
         inputs = [rng.normal(size=(n_obs, n_voxels)).astype(np.float32) for _ in range(2)]
-        prepared = [prepare_permutation_test(y, design, contrasts, n_perm=n_perm, seed=s, device="cpu")
+        prepared = [prepare_permutation_test(y, design, contrasts,
+                                             permutation=PermutationOptions(n_perm=n_perm, seed=s), device="cpu")
                     for y in inputs]
         results = [run_chunk_loop(p, False) for p in prepared]
         first = results[0].contrasts

@@ -31,6 +31,7 @@ import torch
 from gpuconn.core.tasks import dask_client
 from gpuconn.stats.dask_runner import dask_runner
 from gpuconn.stats.randomise import run_permutation_test
+from gpuconn.stats.options import PermutationOptions
 
 
 def _problem(n_obs: int, n_voxels: int, seed: int = 0):
@@ -76,7 +77,7 @@ def main() -> None:
     kw = dict(n_perm=args.n_perm, seed=0, device="cpu")
     rows = []
     threads = torch.get_num_threads()
-    run_permutation_test(data, design, contrast, n_perm=20, device="cpu")  # warm up
+    run_permutation_test(data, design, contrast, permutation=PermutationOptions(n_perm=20), device="cpu")  # warm up
     single = run_permutation_test(data, design, contrast, **kw)
     rows.append({"what": f"one process, {threads} torch threads", "seconds": single.seconds, "tasks": 1})
     torch.set_num_threads(1)
@@ -89,7 +90,8 @@ def main() -> None:
         with dask_client(workers=workers) as client:
             startup = time.perf_counter() - began
             runner = dask_runner(client, device="cpu", tasks_per_worker=args.tasks_per_worker)
-            run_permutation_test(data, design, contrast, n_perm=20, device="cpu", runner=runner)  # warm up workers
+            run_permutation_test(data, design, contrast, permutation=PermutationOptions(n_perm=20),
+                                 device="cpu", runner=runner)  # warm up workers
             with distributed.get_task_stream(client) as stream:
                 spread = run_permutation_test(data, design, contrast, **kw, runner=runner)
             n_tasks = -(-args.n_perm // spread.chunk_size)

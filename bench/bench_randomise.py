@@ -27,6 +27,7 @@ import torch
 
 from gpuconn.stats.randomise import run_permutation_test
 from gpuconn.stats.tfce import tfce_transform
+from gpuconn.stats.options import PermutationOptions
 
 
 def ellipsoid_mask(shape=(91, 109, 91), radii=(33.0, 42.0, 39.3)) -> np.ndarray:
@@ -69,7 +70,8 @@ def main() -> None:
     contrast = np.array([[1.0, -1.0, 0.0, 0.0, 0.0]])
 
     began = time.perf_counter()
-    result = run_permutation_test(data, design, contrast, n_perm=n_perm, seed=0, device=args.device, progress=False)
+    result = run_permutation_test(data, design, contrast, permutation=PermutationOptions(n_perm=n_perm, seed=0),
+                                  device=args.device, progress=False)
     wall = time.perf_counter() - began
     ours = result["tstat1"]
     per_1000 = wall / n_perm * 1000
@@ -91,7 +93,8 @@ def main() -> None:
     ]
     if args.tfce:
         began = time.perf_counter()
-        tfce_result = run_permutation_test(data, design, contrast, n_perm=n_perm, seed=0, device=args.device,
+        tfce_result = run_permutation_test(data, design, contrast,
+                                           permutation=PermutationOptions(n_perm=n_perm, seed=0), device=args.device,
                                            spatial={"tfce": tfce_transform(mask)}, progress=False)
         tfce_wall = time.perf_counter() - began
         tfce_map = tfce_result["tstat1"].spatial["tfce"]

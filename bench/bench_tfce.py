@@ -27,6 +27,7 @@ from scipy import ndimage
 from gpuconn.core.backend import resolve_device
 from gpuconn.stats.clusters import cluster_transform
 from gpuconn.stats.tfce import tfce_transform
+from gpuconn.stats.options import PermutationOptions
 
 GRID = (91, 109, 91)
 RADII = (36.0, 45.0, 34.0)  # voxels: ~228k in-mask voxels
@@ -87,7 +88,8 @@ def _time_engine(mask: np.ndarray, n_perm: int, device) -> dict:
     out = {}
     for name, spatial in (("engine_voxelwise", None), ("engine_with_tfce", {"tfce": tfce_transform(mask)})):
         start = time.perf_counter()
-        run_permutation_test(data, design, contrast, n_perm=n_perm, seed=0, method="flip", device=device,
+        run_permutation_test(data, design, contrast,
+                             permutation=PermutationOptions(n_perm=n_perm, seed=0, method="flip"), device=device,
                              spatial=spatial)
         out[f"{name}_s_per_perm"] = (time.perf_counter() - start) / n_perm
         print(f"{name}: {out[f'{name}_s_per_perm'] * 1e3:.2f} ms per permutation ({n_perm} permutations)", flush=True)

@@ -30,6 +30,7 @@ from scipy import stats
 from gpuconn.stats.glm import contrast_model, residualise
 from gpuconn.stats.gstat import g_to_z, group_model, permuted_g
 from gpuconn.stats.randomise import run_permutation_test
+from gpuconn.stats.options import PermutationOptions
 
 ALPHA = 0.05
 
@@ -63,7 +64,8 @@ def null_rates(n1: int, n2: int, n_sets: int, n_vox: int, n_perm: int, seed: int
         data = (rng.normal(size=(n1 + n2, n_vox)) * scale).astype(np.float32)
         for name, labels in (("t", None), ("v", small)):
             began = time.perf_counter()
-            result = run_permutation_test(data, design, np.array([[1.0, -1.0]]), n_perm=n_perm, seed=index,
+            result = run_permutation_test(data, design, np.array([[1.0, -1.0]]),
+                                          permutation=PermutationOptions(n_perm=n_perm, seed=index) ,
                                           variance_groups=labels, device="cpu")
             seconds[name] += time.perf_counter() - began
             c = result["tstat1"]
@@ -84,7 +86,8 @@ def cost(n1: int, n2: int, n_vox: int, n_perm: int) -> dict:
     out = {}
     for name, labels in (("t", None), ("v", small)):
         began = time.perf_counter()
-        result = run_permutation_test(data, design, np.array([[1.0, -1.0, 0.0]]), n_perm=n_perm, seed=1,
+        result = run_permutation_test(data, design, np.array([[1.0, -1.0, 0.0]]),
+                                      permutation=PermutationOptions(n_perm=n_perm, seed=1) ,
                                       variance_groups=labels, device="cpu")
         out[name] = (time.perf_counter() - began, result.chunk_size)
     return out

@@ -51,6 +51,7 @@ import torch
 
 from gpuconn.core import backend
 from gpuconn.core.backend import resolve_device, to_numpy
+from gpuconn.stats.options import PermutationOptions
 
 REPO = Path(__file__).resolve().parents[1]
 # Shares of the budget (fractions of --budget) each part may start within.
@@ -255,7 +256,8 @@ def check_randomise(device, rng, quick):
     factory = spatial_transforms(tfce_params={"H": 2.0, "E": 0.5, "connectivity": 6, "dh": 0.05},
                                  cluster_extent=1.5, cluster_mass=1.5)
     n_perm = 60 if quick else 500
-    results = {dev.type: run_permutation_test(data, design, contrast, n_perm=n_perm, seed=7, device=dev,
+    results = {dev.type: run_permutation_test(data, design, contrast,
+                                              permutation=PermutationOptions(n_perm=n_perm, seed=7), device=dev,
                                               spatial=factory(mask))["tstat1"]
                for dev in (torch.device("cpu"), device)}
     a, b = results[device.type], results["cpu"]
@@ -323,7 +325,8 @@ def check_oom_halving(device, rng, quick):
 
     mask, data, design, contrast = _randomise_inputs(rng, quick)
     n_perm = 64 if quick else 2048  # full size: 2048 x ~3k voxels x ~30 rows x 4 B ~ 0.7 GiB in one chunk
-    reference = run_permutation_test(data, design, contrast, n_perm=n_perm, seed=3, device=device, chunk=8)
+    reference = run_permutation_test(data, design, contrast, permutation=PermutationOptions(n_perm=n_perm, seed=3),
+                                     device=device, chunk=8)
     halvings = []
     original_run_chunked = rmod.run_chunked
 
@@ -339,7 +342,8 @@ def check_oom_halving(device, rng, quick):
             # ~48 MiB above what is in use: a few dozen rearrangements of these maps fit, all n_perm at once do not
             torch.cuda.set_per_process_memory_fraction(min(0.9, (used + 48 * 2**20) / total), device)
             try:
-                got = run_permutation_test(data, design, contrast, n_perm=n_perm, seed=3, device=device,
+                got = run_permutation_test(data, design, contrast,
+                                           permutation=PermutationOptions(n_perm=n_perm, seed=3), device=device,
                                            chunk=n_perm * 64)
             finally:
                 torch.cuda.set_per_process_memory_fraction(1.0, device)
@@ -353,7 +357,8 @@ def check_oom_halving(device, rng, quick):
 
             rmod.evaluate_chunk = small
             try:
-                got = run_permutation_test(data, design, contrast, n_perm=n_perm, seed=3, device=device,
+                got = run_permutation_test(data, design, contrast,
+                                           permutation=PermutationOptions(n_perm=n_perm, seed=3), device=device,
                                            chunk=n_perm)
             finally:
                 rmod.evaluate_chunk = original
@@ -370,10 +375,12 @@ def check_max_memory(device, rng, quick):
     from gpuconn.stats.randomise import run_permutation_test
 
     mask, data, design, contrast = _randomise_inputs(rng, quick)
-    free = run_permutation_test(data, design, contrast, n_perm=200, seed=5, device=device)
+    free = run_permutation_test(data, design, contrast, permutation=PermutationOptions(n_perm=200, seed=5),
+                                device=device)
     backend.set_max_memory(data.shape[1] * 4 * 200)  # room for a few rearrangements only
     try:
-        capped = run_permutation_test(data, design, contrast, n_perm=200, seed=5, device=device)
+        capped = run_permutation_test(data, design, contrast, permutation=PermutationOptions(n_perm=200, seed=5),
+                                      device=device)
     finally:
         backend.set_max_memory(None)
     same = np.array_equal(free["tstat1"].p_fwe, capped["tstat1"].p_fwe)
@@ -464,7 +471,8 @@ def _randomise_job(scale: Scale, mask: np.ndarray, spatial: str | None):
     transforms = factory(mask) if factory is not None else None
 
     def run(device: torch.device, n_perm: int):
-        return run_permutation_test(data, design, contrast, n_perm=n_perm, seed=0, device=device,
+        return run_permutation_test(data, design, contrast, permutation=PermutationOptions(n_perm=n_perm, seed=0),
+                                    device=device,
                                     spatial=transforms)
 
     return run

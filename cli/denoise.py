@@ -7,7 +7,12 @@ from typing import Annotated
 
 import typer
 
-from .options import DaskScheduler, Derivatives, Device, FeatDirs, Flag, Participants, Quiet, Space, Workers
+from gpuconn.subject.options import DenoiseOptions
+
+from .options import (DaskScheduler, Derivatives, Device, FeatDirs, Flag, Participants, Quiet, Space, Workers,
+                      stage_options)
+
+_DENOISE = DenoiseOptions()
 
 _File = Path | None
 
@@ -19,29 +24,29 @@ def denoise(
     confounds: Annotated[_File, typer.Option("--confounds", help="fMRIPrep *_desc-confounds_timeseries.tsv or a .1D of regressors (columns col0, col1...) (single-run mode).")] = None,
     motion_par: Annotated[_File, typer.Option("--motion-par", help="MCFLIRT .par or AFNI dfile_rall.1D/motion_*.1D: motion instead of the TSV's columns.")] = None,
     censor_file: Annotated[_File, typer.Option("--censor-file", help="fsl_motion_outliers matrix or AFNI censor_*.1D (1 keep, 0 censor): spikes instead of detecting outliers.")] = None,
-    physio: Annotated[_File, typer.Option("--physio", help="BIDS *_physio.tsv.gz (with its .json) (single-run mode).")] = None,
+    physio_file: Annotated[_File, typer.Option("--physio", help="BIDS *_physio.tsv.gz (with its .json) (single-run mode).")] = None,
     wm: Annotated[_File, typer.Option("--wm", help="WM probability map or mask on the BOLD grid (with --derivatives: for every run).")] = None,
     csf: Annotated[_File, typer.Option("--csf", help="CSF probability map or mask on the BOLD grid (with --derivatives: for every run).")] = None,
     derivatives: Derivatives = None,
     feat: FeatDirs = [],
     participant_label: Participants = [],
     space: Space = "MNI152NLin2009cAsym",
-    motion: Annotated[str, typer.Option("--motion", help="Motion regressors: 6, 24 (Friston) or none.")] = "6",
-    acompcor: Annotated[int, typer.Option("--acompcor", help="aCompCor components (0: none).")] = 5,
-    acompcor_mode: Annotated[str, typer.Option("--acompcor-mode", help="combined (WM+CSF in one PCA) or separate (k per tissue).")] = "combined",
-    tissue_threshold: Annotated[float, typer.Option("--tissue-threshold", help="WM/CSF probability threshold.")] = 0.9,
-    erode: Annotated[int, typer.Option("--erode", help="Erosions of the WM/CSF masks (voxels).")] = 1,
-    physio_mode: Annotated[str, typer.Option("--physio-mode", help="HR/RV regressors: auto (when a recording exists), yes, no.")] = "auto",
-    global_signal: Annotated[bool, Flag("--global-signal", help="Regress the mean signal in the brain mask.")] = False,
-    outlier_metric: Annotated[str, typer.Option("--outlier-metric", help="fd (Power) or rms (Jenkinson relative), or none.")] = "fd",
-    outlier_threshold: Annotated[float, typer.Option("--outlier-threshold", help="Outlier threshold in mm.")] = 0.5,
-    censor: Annotated[str, typer.Option("--censor", help="spikes (a regressor per outlier) or drop (remove the volumes).")] = "spikes",
-    high_pass: Annotated[float, typer.Option("--high-pass", help="High-pass cutoff in Hz (cosine set in the model; 0: none).")] = 0.006,
-    low_pass: Annotated[float, typer.Option("--low-pass", help="Low-pass cutoff in Hz (cosine set in the model; 0: none).")] = 0.0,
-    fwhm: Annotated[float, typer.Option("--fwhm", help="Gaussian smoothing FWHM in mm inside the brain mask (0: none).")] = 6.0,
-    column: Annotated[list[str], typer.Option("--column", help="Extra confounds TSV column (repeatable).")] = [],
-    tr: Annotated[float | None, typer.Option("--tr", help="Repetition time in s (default: the BOLD header).")] = None,
-    min_dof: Annotated[int, typer.Option("--min-dof", help="Least residual degrees of freedom accepted.")] = 10,
+    motion: Annotated[str, typer.Option("--motion", help="Motion regressors: 6, 24 (Friston) or none.")] = _DENOISE.motion,
+    acompcor: Annotated[int, typer.Option("--acompcor", help="aCompCor components (0: none).")] = _DENOISE.acompcor,
+    acompcor_mode: Annotated[str, typer.Option("--acompcor-mode", help="combined (WM+CSF in one PCA) or separate (k per tissue).")] = _DENOISE.acompcor_mode,
+    tissue_threshold: Annotated[float, typer.Option("--tissue-threshold", help="WM/CSF probability threshold.")] = _DENOISE.tissue_threshold,
+    erode: Annotated[int, typer.Option("--erode", help="Erosions of the WM/CSF masks (voxels).")] = _DENOISE.erode,
+    physio: Annotated[str, typer.Option("--physio-mode", help="HR/RV regressors: auto (when a recording exists), yes, no.")] = _DENOISE.physio,
+    global_signal: Annotated[bool, Flag("--global-signal", help="Regress the mean signal in the brain mask.")] = _DENOISE.global_signal,
+    outlier_metric: Annotated[str, typer.Option("--outlier-metric", help="fd (Power) or rms (Jenkinson relative), or none.")] = _DENOISE.outlier_metric,
+    outlier_threshold: Annotated[float, typer.Option("--outlier-threshold", help="Outlier threshold in mm.")] = _DENOISE.outlier_threshold,
+    censor: Annotated[str, typer.Option("--censor", help="spikes (a regressor per outlier) or drop (remove the volumes).")] = _DENOISE.censor,
+    high_pass: Annotated[float, typer.Option("--high-pass", help="High-pass cutoff in Hz (cosine set in the model; 0: none).")] = _DENOISE.high_pass or 0.0,
+    low_pass: Annotated[float, typer.Option("--low-pass", help="Low-pass cutoff in Hz (cosine set in the model; 0: none).")] = _DENOISE.low_pass or 0.0,
+    fwhm: Annotated[float, typer.Option("--fwhm", help="Gaussian smoothing FWHM in mm inside the brain mask (0: none).")] = _DENOISE.fwhm,
+    columns: Annotated[list[str], typer.Option("--column", help="Extra confounds TSV column (repeatable).")] = list(_DENOISE.columns),
+    tr: Annotated[float | None, typer.Option("--tr", help="Repetition time in s (default: the BOLD header).")] = _DENOISE.tr,
+    min_dof: Annotated[int, typer.Option("--min-dof", help="Least residual degrees of freedom accepted.")] = _DENOISE.min_dof,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Runs regressed together on the device.")] = 1,
     overwrite: Annotated[bool, Flag("--overwrite", help="Recompute runs whose outputs exist from the same inputs and settings (default: skip them, e.g. after an interrupted run).")] = False,
     device: Device = "auto",
@@ -62,15 +67,13 @@ def denoise(
     from gpuconn.core.io import keep_outputs
     from gpuconn.core.progress import progress_bar
     from gpuconn.core.tasks import dask_client
-    from gpuconn.subject.denoise import DenoiseOptions, RunFiles, collect_runs, denoise_runs, finished_run, prepare_run
+    from gpuconn.subject.denoise import RunFiles, collect_runs, denoise_runs, finished_run, prepare_run
 
-    options = DenoiseOptions(
-        motion=motion, acompcor=acompcor, acompcor_mode=acompcor_mode, tissue_threshold=tissue_threshold,
-        erode=erode, physio=physio_mode, global_signal=global_signal, outlier_metric=outlier_metric,
-        outlier_threshold=outlier_threshold, censor=censor, high_pass=high_pass or None, low_pass=low_pass or None,
-        fwhm=fwhm, columns=tuple(column), min_dof=min_dof, tr=tr,
-    )  # fmt: skip
-    single = dict(confounds=confounds, motion_par=motion_par, censor_file=censor_file, physio=physio, wm=wm, csf=csf)
+    # the options object from the arguments of the same names (0 Hz, as TOML and typer write "none", is None)
+    options = stage_options(DenoiseOptions, {**locals(), "high_pass": high_pass or None, "low_pass": low_pass or None,
+                                             "columns": tuple(columns)})
+    single = dict(confounds=confounds, motion_par=motion_par, censor_file=censor_file, physio=physio_file, wm=wm,
+                  csf=csf)
     if sum([bold is not None, derivatives is not None, bool(feat)]) != 1:
         raise InputError("give one of --bold (with --mask), --derivatives or --feat")
     if batch_size < 1:

@@ -7,7 +7,12 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from .options import DaskScheduler, Device, Flag, MaxMemory, Quiet, Seed, Workers, image_root, parse_count
+from gpuconn.stats.options import PermutationOptions
+
+from .options import (DaskScheduler, Device, Flag, MaxMemory, Quiet, Seed, Workers, image_root, parse_count,
+                      stage_options)
+
+_PERM = PermutationOptions()
 
 InputImage = Annotated[List[Path], typer.Option("-i", help="4D input image, one volume per subject/observation. Repeat for several inputs (same design, grid and mask, same rearrangements): each input's files then take the root <root>_m1, <root>_m2, ...")]
 OutputRoot = Annotated[Path, typer.Option("-o", callback=image_root, help="Output root; files are <root>_tstat1.nii.gz, ...")]
@@ -86,14 +91,14 @@ def randomise(
     design_grp: DesignGrp = None,
     mask: Mask = None,
     variance_groups: VarianceGroups = None,
-    n_perm: NPerm = 5000,
+    n_perm: NPerm = _PERM.n_perm,
     one_sample: OneSample = False,
-    demean: Demean = False,
+    demean: Demean = _PERM.demean,
     voxelwise: Voxelwise = False,
     uncorrp: Uncorrp = False,
     fdr: Fdr = False,
-    permute_blocks: PermuteBlocks = False,
-    method: Method = "auto",
+    permute_blocks: PermuteBlocks = _PERM.permute_blocks,
+    method: Method = _PERM.method,
     tfce: Tfce = False,
     tfce_2d: Tfce2D = False,
     tfce_h: TfceH = None,
@@ -105,9 +110,9 @@ def randomise(
     cluster_mass_t: ClusterMassT = None,
     cluster_f: ClusterF = None,
     cluster_mass_f: ClusterMassF = None,
-    accel: Accel = None,
-    accel_out: AccelOut = False,
-    seed: Seed = 0,
+    accel: Accel = _PERM.accel,
+    accel_g1out: AccelOut = _PERM.accel_g1out,
+    seed: Seed = _PERM.seed,
     device: Device = "auto",
     dask_scheduler: DaskScheduler = None,
     workers: Workers = None,
@@ -138,6 +143,7 @@ def randomise(
     from gpuconn.stats.spatial import spatial_transforms
     from gpuconn.stats.tfce import TFCE_2D, TFCE_DEFAULTS
 
+    permutation = stage_options(PermutationOptions, locals())
     if tfce and tfce_2d:
         raise InputError("-T and --T2 are two TFCE settings; give one of them")
     tfce_params = None
@@ -167,7 +173,7 @@ def randomise(
     if npc is not None and resume:
         raise InputError("--npc is not checkpointed; drop --resume (or --npc)")
     options = {"tfce": tfce_params, "tfce_method": method_tfce, "c": cluster_t, "C": cluster_mass_t,
-               "F": cluster_f, "S": cluster_mass_f, "accel": accel, "accel_out": accel_out}
+               "F": cluster_f, "S": cluster_mass_f, "accel": accel, "accel_out": accel_g1out}
     dask = runner
 
     def runner_for(root: str):  # one checkpoint per input: <root>_checkpoint.npz, <root>_m1_checkpoint.npz...
@@ -184,15 +190,11 @@ def randomise(
                 groups_path=design_grp,
                 mask_path=mask,
                 variance_groups_path=variance_groups,
+                permutation=permutation,
                 one_sample=one_sample,
-                n_perm=n_perm,
-                demean=demean,
                 voxelwise=voxelwise or not (spatial or spatial_f or accel in ("negbin", "noperm")),
                 uncorrp=uncorrp or accel in ("negbin", "noperm"),  # their one p
                 fdr=fdr,
-                seed=seed,
-                method=method,
-                permute_blocks=permute_blocks,
                 device=device,
                 spatial=spatial,
                 spatial_f=spatial_f,
@@ -204,8 +206,6 @@ def randomise(
                 corrmod=corrmod,
                 npc=npc,
                 save_parametric=save_parametric,
-                accel=accel,
-                accel_g1out=accel_out,
             )
     except Interrupted as stop:
         saved = f"the checkpoint {stop.path} holds them" if stop.path.exists() else "none was saved yet"

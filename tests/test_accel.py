@@ -39,6 +39,7 @@ from gpuconn.stats.randomise import (
     run_chunk_loop,
     run_permutation_test,
 )
+from gpuconn.stats.options import PermutationOptions
 
 PALM = Path(__file__).parent / "data" / "palm"
 LEVELS = (np.arange(751, 1000, 10) / 1000)[:-2]
@@ -194,7 +195,8 @@ def test_noperm_equals_gamma_of_the_enumerated_distribution():
     n, v = 8, 12
     design = np.c_[np.ones(n), np.repeat([0.0, 1.0], n // 2)]
     data = (rng.standard_normal((n, v)) + design[:, 1:] * np.linspace(-2, 2, v)).astype(np.float32)
-    result = run_permutation_test(data, design, np.array([[0.0, 1.0]]), device="cpu", accel="noperm").contrasts[0]
+    result = run_permutation_test(data, design, np.array([[0.0, 1.0]]), device="cpu",
+                                  permutation=PermutationOptions(accel="noperm") ).contrasts[0]
     prepared = prepare_permutation_test(data, design, np.array([[0.0, 1.0]]), device="cpu")
     c = prepared.contrasts[0]
     interest = c.model.rows[:1].numpy()
@@ -213,13 +215,17 @@ def test_noperm_equals_gamma_of_the_enumerated_distribution():
 def test_noperm_applies_only_where_it_can():
     data, design, contrast = _data()
     with pytest.raises(InputError, match="plain permutation only"):
-        run_permutation_test(data, np.ones((24, 1)), np.ones((1, 1)), device="cpu", accel="noperm")
+        run_permutation_test(data, np.ones((24, 1)), np.ones((1, 1)), device="cpu",
+                             permutation=PermutationOptions(accel="noperm") )
     with pytest.raises(InputError, match="plain permutation only"):
-        run_permutation_test(data, design, contrast, device="cpu", accel="noperm", groups=np.repeat([1, 2], 12))
+        run_permutation_test(data, design, contrast, device="cpu", permutation=PermutationOptions(accel="noperm"),
+                             groups=np.repeat([1, 2], 12))
     with pytest.raises(InputError, match="needs the intercept among the nuisance"):
-        run_permutation_test(data, design[:, 1:], contrast[:, 1:], device="cpu", accel="noperm")
+        run_permutation_test(data, design[:, 1:], contrast[:, 1:], device="cpu",
+                             permutation=PermutationOptions(accel="noperm") )
     with pytest.raises(InputError, match="--accel noperm gives uncorrected p only"):
-        run_permutation_test(data, design, contrast, device="cpu", accel="noperm", spatial=SPATIAL)
+        run_permutation_test(data, design, contrast, device="cpu", permutation=PermutationOptions(accel="noperm"),
+                             spatial=SPATIAL)
 
 
 # ---------------------------------------------------------------- the engine
@@ -228,8 +234,9 @@ def test_noperm_applies_only_where_it_can():
 @pytest.mark.parametrize("mode", ["tail", "gamma"])
 def test_engine_equals_reference_on_the_same_rearrangements(mode, g1out, device):
     data, design, contrast = _data()
-    prepared = prepare_permutation_test(data, design, contrast, n_perm=300, seed=4, device=device, chunk=37,
-                                        accel=mode, accel_g1out=g1out, spatial=SPATIAL)
+    prepared = prepare_permutation_test(data, design, contrast,
+                                        permutation=PermutationOptions(n_perm=300, seed=4, accel=mode, accel_g1out=g1out),
+                                        device=device, chunk=37, spatial=SPATIAL)
     result = run_chunk_loop(prepared, False).contrasts[0]
     reference = _pareto_reference if mode == "tail" else lambda g, null: _gamma_reference(g, null, 300)
     for key, got in (("vox", result), ("sq", result.spatial["sq"])):
@@ -245,9 +252,12 @@ def test_engine_equals_reference_on_the_same_rearrangements(mode, g1out, device)
 def test_tail_with_variance_groups_fits_the_z_of_v():
     data, design, contrast = _data(n=24)
     groups = np.r_[np.ones(8), np.full(16, 2)]
-    result = run_permutation_test(data, design, contrast, n_perm=300, seed=4, device="cpu", chunk=50, accel="tail",
+    result = run_permutation_test(data, design, contrast,
+                                  permutation=PermutationOptions(n_perm=300, seed=4, accel="tail"),
+                                  device="cpu", chunk=50,
                                   variance_groups=groups).contrasts[0]
-    prepared = prepare_permutation_test(data, design, contrast, n_perm=300, seed=4, device="cpu",
+    prepared = prepare_permutation_test(data, design, contrast, permutation=PermutationOptions(n_perm=300, seed=4),
+                                        device="cpu",
                                         variance_groups=groups)
     values = _all_statistics(prepared)  # the z of Aspin-Welch v, the compared statistic
     observed = values[0]
@@ -259,8 +269,9 @@ def test_tail_with_variance_groups_fits_the_z_of_v():
 
 def test_negbin_equals_sequential_rule_and_evaluates_fewer_voxels(monkeypatch, device):
     data, design, contrast = _data(effect=0.8)
-    prepared = prepare_permutation_test(data, design, contrast, n_perm=400, seed=5, device=device, chunk=16,
-                                        accel="negbin")
+    prepared = prepare_permutation_test(data, design, contrast,
+                                        permutation=PermutationOptions(n_perm=400, seed=5, accel="negbin"),
+                                        device=device, chunk=16)
     values = _all_statistics(prepared)
     observed = values[0]
     expected = np.empty(values.shape[1])
@@ -283,8 +294,9 @@ def test_negbin_stops_the_loop_when_every_voxel_has_stopped():
     rng = np.random.default_rng(6)
     data = rng.standard_normal((20, 30)).astype(np.float32)  # null data: every voxel stops early
     design = np.c_[np.ones(20), np.repeat([0.0, 1.0], 10)]
-    prepared = prepare_permutation_test(data, design, np.array([[-1.0, 1.0]]), n_perm=5000, seed=1,
-                                        device="cpu", chunk=50, accel="negbin")
+    prepared = prepare_permutation_test(data, design, np.array([[-1.0, 1.0]]),
+                                        permutation=PermutationOptions(n_perm=5000, seed=1, accel="negbin") ,
+                                        device="cpu", chunk=50)
     result = run_chunk_loop(prepared, False)
     done = result.accel["rearrangements_evaluated"]
     assert done < 5000 and done % 50 == 0
@@ -295,8 +307,9 @@ def test_negbin_stops_the_loop_when_every_voxel_has_stopped():
 def test_chunk_size_independence(mode):
     data, design, contrast = _data()
     spatial = None if mode == "negbin" else SPATIAL
-    results = [run_permutation_test(data, design, contrast, n_perm=250, seed=2, device="cpu", chunk=chunk,
-                                    accel=mode, spatial=spatial).contrasts[0] for chunk in (7, 64, 250)]
+    results = [run_permutation_test(data, design, contrast,
+                                    permutation=PermutationOptions(n_perm=250, seed=2, accel=mode),
+                                    device="cpu", chunk=chunk, spatial=spatial).contrasts[0] for chunk in (7, 64, 250)]
     for other in results[1:]:
         for name in ("p_uncorrected", "p_fwe"):
             a, b = getattr(results[0], name), getattr(other, name)
@@ -310,8 +323,9 @@ def test_chunk_size_independence(mode):
 def test_checkpoint_resume_is_identical(mode, tmp_path):
     data, design, contrast = _data(effect=0.8)
     spatial = None if mode == "negbin" else SPATIAL
-    prepared = prepare_permutation_test(data, design, contrast, n_perm=240, seed=3, device="cpu", chunk=20,
-                                        accel=mode, spatial=spatial)
+    prepared = prepare_permutation_test(data, design, contrast,
+                                        permutation=PermutationOptions(n_perm=240, seed=3, accel=mode),
+                                        device="cpu", chunk=20, spatial=spatial)
     whole = run_chunk_loop(prepared, False)
     merger = ChunkMerger(prepared)
     for start in range(0, 100, 20):
@@ -319,8 +333,9 @@ def test_checkpoint_resume_is_identical(mode, tmp_path):
                                                      if mode == "negbin" else None))
     key = run_key(prepared)
     other = "tail" if mode != "tail" else "gamma"
-    assert run_key(prepare_permutation_test(data, design, contrast, n_perm=240, seed=3, device="cpu", chunk=20,
-                                            accel=other)) != key  # a checkpoint of another mode is refused
+    assert run_key(prepare_permutation_test(data, design, contrast,
+                                            permutation=PermutationOptions(n_perm=240, seed=3, accel=other),
+                                            device="cpu", chunk=20)) != key  # a checkpoint of another mode is refused
     save_checkpoint(tmp_path / "c.npz", key, merger, 100)
     restored, done = load_checkpoint(tmp_path / "c.npz", key, prepared)
     resumed = run_chunk_loop(prepared, False, merger=restored, done=done)
@@ -335,8 +350,9 @@ def test_checkpoint_resume_is_identical(mode, tmp_path):
 @pytest.mark.parametrize("mode", ["tail", "gamma"])
 def test_dask_task_merges_sub_chunks_like_the_merger(mode, monkeypatch):
     data, design, contrast = _data()
-    prepared = prepare_permutation_test(data, design, contrast, n_perm=120, seed=3, device="cpu",
-                                        accel=mode, spatial=SPATIAL)
+    prepared = prepare_permutation_test(data, design, contrast,
+                                        permutation=PermutationOptions(n_perm=120, seed=3, accel=mode),
+                                        device="cpu", spatial=SPATIAL)
     monkeypatch.setattr(dr, "plan_chunk", lambda contrasts, device, n: 9)  # sub-chunks of 9
     task = dr._evaluate_task(prepared, 10, 100)
     whole = evaluate_chunk(prepared, 10, 100)
@@ -352,13 +368,17 @@ def test_dask_task_merges_sub_chunks_like_the_merger(mode, monkeypatch):
 def test_negbin_refuses_what_it_cannot_give():
     data, design, contrast = _data()
     with pytest.raises(InputError, match="uncorrected p only"):
-        prepare_permutation_test(data, design, contrast, n_perm=100, device="cpu", accel="negbin", spatial=SPATIAL)
+        prepare_permutation_test(data, design, contrast, permutation=PermutationOptions(n_perm=100, accel="negbin"),
+                                 device="cpu", spatial=SPATIAL)
     with pytest.raises(InputError, match="not one of tail, gamma, negbin"):
-        prepare_permutation_test(data, design, contrast, n_perm=100, device="cpu", accel="lowrank")
-    with pytest.raises(InputError, match="give --accel tail or --accel gamma"):
-        prepare_permutation_test(data, design, contrast, n_perm=100, device="cpu", accel_g1out=True)
+        prepare_permutation_test(data, design, contrast, permutation=PermutationOptions(n_perm=100, accel="lowrank"),
+                                 device="cpu")
+    with pytest.raises(InputError, match="^accel_g1out leaves .* give accel tail or accel gamma$"):  # CLI: --accel-out
+        prepare_permutation_test(data, design, contrast, permutation=PermutationOptions(n_perm=100, accel_g1out=True),
+                                 device="cpu")
     with pytest.raises(InputError, match="--accel negbin is for t and F statistics, not variance groups"):
-        prepare_permutation_test(data, design, contrast, n_perm=100, device="cpu", accel="negbin",
+        prepare_permutation_test(data, design, contrast, permutation=PermutationOptions(n_perm=100, accel="negbin"),
+                                 device="cpu",
                                  variance_groups=np.repeat([1, 2], 12))
 
 
@@ -378,7 +398,8 @@ def palm_case_a():
 def test_palm_accelerated_outputs_within_monte_carlo_error(mode, palm_case_a):
     """PALM's -n 500 -accel tail/gamma on case A: the README's bound for two independent sets of 500."""
     data, design = palm_case_a
-    result = run_permutation_test(data, design, n_perm=500, seed=1, device="cpu", accel=mode).contrasts[0]
+    result = run_permutation_test(data, design, permutation=PermutationOptions(n_perm=500, seed=1, accel=mode),
+                                  device="cpu").contrasts[0]
     for ours, name in ((result.p_fwe, "fwep"), (result.p_uncorrected, "uncp")):
         palm = nib.load(PALM / f"palmA_accel-{mode}_vox_tstat_{name}.nii.gz").get_fdata()[MASK]
         middle = (ours + palm) / 2
@@ -397,7 +418,8 @@ def long_run():
     data, design, contrast = _data(seed=11, n=30, v=200, effect=1.5)
     design = design[:, :2]
     contrast = contrast[:, :2]
-    reference = run_permutation_test(data, design, contrast, n_perm=50_000, seed=9, device="cpu").contrasts[0]
+    reference = run_permutation_test(data, design, contrast, permutation=PermutationOptions(n_perm=50_000, seed=9),
+                                     device="cpu").contrasts[0]
     return data, design, contrast, reference
 
 
@@ -407,8 +429,9 @@ def test_500_accelerated_match_50000_plain(mode, long_run):
     factor of 2.2), 90th percentile <= 1 (a factor of 10). PALM's default keeps the unpermuted statistic in
     the null, which makes the fits conservative where effects are strong; bench/bench_accel.py measures it."""
     data, design, contrast, reference = long_run
-    result = run_permutation_test(data, design, contrast, n_perm=500, seed=1, device="cpu",
-                                  accel=mode).contrasts[0]
+    result = run_permutation_test(data, design, contrast,
+                                  permutation=PermutationOptions(n_perm=500, seed=1, accel=mode),
+                                  device="cpu").contrasts[0]
     for ours, ref in ((result.p_uncorrected, reference.p_uncorrected), (result.p_fwe, reference.p_fwe)):
         inside = (ref >= 1e-4) & (ref <= 0.05)
         assert inside.sum() >= 20

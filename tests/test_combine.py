@@ -21,6 +21,7 @@ from gpuconn.stats.combine import (
     randomise_inputs,
 )
 from gpuconn.stats.randomise import prepare_permutation_test, randomise, run_chunk_loop
+from gpuconn.stats.options import PermutationOptions
 
 N, V = 20, 40
 
@@ -75,7 +76,8 @@ def _z(values, kind, df1, dof):
 
 
 def _run(data, design, contrasts, ftests, **kw):
-    prepared = prepare_permutation_test(data, design, contrasts, ftests=ftests, n_perm=150, seed=5, **kw)
+    prepared = prepare_permutation_test(data, design, contrasts, ftests=ftests,
+                                        permutation=PermutationOptions(n_perm=150, seed=5), **kw)
     return prepared, run_chunk_loop(prepared, False)
 
 
@@ -229,7 +231,8 @@ def _write_inputs(tmp_path, rng, n_vol=16):
     write_vest(tmp_path / "d.mat", np.c_[group, 1 - group])
     write_vest(tmp_path / "d.con", np.array([[1.0, -1.0], [-1.0, 1.0]]), kind="con")
     return paths, {"design_path": tmp_path / "d.mat", "contrast_path": tmp_path / "d.con",
-                   "mask_path": tmp_path / "mask.nii.gz", "n_perm": 100, "seed": 2, "progress": False}
+                   "mask_path": tmp_path / "mask.nii.gz", "permutation": PermutationOptions(n_perm=100, seed=2),
+                   "progress": False}
 
 
 def _outputs(folder):

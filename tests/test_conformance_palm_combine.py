@@ -22,6 +22,7 @@ from gpuconn.core.io import load_image, masked_data
 from gpuconn.stats.combine import NPC_METHODS, combined_fwe_across, fwe_across, npc_test, parametric_p
 from gpuconn.stats.design import load_design
 from gpuconn.stats.randomise import prepare_permutation_test, run_chunk_loop
+from gpuconn.stats.options import PermutationOptions
 
 DATA = Path(__file__).parent / "data" / "palm"
 N_PERM = 1000
@@ -46,7 +47,8 @@ def runs():
     prepared = []
     for path in (DATA / "A_data.nii.gz", DATA / "N_data2.nii.gz"):
         data = masked_data(load_image(path, ndim=4), MASK, path=path)
-        prepared.append(prepare_permutation_test(data, design, n_perm=N_PERM, seed=1, device="cpu"))
+        prepared.append(prepare_permutation_test(data, design, permutation=PermutationOptions(n_perm=N_PERM, seed=1),
+                                                 device="cpu"))
     results = [run_chunk_loop(p, False) for p in prepared]
     return results, {method: npc_test(prepared, method) for method in NPC_METHODS}
 

@@ -33,6 +33,7 @@ from gpuconn.stats.permute import make_scheme
 from gpuconn.stats.randomise import run_permutation_test
 from gpuconn.stats.spatial import spatial_transforms
 from gpuconn.stats.tfce import TFCE_DEFAULTS
+from gpuconn.stats.options import PermutationOptions
 
 SHAPE = (8, 8, 6)
 N_SUBJECTS = 12
@@ -230,7 +231,8 @@ def test_cpu_and_cuda_agree(inputs):
     data = np.asarray(img.dataobj)[mask].T
     x = np.loadtxt(inputs["design"], skiprows=3)
     spatial = spatial_transforms(tfce_params=dict(TFCE_DEFAULTS))(mask)
-    results = {d: run_permutation_test(data, x, np.array([[0.0, 1.0]]), n_perm=200, seed=2, device=d,
+    results = {d: run_permutation_test(data, x, np.array([[0.0, 1.0]]),
+                                       permutation=PermutationOptions(n_perm=200, seed=2), device=d,
                                        spatial=spatial)
                for d in ("cpu", "cuda")}
     cpu, gpu = results["cpu"], results["cuda"]

@@ -30,6 +30,7 @@ from gpuconn.core import tasks  # noqa: E402
 from gpuconn.stats import dask_runner as gd  # noqa: E402
 from gpuconn.core.errors import InputError  # noqa: E402
 from gpuconn.stats.randomise import run_permutation_test  # noqa: E402
+from gpuconn.stats.options import PermutationOptions
 
 # The worker plugin below is defined here; workers cannot import this module.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -68,7 +69,7 @@ def _assert_same(a, b):
 @pytest.mark.parametrize("task_chunk", [None, 7, 61])
 def test_randomise_chunks_on_dask_equal_one_process(client, two_sample, task_chunk):
     data, design, contrasts = two_sample
-    kw = dict(ftests=np.array([[1, 1]]), n_perm=300, seed=4, device="cpu")
+    kw = dict(ftests=np.array([[1, 1]]), permutation=PermutationOptions(n_perm=300, seed=4), device="cpu")
     single = run_permutation_test(data, design, contrasts, **kw)
     runner = gd.dask_runner(client, device="cpu", chunk=task_chunk)
     spread = run_permutation_test(data, design, contrasts, **kw, runner=runner)
@@ -82,7 +83,7 @@ def test_randomise_chunks_on_dask_equal_one_process(client, two_sample, task_chu
 @pytest.mark.parametrize("accel", ["tail", "gamma"])
 def test_accelerated_on_dask_equal_one_process(client, two_sample, accel):
     data, design, contrasts = two_sample
-    kw = dict(n_perm=200, seed=4, device="cpu", accel=accel)
+    kw = dict(permutation=PermutationOptions(n_perm=200, seed=4, accel=accel), device="cpu")
     single = run_permutation_test(data, design, contrasts, **kw)
     spread = run_permutation_test(data, design, contrasts, **kw, runner=gd.dask_runner(client, device="cpu", chunk=23))
     assert spread.accel == single.accel
@@ -97,13 +98,14 @@ def test_accelerated_on_dask_equal_one_process(client, two_sample, accel):
 def test_negbin_needs_one_process(client, two_sample):
     data, design, contrasts = two_sample
     with pytest.raises(InputError, match="needs the single-process runner"):
-        run_permutation_test(data, design, contrasts, n_perm=100, device="cpu", accel="negbin",
+        run_permutation_test(data, design, contrasts, permutation=PermutationOptions(n_perm=100, accel="negbin"),
+                             device="cpu",
                              runner=gd.dask_runner(client, device="cpu"))
 
 
 def test_variance_groups_on_dask_equal_one_process(client, two_sample):
     data, design, contrasts = two_sample
-    kw = dict(ftests=np.array([[1, 1]]), n_perm=120, seed=4, device="cpu",
+    kw = dict(ftests=np.array([[1, 1]]), permutation=PermutationOptions(n_perm=120, seed=4), device="cpu",
               variance_groups=np.r_[np.ones(6), np.full(12, 2)])
     single = run_permutation_test(data, design, contrasts, **kw)
     spread = run_permutation_test(data, design, contrasts, **kw, runner=gd.dask_runner(client, device="cpu", chunk=17))
@@ -116,7 +118,7 @@ def test_sign_flips_exhaustive_and_spatial_statistic_on_dask(client, rng):
     mask[1:4, 1:5, 1:3] = True
     data = rng.normal(size=(8, int(mask.sum()))).astype(np.float32) + 0.4
     extent = {"clustere": _cluster_extent_transform(mask, threshold=1.5)}
-    kw = dict(n_perm=0, seed=1, device="cpu", spatial=extent)
+    kw = dict(permutation=PermutationOptions(n_perm=0, seed=1), device="cpu", spatial=extent)
     single = run_permutation_test(data, np.ones((8, 1)), np.ones((1, 1)), **kw)
     spread = run_permutation_test(data, np.ones((8, 1)), np.ones((1, 1)), **kw,
                                   runner=gd.dask_runner(client, chunk=40))
@@ -146,7 +148,7 @@ class _KillOnce(distributed.WorkerPlugin):
 
 def test_worker_killed_mid_run_gives_the_same_result(client, two_sample, tmp_path):
     data, design, contrasts = two_sample
-    kw = dict(n_perm=200, seed=9, device="cpu")
+    kw = dict(permutation=PermutationOptions(n_perm=200, seed=9), device="cpu")
     single = run_permutation_test(data, design, contrasts, **kw)
     marker = tmp_path / "killed"
     client.register_plugin(_KillOnce("-100-0", str(marker)), name="kill-once")  # rearrangements 100-119, 1st try
@@ -161,7 +163,7 @@ def test_worker_killed_mid_run_gives_the_same_result(client, two_sample, tmp_pat
 
 def test_only_worker_killed_loses_the_model_and_the_chunks_rerun(two_sample, tmp_path):
     data, design, contrasts = two_sample
-    kw = dict(n_perm=120, seed=2, device="cpu")
+    kw = dict(permutation=PermutationOptions(n_perm=120, seed=2), device="cpu")
     single = run_permutation_test(data, design, contrasts, **kw)
     marker = tmp_path / "killed"
     with tasks.dask_client(workers=1) as one:  # the dead worker held the only copy of the scattered model

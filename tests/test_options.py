@@ -10,10 +10,14 @@ import typer
 from gpuconn.cli.app import app, option_flags
 from gpuconn.core.errors import InputError, OptionError
 from gpuconn.maps.options import ICAOptions
-from gpuconn.stats.options import GrfOptions, McmcOptions
+from gpuconn.subject.options import DenoiseOptions
+from gpuconn.stats.options import GrfOptions, McmcOptions, PermutationOptions
 from gpuconn.study import schema
 
-STAGES = [(ICAOptions, ["ica", "run"]), (GrfOptions, ["glm"]), (GrfOptions, ["flame"]), (McmcOptions, ["flame"])]
+STAGES = [(ICAOptions, ["ica", "run"]), (GrfOptions, ["glm"]), (GrfOptions, ["flame"]), (McmcOptions, ["flame"]),
+          (PermutationOptions, ["randomise"])]
+# DenoiseOptions: the CLI writes None as 0 (high/low-pass) and takes --column repeatedly; same names otherwise.
+DENOISE_CLI = {"high_pass": 0.006, "low_pass": 0.0, "columns": []}
 
 
 def _params(argv: list[str]) -> dict:
@@ -30,6 +34,12 @@ def test_every_field_is_a_flag_with_the_objects_default(cls, argv):
     for field in dataclasses.fields(cls):
         assert field.name in flags, f"{cls.__name__}.{field.name} has no flag in gpuconn {' '.join(argv)}"
         assert params[field.name].default == field.default, field.name
+
+
+def test_every_denoise_field_is_a_flag_with_the_objects_default():
+    params = _params(["denoise"])
+    for field in dataclasses.fields(DenoiseOptions):
+        assert params[field.name].default == DENOISE_CLI.get(field.name, field.default), field.name
 
 
 def test_every_ica_field_is_a_study_key():
@@ -59,6 +69,8 @@ def test_option_error_names_each_parameter_once_per_mention():
         (lambda: ICAOptions(tol=0.0), "tol must be positive, got 0.0"),
         (lambda: GrfOptions(cluster_z=1.0), "cluster_z must be above 1 for GRF cluster inference, got 1.0"),
         (lambda: McmcOptions(z_lower=3.0, z_upper=3.0), "z_lower (3.0) must be below z_upper (3.0)"),
+        (lambda: PermutationOptions(n_perm=-1), "n_perm must be >= 0 (0 = exhaustive), got -1"),
+        (lambda: PermutationOptions(method="shuffle"), "method 'shuffle' is not one of auto, permute, flip, both"),
     ],
 )
 def test_options_check_their_values(make, message):
@@ -70,3 +82,22 @@ def test_options_check_their_values(make, message):
 def test_grf_options_from_the_study_name_its_keys(tmp_path):
     with pytest.raises(InputError, match=r"s\.toml: inference\.cluster_threshold must be above 1 .* got 0\.5$"):
         schema.grf_options({"cluster_threshold": 0.5, "alpha": 0.05}, tmp_path / "s.toml")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--accel-out"], "--accel-out leaves the unpermuted statistic out of the tail/gamma fits; give --accel tail "
+                          "or --accel gamma"),
+        (["--method", "shuffle"], "--method 'shuffle' is not one of auto, permute, flip, both"),
+        (["--accel", "lowrank"], "--accel 'lowrank' is not one of tail, gamma, negbin, noperm"),
+    ],
+)
+def test_randomise_options_are_checked_before_any_input_is_read(tmp_path, capsys, flags, message):
+    """PermutationOptions checks the values; the CLI names the flags typed; nothing is read or written."""
+    from gpuconn.cli.app import run
+
+    assert run(["randomise", "-i", str(tmp_path / "missing.nii.gz"), "-o", str(tmp_path / "r"), "-1", *flags]) == 2
+    assert capsys.readouterr().err == f"gpuconn: error: {message}\n"
+    assert not list(tmp_path.iterdir())
+

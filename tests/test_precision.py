@@ -17,6 +17,7 @@ import torch
 
 from gpuconn.stats.glm import partition
 from gpuconn.stats.randomise import run_permutation_test
+from gpuconn.stats.options import PermutationOptions
 
 # The bound the issue and DESIGN.md set for every statistic, observed or permuted.
 RTOL = 1e-5
@@ -74,10 +75,12 @@ def test_every_statistic_within_1e5_of_float64(rng, name, n_obs):
     design, contrast, method, kind = _designs(rng, n_obs)[name]
     data = _near_collinear_data(rng, design, n_vox=60, weight=3.0)
     if kind == "t":
-        result = run_permutation_test(data, design, contrast, n_perm=40, seed=3, method=method)
+        result = run_permutation_test(data, design, contrast,
+                                      permutation=PermutationOptions(n_perm=40, seed=3, method=method) )
     else:
         ftests = np.ones((1, contrast.shape[0]), dtype=int)
-        result = run_permutation_test(data, design, contrast, ftests=ftests, n_perm=40, seed=3, method=method)
+        result = run_permutation_test(data, design, contrast, ftests=ftests,
+                                      permutation=PermutationOptions(n_perm=40, seed=3, method=method) )
     scheme = result.scheme
     orders, signs = scheme.chunk(0, scheme.n_perm)
     name_stat = "tstat1" if kind == "t" else "fstat1"
@@ -94,7 +97,7 @@ def test_observed_t_of_a_13_observation_study_design_is_float64_exact(rng):
     design = np.c_[np.ones(n), np.linspace(-1, 1, n), rng.normal(size=n)]
     data = (design @ np.array([[5.0], [40.0], [1.0]]) + 1e-3 * rng.normal(size=(n, 1))).astype(np.float32)
     data = np.repeat(data, 3, axis=1)
-    result = run_permutation_test(data, design, np.array([[0, 1.0, 0]]), n_perm=1)
+    result = run_permutation_test(data, design, np.array([[0, 1.0, 0]]), permutation=PermutationOptions(n_perm=1))
     expected = _reference(data, design, np.array([[0, 1.0, 0]]), np.arange(n)[None], np.ones((1, n)), "t")[0]
     np.testing.assert_allclose(result["tstat1"].stat, expected, rtol=RTOL)
 
@@ -114,20 +117,24 @@ def large_problem():
 def test_oom_halving_and_threads_give_byte_identical_results_and_float64_maxima(large_problem, oom_once_above):
     data, design, contrast = large_problem
     n_perm = 48
-    unhalved = run_permutation_test(data, design, contrast, n_perm=n_perm, seed=9, chunk=n_perm)["tstat1"]
+    unhalved = run_permutation_test(data, design, contrast, permutation=PermutationOptions(n_perm=n_perm, seed=9),
+                                    chunk=n_perm)["tstat1"]
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one_thread = run_permutation_test(data, design, contrast, n_perm=n_perm, seed=9, chunk=7)["tstat1"]
+        one_thread = run_permutation_test(data, design, contrast, permutation=PermutationOptions(n_perm=n_perm, seed=9),
+                                          chunk=7)["tstat1"]
     finally:
         torch.set_num_threads(threads)
     failed = oom_once_above(12)
-    halved = run_permutation_test(data, design, contrast, n_perm=n_perm, seed=9, chunk=n_perm)["tstat1"]
+    halved = run_permutation_test(data, design, contrast, permutation=PermutationOptions(n_perm=n_perm, seed=9),
+                                  chunk=n_perm)["tstat1"]
     assert failed == [n_perm]
     for other in (halved, one_thread):
         for key in ("stat", "null_max", "p_uncorrected", "p_fwe"):
             np.testing.assert_array_equal(getattr(other, key), getattr(unhalved, key))
-    scheme = run_permutation_test(data[:, :10], design, contrast, n_perm=n_perm, seed=9).scheme
+    scheme = run_permutation_test(data[:, :10], design, contrast, permutation=PermutationOptions(n_perm=n_perm, seed=9)
+                                  ).scheme
     orders, signs = scheme.chunk(0, n_perm)
     expected = _reference(data, design, contrast, orders, signs, "t").max(axis=1)
     np.testing.assert_allclose(unhalved.null_max, expected, rtol=RTOL)

@@ -26,6 +26,7 @@ from hypothesis.extra.numpy import arrays
 from gpuconn.stats.glm import glm_statistic
 from gpuconn.stats.randomise import run_permutation_test
 from gpuconn.stats.tfce import tfce
+from gpuconn.stats.options import PermutationOptions
 
 SETTINGS = settings(max_examples=30, deadline=None)
 TOL = {"rtol": 1e-4, "atol": 1e-4}
@@ -86,7 +87,8 @@ def test_permutation_p_values_within_bounds(seed, n_obs, n_vox, n_perm, one_samp
     else:
         contrast = np.array([[0.0, 1.0]])
     spatial = {"pos": lambda stats: stats.clamp(min=0)}
-    result = run_permutation_test(data, design, contrast, n_perm=n_perm, seed=seed, device="cpu", spatial=spatial)
+    result = run_permutation_test(data, design, contrast, permutation=PermutationOptions(n_perm=n_perm, seed=seed),
+                                  device="cpu", spatial=spatial)
     n = result.scheme.n_perm
     assert 1 <= n <= n_perm
     r = result["tstat1"]

@@ -12,6 +12,7 @@ import torch
 from gpuconn.core.errors import InputError
 from gpuconn.stats.permute import make_scheme
 from gpuconn.stats.randomise import run_permutation_test
+from gpuconn.stats.options import PermutationOptions
 
 
 def _reference_t(y: np.ndarray, design: np.ndarray, contrast: np.ndarray) -> np.ndarray:
@@ -53,7 +54,8 @@ def two_sample(rng):
 
 def test_matches_numpy_loop_over_same_permutations(two_sample, device):
     data, design, contrast = two_sample
-    result = run_permutation_test(data, design, contrast, n_perm=200, seed=3, device=device, chunk=37)
+    result = run_permutation_test(data, design, contrast, permutation=PermutationOptions(n_perm=200, seed=3),
+                                  device=device, chunk=37)
     scheme = make_scheme(design, n_perm=200, seed=3)
     orders, signs = scheme.chunk(0, scheme.n_perm)
     # Nuisance of contrast [1, -1, 0] spans the intercept (g1 + g2) and age.
@@ -72,7 +74,8 @@ def test_matches_numpy_loop_over_same_permutations(two_sample, device):
 
 def test_identity_spatial_transform_reproduces_voxelwise(two_sample):
     data, design, contrast = two_sample
-    result = run_permutation_test(data, design, contrast, n_perm=100, seed=1, spatial={"same": lambda s: s})
+    result = run_permutation_test(data, design, contrast, permutation=PermutationOptions(n_perm=100, seed=1),
+                                  spatial={"same": lambda s: s})
     got = result["tstat1"]
     np.testing.assert_array_equal(got.spatial["same"].p_fwe, got.p_fwe)
     np.testing.assert_array_equal(got.spatial["same"].null_max, got.null_max)
@@ -90,7 +93,8 @@ def test_spatial_transform_on_exhaustive_sign_flips():
         shifted = torch.nn.functional.pad(stats[:, 1:], (0, 1))
         return (stats + 0.5 * shifted).clamp_min(0)
 
-    result = run_permutation_test(data, np.ones((5, 1)), np.ones((1, 1)), n_perm=0, spatial={"smooth": smooth})
+    result = run_permutation_test(data, np.ones((5, 1)), np.ones((1, 1)), permutation=PermutationOptions(n_perm=0),
+                                  spatial={"smooth": smooth})
     assert result.scheme.exhaustive and result.scheme.n_perm == 32 and result.scheme.method == "flip"
     orders, signs = result.scheme.chunk(0, 32)
     stats = _reference_null(data, np.ones((5, 1)), np.ones(1), [], orders, signs)
@@ -106,13 +110,15 @@ def test_spatial_transform_on_exhaustive_sign_flips():
 def test_spatial_transform_wrong_shape_is_reported(two_sample):
     data, design, contrast = two_sample
     with pytest.raises(ValueError, match="spatial transform 'bad' on tstat1 returned"):
-        run_permutation_test(data, design, contrast, n_perm=10, spatial={"bad": lambda s: s[:, :3]})
+        run_permutation_test(data, design, contrast, permutation=PermutationOptions(n_perm=10),
+                             spatial={"bad": lambda s: s[:, :3]})
 
 
 def test_f_null_matches_numpy_loop(two_sample):
     data, design, _ = two_sample
     contrasts = np.array([[1.0, -1.0, 0.0], [0.0, 0.0, 1.0]])
-    result = run_permutation_test(data, design, contrasts, ftests=np.array([[1, 1]]), n_perm=120, seed=5, chunk=50)
+    result = run_permutation_test(data, design, contrasts, ftests=np.array([[1, 1]]),
+                                  permutation=PermutationOptions(n_perm=120, seed=5), chunk=50)
     orders, signs = result.scheme.chunk(0, 120)
     y = data.astype(np.float64)
     resid = y - y.mean(0)  # nuisance of this F test: the intercept only
@@ -139,7 +145,8 @@ def test_agrees_with_nilearn_permuted_ols(rng):
     ref = permuted_ols(group[:, None], data, confounding_vars=cov, model_intercept=True, n_perm=n_perm,
                        two_sided_test=False, random_state=0, output_type="dict")
     got = run_permutation_test(data.astype(np.float32), np.c_[group, 1 - group, cov],
-                               np.array([[1.0, -1.0, 0.0, 0.0]]), n_perm=n_perm, seed=0)["tstat1"]
+                               np.array([[1.0, -1.0, 0.0, 0.0]]), permutation=PermutationOptions(n_perm=n_perm, seed=0)
+                                   )["tstat1"]
     np.testing.assert_allclose(got.stat, ref["t"][0], rtol=1e-4, atol=1e-5)
     p_ref = 10 ** -ref["logp_max_t"][0]
     # Two independent Monte-Carlo estimates of the same p: 4.5 standard errors of their difference.
@@ -154,7 +161,8 @@ def _null_fwer(make_data, design, contrast, n_sim, seed, **kwargs):
     rng = np.random.default_rng(seed)
     hits = 0
     for sim in range(n_sim):
-        result = run_permutation_test(make_data(rng), design, contrast, n_perm=100, seed=sim, **kwargs)
+        result = run_permutation_test(make_data(rng), design, contrast,
+                                      permutation=PermutationOptions(n_perm=100, seed=sim), **kwargs)
         hits += result["tstat1"].p_fwe.min() <= 0.05
     return hits / n_sim
 
@@ -195,7 +203,8 @@ def test_null_fwer_is_nominal(kind):
 def test_chunk_size_does_not_change_results(two_sample):
     data, design, contrast = two_sample
     spatial = {"pos": lambda s: s.clamp_min(0)}
-    runs = [run_permutation_test(data, design, contrast, n_perm=90, seed=2, chunk=c, spatial=spatial)["tstat1"]
+    runs = [run_permutation_test(data, design, contrast, permutation=PermutationOptions(n_perm=90, seed=2),
+                                 chunk=c, spatial=spatial)["tstat1"]
             for c in (1, 13, 90)]
     for other in runs[1:]:
         for key in ("stat", "p_fwe", "p_uncorrected", "null_max", "z"):
@@ -205,9 +214,11 @@ def test_chunk_size_does_not_change_results(two_sample):
 
 def test_out_of_memory_halves_chunk_with_identical_results(two_sample, oom_once_above):
     data, design, contrast = two_sample
-    expected = run_permutation_test(data, design, contrast, n_perm=64, seed=4, chunk=64)["tstat1"]
+    expected = run_permutation_test(data, design, contrast, permutation=PermutationOptions(n_perm=64, seed=4),
+                                    chunk=64)["tstat1"]
     failed = oom_once_above(16)
-    got = run_permutation_test(data, design, contrast, n_perm=64, seed=4, chunk=64)["tstat1"]
+    got = run_permutation_test(data, design, contrast, permutation=PermutationOptions(n_perm=64, seed=4),
+                               chunk=64)["tstat1"]
     assert failed == [64]
     for key in ("stat", "p_fwe", "p_uncorrected", "null_max"):
         np.testing.assert_array_equal(getattr(got, key), getattr(expected, key))
@@ -217,21 +228,24 @@ def test_demean_equals_intercept_as_nuisance(rng):
     n = 20
     x = rng.normal(size=(n, 2)) + 3.0
     data = (rng.normal(size=(n, 25)) + 5.0).astype(np.float32)
-    demeaned = run_permutation_test(data, x, np.array([[1.0, 0.0]]), n_perm=50, seed=0, demean=True)["tstat1"]
+    demeaned = run_permutation_test(data, x, np.array([[1.0, 0.0]]),
+                                    permutation=PermutationOptions(n_perm=50, seed=0, demean=True) )["tstat1"]
     explicit = run_permutation_test(data, np.c_[x - x.mean(0), np.ones(n)], np.array([[1.0, 0.0, 0.0]]),
-                                    n_perm=50, seed=0)["tstat1"]
+                                    permutation=PermutationOptions(n_perm=50, seed=0) )["tstat1"]
     assert demeaned.df == (1, n - 3)
     np.testing.assert_allclose(demeaned.stat, explicit.stat, rtol=1e-5)
     np.testing.assert_array_equal(demeaned.p_fwe, explicit.p_fwe)
     with pytest.raises(InputError, match=r"-D \(demean\) removes the mean"):
-        run_permutation_test(data, np.c_[np.ones(n), x], np.array([[0.0, 1.0, 0.0]]), n_perm=10, demean=True)
+        run_permutation_test(data, np.c_[np.ones(n), x], np.array([[0.0, 1.0, 0.0]]),
+                             permutation=PermutationOptions(n_perm=10, demean=True) )
 
 
 def test_paired_blocks_are_exhaustive_sign_swaps(rng):
     n_sub = 6
     design = np.c_[np.r_[-np.ones(n_sub), np.ones(n_sub)], np.vstack([np.eye(n_sub)] * 2)]
     data = rng.normal(size=(2 * n_sub, 10)).astype(np.float32)
-    result = run_permutation_test(data, design, np.r_[1.0, np.zeros(n_sub)][None], n_perm=5000,
+    result = run_permutation_test(data, design, np.r_[1.0, np.zeros(n_sub)][None],
+                                  permutation=PermutationOptions(n_perm=5000) ,
                                   groups=np.tile(np.arange(n_sub), 2))
     assert result.scheme.exhaustive and result.scheme.n_perm == 2**n_sub and result.scheme.method == "permute"
     # Only the condition row moves: subject means are invariant under within-subject swaps.
@@ -241,11 +255,11 @@ def test_paired_blocks_are_exhaustive_sign_swaps(rng):
 def test_data_errors_are_clear(two_sample):
     data, design, contrast = two_sample
     with pytest.raises(InputError, match="has 24 rows but the data has 23 volumes"):
-        run_permutation_test(data[:23], design, contrast, n_perm=10)
+        run_permutation_test(data[:23], design, contrast, permutation=PermutationOptions(n_perm=10))
     bad = data.copy()
     bad[0, 0] = np.nan
     with pytest.raises(InputError, match="NaN or Inf"):
-        run_permutation_test(bad, design, contrast, n_perm=10)
+        run_permutation_test(bad, design, contrast, permutation=PermutationOptions(n_perm=10))
 
 
 def _write_study(tmp_path, rng):
@@ -326,8 +340,9 @@ def test_blocks_and_flips_match_numpy_loop(rng, method, whole_blocks):
     x, age = rng.normal(size=n), rng.normal(size=n)
     design = np.c_[np.ones(n), x, age]
     data = (rng.normal(size=(n, 30)) + age[:, None] + 0.5 * blocks[:, None]).astype(np.float32)
-    result = run_permutation_test(data, design, np.array([[0.0, 1.0, 0.0]]), groups=blocks, n_perm=150, seed=9,
-                                  method=method, permute_blocks=whole_blocks, chunk=40)
+    result = run_permutation_test(data, design, np.array([[0.0, 1.0, 0.0]]), groups=blocks,
+                                  permutation=PermutationOptions(n_perm=150, seed=9, method=method, permute_blocks=whole_blocks),
+                                  chunk=40)
     assert result.scheme.method == {"permute": "permute", "both": "permute+flip"}[method]
     orders, signs = result.scheme.chunk(0, 150)
     if not whole_blocks:
@@ -345,7 +360,8 @@ def test_planted_effect_is_recovered(rng):
     data = rng.normal(size=(n, v)) + 0.5 * age[:, None]
     data[:20, :10] += 2.0  # d = 2: power ~1 at FWER 0.05 over 200 voxels
     got = run_permutation_test(data.astype(np.float32), np.c_[group, 1 - group, age],
-                               np.array([[1.0, -1.0, 0.0], [-1.0, 1.0, 0.0]]), n_perm=500, seed=0)
+                               np.array([[1.0, -1.0, 0.0], [-1.0, 1.0, 0.0]]),
+                                   permutation=PermutationOptions(n_perm=500, seed=0) )
     assert (got["tstat1"].p_fwe[:10] < 0.05).all()
     assert (got["tstat1"].p_fwe[10:] < 0.05).sum() <= 2
     assert (got["tstat2"].p_fwe < 0.05).sum() == 0

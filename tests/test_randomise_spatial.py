@@ -12,6 +12,7 @@ from gpuconn.stats.clusters import cluster_maps
 from gpuconn.stats.design import Design, save_design
 from gpuconn.stats.spatial import spatial_transforms
 from gpuconn.stats.tfce import tfce
+from gpuconn.stats.options import PermutationOptions
 
 SHAPE = (10, 9, 8)
 
@@ -145,7 +146,8 @@ def test_null_fwer_within_binomial_interval():
     for i in range(n_sets):
         noise = ndimage.gaussian_filter(rng.normal(size=(n_obs,) + shape), (0, 1, 1, 1))
         result = run_permutation_test(noise[:, mask].astype(np.float32), np.ones((n_obs, 1)), np.ones((1, 1)),
-                                      n_perm=100, seed=i, method="flip", device="cpu", spatial=spatial)
+                                      permutation=PermutationOptions(n_perm=100, seed=i, method="flip"),
+                                      device="cpu", spatial=spatial)
         for name, mapped in result["tstat1"].spatial.items():
             hits[name] += bool(mapped.p_fwe.min() <= 0.05)
     for name, count in hits.items():
@@ -168,7 +170,8 @@ def test_uncorrected_tfce_p_and_sidecar_record_the_settings(one_sample):
     assert run(argv) == 0
     mask = np.ones(SHAPE, dtype=bool)
     data = np.moveaxis(_load(one_sample / "data.nii.gz"), -1, 0)[:, mask]
-    result = run_permutation_test(data, np.ones((12, 1)), np.ones((1, 1)), n_perm=30, seed=4, device="cpu",
+    result = run_permutation_test(data, np.ones((12, 1)), np.ones((1, 1)),
+                                  permutation=PermutationOptions(n_perm=30, seed=4), device="cpu",
                                   spatial={"tfce": tfce_transform(mask)})
     scheme, observed = result.scheme, result["tstat1"]
     orders, signs = scheme.chunk(0, scheme.n_perm)

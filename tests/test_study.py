@@ -123,6 +123,7 @@ def tiny(tmp_path_factory):
         (lambda t: t.replace("[inference]", "[ica]\ndim = 0\n[inference]"), r"bad\.toml: ica\.dim must be at least 1, got 0$"),
         (lambda t: t.replace("[inference]", "[ica]\ndim = 4\nsubject_dim = 3\n[inference]"),
          r": ica\.subject_dim \(3\) must be at least ica\.dim \(4\)$"),
+        (lambda t: t.replace("fwhm = 8.0", "fwhm = -2.0"), r"bad\.toml: denoise\.fwhm must be >= 0, got -2\.0$"),
     ],
 )
 def test_bad_study_files_are_one_line_errors(tiny, edit, message):

@@ -15,6 +15,7 @@ from gpuconn.stats.glm import contrast_model, partition, permuted_statistics, re
 from gpuconn.stats.gstat import g_to_z, group_model, permuted_g, variance_groups
 from gpuconn.stats.permute import make_scheme
 from gpuconn.stats.randomise import run_permutation_test
+from gpuconn.stats.options import PermutationOptions
 
 
 def _reference_g(y: np.ndarray, design: np.ndarray, contrast: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -93,7 +94,8 @@ def test_v_is_welch_t_with_welch_df(rng, device):
     small, large = rng.normal(size=(8, 20)) * 2.0 + 0.5, rng.normal(size=(32, 20))
     data = np.r_[small, large].astype(np.float32)
     design = np.c_[np.r_[np.ones(8), np.zeros(32)], np.r_[np.zeros(8), np.ones(32)]]
-    result = run_permutation_test(data, design, np.array([[1.0, -1.0]]), n_perm=50, device=device,
+    result = run_permutation_test(data, design, np.array([[1.0, -1.0]]), permutation=PermutationOptions(n_perm=50),
+                                  device=device,
                                   variance_groups=np.r_[np.ones(8), np.full(32, 2)])
     welch = stats.ttest_ind(data[:8].astype(np.float64), data[8:].astype(np.float64), equal_var=False)
     c = result["tstat1"]
@@ -118,8 +120,10 @@ def test_g_of_one_group_is_t_or_f(three_groups, kind):
 def test_single_group_file_gives_todays_maps_bit_for_bit(three_groups):
     data, design, _ = three_groups
     contrasts, ftests = np.array([[1.0, -1.0, 0.0], [0.0, 0.0, 1.0]]), np.array([[1, 1]])
-    plain = run_permutation_test(data, design, contrasts, ftests=ftests, n_perm=60, seed=2)
-    grouped = run_permutation_test(data, design, contrasts, ftests=ftests, n_perm=60, seed=2,
+    plain = run_permutation_test(data, design, contrasts, ftests=ftests,
+                                 permutation=PermutationOptions(n_perm=60, seed=2) )
+    grouped = run_permutation_test(data, design, contrasts, ftests=ftests,
+                                   permutation=PermutationOptions(n_perm=60, seed=2) ,
                                    variance_groups=np.full(30, 7))
     assert grouped.variance_groups is None
     for a, b in zip(plain.contrasts, grouped.contrasts):
@@ -132,7 +136,8 @@ def test_engine_matches_numpy_loop_and_chunk_size(three_groups):
     data, design, labels = three_groups
     contrasts, ftests = np.array([[1.0, -1.0, 0.0], [0.0, 0.0, 1.0]]), np.array([[1, 1]])
     spatial = {"pos": lambda s: s.clamp_min(0)}
-    runs = [run_permutation_test(data, design, contrasts, ftests=ftests, n_perm=40, seed=6, chunk=chunk,
+    runs = [run_permutation_test(data, design, contrasts, ftests=ftests,
+                                 permutation=PermutationOptions(n_perm=40, seed=6), chunk=chunk,
                                  variance_groups=labels, spatial=spatial, spatial_f=spatial) for chunk in (7, 40)]
     for a, b in zip(*(r.contrasts for r in runs)):
         for name in ("stat", "z", "p_uncorrected", "p_fwe", "null_max", "df2"):
@@ -165,7 +170,8 @@ def test_auto_groups_in_a_blocked_design_are_kept_by_every_rearrangement(rng):
     design = np.c_[np.tile([1.0, 0.0], 6), np.tile([0.0, 1.0], 6)]
     blocks = np.repeat([1, 2, 3], 4)
     data = rng.normal(size=(12, 5)).astype(np.float32) * np.repeat([1.0, 2.0, 4.0], 4)[:, None]
-    result = run_permutation_test(data, design, np.array([[1.0, -1.0]]), groups=blocks, n_perm=0,
+    result = run_permutation_test(data, design, np.array([[1.0, -1.0]]), groups=blocks,
+                                  permutation=PermutationOptions(n_perm=0) ,
                                   variance_groups="auto")
     assert np.array_equal(result.variance_groups, blocks)
     assert result.scheme.exhaustive and result.scheme.n_possible == 6**3
@@ -182,7 +188,8 @@ def test_auto_groups_in_a_blocked_design_are_kept_by_every_rearrangement(rng):
 def test_bad_group_labels_are_refused_by_name(three_groups, labels, message):
     data, design, _ = three_groups
     with pytest.raises(InputError, match=message):
-        run_permutation_test(data, design, np.array([[1.0, -1.0, 0.0]]), n_perm=10, variance_groups=labels,
+        run_permutation_test(data, design, np.array([[1.0, -1.0, 0.0]]), permutation=PermutationOptions(n_perm=10),
+                             variance_groups=labels,
                              variance_groups_source="grp.txt")
 
 
@@ -190,7 +197,8 @@ def test_group_without_residual_dof_is_refused(rng):
     design = np.c_[np.r_[1.0, 1.0, np.zeros(10)], np.r_[0.0, 0.0, np.ones(10)], np.r_[1.0, -1.0, np.zeros(10)]]
     labels = np.r_[1, 1, np.full(10, 2)]
     with pytest.raises(InputError, match=r"variance group 1 has no residual degrees of freedom"):
-        run_permutation_test(rng.normal(size=(12, 3)), design, np.array([[1.0, -1.0, 0.0]]), n_perm=10,
+        run_permutation_test(rng.normal(size=(12, 3)), design, np.array([[1.0, -1.0, 0.0]]),
+                             permutation=PermutationOptions(n_perm=10) ,
                              variance_groups=labels)
 
 
@@ -209,7 +217,8 @@ def test_null_error_rate_t_liberal_v_nominal():
     data = (rng.normal(size=(n1 + n2, n_vox)) * np.where(small == 1, 2.0, 1.0)[:, None]).astype(np.float32)
     rates = {}
     for name, labels in (("t", None), ("v", small)):
-        result = run_permutation_test(data, design, np.array([[1.0, -1.0]]), n_perm=500, seed=1,
+        result = run_permutation_test(data, design, np.array([[1.0, -1.0]]),
+                                      permutation=PermutationOptions(n_perm=500, seed=1) ,
                                       variance_groups=labels)
         rates[name] = np.mean(result["tstat1"].p_uncorrected <= 0.05)
     test = {name: stats.binomtest(round(rate * n_vox), n_vox, 0.05) for name, rate in rates.items()}
@@ -315,7 +324,8 @@ def test_v_and_g_maps_equal_palms(tmp_path):
         np.testing.assert_allclose(image(f"{root}_{ours}.nii.gz"), image(data / f"palmVG_vox_{palm}.nii.gz"),
                                    rtol=1e-5, atol=1e-6)
     design = load_design(data / "VG_design.mat", data / "VG_design.con", data / "VG_design.fts")
-    result = run_permutation_test(nib.load(data / "VG_data.nii.gz").get_fdata()[mask].T, design, n_perm=2,
+    result = run_permutation_test(nib.load(data / "VG_data.nii.gz").get_fdata()[mask].T, design,
+                                  permutation=PermutationOptions(n_perm=2) ,
                                   variance_groups=read_vest(data / "VG_design.grp")[0])
     # v: PALM's fastv df is 1 / (3 S), a third of Welch-Satterthwaite's; G: the same df.
     np.testing.assert_allclose(result["tstat1"].df2, 3 * image(data / "palmVG_vox_vstat_c1_dof.nii.gz"), rtol=1e-6)

@@ -13,6 +13,7 @@ import torch
 from gpuconn.stats import dask_runner as dr
 from gpuconn.stats import randomise as randomise_module
 from gpuconn.stats.randomise import evaluate_chunk, prepare_permutation_test
+from gpuconn.stats.options import PermutationOptions
 
 
 def _prepared(rng):
@@ -20,7 +21,8 @@ def _prepared(rng):
     group = np.r_[np.ones(8), np.zeros(8)]
     data = rng.normal(size=(n, v)).astype(np.float32)
     design = np.c_[group, 1 - group]
-    return prepare_permutation_test(data, design, np.array([[1.0, -1.0]]), n_perm=120, seed=3, device="cpu")
+    return prepare_permutation_test(data, design, np.array([[1.0, -1.0]]),
+                                    permutation=PermutationOptions(n_perm=120, seed=3), device="cpu")
 
 
 def _assert_same(a, b):

@@ -66,6 +66,7 @@ from ..stats.spatial import spatial_transforms
 from ..stats.tfce import TFCE_DEFAULTS
 from ..stats.zstat import t_to_z_tensor
 from .series import check_subjects, common_mask, iter_series, matrix_text
+from ..stats.options import PermutationOptions
 
 __all__ = [
     "spatial_regression",
@@ -538,7 +539,8 @@ def _stage3(out_dir: Path, n_maps: int, design_path, contrast_path, one_sample: 
         randomise(
             out_dir / f"dr_stage2_ic{k:04d}.nii.gz", out_dir / f"dr_stage3_ic{k:04d}",
             design_path=design_path, contrast_path=contrast_path, mask_path=out_dir / "mask.nii.gz",
-            one_sample=one_sample, n_perm=n_perm, seed=seed, device=str(device), spatial=spatial,
+            one_sample=one_sample, permutation=PermutationOptions(n_perm=n_perm, seed=seed), device=str(device),
+            spatial=spatial,
             voxelwise=n_perm == 1, write_raw=("tfce",) if spatial else (), progress=progress,
             params={"dual_regression_stage": 3},
         )

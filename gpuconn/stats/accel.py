@@ -86,8 +86,9 @@ import numpy as np
 import torch
 from scipy import special
 
+from .options import ACCEL_MODES
+
 __all__ = [
-    "MODES",
     "NO_FWER",
     "TAIL_THRESHOLD",
     "NEGBIN_R",
@@ -109,7 +110,6 @@ __all__ = [
 ]
 
 #: Acceleration modes of ``gpuconn randomise --accel``.
-MODES = ("tail", "gamma", "negbin", "noperm")
 #: Modes with uncorrected p only (no null of the maximum).
 NO_FWER = ("negbin", "noperm")
 #: p below this are refined by the tail fit (PALM's ``opts.accel.tail_thr``).
@@ -160,8 +160,8 @@ class Accel:
     g1out: bool = False
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"acceleration {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.mode not in ACCEL_MODES:
+            raise ValueError(f"acceleration {self.mode!r} is not one of {', '.join(ACCEL_MODES)}")
         if self.mode == "negbin" and self.negbin_r < 2:
             raise ValueError(f"negbin needs r >= 2 exceedances, got {self.negbin_r}")
         if self.g1out and self.mode in NO_FWER:

@@ -14,7 +14,68 @@ from dataclasses import dataclass
 
 from ..core.errors import OptionError
 
-__all__ = ["GrfOptions", "McmcOptions"]
+__all__ = ["PERMUTATION_METHODS", "ACCEL_MODES", "PermutationOptions", "GrfOptions", "McmcOptions"]
+
+#: Permutation methods: auto, permute (exchangeable errors), flip (independent symmetric errors), both.
+PERMUTATION_METHODS = ("auto", "permute", "flip", "both")
+#: PALM's accelerations (``randomise --accel``; :mod:`gpuconn.stats.accel`).
+ACCEL_MODES = ("tail", "gamma", "negbin", "noperm")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PermutationOptions:
+    """How randomise draws and counts its rearrangements: the one home of these defaults and checks.
+
+    Taken by :func:`gpuconn.stats.randomise.prepare_permutation_test`,
+    :func:`~gpuconn.stats.randomise.run_permutation_test` and
+    :func:`~gpuconn.stats.randomise.randomise`; ``gpuconn randomise`` takes
+    its defaults from it, and a study's ``[inference]`` fills it.
+
+    Attributes
+    ----------
+    n_perm : int, default 5000
+        Rearrangements including the identity (``-n``); 0 = exhaustive. All
+        distinct rearrangements are used when there are fewer than ``n_perm``.
+    seed : int, default 0
+    method : {'auto', 'permute', 'flip', 'both'}
+        ``auto`` flips signs when a contrast tests the mean (one-sample,
+        paired differences) and permutes otherwise.
+    permute_blocks : bool, default False
+        Shuffle whole exchangeability blocks (``--permute-blocks``).
+    demean : bool, default False
+        randomise ``-D``: demean design columns; the mean becomes a nuisance
+        regressor (one degree of freedom).
+    accel : {'tail', 'gamma', 'negbin', 'noperm'}, optional
+        PALM's acceleration (:mod:`gpuconn.stats.accel`); None: plain counting.
+    accel_g1out : bool, default False
+        Leave the unpermuted statistic out of the tail/gamma fits (PALM's
+        ``-accel tail out``, ``--accel-out``).
+
+    Raises
+    ------
+    OptionError
+        A negative ``n_perm``, an unknown ``method`` or ``accel``, or
+        ``accel_g1out`` without ``accel`` tail or gamma.
+    """
+
+    n_perm: int = 5000
+    seed: int = 0
+    method: str = "auto"
+    permute_blocks: bool = False
+    demean: bool = False
+    accel: str | None = None
+    accel_g1out: bool = False
+
+    def __post_init__(self):
+        if self.n_perm < 0:
+            raise OptionError(f"{{n_perm}} must be >= 0 (0 = exhaustive), got {self.n_perm}")
+        if self.method not in PERMUTATION_METHODS:
+            raise OptionError(f"{{method}} {self.method!r} is not one of {', '.join(PERMUTATION_METHODS)}")
+        if self.accel is not None and self.accel not in ACCEL_MODES:
+            raise OptionError(f"{{accel}} {self.accel!r} is not one of {', '.join(ACCEL_MODES)}")
+        if self.accel_g1out and self.accel not in ("tail", "gamma"):
+            raise OptionError("{accel_g1out} leaves the unpermuted statistic out of the tail/gamma fits; "
+                              "give {accel} tail or {accel} gamma")
 
 
 @dataclass(frozen=True, kw_only=True)

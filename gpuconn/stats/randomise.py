@@ -84,7 +84,7 @@ import numpy as np
 import torch
 
 from ..core.backend import DESIGN_DTYPE, as_data, chunk_size, cuda_chunk_cap, resolve_device, run_chunked, to_host, to_numpy
-from ..core.errors import InputError
+from ..core.errors import InputError, OptionError
 from ..core.io import load_image, load_mask, masked_data, provenance, save_image, unmask, write_json, write_text
 from ..core.progress import progress_bar
 from . import accel as _accel
@@ -97,6 +97,7 @@ from .glm import (
     permuted_statistics,
     residualise,
 )
+from .options import PermutationOptions
 from .gstat import GroupModel, g_statistics, group_model, statistic_name
 from .gstat import variance_groups as resolve_variance_groups
 from .permute import PermutationScheme, make_scheme
@@ -107,7 +108,6 @@ __all__ = [
     "MapResult",
     "ContrastResult",
     "PermutationTestResult",
-    "METHODS",
     "PreparedTest",
     "Runner",
     "ChunkMerger",
@@ -128,8 +128,6 @@ __all__ = [
 SpatialTransform = Callable[[torch.Tensor], torch.Tensor]
 #: Evaluates a prepared test: (prepared, progress) -> PermutationTestResult.
 Runner = Callable[["PreparedTest", bool], "PermutationTestResult"]
-#: Permutation methods: auto, permute (EE), flip (ISE), both (EE + ISE).
-METHODS = ("auto", "permute", "flip", "both")
 # Plan at most this much working memory per chunk on the CPU (shared hosts).
 _CPU_CHUNK_BYTES = 1 << 30
 
@@ -315,8 +313,6 @@ def _contains_ones(basis: np.ndarray) -> bool:
 
 def _choose_method(method: str, design: np.ndarray, contrasts: list[np.ndarray]) -> tuple[bool, bool]:
     """(permute, flip) flags; ``auto`` flips signs when a contrast tests the mean."""
-    if method not in METHODS:
-        raise InputError(f"permutation method {method!r} is not one of {', '.join(METHODS)}")
     if method != "auto":
         return method in ("permute", "both"), method in ("flip", "both")
     if not _contains_ones(design):
@@ -374,6 +370,8 @@ def _prepare_design(
 def _as_design(design: Design | np.ndarray, contrasts: np.ndarray | None, ftests: np.ndarray | None,
                groups: np.ndarray | None) -> Design:
     if isinstance(design, Design):
+        if contrasts is not None or ftests is not None:
+            raise TypeError("a Design carries its contrasts and F tests; pass contrasts/ftests only with an array design")
         return design
     if contrasts is None:
         raise TypeError("contrasts are required when design is an array")
@@ -386,6 +384,7 @@ def run_permutation_test(
     data: np.ndarray | torch.Tensor,
     design: Design | np.ndarray,
     contrasts: np.ndarray | None = None,
+    permutation: PermutationOptions | None = None,
     *,
     progress: bool = False,
     runner: Runner | None = None,
@@ -394,10 +393,10 @@ def run_permutation_test(
     """Permutation test of every contrast of a GLM, voxel by voxel.
 
     Prepares the test with :func:`prepare_permutation_test` (which documents
-    the data, design and every option: ``ftests``, ``groups``, ``n_perm``,
-    ``seed``, ``method``, ``permute_blocks``, ``demean``, ``device``,
-    ``spatial``, ``spatial_f``, ``chunk``, ``design_source``), then
-    evaluates all chunks of rearrangements.
+    the data, design, ``permutation`` and the other keywords: ``ftests``,
+    ``groups``, ``device``, ``spatial``, ``spatial_f``, ``chunk``,
+    ``design_source``, ``variance_groups``), then evaluates all chunks of
+    rearrangements.
 
     Parameters
     ----------
@@ -406,6 +405,8 @@ def run_permutation_test(
     design : Design or ndarray, shape (n_obs, n_regressors)
     contrasts : ndarray, shape (n_contrasts, n_regressors), optional
         t contrasts (required when ``design`` is an array).
+    permutation : PermutationOptions, optional
+        The rearrangements (``n_perm``, ``seed``, ``method``, ``accel``...).
     progress : bool, default False
         Show a progress bar over rearrangements.
     runner : callable, optional
@@ -413,13 +414,13 @@ def run_permutation_test(
         chunks elsewhere (e.g. :func:`gpuconn.stats.dask_runner.dask_runner`);
         default: one process, chunk after chunk on ``device``.
     **options
-        Keyword options of :func:`prepare_permutation_test`.
+        The other keywords of :func:`prepare_permutation_test`.
 
     Returns
     -------
     PermutationTestResult
     """
-    prepared = prepare_permutation_test(data, design, contrasts, **options)
+    prepared = prepare_permutation_test(data, design, contrasts, permutation, **options)
     if prepared.accel is not None and prepared.accel.mode == "noperm":
         return _noperm_result(prepared)  # no rearrangement to run
     return (runner or run_chunk_loop)(prepared, progress)
@@ -429,21 +430,15 @@ def prepare_permutation_test(
     data: np.ndarray | torch.Tensor,
     design: Design | np.ndarray,
     contrasts: np.ndarray | None = None,
+    permutation: PermutationOptions | None = None,
     *,
     ftests: np.ndarray | None = None,
     groups: np.ndarray | None = None,
-    n_perm: int = 5000,
-    seed: int = 0,
-    method: str = "auto",
-    permute_blocks: bool = False,
-    demean: bool = False,
     device: str | torch.device = "auto",
     spatial: Mapping[str, SpatialTransform] | None = None,
     spatial_f: Mapping[str, SpatialTransform] | None = None,
     chunk: int | None = None,
     design_source: str = "design",
-    accel: str | None = None,
-    accel_g1out: bool = False,
     variance_groups: np.ndarray | str | None = None,
     variance_groups_source: str = "variance groups (--vg)",
 ) -> PreparedTest:
@@ -460,21 +455,15 @@ def prepare_permutation_test(
     design : Design or ndarray, shape (n_obs, n_regressors)
     contrasts : ndarray, shape (n_contrasts, n_regressors), optional
         t contrasts (required when ``design`` is an array).
+    permutation : PermutationOptions, optional
+        Rearrangements and their counting (``n_perm``, ``seed``, ``method``,
+        ``permute_blocks``, ``demean``, ``accel``...); default
+        ``PermutationOptions()``. ``accel`` ``negbin`` and ``noperm`` give
+        uncorrected p only and take no spatial statistics; ``noperm`` needs
+        plain permutation and the intercept in the model.
     ftests : ndarray of 0/1, shape (n_ftests, n_contrasts), optional
     groups : ndarray of int, shape (n_obs,), optional
         Exchangeability blocks (overrides ``design.groups``).
-    n_perm : int, default 5000
-        Rearrangements including the identity; 0 = exhaustive. All distinct
-        rearrangements are used when there are fewer than ``n_perm``.
-    seed : int, default 0
-    method : {'auto', 'permute', 'flip', 'both'}
-        ``auto`` flips signs when a contrast tests the mean (one-sample,
-        paired differences) and permutes otherwise.
-    permute_blocks : bool, default False
-        Shuffle whole exchangeability blocks.
-    demean : bool, default False
-        randomise ``-D``: demean design columns; the mean becomes a nuisance
-        regressor (one degree of freedom).
     device : str or torch.device, default 'auto'
     spatial, spatial_f : mapping of str to callable, optional
         Spatial statistics for t and F contrasts (see the module docstring).
@@ -482,13 +471,6 @@ def prepare_permutation_test(
         Rearrangements per chunk; default from free device memory.
     design_source : str
         Design file name for error messages.
-    accel : {'tail', 'gamma', 'negbin', 'noperm'}, optional
-        PALM's acceleration (:mod:`gpuconn.stats.accel`); ``negbin`` and
-        ``noperm`` give uncorrected p only and take no spatial statistics;
-        ``noperm`` needs plain permutation and the intercept in the model.
-    accel_g1out : bool, default False
-        ``tail``/``gamma``: leave the unpermuted statistic out of the null
-        (PALM's ``-accel tail out``; :class:`gpuconn.stats.accel.Accel`).
     variance_groups : ndarray of int, shape (n_obs,), or 'auto', optional
         Variance groups (PALM ``-vg``; ``'auto'``: from the blocks, see
         :func:`gpuconn.stats.gstat.variance_groups`). With two or more, each
@@ -503,6 +485,9 @@ def prepare_permutation_test(
     -------
     PreparedTest
     """
+    permutation = permutation or PermutationOptions()
+    n_perm, seed, permute_blocks, demean = (permutation.n_perm, permutation.seed, permutation.permute_blocks,
+                                            permutation.demean)
     design = _as_design(design, contrasts, ftests, groups)
     groups = design.groups if groups is None else np.asarray(groups)
     data_t = data if torch.is_tensor(data) else torch.as_tensor(np.asarray(data))
@@ -515,7 +500,7 @@ def prepare_permutation_test(
     matrix, t_contrasts = _prepare_design(design.matrix, np.atleast_2d(design.contrasts), demean, design_source)
     specs = [(f"tstat{i + 1}", "t", row[None]) for i, row in enumerate(t_contrasts)]
     specs += [(f"fstat{j + 1}", "f", t_contrasts[row == 1]) for j, row in enumerate(np.asarray(design.ftests))]
-    do_permute, do_flip = _choose_method(method, matrix, [c for _, _, c in specs])
+    do_permute, do_flip = _choose_method(permutation.method, matrix, [c for _, _, c in specs])
     if demean and do_flip:
         raise InputError("-D (demean) removes the mean, which sign flipping (-1 or a one-sample test) tests; drop -D")
     # Distinct rearrangements are counted on the effect of interest, as PALM does (Guttman partition: the
@@ -557,18 +542,14 @@ def prepare_permutation_test(
     del values
     chunk = plan_chunk(contrasts_state, device, scheme.n_perm) if chunk is None else chunk
     return PreparedTest(contrasts_state, scheme, device, int(chunk), variance_groups=labels,
-                        accel=_check_accel(accel, accel_g1out, scheme, labels is not None, spatial, spatial_f))
+                        accel=_check_accel(permutation, scheme, labels is not None, spatial, spatial_f))
 
 
-def _check_accel(mode: str | None, g1out: bool, scheme: PermutationScheme, variance_groups: bool,
+def _check_accel(permutation: PermutationOptions, scheme: PermutationScheme, variance_groups: bool,
                  *spatial: Mapping | None) -> _accel.Accel | None:
+    mode, g1out = permutation.accel, permutation.accel_g1out
     if mode is None:
-        if g1out:
-            raise InputError("--accel-out leaves the unpermuted statistic out of --accel tail/gamma's fits; "
-                             "give --accel tail or --accel gamma")
         return None
-    if mode not in _accel.MODES:
-        raise InputError(f"--accel {mode!r} is not one of {', '.join(_accel.MODES)}")
     if mode in _accel.NO_FWER and any(spatial):
         raise InputError(f"--accel {mode} gives uncorrected p only (there is no null of the maximum); drop "
                          "-T/-c/-C/-F/-S or use --accel tail")
@@ -580,8 +561,6 @@ def _check_accel(mode: str | None, g1out: bool, scheme: PermutationScheme, varia
                          "or gamma")
     if mode == "negbin" and scheme.n_perm < 3:
         raise InputError(f"--accel negbin needs at least 3 rearrangements, got -n {scheme.n_perm}")
-    if g1out and mode in _accel.NO_FWER:
-        raise InputError(f"--accel-out applies to --accel tail and gamma, not {mode}; drop it")
     return _accel.Accel(mode, scheme.n_perm, g1out=g1out)
 
 
@@ -1047,6 +1026,7 @@ def analysis_mask(img: Any, input_path: str | os.PathLike, mask_path: str | os.P
 def randomise(
     input_path: str | os.PathLike,
     output_root: str | os.PathLike,
+    permutation: PermutationOptions | None = None,
     *,
     design_path: str | os.PathLike | None = None,
     contrast_path: str | os.PathLike | None = None,
@@ -1055,14 +1035,9 @@ def randomise(
     mask_path: str | os.PathLike | None = None,
     variance_groups_path: str | os.PathLike | None = None,
     one_sample: bool = False,
-    n_perm: int = 5000,
-    demean: bool = False,
     voxelwise: bool = True,
     uncorrp: bool = False,
     fdr: bool = False,
-    seed: int = 0,
-    method: str = "auto",
-    permute_blocks: bool = False,
     device: str = "auto",
     spatial: Mapping[str, SpatialTransform] | Callable[[np.ndarray], Mapping[str, SpatialTransform]] | None = None,
     spatial_f: Mapping[str, SpatialTransform] | Callable[[np.ndarray], Mapping[str, SpatialTransform]] | None = None,
@@ -1070,8 +1045,6 @@ def randomise(
     params: Mapping[str, Any] | None = None,
     progress: bool = True,
     runner: Runner | None = None,
-    accel: str | None = None,
-    accel_g1out: bool = False,
 ) -> PermutationTestResult:
     """File-level randomise: NIfTI and VEST in, randomise-named NIfTI out.
 
@@ -1081,6 +1054,9 @@ def randomise(
         4D image, one volume per observation (``-i``).
     output_root : path-like
         Output root (``-o``).
+    permutation : PermutationOptions, optional
+        As in :func:`prepare_permutation_test`; ``accel`` ``negbin`` and
+        ``noperm`` have no FWER p (``voxelwise`` must be False).
     design_path, contrast_path, ftest_path, groups_path : path-like, optional
         ``-d``, ``-t``, ``-f``, ``-e``.
     mask_path : path-like, optional
@@ -1092,8 +1068,8 @@ def randomise(
     one_sample : bool
         ``-1``: design is a column of ones, contrast ``[1]``, sign flipping;
         excludes ``-d``/``-t``.
-    n_perm, demean, seed, method, permute_blocks, device
-        As in :func:`run_permutation_test`.
+    device
+        As in :func:`prepare_permutation_test`.
     voxelwise, uncorrp, fdr, write_raw, params
         As in :func:`write_outputs`.
     spatial, spatial_f : mapping, or callable mask -> mapping, optional
@@ -1102,19 +1078,15 @@ def randomise(
     progress : bool, default True
     runner : callable, optional
         As in :func:`run_permutation_test` (Dask: :func:`gpuconn.stats.dask_runner.dask_runner`).
-    accel : {'tail', 'gamma', 'negbin', 'noperm'}, optional
-        As in :func:`prepare_permutation_test`; ``negbin`` and ``noperm``
-        have no FWER p (``voxelwise`` must be False).
-    accel_g1out : bool
-        As in :func:`prepare_permutation_test`.
 
     Returns
     -------
     PermutationTestResult
     """
-    if accel in _accel.NO_FWER and voxelwise:
-        raise InputError(f"--accel {accel} has no FWER p (there is no null of the maximum); drop -x, or use "
-                         "--accel tail")
+    permutation = permutation or PermutationOptions()
+    if permutation.accel in _accel.NO_FWER and voxelwise:
+        raise OptionError(f"{{accel}} {permutation.accel} has no FWER p (there is no null of the maximum); drop "
+                          "{voxelwise}, or use {accel} tail")
     img = load_image(input_path, ndim=4, what="input (-i)")
     n_obs = img.shape[3]
     if one_sample:
@@ -1134,15 +1106,14 @@ def randomise(
     spatial = spatial(mask) if callable(spatial) else spatial
     spatial_f = spatial_f(mask) if callable(spatial_f) else spatial_f
     result = run_permutation_test(
-        data, design, n_perm=n_perm, seed=seed, method=method, permute_blocks=permute_blocks,
-        demean=demean, device=device, spatial=spatial, spatial_f=spatial_f, progress=progress, runner=runner,
-        design_source=str(design_path or "-1 design"), variance_groups=vg, variance_groups_source=str(variance_groups_path),
-        accel=accel, accel_g1out=accel_g1out,
+        data, design, permutation=permutation, device=device, spatial=spatial, spatial_f=spatial_f, progress=progress,
+        runner=runner, design_source=str(design_path or "-1 design"), variance_groups=vg,
+        variance_groups_source=str(variance_groups_path),
     )
     inputs = {
         "input": str(input_path), "design_file": design_path, "contrast_file": contrast_path,
         "ftest_file": ftest_path, "groups_file": groups_path, "variance_groups_file": variance_groups_path,
-        "mask": mask_path, "one_sample": one_sample, "demean": demean,
+        "mask": mask_path, "one_sample": one_sample, "demean": permutation.demean,
         "design_matrix": design.matrix, "contrast_names": design.contrast_names,
     }
     write_outputs(result, output_root, mask, img, uncorrp=uncorrp, voxelwise=voxelwise, fdr=fdr,

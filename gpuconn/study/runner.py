@@ -63,14 +63,15 @@ from ..stats.grf import parametric_glm
 from ..stats.tables import cluster_table
 from ..stats.spatial import spatial_transforms
 from ..subject.confounds import framewise_displacement, load_motion
-from ..subject.denoise import DenoiseOptions, RunFiles, denoise_runs, prepare_run
+from ..subject.denoise import RunFiles, denoise_runs, prepare_run
 from ..subject.qc import qc_table
 from .demographics import table_one
 from .report import write_report
 from .results import corrp_path, denoised_outputs, map_keys, model_contrasts, run_dir, significant_voxels, stat_root
 from .roi_stats import roi_tests
-from .schema import FLAME_METHODS, Study, grf_options, load_study, model_design, model_table, network_names, region_names, study_regions
+from .schema import FLAME_METHODS, Study, denoise_options, grf_options, load_study, model_design, model_table, network_names, region_names, study_regions
 from .stamps import Stamps
+from ..stats.options import PermutationOptions
 
 __all__ = [
     "STEPS",
@@ -157,33 +158,10 @@ def _step_qc(ctx: _Context) -> list[Path]:
             io.write_tsv(fd, ctx.out / "qc" / "framewise_displacement.tsv", float_format="%.6g")]
 
 
-def _denoise_options(ctx: _Context):
-    s = ctx.study.section("denoise")
-    qc = ctx.study.section("qc")
-    return DenoiseOptions(
-        motion=s["motion"],
-        acompcor=s["acompcor"],
-        acompcor_mode=s["acompcor_mode"],
-        tissue_threshold=s["tissue_threshold"],
-        erode=s["erode"],
-        physio=s["physio"],
-        global_signal=s["global_signal"],
-        outlier_metric=qc["outlier_metric"],
-        outlier_threshold=qc["outlier_threshold"],
-        censor=s["censor"],
-        high_pass=s["high_pass"] or None,
-        low_pass=s["low_pass"] or None,
-        fwhm=s["fwhm"],
-        columns=tuple(s["columns"]),
-        min_dof=s["min_dof"],
-        tr=s["tr"] or None,
-    )
-
-
 def _step_denoise(ctx: _Context) -> list[Path]:
     runs = ctx.kept_runs()
     files = [RunFiles.from_run(r) for r in runs]
-    options = _denoise_options(ctx)
+    options = denoise_options(ctx.study.config, ctx.study.path)
     for run_files in files:  # every run checked (headers, lengths, columns, dof) before any output
         prepare_run(run_files, options, device=ctx.device, load_data=False)
     out_dirs = [run_dir(ctx.out, "denoise", r) for r in runs]
@@ -249,6 +227,12 @@ def _spatial(settings: dict, mask: np.ndarray, dof: int) -> dict:
         cluster_connectivity=settings["connectivity"],
     )
     return {} if factory is None else factory(mask)
+
+
+def _permutation(settings: dict) -> PermutationOptions:
+    """The rearrangements of ``[inference]`` (n_perm, seed, accel)."""
+    accel = None if settings["accel"] == "none" else settings["accel"]
+    return PermutationOptions(n_perm=settings["n_perm"], seed=settings["seed"], accel=accel)
 
 
 def _variance_groups(study: Study, model: dict, table: pd.DataFrame, settings: dict) -> np.ndarray | None:
@@ -353,8 +337,8 @@ def _step_group(ctx: _Context) -> list[Path]:
                     written += sorted(root.parent.glob(f"{root.name}_*"))
                 else:
                     result = randomise.run_permutation_test(
-                        data, design, n_perm=settings["n_perm"], seed=settings["seed"], device=ctx.device, spatial=spatial,
-                        design_source=f"model {model['name']}", accel=None if settings["accel"] == "none" else settings["accel"],
+                        data, design, permutation=_permutation(settings), device=ctx.device, spatial=spatial,
+                        design_source=f"model {model['name']}",
                         variance_groups=_variance_groups(study, model, table, settings))
                     params["cluster_t_threshold"] = cluster_t_threshold(settings["cluster_threshold"], dof)
                     written += randomise.write_outputs(result, root, mask, reference, params=params)

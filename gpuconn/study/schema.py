@@ -36,7 +36,7 @@ from ..maps.options import ICAOptions
 from ..maps.regions import sphere_regions
 from ..stats.options import GrfOptions
 from ..stats.design import build_design
-from ..subject.denoise import DenoiseOptions
+from ..subject.options import DenoiseOptions
 
 __all__ = [
     "MODEL_KINDS",
@@ -56,6 +56,7 @@ __all__ = [
     "model_table",
     "model_design",
     "grf_options",
+    "denoise_options",
 ]
 
 
@@ -101,6 +102,18 @@ def _section_options(config: dict, name: str, path: Path) -> Any:
     given = config[name]
     values = {f.name: None if f.default is None and given[f.name] == 0 else given[f.name] for f in fields(cls)}
     return _options_object(cls, values, {f.name: f"{name}.{f.name}" for f in fields(cls)}, path)
+
+
+# [qc] keys of DenoiseOptions' outlier rule; its other fields are [denoise] keys of the same names.
+_QC_FIELDS = ("outlier_metric", "outlier_threshold")
+
+
+def denoise_options(config: dict, path: Path) -> DenoiseOptions:
+    """The denoising model of a study (``[denoise]``, with the outlier rule of ``[qc]``; 0 stands for None)."""
+    values = {f.name: config["qc" if f.name in _QC_FIELDS else "denoise"][f.name] for f in fields(DenoiseOptions)}
+    values |= {name: values[name] or None for name in ("high_pass", "low_pass", "tr")} | {"columns": tuple(values["columns"])}
+    keys = {f.name: f"{'qc' if f.name in _QC_FIELDS else 'denoise'}.{f.name}" for f in fields(DenoiseOptions)}
+    return _options_object(DenoiseOptions, values, keys, path)
 
 
 # [inference] keys of GRF cluster inference (methods grf, flame1, flame12), by GrfOptions field.
@@ -349,6 +362,7 @@ def _validate(raw: dict, path: Path) -> dict:
         config[name] = [_fill(name, entry, schema, path) for entry in entries]
     for name in _OPTION_SECTIONS:
         _section_options(config, name, path)
+    denoise_options(config, path)
     _check_regions(config, path)
     _check_models(config, path)
     _check_inference(config, path)

@@ -57,7 +57,6 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import nibabel as nib
 import numpy as np
@@ -75,6 +74,7 @@ from ..core.io import (
 from ..core.prefetch import items_ahead, prefetch
 from ..core.tasks import map_tasks
 from . import confounds as cf
+from .options import DenoiseOptions
 from .physio import PHYSIO_COLUMNS, physio_confounds, physio_regressors
 
 __all__ = [
@@ -105,86 +105,6 @@ __all__ = [
 SPIKE_VOLUMES_KEY = "SpikeCensoredVolumes"
 
 _VOXEL_CHUNK = 65536  # voxels cast to float64 at a time in the projection
-
-
-@dataclass(frozen=True)
-class DenoiseOptions:
-    """What goes into the nuisance model (defaults: the reference study).
-
-    Attributes
-    ----------
-    motion : {'6', '24', 'none'}
-        Motion parameters, Friston 24 expansion, or none.
-    acompcor : int
-        Number of aCompCor components (0: none).
-    acompcor_mode : {'combined', 'separate'}
-        One PCA of WM and CSF together, or ``acompcor`` components from each.
-    tissue_threshold : float
-        Probability above which a voxel is WM/CSF.
-    erode : int
-        Erosion iterations of the tissue masks.
-    physio : {'auto', 'yes', 'no'}
-        HR/RV regressors when a recording (or per-volume ``heart_rate`` and
-        ``respiratory_volume`` confounds columns) is there, always (error
-        when absent), or never.
-    global_signal : bool
-        Add the mean signal in the brain mask.
-    outlier_metric : {'fd', 'rms', 'none'}
-        Power FD or Jenkinson relative RMS for spike detection.
-    outlier_threshold : float
-        mm; volumes above it are outliers.
-    censor : {'spikes', 'drop'}
-    high_pass : float or None
-        Hz; None for no high-pass.
-    low_pass : float or None
-        Hz; None for no low-pass.
-    fwhm : float
-        mm; 0 for no smoothing.
-    columns : tuple of str
-        Extra confound columns from the confounds TSV.
-    min_dof : int
-        Least residual degrees of freedom accepted.
-    tr : float or None
-        Repetition time (s); None reads it from the BOLD header.
-    """
-
-    motion: Literal["6", "24", "none"] = "6"
-    acompcor: int = 5
-    acompcor_mode: Literal["combined", "separate"] = "combined"
-    tissue_threshold: float = 0.9
-    erode: int = 1
-    physio: Literal["auto", "yes", "no"] = "auto"
-    global_signal: bool = False
-    outlier_metric: Literal["fd", "rms", "none"] = "fd"
-    outlier_threshold: float = 0.5
-    censor: Literal["spikes", "drop"] = "spikes"
-    high_pass: float | None = 0.006
-    low_pass: float | None = None
-    fwhm: float = 6.0
-    columns: tuple[str, ...] = ()
-    min_dof: int = 10
-    tr: float | None = None
-
-    def __post_init__(self) -> None:
-        choices = {
-            "motion": ("6", "24", "none"),
-            "acompcor_mode": ("combined", "separate"),
-            "physio": ("auto", "yes", "no"),
-            "outlier_metric": ("fd", "rms", "none"),
-            "censor": ("spikes", "drop"),
-        }
-        for name, allowed in choices.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                option = "--physio-mode" if name == "physio" else "--" + name.replace("_", "-")
-                raise InputError(f"{option} {value!r} is not one of {', '.join(allowed)}")
-        for name in ("acompcor", "erode", "fwhm", "min_dof"):
-            if getattr(self, name) < 0:
-                raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        for name in ("high_pass", "low_pass"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise InputError(f"--{name.replace('_', '-')} must be >= 0 Hz, got {value}")
 
 
 @dataclass(frozen=True)
@@ -297,7 +217,7 @@ def nuisance_design(
     confounds: pd.DataFrame,
     *,
     tr: float,
-    high_pass: float | None = 0.006,
+    high_pass: float | None,
     low_pass: float | None = None,
 ) -> pd.DataFrame:
     """Append the cosine sets and a constant to the confounds.
