@@ -69,9 +69,8 @@ from .demographics import table_one
 from .report import write_report
 from .results import corrp_path, denoised_outputs, map_keys, model_contrasts, run_dir, significant_voxels, stat_root
 from .roi_stats import roi_tests
-from .schema import FLAME_METHODS, Study, denoise_options, grf_options, load_study, model_design, model_table, network_names, region_names, study_regions
+from .schema import FLAME_METHODS, Study, denoise_options, grf_options, load_study, permutation_options, model_design, model_table, network_names, region_names, study_regions
 from .stamps import Stamps
-from ..stats.options import PermutationOptions
 
 __all__ = [
     "STEPS",
@@ -229,12 +228,6 @@ def _spatial(settings: dict, mask: np.ndarray, dof: int) -> dict:
     return {} if factory is None else factory(mask)
 
 
-def _permutation(settings: dict) -> PermutationOptions:
-    """The rearrangements of ``[inference]`` (n_perm, seed, accel)."""
-    accel = None if settings["accel"] == "none" else settings["accel"]
-    return PermutationOptions(n_perm=settings["n_perm"], seed=settings["seed"], accel=accel)
-
-
 def _variance_groups(study: Study, model: dict, table: pd.DataFrame, settings: dict) -> np.ndarray | None:
     """``[inference] variance_groups``: a two-sample model's groups (1, 2) as variance groups; else None (one group)."""
     if not settings["variance_groups"] or model["kind"] != "two-sample":
@@ -337,7 +330,7 @@ def _step_group(ctx: _Context) -> list[Path]:
                     written += sorted(root.parent.glob(f"{root.name}_*"))
                 else:
                     result = randomise.run_permutation_test(
-                        data, design, permutation=_permutation(settings), device=ctx.device, spatial=spatial,
+                        data, design, permutation=permutation_options(settings, study.path), device=ctx.device, spatial=spatial,
                         design_source=f"model {model['name']}",
                         variance_groups=_variance_groups(study, model, table, settings))
                     params["cluster_t_threshold"] = cluster_t_threshold(settings["cluster_threshold"], dof)

@@ -34,7 +34,7 @@ from ..core.errors import InputError, OptionError
 from ..maps import ROI_RADIUS_MM, SEED_RADIUS_MM
 from ..maps.options import ICAOptions
 from ..maps.regions import sphere_regions
-from ..stats.options import GrfOptions
+from ..stats.options import GrfOptions, PermutationOptions
 from ..stats.design import build_design
 from ..subject.options import DenoiseOptions
 
@@ -57,6 +57,7 @@ __all__ = [
     "model_design",
     "grf_options",
     "denoise_options",
+    "permutation_options",
 ]
 
 
@@ -114,6 +115,13 @@ def denoise_options(config: dict, path: Path) -> DenoiseOptions:
     values |= {name: values[name] or None for name in ("high_pass", "low_pass", "tr")} | {"columns": tuple(values["columns"])}
     keys = {f.name: f"{'qc' if f.name in _QC_FIELDS else 'denoise'}.{f.name}" for f in fields(DenoiseOptions)}
     return _options_object(DenoiseOptions, values, keys, path)
+
+
+def permutation_options(inference: dict, path: Path) -> PermutationOptions:
+    """The rearrangements of a study's permutation methods (``[inference]`` n_perm, seed, accel)."""
+    values = {"n_perm": inference["n_perm"], "seed": inference["seed"],
+              "accel": None if inference["accel"] == "none" else inference["accel"]}
+    return _options_object(PermutationOptions, values, {name: f"inference.{name}" for name in values}, path)
 
 
 # [inference] keys of GRF cluster inference (methods grf, flame1, flame12), by GrfOptions field.
@@ -472,7 +480,9 @@ def _check_inference(config: dict, path: Path) -> None:
         raise InputError(f"{path}: inference.connectivity must be 6, 18 or 26, got {inference['connectivity']}")
     if not 0 < inference["alpha"] < 1:
         raise InputError(f"{path}: inference.alpha must be between 0 and 1, got {inference['alpha']}")
-    if inference["method"] in ("grf", *FLAME_METHODS):
+    if inference["method"] not in ("grf", *FLAME_METHODS):
+        permutation_options(inference, path)
+    else:
         grf_options(inference, path)
         given = [key for key, off in (("accel", "none"), ("variance_groups", False), ("correct_across", "none"))
                  if inference[key] != off]
