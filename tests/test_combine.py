@@ -264,7 +264,7 @@ def test_bad_inputs_are_refused_by_name(tmp_path, rng):
         randomise_inputs(paths[:1], tmp_path / "o", npc="fisher", **options)
     with pytest.raises(InputError, match="--corrmod works across several inputs"):
         randomise_inputs(paths[:1], tmp_path / "o", corrmod=True, **options)
-    with pytest.raises(InputError, match="--npc 'min' is not one of"):
+    with pytest.raises(InputError, match="^npc 'min' is not one of"):
         randomise_inputs(paths, tmp_path / "o", npc="min", **options)
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     nib.save(nib.Nifti1Image(rng.normal(size=(5, 6, 4, 16)).astype(np.float32), affine), tmp_path / "grid.nii.gz")

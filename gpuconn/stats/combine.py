@@ -59,7 +59,7 @@ import torch
 from scipy import special
 
 from ..core.backend import run_chunked, to_numpy
-from ..core.errors import InputError
+from ..core.errors import InputError, OptionError
 from ..core.io import load_image, provenance, save_image, unmask, write_json, write_text
 from ..core.progress import progress_bar
 from .randomise import (
@@ -181,7 +181,12 @@ def combine_statistics(z: torch.Tensor, method: str) -> torch.Tensor:
         return z.sum(0) / math.sqrt(z.shape[0])
     if method == "tippett":
         return z.amax(0)
-    raise InputError(f"--npc {method!r} is not one of {', '.join(NPC_METHODS)}")
+    raise ValueError(f"unknown combining method {method!r}; one of {', '.join(NPC_METHODS)}")
+
+
+def _check_npc(method: str) -> None:
+    if method not in NPC_METHODS:
+        raise OptionError(f"{{npc}} {method!r} is not one of {', '.join(NPC_METHODS)}")
 
 
 def _combined_parametric_p(stat: np.ndarray, method: str, n_inputs: int) -> np.ndarray:
@@ -244,8 +249,7 @@ def npc_test(prepared: Sequence[PreparedTest], method: str, *, progress: bool = 
     list of CombinedResult
         One per contrast, in the prepared tests' order.
     """
-    if method not in NPC_METHODS:
-        raise InputError(f"--npc {method!r} is not one of {', '.join(NPC_METHODS)}")
+    _check_npc(method)
     if len(prepared) < 2:
         raise InputError("--npc combines several inputs; give two or more -i images")
     _check_same_test(prepared)
@@ -452,8 +456,8 @@ def randomise_inputs(
     input_paths = list(input_paths)
     root = str(output_root)
     n_inputs = len(input_paths)
-    if npc is not None and npc not in NPC_METHODS:
-        raise InputError(f"--npc {npc!r} is not one of {', '.join(NPC_METHODS)}")
+    if npc is not None:
+        _check_npc(npc)
     _check_inputs(input_paths, options.get("mask_path"), corrmod=corrmod, npc=npc)
     record = {"inputs": [str(p) for p in input_paths], "corrcon": corrcon, "corrmod": corrmod, "npc": npc,
               "save_parametric": save_parametric}
