@@ -515,6 +515,7 @@ def prepare_permutation_test(
         permute=do_permute, flip=do_flip, blocks=groups,
         whole_blocks=permute_blocks, blocks_source="exchangeability blocks (-e)",
     )
+    accel = _check_accel(permutation, scheme, labels is not None, spatial, spatial_f)  # before the residualising
     invariant = _invariant_vectors(scheme)
     values = as_data(data_t, device)
     identity = torch.arange(scheme.n_obs, device=device)[None]
@@ -541,8 +542,7 @@ def prepare_permutation_test(
                                          {k: v[0] for k, v in spatial_observed.items()}, **extra))
     del values
     chunk = plan_chunk(contrasts_state, device, scheme.n_perm) if chunk is None else chunk
-    return PreparedTest(contrasts_state, scheme, device, int(chunk), variance_groups=labels,
-                        accel=_check_accel(permutation, scheme, labels is not None, spatial, spatial_f))
+    return PreparedTest(contrasts_state, scheme, device, int(chunk), variance_groups=labels, accel=accel)
 
 
 def _check_accel(permutation: PermutationOptions, scheme: PermutationScheme, variance_groups: bool,
