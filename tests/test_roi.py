@@ -47,8 +47,11 @@ def test_roi_connectivity_batched_is_exactly_symmetric_with_a_constant_roi(rng):
     weights = np.zeros((4, 40), dtype=np.float32)
     for roi in range(4):
         weights[roi, roi * 10 : roi * 10 + 10] = 0.1
-    with pytest.warns(RuntimeWarning, match="seed time series are constant"):
+    with pytest.warns(RuntimeWarning) as caught:
         r, z, _ = roi_connectivity(torch.from_numpy(data), torch.from_numpy(weights))
+    # one warning per batch, naming ROIs (not voxels, not a second "seed" warning for the same ROI)
+    assert [str(w.message) for w in caught] == [
+        "data: 3 ROI(s) have a constant time series; their r, z and beta are set to 0"]
     r, z = r.numpy(), z.numpy()
     assert r.shape == (3, 4, 4)
     assert np.array_equal(r, r.transpose(0, 2, 1)) and np.array_equal(z, z.transpose(0, 2, 1), equal_nan=True)

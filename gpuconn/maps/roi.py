@@ -69,7 +69,7 @@ def roi_connectivity(data: torch.Tensor, weights: torch.Tensor, *, source: str =
     timeseries = region_means(data, weights)  # (..., R, T)
     n_rois = weights.shape[0]
     eye = torch.eye(n_rois, dtype=data.dtype, device=data.device)
-    r = correlate_seeds(timeseries.transpose(-1, -2), eye, source=source).r
+    r = correlate_seeds(timeseries.transpose(-1, -2), eye, source=source, names=("ROI", None)).r
     r = (r + r.transpose(-1, -2)) / 2
     diagonal = torch.eye(n_rois, dtype=torch.bool, device=r.device)
     r = r.masked_fill(diagonal, 1.0)

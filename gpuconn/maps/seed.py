@@ -100,7 +100,8 @@ def _centre(x: torch.Tensor) -> _Columns:
     return _Columns(mean, centred, norm, inverse, constant)
 
 
-def correlate_seeds(data: torch.Tensor, weights: torch.Tensor, *, source: str = "data") -> SeedMaps:
+def correlate_seeds(data: torch.Tensor, weights: torch.Tensor, *, source: str = "data",
+                    names: tuple[str, str | None] = ("voxel", "seed")) -> SeedMaps:
     """Pearson correlation of mean seed time series with every voxel, batched.
 
     Parameters
@@ -112,6 +113,11 @@ def correlate_seeds(data: torch.Tensor, weights: torch.Tensor, *, source: str = 
         Seed averaging weights (:func:`gpuconn.maps.regions.region_weights`), same device.
     source : str
         Named in warnings (a file or subject label).
+    names : (str, str or None), default ('voxel', 'seed')
+        What the data's columns and the seeds are, as the constant-series
+        warnings name them; None for the seeds when they are the columns
+        themselves (ROI-to-ROI matrices), so that a constant one is
+        reported once.
 
     Returns
     -------
@@ -138,16 +144,17 @@ def correlate_seeds(data: torch.Tensor, weights: torch.Tensor, *, source: str = 
     seed_centred = region_means(voxels.centred, weights)  # (..., S, T)
     timeseries = seed_centred + region_means(voxels.mean, weights)
     seeds = _centre(seed_centred.transpose(-1, -2))  # (..., T, S)
+    columns, seed_name = names
     if bool(voxels.constant.any()):
         count = int(voxels.constant.sum())
         warnings.warn(
-            f"{source}: {count} voxel(s) have a constant time series; their r, z and beta are set to 0",
+            f"{source}: {count} {columns}(s) have a constant time series; their r, z and beta are set to 0",
             RuntimeWarning,
             stacklevel=2,
         )
-    if bool(seeds.constant.any()):
+    if seed_name is not None and bool(seeds.constant.any()):
         warnings.warn(
-            f"{source}: {int(seeds.constant.sum())} seed time series are constant; their maps are set to 0",
+            f"{source}: {int(seeds.constant.sum())} {seed_name} time series are constant; their maps are set to 0",
             RuntimeWarning,
             stacklevel=2,
         )
