@@ -70,6 +70,7 @@ def _assert_same(a, b):
 def test_randomise_chunks_on_dask_equal_one_process(client, two_sample, task_chunk):
     data, design, contrasts = two_sample
     kw = dict(ftests=np.array([[1, 1]]), permutation=PermutationOptions(n_perm=300, seed=4), device="cpu")
+    client.wait_for_workers(2, timeout=60)  # a worker its nanny restarted (a loaded machine) is back before sizing
     single = run_permutation_test(data, design, contrasts, **kw)
     runner = gd.dask_runner(client, device="cpu", chunk=task_chunk)
     spread = run_permutation_test(data, design, contrasts, **kw, runner=runner)

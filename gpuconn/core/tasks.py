@@ -106,7 +106,8 @@ def dask_client(*, scheduler: str | None = None, workers: int | None = None, tim
         Start a local cluster of this many worker processes (``--workers``),
         one thread each; closed when the block ends.
     timeout : float, default 30
-        Seconds to wait for the scheduler and for a first worker.
+        Seconds to wait for the scheduler and its first worker, or for every
+        worker of a local cluster.
 
     Yields
     ------
@@ -142,6 +143,7 @@ def dask_client(*, scheduler: str | None = None, workers: int | None = None, tim
         else:
             cluster = stack.enter_context(_local_cluster(distributed, workers))
             client = stack.enter_context(distributed.Client(cluster))
+            client.wait_for_workers(workers, timeout=timeout)  # every worker counted when tasks are sized
         yield client
 
 
