@@ -1,4 +1,4 @@
-"""The package layout: imports go only down the layers, and no module imports itself back.
+"""The package layout: imports go only down the layers, no module imports itself back, and no module reaches into another's private names.
 
 Layers, lowest first: ``core`` (devices, I/O, errors, Dask plumbing),
 ``subject`` (confounds, physio, QC, denoising), ``stats`` (group statistics;
@@ -14,6 +14,7 @@ import ast
 from pathlib import Path
 
 import gpuconn
+import gpuconn.cli
 
 PACKAGE = Path(gpuconn.__file__).parent
 LAYERS = {"gpuconn": 0, "core": 0, "subject": 1, "stats": 2, "maps": 3, "study": 4}
@@ -83,3 +84,32 @@ def test_no_import_cycle():
     for name in sorted(graph):
         if name not in state:
             visit(name, [name])
+
+
+def _private_uses(path: Path) -> list[str]:
+    """Private names (``_x``) this file takes from a gpuconn module: imported, or read as ``module._x``."""
+    tree = ast.parse(path.read_text())
+    modules = set()  # local names bound to gpuconn modules
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("gpuconn")):
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append(f"{path.name}:{node.lineno} imports {alias.name}")
+                else:
+                    modules.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            modules |= {alias.asname or alias.name.split(".")[0] for alias in node.names if alias.name.startswith("gpuconn")}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name) and node.value.id in modules):
+            found.append(f"{path.name}:{node.lineno} reads {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_module_uses_another_modules_private_names():
+    """Seams between modules are public names (the issue's ``_host``/``_run_loop``/``_as_batch`` kind of reach-in)."""
+    cli = Path(gpuconn.cli.__file__).parent  # installed as gpuconn.cli, from the repository's cli/
+    paths = set(PACKAGE.rglob("*.py")) | set(cli.glob("*.py"))
+    found = [use for path in sorted(paths) for use in _private_uses(path)]
+    assert not found, found

@@ -67,7 +67,7 @@ from .randomise import (
     PermutationTestResult,
     PreparedTest,
     Runner,
-    _fwe_p,
+    fwe_p,
     analysis_mask,
     chunk_rearrangements,
     contrast_statistics,
@@ -165,8 +165,8 @@ def fwe_across(group: Sequence[ContrastResult]) -> list[tuple[np.ndarray, dict[s
     for c in group:
         for key, mapped in c.spatial.items():
             spatial_null[key] = np.maximum(spatial_null.get(key, mapped.null_max), mapped.null_max)
-    return [(_fwe_p(null, observed_z(c)),
-             {key: _fwe_p(spatial_null[key], mapped.stat) for key, mapped in c.spatial.items()}) for c in group]
+    return [(fwe_p(null, observed_z(c)),
+             {key: fwe_p(spatial_null[key], mapped.stat) for key, mapped in c.spatial.items()}) for c in group]
 
 
 def combine_statistics(z: torch.Tensor, method: str) -> torch.Tensor:
@@ -281,7 +281,7 @@ def npc_test(prepared: Sequence[PreparedTest], method: str, *, progress: bool = 
         stat = to_numpy(observed[j])
         null_max = np.concatenate(maxima[j])
         results.append(CombinedResult(
-            name, method, n_inputs, stat, to_numpy(counts[j]).astype(np.float64) / n_perm, _fwe_p(null_max, stat),
+            name, method, n_inputs, stat, to_numpy(counts[j]).astype(np.float64) / n_perm, fwe_p(null_max, stat),
             _combined_parametric_p(stat, method, n_inputs), null_max))
     return results
 
@@ -293,7 +293,7 @@ def combined_fwe_across(combined: Sequence[CombinedResult]) -> list[np.ndarray]:
     contrasts are on one scale.
     """
     null = np.max([r.null_max for r in combined], axis=0)
-    return [_fwe_p(null, r.stat) for r in combined]
+    return [fwe_p(null, r.stat) for r in combined]
 
 
 class _Writer:

@@ -53,6 +53,7 @@ __all__ = [
     "partition",
     "contrast_model",
     "residualise",
+    "permuted_rows",
     "permuted_statistics",
     "glm_statistic",
 ]
@@ -223,7 +224,7 @@ def residualise(
     return residuals, sum_squares
 
 
-def _permuted_rows(rows: torch.Tensor, orders: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+def permuted_rows(rows: torch.Tensor, orders: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """Stack ``Q' P`` for a chunk of rearrangements, shape (n_perm * k, n_obs), float64.
 
     ``(P e)[j] = signs[j] * e[orders[j]]``, so column ``i`` of ``Q' P`` is
@@ -267,7 +268,7 @@ def permuted_statistics(
     """
     n_perm = orders.shape[0]
     k = model.rows.shape[0]
-    proj = (_permuted_rows(model.rows, orders, signs) @ residuals).view(n_perm, k, -1)
+    proj = (permuted_rows(model.rows, orders, signs) @ residuals).view(n_perm, k, -1)
     explained = proj[:, 0] * proj[:, 0]
     for j in range(1, model.rank):
         explained.addcmul_(proj[:, j], proj[:, j])

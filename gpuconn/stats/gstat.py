@@ -73,8 +73,8 @@ import torch
 
 from ..core.backend import DATA_DTYPE, DESIGN_DTYPE, as_design, to_numpy
 from ..core.errors import InputError
-from .glm import ContrastModel, _permuted_rows
-from .zstat import _log_betainc_cf, _z_from_log_p, f_to_z, t_to_z
+from .glm import ContrastModel, permuted_rows
+from .zstat import log_betainc_cf, z_from_log_p, f_to_z, t_to_z
 
 __all__ = [
     "GroupModel",
@@ -322,9 +322,9 @@ def permuted_g(
     """
     n_perm = orders.shape[0]
     n_groups, k, s = groups.n_groups, model.rows.shape[0], model.rank
-    parts = (_permuted_rows(groups.rows, orders, signs) @ residuals).view(n_perm, n_groups, k, -1)
+    parts = (permuted_rows(groups.rows, orders, signs) @ residuals).view(n_perm, n_groups, k, -1)
     proj = parts.sum(1)
-    squares = _permuted_rows(groups.members, orders, torch.ones_like(signs)) @ residuals.square()
+    squares = permuted_rows(groups.members, orders, torch.ones_like(signs)) @ residuals.square()
     fitted = torch.einsum("bij,pjv->pbiv", groups.moving_gram, proj)
     rss = squares.view(n_perm, n_groups, -1) - (proj[:, None] * (2.0 * parts - fitted)).sum(2)
     del parts, fitted, squares
@@ -367,10 +367,10 @@ def _log_beta_tails(x: torch.Tensor, x_c: torch.Tensor, a: torch.Tensor, b: torc
     lower, upper = torch.empty_like(x), torch.empty_like(x)
     front = x < (a + 1.0) / (a + b + 2.0)
     if bool(front.any()):
-        lower[front] = _log_betainc_cf(x[front], log_xc[front], a[front], b[front])
+        lower[front] = log_betainc_cf(x[front], log_xc[front], a[front], b[front])
     back = ~front
     if bool(back.any()):
-        upper[back] = _log_betainc_cf(x_c[back], log_x[back], b[back], a[back])
+        upper[back] = log_betainc_cf(x_c[back], log_x[back], b[back], a[back])
     lower[back] = torch.log1p(-torch.exp(upper[back]))
     upper[front] = torch.log1p(-torch.exp(lower[front]))
     return lower, upper
@@ -383,14 +383,14 @@ def _g_to_z_device(g: torch.Tensor, df2: torch.Tensor, kind: str, rank: int) -> 
         square = g * g
         half = torch.full_like(g, 0.5)
         log_p = _log_beta_tails(df2 / (df2 + square), square / (df2 + square), df2 / 2, half)[0] + np.log(0.5)
-        return torch.sign(g) * _z_from_log_p(log_p) + 0.0  # + 0.0: no -0.0
+        return torch.sign(g) * z_from_log_p(log_p) + 0.0  # + 0.0: no -0.0
     scaled = rank * g.clamp_min(0.0)
     log_p, log_q = _log_beta_tails(df2 / (df2 + scaled), scaled / (df2 + scaled), df2 / 2,
                                    torch.full_like(g, rank / 2))
     upper = log_p <= np.log(0.5)
-    z = _z_from_log_p(torch.where(upper, log_p, np.log(0.5)))
+    z = z_from_log_p(torch.where(upper, log_p, np.log(0.5)))
     # P(F > G) near 1: z from the lower tail, floored at p = 1 - 2**-53 as f_to_z.
-    low = -_z_from_log_p(torch.where(upper, np.log(0.5), log_q.clamp_min(-53 * np.log(2.0))))
+    low = -z_from_log_p(torch.where(upper, np.log(0.5), log_q.clamp_min(-53 * np.log(2.0))))
     return torch.where(upper, z, low)
 
 

@@ -112,6 +112,7 @@ __all__ = [
     "Runner",
     "ChunkMerger",
     "merge_chunk_outputs",
+    "fwe_p",
     "run_permutation_test",
     "prepare_permutation_test",
     "evaluate_chunk",
@@ -344,8 +345,20 @@ def _spatial_maps(
     return out
 
 
-def _fwe_p(null_max: np.ndarray, observed: np.ndarray) -> np.ndarray:
-    """``#{i : null_max[i] >= observed[v]} / n`` for every voxel."""
+def fwe_p(null_max: np.ndarray, observed: np.ndarray) -> np.ndarray:
+    """Family-wise error p of every voxel from the null distribution of the maximum.
+
+    Parameters
+    ----------
+    null_max : ndarray, shape (n_perm,)
+        The maximum statistic of each rearrangement (the unpermuted one included).
+    observed : ndarray, shape (n_voxels,)
+
+    Returns
+    -------
+    ndarray of float64
+        ``#{i : null_max[i] >= observed[v]} / n_perm`` for every voxel ``v``.
+    """
     ordered = np.sort(null_max)
     return (ordered.size - np.searchsorted(ordered, observed, side="left")) / ordered.size
 
@@ -865,7 +878,7 @@ def _p_values(c: _Contrast, key: str, observed: np.ndarray, n_perm: int, counts:
     """Uncorrected and FWER p of one statistic: counted, or from the acceleration's fits."""
     count = to_host(counts[(c.name, key)])
     if accel is None:
-        return count.astype(np.float64) / n_perm, _fwe_p(null_max, observed)
+        return count.astype(np.float64) / n_perm, fwe_p(null_max, observed)
     if accel.mode == "negbin":
         no_fwer = np.full(observed.shape, np.nan)
         return _accel.negbin_p(count, to_host(state["stopped"]), n_perm, accel.negbin_r), no_fwer

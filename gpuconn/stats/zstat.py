@@ -9,6 +9,9 @@
   incomplete-beta continued fraction in float64 on the device; on the CPU
   SciPy, with the device formula for tails below ``1e-300``; used by dual
   regression's stage-2 Z maps.
+- :func:`log_betainc_cf` and :func:`z_from_log_p`, the device formula's
+  parts, are shared with the variance-group statistics
+  (:mod:`gpuconn.stats.gstat`), whose degrees of freedom vary by voxel.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 import torch
 from scipy import special
 
-__all__ = ["t_to_z", "f_to_z", "t_to_z_tensor"]
+__all__ = ["t_to_z", "f_to_z", "t_to_z_tensor", "log_betainc_cf", "z_from_log_p"]
 
 # Lowest z: that of p = 1 - 2**-53 (F = 0 has p = 1 and z = -inf).
 _MAX_LOG_SF = float(np.log1p(-(2.0**-53)))
@@ -114,7 +117,7 @@ def _two_sided_central(y: torch.Tensor, s: torch.Tensor, dof: int) -> torch.Tens
 
 
 
-def _log_betainc_cf(
+def log_betainc_cf(
     x: torch.Tensor, log_1mx: torch.Tensor, a: float | torch.Tensor, b: float | torch.Tensor
 ) -> torch.Tensor:
     """``log I_x(a, b)`` by the continued fraction (modified Lentz), for ``x < (a+1)/(a+b+2)``.
@@ -152,7 +155,7 @@ def _log_betainc_cf(
 
 
 
-def _z_from_log_p(log_p: torch.Tensor) -> torch.Tensor:
+def z_from_log_p(log_p: torch.Tensor) -> torch.Tensor:
     """The upper-tail normal deviate ``z`` with ``log P(Z > z) = log_p`` (``log_p <= log 0.5``)."""
     z = -torch.special.ndtri(torch.exp(log_p.clamp(min=_LOG_P_FLOOR)))
     deep = log_p < _LOG_P_FLOOR
@@ -186,8 +189,8 @@ def _t_to_z_series(t: torch.Tensor, dof: int) -> torch.Tensor:
     tail = two_sided < 1e-3
     if bool(tail.any()):
         at, rt = a[tail], r2[tail]
-        log_p[tail] = _log_betainc_cf(dof / rt, 2.0 * torch.log(at) - torch.log(rt), dof / 2.0, 0.5) - math.log(2.0)
-    return (torch.sign(tt) * _z_from_log_p(log_p) + 0.0).to(t.dtype)  # + 0.0: no -0.0
+        log_p[tail] = log_betainc_cf(dof / rt, 2.0 * torch.log(at) - torch.log(rt), dof / 2.0, 0.5) - math.log(2.0)
+    return (torch.sign(tt) * z_from_log_p(log_p) + 0.0).to(t.dtype)  # + 0.0: no -0.0
 
 
 
