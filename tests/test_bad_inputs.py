@@ -378,6 +378,11 @@ def _cases() -> list[Case]:
              lambda ws: _confounds_case(ws, lambda t: t.assign(trans_x=t.trans_x.where(t.index != 7))),
              expect=("bad_confounds",)),
         Case("dim-above-volumes", "ica-run", extra=[("-d", "500")], expect=("--dim",)),
+        # option values checked by the options objects: the message names the flag typed (the study: its key)
+        Case("batch-below-1", "dualreg", extra=[("--batch", "0")], expect=("--batch must be at least 1, got 0",)),
+        Case("dualreg-batch-below-1", "study-run",
+             lambda ws: {"study": _text(ws, "bad.toml", ws["study"].read_text() + "\n[dualreg]\nbatch_size = -1\n")},
+             expect=("bad.toml: dualreg.batch_size must be at least 1, got -1",)),
         Case("seed-outside-grid", "seed", extra=[("--seed-coord", "300,0,0")], expect=("300",)),
         Case("roi-outside-grid", "roi", extra=[("--roi-coord", "300,0,0")], expect=("300",)),
         Case("atlas-without-label-in-table", "roi",

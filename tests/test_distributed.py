@@ -380,12 +380,14 @@ def _dualreg_outputs(folder: Path) -> dict[str, object]:
 @pytest.mark.parametrize("batch_size", [None, 2])
 def test_dualreg_on_dask_equals_one_process(client, dualreg_inputs, tmp_path, batch_size):
     from gpuconn.maps.dualreg import dual_regression
+    from gpuconn.maps.options import DualRegOptions
 
     maps, bolds = dualreg_inputs
     with _one_thread():  # as a worker: stage 1 reduces over voxels, which MKL splits across threads
-        local = dual_regression(maps, bolds, tmp_path / "single", device="cpu", batch_size=batch_size or 1)
-    dual_regression(maps, bolds, tmp_path / "threads", device="cpu", batch_size=batch_size or 1)
-    spread = dual_regression(maps, bolds, tmp_path / "dask", device="cpu", batch_size=batch_size, client=client)
+        local = dual_regression(maps, bolds, tmp_path / "single", DualRegOptions(batch_size=batch_size or 1), device="cpu")
+    dual_regression(maps, bolds, tmp_path / "threads", DualRegOptions(batch_size=batch_size or 1), device="cpu")
+    spread = dual_regression(maps, bolds, tmp_path / "dask", DualRegOptions(batch_size=batch_size), device="cpu",
+                             client=client)
     assert spread == replace(local, out_dir=tmp_path / "dask", mask=tmp_path / "dask" / "mask.nii.gz",
                              **{f: [tmp_path / "dask" / p.name for p in getattr(local, f)]
                                 for f in ("stage1", "stage2", "stage2_z", "components")})
@@ -405,11 +407,13 @@ def test_dualreg_on_dask_equals_one_process(client, dualreg_inputs, tmp_path, ba
 def test_dualreg_varcb_on_dask_equals_one_process(client, dualreg_inputs, tmp_path):
     """--out-varcb in Dask tasks: the same files, bit for bit, as one process."""
     from gpuconn.maps.dualreg import dual_regression
+    from gpuconn.maps.options import DualRegOptions
 
     maps, bolds = dualreg_inputs
     with _one_thread():  # as a worker
-        dual_regression(maps, bolds, tmp_path / "single", device="cpu", batch_size=1, varcb=True)
-    dual_regression(maps, bolds, tmp_path / "dask", device="cpu", batch_size=1, client=client, varcb=True)
+        dual_regression(maps, bolds, tmp_path / "single", DualRegOptions(batch_size=1, varcb=True), device="cpu")
+    dual_regression(maps, bolds, tmp_path / "dask", DualRegOptions(batch_size=1, varcb=True), device="cpu",
+                    client=client)
     a, b = _dualreg_outputs(tmp_path / "single"), _dualreg_outputs(tmp_path / "dask")
     varcb = [name for name in a if name.endswith("_varcb.nii.gz")]
     assert a.keys() == b.keys() and len(varcb) == len(bolds)

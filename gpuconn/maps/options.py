@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ..core.errors import OptionError
 
-__all__ = ["ICAOptions"]
+__all__ = ["ICAOptions", "DualRegOptions"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,3 +72,55 @@ class ICAOptions:
     def internal_components(self) -> int:
         """MIGP rows kept between subjects (``internal_dim`` or its default)."""
         return self.internal_dim or max(5 * self.dim, 50)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DualRegOptions:
+    """Dual regression settings: their one home for the library, ``gpuconn dualreg`` and ``[dualreg]``.
+
+    Taken by :func:`gpuconn.maps.dualreg.dual_regression`; the input files
+    (maps, subjects, mask, stage-3 design and contrasts) stay its arguments.
+    A study's ``[dualreg]`` section sets the stage-1/2 fields; the study's
+    models do the group statistics, so its stage 3 stays off.
+
+    Attributes
+    ----------
+    des_norm : bool, default True
+        Scale each stage-2 regressor to unit standard deviation (FSL's
+        ``des_norm`` 1); changes the betas, not the Z maps.
+    varcb : bool, default False
+        Also write ``dr_stage2_subjectNNNNN_varcb.nii.gz``, the variances of
+        the stage-2 betas (``fsl_glm --out_varcb``), varcopes for ``gpuconn flame``.
+    batch_size : int, optional
+        Subjects per device batch; default from free memory (at most 32 on
+        CUDA, 4 on CPU). With a Dask client: subjects per task (default 1).
+    n_perm : int, default 0
+        Stage 3, as dual_regression: 0 skips it; 1 writes raw t maps only
+        (``randomise -n 1``); more runs randomise with TFCE on every
+        ``dr_stage2_icNNNN``.
+    seed : int, default 0
+        Seed of stage 3's permutations.
+    one_sample : bool, default False
+        Stage 3 as a group-mean test (dual_regression's ``-1``) instead of a
+        design.
+
+    Raises
+    ------
+    OptionError
+        ``batch_size`` below 1 or a negative ``n_perm``. Whether stage 3 has
+        its design is checked by :func:`~gpuconn.maps.dualreg.dual_regression`,
+        which holds the design's files.
+    """
+
+    des_norm: bool = True
+    varcb: bool = False
+    batch_size: int | None = None
+    n_perm: int = 0
+    seed: int = 0
+    one_sample: bool = False
+
+    def __post_init__(self):
+        if self.batch_size is not None and self.batch_size < 1:
+            raise OptionError(f"{{batch_size}} must be at least 1, got {self.batch_size}")
+        if self.n_perm < 0:
+            raise OptionError(f"{{n_perm}} must be 0 (no randomise), 1 (raw t maps) or more, got {self.n_perm}")
