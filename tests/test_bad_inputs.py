@@ -378,7 +378,17 @@ def _cases() -> list[Case]:
              lambda ws: _confounds_case(ws, lambda t: t.assign(trans_x=t.trans_x.where(t.index != 7))),
              expect=("bad_confounds",)),
         Case("dim-above-volumes", "ica-run", extra=[("-d", "500")], expect=("--dim",)),
-        # option values checked by the options objects: the message names the flag typed (the study: its key)
+        # option values checked by the options objects (and the maps library): the message names the flag typed
+        Case("mirror-with-bilateral", "seed", extra=[("--mirror", None), ("--bilateral", None)],
+             expect=("--mirror (separate mirrored region) and --bilateral (union with the mirror) exclude each other",)),
+        Case("coord-not-xyz", "seed", extra=[("--seed-coord", "1,2")],
+             expect=("--seed-coord '1,2' is not x,y,z in mm; write it as e.g. --seed-coord -18,-38,72",)),
+        Case("radius-not-per-coordinate", "roi",
+             argv=["roi", "extract", "{maps}", "--roi-coord", "0,0,0", "--roi-coord", "1,1,1", "--radius", "4",
+                   "--radius", "5", "--radius", "6", "-o", "{out}/roi.tsv"],
+             expect=("--radius was given 3 times for 2 --roi-coord",)),
+        Case("label-not-atlas-label", "roi", extra=[("--roi-label", "atlas.nii.gz")],
+             expect=("--roi-label 'atlas.nii.gz' must be ATLAS:LABEL, e.g. --roi-label atlas.nii.gz:7",)),
         Case("batch-below-1", "dualreg", extra=[("--batch", "0")], expect=("--batch must be at least 1, got 0",)),
         Case("dualreg-batch-below-1", "study-run",
              lambda ws: {"study": _text(ws, "bad.toml", ws["study"].read_text() + "\n[dualreg]\nbatch_size = -1\n")},

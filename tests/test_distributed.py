@@ -247,10 +247,10 @@ def _one_thread():
 def test_seed_maps_on_dask_equal_one_process(client, study, tmp_path):
     from gpuconn.maps.series import bold_inputs
     from gpuconn.maps.seed import compute_seed_maps
+    from gpuconn.maps.options import RegionOptions
     from gpuconn.maps.regions import regions_from_options
 
-    regions = regions_from_options(coords=["-18,-38,72", "0,-52,26"], radii=[8.0], names=["S1back", "PCC"],
-                                   mirror="none", table=None, masks=[], labels=[], what="seed")
+    regions = regions_from_options(RegionOptions(coords=["-18,-38,72", "0,-52,26"], radii=[8.0], names=["S1back", "PCC"]))
     inputs = bold_inputs(derivatives=study.root, participant_label=["001", "004"], desc="preproc")
     kw = dict(stats=["r", "z", "beta"], device="cpu", params={"command": "test"})
     with _one_thread():  # as a worker: the seed means reduce over voxels, which MKL splits across threads
