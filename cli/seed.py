@@ -50,7 +50,7 @@ def seed(
     atlas_labels: AtlasLabels = None,
     layout: Annotated[str, typer.Option("--layout", help="subject: a 4D file per run (a volume per seed); seed: a 4D file per seed (a volume per run, for randomise).")] = "subject",
     beta: Annotated[bool, Flag("--beta", help="Also write regression beta maps (voxel on seed).")] = False,
-    glm: Annotated[str | None, typer.Option("--glm", help="GLM mode (film or none prewhitening): cope/varcope/tstat/zstat per run and seed instead of r/z.")] = None,
+    prewhiten: Annotated[str | None, typer.Option("--glm", help="GLM mode (film or none prewhitening): cope/varcope/tstat/zstat per run and seed instead of r/z.")] = None,
     device: Device = "auto",
     dask_scheduler: DaskScheduler = None,
     workers: Workers = None,
@@ -69,11 +69,11 @@ def seed(
         inputs += bold_inputs(
             bold=bold, mask=mask, derivatives=derivatives, participant_label=participant_label, desc=bold_desc, space=space
         )
-    if glm is not None:  # first-level GLM mode (gpuconn.maps.firstlevel): inputs for gpuconn flame
+    if prewhiten is not None:  # first-level GLM mode (gpuconn.maps.firstlevel): inputs for gpuconn flame
         from gpuconn.maps.firstlevel import seed_glm_maps
 
-        written = seed_glm_maps(inputs, regions, out, prewhiten=glm, device=device, params={"command": "gpuconn seed --glm", "atlas_labels": atlas_labels})
-        typer.echo(f"gpuconn seed --glm {glm}: {len(regions)} seed(s) x {len(inputs)} run(s) -> {len(written)} file(s) in {out}")
+        written = seed_glm_maps(inputs, regions, out, prewhiten=prewhiten, device=device, params={"command": "gpuconn seed --glm", "atlas_labels": atlas_labels})
+        typer.echo(f"gpuconn seed --glm {prewhiten}: {len(regions)} seed(s) x {len(inputs)} run(s) -> {len(written)} file(s) in {out}")
         return
     stats = ["r", "z"] + (["beta"] if beta else [])
     params = {"command": "gpuconn seed", "layout": layout, "atlas_labels": atlas_labels}

@@ -265,7 +265,7 @@ def test_seed_maps_on_dask_equal_one_process(client, study, tmp_path):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
         if name.endswith(".nii.gz"):  # another thread count: float32 sums over ~1000 voxels in another order
             np.testing.assert_allclose(b[name], c[name], rtol=1e-5, atol=1e-5, err_msg=name)
-    with pytest.raises(InputError, match="--layout seed stacks every run"):
+    with pytest.raises(InputError, match="^layout seed stacks every run into one file per seed in one process, not in Dask tasks"):
         compute_seed_maps(inputs, regions, tmp_path / "x", layout="seed", client=client)
 
 

@@ -361,7 +361,7 @@ def test_inputs_are_validated_before_any_output(tmp_path, rng):
         compute_seed_maps(inputs, [Region("A", ((2.0, -8.0, -2.0),), 6.0)], tmp_path / "out", device="cpu")
     with pytest.raises(InputError, match="seed 'far'"):
         compute_seed_maps(bold_inputs(bold=runs, mask=mask_path), [Region("far", ((300.0, 0.0, 0.0),), 6.0)], tmp_path / "out")
-    with pytest.raises(InputError, match="--layout 'voxel' is not one of subject, seed"):
+    with pytest.raises(InputError, match="^layout 'voxel' is not one of subject, seed$"):
         compute_seed_maps(inputs, [], tmp_path / "out", layout="voxel")
     assert not (tmp_path / "out").exists()
 
