@@ -6,7 +6,9 @@ arguments) and the study file's sections are filled and checked by them.
 This module imports nothing heavy, so the CLI can read defaults without
 importing torch. A bad value raises :class:`~gpuconn.core.errors.OptionError`
 naming the field, which the CLI shows as its flag and the study runner as
-its key.
+its key. :class:`RegionOptions` (the seeds or ROIs of ``gpuconn seed`` and
+``gpuconn roi``) is built by :meth:`RegionOptions.from_arguments` and names a
+field by the parameter of the command that sets it.
 """
 
 from __future__ import annotations
