@@ -8,7 +8,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from .options import DaskScheduler, Device, Flag, MaxMemory, Quiet, Seed, Workers
+from gpuconn.maps.options import DualRegOptions
+
+from .options import DaskScheduler, Device, Flag, MaxMemory, Quiet, Seed, Workers, stage_options
+
+_DEFAULTS = DualRegOptions()
 
 
 def dualreg(
@@ -25,26 +29,26 @@ def dualreg(
     des_norm: Annotated[
         bool,
         Flag("--des-norm/--no-des-norm", help="Normalise stage-2 regressors to unit std (FSL's des_norm=1)."),
-    ] = True,
+    ] = _DEFAULTS.des_norm,
     batch_size: Annotated[
         int | None,
         typer.Option("--batch", help="Subjects per device batch (default: from free memory); with Dask, per task (default 1)."),
-    ] = None,
+    ] = _DEFAULTS.batch_size,
     design_path: Annotated[
         Path | None, typer.Option("-d", "--design", help="Stage 3: group design.mat (one row per subject).")
     ] = None,
     contrast_path: Annotated[Path | None, typer.Option("-t", "--contrasts", help="Stage 3: design.con.")] = None,
     one_sample: Annotated[
         bool, Flag("-1", "--one-sample", help="Stage 3: group-mean test instead of -d/-t.")
-    ] = False,
+    ] = _DEFAULTS.one_sample,
     n_perm: Annotated[
         int,
         typer.Option("-n", "--n-perm", help="Stage 3 permutations: 0 none, 1 raw t maps, >1 randomise with TFCE."),
-    ] = 0,
+    ] = _DEFAULTS.n_perm,
     varcb: Annotated[
         bool, Flag("--out-varcb", help="Also write dr_stage2_subjectNNNNN_varcb.nii.gz (fsl_glm --out_varcb).")
-    ] = False,
-    seed: Seed = 0,
+    ] = _DEFAULTS.varcb,
+    seed: Seed = _DEFAULTS.seed,
     device: Device = "auto",
     max_memory: MaxMemory = None,
     dask_scheduler: DaskScheduler = None,
@@ -63,12 +67,12 @@ def dualreg(
     from gpuconn.core.tasks import dask_client
     from gpuconn.maps.dualreg import dual_regression
 
+    options = stage_options(DualRegOptions, locals())
     with memory_cap(max_memory):
         with dask_client(scheduler=dask_scheduler, workers=workers) as client:  # None: one process
             result = dual_regression(
-                maps, subjects, out_dir, mask_path=mask, des_norm=des_norm, device=device, batch_size=batch_size,
-                design_path=design_path, contrast_path=contrast_path, one_sample=one_sample, n_perm=n_perm,
-                seed=seed, progress=not quiet, client=client, varcb=varcb,
+                maps, subjects, out_dir, options, mask_path=mask, design_path=design_path, contrast_path=contrast_path,
+                device=device, progress=not quiet, client=client,
             )
     if not quiet:
         Console(stderr=True).print(

@@ -7,8 +7,10 @@ from typing import Annotated
 
 import typer
 
+from gpuconn.maps.options import RegionOptions
+
 from .options import Derivatives, Device, Participants, Quiet, Space
-from .seed import AtlasLabels, BoldDesc, Bilateral, BoldFiles, Mask, Mirror, Name, Radius, mirror_mode
+from .seed import AtlasLabels, BoldDesc, Bilateral, BoldFiles, Mask, Mirror, Name, Radius
 
 app = typer.Typer(help="ROI extraction: mean map values in ROIs, ROI-to-ROI connectivity matrices.", no_args_is_help=True)
 
@@ -16,15 +18,6 @@ RoiCoord = Annotated[list[str], typer.Option("--roi-coord", help="ROI sphere cen
 RoiTable = Annotated[Path | None, typer.Option("--roi-table", help="TSV: name, x, y, z, radius[, mirror] or name, image[, label].")]
 RoiMask = Annotated[list[Path], typer.Option("--roi-mask", help="ROI from a mask image (voxels > 0), or one ROI per label of an atlas image (whole-number labels; repeatable).")]
 RoiLabel = Annotated[list[str], typer.Option("--roi-label", help="ROI from an atlas label, ATLAS:LABEL (a number, or a name from the atlas's label table; repeatable).")]
-
-
-def _regions(roi_coord, radius, name, mirror, bilateral, roi_table, roi_mask, roi_label, atlas_labels):
-    from gpuconn.maps.regions import regions_from_options
-
-    return regions_from_options(
-        coords=roi_coord, radii=radius, names=name, mirror=mirror_mode(mirror, bilateral),
-        table=roi_table, masks=roi_mask, labels=roi_label, atlas_labels=atlas_labels, what="roi",
-    )  # fmt: skip
 
 
 @app.command("extract")
@@ -44,9 +37,10 @@ def extract(
 ) -> None:
     """Mean value of every map volume in every ROI, as a tidy TSV."""
     from gpuconn.core.io import write_tsv
+    from gpuconn.maps.regions import regions_from_options
     from gpuconn.maps.roi import extract_roi_values
 
-    regions = _regions(roi_coord, radius, name, mirror, bilateral, roi_table, roi_mask, roi_label, atlas_labels)
+    regions = regions_from_options(RegionOptions.from_arguments("roi", locals()))
     table = extract_roi_values(maps, regions, mask=mask)
     params = {"command": "gpuconn roi extract", "maps": maps, "mask": mask, "rois": [r.describe() for r in regions],
               "atlas_labels": atlas_labels}
@@ -82,10 +76,11 @@ def matrix(
     spike-censored volumes of gpuconn denoise outputs) are left out of the
     ROI time series.
     """
+    from gpuconn.maps.regions import regions_from_options
     from gpuconn.maps.roi import compute_roi_matrices
     from gpuconn.maps.series import bold_inputs
 
-    regions = _regions(roi_coord, radius, name, mirror, bilateral, roi_table, roi_mask, roi_label, atlas_labels)
+    regions = regions_from_options(RegionOptions.from_arguments("roi", locals()))
     inputs = bold_inputs(
         bold=bold, mask=mask, derivatives=derivatives, participant_label=participant_label, desc=bold_desc, space=space
     )

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from gpuconn.maps import ROI_RADIUS_MM, SEED_RADIUS_MM
+from gpuconn.maps.options import RegionOptions
 
 from .options import DaskScheduler, Derivatives, Device, FeatDirs, Flag, Participants, Quiet, Space, Workers
 
@@ -27,15 +28,6 @@ AtlasLabels = Annotated[Path | None, typer.Option(
                            "'<index> <name>' (default: the .tsv beside the atlas); names its regions.")]
 Mirror = Annotated[bool, Flag("--mirror", help="Also use each coordinate sphere mirrored to (-x, y, z) as a separate region.")]
 Bilateral = Annotated[bool, Flag("--bilateral", help="Make each coordinate sphere the union with its mirror (one bilateral region).")]
-
-
-def mirror_mode(mirror: bool, bilateral: bool) -> str:
-    """Turn the --mirror / --bilateral flags into a :data:`gpuconn.maps.regions.MIRROR_CHOICES` value."""
-    from gpuconn.core.errors import InputError
-
-    if mirror and bilateral:
-        raise InputError("--mirror (separate mirrored region) and --bilateral (union with the mirror) exclude each other")
-    return "add" if mirror else "union" if bilateral else "none"
 
 
 def seed(
@@ -58,7 +50,7 @@ def seed(
     atlas_labels: AtlasLabels = None,
     layout: Annotated[str, typer.Option("--layout", help="subject: a 4D file per run (a volume per seed); seed: a 4D file per seed (a volume per run, for randomise).")] = "subject",
     beta: Annotated[bool, Flag("--beta", help="Also write regression beta maps (voxel on seed).")] = False,
-    glm: Annotated[str | None, typer.Option("--glm", help="GLM mode (film or none prewhitening): cope/varcope/tstat/zstat per run and seed instead of r/z.")] = None,
+    prewhiten: Annotated[str | None, typer.Option("--glm", help="GLM mode (film or none prewhitening): cope/varcope/tstat/zstat per run and seed instead of r/z.")] = None,
     device: Device = "auto",
     dask_scheduler: DaskScheduler = None,
     workers: Workers = None,
@@ -71,20 +63,17 @@ def seed(
     from gpuconn.maps.seed import compute_seed_maps
     from gpuconn.maps.series import BoldInput, bold_inputs
 
-    regions = regions_from_options(
-        coords=seed_coord, radii=radius, names=name, mirror=mirror_mode(mirror, bilateral),
-        table=seed_table, masks=seed_mask, labels=seed_label, atlas_labels=atlas_labels, what="seed",
-    )  # fmt: skip
+    regions = regions_from_options(RegionOptions.from_arguments("seed", locals()))
     inputs = [BoldInput(run.label, run.bold, mask or run.mask) for run in feat_runs(feat)]
     if bold or derivatives is not None or not feat:
         inputs += bold_inputs(
             bold=bold, mask=mask, derivatives=derivatives, participant_label=participant_label, desc=bold_desc, space=space
         )
-    if glm is not None:  # first-level GLM mode (gpuconn.maps.firstlevel): inputs for gpuconn flame
+    if prewhiten is not None:  # first-level GLM mode (gpuconn.maps.firstlevel): inputs for gpuconn flame
         from gpuconn.maps.firstlevel import seed_glm_maps
 
-        written = seed_glm_maps(inputs, regions, out, prewhiten=glm, device=device, params={"command": "gpuconn seed --glm", "atlas_labels": atlas_labels})
-        typer.echo(f"gpuconn seed --glm {glm}: {len(regions)} seed(s) x {len(inputs)} run(s) -> {len(written)} file(s) in {out}")
+        written = seed_glm_maps(inputs, regions, out, prewhiten=prewhiten, device=device, params={"command": "gpuconn seed --glm", "atlas_labels": atlas_labels})
+        typer.echo(f"gpuconn seed --glm {prewhiten}: {len(regions)} seed(s) x {len(inputs)} run(s) -> {len(written)} file(s) in {out}")
         return
     stats = ["r", "z"] + (["beta"] if beta else [])
     params = {"command": "gpuconn seed", "layout": layout, "atlas_labels": atlas_labels}

@@ -421,21 +421,22 @@ def test_afni_label_table_from_the_head(tmp_path):
 
 
 def test_seed_label_takes_a_name_from_an_afni_atlas(tmp_path):
+    from gpuconn.maps.options import RegionOptions
     from gpuconn.maps.regions import regions_from_options
 
     head = _atlas(tmp_path, {"VALUE_LABEL_DTABLE": _DTABLE, "ATLAS_LABEL_TABLE": _POINTS})
     stem = str(head)[: -len(".HEAD")]
-    by_name = regions_from_options(labels=[f"{stem}:R-Amygdala", f"{head}:Insula", f"{stem}:l_amygdala"])
-    by_number = regions_from_options(labels=[f"{stem}:2", f"{stem}:3", f"{stem}:1"])
+    by_name = regions_from_options(RegionOptions(labels=[f"{stem}:R-Amygdala", f"{head}:Insula", f"{stem}:l_amygdala"]))
+    by_number = regions_from_options(RegionOptions(labels=[f"{stem}:2", f"{stem}:3", f"{stem}:1"]))
     assert [r.label for r in by_name] == [r.label for r in by_number] == [2, 3, 1]
     assert [r.name for r in by_name] == ["atlasRAmygdala", "atlasInsula", "atlasLAmygdala"]
     with pytest.raises(InputError, match=r"has no label 'Hippocampus'.*L_Amygdala, R-Amygdala, Insula"):
-        regions_from_options(labels=[f"{stem}:Hippocampus"])
+        regions_from_options(RegionOptions(labels=[f"{stem}:Hippocampus"]))
     nib.save(nib.Nifti1Image(np.ones((2, 2, 2), np.int16), AFFINE), str(tmp_path / "plain.nii.gz"))
     with pytest.raises(InputError, match=r"plain.nii.gz has no label table .*give the label's number"):
-        regions_from_options(labels=[f"{tmp_path / 'plain.nii.gz'}:Insula"])
+        regions_from_options(RegionOptions(labels=[f"{tmp_path / 'plain.nii.gz'}:Insula"]))
     (tmp_path / "seeds.tsv").write_text(f"name\timage\tlabel\nins\t{head.name}\tInsula\nleft\t{head.name}\t1\n")
-    assert [(r.name, r.label) for r in regions_from_options(table=tmp_path / "seeds.tsv")] == [("ins", 3), ("left", 1)]
+    assert [(r.name, r.label) for r in regions_from_options(RegionOptions(table=tmp_path / "seeds.tsv"))] == [("ins", 3), ("left", 1)]
 
 
 def test_seed_command_with_an_afni_label_name_matches_its_number(tmp_path, rng):

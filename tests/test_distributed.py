@@ -248,10 +248,10 @@ def _one_thread():
 def test_seed_maps_on_dask_equal_one_process(client, study, tmp_path):
     from gpuconn.maps.series import bold_inputs
     from gpuconn.maps.seed import compute_seed_maps
+    from gpuconn.maps.options import RegionOptions
     from gpuconn.maps.regions import regions_from_options
 
-    regions = regions_from_options(coords=["-18,-38,72", "0,-52,26"], radii=[8.0], names=["S1back", "PCC"],
-                                   mirror="none", table=None, masks=[], labels=[], what="seed")
+    regions = regions_from_options(RegionOptions(coords=["-18,-38,72", "0,-52,26"], radii=[8.0], names=["S1back", "PCC"]))
     inputs = bold_inputs(derivatives=study.root, participant_label=["001", "004"], desc="preproc")
     kw = dict(stats=["r", "z", "beta"], device="cpu", params={"command": "test"})
     with _one_thread():  # as a worker: the seed means reduce over voxels, which MKL splits across threads
@@ -266,7 +266,7 @@ def test_seed_maps_on_dask_equal_one_process(client, study, tmp_path):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
         if name.endswith(".nii.gz"):  # another thread count: float32 sums over ~1000 voxels in another order
             np.testing.assert_allclose(b[name], c[name], rtol=1e-5, atol=1e-5, err_msg=name)
-    with pytest.raises(InputError, match="--layout seed stacks every run"):
+    with pytest.raises(InputError, match="^layout seed stacks every run into one file per seed in one process, not in Dask tasks"):
         compute_seed_maps(inputs, regions, tmp_path / "x", layout="seed", client=client)
 
 
@@ -381,12 +381,14 @@ def _dualreg_outputs(folder: Path) -> dict[str, object]:
 @pytest.mark.parametrize("batch_size", [None, 2])
 def test_dualreg_on_dask_equals_one_process(client, dualreg_inputs, tmp_path, batch_size):
     from gpuconn.maps.dualreg import dual_regression
+    from gpuconn.maps.options import DualRegOptions
 
     maps, bolds = dualreg_inputs
     with _one_thread():  # as a worker: stage 1 reduces over voxels, which MKL splits across threads
-        local = dual_regression(maps, bolds, tmp_path / "single", device="cpu", batch_size=batch_size or 1)
-    dual_regression(maps, bolds, tmp_path / "threads", device="cpu", batch_size=batch_size or 1)
-    spread = dual_regression(maps, bolds, tmp_path / "dask", device="cpu", batch_size=batch_size, client=client)
+        local = dual_regression(maps, bolds, tmp_path / "single", DualRegOptions(batch_size=batch_size or 1), device="cpu")
+    dual_regression(maps, bolds, tmp_path / "threads", DualRegOptions(batch_size=batch_size or 1), device="cpu")
+    spread = dual_regression(maps, bolds, tmp_path / "dask", DualRegOptions(batch_size=batch_size), device="cpu",
+                             client=client)
     assert spread == replace(local, out_dir=tmp_path / "dask", mask=tmp_path / "dask" / "mask.nii.gz",
                              **{f: [tmp_path / "dask" / p.name for p in getattr(local, f)]
                                 for f in ("stage1", "stage2", "stage2_z", "components")})
@@ -406,11 +408,13 @@ def test_dualreg_on_dask_equals_one_process(client, dualreg_inputs, tmp_path, ba
 def test_dualreg_varcb_on_dask_equals_one_process(client, dualreg_inputs, tmp_path):
     """--out-varcb in Dask tasks: the same files, bit for bit, as one process."""
     from gpuconn.maps.dualreg import dual_regression
+    from gpuconn.maps.options import DualRegOptions
 
     maps, bolds = dualreg_inputs
     with _one_thread():  # as a worker
-        dual_regression(maps, bolds, tmp_path / "single", device="cpu", batch_size=1, varcb=True)
-    dual_regression(maps, bolds, tmp_path / "dask", device="cpu", batch_size=1, client=client, varcb=True)
+        dual_regression(maps, bolds, tmp_path / "single", DualRegOptions(batch_size=1, varcb=True), device="cpu")
+    dual_regression(maps, bolds, tmp_path / "dask", DualRegOptions(batch_size=1, varcb=True), device="cpu",
+                    client=client)
     a, b = _dualreg_outputs(tmp_path / "single"), _dualreg_outputs(tmp_path / "dask")
     varcb = [name for name in a if name.endswith("_varcb.nii.gz")]
     assert a.keys() == b.keys() and len(varcb) == len(bolds)

@@ -25,6 +25,7 @@ from scipy import stats
 
 from gpuconn.cli.app import run
 from gpuconn.maps.dualreg import dual_regression, spatial_regression, temporal_regression
+from gpuconn.maps.options import DualRegOptions
 from gpuconn.stats.zstat import _t_to_z_series
 from gpuconn.stats.zstat import t_to_z_tensor as t_to_z
 from gpuconn.core.errors import InputError
@@ -173,7 +174,7 @@ def _study(tmp_path, rng, *, n_subjects=3, n_volumes=30, n_maps=4):
 def test_dual_regression_files_match_reference(tmp_path, rng):
     maps_path, subjects, brain, maps, series = _study(tmp_path, rng)
     out = tmp_path / "dr"
-    result = dual_regression(maps_path, subjects, out, device="cpu", batch_size=2)
+    result = dual_regression(maps_path, subjects, out, DualRegOptions(batch_size=2), device="cpu")
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(
         [f"dr_stage1_subject{s:05d}.txt" for s in range(3)]
@@ -228,7 +229,7 @@ def test_collinear_subject_fails_without_partial_output(tmp_path, rng):
     bad = _save(tmp_path / "sub-collinear_bold.nii.gz", vol)
     out = tmp_path / "dr"
     with pytest.raises(InputError, match="sub-collinear_bold.nii.gz: its stage-1 time courses are collinear"):
-        dual_regression(maps_path, [*subjects, bad], out, device="cpu", batch_size=1)
+        dual_regression(maps_path, [*subjects, bad], out, DualRegOptions(batch_size=1), device="cpu")
     _assert_no_output(out)
 
 
@@ -256,7 +257,7 @@ def test_cli_dualreg(tmp_path, rng, capsys):
 def test_stage3_randomise_on_each_component(tmp_path, rng):
     maps_path, subjects, brain, *_ = _study(tmp_path, rng, n_subjects=4, n_volumes=20, n_maps=2)
     out = tmp_path / "dr"
-    dual_regression(maps_path, subjects, out, device="cpu", one_sample=True, n_perm=1)
+    dual_regression(maps_path, subjects, out, DualRegOptions(one_sample=True, n_perm=1), device="cpu")
     for k in range(2):
         tstat = nib.load(out / f"dr_stage3_ic{k:04d}_tstat1.nii.gz").get_fdata()
         betas = nib.load(out / f"dr_stage2_ic{k:04d}.nii.gz").get_fdata()[brain]  # (V, subjects)
@@ -270,10 +271,10 @@ def test_stage3_design_is_checked_before_any_work(tmp_path, rng):
     mat.write_text("/NumWaves 1\n/NumPoints 2\n/Matrix\n1\n1\n")
     con.write_text("/NumWaves 1\n/NumContrasts 1\n/Matrix\n1\n")
     with pytest.raises(InputError, match="design.mat has 2 rows but dr_stage2_icNNNN .one volume per subject. has 3"):
-        dual_regression(maps_path, subjects, tmp_path / "dr", device="cpu", design_path=mat,
-                        contrast_path=con, n_perm=10)
+        dual_regression(maps_path, subjects, tmp_path / "dr", DualRegOptions(n_perm=10), device="cpu", design_path=mat,
+                        contrast_path=con)
     _assert_no_output(tmp_path / "dr")
     with pytest.raises(InputError, match="a design .design_path/contrast_path or one_sample. was given but n_perm is 0"):
-        dual_regression(maps_path, subjects, tmp_path / "dr", device="cpu", one_sample=True)
+        dual_regression(maps_path, subjects, tmp_path / "dr", DualRegOptions(one_sample=True), device="cpu")
     with pytest.raises(InputError, match="not both or neither"):
-        dual_regression(maps_path, subjects, tmp_path / "dr", device="cpu", n_perm=5)
+        dual_regression(maps_path, subjects, tmp_path / "dr", DualRegOptions(n_perm=5), device="cpu")

@@ -7,6 +7,7 @@ import numpy as np
 
 from gpuconn.cli.app import run
 from gpuconn.maps.dualreg import dual_regression
+from gpuconn.maps.options import DualRegOptions
 
 SHAPE = (8, 9, 7)
 AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
@@ -34,7 +35,7 @@ def _study(tmp_path, rng, n_subjects=2, n_volumes=30, n_maps=3):
 def test_varcb_is_the_variance_of_the_stage2_betas(tmp_path, rng):
     maps_path, subjects, brain = _study(tmp_path, rng)
     out = tmp_path / "dr"
-    dual_regression(maps_path, subjects, out, device="cpu", varcb=True)
+    dual_regression(maps_path, subjects, out, DualRegOptions(varcb=True), device="cpu")
     for s, path in enumerate(subjects):
         name = f"subject{s:05d}"
         y = np.asarray(nib.load(path).dataobj, dtype=np.float64)[brain].T

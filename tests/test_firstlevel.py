@@ -81,7 +81,7 @@ def test_film_on_white_noise_matches_ols_variance():
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"prewhiten": "ar1"}, "--prewhiten 'ar1' is not one of film, none"),
+    ({"prewhiten": "ar1"}, "^prewhiten 'ar1' is not one of film, none$"),
     ({"design": np.ones((100, 2))}, "the design has 100 rows but the run has 120 volumes"),
 ])
 def test_first_level_bad_input(rng, kwargs, message):

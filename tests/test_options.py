@@ -9,13 +9,15 @@ import typer
 
 from gpuconn.cli.app import app, option_flags
 from gpuconn.core.errors import InputError, OptionError
-from gpuconn.maps.options import ICAOptions
+from gpuconn.maps.options import DualRegOptions, ICAOptions, RegionOptions
 from gpuconn.subject.options import DenoiseOptions
 from gpuconn.stats.options import GrfOptions, McmcOptions, PermutationOptions
 from gpuconn.study import schema
 
 STAGES = [(ICAOptions, ["ica", "run"]), (GrfOptions, ["glm"]), (GrfOptions, ["flame"]), (McmcOptions, ["flame"]),
-          (PermutationOptions, ["randomise"])]
+          (PermutationOptions, ["randomise"]), (DualRegOptions, ["dualreg"])]
+# RegionOptions: its fields are generic; each command's parameter is RegionOptions.param (seed_coord, roi_coord...).
+REGION_COMMANDS = [("seed", ["seed"]), ("roi", ["roi", "extract"]), ("roi", ["roi", "matrix"])]
 # DenoiseOptions: the CLI writes None as 0 (high/low-pass) and takes --column repeatedly; same names otherwise.
 DENOISE_CLI = {"high_pass": 0.006, "low_pass": 0.0, "columns": []}
 
@@ -40,6 +42,60 @@ def test_every_denoise_field_is_a_flag_with_the_objects_default():
     params = _params(["denoise"])
     for field in dataclasses.fields(DenoiseOptions):
         assert params[field.name].default == DENOISE_CLI.get(field.name, field.default), field.name
+
+
+@pytest.mark.parametrize(("what", "argv"), REGION_COMMANDS, ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+def test_every_region_field_is_a_flag_with_the_objects_default(what, argv):
+    params = _params(argv)
+    flags = option_flags(typer.main.get_command(app), argv)
+    options = RegionOptions(what=what, coords=["1,2,3"])
+    for field in dataclasses.fields(RegionOptions):
+        if field.name == "what":  # the command itself
+            continue
+        name = options.param(field.name)
+        assert name in flags, f"RegionOptions.{field.name} has no flag ({name}) in gpuconn {' '.join(argv)}"
+        default = params[name].default
+        assert (tuple(default) if isinstance(default, list) else default) == field.default, field.name
+    assert flags[options.param("coords")] == f"--{what}-coord" and flags[options.param("radii")] == "--radius"
+
+
+def test_region_options_from_either_commands_arguments():
+    seed = RegionOptions.from_arguments("seed", {"seed_coord": ["-18,-38,72"], "radius": [6.0], "name": ["S1back"],
+                                                 "mirror": False, "bilateral": True, "seed_table": None,
+                                                 "seed_mask": [], "seed_label": [], "atlas_labels": None})
+    assert seed == RegionOptions(coords=[(-18, -38, 72)], radii=(6,), names=("S1back",), bilateral=True)
+    assert seed.mirror_mode == "union" and seed.sphere_radii == (6.0,) and seed.sphere_names == ("S1back",)
+    roi = RegionOptions.from_arguments("roi", {"roi_coord": ["1,2,3", "4,5,6"], "radius": [], "name": [], "mirror": True,
+                                               "bilateral": False, "roi_table": None, "roi_mask": [], "roi_label": [],
+                                               "atlas_labels": None})
+    assert roi.mirror_mode == "add" and roi.sphere_radii == (4.0, 4.0) and roi.sphere_names == ("roi1", "roi2")
+
+
+def test_every_dualreg_field_but_stage3_is_a_study_key(tmp_path):
+    """[dualreg] holds DualRegOptions' stage-1/2 fields with their defaults; stage 3 is the study's [[models]]."""
+    keys = schema._SECTIONS["dualreg"]
+    for field in dataclasses.fields(DualRegOptions):
+        if field.name in ("n_perm", "seed", "one_sample"):
+            assert field.name not in keys
+        else:
+            assert keys[field.name] == (0 if field.default is None else field.default), field.name
+    path = tmp_path / "s.toml"
+    path.write_text(schema.template_text().replace("des_norm = true ", "des_norm = false").replace(
+        "batch_size = 0 ", "batch_size = 3"))
+    assert schema.load_study(path, check_inputs=False).options("dualreg") == DualRegOptions(des_norm=False, batch_size=3)
+
+
+def test_a_bad_dualreg_key_is_named_by_the_study(tmp_path, capsys):
+    """DualRegOptions checks [dualreg]; the study names its key, in one line, before anything is read."""
+    from gpuconn.cli.app import run
+
+    path = tmp_path / "s.toml"
+    path.write_text(schema.template_text().replace("batch_size = 0 ", "batch_size = -2"))
+    with pytest.raises(InputError, match=r"s\.toml: dualreg\.batch_size must be at least 1, got -2$"):
+        schema.load_study(path, check_inputs=False)
+    assert run(["study", "run", str(path), "-o", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"gpuconn: error: {path}: dualreg.batch_size must be at least 1, got -2\n"
+    assert not (tmp_path / "out").exists()
 
 
 def test_every_ica_field_is_a_study_key():
@@ -71,6 +127,23 @@ def test_option_error_names_each_parameter_once_per_mention():
         (lambda: McmcOptions(z_lower=3.0, z_upper=3.0), "z_lower (3.0) must be below z_upper (3.0)"),
         (lambda: PermutationOptions(n_perm=-1), "n_perm must be >= 0 (0 = exhaustive), got -1"),
         (lambda: PermutationOptions(method="shuffle"), "method 'shuffle' is not one of auto, permute, flip, both"),
+        (lambda: DualRegOptions(batch_size=0), "batch_size must be at least 1, got 0"),
+        (lambda: DualRegOptions(n_perm=-1), "n_perm must be 0 (no randomise), 1 (raw t maps) or more, got -1"),
+        # a region option is named by the parameter of gpuconn seed/roi that sets it
+        (lambda: RegionOptions(), "no seed given; use seed_coord, seed_table, seed_mask or seed_label"),
+        (lambda: RegionOptions(what="roi", coords=["1,2"]),
+         "roi_coord '1,2' is not x,y,z in mm; write it as e.g. roi_coord -18,-38,72"),
+        (lambda: RegionOptions(coords=["1,2,nan"]), "seed_coord '1,2,nan' is not x,y,z in mm; write it as e.g. "
+                                                     "seed_coord -18,-38,72"),
+        (lambda: RegionOptions(coords=["1,2,3"], mirror=True, bilateral=True),
+         "mirror (separate mirrored region) and bilateral (union with the mirror) exclude each other"),
+        (lambda: RegionOptions(coords=["1,2,3"] * 3, radii=[4, 5]),
+         "radius was given 2 times for 3 seed_coord; give it once or once per coordinate"),
+        (lambda: RegionOptions(coords=["1,2,3"], radii=[-4]), "radius must be a number of mm >= 0, got -4.0"),
+        (lambda: RegionOptions(coords=["1,2,3"], names=["a", "b"]),
+         "name was given 2 times for 1 seed_coord; give one name per coordinate"),
+        (lambda: RegionOptions(what="roi", labels=["atlas.nii.gz"]),
+         "roi_label 'atlas.nii.gz' must be ATLAS:LABEL, e.g. roi_label atlas.nii.gz:7"),
     ],
 )
 def test_options_check_their_values(make, message):
@@ -82,6 +155,33 @@ def test_options_check_their_values(make, message):
 def test_grf_options_from_the_study_name_its_keys(tmp_path):
     with pytest.raises(InputError, match=r"s\.toml: inference\.cluster_threshold must be above 1 .* got 0\.5$"):
         schema.grf_options({"cluster_threshold": 0.5, "alpha": 0.05}, tmp_path / "s.toml")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["seed", "--seed-coord", "1,2,3", "--mirror", "--bilateral"],
+         "--mirror (separate mirrored region) and --bilateral (union with the mirror) exclude each other"),
+        (["seed", "--seed-coord", "1,2"], "--seed-coord '1,2' is not x,y,z in mm; write it as e.g. --seed-coord -18,-38,72"),
+        (["roi", "extract", "m.nii.gz", "--roi-coord", "1,2,3", "--name", "a", "--name", "b"],
+         "--name was given 2 times for 1 --roi-coord; give one name per coordinate"),
+        (["roi", "matrix", "--roi-label", "atlas.nii.gz"],
+         "--roi-label 'atlas.nii.gz' must be ATLAS:LABEL, e.g. --roi-label atlas.nii.gz:7"),
+        (["roi", "matrix", "--bold", "b.nii.gz"], "no roi given; use --roi-coord, --roi-table, --roi-mask or --roi-label"),
+        (["seed", "--seed-coord", "1,2,3", "--bold", "b.nii.gz"], "--bold needs --mask (a brain mask on the BOLD grid)"),
+        (["seed", "--seed-coord", "1,2,3", "--layout", "voxel", "--bold", "b.nii.gz", "--mask", "m.nii.gz"],
+         "--layout 'voxel' is not one of subject, seed"),
+        (["dualreg", "maps.nii.gz", "b.nii.gz", "--batch", "0"], "--batch must be at least 1, got 0"),
+        (["dualreg", "maps.nii.gz", "b.nii.gz", "-n", "-1"], "-n must be 0 (no randomise), 1 (raw t maps) or more, got -1"),
+    ],
+)
+def test_map_options_are_named_by_their_flags(tmp_path, capsys, argv, message):
+    """The maps' options objects and library checks name the flag typed, in one line; nothing is written."""
+    from gpuconn.cli.app import run
+
+    assert run([*argv, "-o", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"gpuconn: error: {message}\n"
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from nilearn.maskers.nifti_spheres_masker import apply_mask_and_get_affinity
 from gpuconn.cli.app import run
 from gpuconn.core.errors import InputError
 from gpuconn.maps import ROI_RADIUS_MM, SEED_RADIUS_MM
+from gpuconn.maps.options import RegionOptions
 from gpuconn.maps.seed import FISHER_CLIP, compute_seed_maps, correlate_seeds, fisher_z
 from gpuconn.maps.series import BoldInput, bold_inputs
 from gpuconn.study.schema import _TABLES
@@ -24,7 +25,6 @@ from gpuconn.maps.regions import (
     Region,
     image_region,
     mirror_coord,
-    parse_coord,
     read_regions,
     region_masks,
     regions_from_options,
@@ -178,10 +178,10 @@ def test_image_and_atlas_regions(tmp_path):
     from_table = read_regions(tmp_path / "seeds.tsv")
     assert [(r.name, r.label) for r in from_table] == [("seven", 7), ("two", 2)]
     np.testing.assert_array_equal(region_masks(from_table, ref), masks)
-    from_options = regions_from_options(masks=[tmp_path / "atlas.nii.gz"])
+    from_options = regions_from_options(RegionOptions(masks=[tmp_path / "atlas.nii.gz"]))
     assert [(r.name, r.label) for r in from_options] == [("atlaslabel2", 2), ("atlaslabel7", 7)]
     np.testing.assert_array_equal(region_masks(from_options, ref), masks[::-1])
-    assert [r.name for r in regions_from_options(labels=[f"{tmp_path / 'atlas.nii.gz'}:7"])] == ["atlaslabel7"]
+    assert [r.name for r in regions_from_options(RegionOptions(labels=[f"{tmp_path / 'atlas.nii.gz'}:7"]))] == ["atlaslabel7"]
 
 
 def test_seed_table_and_options(tmp_path):
@@ -190,26 +190,24 @@ def test_seed_table_and_options(tmp_path):
     regions = read_regions(table)
     assert [r.name for r in regions] == ["S1back", "S1finger", "S1fingerMirror", "face"]
     assert regions[0].centers == ((-18.0, -38.0, 72.0), (18.0, -38.0, 72.0)) and regions[0].radius == 6.0
-    got = regions_from_options(coords=["-18,-38,72", "1,2,3"], radii=[6], names=["A", "B"], mirror="add")
+    got = regions_from_options(RegionOptions(coords=["-18,-38,72", "1,2,3"], radii=[6], names=["A", "B"], mirror=True))
     assert [r.name for r in got] == ["A", "AMirror", "B", "BMirror"]
-    assert regions_from_options(coords=["1,2,3"], radii=[4])[0].name == "seed1"
-    assert parse_coord(" -18, -38 ,72") == (-18.0, -38.0, 72.0)
-    with pytest.raises(InputError, match=r"--seed-coord '1,2' is not x,y,z in mm; write it as e.g. --seed-coord -18,-38,72"):
-        regions_from_options(coords=["1,2"], radii=[6])
+    [both] = regions_from_options(RegionOptions(coords=[(-18, -38, 72)], bilateral=True))
+    assert both.centers == ((-18.0, -38.0, 72.0), (18.0, -38.0, 72.0))
+    assert regions_from_options(RegionOptions(coords=["1,2,3"], radii=[4]))[0].name == "seed1"
+    assert RegionOptions(coords=[" -18, -38 ,72"]).coords == ((-18.0, -38.0, 72.0),)
     # no --radius: the study's radii (one constant each, shared with the study file's defaults)
-    assert regions_from_options(coords=["1,2,3"])[0].radius == SEED_RADIUS_MM == 6.0
-    assert regions_from_options(coords=["1,2,3"], what="roi")[0].radius == ROI_RADIUS_MM == 4.0
+    assert regions_from_options(RegionOptions(coords=["1,2,3"]))[0].radius == SEED_RADIUS_MM == 6.0
+    assert regions_from_options(RegionOptions(coords=["1,2,3"], what="roi"))[0].radius == ROI_RADIUS_MM == 4.0
     assert _TABLES["seeds"]["radius"] == SEED_RADIUS_MM and _TABLES["rois"]["radius"] == ROI_RADIUS_MM
-    with pytest.raises(InputError, match="--radius was given 2 times for 3 --seed-coord"):
-        regions_from_options(coords=["1,2,3"] * 3, radii=[4, 5], names=["a", "b", "c"])
     with pytest.raises(InputError, match="names must be unique; repeated: A"):
-        regions_from_options(coords=["1,2,3", "4,5,6"], radii=[4], names=["A", "A"])
+        regions_from_options(RegionOptions(coords=["1,2,3", "4,5,6"], radii=[4], names=["A", "A"]))
     with pytest.raises(InputError, match="letters and digits only"):
-        regions_from_options(coords=["1,2,3"], radii=[4], names=["S1_back"])
-    with pytest.raises(InputError, match="ATLAS:LABEL"):
-        regions_from_options(labels=["atlas.nii.gz"])
-    with pytest.raises(InputError, match="no seed given"):
-        regions_from_options()
+        regions_from_options(RegionOptions(coords=["1,2,3"], radii=[4], names=["S1_back"]))
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("name\tx\ty\tz\tradius\n")
+    with pytest.raises(InputError, match=r"seed table .*empty.tsv has no rows; add one per seed$"):
+        regions_from_options(RegionOptions(table=empty))
     bad = tmp_path / "bad.tsv"
     bad.write_text("name\tx\ty\tz\tradius\nA\t1\tx\t3\t4\n")
     with pytest.raises(InputError, match=r"bad.tsv line 2: x, y, z and radius must be numbers"):
@@ -363,7 +361,7 @@ def test_inputs_are_validated_before_any_output(tmp_path, rng):
         compute_seed_maps(inputs, [Region("A", ((2.0, -8.0, -2.0),), 6.0)], tmp_path / "out", device="cpu")
     with pytest.raises(InputError, match="seed 'far'"):
         compute_seed_maps(bold_inputs(bold=runs, mask=mask_path), [Region("far", ((300.0, 0.0, 0.0),), 6.0)], tmp_path / "out")
-    with pytest.raises(InputError, match="--layout 'voxel' is not one of subject, seed"):
+    with pytest.raises(InputError, match="^layout 'voxel' is not one of subject, seed$"):
         compute_seed_maps(inputs, [], tmp_path / "out", layout="voxel")
     assert not (tmp_path / "out").exists()
 

@@ -39,7 +39,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -67,6 +67,7 @@ from ..stats.tfce import TFCE_DEFAULTS
 from ..stats.zstat import t_to_z_tensor
 from .series import check_subjects, common_mask, iter_series, matrix_text
 from ..stats.options import PermutationOptions
+from .options import DualRegOptions
 
 __all__ = [
     "spatial_regression",
@@ -277,19 +278,14 @@ def dual_regression(
     maps_path: str | os.PathLike,
     subject_paths: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
+    options: DualRegOptions | None = None,
     *,
     mask_path: str | os.PathLike | None = None,
-    des_norm: bool = True,
-    device: str | torch.device = "auto",
-    batch_size: int | None = None,
     design_path: str | os.PathLike | None = None,
     contrast_path: str | os.PathLike | None = None,
-    one_sample: bool = False,
-    n_perm: int = 0,
-    seed: int = 0,
+    device: str | torch.device = "auto",
     progress: bool = False,
     client=None,
-    varcb: bool = False,
 ) -> DualRegressionResult:
     """Run FSL-style dual regression of group maps on every subject's series.
 
@@ -307,33 +303,24 @@ def dual_regression(
         4D subject series on the maps' grid; output numbering follows this order.
     out_dir : path-like
         Output folder (created).
+    options : DualRegOptions, optional
+        Stage-2 ``des_norm``, ``varcb`` (also write
+        ``dr_stage2_subjectNNNNN_varcb.nii.gz``, also on Dask), the device
+        ``batch_size`` (with ``client``: subjects per Dask task, default 1,
+        each task one device batch) and stage 3 (``n_perm``, ``seed``,
+        ``one_sample``); default ``DualRegOptions()``: FSL's stages 1 and 2.
     mask_path : path-like, optional
         3D mask on the same grid; default: voxels varying over time in every
         subject (:func:`~gpuconn.maps.series.common_mask`, one extra read of every subject).
-    des_norm : bool, default True
-        Normalise stage-2 regressors to unit standard deviation (FSL's ``1``).
-    varcb : bool, default False
-        Also write ``dr_stage2_subjectNNNNN_varcb.nii.gz``, the variances of
-        the stage-2 betas (``fsl_glm --out_varcb``), varcopes for ``gpuconn
-        flame``; also on Dask (``client``).
-    device : str or torch.device, default 'auto'
-    batch_size : int, optional
-        Subjects per device batch; default from free memory (at most 32 on
-        CUDA, 4 on CPU). With ``client``: subjects per Dask task (default 1),
-        each task one device batch.
     design_path, contrast_path : path-like, optional
         Group design (``design.mat``, one row per subject in input order)
         and contrasts (``design.con``) for stage 3, as dual_regression's
-        ``<design.mat> <design.con>``.
-    one_sample : bool, default False
-        Stage 3 as a group-mean test (dual_regression's ``-1``) instead of a design.
-    n_perm : int, default 0
-        Stage 3, as dual_regression: 0 skips it; 1 writes raw t maps only
-        (``randomise -n 1``); more runs :func:`gpuconn.stats.randomise.randomise`
-        with TFCE (``-T``) on every ``dr_stage2_icNNNN`` into
+        ``<design.mat> <design.con>``; stage 3 runs when ``options.n_perm``
+        is above 0: with 1 it writes raw t maps only (``randomise -n 1``),
+        with more it runs :func:`gpuconn.stats.randomise.randomise` with
+        TFCE (``-T``) on every ``dr_stage2_icNNNN`` into
         ``dr_stage3_icNNNN_*``.
-    seed : int, default 0
-        Seed of the permutations.
+    device : str or torch.device, default 'auto'
     progress : bool, default False
     client : distributed.Client, optional
         Run stages 1 and 2 as Dask tasks (:func:`gpuconn.core.tasks.map_tasks`),
@@ -355,13 +342,16 @@ def dual_regression(
     InputError
         Bad files, grid mismatches, too few volumes, collinear maps or a
         subject with collinear time courses (named).
+    OptionError
+        A stage-3 design without ``n_perm``, or ``n_perm`` without one
+        design (files, or ``one_sample``).
 
     See Also
     --------
     spatial_regression, temporal_regression : the two stages on tensors.
     """
-    if batch_size is not None and batch_size < 1:
-        raise OptionError(f"{{batch_size}} must be at least 1, got {batch_size}")
+    options = options or DualRegOptions()
+    des_norm, varcb, batch_size = options.des_norm, options.varcb, options.batch_size
     worker_device = str(device)
     device = resolve_device(device)
     maps_path, out_dir = Path(maps_path), Path(out_dir)
@@ -385,7 +375,7 @@ def dual_regression(
         batch = batch_size or 1
     else:
         batch = batch_size or _default_batch(max(n_volumes), n_voxels, n_maps, device, len(paths))
-    _check_stage3(design_path, contrast_path, one_sample, n_perm, len(paths))
+    _check_stage3(design_path, contrast_path, options, len(paths))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".dualreg-", dir=out_dir))
@@ -415,7 +405,7 @@ def dual_regression(
         (staging / "ic_stack.npy").unlink()
         params = {
             "maps": maps_path, "mask": mask_path or "common mask (non-zero temporal std in every subject)",
-            "des_norm": des_norm, "device": str(device) if client is None else f"dask ({worker_device})",
+            **asdict(options), "device": str(device) if client is None else f"dask ({worker_device})",
             "n_voxels": n_voxels,
             "stage2_dof": {_subject_name(i): n - n_maps - 1 for i, n in enumerate(n_volumes)},
             "subjects": {_subject_name(i): p for i, p in enumerate(paths)},
@@ -425,8 +415,8 @@ def dual_regression(
             os.replace(item, out_dir / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    if n_perm > 0:
-        _stage3(out_dir, n_maps, design_path, contrast_path, one_sample, n_perm, seed, device, progress)
+    if options.n_perm > 0:
+        _stage3(out_dir, n_maps, design_path, contrast_path, options, device, progress)
     result.stage1 = [out_dir / f"dr_stage1_{_subject_name(i)}.txt" for i in range(len(paths))]
     result.stage2 = [out_dir / f"dr_stage2_{_subject_name(i)}.nii.gz" for i in range(len(paths))]
     result.stage2_z = [out_dir / f"dr_stage2_{_subject_name(i)}_Z.nii.gz" for i in range(len(paths))]
@@ -510,17 +500,15 @@ def _fit_on_dask(client, maps_path: Path, paths: Sequence[Path], n_volumes: Sequ
     map_tasks(client, task, tasks, description="dual regression", progress=progress)
 
 
-def _check_stage3(design_path, contrast_path, one_sample: bool, n_perm: int, n_subjects: int) -> None:
-    """Validate stage-3 options before any work (design rows = subjects)."""
-    if n_perm < 0:
-        raise OptionError(f"{{n_perm}} must be 0 (no randomise), 1 (raw t maps) or more, got {n_perm}")
+def _check_stage3(design_path, contrast_path, options: DualRegOptions, n_subjects: int) -> None:
+    """Validate stage 3's design before any work (design rows = subjects)."""
     has_design = design_path is not None or contrast_path is not None
-    if n_perm == 0:
-        if has_design or one_sample:
+    if options.n_perm == 0:
+        if has_design or options.one_sample:
             raise OptionError("a design ({design_path}/{contrast_path} or {one_sample}) was given but {n_perm} is 0; "
                               "give {n_perm} N to run randomise on each map")
         return
-    if one_sample == has_design:
+    if options.one_sample == has_design:
         raise OptionError("stage 3 needs either {design_path} design.mat {contrast_path} design.con or {one_sample} "
                           "(group mean), not both or neither")
     if has_design:
@@ -530,17 +518,18 @@ def _check_stage3(design_path, contrast_path, one_sample: bool, n_perm: int, n_s
         load_design(design_path, contrast_path, n_obs=n_subjects, data_source="dr_stage2_icNNNN (one volume per subject)")
 
 
-def _stage3(out_dir: Path, n_maps: int, design_path, contrast_path, one_sample: bool, n_perm: int, seed: int,
-            device: torch.device, progress: bool) -> None:
+def _stage3(out_dir: Path, n_maps: int, design_path, contrast_path, options: DualRegOptions, device: torch.device,
+            progress: bool) -> None:
     """Run randomise on every ``dr_stage2_icNNNN`` (as dual_regression's last step)."""
 
+    n_perm = options.n_perm
     spatial = spatial_transforms(tfce_params=dict(TFCE_DEFAULTS)) if n_perm > 1 else None
     for k in range(n_maps):
         randomise(
             out_dir / f"dr_stage2_ic{k:04d}.nii.gz", out_dir / f"dr_stage3_ic{k:04d}",
             design_path=design_path, contrast_path=contrast_path, mask_path=out_dir / "mask.nii.gz",
-            one_sample=one_sample, permutation=PermutationOptions(n_perm=n_perm, seed=seed), device=str(device),
-            spatial=spatial,
+            one_sample=options.one_sample, permutation=PermutationOptions(n_perm=n_perm, seed=options.seed),
+            device=str(device), spatial=spatial,
             voxelwise=n_perm == 1, write_raw=("tfce",) if spatial else (), progress=progress,
             params={"dual_regression_stage": 3},
         )

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..core.backend import DESIGN_DTYPE, resolve_device, to_numpy, uses_device
-from ..core.errors import InputError
+from ..core.errors import InputError, OptionError
 from ..core.io import save_image, unmask
 from ..stats.zstat import t_to_z
 from .regions import region_means
@@ -145,6 +145,12 @@ def _ols(y: torch.Tensor, x: torch.Tensor, c: torch.Tensor):
     return beta, cope, varcope, r
 
 
+def _check_prewhiten(prewhiten: str) -> None:
+    """OptionError for a ``prewhiten`` not in :data:`PREWHITEN_MODES` (``gpuconn seed --glm`` sets it)."""
+    if prewhiten not in PREWHITEN_MODES:
+        raise OptionError(f"{{prewhiten}} {prewhiten!r} is not one of {', '.join(PREWHITEN_MODES)}")
+
+
 def first_level_glm(
     data: np.ndarray | torch.Tensor,
     design: np.ndarray,
@@ -184,8 +190,7 @@ def first_level_glm(
         Unknown ``prewhiten``, a design whose rows differ from the volumes,
         or no residual degrees of freedom.
     """
-    if prewhiten not in PREWHITEN_MODES:
-        raise InputError(f"--prewhiten {prewhiten!r} is not one of {', '.join(PREWHITEN_MODES)}")
+    _check_prewhiten(prewhiten)
     torch_device = resolve_device(device)
     y = torch.as_tensor(np.asarray(data) if not torch.is_tensor(data) else data).to(torch_device, DESIGN_DTYPE)
     x = torch.as_tensor(np.asarray(design, dtype=np.float64), device=torch_device)
@@ -253,9 +258,7 @@ def seed_glm_maps(
     -------
     list of Path
     """
-
-    if prewhiten not in PREWHITEN_MODES:
-        raise InputError(f"--glm {prewhiten!r} is not one of {', '.join(PREWHITEN_MODES)}")
+    _check_prewhiten(prewhiten)
     torch_device = resolve_device(device)
     prepared, reference = prepare_inputs(inputs, regions, what="seed")
     out_dir = Path(out_dir)

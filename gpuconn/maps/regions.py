@@ -6,7 +6,8 @@ An atlas (an image of whole-number labels) given as a mask is one region
 per label (:func:`atlas_regions`), never one region for all its labels.
 :func:`region_masks` places regions on any image grid through its affine;
 :func:`region_weights` and :func:`region_means` average a series over them.
-:func:`regions_from_options` builds regions from the command-line options.
+:func:`regions_from_options` builds the regions a :class:`~gpuconn.maps.options.RegionOptions`
+specifies (``gpuconn seed`` and ``gpuconn roi``).
 
 Sphere voxel-inclusion rule
 ---------------------------
@@ -50,13 +51,12 @@ from ..core import afni
 from ..core.atlas import read_atlas_labels, sibling_label_table
 from ..core.errors import InputError
 from ..core.io import check_same_grid, load_image, read_tsv, split_ext
-from . import ROI_RADIUS_MM, SEED_RADIUS_MM
+from .options import RegionOptions
 
 __all__ = [
     "Region",
     "MIRROR_CHOICES",
     "mirror_coord",
-    "parse_coord",
     "sphere_mask",
     "sphere_regions",
     "image_region",
@@ -131,25 +131,6 @@ def mirror_coord(center: Sequence[float]) -> tuple[float, float, float]:
     """Reflect a world coordinate across the midline: ``(x, y, z) -> (-x, y, z)``."""
     x, y, z = (float(v) for v in center)
     return (-x if x != 0 else 0.0, y, z)
-
-
-
-def parse_coord(text: str, *, option: str = "--seed-coord") -> tuple[float, float, float]:
-    """Parse ``'-18,-38,72'`` into three floats (mm).
-
-    Raises
-    ------
-    InputError
-        Naming ``option`` when the text is not three comma-separated numbers.
-    """
-    parts = [p.strip() for p in str(text).split(",")]
-    try:
-        values = tuple(float(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 3 or not all(math.isfinite(v) for v in values):
-        raise InputError(f"{option} {text!r} is not x,y,z in mm; write it as e.g. {option} -18,-38,72")
-    return values  # type: ignore[return-value]
 
 
 
@@ -411,6 +392,8 @@ def read_regions(path: str | os.PathLike, *, what: str = "seed") -> list[Region]
         if not all(math.isfinite(v) for v in (*center, radius)):
             raise InputError(f"{where}: x, y, z and radius must be numbers (got {row})")
         regions.extend(sphere_regions(str(row["name"]), center, radius, mirror=row.get("mirror", "none"), what=what))
+    if not regions:
+        raise InputError(f"{what} table {path} has no rows; add one per {what}")
     return _check_unique(regions, what)
 
 
@@ -420,8 +403,6 @@ def _check_unique(regions: list[Region], what: str) -> list[Region]:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise InputError(f"{what} names must be unique; repeated: {', '.join(duplicates)}")
-    if not regions:
-        raise InputError(f"no {what} given; use --{what.lower()}-coord, --{what.lower()}-table or --{what.lower()}-mask")
     return regions
 
 
@@ -451,77 +432,40 @@ def _label_number(path: str, name: str, where: str, labels: str | os.PathLike | 
     raise InputError(f"{where}: atlas {path} has no label {name!r}; its labels are {listed} (or give a number)")
 
 
-def regions_from_options(
-    *,
-    coords: Sequence[str] = (),
-    radii: Sequence[float] = (),
-    names: Sequence[str] = (),
-    mirror: str = "none",
-    table: str | os.PathLike | None = None,
-    masks: Sequence[str | os.PathLike] = (),
-    labels: Sequence[str] = (),
-    atlas_labels: str | os.PathLike | None = None,
-    what: str = "seed",
-) -> list[Region]:
-    """Build regions from command-line options (shared by ``gpuconn seed`` and ``gpuconn roi``).
+def regions_from_options(options: RegionOptions) -> list[Region]:
+    """The seeds or ROIs of ``gpuconn seed`` and ``gpuconn roi`` (their options, checked by :class:`RegionOptions`).
 
     Parameters
     ----------
-    coords : sequence of str
-        ``'x,y,z'`` per sphere (``--<what>-coord``, repeatable).
-    radii : sequence of float
-        One radius for all spheres, or one per coordinate (``--radius``);
-        none: the study's default, :data:`gpuconn.maps.SEED_RADIUS_MM` for
-        seeds and :data:`gpuconn.maps.ROI_RADIUS_MM` for ROIs.
-    names : sequence of str
-        One name per coordinate (``--name``); default ``<what>1``, ``<what>2``...
-    mirror : {'none', 'add', 'union'}
-        Applied to every coordinate sphere.
-    table : path, optional
-        A TSV read by :func:`read_regions`.
-    masks : sequence of path
-        Mask images (``--<what>-mask``): one region each, or one per label
-        for an atlas (:func:`atlas_regions`).
-    labels : sequence of str
-        ``'atlas.nii.gz:LABEL'`` (``--<what>-label``), one region each;
-        LABEL is the voxel value, or a name from the atlas's label table
-        (``atlas_labels``, an AFNI atlas's ``.HEAD`` table
-        (:func:`gpuconn.core.afni.label_table`), or the BIDS table beside
-        the image); the region is then named after the file stem and the label.
-    atlas_labels : path-like, optional
-        Label table of the atlases given (``--atlas-labels``), see
-        :func:`gpuconn.core.atlas.read_atlas_labels`.
-    what : {'seed', 'roi'}
+    options : RegionOptions
+        Coordinate spheres (each with its radius, name and mirroring), a
+        table read by :func:`read_regions`, mask images (one region each, or
+        one per label of an atlas: :func:`atlas_regions`) and atlas labels
+        (``'atlas.nii.gz:LABEL'``: the voxel value, or a name from the
+        atlas's label table: ``options.atlas_labels``, an AFNI atlas's
+        ``.HEAD`` table (:func:`gpuconn.core.afni.label_table`), or the BIDS
+        table beside the image; the region is then named after the file stem
+        and the label).
 
     Returns
     -------
     list of Region
         Coordinates first, then the table, masks and labels; names unique.
     """
-    flag = f"--{what.lower()}"
-    if not radii:
-        radii = [SEED_RADIUS_MM if what.lower() == "seed" else ROI_RADIUS_MM]
-    if len(radii) not in (1, len(coords)):
-        raise InputError(f"--radius was given {len(radii)} times for {len(coords)} {flag}-coord; give it once or once per coordinate")
-    if names and len(names) != len(coords):
-        raise InputError(f"--name was given {len(names)} times for {len(coords)} {flag}-coord; give one name per coordinate")
+    what = options.what
     regions: list[Region] = []
-    for index, text in enumerate(coords):
-        radius = radii[0] if len(radii) == 1 else radii[index]
-        name = names[index] if names else f"{what.lower()}{index + 1}"
-        regions.extend(sphere_regions(name, parse_coord(text, option=f"{flag}-coord"), radius, mirror=mirror, what=what))
-    if table is not None:
-        regions.extend(read_regions(table, what=what))
-    for path in masks:
-        regions.extend(atlas_regions(path, labels=atlas_labels, what=what))
-    for text in labels:
-        path, _, label = str(text).rpartition(":")
-        if not path or not label.strip():
-            raise InputError(f"{flag}-label {text!r} must be ATLAS:LABEL, e.g. {flag}-label atlas.nii.gz:7")
+    for name, center, radius in zip(options.sphere_names, options.coords, options.sphere_radii):
+        regions.extend(sphere_regions(name, center, radius, mirror=options.mirror_mode, what=what))
+    if options.table is not None:
+        regions.extend(read_regions(options.table, what=what))
+    for path in options.masks:
+        regions.extend(atlas_regions(path, labels=options.atlas_labels, what=what))
+    for text in options.labels:
+        path, _, label = text.rpartition(":")
         if label.strip().lstrip("-").isdigit():
             regions.append(image_region(path, label=int(label), what=what))
             continue
-        number, name = _label_number(path, label.strip(), f"{flag}-label {text}", atlas_labels)
+        number, name = _label_number(path, label.strip(), f"--{what}-label {text}", options.atlas_labels)
         regions.append(Region(_check_name(_stem(path, "atlas") + re.sub(r"[^A-Za-z0-9]", "", name), what),
                               image=Path(path), label=number, label_name=name))
     return _check_unique(regions, what)

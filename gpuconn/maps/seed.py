@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from ..core.backend import as_data, resolve_device, to_numpy, uses_device
-from ..core.errors import InputError
+from ..core.errors import InputError, OptionError
 from ..core.io import save_image, unmask, write_tsv
 from ..core.progress import progress_bar
 from ..core.tasks import map_tasks
@@ -215,6 +215,11 @@ def compute_seed_maps(
         The NIfTI outputs, plus ``<label>_seeds_timeseries.tsv`` per run
         (a row per volume kept).
 
+    Raises
+    ------
+    OptionError
+        An unknown ``layout``, or ``layout='seed'`` with ``client``.
+
     Notes
     -----
     All headers, masks and seeds are checked before anything is written.
@@ -229,14 +234,17 @@ def compute_seed_maps(
     the source and the number of ``censored_volumes``.
     """
     if layout not in LAYOUTS:
-        raise InputError(f"--layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+        raise OptionError(f"{{layout}} {layout!r} is not one of {', '.join(LAYOUTS)}")
+    if layout == "seed" and client is not None:
+        raise OptionError("{layout} seed stacks every run into one file per seed in one process, not in Dask tasks; "
+                          "use {layout} subject, or run in one process")
     bad = [s for s in stats if s not in STATS]
     if bad or not stats:
         raise InputError(f"statistics {bad or '(none)'} not available; choose from {', '.join(STATS)}")
     stats = list(dict.fromkeys(stats))
     out_dir = Path(out_dir)
     if client is not None:
-        return _seed_maps_on_dask(client, inputs, regions, out_dir, layout=layout, stats=stats, device=str(device),
+        return _seed_maps_on_dask(client, inputs, regions, out_dir, stats=stats, device=str(device),
                                   progress=progress, params=params)
     torch_device = resolve_device(device)
     prepared, reference = prepare_inputs(inputs, regions, what="seed")
@@ -283,13 +291,8 @@ def _seed_run(item: BoldInput, regions: Sequence[Region], out_dir: Path, stats: 
     return compute_seed_maps([item], regions, out_dir, layout="subject", stats=stats, device=device, params=params)
 
 
-def _seed_maps_on_dask(client, inputs: Sequence[BoldInput], regions: Sequence[Region], out_dir: Path, *, layout: str,
+def _seed_maps_on_dask(client, inputs: Sequence[BoldInput], regions: Sequence[Region], out_dir: Path, *,
                        stats: list[str], device: str, progress: bool, params: dict | None) -> list[Path]:
-    if layout == "seed":
-        raise InputError(
-            f"--layout {layout} stacks every run into one file per seed in one process; use --layout subject "
-            "with --workers/--dask-scheduler, or drop those options"
-        )
     prepare_inputs(inputs, regions, what="seed")  # every input checked before any task writes
     task = functools.partial(_seed_run, regions=list(regions), out_dir=out_dir, stats=stats, device=device,
                              params=params)

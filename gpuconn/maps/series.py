@@ -31,7 +31,7 @@ import numpy as np
 
 from ..core.afni import read_censor_1d
 from ..core.bids import DEFAULT_SPACE, find_runs
-from ..core.errors import InputError
+from ..core.errors import InputError, OptionError
 from ..core.io import check_same_grid, load_header, load_image, load_mask, masked_data, sidecar_path, split_ext
 from ..core.progress import progress_bar
 from ..subject.denoise import SPIKE_VOLUMES_KEY
@@ -304,18 +304,25 @@ def bold_inputs(
         Labelled by the file name up to ``_space-`` (e.g.
         ``sub-01_ses-pre_task-rest``); afni_proc.py runs carry their censor
         file.
+
+    Raises
+    ------
+    OptionError
+        Both or neither of ``bold`` and ``derivatives``, ``bold`` without
+        ``mask``, or a run under ``derivatives`` without its brain mask and no
+        ``mask`` (named as the CLI's ``--bold``/``--mask``/``--derivatives``).
     """
     if bool(bold) == (derivatives is not None):
-        raise InputError("give either --bold files (with --mask) or --derivatives, not both or neither")
+        raise OptionError("give either {bold} files (with {mask}) or {derivatives}, not both or neither")
     if derivatives is None:
         if mask is None:
-            raise InputError("--bold needs --mask (a brain mask on the BOLD grid)")
+            raise OptionError("{bold} needs {mask} (a brain mask on the BOLD grid)")
         return [BoldInput(_run_label(Path(path)), Path(path), Path(mask)) for path in bold]
     inputs = []
     for run in find_runs(derivatives, participant_label=participant_label, space=space, desc=desc):
         run_mask = Path(mask) if mask is not None else run.mask
         if run_mask is None:
-            raise InputError(f"no brain mask (*_desc-brain_mask.nii.gz) beside {run.bold}; give one with --mask")
+            raise OptionError(f"no brain mask (*_desc-brain_mask.nii.gz) beside {run.bold}; give one with {{mask}}")
         inputs.append(BoldInput(run.prefix, run.bold, run_mask, run.censor))
     return inputs
 

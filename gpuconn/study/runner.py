@@ -11,7 +11,7 @@ denoise     :func:`gpuconn.subject.denoise.denoise_runs` (runs passing QC)
 seeds       :func:`gpuconn.maps.seed.compute_seed_maps` (Fisher z per seed); for FLAME
             inference also :func:`gpuconn.maps.firstlevel.seed_glm_maps` (copes, varcopes)
 ica         :func:`gpuconn.maps.ica.run_group_ica`, :func:`gpuconn.maps.ica.match_templates`
-            and :func:`gpuconn.maps.dualreg.dual_regression` (when ``[ica] enabled``)
+            and :func:`gpuconn.maps.dualreg.dual_regression` with ``[dualreg]`` (when ``[ica] enabled``)
 group       :func:`gpuconn.stats.design.build_design`, then per model and map
             (seed map or network) :func:`gpuconn.stats.randomise.run_permutation_test`
             + :func:`~gpuconn.stats.randomise.write_outputs`, or for
@@ -195,7 +195,8 @@ def _step_ica(ctx: _Context) -> list[Path]:
         match_templates(ic_path, templates, folder / "match", mask_path=folder / "mask.nii.gz", names=names,
                         select_path=folder / "networks.nii.gz")
     # ICA's mask is the common mask of these same runs: reuse it rather than read every run again
-    dual_regression(ic_path, paths, folder / "dualreg", mask_path=folder / "mask.nii.gz", device=ctx.device, progress=ctx.progress)
+    dual_regression(ic_path, paths, folder / "dualreg", ctx.study.options("dualreg"), mask_path=folder / "mask.nii.gz",
+                    device=ctx.device, progress=ctx.progress)
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
@@ -436,7 +437,7 @@ _STEP_TABLE = (
     _Step("denoise", _step_denoise, _sections("denoise", "qc"), lambda s: [p for r in s.runs for p in _run_files(r)], ("qc",)),
     _Step("seeds", _step_seeds, lambda s: {"seeds": s.config["seeds"], "glm": s.config["inference"]["method"] in FLAME_METHODS},
           lambda s: [], ("denoise",)),
-    _Step("ica", _step_ica, _sections("ica", "networks"), lambda s: [s.ica_templates] if s.ica_templates else [], ("denoise",),
+    _Step("ica", _step_ica, _sections("ica", "dualreg", "networks"), lambda s: [s.ica_templates] if s.ica_templates else [], ("denoise",),
           lambda s: s.config["ica"]["enabled"]),
     _Step("group", _step_group, _sections("models", "inference", "inputs", "derived", "seeds"), _participants, ("qc", "seeds", "ica")),
     _Step("clusters", _step_clusters, _sections("inference"), lambda s: [], ("group",)),

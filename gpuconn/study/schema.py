@@ -32,7 +32,7 @@ from ..core.bids import DEFAULT_SPACE, Run, find_runs
 from ..core.feat import study_runs
 from ..core.errors import InputError, OptionError
 from ..maps import ROI_RADIUS_MM, SEED_RADIUS_MM
-from ..maps.options import ICAOptions
+from ..maps.options import DualRegOptions, ICAOptions
 from ..maps.regions import sphere_regions
 from ..stats.options import GrfOptions, PermutationOptions
 from ..stats.design import build_design
@@ -81,13 +81,17 @@ CORRECT_ACROSS = ("none", "contrasts", "maps", "both")
 _REQUIRED = object()
 
 
-def _option_keys(cls: type) -> dict[str, Any]:
-    """A section's keys and defaults from an options object's fields (TOML has no None: 0 stands for it)."""
-    return {f.name: 0 if f.default is None else f.default for f in fields(cls)}
+def _option_keys(cls: type, skip: Sequence[str] = ()) -> dict[str, Any]:
+    """A section's keys and defaults from an options object's fields but ``skip`` (TOML has no None: 0 stands for it)."""
+    return {f.name: 0 if f.default is None else f.default for f in fields(cls) if f.name not in skip}
 
 
-#: Sections filled and checked by a stage's options object (:meth:`Study.options`).
-_OPTION_SECTIONS: dict[str, type] = {"ica": ICAOptions}
+#: Sections filled and checked by a stage's options object (:meth:`Study.options`); a field that is not a key of
+#: the section keeps the object's default.
+_OPTION_SECTIONS: dict[str, type] = {"ica": ICAOptions, "dualreg": DualRegOptions}
+
+# DualRegOptions' stage 3 (randomise on every component) is not a [dualreg] key: the study's [[models]] test networks.
+_DUALREG_STAGE3 = ("n_perm", "seed", "one_sample")
 
 
 def _options_object(cls: type, values: dict[str, Any], keys: dict[str, str], path: Path) -> Any:
@@ -101,7 +105,8 @@ def _options_object(cls: type, values: dict[str, Any], keys: dict[str, str], pat
 def _section_options(config: dict, name: str, path: Path) -> Any:
     cls = _OPTION_SECTIONS[name]
     given = config[name]
-    values = {f.name: None if f.default is None and given[f.name] == 0 else given[f.name] for f in fields(cls)}
+    values = {f.name: None if f.default is None and given[f.name] == 0 else given[f.name]
+              for f in fields(cls) if f.name in given}
     return _options_object(cls, values, {f.name: f"{name}.{f.name}" for f in fields(cls)}, path)
 
 
@@ -172,6 +177,8 @@ _SECTIONS: dict[str, dict[str, Any]] = {
     },
     # the fields of ICAOptions (0 stands for None) between the study's own keys
     "ica": {"enabled": False, **_option_keys(ICAOptions), "templates": "", "template_names": []},
+    # dual regression of every run on the ICA components: DualRegOptions' fields but stage 3 (0 stands for None)
+    "dualreg": _option_keys(DualRegOptions, skip=_DUALREG_STAGE3),
     "derived": {},
     "inference": {
         "method": "cluster",
@@ -269,7 +276,8 @@ class Study:
         return self.config[name]
 
     def options(self, name: str) -> Any:
-        """The options object of a stage's section (``ica``: :class:`gpuconn.maps.options.ICAOptions`)."""
+        """The options object of a stage's section (``ica``: :class:`gpuconn.maps.options.ICAOptions`, ``dualreg``:
+        :class:`~gpuconn.maps.options.DualRegOptions`)."""
         return _section_options(self.config, name, self.path)
 
     def participant_id(self, run: Run) -> str:
