@@ -223,8 +223,8 @@ def check_flame_inputs(
             "inside the mask; varcopes must be finite and >= 0 (check the first-level outputs or the mask)"
         )
     if run_mode == "fe" and np.any(varcopes <= 0):
-        raise InputError(
-            f"{varcope_source} has zero variances inside the mask; fixed effects (--runmode fe) needs varcopes > 0 "
+        raise OptionError(
+            f"{varcope_source} has zero variances inside the mask; fixed effects ({{run_mode}} fe) needs varcopes > 0 "
             "(use flame1 or ols, or tighten the mask)"
         )
     labels, values = _group_labels(groups, n_obs, groups_source)
