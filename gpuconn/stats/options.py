@@ -54,7 +54,7 @@ class PermutationOptions:
     Raises
     ------
     OptionError
-        A negative ``n_perm``, an unknown ``method`` or ``accel``, or
+        ``n_perm`` not a whole number >= 0, an unknown ``method`` or ``accel``, or
         ``accel_g1out`` without ``accel`` tail or gamma.
     """
 
@@ -67,8 +67,8 @@ class PermutationOptions:
     accel_g1out: bool = False
 
     def __post_init__(self):
-        if self.n_perm < 0:
-            raise OptionError(f"{{n_perm}} must be >= 0 (0 = exhaustive), got {self.n_perm}")
+        if isinstance(self.n_perm, bool) or int(self.n_perm) != self.n_perm or self.n_perm < 0:
+            raise OptionError(f"{{n_perm}} must be a whole number >= 0 (0 = exhaustive), got {self.n_perm}")
         if self.method not in PERMUTATION_METHODS:
             raise OptionError(f"{{method}} {self.method!r} is not one of {', '.join(PERMUTATION_METHODS)}")
         if self.accel is not None and self.accel not in ACCEL_MODES:
