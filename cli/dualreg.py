@@ -47,7 +47,7 @@ def dualreg(
     seed: Seed = 0,
     device: Device = "auto",
     max_memory: MaxMemory = None,
-    dask_scheduler: DaskScheduler = None,
+    scheduler: DaskScheduler = None,
     workers: Workers = None,
     quiet: Quiet = False,
 ) -> None:
@@ -64,7 +64,7 @@ def dualreg(
     from gpuconn.maps.dualreg import dual_regression
 
     with memory_cap(max_memory):
-        with dask_client(scheduler=dask_scheduler, workers=workers) as client:  # None: one process
+        with dask_client(scheduler=scheduler, workers=workers) as client:  # None: one process
             result = dual_regression(
                 maps, subjects, out_dir, mask_path=mask, des_norm=des_norm, device=device, batch_size=batch_size,
                 design_path=design_path, contrast_path=contrast_path, one_sample=one_sample, n_perm=n_perm,

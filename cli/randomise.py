@@ -115,7 +115,7 @@ def randomise(
     accel_g1out: AccelOut = _PERM.accel_g1out,
     seed: Seed = _PERM.seed,
     device: Device = "auto",
-    dask_scheduler: DaskScheduler = None,
+    scheduler: DaskScheduler = None,
     workers: Workers = None,
     resume: Resume = False,
     checkpoint_interval: CheckpointInterval = 10.0,
@@ -156,7 +156,7 @@ def randomise(
                                  cluster_mass=cluster_mass_t)
     spatial_f = spatial_transforms(tfce_params=tfce_params, method=method_tfce, cluster_extent=cluster_f,
                                    cluster_mass=cluster_mass_f) if ftest_path is not None else None  # F tests come from -f
-    runner = permutation_runner(scheduler=dask_scheduler, workers=workers, device=device)
+    runner = permutation_runner(scheduler=scheduler, workers=workers, device=device)
     if (spatial or spatial_f) and runner is None:
         problem = compile_kernels(device)  # now, not mid-run; Dask workers compile their own
         if problem is not None:

@@ -160,6 +160,8 @@ def test_keyed_renames_some_parameters_and_leaves_the_rest():
         (["-1", "--vg", "auto"], "--vg auto takes the variance groups from the exchangeability blocks, and there are "
                                  "none; give -e design.grp, or a variance-group file to --vg"),
         (["-1", "--permute-blocks"], "--permute-blocks needs exchangeability blocks (-e design.grp)"),
+        (["-1", "--dask-scheduler", "tcp://127.0.0.1:1", "--workers", "2"],
+         "give --dask-scheduler (use a running cluster) or --workers N (start a local one), not both"),
         # a library parameter the CLI sets through several flags (set_by_flags)
         (["-1", "-T", "--accel", "noperm"], "--accel noperm gives uncorrected p only (there is no null of the maximum); "
                                             "drop -T/-c/-C/-F/-S or use --accel tail"),
@@ -188,6 +190,10 @@ def test_denoise_and_design_name_the_flags_of_library_checks(tmp_path, capsys):
                 "--outlier-metric", "none", "--motion", "24"]) == 2
     assert capsys.readouterr().err == (f"gpuconn: error: --motion 24 needs --confounds (fMRIPrep TSV) or --motion-par "
                                        f"for {bold}\n")
+    # the options object's field is columns, its flag --column (the message once spelled a flag that does not exist)
+    assert run(["denoise", "--bold", bold, "--mask", mask, "-o", str(tmp_path / "d"), "--motion", "none",
+                "--acompcor", "0", "--outlier-metric", "none", "--column", "csf"]) == 2
+    assert capsys.readouterr().err == f"gpuconn: error: --column csf needs a confounds TSV for {bold}\n"
     table = tmp_path / "participants.tsv"
     table.write_text("participant_id\tx\na\t1\nb\t2\nc\t3\n")
     assert run(["design", "regression", str(table), "-o", str(tmp_path / "design")]) == 2

@@ -50,7 +50,7 @@ def require_distributed():
     try:
         import distributed
     except ImportError as exc:
-        raise OptionError(f"{{dask_scheduler}}/{{workers}} need Dask (the distributed package); {_INSTALL}") from exc
+        raise OptionError(f"{{scheduler}}/{{workers}} need Dask (the distributed package); {_INSTALL}") from exc
     return distributed
 
 
@@ -85,7 +85,7 @@ def check_options(scheduler: str | None, workers: int | None) -> bool:
         return False
     if scheduler is not None and workers is not None:
         raise OptionError(
-            "give {dask_scheduler} (use a running cluster) or {workers} N (start a local one), not both"
+            "give {scheduler} (use a running cluster) or {workers} N (start a local one), not both"
         )
     if workers is not None and workers < 1:
         raise OptionError(f"{{workers}} must be >= 1, got {workers}")
@@ -129,14 +129,14 @@ def dask_client(*, scheduler: str | None = None, workers: int | None = None, tim
                 client = stack.enter_context(distributed.Client(scheduler, timeout=timeout))
             except (OSError, TimeoutError) as exc:
                 raise OptionError(
-                    f"{{dask_scheduler}} {scheduler}: cannot connect ({type(exc).__name__}: {exc}); start one with "
+                    f"{{scheduler}} {scheduler}: cannot connect ({type(exc).__name__}: {exc}); start one with "
                     "'dask scheduler' and give its tcp://host:port address"
                 ) from exc
             try:
                 client.wait_for_workers(1, timeout=timeout)
             except TimeoutError as exc:
                 raise OptionError(
-                    f"{{dask_scheduler}} {scheduler}: no worker connected within {timeout:.0f} s; start workers with "
+                    f"{{scheduler}} {scheduler}: no worker connected within {timeout:.0f} s; start workers with "
                     f"'dask worker {scheduler}' (or 'dask cuda worker {scheduler}' on GPU nodes)"
                 ) from exc
         else:

@@ -159,7 +159,7 @@ def _run_permutations(client, prepared, *, device: str, chunk: int | None, tasks
                       progress: bool):
     if prepared.accel is not None and prepared.accel.mode == "negbin":
         raise OptionError("{accel} negbin stops each voxel after its exceedances, chunk after chunk; it needs the "
-                          "single-process runner: drop {dask_scheduler}/{workers}")
+                          "single-process runner: drop {scheduler}/{workers}")
     n_perm = prepared.scheme.n_perm
     workers = n_workers(client)
     size = int(chunk) if chunk is not None else _task_size(n_perm, workers, tasks_per_worker)
