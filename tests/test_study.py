@@ -129,6 +129,9 @@ def tiny(tmp_path_factory):
          r"bad\.toml: inference\.n_perm must be a whole number >= 0 \(0 = exhaustive\), got 2\.5$"),
         (lambda t: t.replace("n_perm = 50", "n_perm = -3").replace('method = "cluster"', 'method = "grf"'),
          r"bad\.toml: inference\.n_perm must be a whole number >= 0 \(0 = exhaustive\), got -3$"),
+        # the library's connectivity check, worded with the key
+        (lambda t: t.replace("n_perm = 50", "n_perm = 50\nconnectivity = 7"),
+         r"bad\.toml: inference\.connectivity must be one of 6, 18, 26 \(got 7\)$"),
     ],
 )
 def test_bad_study_files_are_one_line_errors(tiny, edit, message):

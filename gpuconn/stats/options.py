@@ -14,12 +14,22 @@ from dataclasses import dataclass
 
 from ..core.errors import OptionError
 
-__all__ = ["PERMUTATION_METHODS", "ACCEL_MODES", "PermutationOptions", "GrfOptions", "McmcOptions"]
+__all__ = ["PERMUTATION_METHODS", "ACCEL_MODES", "CONNECTIVITIES", "check_connectivity", "PermutationOptions",
+           "GrfOptions", "McmcOptions"]
 
 #: Permutation methods: auto, permute (exchangeable errors), flip (independent symmetric errors), both.
 PERMUTATION_METHODS = ("auto", "permute", "flip", "both")
 #: PALM's accelerations (``randomise --accel``; :mod:`gpuconn.stats.accel`).
 ACCEL_MODES = ("tail", "gamma", "negbin", "noperm")
+#: Voxel connectivities of clusters and TFCE: faces; faces and edges; faces, edges and corners.
+CONNECTIVITIES = (6, 18, 26)
+
+
+def check_connectivity(connectivity: int) -> int:
+    """``connectivity`` when it is one of :data:`CONNECTIVITIES`, else an OptionError naming the parameter."""
+    if connectivity not in CONNECTIVITIES:
+        raise OptionError(f"{{connectivity}} must be one of 6, 18, 26 (got {connectivity!r})")
+    return connectivity
 
 
 @dataclass(frozen=True, kw_only=True)

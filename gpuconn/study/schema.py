@@ -35,7 +35,7 @@ from ..core.errors import InputError, OptionError
 from ..maps import ROI_RADIUS_MM, SEED_RADIUS_MM
 from ..maps.options import ICAOptions
 from ..maps.regions import sphere_regions
-from ..stats.options import GrfOptions, PermutationOptions
+from ..stats.options import GrfOptions, PermutationOptions, check_connectivity
 from ..stats.design import build_design
 from ..subject.options import DenoiseOptions
 
@@ -513,8 +513,8 @@ def _check_models(config: dict, path: Path) -> None:
 def _check_inference(config: dict, path: Path) -> None:
     inference = config["inference"]
     permutation_options(inference, path)  # n_perm, seed, accel (every method: their checks, worded with the keys)
-    if inference["connectivity"] not in (6, 18, 26):
-        raise InputError(f"{path}: inference.connectivity must be 6, 18 or 26, got {inference['connectivity']}")
+    with study_keys({"connectivity": "inference.connectivity"}, path):
+        check_connectivity(inference["connectivity"])
     if not 0 < inference["alpha"] < 1:
         raise InputError(f"{path}: inference.alpha must be between 0 and 1, got {inference['alpha']}")
     if inference["method"] in ("grf", *FLAME_METHODS):
