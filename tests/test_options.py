@@ -199,3 +199,13 @@ def test_denoise_and_design_name_the_flags_of_library_checks(tmp_path, capsys):
     assert run(["design", "regression", str(table), "-o", str(tmp_path / "design")]) == 2
     assert capsys.readouterr().err == "gpuconn: error: a regression design needs --variable COLUMN\n"
     assert not (tmp_path / "d").exists() and not list(tmp_path.glob("design*"))
+
+
+def test_every_step_key_is_a_key_of_the_study_file():
+    """The runner's renaming names real keys: [section] key, or a [[models]] key."""
+    sections = {**schema._SECTIONS, "models": schema._TABLES["models"]}
+    for step, keys in schema.STEP_KEYS.items():
+        assert step in __import__("gpuconn.study.runner", fromlist=["STEPS"]).STEPS
+        for parameter, key in keys.items():
+            section, name = key.split(".")
+            assert name in sections[section], f"{step}: {parameter} -> {key}"

@@ -166,9 +166,12 @@ _DESIGN_KEYS = {"group": "inputs.group_column", "levels": "models.contrast", "va
 #: Library parameter -> study key, for the messages of each runner step's library calls
 #: (:func:`study_keys`; ``device`` is ``study.device`` unless ``study run --device`` gave it).
 STEP_KEYS: dict[str, dict[str, str]] = {
+    "qc": {key: f"qc.{key}" for key in ("abs_threshold", "rel_threshold", "outlier_metric", "outlier_threshold")},
     "denoise": _DENOISE_KEYS,
     "ica": {f.name: f"ica.{f.name}" for f in fields(ICAOptions)},
-    "group": {**_PERMUTATION_KEYS, "variance_groups": "inference.variance_groups", **_GRF_KEYS, **_DESIGN_KEYS},
+    "group": {**_PERMUTATION_KEYS, "variance_groups": "inference.variance_groups", **_GRF_KEYS, **_DESIGN_KEYS,
+              "connectivity": "inference.connectivity"},
+    "clusters": {"connectivity": "inference.connectivity"},
 }
 # The defaults of [denoise] are DenoiseOptions' own.
 _DENOISE = DenoiseOptions()
