@@ -143,14 +143,17 @@ def option_flags(command: Any, argv: list[str]) -> dict[str, str]:
 
     The first flag an option declares (``--dim`` for ``dim``, ``--nj`` for
     ``n_jumps``): the name an :class:`~gpuconn.core.errors.OptionError` is
-    shown with on the command line.
+    shown with on the command line. A library parameter that the command
+    sets through several flags is named by them all
+    (:func:`~gpuconn.cli.options.set_by_flags`).
     """
     for token in argv:  # typer vendors its own click: go by attributes, not classes
         subcommands = getattr(command, "commands", {})
         if token not in subcommands:
             break
         command = subcommands[token]
-    return {p.name: p.opts[0] for p in command.params if p.param_type_name == "option" and p.name}
+    flags = {p.name: p.opts[0] for p in command.params if p.param_type_name == "option" and p.name}
+    return {**getattr(command.callback, "set_by_flags", {}), **flags}
 
 
 def _run(argv: list[str]) -> int:

@@ -50,7 +50,7 @@ def denoise(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Runs regressed together on the device.")] = 1,
     overwrite: Annotated[bool, Flag("--overwrite", help="Recompute runs whose outputs exist from the same inputs and settings (default: skip them, e.g. after an interrupted run).")] = False,
     device: Device = "auto",
-    dask_scheduler: DaskScheduler = None,
+    scheduler: DaskScheduler = None,
     workers: Workers = None,
     quiet: Quiet = False,
 ) -> None:
@@ -107,7 +107,7 @@ def denoise(
             prepare_run(f, options, device=device, load_data=False)
     written: list[dict] = []
     try:
-        with dask_client(scheduler=dask_scheduler, workers=workers) as client:  # None: one process
+        with dask_client(scheduler=scheduler, workers=workers) as client:  # None: one process
             # with Dask: one task per batch of runs, written by the workers, and a bar over the tasks
             with progress_bar("denoise", len(files), enabled=not quiet and client is None) as advance:
                 for paths in denoise_runs(files, out_dirs, options, device=device, batch_size=batch_size,

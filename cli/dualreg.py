@@ -51,7 +51,7 @@ def dualreg(
     seed: Seed = _DEFAULTS.seed,
     device: Device = "auto",
     max_memory: MaxMemory = None,
-    dask_scheduler: DaskScheduler = None,
+    scheduler: DaskScheduler = None,
     workers: Workers = None,
     quiet: Quiet = False,
 ) -> None:
@@ -69,7 +69,7 @@ def dualreg(
 
     options = stage_options(DualRegOptions, locals())
     with memory_cap(max_memory):
-        with dask_client(scheduler=dask_scheduler, workers=workers) as client:  # None: one process
+        with dask_client(scheduler=scheduler, workers=workers) as client:  # None: one process
             result = dual_regression(
                 maps, subjects, out_dir, options, mask_path=mask, design_path=design_path, contrast_path=contrast_path,
                 device=device, progress=not quiet, client=client,

@@ -22,7 +22,7 @@ def flame(
     design_con: Annotated[Path, typer.Option("--tc", help="t contrasts (FSL VEST design.con).")],
     design_fts: Annotated[Optional[Path], typer.Option("--fc", help="F tests (FSL VEST design.fts).")] = None,
     design_grp: Annotated[Optional[Path], typer.Option("--cs", help="Variance groups (FSL VEST design.grp).")] = None,
-    mask: Annotated[Optional[Path], typer.Option("--mask", help="Mask (default: voxels non-zero in some cope).")] = None,
+    mask_path: Annotated[Optional[Path], typer.Option("--mask", help="Mask (default: voxels non-zero in some cope).")] = None,
     run_mode: Annotated[str, typer.Option("--runmode", help="fe, ols, flame1 or flame12.")] = "flame1",
     log_dir: Annotated[Path, typer.Option("--ld", help="Output folder (flameo's logdir).")] = Path("stats"),
     cluster_z: ClusterZ = _GRF.cluster_z,
@@ -47,7 +47,7 @@ def flame(
     clusters = None if no_clusters else stage_options(GrfOptions, locals())
     tables = run_flame(
         cope, varcope, design_mat, design_con, log_dir, ftest_path=design_fts, groups_path=design_grp,
-        mask_path=mask, run_mode=run_mode, clusters=clusters, device=device, mcmc=mcmc,
+        mask_path=mask_path, run_mode=run_mode, clusters=clusters, device=device, mcmc=mcmc,
     )
     for name, table in tables.items():
         typer.echo(f"flame: {name}: {len(table)} cluster(s) with z > {cluster_z:g} and GRF p < {cluster_p:g}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +13,19 @@ import typer
 def Flag(*names: str, help: str) -> Any:  # noqa: N802 - used like typer.Option in annotations
     """An on/off option, shown in ``--help`` without a value (typer 0.29 with click 8.5 prints ``<bool>``)."""
     return typer.Option(*names, metavar="", help=help)
+
+
+def set_by_flags(**flags: str) -> Callable[[Callable], Callable]:
+    """Mark a command whose flags together set one library parameter, for the messages naming it.
+
+    ``@set_by_flags(spatial="-T/-c/-C/-F/-S")``: an
+    :class:`~gpuconn.core.errors.OptionError` about ``spatial`` names those
+    flags (:func:`gpuconn.cli.app.option_flags`).
+    """
+    def mark(command: Callable) -> Callable:
+        command.set_by_flags = flags
+        return command
+    return mark
 
 
 def image_root(value: Path | None) -> Path | None:

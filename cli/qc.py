@@ -22,7 +22,7 @@ def qc(
     rel_threshold: Annotated[float, typer.Option("--rel-threshold", help="Exclude above this max relative RMS displacement (mm).")] = 2.0,
     outlier_metric: Annotated[str, typer.Option("--outlier-metric", help="fd (Power) or rms (Jenkinson relative) for outlier counts.")] = "fd",
     outlier_threshold: Annotated[float, typer.Option("--outlier-threshold", help="Outlier threshold in mm.")] = 0.5,
-    dask_scheduler: DaskScheduler = None,
+    scheduler: DaskScheduler = None,
     workers: Workers = None,
     quiet: Quiet = False,
 ) -> None:
@@ -36,14 +36,14 @@ def qc(
         abs_threshold=abs_threshold, rel_threshold=rel_threshold,
         outlier_metric=outlier_metric, outlier_threshold=outlier_threshold,
     )  # fmt: skip
-    check_options(dask_scheduler, workers)
+    check_options(scheduler, workers)
     sources = feat_motion_sources(feat_runs(feat, registration=False))
     if derivatives is not None or motion_par or confounds or not feat:
         sources += motion_sources(
             derivatives=derivatives, participant_label=participant_label, space=space, motion_par=motion_par,
             confounds=confounds,
         )  # fmt: skip
-    with dask_client(scheduler=dask_scheduler, workers=workers) as client:  # None: one process
+    with dask_client(scheduler=scheduler, workers=workers) as client:  # None: one process
         table = qc_table(sources, client=client, progress=not quiet, **thresholds)
     write_tsv(table, out, params={"command": "gpuconn qc", **thresholds}, sidecar=True)
     n_excluded = int(table["excluded"].sum())

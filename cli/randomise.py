@@ -10,7 +10,7 @@ import typer
 from gpuconn.stats.options import PermutationOptions
 
 from .options import (DaskScheduler, Device, Flag, MaxMemory, Quiet, Seed, Workers, image_root, parse_count,
-                      stage_options)
+                      set_by_flags, stage_options)
 
 _PERM = PermutationOptions()
 
@@ -82,14 +82,15 @@ Method = Annotated[
 ]
 
 
+@set_by_flags(spatial="-T/-c/-C/-F/-S")  # the spatial statistics (TFCE, clusters) the library takes as one argument
 def randomise(
-    input_image: InputImage,
+    input_paths: InputImage,
     output_root: OutputRoot,
-    design_mat: DesignMat = None,
-    design_con: DesignCon = None,
-    design_fts: DesignFts = None,
-    design_grp: DesignGrp = None,
-    mask: Mask = None,
+    design_path: DesignMat = None,
+    contrast_path: DesignCon = None,
+    ftest_path: DesignFts = None,
+    groups_path: DesignGrp = None,
+    mask_path: Mask = None,
     variance_groups: VarianceGroups = None,
     n_perm: NPerm = _PERM.n_perm,
     one_sample: OneSample = False,
@@ -104,7 +105,7 @@ def randomise(
     tfce_h: TfceH = None,
     tfce_e: TfceE = None,
     tfce_c: TfceC = None,
-    tfce_dh: TfceDh = None,
+    dh: TfceDh = None,
     tfce_exact: TfceExact = False,
     cluster_t: ClusterT = None,
     cluster_mass_t: ClusterMassT = None,
@@ -114,7 +115,7 @@ def randomise(
     accel_g1out: AccelOut = _PERM.accel_g1out,
     seed: Seed = _PERM.seed,
     device: Device = "auto",
-    dask_scheduler: DaskScheduler = None,
+    scheduler: DaskScheduler = None,
     workers: Workers = None,
     resume: Resume = False,
     checkpoint_interval: CheckpointInterval = 10.0,
@@ -148,14 +149,14 @@ def randomise(
         raise InputError("-T and --T2 are two TFCE settings; give one of them")
     tfce_params = None
     if tfce or tfce_2d:  # --T2 presets; explicit --tfce-H/E/C values win
-        given = {"H": tfce_h, "E": tfce_e, "connectivity": tfce_c, "dh": tfce_dh}
+        given = {"H": tfce_h, "E": tfce_e, "connectivity": tfce_c, "dh": dh}
         tfce_params = {**(TFCE_2D if tfce_2d else TFCE_DEFAULTS), **{k: v for k, v in given.items() if v is not None}}
     method_tfce = "exact" if tfce_exact else "stepped"
     spatial = spatial_transforms(tfce_params=tfce_params, method=method_tfce, cluster_extent=cluster_t,
                                  cluster_mass=cluster_mass_t)
     spatial_f = spatial_transforms(tfce_params=tfce_params, method=method_tfce, cluster_extent=cluster_f,
-                                   cluster_mass=cluster_mass_f) if design_fts is not None else None  # F tests come from -f
-    runner = permutation_runner(scheduler=dask_scheduler, workers=workers, device=device)
+                                   cluster_mass=cluster_mass_f) if ftest_path is not None else None  # F tests come from -f
+    runner = permutation_runner(scheduler=scheduler, workers=workers, device=device)
     if (spatial or spatial_f) and runner is None:
         problem = compile_kernels(device)  # now, not mid-run; Dask workers compile their own
         if problem is not None:
@@ -182,13 +183,13 @@ def randomise(
     try:
         with memory_cap(max_memory), output_lock(output_root):
             results = run(
-                input_image,
+                input_paths,
                 output_root,
-                design_path=design_mat,
-                contrast_path=design_con,
-                ftest_path=design_fts,
-                groups_path=design_grp,
-                mask_path=mask,
+                design_path=design_path,
+                contrast_path=contrast_path,
+                ftest_path=ftest_path,
+                groups_path=groups_path,
+                mask_path=mask_path,
                 variance_groups_path=variance_groups,
                 permutation=permutation,
                 one_sample=one_sample,
@@ -212,7 +213,7 @@ def randomise(
         typer.echo(f"randomise: interrupted after {stop.done} of {stop.n_perm} rearrangements; {saved}: rerun the "
                    "same command with --resume to continue", err=True)
         raise typer.Exit(130) from None
-    for root in input_roots(output_root, len(input_image)):
+    for root in input_roots(output_root, len(input_paths)):
         checkpoint_path(root).unlink(missing_ok=True)
     if not quiet:
         result = results[0]

@@ -52,7 +52,7 @@ def seed(
     beta: Annotated[bool, Flag("--beta", help="Also write regression beta maps (voxel on seed).")] = False,
     prewhiten: Annotated[str | None, typer.Option("--glm", help="GLM mode (film or none prewhitening): cope/varcope/tstat/zstat per run and seed instead of r/z.")] = None,
     device: Device = "auto",
-    dask_scheduler: DaskScheduler = None,
+    scheduler: DaskScheduler = None,
     workers: Workers = None,
     quiet: Quiet = False,
 ) -> None:
@@ -77,7 +77,7 @@ def seed(
         return
     stats = ["r", "z"] + (["beta"] if beta else [])
     params = {"command": "gpuconn seed", "layout": layout, "atlas_labels": atlas_labels}
-    with dask_client(scheduler=dask_scheduler, workers=workers) as client:  # None: one process; else a task per run
+    with dask_client(scheduler=scheduler, workers=workers) as client:  # None: one process; else a task per run
         written = compute_seed_maps(
             inputs, regions, out, layout=layout, stats=stats, device=device, progress=not quiet, params=params,
             client=client,

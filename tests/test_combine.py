@@ -260,9 +260,9 @@ def test_single_input_outputs_are_unchanged(tmp_path, rng):
 
 def test_bad_inputs_are_refused_by_name(tmp_path, rng):
     paths, options = _write_inputs(tmp_path, rng)
-    with pytest.raises(InputError, match="--npc works across several inputs"):
+    with pytest.raises(InputError, match="^npc works across several inputs; give two or more input_paths images, or drop npc$"):
         randomise_inputs(paths[:1], tmp_path / "o", npc="fisher", **options)
-    with pytest.raises(InputError, match="--corrmod works across several inputs"):
+    with pytest.raises(InputError, match="^corrmod works across several inputs"):
         randomise_inputs(paths[:1], tmp_path / "o", corrmod=True, **options)
     with pytest.raises(InputError, match="^npc 'min' is not one of"):
         randomise_inputs(paths, tmp_path / "o", npc="min", **options)

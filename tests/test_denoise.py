@@ -95,7 +95,7 @@ def test_low_pass_removes_high_dct_components(rng):
 
 
 def test_low_pass_must_exceed_high_pass():
-    with pytest.raises(InputError, match="--low-pass 0.005 Hz must be above --high-pass 0.01 Hz"):
+    with pytest.raises(InputError, match="^low_pass 0.005 Hz must be above high_pass 0.01 Hz$"):
         dn.nuisance_design(pd.DataFrame(index=range(30)), tr=TR, high_pass=0.01, low_pass=0.005)
 
 
@@ -305,7 +305,7 @@ def test_collect_runs_mask_override_serves_runs_without_one(tmp_path):
     func.mkdir(parents=True)
     (func / "sub-01_task-rest_space-MNI152NLin2009cAsym_desc-preproc_bold.nii.gz").write_bytes(b"")
     template = tmp_path / "template_mask.nii.gz"
-    with pytest.raises(InputError, match=r"no brain mask \(\*_desc-brain_mask.nii.gz\) beside .*; give one with --mask"):
+    with pytest.raises(InputError, match=r"no brain mask \(\*_desc-brain_mask.nii.gz\) beside .*; give one with mask$"):
         dn.collect_runs(tmp_path, tmp_path / "out")
     # --derivatives with --mask: the run has no mask of its own (was refused before the override applied)
     (files, dirs) = dn.collect_runs(tmp_path, tmp_path / "out", mask=template)
@@ -448,7 +448,7 @@ def test_per_volume_hr_rv_columns_are_convolved(tmp_path, rng):
     expected = physio_regressors(table["heart_rate"].to_numpy(), table["respiratory_volume"].to_numpy(), tr=TR)
     np.testing.assert_allclose(run.design[["hr_crf", "rv_rrf"]].to_numpy(), expected)
     table.drop(columns=["heart_rate"]).to_csv(files.confounds, sep="\t", index=False)
-    with pytest.raises(InputError, match="--physio-mode yes but no \\*_physio.tsv.gz and no heart_rate/respiratory_volume"):
+    with pytest.raises(InputError, match="^physio yes but no \\*_physio.tsv.gz and no heart_rate/respiratory_volume"):
         dn.prepare_run(files, _options(physio="yes"))
 
 

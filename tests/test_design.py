@@ -177,7 +177,7 @@ def test_paired_differences_and_long_table(participants):
     [
         ({"kind": "two-sample", "group": "sex", "covariates": ["agee"]}, "has no column"),
         ({"kind": "two-sample", "group": "group", "levels": ["cLBP", "XX"]}, "has no level XX"),
-        ({"kind": "two-sample"}, "needs --group"),
+        ({"kind": "two-sample"}, "needs group COLUMN"),
         ({"kind": "regression", "variable": "sex"}, "is not numeric"),
         ({"kind": "paired", "sessions": ["pre", "post"], "covariates": ["age"]}, "do not change within subject"),
         ({"kind": "one-sample", "covariates": ["flat"]}, "has the same value for every row"),

@@ -323,7 +323,7 @@ def test_option_errors(capsys):
 
 
 def test_unreachable_scheduler_is_an_input_error():
-    with pytest.raises(InputError, match=r"--dask-scheduler tcp://127.0.0.1:9: cannot connect"):
+    with pytest.raises(InputError, match=r"^scheduler tcp://127.0.0.1:9: cannot connect"):
         with tasks.dask_client(scheduler="tcp://127.0.0.1:9", timeout=2):
             pass
 

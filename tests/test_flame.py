@@ -159,11 +159,11 @@ def test_constant_voxel_gives_zeros(rng):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ("negative", "--varcope has 1 voxel(s) with negative, NaN or Inf variances"),
-        ("nan", "--varcope has 1 voxel(s) with negative, NaN or Inf variances"),
-        ("columns", "--dm has 20 columns for 20 subjects: no residual degrees of freedom"),
-        ("groups", "--cs has 19 rows but there are 20 subjects"),
-        ("shape", "--cope has shape (20, 4) but --varcope has (20, 3)"),
+        ("negative", "varcopes has 1 voxel(s) with negative, NaN or Inf variances"),
+        ("nan", "varcopes has 1 voxel(s) with negative, NaN or Inf variances"),
+        ("columns", "design has 20 columns for 20 subjects: no residual degrees of freedom"),
+        ("groups", "groups has 19 rows but there are 20 subjects"),
+        ("shape", "copes has shape (20, 4) but varcopes has (20, 3)"),
         ("mode", "run_mode 'flame3' is not one of fe, ols, flame1, flame12"),  # the CLI says --runmode
     ],
 )

@@ -125,7 +125,8 @@ def test_option_error_names_each_parameter_once_per_mention():
         (lambda: ICAOptions(tol=0.0), "tol must be positive, got 0.0"),
         (lambda: GrfOptions(cluster_z=1.0), "cluster_z must be above 1 for GRF cluster inference, got 1.0"),
         (lambda: McmcOptions(z_lower=3.0, z_upper=3.0), "z_lower (3.0) must be below z_upper (3.0)"),
-        (lambda: PermutationOptions(n_perm=-1), "n_perm must be >= 0 (0 = exhaustive), got -1"),
+        (lambda: PermutationOptions(n_perm=-1), "n_perm must be a whole number >= 0 (0 = exhaustive), got -1"),
+        (lambda: PermutationOptions(n_perm=2.5), "n_perm must be a whole number >= 0 (0 = exhaustive), got 2.5"),
         (lambda: PermutationOptions(method="shuffle"), "method 'shuffle' is not one of auto, permute, flip, both"),
         (lambda: DualRegOptions(batch_size=0), "batch_size must be at least 1, got 0"),
         (lambda: DualRegOptions(n_perm=-1), "n_perm must be 0 (no randomise), 1 (raw t maps) or more, got -1"),
@@ -201,3 +202,110 @@ def test_randomise_options_are_checked_before_any_input_is_read(tmp_path, capsys
     assert capsys.readouterr().err == f"gpuconn: error: {message}\n"
     assert not list(tmp_path.iterdir())
 
+
+
+# Library checks deeper than the options objects: the library names its parameters, the CLI the flags typed.
+
+def _image(path, shape=(3, 3, 3, 8), seed=0):
+    import nibabel as nib
+    import numpy as np
+
+    data = 100 + np.random.default_rng(seed).standard_normal(shape)
+    img = nib.Nifti1Image(data.astype(np.float32), np.eye(4))
+    if len(shape) == 4:
+        img.header.set_zooms((2.0, 2.0, 2.0, 2.0))
+    nib.save(img, str(path))
+    return str(path)
+
+
+def _vest(path, rows):
+    path.write_text(f"/NumWaves {len(rows[0])}\n/NumPoints {len(rows)}\n/Matrix\n"
+                    + "".join(" ".join(map(str, r)) + "\n" for r in rows))
+    return str(path)
+
+
+def test_library_messages_name_parameters(tmp_path):
+    import numpy as np
+
+    from gpuconn.stats.design import build_design
+    from gpuconn.stats.permute import make_scheme
+    from gpuconn.stats.randomise import randomise
+    from gpuconn.subject.denoise import nuisance_design
+
+    with pytest.raises(OptionError) as info:
+        randomise(_image(tmp_path / "in.nii.gz"), tmp_path / "r", one_sample=True, design_path="design.mat")
+    assert str(info.value) == ("one_sample (one-sample) builds its own design; drop design_path/contrast_path/ftest_path "
+                               "or drop one_sample")
+    with pytest.raises(OptionError, match=r"^permute_blocks needs exchangeability blocks \(groups_path design\.grp\)$"):
+        make_scheme(np.c_[np.arange(6.0)], whole_blocks=True)
+    with pytest.raises(OptionError, match=r"^low_pass 0\.005 Hz must be above high_pass 0\.01 Hz$") as info:
+        nuisance_design(__import__("pandas").DataFrame(index=range(30)), tr=2.0, high_pass=0.01, low_pass=0.005)
+    assert info.value.params == ("low_pass", "high_pass")
+    table = __import__("pandas").DataFrame({"participant_id": ["a", "b", "c"], "x": [1.0, 2.0, 3.0]})
+    with pytest.raises(OptionError, match="^a regression design needs variable COLUMN$"):
+        build_design(table, "regression")
+
+
+def test_keyed_renames_some_parameters_and_leaves_the_rest():
+    exc = OptionError("{device} cuda: use {device} cpu, or lower {n_perm}").keyed({"n_perm": "inference.n_perm"}, "s.toml: ")
+    assert exc.params == ("device",)
+    assert exc.named(lambda n: f"--{n}") == "s.toml: --device cuda: use --device cpu, or lower inference.n_perm"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # several flags in one message, each as the user typed it (the CLI parameters carry the library's names)
+        (["-1", "-d", "{mat}"], "-1 (one-sample) builds its own design; drop -d/-t/-f or drop -1"),
+        (["-1", "--vg", "auto"], "--vg auto takes the variance groups from the exchangeability blocks, and there are "
+                                 "none; give -e design.grp, or a variance-group file to --vg"),
+        (["-1", "--permute-blocks"], "--permute-blocks needs exchangeability blocks (-e design.grp)"),
+        (["-1", "--dask-scheduler", "tcp://127.0.0.1:1", "--workers", "2"],
+         "give --dask-scheduler (use a running cluster) or --workers N (start a local one), not both"),
+        # a library parameter the CLI sets through several flags (set_by_flags)
+        (["-1", "-T", "--accel", "noperm"], "--accel noperm gives uncorrected p only (there is no null of the maximum); "
+                                            "drop -T/-c/-C/-F/-S or use --accel tail"),
+    ],
+)
+def test_randomise_names_the_flags_of_library_checks(tmp_path, capsys, argv, message):
+    from gpuconn.cli.app import run
+
+    inputs = {"mat": _vest(tmp_path / "design.mat", [[1.0]] * 8)}
+    image = _image(tmp_path / "in.nii.gz")
+    argv = [a.format(**inputs) for a in argv]
+    assert run(["randomise", "-i", image, "-o", str(tmp_path / "out" / "r"), "-n", "20", "--device", "cpu", "-q",
+                *argv]) == 2
+    assert capsys.readouterr().err == f"gpuconn: error: {message}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_denoise_and_design_name_the_flags_of_library_checks(tmp_path, capsys):
+    from gpuconn.cli.app import run
+
+    bold, mask = _image(tmp_path / "bold.nii.gz", (3, 3, 3, 40)), _image(tmp_path / "mask.nii.gz", (3, 3, 3))
+    assert run(["denoise", "--bold", bold, "--mask", mask, "-o", str(tmp_path / "d"), "--motion", "none",
+                "--acompcor", "0", "--outlier-metric", "none", "--high-pass", "0.01", "--low-pass", "0.005"]) == 2
+    assert capsys.readouterr().err == "gpuconn: error: --low-pass 0.005 Hz must be above --high-pass 0.01 Hz\n"
+    assert run(["denoise", "--bold", bold, "--mask", mask, "-o", str(tmp_path / "d"), "--acompcor", "0",
+                "--outlier-metric", "none", "--motion", "24"]) == 2
+    assert capsys.readouterr().err == (f"gpuconn: error: --motion 24 needs --confounds (fMRIPrep TSV) or --motion-par "
+                                       f"for {bold}\n")
+    # the options object's field is columns, its flag --column (the message once spelled a flag that does not exist)
+    assert run(["denoise", "--bold", bold, "--mask", mask, "-o", str(tmp_path / "d"), "--motion", "none",
+                "--acompcor", "0", "--outlier-metric", "none", "--column", "csf"]) == 2
+    assert capsys.readouterr().err == f"gpuconn: error: --column csf needs a confounds TSV for {bold}\n"
+    table = tmp_path / "participants.tsv"
+    table.write_text("participant_id\tx\na\t1\nb\t2\nc\t3\n")
+    assert run(["design", "regression", str(table), "-o", str(tmp_path / "design")]) == 2
+    assert capsys.readouterr().err == "gpuconn: error: a regression design needs --variable COLUMN\n"
+    assert not (tmp_path / "d").exists() and not list(tmp_path.glob("design*"))
+
+
+def test_every_step_key_is_a_key_of_the_study_file():
+    """The runner's renaming names real keys: [section] key, or a [[models]] key."""
+    sections = {**schema._SECTIONS, "models": schema._TABLES["models"]}
+    for step, keys in schema.STEP_KEYS.items():
+        assert step in __import__("gpuconn.study.runner", fromlist=["STEPS"]).STEPS
+        for parameter, key in keys.items():
+            section, name = key.split(".")
+            assert name in sections[section], f"{step}: {parameter} -> {key}"

@@ -124,6 +124,14 @@ def tiny(tmp_path_factory):
         (lambda t: t.replace("[inference]", "[ica]\ndim = 4\nsubject_dim = 3\n[inference]"),
          r": ica\.subject_dim \(3\) must be at least ica\.dim \(4\)$"),
         (lambda t: t.replace("fwhm = 8.0", "fwhm = -2.0"), r"bad\.toml: denoise\.fwhm must be >= 0, got -2\.0$"),
+        # [inference] n_perm is checked by PermutationOptions alone, for every method
+        (lambda t: t.replace("n_perm = 50", "n_perm = 2.5"),
+         r"bad\.toml: inference\.n_perm must be a whole number >= 0 \(0 = exhaustive\), got 2\.5$"),
+        (lambda t: t.replace("n_perm = 50", "n_perm = -3").replace('method = "cluster"', 'method = "grf"'),
+         r"bad\.toml: inference\.n_perm must be a whole number >= 0 \(0 = exhaustive\), got -3$"),
+        # the library's connectivity check, worded with the key
+        (lambda t: t.replace("n_perm = 50", "n_perm = 50\nconnectivity = 7"),
+         r"bad\.toml: inference\.connectivity must be one of 6, 18, 26 \(got 7\)$"),
     ],
 )
 def test_bad_study_files_are_one_line_errors(tiny, edit, message):
@@ -737,3 +745,27 @@ def test_participant_ids_keep_the_participants_tsv_spelling(tiny, tmp_path):
     assert len(rows) == 4 and set(rows["participant_id"]) <= set(table["participant_id"])
     one = pd.read_csv(tmp_path / "table1.tsv", sep="\t").set_index("variable")
     assert np.isfinite(one.loc["mean_rel_rms", "mean_A"])  # QC motion joined to the table by its spelling
+
+
+def test_a_library_check_in_a_step_names_the_study_keys(tiny):
+    """The denoise step's own check (low-pass above high-pass) is worded with [denoise]'s keys, before any output."""
+    root, _, _ = tiny
+    path = _write(root, STUDY.replace("fwhm = 8.0", "fwhm = 8.0\nhigh_pass = 0.01\nlow_pass = 0.005"), name="bad_lp.toml")
+    with pytest.raises(InputError, match=r"bad_lp\.toml: denoise\.low_pass 0\.005 Hz must be above "
+                                         r"denoise\.high_pass 0\.01 Hz$"):
+        run_study(path, root / "out_lp", progress=False)
+    assert not (root / "out_lp" / "denoise").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU error")
+def test_the_device_is_named_where_it_was_given(tiny, capsys):
+    """study.device from the study file; --device when study run was given it."""
+    root, _, _ = tiny
+    path = _write(root, STUDY.replace('device = "cpu"', 'device = "cuda"'), name="cuda.toml")
+    with pytest.raises(InputError, match=r"cuda\.toml: study\.device cuda: torch sees no CUDA device .*; use "
+                                         r"study\.device cpu or study\.device auto$"):
+        run_study(path, root / "out_cuda", progress=False)
+    assert run(["study", "run", str(_write(root, name="cli.toml")), "-o", str(root / "out_cuda_cli"), "--device", "cuda", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gpuconn: error: --device cuda: torch sees no CUDA device" in err
+    assert "use --device cpu or --device auto" in err

@@ -161,7 +161,7 @@ def test_auto_groups_follow_the_blocks():
     # Whole-block shuffling: the blocks are exchangeable, their members are not: one group per position.
     assert np.array_equal(variance_groups("auto", n_obs=6, blocks=blocks, whole_blocks=True), [0, 1, 0, 1, 2, 2])
     assert variance_groups("auto", n_obs=6, blocks=np.ones(6)) is None
-    with pytest.raises(InputError, match=r"--vg auto takes the variance groups from the exchangeability blocks"):
+    with pytest.raises(InputError, match=r"^variance_groups auto takes the variance groups from the exchangeability blocks"):
         variance_groups("auto", n_obs=6, blocks=None)
 
 

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from .errors import GpuconnError, OptionError
+from .errors import OptionError
 
 __all__ = [
     "DATA_DTYPE",
@@ -130,9 +130,9 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 
     Raises
     ------
-    GpuconnError
+    OptionError
         If ``cuda`` is requested and no CUDA device is visible, or the name
-        is not a device.
+        is not a device (worded with the parameter ``device``).
     """
     if isinstance(name, torch.device):
         return name
@@ -143,17 +143,17 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         return torch.device("cpu")
     if re.fullmatch(r"cuda(:\d+)?", text):  # torch.device raises a bare RuntimeError on e.g. 'cuda:x'
         if not cuda_available():
-            raise GpuconnError(
-                f"--device {name}: torch sees no CUDA device "
-                f"(torch {torch.__version__}); use --device cpu or --device auto"
+            raise OptionError(
+                f"{{device}} {name}: torch sees no CUDA device "
+                f"(torch {torch.__version__}); use {{device}} cpu or {{device}} auto"
             )
         device = torch.device(text)
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise GpuconnError(
-                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible"
+            raise OptionError(
+                f"{{device}} {name}: only {torch.cuda.device_count()} CUDA device(s) visible"
             )
         return device
-    raise GpuconnError(f"--device {name!r} is not one of {', '.join(_DEVICE_CHOICES)} (or cuda:N)")
+    raise OptionError(f"{{device}} {name!r} is not one of {', '.join(_DEVICE_CHOICES)} (or cuda:N)")
 
 
 @contextlib.contextmanager
@@ -248,9 +248,9 @@ def require_cupy():
     try:
         import cupy
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise GpuconnError(
+        raise OptionError(
             "this step needs CuPy for its CUDA kernel; install it with "
-            "pip install 'gpuconn[gpu]' (CUDA 12) or 'gpuconn[gpu-cuda13]', or use --device cpu"
+            "pip install 'gpuconn[gpu]' (CUDA 12) or 'gpuconn[gpu-cuda13]', or use {device} cpu"
         ) from exc
     return cupy
 
@@ -351,7 +351,7 @@ def compile_kernels(device: str | torch.device = "auto", *, required: bool = Fal
 
     Raises
     ------
-    GpuconnError
+    OptionError
         With ``required=True``, when the kernels cannot be used.
     """
     device = resolve_device(device)
@@ -359,7 +359,7 @@ def compile_kernels(device: str | torch.device = "auto", *, required: bool = Fal
         return None
     problem = _kernel_status(_device_index(device))
     if problem is not None and required:
-        raise GpuconnError(f"{problem}; use --device cpu, or fix the CuPy install")
+        raise OptionError(f"{problem}; use {{device}} cpu, or fix the CuPy install")
     return problem
 
 
@@ -442,7 +442,7 @@ def host_available_bytes() -> int:
 
 def _check_cap(n_bytes: int | None) -> int | None:
     if n_bytes is not None and n_bytes <= 0:
-        raise GpuconnError(f"--max-memory must be positive, got {n_bytes} bytes")
+        raise OptionError(f"{{max_memory}} must be positive, got {n_bytes} bytes")
     return n_bytes
 
 
@@ -468,7 +468,7 @@ def memory_cap(n_bytes: int | None) -> Iterator[None]:
 
     Raises
     ------
-    GpuconnError
+    OptionError
         ``n_bytes`` not positive.
     """
     token = _MEMORY_CAP.set(_check_cap(n_bytes))
@@ -671,7 +671,7 @@ def run_chunked(
 
     Raises
     ------
-    GpuconnError
+    OptionError
         If a single item does not fit in memory.
     """
     chunk = max(1, int(chunk))
@@ -685,9 +685,9 @@ def run_chunked(
             if not is_out_of_memory(exc):
                 raise
             if stop - start == 1:
-                raise GpuconnError(
+                raise OptionError(
                     "out of device memory even for a single item; free GPU memory "
-                    "held by other processes or use --device cpu"
+                    "held by other processes or use {device} cpu"
                 ) from exc
             out_of_memory = True
         if out_of_memory:  # outside the handler, so the failed chunk's tensors can be freed

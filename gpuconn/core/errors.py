@@ -15,7 +15,7 @@ checks the value (the stage's options object).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 __all__ = ["GpuconnError", "InputError", "OptionError"]
 
@@ -53,3 +53,11 @@ class OptionError(InputError):
     def named(self, rename: Callable[[str], str]) -> str:
         """The message with every parameter written as ``rename(name)``."""
         return _PARAM.sub(lambda m: rename(m.group(1)), self.template)
+
+    def keyed(self, keys: Mapping[str, str], prefix: str = "") -> OptionError:
+        """The same error with the parameters in ``keys`` renamed and ``prefix`` put first.
+
+        The other parameters stay parameters, for the next caller to rename
+        (the study runner names its keys, the CLI the flags of the rest).
+        """
+        return OptionError(prefix + _PARAM.sub(lambda m: keys.get(m.group(1), m.group(0)), self.template))

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .errors import InputError, OptionError
+from .errors import OptionError
 from .progress import progress_bar
 
 __all__ = ["require_distributed", "check_options", "dask_client", "n_workers", "map_tasks"]
@@ -50,7 +50,7 @@ def require_distributed():
     try:
         import distributed
     except ImportError as exc:
-        raise InputError(f"--dask-scheduler/--workers need Dask (the distributed package); {_INSTALL}") from exc
+        raise OptionError(f"{{scheduler}}/{{workers}} need Dask (the distributed package); {_INSTALL}") from exc
     return distributed
 
 
@@ -62,9 +62,9 @@ def _local_cluster(distributed, workers: int):
 
         n_gpus = torch.cuda.device_count()
         if workers > n_gpus:
-            raise InputError(
-                f"--workers {workers} asks for more GPU workers than the {n_gpus} GPU(s) here "
-                f"(dask-cuda runs one worker per GPU); use --workers {n_gpus} or fewer"
+            raise OptionError(
+                f"{{workers}} {workers} asks for more GPU workers than the {n_gpus} GPU(s) here "
+                f"(dask-cuda runs one worker per GPU); use {{workers}} {n_gpus} or fewer"
             )
         return LocalCUDACluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0")
     return distributed.LocalCluster(
@@ -78,14 +78,14 @@ def check_options(scheduler: str | None, workers: int | None) -> bool:
 
     Raises
     ------
-    InputError
+    OptionError
         Both options given, ``workers < 1``, or Dask not installed.
     """
     if scheduler is None and workers is None:
         return False
     if scheduler is not None and workers is not None:
-        raise InputError(
-            "give --dask-scheduler (use a running cluster) or --workers N (start a local one), not both"
+        raise OptionError(
+            "give {scheduler} (use a running cluster) or {workers} N (start a local one), not both"
         )
     if workers is not None and workers < 1:
         raise OptionError(f"{{workers}} must be >= 1, got {workers}")
@@ -116,7 +116,7 @@ def dask_client(*, scheduler: str | None = None, workers: int | None = None, tim
 
     Raises
     ------
-    InputError
+    OptionError
         Both options, ``workers < 1``, Dask not installed, or no scheduler or
         worker reachable.
     """
@@ -129,15 +129,15 @@ def dask_client(*, scheduler: str | None = None, workers: int | None = None, tim
             try:
                 client = stack.enter_context(distributed.Client(scheduler, timeout=timeout))
             except (OSError, TimeoutError) as exc:
-                raise InputError(
-                    f"--dask-scheduler {scheduler}: cannot connect ({type(exc).__name__}: {exc}); start one with "
+                raise OptionError(
+                    f"{{scheduler}} {scheduler}: cannot connect ({type(exc).__name__}: {exc}); start one with "
                     "'dask scheduler' and give its tcp://host:port address"
                 ) from exc
             try:
                 client.wait_for_workers(1, timeout=timeout)
             except TimeoutError as exc:
-                raise InputError(
-                    f"--dask-scheduler {scheduler}: no worker connected within {timeout:.0f} s; start workers with "
+                raise OptionError(
+                    f"{{scheduler}} {scheduler}: no worker connected within {timeout:.0f} s; start workers with "
                     f"'dask worker {scheduler}' (or 'dask cuda worker {scheduler}' on GPU nodes)"
                 ) from exc
         else:

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from ..core.backend import to_host
-from ..core.errors import GpuconnError, InputError
+from ..core.errors import GpuconnError, InputError, OptionError
 from .randomise import ChunkMerger, PreparedTest, Runner, run_chunk_loop
 
 __all__ = ["checkpoint_path", "run_key", "save_checkpoint", "load_checkpoint", "checkpoint_runner"]
@@ -153,9 +153,9 @@ def load_checkpoint(path: str | os.PathLike, key: str, prepared: PreparedTest) -
     except Exception as exc:
         raise InputError(f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it to start over") from exc
     if meta.get("key") != key:
-        raise InputError(
-            f"checkpoint {path} was written for other inputs or options (design, data, mask, -n, --seed, "
-            "statistics or device); rerun with the same ones, or delete it (or drop --resume) to start over"
+        raise OptionError(
+            f"checkpoint {path} was written for other inputs or options (design, data, mask, {{n_perm}}, {{seed}}, "
+            "statistics or device); rerun with the same ones, or delete it (or drop {resume}) to start over"
         )
     device = prepared.device
     merged: dict[str, dict] = {}

@@ -45,6 +45,7 @@ import torch
 from ..core.backend import chunk_size, cupy_launch, kernel_problem, load_kernel, map_launch, to_cupy
 from ..core.errors import InputError
 from .numba_compat import njit, prange, warn_no_numba
+from .options import CONNECTIVITIES, check_connectivity
 
 __all__ = [
     "CONNECTIVITIES",
@@ -56,7 +57,6 @@ __all__ = [
     "as_batch",
 ]
 
-CONNECTIVITIES = (6, 18, 26)
 _KINDS = ("extent", "mass")
 
 
@@ -74,8 +74,7 @@ def connectivity_offsets(connectivity: int = 6) -> np.ndarray:
         Offsets in lexicographic order; the first half precede the voxel
         in C order (negative), the second half follow it.
     """
-    if connectivity not in CONNECTIVITIES:
-        raise InputError(f"connectivity must be one of 6, 18, 26 (got {connectivity!r})")
+    check_connectivity(connectivity)
     grid = np.stack(np.meshgrid(*([np.arange(-1, 2)] * 3), indexing="ij"), axis=-1).reshape(-1, 3)
     order = np.abs(grid).sum(axis=1)
     max_order = {6: 1, 18: 2, 26: 3}[connectivity]

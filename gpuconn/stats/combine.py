@@ -251,7 +251,7 @@ def npc_test(prepared: Sequence[PreparedTest], method: str, *, progress: bool = 
     """
     _check_npc(method)
     if len(prepared) < 2:
-        raise InputError("--npc combines several inputs; give two or more -i images")
+        raise OptionError("{npc} combines several inputs; give two or more {input_paths} images")
     _check_same_test(prepared)
     first = prepared[0]
     n_perm, device, n_inputs = first.scheme.n_perm, first.device, len(prepared)
@@ -378,11 +378,12 @@ def input_roots(output_root: str | os.PathLike, n_inputs: int) -> list[str]:
 
 
 def _check_inputs(input_paths: Sequence[str | os.PathLike], mask_path, *, corrmod: bool, npc: str | None) -> None:
-    """Several inputs: one grid, one number of volumes, one mask; --corrmod/--npc need two or more."""
+    """Several inputs: one grid, one number of volumes, one mask; ``corrmod``/``npc`` need two or more."""
     if len(input_paths) < 2:
-        for flag, given in (("--corrmod", corrmod), ("--npc", npc)):
+        for name, given in (("corrmod", corrmod), ("npc", npc)):
             if given:
-                raise InputError(f"{flag} works across several inputs; give two or more -i images, or drop {flag}")
+                raise OptionError(f"{{{name}}} works across several inputs; give two or more {{input_paths}} images, "
+                                  f"or drop {{{name}}}")
         return
     images = [load_image(p, ndim=4, what="input (-i)") for p in input_paths]
     first, path0 = images[0], input_paths[0]
@@ -397,8 +398,8 @@ def _check_inputs(input_paths: Sequence[str | os.PathLike], mask_path, *, corrmo
         mask0 = analysis_mask(first, path0, None)
         for img, path in zip(images[1:], input_paths[1:]):
             if not np.array_equal(analysis_mask(img, path, None), mask0):
-                raise InputError(f"inputs {path0} and {path} have different default masks (voxels non-zero in "
-                                 "some volume); give one mask for all inputs with -m")
+                raise OptionError(f"inputs {path0} and {path} have different default masks (voxels non-zero in "
+                                  "some volume); give one mask for all inputs with {mask_path}")
 
 
 def randomise_inputs(

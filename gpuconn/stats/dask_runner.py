@@ -39,7 +39,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..core.backend import resolve_device, run_chunked, to_host
-from ..core.errors import GpuconnError, InputError
+from ..core.errors import GpuconnError, InputError, OptionError
 from ..core.progress import progress_bar
 from ..core.tasks import check_options, dask_client, n_workers, require_distributed
 from .randomise import ChunkMerger, evaluate_chunk, merge_chunk_outputs, plan_chunk
@@ -158,8 +158,8 @@ def permutation_runner(*, scheduler: str | None, workers: int | None, device: st
 def _run_permutations(client, prepared, *, device: str, chunk: int | None, tasks_per_worker: int, retries: int,
                       progress: bool):
     if prepared.accel is not None and prepared.accel.mode == "negbin":
-        raise InputError("--accel negbin stops each voxel after its exceedances, chunk after chunk; it needs the "
-                         "single-process runner: drop --dask-scheduler/--workers")
+        raise OptionError("{accel} negbin stops each voxel after its exceedances, chunk after chunk; it needs the "
+                          "single-process runner: drop {scheduler}/{workers}")
     n_perm = prepared.scheme.n_perm
     workers = n_workers(client)
     size = int(chunk) if chunk is not None else _task_size(n_perm, workers, tasks_per_worker)

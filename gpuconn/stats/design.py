@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core.errors import InputError
+from ..core.errors import InputError, OptionError
 from ..core.io import existing_input, read_tsv, write_text, write_tsv
 
 __all__ = [
@@ -415,17 +415,18 @@ def _covariate_columns(table: pd.DataFrame, covariates: list[str], source: str) 
     return np.hstack(blocks), names
 
 
-def _two_levels(values: pd.Series, levels: list[str] | None, column: str, source: str) -> list[str]:
+def _two_levels(values: pd.Series, levels: list[str] | None, column: str, source: str, name: str) -> list[str]:
+    """The two levels of ``column`` compared: ``levels``, or its only two; ``name``: the parameter giving them."""
     found = sorted(values.astype(str).unique())
     if levels is None:
         if len(found) != 2:
-            raise InputError(
+            raise OptionError(
                 f"{source}: column {column!r} has {len(found)} levels ({', '.join(found)}); "
-                "a two-level comparison needs exactly 2 (choose them with --levels A,B)"
+                f"a two-level comparison needs exactly 2 (choose them with {{{name}}} A,B)"
             )
         return found
     if len(levels) != 2:
-        raise InputError(f"--levels needs exactly two values, got {levels}")
+        raise OptionError(f"{{{name}}} needs exactly two values, got {levels}")
     absent = [lv for lv in levels if lv not in found]
     if absent:
         raise InputError(f"{source}: column {column!r} has no level {', '.join(absent)}; it has {', '.join(found)}")
@@ -503,9 +504,9 @@ def build_design(
     id_column = subject if subject in table.columns else table.columns[0]
     if kind == "two-sample":  # covariates are checked on the rows of the two levels compared
         if group is None:
-            raise InputError("a two-sample design needs --group COLUMN")
+            raise OptionError("a two-sample design needs {group} COLUMN")
         _require_columns(table, [group], source)
-        first, second = _two_levels(table[group], levels, group, source)
+        first, second = _two_levels(table[group], levels, group, source, "levels")
         table = table[table[group].astype(str).isin([first, second])].reset_index(drop=True)
         return _two_sample(table, group, first, second, covariates, id_column, source)
     if kind == "regression" and variable is not None and variable not in table.columns:
@@ -519,14 +520,14 @@ def build_design(
         names, contrasts, con_names = ["mean"] + cov_names, np.r_[1.0, zeros][None], ["mean>0"]
     else:
         if variable is None:
-            raise InputError("a regression design needs --variable COLUMN")
+            raise OptionError("a regression design needs {variable} COLUMN")
         values = table[variable]
         if not pd.api.types.is_numeric_dtype(values):
             raise InputError(f"{source}: regression variable {variable!r} is not numeric")
         x = values.to_numpy(dtype=np.float64)
         if np.ptp(x) == 0:
-            raise InputError(f"{source}: regression variable {variable!r} has the same value for every row; "
-                             "nothing to regress on, choose another --variable")
+            raise OptionError(f"{source}: regression variable {variable!r} has the same value for every row; "
+                              "nothing to regress on, choose another {variable}")
         matrix = np.hstack([np.ones((n, 1)), (x - x.mean())[:, None], cov])
         names = ["mean", variable] + cov_names
         contrasts = np.vstack([np.r_[0.0, 1.0, zeros], np.r_[0.0, -1.0, zeros]])
@@ -580,7 +581,7 @@ def _paired_design(
     source: str,
 ) -> Design:
     if mode not in ("full", "differences"):
-        raise InputError(f"paired mode {mode!r} is not 'full' or 'differences'")
+        raise OptionError(f"{{paired_mode}} {mode!r} is not 'full' or 'differences'")
     _require_columns(table, [subject], source)
     if mode == "differences":
         _require_columns(table, covariates, source)
@@ -600,13 +601,13 @@ def _paired_design(
         return design
     if session is None:
         if not sessions or len(sessions) != 2:
-            raise InputError("a paired design needs --session COLUMN (long table) or --sessions FIRST,SECOND")
+            raise OptionError("a paired design needs {session} COLUMN (long table) or {sessions} FIRST,SECOND")
         long = pd.concat([table.assign(session=label) for label in sessions], ignore_index=True)
         session, order = "session", list(sessions)
     else:
         _require_columns(table, [session], source)
         long = table
-        order = _two_levels(long[session], sessions, session, source)
+        order = _two_levels(long[session], sessions, session, source, "sessions")
         long = long[long[session].astype(str).isin(order)].reset_index(drop=True)
     _require_columns(long, covariates, source)
     counts = long.groupby(subject)[session].nunique()
@@ -618,9 +619,9 @@ def _paired_design(
         )
     within = [c for c in covariates if (long.groupby(subject)[c].nunique() <= 1).all()]
     if within:
-        raise InputError(
+        raise OptionError(
             f"{source}: covariate(s) {', '.join(within)} do not change within subject; the subject means of a "
-            "paired design already remove them, so drop them (or use --paired-mode differences)"
+            "paired design already remove them, so drop them (or use {paired_mode} differences)"
         )
     subjects = pd.unique(long[subject].astype(str))
     block = pd.Categorical(long[subject].astype(str), categories=subjects).codes.astype(np.int64) + 1

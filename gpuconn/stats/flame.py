@@ -153,7 +153,7 @@ def _group_labels(groups: np.ndarray | None, n_obs: int, source: str) -> tuple[n
     groups = np.asarray(groups).ravel()
     if groups.shape[0] != n_obs:
         raise InputError(
-            f"{source} has {groups.shape[0]} rows but there are {n_obs} subjects (volumes of --cope); "
+            f"{source} has {groups.shape[0]} rows but there are {n_obs} subjects (volumes of the copes); "
             "give one variance group per subject"
         )
     if not np.all(np.isfinite(groups)) or not np.all(groups == np.round(groups)) or np.any(groups < 1):
@@ -169,10 +169,10 @@ def check_flame_inputs(
     *,
     run_mode: str = "flame1",
     groups: np.ndarray | None = None,
-    cope_source: str = "--cope",
-    varcope_source: str = "--varcope",
-    design_source: str = "--dm",
-    groups_source: str = "--cs",
+    cope_source: str = "copes",
+    varcope_source: str = "varcopes",
+    design_source: str = "design",
+    groups_source: str = "groups",
 ) -> None:
     """Raise an :class:`InputError` for inputs flameo cannot fit.
 
@@ -223,8 +223,8 @@ def check_flame_inputs(
             "inside the mask; varcopes must be finite and >= 0 (check the first-level outputs or the mask)"
         )
     if run_mode == "fe" and np.any(varcopes <= 0):
-        raise InputError(
-            f"{varcope_source} has zero variances inside the mask; fixed effects (--runmode fe) needs varcopes > 0 "
+        raise OptionError(
+            f"{varcope_source} has zero variances inside the mask; fixed effects ({{run_mode}} fe) needs varcopes > 0 "
             "(use flame1 or ols, or tighten the mask)"
         )
     labels, values = _group_labels(groups, n_obs, groups_source)
@@ -447,7 +447,7 @@ def flame(
     design = np.atleast_2d(np.asarray(design, dtype=np.float64))
     contrasts = np.atleast_2d(np.asarray(contrasts, dtype=np.float64))
     check_flame_inputs(copes_np, varcopes_np, design, run_mode=run_mode, groups=groups)
-    labels, values = _group_labels(groups, design.shape[0], "--cs")
+    labels, values = _group_labels(groups, design.shape[0], "groups")
     ftests = np.zeros((0, contrasts.shape[0]), dtype=int) if ftests is None else np.atleast_2d(ftests).astype(int)
     torch_device = resolve_device(device)
     n_obs, n_reg = design.shape

@@ -72,7 +72,7 @@ import numpy as np
 import torch
 
 from ..core.backend import DATA_DTYPE, DESIGN_DTYPE, as_design, to_numpy
-from ..core.errors import InputError
+from ..core.errors import InputError, OptionError
 from .glm import ContrastModel, permuted_rows
 from .zstat import log_betainc_cf, z_from_log_p, f_to_z, t_to_z
 
@@ -109,8 +109,8 @@ def _within_block_positions(blocks: np.ndarray, source: str) -> np.ndarray:
         labels[members] = np.arange(members.size)
         sizes.add(members.size)
     if len(sizes) != 1:
-        raise InputError(f"{source}: --vg auto with --permute-blocks needs blocks of equal size (one variance group "
-                         f"per position in a block), got sizes {sorted(sizes)}")
+        raise OptionError(f"{source}: {{variance_groups}} auto with {{permute_blocks}} needs blocks of equal size "
+                          f"(one variance group per position in a block), got sizes {sorted(sizes)}")
     return labels
 
 
@@ -148,21 +148,25 @@ def variance_groups(
 
     Raises
     ------
+    OptionError
+        A string other than ``'auto'``; ``'auto'`` without blocks, or with
+        whole blocks of unequal sizes.
     InputError
         Wrong shape or length, labels that are not integers, a group of one
-        observation, ``'auto'`` without blocks.
+        observation.
     """
     if spec is None:
         return None
     if isinstance(spec, str):
         if spec != "auto":
-            raise InputError(f"--vg takes a VEST file (design.grp) or 'auto', got {spec!r}")
+            raise OptionError(f"{{variance_groups}} takes a VEST file (design.grp) or 'auto', got {spec!r}")
         if blocks is None:
-            raise InputError("--vg auto takes the variance groups from the exchangeability blocks, and there are "
-                             "none; give -e design.grp, or a variance-group file to --vg")
+            raise OptionError("{variance_groups} auto takes the variance groups from the exchangeability blocks, and "
+                              "there are none; give {groups_path} design.grp, or a variance-group file to "
+                              "{variance_groups}")
         blocks = np.asarray(blocks).ravel()
         labels = _within_block_positions(blocks, blocks_source) if whole_blocks else blocks.astype(np.int64)
-        source = f"--vg auto (from the {blocks_source})"
+        source = f"variance groups 'auto' (from the {blocks_source})"
     else:
         values = np.asarray(spec, dtype=np.float64)
         if values.ndim == 2 and values.shape[1] != 1:

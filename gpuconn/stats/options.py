@@ -14,12 +14,22 @@ from dataclasses import dataclass
 
 from ..core.errors import OptionError
 
-__all__ = ["PERMUTATION_METHODS", "ACCEL_MODES", "PermutationOptions", "GrfOptions", "McmcOptions"]
+__all__ = ["PERMUTATION_METHODS", "ACCEL_MODES", "CONNECTIVITIES", "check_connectivity", "PermutationOptions",
+           "GrfOptions", "McmcOptions"]
 
 #: Permutation methods: auto, permute (exchangeable errors), flip (independent symmetric errors), both.
 PERMUTATION_METHODS = ("auto", "permute", "flip", "both")
 #: PALM's accelerations (``randomise --accel``; :mod:`gpuconn.stats.accel`).
 ACCEL_MODES = ("tail", "gamma", "negbin", "noperm")
+#: Voxel connectivities of clusters and TFCE: faces; faces and edges; faces, edges and corners.
+CONNECTIVITIES = (6, 18, 26)
+
+
+def check_connectivity(connectivity: int) -> int:
+    """``connectivity`` when it is one of :data:`CONNECTIVITIES`, else an OptionError naming the parameter."""
+    if connectivity not in CONNECTIVITIES:
+        raise OptionError(f"{{connectivity}} must be one of 6, 18, 26 (got {connectivity!r})")
+    return connectivity
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,7 +64,7 @@ class PermutationOptions:
     Raises
     ------
     OptionError
-        A negative ``n_perm``, an unknown ``method`` or ``accel``, or
+        ``n_perm`` not a whole number >= 0, an unknown ``method`` or ``accel``, or
         ``accel_g1out`` without ``accel`` tail or gamma.
     """
 
@@ -67,8 +77,8 @@ class PermutationOptions:
     accel_g1out: bool = False
 
     def __post_init__(self):
-        if self.n_perm < 0:
-            raise OptionError(f"{{n_perm}} must be >= 0 (0 = exhaustive), got {self.n_perm}")
+        if isinstance(self.n_perm, bool) or int(self.n_perm) != self.n_perm or self.n_perm < 0:
+            raise OptionError(f"{{n_perm}} must be a whole number >= 0 (0 = exhaustive), got {self.n_perm}")
         if self.method not in PERMUTATION_METHODS:
             raise OptionError(f"{{method}} {self.method!r} is not one of {', '.join(PERMUTATION_METHODS)}")
         if self.accel is not None and self.accel not in ACCEL_MODES:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.errors import InputError
+from ..core.errors import InputError, OptionError
 
 __all__ = ["PermutationScheme", "make_scheme", "count_rearrangements", "MAX_EXHAUSTIVE"]
 
@@ -282,7 +282,7 @@ def _enumerate(
 def _check_blocks(blocks: np.ndarray | None, n_obs: int, whole_blocks: bool, source: str) -> np.ndarray | None:
     if blocks is None:
         if whole_blocks:
-            raise InputError("--permute-blocks needs exchangeability blocks (-e design.grp)")
+            raise OptionError("{permute_blocks} needs exchangeability blocks ({groups_path} design.grp)")
         return None
     blocks = np.asarray(blocks).ravel()
     if blocks.shape[0] != n_obs:
@@ -292,12 +292,12 @@ def _check_blocks(blocks: np.ndarray | None, n_obs: int, whole_blocks: bool, sou
     if whole_blocks:
         sizes = np.unique(np.unique(blocks, return_counts=True)[1])
         if len(sizes) != 1:
-            raise InputError(
-                f"{source}: --permute-blocks needs blocks of equal size, got sizes {sizes.tolist()}; "
-                "drop --permute-blocks to shuffle within blocks"
+            raise OptionError(
+                f"{source}: {{permute_blocks}} needs blocks of equal size, got sizes {sizes.tolist()}; "
+                "drop {permute_blocks} to shuffle within blocks"
             )
         if len(np.unique(blocks)) < 2:
-            raise InputError(f"{source}: --permute-blocks needs at least 2 blocks")
+            raise OptionError(f"{source}: {{permute_blocks}} needs at least 2 blocks")
     return blocks
 
 
@@ -330,7 +330,7 @@ def make_scheme(
     blocks : ndarray of int, shape (n_obs,), optional
         Exchangeability blocks (``design.grp``).
     whole_blocks : bool, default False
-        Shuffle whole blocks as units (``--permute-blocks``).
+        Shuffle whole blocks as units (``PermutationOptions.permute_blocks``).
     blocks_source : str
         Name of the blocks' file, for error messages.
 
@@ -340,24 +340,26 @@ def make_scheme(
 
     Raises
     ------
-    InputError
+    OptionError
         ``n_perm`` negative, too many rearrangements for ``n_perm=0``,
-        blocks of the wrong length or unequal sizes for whole-block shuffles.
+        ``whole_blocks`` without blocks, or with blocks of unequal sizes.
+    InputError
+        Blocks of the wrong length or with missing labels.
     """
     design = np.asarray(design, dtype=np.float64)
     n_obs = design.shape[0]
     if not (permute or flip):
         raise ValueError("at least one of permute and flip must be True")
     if isinstance(n_perm, bool) or int(n_perm) != n_perm or n_perm < 0:
-        raise InputError(f"-n must be a positive number of permutations or 0 for exhaustive, got {n_perm}")
+        raise OptionError(f"{{n_perm}} must be a positive number of permutations or 0 for exhaustive, got {n_perm}")
     n_perm = int(n_perm)
     blocks = _check_blocks(blocks, n_obs, whole_blocks, blocks_source)
     n_possible = count_rearrangements(design, permute=permute, flip=flip, blocks=blocks, whole_blocks=whole_blocks)
     exhaustive = n_perm == 0 or n_possible <= n_perm
     if n_perm == 0 and n_possible > MAX_EXHAUSTIVE:
-        raise InputError(
-            f"-n 0 asks for all {n_possible:.3g} distinct rearrangements of this design, more than "
-            f"{MAX_EXHAUSTIVE}; give a number of permutations, e.g. -n 5000"
+        raise OptionError(
+            f"{{n_perm}} 0 asks for all {n_possible:.3g} distinct rearrangements of this design, more than "
+            f"{MAX_EXHAUSTIVE}; give a number of permutations, e.g. {{n_perm}} 5000"
         )
     if not exhaustive:
         return PermutationScheme(n_obs, n_perm, permute, flip, blocks, whole_blocks, int(seed), False, n_possible)

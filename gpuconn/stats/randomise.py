@@ -366,15 +366,15 @@ def fwe_p(null_max: np.ndarray, observed: np.ndarray) -> np.ndarray:
 def _prepare_design(
     design: np.ndarray, contrasts: np.ndarray, demean: bool, source: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Apply ``-D``: demean the columns and add the intercept as nuisance."""
+    """Apply ``demean`` (randomise ``-D``): demean the columns and add the intercept as nuisance."""
     if not demean:
         return design, contrasts
     centred = design - design.mean(axis=0)
     constant = [j + 1 for j in range(design.shape[1]) if np.ptp(design[:, j]) == 0]
     if constant:
-        raise InputError(
-            f"{source}: column(s) {constant} are constant, and -D (demean) removes the mean; "
-            "drop the intercept column or leave -D off"
+        raise OptionError(
+            f"{source}: column(s) {constant} are constant, and {{demean}} removes the mean; "
+            "drop the intercept column or leave {demean} off"
         )
     padded = np.hstack([contrasts, np.zeros((contrasts.shape[0], 1))])
     return np.hstack([centred, np.ones((design.shape[0], 1))]), padded
@@ -515,7 +515,8 @@ def prepare_permutation_test(
     specs += [(f"fstat{j + 1}", "f", t_contrasts[row == 1]) for j, row in enumerate(np.asarray(design.ftests))]
     do_permute, do_flip = _choose_method(permutation.method, matrix, [c for _, _, c in specs])
     if demean and do_flip:
-        raise InputError("-D (demean) removes the mean, which sign flipping (-1 or a one-sample test) tests; drop -D")
+        raise OptionError("{demean} removes the mean, which sign flipping ({one_sample} or a one-sample test) tests; "
+                          "drop {demean}")
     # Distinct rearrangements are counted on the effect of interest, as PALM does (Guttman partition: the
     # design columns a contrast weights); one scheme serves every contrast, so on the columns any of them weights.
     interest = matrix[:, np.any(np.atleast_2d(t_contrasts) != 0, axis=0)]
@@ -564,16 +565,16 @@ def _check_accel(permutation: PermutationOptions, scheme: PermutationScheme, var
     if mode is None:
         return None
     if mode in _accel.NO_FWER and any(spatial):
-        raise InputError(f"--accel {mode} gives uncorrected p only (there is no null of the maximum); drop "
-                         "-T/-c/-C/-F/-S or use --accel tail")
+        raise OptionError(f"{{accel}} {mode} gives uncorrected p only (there is no null of the maximum); drop "
+                          "{spatial} or use {accel} tail")
     if mode == "noperm" and (scheme.flip or scheme.blocks is not None):
-        raise InputError("--accel noperm has closed-form moments for plain permutation only (no sign flips, "
-                         "one-sample tests or exchangeability blocks -e); use --accel tail or gamma")
+        raise OptionError("{accel} noperm has closed-form moments for plain permutation only (no sign flips, "
+                          "one-sample tests or exchangeability blocks {groups_path}); use {accel} tail or gamma")
     if mode in _accel.NO_FWER and variance_groups:
-        raise InputError(f"--accel {mode} is for t and F statistics, not variance groups (--vg); use --accel tail "
-                         "or gamma")
+        raise OptionError(f"{{accel}} {mode} is for t and F statistics, not variance groups ({{variance_groups}}); "
+                          "use {accel} tail or gamma")
     if mode == "negbin" and scheme.n_perm < 3:
-        raise InputError(f"--accel negbin needs at least 3 rearrangements, got -n {scheme.n_perm}")
+        raise OptionError(f"{{accel}} negbin needs at least 3 rearrangements, got {{n_perm}} {scheme.n_perm}")
     return _accel.Accel(mode, scheme.n_perm, g1out=g1out)
 
 
@@ -582,8 +583,8 @@ def _noperm_result(prepared: PreparedTest) -> PermutationTestResult:
     results = []
     for c in prepared.contrasts:
         if not _contains_ones(to_host(c.model.nuisance)):
-            raise InputError(f"--accel noperm needs the intercept among the nuisance regressors ({c.name} has none); "
-                             "add a column of ones (or -D), or use --accel tail or gamma")
+            raise OptionError(f"{{accel}} noperm needs the intercept among the nuisance regressors ({c.name} has "
+                              "none); add a column of ones (or {demean}), or use {accel} tail or gamma")
         stat = to_host(c.observed)
         p = _accel.noperm_p(to_host(c.model.rows[:c.model.rank]), to_host(c.residuals), stat, c.kind)
         z = t_to_z(stat, c.model.dof) if c.kind == "t" else f_to_z(stat, c.model.rank, c.model.dof)
@@ -1032,7 +1033,7 @@ def analysis_mask(img: Any, input_path: str | os.PathLike, mask_path: str | os.P
     data = np.asarray(img.dataobj)
     mask = np.all(np.isfinite(data), axis=3) & np.any(data != 0, axis=3)
     if not mask.any():
-        raise InputError("the input has no voxel that is non-zero in any volume; give a mask with -m")
+        raise OptionError("the input has no voxel that is non-zero in any volume; give a mask with {mask_path}")
     return mask
 
 
@@ -1104,11 +1105,13 @@ def randomise(
     n_obs = img.shape[3]
     if one_sample:
         if design_path or contrast_path or ftest_path:
-            raise InputError("-1 (one-sample) builds its own design; drop -d/-t/-f or drop -1")
+            raise OptionError("{one_sample} (one-sample) builds its own design; drop "
+                              "{design_path}/{contrast_path}/{ftest_path} or drop {one_sample}")
         design = Design(np.ones((n_obs, 1)), np.ones((1, 1)), contrast_names=["mean>0"])  # 'auto' flips signs
     else:
         if design_path is None or contrast_path is None:
-            raise InputError("give a design and contrasts (-d design.mat -t design.con), or -1 for a one-sample test")
+            raise OptionError("give a design and contrasts ({design_path} design.mat {contrast_path} design.con), "
+                              "or {one_sample} for a one-sample test")
         design = load_design(design_path, contrast_path, ftest_path, groups_path, n_obs=n_obs,
                              data_source=str(input_path))
     vg = variance_groups_path

@@ -69,7 +69,7 @@ import numpy as np
 import torch
 
 from ..core.backend import chunk_size, cupy_launch, kernel_problem, load_kernel, map_launch, to_cupy, to_numpy
-from ..core.errors import InputError
+from ..core.errors import InputError, OptionError
 from .clusters import as_batch, neighbour_table
 from .numba_compat import njit, prange, warn_no_numba
 from .zstat import f_to_z
@@ -414,14 +414,14 @@ def tfce(
 
 
 def check_tfce_step(dh: float | None, method: str) -> None:
-    """Raise InputError unless ``dh`` is None, or a positive step of the stepped method (``--tfce-dh``)."""
+    """Raise OptionError unless ``dh`` is None, or a positive step of the stepped method (randomise ``--tfce_D``)."""
     if dh is None:
         return
     if not dh > 0:
-        raise InputError(f"--tfce-dh must be positive, got {dh}")
+        raise OptionError(f"{{dh}} must be positive, got {dh}")
     if method != "stepped":
         other = "the exact integral has none" if method == "exact" else "PALM's rule takes each map's own"
-        raise InputError(f"--tfce-dh sets the step of the stepped sum; {other}: drop one of them")
+        raise OptionError(f"{{dh}} sets the step of the stepped sum; {other}: drop one of them")
 
 
 def _f_as_z(stats: torch.Tensor, df: tuple[int, int]) -> torch.Tensor:

@@ -69,7 +69,8 @@ from .demographics import table_one
 from .report import write_report
 from .results import corrp_path, denoised_outputs, map_keys, model_contrasts, run_dir, significant_voxels, stat_root
 from .roi_stats import roi_tests
-from .schema import FLAME_METHODS, Study, denoise_options, grf_options, load_study, permutation_options, model_design, model_table, network_names, region_names, study_regions
+from .schema import (FLAME_METHODS, STEP_KEYS, Study, denoise_options, grf_options, load_study, permutation_options,
+                     model_design, model_table, network_names, region_names, study_keys, study_regions)
 from .stamps import Stamps
 
 __all__ = [
@@ -477,9 +478,16 @@ def run_study(
     Returns
     -------
     StudyResult
+
+    Raises
+    ------
+    OptionError
+        A setting a step's library call refuses, worded with the study
+        file's keys (``inference.n_perm``; :func:`gpuconn.study.schema.study_keys`).
     """
     if not isinstance(study, Study):
         study = load_study(study)
+    device_key = {} if device is not None else {"device": "study.device"}  # else the caller's (study run --device)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     ctx = _Context(study, out, device or study.section("study")["device"], progress)
@@ -496,7 +504,8 @@ def run_study(
                 if on_start is not None:
                     on_start(step.name)
                 began = time.perf_counter()
-                outputs = step.run(ctx)
+                with study_keys({**STEP_KEYS.get(step.name, {}), **device_key}, study.path):
+                    outputs = step.run(ctx)
                 seconds = time.perf_counter() - began
                 record = StepRecord(step.name, "ran", seconds, stamps.write(step.name, key, outputs, seconds))
         records.append(record)

@@ -12,13 +12,14 @@ runner's group and ROI steps).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import itertools
 import os
 import tomllib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -34,7 +35,7 @@ from ..core.errors import InputError, OptionError
 from ..maps import ROI_RADIUS_MM, SEED_RADIUS_MM
 from ..maps.options import DualRegOptions, ICAOptions
 from ..maps.regions import sphere_regions
-from ..stats.options import GrfOptions, PermutationOptions
+from ..stats.options import GrfOptions, PermutationOptions, check_connectivity
 from ..stats.design import build_design
 from ..subject.options import DenoiseOptions
 
@@ -58,6 +59,8 @@ __all__ = [
     "grf_options",
     "denoise_options",
     "permutation_options",
+    "STEP_KEYS",
+    "study_keys",
 ]
 
 
@@ -94,12 +97,28 @@ _OPTION_SECTIONS: dict[str, type] = {"ica": ICAOptions, "dualreg": DualRegOption
 _DUALREG_STAGE3 = ("n_perm", "seed", "one_sample")
 
 
+@contextlib.contextmanager
+def study_keys(keys: Mapping[str, str], path: Path) -> Iterator[None]:
+    """An OptionError raised in the block, re-worded with the study file's keys (``keys``: parameter -> key).
+
+    The library names its parameters (``{n_perm}``); a message naming some
+    of ``keys`` is raised again with those written as keys
+    (``inference.n_perm``) after the study file's path, its other
+    parameters left for the CLI to name (``--device`` given to ``study
+    run``). A message naming none of them passes unchanged.
+    """
+    try:
+        yield
+    except OptionError as exc:
+        if not set(exc.params) & set(keys):
+            raise
+        raise exc.keyed(keys, prefix=f"{path}: ") from None
+
+
 def _options_object(cls: type, values: dict[str, Any], keys: dict[str, str], path: Path) -> Any:
     """``cls(**values)``; its OptionError re-worded with the study file's keys (``keys``: field -> key)."""
-    try:
+    with study_keys(keys, path):
         return cls(**values)
-    except OptionError as exc:
-        raise InputError(f"{path}: {exc.named(lambda name: keys[name])}") from None
 
 
 def _section_options(config: dict, name: str, path: Path) -> Any:
@@ -114,29 +133,51 @@ def _section_options(config: dict, name: str, path: Path) -> Any:
 _QC_FIELDS = ("outlier_metric", "outlier_threshold")
 
 
+# DenoiseOptions field -> its key ([denoise], the outlier rule in [qc]).
+_DENOISE_KEYS = {f.name: f"{'qc' if f.name in _QC_FIELDS else 'denoise'}.{f.name}" for f in fields(DenoiseOptions)}
+
+
 def denoise_options(config: dict, path: Path) -> DenoiseOptions:
     """The denoising model of a study (``[denoise]``, with the outlier rule of ``[qc]``; 0 stands for None)."""
     values = {f.name: config["qc" if f.name in _QC_FIELDS else "denoise"][f.name] for f in fields(DenoiseOptions)}
     values |= {name: values[name] or None for name in ("high_pass", "low_pass", "tr")} | {"columns": tuple(values["columns"])}
-    keys = {f.name: f"{'qc' if f.name in _QC_FIELDS else 'denoise'}.{f.name}" for f in fields(DenoiseOptions)}
-    return _options_object(DenoiseOptions, values, keys, path)
+    return _options_object(DenoiseOptions, values, _DENOISE_KEYS, path)
+
+
+# PermutationOptions fields a study sets, with the other [inference] key the permutation test takes.
+_PERMUTATION_KEYS = {name: f"inference.{name}" for name in ("n_perm", "seed", "accel")}
 
 
 def permutation_options(inference: dict, path: Path) -> PermutationOptions:
     """The rearrangements of a study's permutation methods (``[inference]`` n_perm, seed, accel)."""
     values = {"n_perm": inference["n_perm"], "seed": inference["seed"],
               "accel": None if inference["accel"] == "none" else inference["accel"]}
-    return _options_object(PermutationOptions, values, {name: f"inference.{name}" for name in values}, path)
+    return _options_object(PermutationOptions, values, _PERMUTATION_KEYS, path)
 
 
-# [inference] keys of GRF cluster inference (methods grf, flame1, flame12), by GrfOptions field.
-_GRF_KEYS = {"cluster_z": "cluster_threshold", "cluster_p": "alpha"}
+# GrfOptions field -> its [inference] key (GRF cluster inference: methods grf, flame1, flame12).
+_GRF_KEYS = {"cluster_z": "inference.cluster_threshold", "cluster_p": "inference.alpha"}
 
 
 def grf_options(inference: dict, path: Path) -> GrfOptions:
     """GRF cluster inference as a study's ``[inference]`` section sets it (``cluster_threshold``, ``alpha``)."""
-    values = {name: inference[key] for name, key in _GRF_KEYS.items()}
-    return _options_object(GrfOptions, values, {name: f"inference.{key}" for name, key in _GRF_KEYS.items()}, path)
+    values = {name: inference[key.split(".")[1]] for name, key in _GRF_KEYS.items()}
+    return _options_object(GrfOptions, values, _GRF_KEYS, path)
+
+
+# build_design parameter -> the study setting it comes from (model_design).
+_DESIGN_KEYS = {"group": "inputs.group_column", "levels": "models.contrast", "variable": "models.variable"}
+
+#: Library parameter -> study key, for the messages of each runner step's library calls
+#: (:func:`study_keys`; ``device`` is ``study.device`` unless ``study run --device`` gave it).
+STEP_KEYS: dict[str, dict[str, str]] = {
+    "qc": {key: f"qc.{key}" for key in ("abs_threshold", "rel_threshold", "outlier_metric", "outlier_threshold")},
+    "denoise": _DENOISE_KEYS,
+    "ica": {f.name: f"ica.{f.name}" for f in fields(ICAOptions)},
+    "group": {**_PERMUTATION_KEYS, "variance_groups": "inference.variance_groups", **_GRF_KEYS, **_DESIGN_KEYS,
+              "connectivity": "inference.connectivity"},
+    "clusters": {"connectivity": "inference.connectivity"},
+}
 # The defaults of [denoise] are DenoiseOptions' own.
 _DENOISE = DenoiseOptions()
 
@@ -482,15 +523,12 @@ def _check_models(config: dict, path: Path) -> None:
 
 def _check_inference(config: dict, path: Path) -> None:
     inference = config["inference"]
-    if inference["n_perm"] < 0 or int(inference["n_perm"]) != inference["n_perm"]:
-        raise InputError(f"{path}: inference.n_perm must be a whole number >= 0 (0 = exhaustive), got {inference['n_perm']}")
-    if inference["connectivity"] not in (6, 18, 26):
-        raise InputError(f"{path}: inference.connectivity must be 6, 18 or 26, got {inference['connectivity']}")
+    permutation_options(inference, path)  # n_perm, seed, accel (every method: their checks, worded with the keys)
+    with study_keys({"connectivity": "inference.connectivity"}, path):
+        check_connectivity(inference["connectivity"])
     if not 0 < inference["alpha"] < 1:
         raise InputError(f"{path}: inference.alpha must be between 0 and 1, got {inference['alpha']}")
-    if inference["method"] not in ("grf", *FLAME_METHODS):
-        permutation_options(inference, path)
-    else:
+    if inference["method"] in ("grf", *FLAME_METHODS):
         grf_options(inference, path)
         given = [key for key, off in (("accel", "none"), ("variance_groups", False), ("correct_across", "none"))
                  if inference[key] != off]
@@ -692,8 +730,10 @@ def model_design(study: Study, model: dict, table: pd.DataFrame):
                       f"{len(table)} observations and are left out of the design", UserWarning, stacklevel=2)
     covariates = [c for c in model["covariates"] if c not in constant]
     common = dict(covariates=covariates, subject=inputs["subject_column"], source=f"model {model['name']!r}")
-    if model["kind"] == "two-sample":
-        return build_design(table, "two-sample", group=inputs["group_column"], levels=model["contrast"].split(">"), **common)
-    if model["kind"] == "paired":
-        return build_design(table, "paired", paired_mode="differences", **common)
-    return build_design(table, "regression", variable=model["variable"], **common)
+    with study_keys(_DESIGN_KEYS, study.path):
+        if model["kind"] == "two-sample":
+            return build_design(table, "two-sample", group=inputs["group_column"], levels=model["contrast"].split(">"),
+                                **common)
+        if model["kind"] == "paired":
+            return build_design(table, "paired", paired_mode="differences", **common)
+        return build_design(table, "regression", variable=model["variable"], **common)

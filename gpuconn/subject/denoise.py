@@ -135,7 +135,7 @@ class RunFiles:
                       motion_par=getattr(run, "motion", None), censor_file=getattr(run, "censor", None))
         fields.update(overrides)
         if fields["mask"] is None:
-            raise InputError(f"no brain mask (*_desc-brain_mask.nii.gz) beside {run.bold}; give one with --mask")
+            raise OptionError(f"no brain mask (*_desc-brain_mask.nii.gz) beside {run.bold}; give one with {{mask}}")
         return cls(**fields)
 
 
@@ -235,7 +235,7 @@ def nuisance_design(
 
     Raises
     ------
-    InputError
+    OptionError
         ``high_pass`` at or above the Nyquist frequency ``1 / (2 tr)``;
         ``low_pass`` not above ``high_pass``.
     """
@@ -251,7 +251,7 @@ def nuisance_design(
         parts.append(pd.DataFrame(hp, columns=[f"cosine_{i:02d}" for i in range(hp.shape[1])]))
     if low_pass:
         if high_pass and low_pass <= high_pass:
-            raise InputError(f"--low-pass {low_pass} Hz must be above --high-pass {high_pass} Hz")
+            raise OptionError(f"{{low_pass}} {low_pass} Hz must be above {{high_pass}} {high_pass} Hz")
         lp = lowpass_basis(n, tr=tr, low_pass=low_pass)
         parts.append(pd.DataFrame(lp, columns=[f"lowpass_{i:02d}" for i in range(lp.shape[1])]))
     parts.append(pd.DataFrame({"constant": np.ones(n)}))
@@ -425,7 +425,7 @@ def repetition_time(img: nib.Nifti1Image, path, override: float | None = None) -
     """
     if override is not None:
         if override <= 0:
-            raise InputError(f"--tr must be positive, got {override}")
+            raise OptionError(f"{{tr}} must be positive, got {override}")
         return float(override)
     zooms = img.header.get_zooms()
     tr = float(zooms[3]) if len(zooms) > 3 else 0.0
@@ -437,10 +437,10 @@ def repetition_time(img: nib.Nifti1Image, path, override: float | None = None) -
     try:
         from_sidecar = float(json.loads(sidecar.read_text()).get("RepetitionTime", 0.0)) if sidecar.exists() else 0.0
     except (ValueError, TypeError, AttributeError) as exc:
-        raise InputError(f"{sidecar} has no readable RepetitionTime ({exc}); fix the sidecar or pass --tr") from exc
+        raise OptionError(f"{sidecar} has no readable RepetitionTime ({exc}); fix the sidecar or pass {{tr}}") from exc
     if not from_sidecar > 0:
-        raise InputError(f"BOLD {path} has no repetition time in its header (pixdim[4] = {tr}) nor a RepetitionTime "
-                         f"in {sidecar.name}; pass --tr")
+        raise OptionError(f"BOLD {path} has no repetition time in its header (pixdim[4] = {tr}) nor a RepetitionTime "
+                          f"in {sidecar.name}; pass {{tr}}")
     warnings.warn(f"{path}: the header's repetition time is {tr}; using RepetitionTime = {from_sidecar} s from "
                   f"{sidecar.name}", UserWarning, stacklevel=2)
     return from_sidecar
@@ -480,9 +480,10 @@ def _tissue_signals(files: RunFiles, img, data_4d: np.ndarray | None, options: D
         count = sum(int(m.sum()) for _, _, m in group)
         if count < options.acompcor:
             where = " and ".join(f"{name.upper()} map {path}" for name, path, _ in group)
-            raise InputError(
+            raise OptionError(
                 f"{where} leave{'s' if len(group) == 1 else ''} {count} voxels after threshold {options.tissue_threshold} "
-                f"and {options.erode} erosion(s); aCompCor needs at least {options.acompcor}: lower --tissue-threshold or use --erode 0"
+                f"and {options.erode} erosion(s); aCompCor needs at least {options.acompcor}: lower {{tissue_threshold}} "
+                "or use {erode} 0"
             )
     return [(name, None if data_4d is None else data_4d[m].T) for name, _, m in masks]
 
@@ -510,9 +511,9 @@ def _acompcor(files: RunFiles, img, data_4d, options: DenoiseOptions, device) ->
             table = cf.read_fmriprep_confounds(files.confounds, names)
             cf.check_length(table, img.shape[-1], files.confounds, files.bold)
             return table
-    raise InputError(
-        f"aCompCor needs WM and CSF maps (--wm/--csf) or a_comp_cor_XX columns in the confounds for {files.bold}; "
-        "pass them or use --acompcor 0"
+    raise OptionError(
+        f"aCompCor needs WM and CSF maps ({{wm}}/{{csf}}) or a_comp_cor_XX columns in the confounds for {files.bold}; "
+        "pass them or use {acompcor} 0"
     )
 
 
@@ -525,7 +526,8 @@ def _outliers(files: RunFiles, params: np.ndarray | None, n_volumes: int, option
     if options.outlier_metric == "none":
         return np.zeros((n_volumes, 0))
     if params is None:
-        raise InputError(f"outlier detection needs motion parameters for {files.bold}; pass --confounds or --motion-par, or --outlier-metric none")
+        raise OptionError(f"outlier detection needs motion parameters for {files.bold}; pass {{confounds}} or "
+                          "{motion_par}, or {outlier_metric} none")
     metric = cf.framewise_displacement(params) if options.outlier_metric == "fd" else cf.rms_displacement(params)[1]
     return cf.spike_regressors(metric, options.outlier_threshold)
 
@@ -564,7 +566,8 @@ def _confound_table(files: RunFiles, img, data_4d, brain: np.ndarray, tr: float,
         params = cf.load_motion(confounds=files.confounds, motion_par=files.motion_par, n_volumes=n, bold=files.bold)
     if options.motion != "none":
         if params is None:
-            raise InputError(f"--motion {options.motion} needs --confounds (fMRIPrep TSV) or --motion-par for {files.bold}")
+            raise OptionError(f"{{motion}} {options.motion} needs {{confounds}} (fMRIPrep TSV) or {{motion_par}} for "
+                              f"{files.bold}")
         if options.motion == "24":
             parts.append(pd.DataFrame(cf.friston24(params), columns=cf.friston24_names()))
         else:
@@ -574,9 +577,9 @@ def _confound_table(files: RunFiles, img, data_4d, brain: np.ndarray, tr: float,
         if physio is not None:
             parts.append(physio)
         elif options.physio == "yes":
-            raise InputError(
-                f"--physio-mode yes but no *_physio.tsv.gz and no {'/'.join(_PER_VOLUME_PHYSIO)} confounds columns "
-                f"for {files.bold}; pass --physio FILE or use --physio-mode auto"
+            raise OptionError(
+                f"{{physio}} yes but no *_physio.tsv.gz and no {'/'.join(_PER_VOLUME_PHYSIO)} confounds columns "
+                f"for {files.bold}; pass {{physio_file}} FILE or use {{physio}} auto"
             )
     if options.acompcor > 0:
         parts.append(_acompcor(files, img, data_4d, options, device))
@@ -585,7 +588,7 @@ def _confound_table(files: RunFiles, img, data_4d, brain: np.ndarray, tr: float,
         parts.append(pd.DataFrame({"global_signal": gs}))
     if options.columns:
         if files.confounds is None:
-            raise InputError(f"--columns {','.join(options.columns)} needs a confounds TSV for {files.bold}")
+            raise OptionError(f"{{columns}} {','.join(options.columns)} needs a confounds TSV for {files.bold}")
         extra = cf.read_fmriprep_confounds(files.confounds, list(options.columns))
         cf.check_length(extra, n, files.confounds, files.bold)
         parts.append(extra)
