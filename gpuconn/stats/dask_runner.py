@@ -39,7 +39,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..core.backend import resolve_device, run_chunked, to_host
-from ..core.errors import GpuconnError, InputError, OptionError
+from ..core.errors import GpuconnError, OptionError
 from ..core.progress import progress_bar
 from ..core.tasks import check_options, dask_client, n_workers, require_distributed
 from .randomise import ChunkMerger, evaluate_chunk, merge_chunk_outputs, plan_chunk
