@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.errors import InputError, OptionError
+from .options import PermutationOptions
 
 __all__ = ["PermutationScheme", "make_scheme", "count_rearrangements", "MAX_EXHAUSTIVE"]
 
@@ -304,8 +305,8 @@ def _check_blocks(blocks: np.ndarray | None, n_obs: int, whole_blocks: bool, sou
 def make_scheme(
     design: np.ndarray,
     *,
-    n_perm: int = 5000,
-    seed: int = 0,
+    n_perm: int = PermutationOptions.n_perm,
+    seed: int = PermutationOptions.seed,
     permute: bool = True,
     flip: bool = False,
     blocks: np.ndarray | None = None,
@@ -319,7 +320,7 @@ def make_scheme(
     design : ndarray, shape (n_obs, n_regressors)
         The regressors whose rows decide which rearrangements are distinct
         (the effect of interest; the full design counts every covariate).
-    n_perm : int, default 5000
+    n_perm : int, default 5000 (:class:`~gpuconn.stats.options.PermutationOptions`' default, as ``seed``'s)
         Rearrangements wanted, the identity included; 0 means all of them
         (exhaustive, at most :data:`MAX_EXHAUSTIVE`). When the design allows
         fewer than ``n_perm`` distinct ones, all are enumerated.
