@@ -156,9 +156,19 @@ def option_flags(command: Any, argv: list[str]) -> dict[str, str]:
     return {**getattr(command.callback, "set_by_flags", {}), **flags}
 
 
+def _quiet_help_flags(command: Any) -> Any:
+    """Show ``--help`` without a value type in every command's help, as the other on/off flags (:func:`options.Flag`)."""
+    import click
+
+    command.get_help_option(click.Context(command)).metavar = ""  # the option object is cached on the command
+    for subcommand in getattr(command, "commands", {}).values():
+        _quiet_help_flags(subcommand)
+    return command
+
+
 def _run(argv: list[str]) -> int:
     argv = _expand_multi_value(argv)
-    command = typer.main.get_command(app)
+    command = _quiet_help_flags(typer.main.get_command(app))
     # A failed command leaves no output; a study keeps the steps it completed (it resumes from them).
     transaction = contextlib.nullcontext() if argv[:1] in (["study"], ["demo"]) else output_transaction()
     try:
