@@ -163,7 +163,7 @@ def test_repetition_time_falls_back_to_the_bids_sidecar(tmp_path):
     img = nib.Nifti1Image(np.zeros((2, 2, 2, 5), np.float32), np.eye(4))
     img.header.set_zooms((2.0, 2.0, 2.0, 0.0))
     bold = tmp_path / "sub-01_task-rest_desc-preproc_bold.nii.gz"
-    with pytest.raises(InputError, match="nor a RepetitionTime in sub-01_task-rest_desc-preproc_bold.json; pass --tr"):
+    with pytest.raises(InputError, match="nor a RepetitionTime in sub-01_task-rest_desc-preproc_bold.json; pass tr"):
         repetition_time(img, bold)
     (tmp_path / "sub-01_task-rest_desc-preproc_bold.json").write_text(json.dumps({"RepetitionTime": 2.5}))
     with pytest.warns(UserWarning, match=r"using RepetitionTime = 2.5 s from sub-01_task-rest_desc-preproc_bold.json"):
