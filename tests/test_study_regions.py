@@ -229,7 +229,8 @@ def test_the_report_cuts_an_image_seed_at_its_centre_of_mass(study, tmp_path, mo
         (lambda t: t.replace("label = 7", "label = true"), r"bad\.toml: rois\[1\]\.label must be a label number > 0 or a label name"),
         (lambda t: t.replace("other_names.txt", "missing.txt"), r"bad\.toml: rois\[2\]\.atlas_labels file not found: .*missing\.txt$"),
         (lambda t: t.replace('image = "atlas/rois_dseg.nii.gz"\nlabel = "insula"', 'image = "atlas/bare.nii.gz"\nlabel = "insula"'),
-         r"bad\.toml: rois\[0\]\.label: .*bare\.nii\.gz has no label table \(give one with rois\[0\]\.atlas_labels: "),
+         r"bad\.toml: rois\[0\]\.label: .*bare\.nii\.gz has no label table to find 'insula' in; give one with "
+         r"rois\[0\]\.atlas_labels \(index and name columns; .*\), or give the label's number$"),
         (lambda t: t.replace("masks/s1back.nii.gz", "masks/coarse.nii.gz"), r"bad\.toml: seeds\[0\]\.image: grid mismatch: "),
         (lambda t: t.replace('name = "dlPFC"', 'name = "dl-PFC"'), r"ROI name 'dl-PFC' must be letters and digits only"),
     ],

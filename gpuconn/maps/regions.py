@@ -477,9 +477,9 @@ def atlas_label(
     else:
         table = afni.label_table(path) if afni.is_dataset(path) else {}
     if not table:
-        raise OptionError(f"{where}: {path} has no label table (give one with {{atlas_labels}}: index and name columns, "
-                          f"or an AFNI .HEAD with VALUE_LABEL_DTABLE or ATLAS_LABEL_TABLE); give the label's number, "
-                          f"e.g. {path}:7")
+        raise OptionError(f"{where}: {path} has no label table to find {name!r} in; give one with {{atlas_labels}} "
+                          "(index and name columns; or an AFNI .HEAD with VALUE_LABEL_DTABLE or ATLAS_LABEL_TABLE), "
+                          "or give the label's number")
     if name in table:
         return table[name], name
     folded = [key for key in table if key.lower() == name.lower()]
