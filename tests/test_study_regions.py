@@ -233,12 +233,15 @@ def test_the_report_cuts_an_image_seed_at_its_centre_of_mass(study, tmp_path, mo
          r"rois\[0\]\.atlas_labels \(index and name columns; .*\), or give the label's number$"),
         (lambda t: t.replace("masks/s1back.nii.gz", "masks/coarse.nii.gz"), r"bad\.toml: seeds\[0\]\.image: grid mismatch: "),
         (lambda t: t.replace('name = "dlPFC"', 'name = "dl-PFC"'), r"ROI name 'dl-PFC' must be letters and digits only"),
+        (lambda t: t.replace("masks/s1back.nii.gz", "masks/empty.nii.gz"),
+         r"bad\.toml: seeds\[0\]\.image .*empty\.nii\.gz has no voxel > 0; give a mask of the region$"),
     ],
 )
 def test_bad_region_entries_are_one_line_errors_at_load(study, edit, message):
     root, grid, _, _ = study
     shutil.copy(root / "atlas" / "rois_dseg.nii.gz", root / "atlas" / "bare.nii.gz")  # no label table beside it
     nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.uint8), np.diag([20.0, 20.0, 20.0, 1.0])), str(root / "masks" / "coarse.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros(grid.shape, np.uint8), grid.affine), str(root / "masks" / "empty.nii.gz"))
     path = root / "bad.toml"
     path.write_text(edit(IMAGES))
     with pytest.raises(InputError, match=message) as info:

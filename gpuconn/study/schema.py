@@ -431,7 +431,7 @@ def _validate(raw: dict, path: Path) -> dict:
         config[name] = [_fill(name, entry, schema, path) for entry in entries]
         if name in ("seeds", "rois"):
             for index, (given, entry) in enumerate(zip(entries, config[name])):
-                _region_kind(name, index, given, entry, path)
+                _check_region_kind(name, index, given, entry, path)
     for name in _OPTION_SECTIONS:
         _section_options(config, name, path)
     denoise_options(config, path)
@@ -445,7 +445,7 @@ def _validate(raw: dict, path: Path) -> dict:
 
 
 
-def _region_kind(kind: str, index: int, given: dict, entry: dict, path: Path) -> None:
+def _check_region_kind(kind: str, index: int, given: dict, entry: dict, path: Path) -> None:
     """Check that a [[seeds]]/[[rois]] entry is a sphere (center) or an image region, with only that kind's keys.
 
     An image region's sphere keys are set to None (they do not apply).
@@ -540,6 +540,7 @@ def _check_region_images(study: Study) -> None:
     """Every image seed or ROI: its file, its label in the atlas, one region (not an atlas), the grid of the runs."""
     path = study.path
     reference = io.load_header(study.runs[0].bold, what="BOLD") if study.runs else None
+    images: dict[Path, np.ndarray] = {}  # an atlas is read once for all its labels
     for kind in ("seeds", "rois"):
         for index, entry in enumerate(study.config[kind]):
             if entry["center"] is not None:
@@ -551,24 +552,26 @@ def _check_region_images(study: Study) -> None:
             if entry["atlas_labels"] and not _entry_path(path, entry["atlas_labels"]).is_file():
                 raise InputError(f"{path}: {key}.atlas_labels file not found: {_entry_path(path, entry['atlas_labels'])}")
             (region,) = entry_regions(study, kind, index)
-            try:
-                img = io.load_image(image, ndim=3, what=f"{key}.image")
-                if reference is not None:
-                    io.check_same_grid(reference, study.runs[0].bold, img, image)
-            except InputError as exc:
-                raise InputError(f"{path}: {key}.image: {exc}") from None
-            data = np.nan_to_num(np.asarray(img.dataobj, dtype=np.float64))
-            labels = atlas_values(data)
-            if region.label is None and len(labels):
+            if image not in images:
+                try:
+                    img = io.load_image(image, ndim=3, what=f"{key}.image")
+                    if reference is not None:
+                        io.check_same_grid(reference, study.runs[0].bold, img, image)
+                except InputError as exc:
+                    raise InputError(f"{path}: {key}.image: {exc}") from None
+                images[image] = np.nan_to_num(np.asarray(img.dataobj, dtype=np.float64))
+            data = images[image]
+            if region.label is not None:
+                if not (data == region.label).any():
+                    values = np.unique(data[data > 0])
+                    listed = ", ".join(f"{v:g}" for v in values[:12]) + (", ..." if len(values) > 12 else "")
+                    raise InputError(f"{path}: {key}.label {entry['label']!r} (value {region.label}) is not a label of "
+                                     f"{image} (its values > 0: {listed or 'none'})")
+            elif len(labels := atlas_values(data)):
                 raise InputError(f"{path}: {key}.image {image} holds {len(labels)} labels (an atlas); give label = "
                                  f"<number or name> for one of them, e.g. label = {int(labels[0])}")
-            if region.label is None and not (data > 0).any():
+            elif not (data > 0).any():
                 raise InputError(f"{path}: {key}.image {image} has no voxel > 0; give a mask of the region")
-            if region.label is not None and not (data == region.label).any():
-                values = np.unique(data[data > 0])
-                listed = ", ".join(f"{v:g}" for v in values[:12]) + (", ..." if len(values) > 12 else "")
-                raise InputError(f"{path}: {key}.label {entry['label']!r} (value {region.label}) is not a label of "
-                                 f"{image} (its values > 0: {listed or 'none'})")
 
 
 def region_files(study: Study, kind: str) -> list[Path]:
