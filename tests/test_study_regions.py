@@ -180,7 +180,7 @@ def test_a_changed_region_image_or_label_table_reruns_the_steps_that_read_it(stu
 
     values = pd.read_csv(out / "rois" / "roi_values.tsv", sep="\t")
     table = root / "atlas" / "stamp_dseg.tsv"  # the table beside the atlas: 'insula' now names label 5
-    table.write_text(table.read_text().replace("Insula", "@").replace("aTPJ", "Insula").replace("@", "aTPJ"))
+    table.write_text(table.read_text().replace("Insula", "@").replace("aTPJ", "Insula").replace("@", "aTPJ") + "9\tunused\n")
     status = run_study(root / "stamp.toml", out, progress=False).status()
     assert status["seeds"] == status["group"] == "skipped" and status["rois"] == "ran"
     changed = pd.read_csv(out / "rois" / "roi_values.tsv", sep="\t")
