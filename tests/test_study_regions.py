@@ -148,7 +148,8 @@ def test_image_regions_give_the_maps_of_the_equivalent_spheres(study):
         assert np.abs(image_map).max() > 0.1  # a real map, not an empty seed's zeros
         np.testing.assert_array_equal(image_map, sphere_map)
     sidecar = json.loads(maps[0].with_name(maps[0].name.replace(".nii.gz", ".json")).read_text())
-    assert sidecar["Parameters"]["seeds"] == [{"name": "S1back", "image": str(root / "masks" / "s1back.nii.gz"), "label": None}]
+    assert sidecar["Parameters"]["seeds"] == [{"name": "S1back", "image": str((root / "masks" / "s1back.nii.gz").resolve()),
+                                            "label": None}]
     for table in ("roi_values.tsv", "roi_tests.tsv"):
         pd.testing.assert_frame_equal(pd.read_csv(root / "out" / "rois" / table, sep="\t"),
                                       pd.read_csv(root / "spheres" / "rois" / table, sep="\t"))
