@@ -49,7 +49,7 @@ import torch
 
 from ..core import afni
 from ..core.atlas import read_atlas_labels, sibling_label_table
-from ..core.errors import InputError
+from ..core.errors import InputError, OptionError
 from ..core.io import check_same_grid, load_image, read_tsv, split_ext
 from .options import RegionOptions
 
@@ -60,6 +60,7 @@ __all__ = [
     "sphere_mask",
     "sphere_regions",
     "image_region",
+    "atlas_label",
     "atlas_values",
     "atlas_regions",
     "read_regions",
@@ -272,16 +273,38 @@ def sphere_regions(
 
 
 
-def image_region(path: str | os.PathLike, *, label: int | None = None, name: str | None = None, what: str = "seed") -> Region:
+def image_region(
+    path: str | os.PathLike,
+    *,
+    label: int | None = None,
+    name: str | None = None,
+    label_name: str | None = None,
+    what: str = "seed",
+) -> Region:
     """A region from a mask image (voxels > 0) or one label of an atlas image.
 
-    The name defaults to the file stem (letters and digits kept) plus
-    ``label<N>``.
+    Parameters
+    ----------
+    path : path-like
+        The image (read when the region is placed: :func:`region_masks`).
+    label : int, optional
+        The atlas label to take; default: every voxel > 0.
+    name : str, optional
+        Letters and digits; default the file stem (letters and digits kept)
+        plus ``label<N>``.
+    label_name : str, optional
+        The atlas's own spelling of ``label`` (:func:`atlas_label`).
+    what : str
+        ``'seed'`` or ``'ROI'``, for error messages.
+
+    Returns
+    -------
+    Region
     """
     path = Path(path)
     if name is None:
         name = _stem(path, "mask") + (f"label{label}" if label is not None else "")
-    return Region(_check_name(name, what), image=path, label=None if label is None else int(label))
+    return Region(_check_name(name, what), image=path, label=None if label is None else int(label), label_name=label_name)
 
 
 
@@ -380,7 +403,7 @@ def read_regions(path: str | os.PathLike, *, what: str = "seed") -> list[Region]
             has_label = label is not None and not (isinstance(label, float) and math.isnan(label))
             image_path = image_path if image_path.is_absolute() else path.parent / image_path
             if has_label and isinstance(label, str) and not label.strip().lstrip("-").isdigit():
-                label = _label_number(str(image_path), label.strip(), where)[0]  # a name in an AFNI atlas
+                label = atlas_label(image_path, label.strip(), where=where)[0]  # a name in an AFNI atlas
             regions.append(image_region(image_path, label=int(label) if has_label else None, name=str(row["name"]),
                                         what=what))
             continue
@@ -407,12 +430,46 @@ def _check_unique(regions: list[Region], what: str) -> list[Region]:
 
 
 
-def _label_number(path: str, name: str, where: str, labels: str | os.PathLike | None = None) -> tuple[int, str]:
-    """The value and spelling of a label named in the atlas's label table (exact, else the one case-insensitive match).
+def atlas_label(
+    path: str | os.PathLike,
+    name: str,
+    *,
+    labels: str | os.PathLike | None = None,
+    where: str,
+) -> tuple[int, str]:
+    """The value and spelling of a label named in an atlas's label table.
 
-    The table is ``labels`` when given, else an AFNI atlas's ``.HEAD`` table,
-    else the BIDS table beside the image (:func:`gpuconn.core.atlas.sibling_label_table`).
+    Parameters
+    ----------
+    path : path-like
+        The atlas image.
+    name : str
+        The label's name: the table's spelling, else its one
+        case-insensitive match.
+    labels : path-like, optional
+        The label table (:func:`gpuconn.core.atlas.read_atlas_labels`);
+        default an AFNI atlas's ``.HEAD`` table
+        (:func:`gpuconn.core.afni.label_table`), else the BIDS table beside
+        the image (:func:`gpuconn.core.atlas.sibling_label_table`).
+    where : str
+        What asked for the label (a flag and its value, a table line, a
+        study file key), put first in errors.
+
+    Returns
+    -------
+    value : int
+    spelling : str
+        As the table spells it.
+
+    Raises
+    ------
+    OptionError
+        The atlas has no label table (naming ``{atlas_labels}``, which
+        gives one).
+    InputError
+        The table has no such label (listing its labels).
     """
+    path = str(path)
     if labels is None and not afni.is_dataset(path):
         labels = sibling_label_table(path)
     if labels is not None:
@@ -420,9 +477,9 @@ def _label_number(path: str, name: str, where: str, labels: str | os.PathLike | 
     else:
         table = afni.label_table(path) if afni.is_dataset(path) else {}
     if not table:
-        raise InputError(f"{where}: {path} has no label table (give one with --atlas-labels: index and name columns, "
-                         f"or an AFNI .HEAD with VALUE_LABEL_DTABLE or ATLAS_LABEL_TABLE); give the label's number, "
-                         f"e.g. {path}:7")
+        raise OptionError(f"{where}: {path} has no label table to find {name!r} in; give one with {{atlas_labels}} "
+                          "(index and name columns; or an AFNI .HEAD with VALUE_LABEL_DTABLE or ATLAS_LABEL_TABLE), "
+                          "or give the label's number")
     if name in table:
         return table[name], name
     folded = [key for key in table if key.lower() == name.lower()]
@@ -465,9 +522,9 @@ def regions_from_options(options: RegionOptions) -> list[Region]:
         if label.strip().lstrip("-").isdigit():
             regions.append(image_region(path, label=int(label), what=what))
             continue
-        number, name = _label_number(path, label.strip(), f"--{what}-label {text}", options.atlas_labels)
-        regions.append(Region(_check_name(_stem(path, "atlas") + re.sub(r"[^A-Za-z0-9]", "", name), what),
-                              image=Path(path), label=number, label_name=name))
+        number, name = atlas_label(path, label.strip(), labels=options.atlas_labels, where=f"--{what}-label {text}")
+        regions.append(image_region(path, label=number, name=_stem(path, "atlas") + re.sub(r"[^A-Za-z0-9]", "", name),
+                                    label_name=name, what=what))
     return _check_unique(regions, what)
 
 

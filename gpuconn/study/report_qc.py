@@ -25,7 +25,7 @@ from ..maps.regions import region_masks
 from .figures import carpet_figure, fd_traces, figure_png, matrix_figure, ortho_slices, pyplot, qcfc_figure
 from .qc_maps import carpet, censored_volumes, qc_fc, tsnr
 from .results import denoised_outputs
-from .schema import Study, region_names, study_regions
+from .schema import Study, entry_regions, region_names
 
 __all__ = ["Page", "table_html", "motion_section", "runs_section", "seeds_section", "matrices_section", "qcfc_section"]
 
@@ -164,15 +164,24 @@ def _underlay_for(page: Page, img: nib.Nifti1Image) -> np.ndarray:
 
 
 def seeds_section(page: Page) -> str:
-    """Each seed drawn on the underlay, cut at its centre (mirrored parts included)."""
+    """Each seed drawn on the underlay, cut at its centre (a sphere's; an image region's centre of mass), mirrored
+    parts included."""
     parts = []
     mask = np.asarray(page.grid.dataobj) > 0
-    for entry in page.study.section("seeds"):
-        regions = study_regions({"seeds": [entry]}, "seeds")
+    for index, entry in enumerate(page.study.section("seeds")):
+        regions = entry_regions(page.study, "seeds", index)
         drawn = np.any(region_masks(regions, page.grid, what="seed"), axis=0)
-        title = f"seed {entry['name']}: {entry['radius']:g} mm sphere at MNI {tuple(entry['center'])}, mirror {entry['mirror']}"
-        parts.append(figure_png(ortho_slices(drawn.astype(float), drawn, page.underlay, page.grid.affine, title=title,
-                                             cut_mm=entry["center"], label="seed", cmap="autumn", symmetric=False),
+        if entry["center"] is not None:
+            shape = f"{entry['radius']:g} mm sphere at MNI {tuple(entry['center'])}, mirror {entry['mirror']}"
+            cut_mm = entry["center"]
+        else:
+            (region,) = regions
+            named = f" ({region.label_name})" if region.label_name else ""
+            shape = ("" if region.label is None else f"label {region.label}{named} of ") + entry["image"]
+            cut_mm = (page.grid.affine @ np.r_[np.argwhere(drawn).mean(axis=0), 1.0])[:3]  # centre of mass, mm
+        parts.append(figure_png(ortho_slices(drawn.astype(float), drawn, page.underlay, page.grid.affine,
+                                             title=f"seed {entry['name']}: {shape}", cut_mm=cut_mm, label="seed",
+                                             cmap="autumn", symmetric=False),
                                 alt=f"seed {entry['name']}"))
         parts.append(f"<p>{int(drawn.sum())} voxels ({int((drawn & mask).sum())} in the group mask).</p>")
     return "".join(parts)

@@ -70,7 +70,8 @@ from .report import write_report
 from .results import corrp_path, denoised_outputs, map_keys, model_contrasts, run_dir, significant_voxels, stat_root
 from .roi_stats import roi_tests
 from .schema import (FLAME_METHODS, STEP_KEYS, Study, denoise_options, grf_options, load_study, permutation_options,
-                     model_design, model_table, network_names, region_names, study_keys, study_regions)
+                     model_design, model_table, network_names, region_files, region_names, study_keys,
+                     study_regions)
 from .stamps import Stamps
 
 __all__ = [
@@ -175,7 +176,7 @@ def _step_denoise(ctx: _Context) -> list[Path]:
 
 def _step_seeds(ctx: _Context) -> list[Path]:
     inputs = [BoldInput(r.prefix, ctx.denoised(r), r.mask) for r in ctx.kept_runs()]
-    regions = study_regions(ctx.study.config, "seeds")
+    regions = study_regions(ctx.study, "seeds")
     written = compute_seed_maps(inputs, regions, ctx.out / "seeds", layout="subject", stats=("z",), device=ctx.device, progress=ctx.progress)
     if ctx.study.section("inference")["method"] in FLAME_METHODS:  # FEAT's first level: copes and their variances
         written += seed_glm_maps(inputs, regions, ctx.out / "seeds", prewhiten="film", device=ctx.device,
@@ -370,12 +371,12 @@ def _step_clusters(ctx: _Context) -> list[Path]:
 def _step_rois(ctx: _Context) -> list[Path]:
     study = ctx.study
     runs = ctx.kept_runs()
-    rois = study_regions(study.config, "rois")
+    rois = study_regions(study, "rois")
     values = extract_roi_values([ctx.seed_map(r) for r in runs], rois)
     folder = ctx.out / "rois"
     written = [io.write_tsv(values, folder / "roi_values.tsv")]
     inputs = [BoldInput(r.prefix, ctx.denoised(r), r.mask) for r in runs]  # seeds and ROIs: the report's matrices and QC-FC
-    written += compute_roi_matrices(inputs, study_regions(study.config, "seeds") + rois, folder / "matrices", device=ctx.device)
+    written += compute_roi_matrices(inputs, study_regions(study, "seeds") + rois, folder / "matrices", device=ctx.device)
     tests = roi_tests(values, _roi_models(ctx, runs), roi_settings=study.section("roi_tests"), subgroups=study.section("subgroups"))
     written.append(io.write_tsv(tests, folder / "roi_tests.tsv", float_format="%.6g"))
     return written
@@ -437,12 +438,13 @@ _STEP_TABLE = (
     _Step("qc", _step_qc, _sections("qc", "inputs"), lambda s: [r.motion or r.confounds for r in s.runs if r.motion or r.confounds], ()),
     _Step("denoise", _step_denoise, _sections("denoise", "qc"), lambda s: [p for r in s.runs for p in _run_files(r)], ("qc",)),
     _Step("seeds", _step_seeds, lambda s: {"seeds": s.config["seeds"], "glm": s.config["inference"]["method"] in FLAME_METHODS},
-          lambda s: [], ("denoise",)),
+          lambda s: region_files(s, "seeds"), ("denoise",)),
     _Step("ica", _step_ica, _sections("ica", "dualreg", "networks"), lambda s: [s.ica_templates] if s.ica_templates else [], ("denoise",),
           lambda s: s.config["ica"]["enabled"]),
     _Step("group", _step_group, _sections("models", "inference", "inputs", "derived", "seeds"), _participants, ("qc", "seeds", "ica")),
     _Step("clusters", _step_clusters, _sections("inference"), lambda s: [], ("group",)),
-    _Step("rois", _step_rois, _sections("rois", "models", "roi_tests", "subgroups", "inputs", "derived"), _participants, ("qc", "seeds")),
+    _Step("rois", _step_rois, _sections("rois", "models", "roi_tests", "subgroups", "inputs", "derived"),
+          lambda s: [*_participants(s), *region_files(s, "rois")], ("qc", "seeds")),
     _Step("table1", _step_table1, _sections("inputs", "derived", "models"), _participants, ("qc",)),
     _Step("report", _step_report, lambda s: s.config, lambda s: [], STEPS[:-1]),
 )

@@ -7,7 +7,10 @@ missing files and missing participants columns are one-line
 :class:`~gpuconn.core.errors.InputError` messages naming the key or file).
 :func:`model_table` and :func:`model_design` give a ``[[models]]`` entry's
 observations and design (used by the preflight check here and by the
-runner's group and ROI steps).
+runner's group and ROI steps). :func:`study_regions` gives the
+``[[seeds]]``/``[[rois]]`` as :class:`~gpuconn.maps.regions.Region` objects
+(spheres, masks or atlas labels; their image files checked at load), and
+:func:`region_files` the files they are read from, for the resume stamps.
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..core import io
+from ..core import afni, io
+from ..core.atlas import sibling_label_table
 from ..core.bids import DEFAULT_SPACE, Run, find_runs
 from ..core.feat import study_runs
 from ..core.errors import InputError, OptionError
 from ..maps import ROI_RADIUS_MM, SEED_RADIUS_MM
 from ..maps.options import DualRegOptions, ICAOptions
-from ..maps.regions import sphere_regions
+from ..maps.regions import Region, atlas_label, atlas_values, image_region, sphere_regions
 from ..stats.options import GrfOptions, PermutationOptions, check_connectivity
 from ..stats.design import build_design
 from ..subject.options import DenoiseOptions
@@ -52,7 +56,9 @@ __all__ = [
     "demo_study_path",
     "report_template",
     "study_regions",
+    "entry_regions",
     "region_names",
+    "region_files",
     "network_names",
     "model_table",
     "model_design",
@@ -244,10 +250,16 @@ _SECTIONS: dict[str, dict[str, Any]] = {
 
 
 
+# Keys of a [[seeds]]/[[rois]] entry that is an image region (image instead of center): a mask, or one label of an
+# atlas (a number, or a name from the atlas_labels table, else the table beside the atlas or an AFNI atlas's own).
+_IMAGE_KEYS = {"image": "", "label": None, "atlas_labels": ""}
+# Keys of a [[seeds]]/[[rois]] entry that is a sphere (center instead of image).
+_SPHERE_KEYS = ("radius", "mirror")
+
 #: Keys of each entry of the array-of-table sections.
 _TABLES: dict[str, dict[str, Any]] = {
-    "seeds": {"name": _REQUIRED, "center": _REQUIRED, "radius": SEED_RADIUS_MM, "mirror": "none"},
-    "rois": {"name": _REQUIRED, "center": _REQUIRED, "radius": ROI_RADIUS_MM, "mirror": "union"},
+    "seeds": {"name": _REQUIRED, "center": None, "radius": SEED_RADIUS_MM, "mirror": "none", **_IMAGE_KEYS},
+    "rois": {"name": _REQUIRED, "center": None, "radius": ROI_RADIUS_MM, "mirror": "union", **_IMAGE_KEYS},
     "networks": {"name": _REQUIRED, "nodes": [], "radius": 10.0},
     "models": {
         "name": _REQUIRED,
@@ -417,6 +429,9 @@ def _validate(raw: dict, path: Path) -> dict:
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             raise InputError(f"{path}: {name} must be written as [[{name}]] tables")
         config[name] = [_fill(name, entry, schema, path) for entry in entries]
+        if name in ("seeds", "rois"):
+            for index, (given, entry) in enumerate(zip(entries, config[name])):
+                _check_region_kind(name, index, given, entry, path)
     for name in _OPTION_SECTIONS:
         _section_options(config, name, path)
     denoise_options(config, path)
@@ -430,6 +445,34 @@ def _validate(raw: dict, path: Path) -> dict:
 
 
 
+def _check_region_kind(kind: str, index: int, given: dict, entry: dict, path: Path) -> None:
+    """Check that a [[seeds]]/[[rois]] entry is a sphere (center) or an image region, with only that kind's keys.
+
+    An image region's sphere keys are set to None (they do not apply).
+    """
+    where = f"{path}: {kind}[{index}]"
+    if ("center" in given) == ("image" in given):
+        got = "both" if "center" in given else "neither"
+        raise InputError(f"{where} ({entry['name']!r}) needs exactly one of center = [x, y, z] (a sphere, MNI mm) or "
+                         f"image = \"mask.nii.gz\" (a mask, or an atlas with label); got {got}")
+    if "image" in given:
+        extra = [key for key in _SPHERE_KEYS if key in given]
+        if extra:
+            raise InputError(f"{where}.{extra[0]} applies to spheres (center), not to the image region "
+                             f"{entry['name']!r}; drop it")
+        label = entry["label"]
+        if not entry["image"].strip():
+            raise InputError(f"{where}.image is empty; give a mask or atlas image, relative to {path.parent}")
+        if not (label is None or isinstance(label, str) and label.strip() or type(label) is int and label > 0):
+            raise InputError(f"{where}.label must be a label number > 0 or a label name (a string), got {label!r}")
+        entry.update(dict.fromkeys(_SPHERE_KEYS))
+        return
+    extra = [key for key in _IMAGE_KEYS if key in given]
+    if extra:
+        raise InputError(f"{where}.{extra[0]} applies to image regions (image), not to the sphere {entry['name']!r}; "
+                         "drop it")
+
+
 def _check_regions(config: dict, path: Path) -> None:
     for kind in ("seeds", "rois"):
         names = [entry["name"] for entry in config[kind]]
@@ -437,23 +480,121 @@ def _check_regions(config: dict, path: Path) -> None:
             raise InputError(f"{path}: [[{kind}]] names must be unique, got {names}")
         for entry in config[kind]:
             center = entry["center"]
+            if center is None:  # an image region: its name here, its files in load_study (_check_region_images)
+                image_region(entry["image"], name=entry["name"], what=_what(kind))
+                continue
             if not (isinstance(center, list) and len(center) == 3 and all(isinstance(v, (int, float)) for v in center)):
                 raise InputError(f"{path}: {kind} {entry['name']!r}: center must be [x, y, z] in MNI mm, got {center!r}")
-            sphere_regions(entry["name"], center, entry["radius"], mirror=entry["mirror"], what="ROI" if kind == "rois" else "seed")
+            sphere_regions(entry["name"], center, entry["radius"], mirror=entry["mirror"], what=_what(kind))
     if not config["seeds"]:
         raise InputError(f"{path}: at least one [[seeds]] table is needed")
 
 
+def _what(kind: str) -> str:
+    return "ROI" if kind == "rois" else "seed"
+
 
 def region_names(config: dict, kind: str) -> list[str]:
-    return [region.name for region in study_regions(config, kind)]
+    """The names of a study's seeds or ROIs (``kind``: ``'seeds'``/``'rois'``), mirrored spheres included."""
+    return [name for entry in config[kind] for name in (
+        [entry["name"]] if entry["center"] is None
+        else [r.name for r in sphere_regions(entry["name"], entry["center"], entry["radius"], mirror=entry["mirror"])])]
 
 
+def _entry_path(study_path: Path, value: str) -> Path | None:
+    """A path of a region entry (``image``, ``atlas_labels``) relative to the study file's folder; None when empty."""
+    return (study_path.parent / value).resolve() if value else None
 
-def study_regions(config: dict, kind: str) -> list:
-    what = "ROI" if kind == "rois" else "seed"
-    return [r for e in config[kind] for r in sphere_regions(e["name"], e["center"], e["radius"], mirror=e["mirror"], what=what)]
 
+def entry_regions(study: Study, kind: str, index: int) -> list[Region]:
+    """The regions of one ``[[seeds]]``/``[[rois]]`` entry (:func:`study_regions`): a sphere and its mirror as asked,
+    or a mask, or an atlas label."""
+    entry, path = study.config[kind][index], study.path
+    if entry["center"] is not None:
+        return sphere_regions(entry["name"], entry["center"], entry["radius"], mirror=entry["mirror"], what=_what(kind))
+    image, label, key = _entry_path(path, entry["image"]), entry["label"], f"{kind}[{index}]"
+    spelled = None
+    if isinstance(label, str):
+        try:
+            label, spelled = atlas_label(image, label.strip(), labels=_entry_path(path, entry["atlas_labels"]),
+                                         where=f"{path}: {key}.label")
+        except OptionError as exc:  # the atlas has no label table: the key that gives one
+            raise exc.keyed({"atlas_labels": f"{key}.atlas_labels"}) from None
+    return [image_region(image, label=label, name=entry["name"], label_name=spelled, what=_what(kind))]
+
+
+def study_regions(study: Study, kind: str) -> list[Region]:
+    """A study's seeds or ROIs (``kind``: ``'seeds'``/``'rois'``) as regions, in the order of the study file.
+
+    A ``[[seeds]]``/``[[rois]]`` entry is a sphere at ``center`` (with its
+    mirror as ``mirror`` asks), or the voxels > 0 of ``image``, or one
+    ``label`` of an atlas ``image`` (a number, or a name from the
+    ``atlas_labels`` table, else the atlas's own table:
+    :func:`gpuconn.maps.regions.atlas_label`); paths are relative to the
+    study file's folder.
+    """
+    return [region for index in range(len(study.config[kind])) for region in entry_regions(study, kind, index)]
+
+
+def _check_region_images(study: Study) -> None:
+    """Every image seed or ROI: its file, its label in the atlas, one region (not an atlas), the grid of the runs."""
+    path = study.path
+    reference = io.load_header(study.runs[0].bold, what="BOLD") if study.runs else None
+    images: dict[Path, np.ndarray] = {}  # an atlas is read once for all its labels
+    for kind in ("seeds", "rois"):
+        for index, entry in enumerate(study.config[kind]):
+            if entry["center"] is not None:
+                continue
+            key = f"{kind}[{index}]"
+            image = _entry_path(path, entry["image"])
+            if not (afni.head_path(image) if afni.is_dataset(image) else image).is_file():
+                raise InputError(f"{path}: {key}.image file not found: {image}")
+            if entry["atlas_labels"] and not _entry_path(path, entry["atlas_labels"]).is_file():
+                raise InputError(f"{path}: {key}.atlas_labels file not found: {_entry_path(path, entry['atlas_labels'])}")
+            (region,) = entry_regions(study, kind, index)
+            if image not in images:
+                try:
+                    img = io.load_image(image, ndim=3, what=f"{key}.image")
+                    if reference is not None:
+                        io.check_same_grid(reference, study.runs[0].bold, img, image)
+                except InputError as exc:
+                    raise InputError(f"{path}: {key}.image: {exc}") from None
+                images[image] = np.nan_to_num(np.asarray(img.dataobj, dtype=np.float64))
+            data = images[image]
+            if region.label is not None:
+                if not (data == region.label).any():
+                    values = np.unique(data[data > 0])
+                    listed = ", ".join(f"{v:g}" for v in values[:12]) + (", ..." if len(values) > 12 else "")
+                    raise InputError(f"{path}: {key}.label {entry['label']!r} (value {region.label}) is not a label of "
+                                     f"{image} (its values > 0: {listed or 'none'})")
+            elif len(labels := atlas_values(data)):
+                raise InputError(f"{path}: {key}.image {image} holds {len(labels)} labels (an atlas); give label = "
+                                 f"<number or name> for one of them, e.g. label = {int(labels[0])}")
+            elif not (data > 0).any():
+                raise InputError(f"{path}: {key}.image {image} has no voxel > 0; give a mask of the region")
+
+
+def region_files(study: Study, kind: str) -> list[Path]:
+    """The files a study's image seeds or ROIs (``kind``) are read from: images and label tables, for the resume stamps.
+
+    An AFNI dataset is its ``.HEAD`` and ``.BRIK*`` files; a label table
+    counts for a label given by name.
+    """
+    files = []
+    for entry in study.config[kind]:
+        if entry["center"] is not None:
+            continue
+        image = _entry_path(study.path, entry["image"])
+        if afni.is_dataset(image):
+            head = afni.head_path(image)
+            files += [head, *sorted(head.parent.glob(head.name.removesuffix(".HEAD") + ".BRIK*"))]
+        else:
+            files.append(image)
+        if isinstance(entry["label"], str):
+            table = _entry_path(study.path, entry["atlas_labels"])
+            table = table or (None if afni.is_dataset(image) else sibling_label_table(image))
+            files += [table] if table is not None else []
+    return files
 
 
 def network_names(config: dict) -> list[str]:
@@ -632,6 +773,7 @@ def load_study(path: str | os.PathLike, *, check_inputs: bool = True) -> Study:
     if missing:
         raise InputError(f"{participants} has no row for {', '.join(missing[:5])} (found under {derivatives}); add them")
     study = Study(path, config, derivatives, participants, runs, table, templates)
+    _check_region_images(study)
     _preflight_models(study)
     return study
 
