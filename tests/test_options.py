@@ -10,12 +10,12 @@ import typer
 from gpuconn.cli.app import app, option_flags
 from gpuconn.core.errors import InputError, OptionError
 from gpuconn.maps.options import DualRegOptions, ICAOptions, RegionOptions
-from gpuconn.subject.options import DenoiseOptions
+from gpuconn.subject.options import DenoiseOptions, QcOptions
 from gpuconn.stats.options import GrfOptions, McmcOptions, PermutationOptions
 from gpuconn.study import schema
 
 STAGES = [(ICAOptions, ["ica", "run"]), (GrfOptions, ["glm"]), (GrfOptions, ["flame"]), (McmcOptions, ["flame"]),
-          (PermutationOptions, ["randomise"]), (DualRegOptions, ["dualreg"])]
+          (PermutationOptions, ["randomise"]), (DualRegOptions, ["dualreg"]), (QcOptions, ["qc"])]
 # RegionOptions: its fields are generic; each command's parameter is RegionOptions.param (seed_coord, roi_coord...).
 REGION_COMMANDS = [("seed", ["seed"]), ("roi", ["roi", "extract"]), ("roi", ["roi", "matrix"])]
 # DenoiseOptions: the CLI writes None as 0 (high/low-pass) and takes --column repeatedly; same names otherwise.
@@ -96,6 +96,24 @@ def test_a_bad_dualreg_key_is_named_by_the_study(tmp_path, capsys):
     assert run(["study", "run", str(path), "-o", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == f"gpuconn: error: {path}: dualreg.batch_size must be at least 1, got -2\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_qc_options_are_the_study_keys_and_denoisings_outlier_rule(tmp_path, capsys):
+    """[qc] is QcOptions' fields with its defaults; denoising's outlier rule defaults to QC's; a bad key is named."""
+    from gpuconn.cli.app import run
+
+    assert schema._SECTIONS["qc"] == dataclasses.asdict(QcOptions())
+    assert (DenoiseOptions().outlier_metric, DenoiseOptions().outlier_threshold) == (
+        QcOptions().outlier_metric, QcOptions().outlier_threshold)
+    path = tmp_path / "s.toml"
+    path.write_text(schema.template_text().replace("rel_threshold = 2.0", "rel_threshold = -1", 1))
+    with pytest.raises(InputError, match=r"s\.toml: qc\.rel_threshold must be a positive number of mm, got -1.0$"):
+        schema.load_study(path, check_inputs=False)
+    motion = tmp_path / "a.par"
+    motion.write_text("0 0 0 0 0 0\n" * 5)
+    assert run(["qc", "--motion-par", str(motion), "--abs-threshold", "0", "-o", str(tmp_path / "qc.tsv")]) == 2
+    assert capsys.readouterr().err == "gpuconn: error: --abs-threshold must be a positive number of mm, got 0.0\n"
+    assert not (tmp_path / "qc.tsv").exists()
 
 
 def test_every_ica_field_is_a_study_key():

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from gpuconn.core.errors import InputError
+from gpuconn.subject.options import QcOptions
 from gpuconn.subject.qc import motion_summary, qc_table
 
 
@@ -31,12 +32,14 @@ def test_exclusion_reasons_and_thresholds():
     assert out["excluded"] is True
     assert out["exclusion_reason"] == "max absolute displacement 3.40 mm > 3 mm; max relative displacement 2.60 mm > 2 mm"
     assert out["n_outliers"] == 1
-    relaxed = motion_summary(params, abs_threshold=4.0, rel_threshold=3.0)
+    relaxed = motion_summary(params, QcOptions(abs_threshold=4.0, rel_threshold=3.0))
     assert relaxed["excluded"] is False
-    rms = motion_summary(params, outlier_metric="rms", outlier_threshold=0.05)
+    rms = motion_summary(params, QcOptions(outlier_metric="rms", outlier_threshold=0.05))
     assert rms["n_outliers"] == 9
     with pytest.raises(InputError, match="^outlier_metric 'dvars' is not one of fd, rms$"):
-        motion_summary(params, outlier_metric="dvars")
+        QcOptions(outlier_metric="dvars")
+    with pytest.raises(InputError, match="^rel_threshold must be a positive number of mm, got 0$"):
+        QcOptions(rel_threshold=0)
 
 
 def test_qc_table_columns():

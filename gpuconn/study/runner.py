@@ -152,7 +152,7 @@ def _step_qc(ctx: _Context) -> list[Path]:
             params = load_motion(confounds=run.confounds, motion_par=run.motion, bold=run.bold)
             rows.append(({"run": run.prefix, "participant_id": ctx.study.participant_id(run), "session": run.session or ""}, params))
             advance()
-    table = qc_table(rows, **settings)
+    table = qc_table(rows, ctx.study.options("qc"))
     fd = pd.concat([pd.DataFrame({"run": ids["run"], "volume": np.arange(len(params)), "framewise_displacement": framewise_displacement(params)})
                     for ids, params in rows], ignore_index=True)  # the report draws each run's trace
     return [io.write_tsv(table, ctx.out / "qc" / "qc.tsv", params={"thresholds": settings}, sidecar=True),

@@ -41,7 +41,7 @@ from ..maps.options import DualRegOptions, ICAOptions
 from ..maps.regions import Region, atlas_label, atlas_values, image_region, sphere_regions
 from ..stats.options import GrfOptions, PermutationOptions, check_connectivity
 from ..stats.design import build_design
-from ..subject.options import DenoiseOptions
+from ..subject.options import DenoiseOptions, QcOptions
 
 __all__ = [
     "MODEL_KINDS",
@@ -97,7 +97,7 @@ def _option_keys(cls: type, skip: Sequence[str] = ()) -> dict[str, Any]:
 
 #: Sections filled and checked by a stage's options object (:meth:`Study.options`); a field that is not a key of
 #: the section keeps the object's default.
-_OPTION_SECTIONS: dict[str, type] = {"ica": ICAOptions, "dualreg": DualRegOptions}
+_OPTION_SECTIONS: dict[str, type] = {"qc": QcOptions, "ica": ICAOptions, "dualreg": DualRegOptions}
 
 # DualRegOptions' stage 3 (randomise on every component) is not a [dualreg] key: the study's [[models]] test networks.
 _DUALREG_STAGE3 = ("n_perm", "seed", "one_sample")
@@ -203,7 +203,8 @@ _SECTIONS: dict[str, dict[str, Any]] = {
         "controls": "HC",
         "sessions": ["pre", "post"],
     },
-    "qc": {"abs_threshold": 3.0, "rel_threshold": 2.0, "outlier_metric": "fd", "outlier_threshold": 0.5},
+    # the fields of QcOptions (the outlier rule is also denoising's)
+    "qc": _option_keys(QcOptions),
     # every field of DenoiseOptions except the outlier rule (from [qc]), with its defaults; 0 stands for None
     "denoise": {
         "motion": _DENOISE.motion,
@@ -277,7 +278,6 @@ _TABLES: dict[str, dict[str, Any]] = {
 
 
 _CHOICES = {
-    ("qc", "outlier_metric"): ("fd", "rms"),
     ("denoise", "motion"): ("6", "24", "none"),
     ("denoise", "physio"): ("auto", "yes", "no"),
     ("denoise", "censor"): ("spikes", "drop"),

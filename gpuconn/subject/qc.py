@@ -6,7 +6,8 @@ maximum relative RMS displacement and maximum absolute RMS displacement
 its threshold). A run is excluded when its maximum absolute RMS
 displacement exceeds ``abs_threshold`` (default 3 mm) or its maximum
 relative RMS displacement exceeds ``rel_threshold`` (default 2 mm), as in
-the reference study. ``mean_rel_rms`` is the column later used as a group
+the reference study; the thresholds are a
+:class:`~gpuconn.subject.options.QcOptions`. ``mean_rel_rms`` is the column later used as a group
 covariate.
 """
 
@@ -16,7 +17,6 @@ import functools
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -26,6 +26,7 @@ from ..core.errors import InputError, OptionError
 from ..core.feat import FeatRun
 from ..core.tasks import map_tasks
 from .confounds import framewise_displacement, load_motion, rms_displacement
+from .options import QcOptions
 
 __all__ = ["QC_COLUMNS", "motion_summary", "qc_table", "motion_sources", "feat_motion_sources"]
 
@@ -43,31 +44,15 @@ QC_COLUMNS = (
 )
 
 
-def _check_metric(outlier_metric: str) -> None:
-    if outlier_metric not in ("fd", "rms"):
-        raise OptionError(f"{{outlier_metric}} {outlier_metric!r} is not one of fd, rms")
-
-
-def motion_summary(
-    params: np.ndarray,
-    *,
-    outlier_metric: Literal["fd", "rms"] = "fd",
-    outlier_threshold: float = 0.5,
-    abs_threshold: float = 3.0,
-    rel_threshold: float = 2.0,
-) -> dict:
+def motion_summary(params: np.ndarray, options: QcOptions | None = None) -> dict:
     """QC figures of one run.
 
     Parameters
     ----------
     params : ndarray, shape (n_volumes, 6)
         Rotations (radians) then translations (mm).
-    outlier_metric : {'fd', 'rms'}, default 'fd'
-        Which metric counts outlier volumes.
-    outlier_threshold : float, default 0.5
-        mm.
-    abs_threshold, rel_threshold : float, default 3.0 and 2.0
-        mm; exclusion limits on the maximum absolute and relative RMS displacement.
+    options : QcOptions, optional
+        The exclusion limits and the outlier rule (default: ``QcOptions()``).
 
     Returns
     -------
@@ -75,15 +60,15 @@ def motion_summary(
         Keys :data:`QC_COLUMNS`. ``mean_rel_rms`` averages volumes 1..n-1
         (as MCFLIRT's ``_rel_mean.rms``; volume 0 has no predecessor).
     """
-    _check_metric(outlier_metric)
+    options = options or QcOptions()
     fd = framewise_displacement(params)
     absolute, relative = rms_displacement(params)
-    metric = fd if outlier_metric == "fd" else relative
+    metric = fd if options.outlier_metric == "fd" else relative
     reasons = []
-    if absolute.max() > abs_threshold:
-        reasons.append(f"max absolute displacement {absolute.max():.2f} mm > {abs_threshold:g} mm")
-    if relative.max() > rel_threshold:
-        reasons.append(f"max relative displacement {relative.max():.2f} mm > {rel_threshold:g} mm")
+    if absolute.max() > options.abs_threshold:
+        reasons.append(f"max absolute displacement {absolute.max():.2f} mm > {options.abs_threshold:g} mm")
+    if relative.max() > options.rel_threshold:
+        reasons.append(f"max relative displacement {relative.max():.2f} mm > {options.rel_threshold:g} mm")
     following = slice(1, None) if len(params) > 1 else slice(None)
     return {
         "n_volumes": int(len(params)),
@@ -92,14 +77,14 @@ def motion_summary(
         "mean_rel_rms": float(relative[following].mean()),
         "max_rel_rms": float(relative.max()),
         "max_abs_rms": float(absolute.max()),
-        "n_outliers": int((metric > outlier_threshold).sum()),
+        "n_outliers": int((metric > options.outlier_threshold).sum()),
         "excluded": bool(reasons),
         "exclusion_reason": "; ".join(reasons),
     }
 
 
-def qc_table(runs: Iterable[tuple[dict, np.ndarray]], *, client=None, progress: bool = False,
-             **thresholds) -> pd.DataFrame:
+def qc_table(runs: Iterable[tuple[dict, np.ndarray]], options: QcOptions | None = None, *, client=None,
+             progress: bool = False) -> pd.DataFrame:
     """One row per run: identifiers then :func:`motion_summary`.
 
     Parameters
@@ -107,21 +92,20 @@ def qc_table(runs: Iterable[tuple[dict, np.ndarray]], *, client=None, progress: 
     runs : iterable of (identifiers, params)
         ``identifiers`` is a dict such as ``{'participant_id': 'sub-01',
         'session': 'pre'}``; ``params`` the run's motion parameters.
+    options : QcOptions, optional
+        Passed to :func:`motion_summary` (default: ``QcOptions()``).
     client : distributed.Client, optional
         Compute each run's summary as one Dask task
         (:func:`gpuconn.core.tasks.map_tasks`); the same table.
     progress : bool, default False
         Progress bar over the Dask tasks.
-    **thresholds
-        Passed to :func:`motion_summary`.
 
     Returns
     -------
     pandas.DataFrame
     """
     runs = list(runs)
-    summary = functools.partial(motion_summary, **thresholds)
-    _check_metric(thresholds.get("outlier_metric", "fd"))  # before any task
+    summary = functools.partial(motion_summary, options=options or QcOptions())
     if client is None:
         summaries = [summary(params) for _, params in runs]
     else:
