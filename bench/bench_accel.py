@@ -35,8 +35,7 @@ from scipy.ndimage import gaussian_filter
 
 from gpuconn.stats.randomise import run_permutation_test
 from gpuconn.stats.spatial import spatial_transforms
-from gpuconn.stats.tfce import TFCE_DEFAULTS
-from gpuconn.stats.options import PermutationOptions
+from gpuconn.stats.options import PermutationOptions, TfceOptions
 
 
 def _two_sample(n_obs: int, n_voxels: int, seed: int, effect: float):
@@ -129,8 +128,7 @@ def null_fwer(args) -> list[dict]:
 def null_fwer_tfce(args) -> list[dict]:
     shape = (10, 10, 8)
     mask = np.ones(shape, bool)
-    spatial = spatial_transforms(tfce_params=dict(TFCE_DEFAULTS), method="stepped", cluster_extent=None,
-                                 cluster_mass=None)(mask)
+    spatial = spatial_transforms(tfce=TfceOptions())(mask)
     hits = {"plain": 0, "tail": 0, "gamma": 0}
     for s in range(args.tfce_sets):
         rng = np.random.default_rng(5000 + s)

@@ -27,7 +27,7 @@ from scipy import ndimage
 from gpuconn.core.backend import resolve_device
 from gpuconn.stats.clusters import cluster_transform
 from gpuconn.stats.tfce import tfce_transform
-from gpuconn.stats.options import PermutationOptions
+from gpuconn.stats.options import PermutationOptions, TfceOptions
 
 GRID = (91, 109, 91)
 RADII = (36.0, 45.0, 34.0)  # voxels: ~228k in-mask voxels
@@ -144,7 +144,7 @@ def main() -> None:
     rows = {}
     transforms = {
         "tfce_stepped": tfce_transform(mask),
-        "tfce_exact": tfce_transform(mask, method="exact"),
+        "tfce_exact": tfce_transform(mask, TfceOptions(method="exact")),
         "cluster_extent_z2.3": cluster_transform(mask, 2.3, kind="extent"),
         "cluster_mass_z2.3": cluster_transform(mask, 2.3, kind="mass"),
     }

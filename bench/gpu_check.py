@@ -51,7 +51,7 @@ import torch
 
 from gpuconn.core import backend
 from gpuconn.core.backend import resolve_device, to_numpy
-from gpuconn.stats.options import PermutationOptions
+from gpuconn.stats.options import ClusterOptions, PermutationOptions, TfceOptions
 
 REPO = Path(__file__).resolve().parents[1]
 # Shares of the budget (fractions of --budget) each part may start within.
@@ -253,8 +253,7 @@ def check_randomise(device, rng, quick):
     from gpuconn.stats.spatial import spatial_transforms
 
     mask, data, design, contrast = _randomise_inputs(rng, quick)
-    factory = spatial_transforms(tfce_params={"H": 2.0, "E": 0.5, "connectivity": 6, "dh": 0.05},
-                                 cluster_extent=1.5, cluster_mass=1.5)
+    factory = spatial_transforms(tfce=TfceOptions(dh=0.05), clusters=ClusterOptions(extent=1.5, mass=1.5))
     n_perm = 60 if quick else 500
     results = {dev.type: run_permutation_test(data, design, contrast,
                                               permutation=PermutationOptions(n_perm=n_perm, seed=7), device=dev,
@@ -465,9 +464,9 @@ def _randomise_job(scale: Scale, mask: np.ndarray, spatial: str | None):
     contrast = np.array([[1.0, -1.0, 0.0, 0.0, 0.0]])
     factory = None
     if spatial == "tfce":
-        factory = spatial_transforms(tfce_params={"H": 2.0, "E": 0.5, "connectivity": 6})
+        factory = spatial_transforms(tfce=TfceOptions())
     elif spatial == "clusters":
-        factory = spatial_transforms(cluster_extent=2.3)
+        factory = spatial_transforms(clusters=ClusterOptions(extent=2.3))
     transforms = factory(mask) if factory is not None else None
 
     def run(device: torch.device, n_perm: int):

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
 
-from gpuconn.stats.options import PermutationOptions
+from gpuconn.stats.options import ClusterOptions, PermutationOptions, TfceOptions
 
 from .options import (DaskScheduler, Device, Flag, MaxMemory, Quiet, Seed, Workers, image_root, parse_count,
                       set_by_flags, stage_options)
 
 _PERM = PermutationOptions()
+_TFCE, _TFCE_2D = TfceOptions(), TfceOptions.skeleton()
+_CLUSTERS = ClusterOptions()
 
 InputImage = Annotated[List[Path], typer.Option("-i", help="4D input image, one volume per subject/observation. Repeat for several inputs (same design, grid and mask, same rearrangements): each input's files then take the root <root>_m1, <root>_m2, ...")]
 OutputRoot = Annotated[Path, typer.Option("-o", callback=image_root, help="Output root; files are <root>_tstat1.nii.gz, ...")]
@@ -33,15 +36,15 @@ Fdr = Annotated[bool, Flag("--fdr", help="Write Benjamini-Hochberg FDR-adjusted 
 PermuteBlocks = Annotated[
     bool, Flag("--permute-blocks", help="Shuffle whole exchangeability blocks (equal sizes) instead of within them.")
 ]
-Tfce = Annotated[bool, Flag("-T", help="TFCE as FSL randomise computes it: of the t map (F tests: of their z), H=2, E=0.5, 6-connectivity, step dh = the unpermuted map's maximum / 100 kept for every rearrangement, values on randomise's scale (the sum of extent^E h^H over the steps, not multiplied by dh): <root>_tfce_tstat1, <root>_tfce_corrp_tstat1 (1 - FWER p).")]
-Tfce2D = Annotated[bool, Flag("--T2", help="TFCE for 2D/skeleton data (H=2, E=1, 26-connectivity); instead of -T.")]
-TfceH = Annotated[Optional[float], typer.Option("--tfce-H", help="TFCE height exponent (default 2).")]
-TfceE = Annotated[Optional[float], typer.Option("--tfce-E", help="TFCE extent exponent (default 0.5; 1 with --T2).")]
-TfceC = Annotated[Optional[int], typer.Option("--tfce-C", help="TFCE connectivity 6, 18 or 26 (default 6; 26 with --T2).")]
+Tfce = Annotated[bool, Flag("-T", help=f"TFCE as FSL randomise computes it: of the t map (F tests: of their z), H={_TFCE.H:g}, E={_TFCE.E:g}, {_TFCE.connectivity}-connectivity, step dh = the unpermuted map's maximum / 100 kept for every rearrangement, values on randomise's scale (the sum of extent^E h^H over the steps, not multiplied by dh): <root>_tfce_tstat1, <root>_tfce_corrp_tstat1 (1 - FWER p).")]
+Tfce2D = Annotated[bool, Flag("--T2", help=f"TFCE for 2D/skeleton data (H={_TFCE_2D.H:g}, E={_TFCE_2D.E:g}, {_TFCE_2D.connectivity}-connectivity); instead of -T.")]
+TfceH = Annotated[Optional[float], typer.Option("--tfce-H", help=f"TFCE height exponent (default {_TFCE.H:g}).")]
+TfceE = Annotated[Optional[float], typer.Option("--tfce-E", help=f"TFCE extent exponent (default {_TFCE.E:g}; {_TFCE_2D.E:g} with --T2).")]
+TfceC = Annotated[Optional[int], typer.Option("--tfce-C", help=f"TFCE connectivity 6, 18 or 26 (default {_TFCE.connectivity}; {_TFCE_2D.connectivity} with --T2).")]
 TfceDh = Annotated[Optional[float], typer.Option("--tfce-dh", help="TFCE step for every rearrangement (randomise --tfce_D); default: the unpermuted map's maximum / 100.")]
 TfceExact = Annotated[bool, Flag("--tfce-exact", help="Exact TFCE integral instead of randomise's steps (values on the integral's scale).")]
 ClusterT = Annotated[Optional[float], typer.Option("-c", help="Cluster extent FWER for t contrasts at this cluster-forming threshold.")]
-ClusterMassT = Annotated[Optional[float], typer.Option("-C", help="Cluster mass FWER for t contrasts: clusters of voxels above this threshold (26-connectivity), mass = the sum of t over the cluster (FSL randomise's definition).")]
+ClusterMassT = Annotated[Optional[float], typer.Option("-C", help=f"Cluster mass FWER for t contrasts: clusters of voxels above this threshold ({_CLUSTERS.connectivity}-connectivity), mass = the sum of t over the cluster (FSL randomise's definition).")]
 ClusterF = Annotated[Optional[float], typer.Option("-F", help="Cluster extent FWER for F tests at this threshold.")]
 ClusterMassF = Annotated[Optional[float], typer.Option("-S", help="Cluster mass FWER for F tests: mass = the sum of F over the cluster (FSL randomise's definition).")]
 Resume = Annotated[
@@ -102,13 +105,13 @@ def randomise(
     method: Method = _PERM.method,
     tfce: Tfce = False,
     tfce_2d: Tfce2D = False,
-    tfce_h: TfceH = None,
-    tfce_e: TfceE = None,
-    tfce_c: TfceC = None,
+    H: TfceH = None,  # noqa: N803 - TfceOptions' field names, so its messages name these flags
+    E: TfceE = None,  # noqa: N803
+    connectivity: TfceC = None,
     dh: TfceDh = None,
     tfce_exact: TfceExact = False,
-    cluster_t: ClusterT = None,
-    cluster_mass_t: ClusterMassT = None,
+    extent: ClusterT = None,  # ClusterOptions' fields for t contrasts; -F/-S set them for F tests
+    mass: ClusterMassT = None,
     cluster_f: ClusterF = None,
     cluster_mass_f: ClusterMassF = None,
     accel: Accel = _PERM.accel,
@@ -142,20 +145,19 @@ def randomise(
     from gpuconn.stats.combine import randomise_inputs as run
 
     from gpuconn.stats.spatial import spatial_transforms
-    from gpuconn.stats.tfce import TFCE_2D, TFCE_DEFAULTS
 
     permutation = stage_options(PermutationOptions, locals())
     if tfce and tfce_2d:
         raise InputError("-T and --T2 are two TFCE settings; give one of them")
-    tfce_params = None
-    if tfce or tfce_2d:  # --T2 presets; explicit --tfce-H/E/C values win
-        given = {"H": tfce_h, "E": tfce_e, "connectivity": tfce_c, "dh": dh}
-        tfce_params = {**(TFCE_2D if tfce_2d else TFCE_DEFAULTS), **{k: v for k, v in given.items() if v is not None}}
-    method_tfce = "exact" if tfce_exact else "stepped"
-    spatial = spatial_transforms(tfce_params=tfce_params, method=method_tfce, cluster_extent=cluster_t,
-                                 cluster_mass=cluster_mass_t)
-    spatial_f = spatial_transforms(tfce_params=tfce_params, method=method_tfce, cluster_extent=cluster_f,
-                                   cluster_mass=cluster_mass_f) if ftest_path is not None else None  # F tests come from -f
+    tfce_options = None
+    if tfce or tfce_2d:  # -T: TfceOptions' defaults, --T2 its skeleton preset; the --tfce-* values given win
+        given = {name: value for name, value in {"H": H, "E": E, "connectivity": connectivity, "dh": dh}.items()
+                 if value is not None}
+        given["method"] = "exact" if tfce_exact else "stepped"
+        tfce_options = TfceOptions.skeleton(**given) if tfce_2d else TfceOptions(**given)
+    spatial = spatial_transforms(tfce=tfce_options, clusters=ClusterOptions(extent=extent, mass=mass))
+    spatial_f = spatial_transforms(tfce=tfce_options, clusters=ClusterOptions(extent=cluster_f, mass=cluster_mass_f)
+                                   ) if ftest_path is not None else None  # F tests come from -f
     runner = permutation_runner(scheduler=scheduler, workers=workers, device=device)
     if (spatial or spatial_f) and runner is None:
         problem = compile_kernels(device)  # now, not mid-run; Dask workers compile their own
@@ -173,7 +175,7 @@ def randomise(
         raise InputError(f"--checkpoint-interval must be >= 0 seconds, got {checkpoint_interval}")
     if npc is not None and resume:
         raise InputError("--npc is not checkpointed; drop --resume (or --npc)")
-    options = {"tfce": tfce_params, "tfce_method": method_tfce, "c": cluster_t, "C": cluster_mass_t,
+    options = {"tfce": None if tfce_options is None else dataclasses.asdict(tfce_options), "c": extent, "C": mass,
                "F": cluster_f, "S": cluster_mass_f, "accel": accel, "accel_out": accel_g1out}
     dask = runner
 

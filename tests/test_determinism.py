@@ -32,8 +32,7 @@ from gpuconn.cli.options import parse_memory
 from gpuconn.stats.permute import make_scheme
 from gpuconn.stats.randomise import run_permutation_test
 from gpuconn.stats.spatial import spatial_transforms
-from gpuconn.stats.tfce import TFCE_DEFAULTS
-from gpuconn.stats.options import PermutationOptions
+from gpuconn.stats.options import PermutationOptions, TfceOptions
 
 SHAPE = (8, 8, 6)
 N_SUBJECTS = 12
@@ -230,7 +229,7 @@ def test_cpu_and_cuda_agree(inputs):
     mask = np.asarray(nib.load(str(inputs["mask"])).dataobj) > 0
     data = np.asarray(img.dataobj)[mask].T
     x = np.loadtxt(inputs["design"], skiprows=3)
-    spatial = spatial_transforms(tfce_params=dict(TFCE_DEFAULTS))(mask)
+    spatial = spatial_transforms(tfce=TfceOptions())(mask)
     results = {d: run_permutation_test(data, x, np.array([[0.0, 1.0]]),
                                        permutation=PermutationOptions(n_perm=200, seed=2), device=d,
                                        spatial=spatial)

@@ -129,9 +129,10 @@ def test_sign_flips_exhaustive_and_spatial_statistic_on_dask(client, rng):
 
 
 def _cluster_extent_transform(mask: np.ndarray, *, threshold: float):
+    from gpuconn.stats.options import ClusterOptions
     from gpuconn.stats.spatial import spatial_transforms
 
-    return spatial_transforms(cluster_extent=threshold)(mask)["clustere"]
+    return spatial_transforms(clusters=ClusterOptions(extent=threshold))(mask)["clustere"]
 
 
 class _KillOnce(distributed.WorkerPlugin):

@@ -12,7 +12,7 @@ from gpuconn.stats.clusters import cluster_maps
 from gpuconn.stats.design import Design, save_design
 from gpuconn.stats.spatial import spatial_transforms
 from gpuconn.stats.tfce import tfce
-from gpuconn.stats.options import PermutationOptions
+from gpuconn.stats.options import ClusterOptions, PermutationOptions, TfceOptions
 
 SHAPE = (10, 9, 8)
 
@@ -140,8 +140,7 @@ def test_null_fwer_within_binomial_interval():
     rng = np.random.default_rng(11)
     shape, n_obs, n_sets = (8, 8, 6), 10, 200
     mask = np.ones(shape, dtype=bool)
-    spatial = spatial_transforms(tfce_params={"H": 2.0, "E": 0.5, "connectivity": 6}, cluster_extent=1.5,
-                                 cluster_mass=1.5)(mask)
+    spatial = spatial_transforms(tfce=TfceOptions(), clusters=ClusterOptions(extent=1.5, mass=1.5))(mask)
     hits = {name: 0 for name in spatial}
     for i in range(n_sets):
         noise = ndimage.gaussian_filter(rng.normal(size=(n_obs,) + shape), (0, 1, 1, 1))

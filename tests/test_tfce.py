@@ -7,8 +7,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-from gpuconn.core.errors import InputError
-from gpuconn.stats.tfce import TFCE_2D, tfce, tfce_thresholds, tfce_transform
+from gpuconn.core.errors import InputError, OptionError
+from gpuconn.stats.options import TfceOptions
+from gpuconn.stats.tfce import tfce, tfce_thresholds, tfce_transform
 
 RANK = {6: 1, 18: 2, 26: 3}
 
@@ -139,7 +140,7 @@ def test_transform_and_2d_settings(device, rng):
     shape = (6, 7, 5)
     mask = np.ones(shape, dtype=bool)
     stats = torch.as_tensor(_smooth_maps(rng, 2, shape)[:, mask], device=device)
-    out = tfce_transform(mask, **TFCE_2D).bind(stats[0], kind="t", df=(1, 10))(stats)
+    out = tfce_transform(mask, TfceOptions.skeleton()).bind(stats[0], kind="t", df=(1, 10))(stats)
     assert out.shape == stats.shape and out.dtype == torch.float32 and out.device.type == device.type
     # randomise's step: the unpermuted (first) map's maximum / 100, for every map.
     dh = float(stats[0].max()) / 100
@@ -186,10 +187,10 @@ def test_cuda_kernel_equals_cpu_twin(rng, method, dh, monkeypatch):
 
 def test_bad_parameters():
     mask = np.ones((3, 3, 3), dtype=bool)
-    with pytest.raises(InputError, match="must be one of stepped, palm, exact"):
+    with pytest.raises(OptionError, match="^TFCE method 'fast' is not one of stepped, palm, exact$"):
         tfce(np.zeros(27), mask, method="fast")
-    with pytest.raises(InputError, match="must be positive"):
-        tfce_transform(mask, E=0.0)
+    with pytest.raises(OptionError, match=r"^TFCE extent exponent E must be positive, got 0\.0 "):
+        tfce(np.zeros(27), mask, E=0.0)
     with pytest.raises(InputError, match=r"shape \(n_maps, 27\)"):
         tfce(np.zeros((1, 20)), mask)
     with pytest.raises(InputError, match="NaN or Inf"):

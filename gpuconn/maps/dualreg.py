@@ -63,10 +63,9 @@ from ..core.tasks import map_tasks
 from ..stats.design import load_design
 from ..stats.randomise import randomise
 from ..stats.spatial import spatial_transforms
-from ..stats.tfce import TFCE_DEFAULTS
 from ..stats.zstat import t_to_z_tensor
 from .series import check_subjects, common_mask, iter_series, matrix_text
-from ..stats.options import PermutationOptions
+from ..stats.options import PermutationOptions, TfceOptions
 from .options import DualRegOptions
 
 __all__ = [
@@ -523,7 +522,7 @@ def _stage3(out_dir: Path, n_maps: int, design_path, contrast_path, options: Dua
     """Run randomise on every ``dr_stage2_icNNNN`` (as dual_regression's last step)."""
 
     n_perm = options.n_perm
-    spatial = spatial_transforms(tfce_params=dict(TFCE_DEFAULTS)) if n_perm > 1 else None
+    spatial = spatial_transforms(tfce=TfceOptions()) if n_perm > 1 else None
     for k in range(n_maps):
         randomise(
             out_dir / f"dr_stage2_ic{k:04d}.nii.gz", out_dir / f"dr_stage3_ic{k:04d}",

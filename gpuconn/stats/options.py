@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from ..core.errors import OptionError
 
-__all__ = ["PERMUTATION_METHODS", "ACCEL_MODES", "CONNECTIVITIES", "check_connectivity", "PermutationOptions",
-           "GrfOptions", "McmcOptions"]
+__all__ = ["PERMUTATION_METHODS", "ACCEL_MODES", "CONNECTIVITIES", "TFCE_METHODS", "check_connectivity",
+           "PermutationOptions", "TfceOptions", "ClusterOptions", "GrfOptions", "McmcOptions"]
 
 #: Permutation methods: auto, permute (exchangeable errors), flip (independent symmetric errors), both.
 PERMUTATION_METHODS = ("auto", "permute", "flip", "both")
@@ -23,6 +23,8 @@ PERMUTATION_METHODS = ("auto", "permute", "flip", "both")
 ACCEL_MODES = ("tail", "gamma", "negbin", "noperm")
 #: Voxel connectivities of clusters and TFCE: faces; faces and edges; faces, edges and corners.
 CONNECTIVITIES = (6, 18, 26)
+#: TFCE conventions (:mod:`gpuconn.stats.tfce`): randomise's stepped sum, PALM's per-map steps, the exact integral.
+TFCE_METHODS = ("stepped", "palm", "exact")
 
 
 def check_connectivity(connectivity: int) -> int:
@@ -86,6 +88,97 @@ class PermutationOptions:
         if self.accel_g1out and self.accel not in ("tail", "gamma"):
             raise OptionError("{accel_g1out} leaves the unpermuted statistic out of the tail/gamma fits; "
                               "give {accel} tail or {accel} gamma")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TfceOptions:
+    """Threshold-free cluster enhancement as randomise ``-T`` computes it: the one home of its defaults and checks.
+
+    Taken by :func:`gpuconn.stats.spatial.spatial_transforms`,
+    :func:`gpuconn.stats.tfce.tfce_transform` (and checks the parameters of
+    :func:`~gpuconn.stats.tfce.tfce`); ``gpuconn randomise -T`` takes its
+    defaults from it (``--T2``: :meth:`skeleton`), a study's ``[inference]``
+    sets ``tfce_H``/``tfce_E``, and dual regression's stage 3 uses the defaults.
+
+    Attributes
+    ----------
+    H, E : float, default 2.0 and 0.5
+        Height and extent exponents (``--tfce-H``, ``--tfce-E``).
+    connectivity : {6, 18, 26}, default 6
+        Voxel neighbours of a cluster (``--tfce-C``).
+    dh : float, optional
+        Step of the stepped sum for every rearrangement (``--tfce-dh``,
+        randomise ``--tfce_D``). None: randomise's rule, the unpermuted
+        map's maximum / 100 (``palm`` and ``exact`` take no step).
+    method : {'stepped', 'palm', 'exact'}, default 'stepped'
+        randomise's stepped sum, PALM's (each map its own step), or the exact
+        integral (``--tfce-exact``); see :mod:`gpuconn.stats.tfce`.
+
+    Raises
+    ------
+    OptionError
+        ``H`` or ``E`` not positive, an unknown ``connectivity`` or
+        ``method``, ``dh`` not positive or given to a method without steps.
+    """
+
+    H: float = 2.0
+    E: float = 0.5
+    connectivity: int = 6
+    dh: float | None = None
+    method: str = "stepped"
+
+    def __post_init__(self):
+        if self.method not in TFCE_METHODS:
+            raise OptionError(f"TFCE {{method}} {self.method!r} is not one of {', '.join(TFCE_METHODS)}")
+        if not self.H > 0:
+            raise OptionError(f"TFCE height exponent {{H}} must be positive, got {self.H} (randomise uses 2)")
+        if not self.E > 0:
+            raise OptionError(f"TFCE extent exponent {{E}} must be positive, got {self.E} (randomise uses 0.5; 1 "
+                              "for 2D or skeleton data)")
+        check_connectivity(self.connectivity)
+        if self.dh is None:
+            return
+        if not self.dh > 0:
+            raise OptionError(f"{{dh}} must be positive, got {self.dh}")
+        if self.method != "stepped":
+            other = "the exact integral has none" if self.method == "exact" else "PALM's rule takes each map's own"
+            raise OptionError(f"{{dh}} sets the step of the stepped sum; {other}: drop one of them")
+
+    @classmethod
+    def skeleton(cls, **given) -> TfceOptions:
+        """randomise ``--T2``, TFCE of 2D or skeleton (TBSS) data: E = 1 and 26-connectivity, ``given`` fields winning."""
+        return cls(**{"E": 1.0, "connectivity": 26, **given})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterOptions:
+    """Permutation cluster inference (randomise ``-c``/``-C``, ``-F``/``-S`` for F tests): thresholds and connectivity.
+
+    Taken by :func:`gpuconn.stats.spatial.spatial_transforms`; a study's
+    ``[inference]`` sets ``connectivity`` (and ``cluster_threshold``, a z
+    the runner turns into each model's t).
+
+    Attributes
+    ----------
+    extent, mass : float, optional
+        Cluster-forming thresholds of cluster-extent and cluster-mass FWER
+        (mass: the sum of the statistic over the cluster, as randomise); None:
+        not computed.
+    connectivity : {6, 18, 26}, default 26
+        Voxel neighbours of a cluster, as FSL ``cluster`` and randomise.
+
+    Raises
+    ------
+    OptionError
+        An unknown ``connectivity``.
+    """
+
+    extent: float | None = None
+    mass: float | None = None
+    connectivity: int = 26
+
+    def __post_init__(self):
+        check_connectivity(self.connectivity)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -4,8 +4,9 @@
 ``-c``/``-C`` (``-F``/``-S``) options into a ``factory(mask)`` that returns
 the transforms the permutation engine applies to every rearrangement's map
 (:func:`gpuconn.stats.tfce.tfce_transform`,
-:func:`gpuconn.stats.clusters.cluster_transform`), validating the options
-before any input is read.
+:func:`gpuconn.stats.clusters.cluster_transform`), taking them as
+:class:`~gpuconn.stats.options.TfceOptions` and
+:class:`~gpuconn.stats.options.ClusterOptions`.
 """
 
 from __future__ import annotations
@@ -15,35 +16,29 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .clusters import cluster_transform, connectivity_offsets
-from .tfce import check_tfce_params, check_tfce_step, tfce_transform
+from .clusters import cluster_transform
+from .options import ClusterOptions, TfceOptions
+from .tfce import tfce_transform
 
 __all__ = ["spatial_transforms"]
 
 
 def spatial_transforms(
     *,
-    tfce_params: dict | None = None,
-    method: str = "stepped",
-    cluster_extent: float | None = None,
-    cluster_mass: float | None = None,
-    cluster_connectivity: int = 26,
+    tfce: TfceOptions | None = None,
+    clusters: ClusterOptions | None = None,
 ) -> Callable[[np.ndarray], dict[str, Callable[[torch.Tensor], torch.Tensor]]] | None:
     """The spatial statistics of a randomise run, as a mask → transforms factory.
 
     Parameters
     ----------
-    tfce_params : dict, optional
-        ``{'H', 'E', 'connectivity'}`` and optionally ``'dh'`` for TFCE
-        (randomise ``-T``/``--T2``); None: no TFCE. Without ``dh`` the step
-        is randomise's: the unpermuted map's maximum / 100, for every
+    tfce : TfceOptions, optional
+        TFCE (randomise ``-T``/``--T2``); None: no TFCE. Without ``dh`` the
+        step is randomise's: the unpermuted map's maximum / 100, for every
         rearrangement (F tests: of the z map, as randomise).
-    method : {'stepped', 'palm', 'exact'}
-    cluster_extent, cluster_mass : float, optional
-        Cluster-forming thresholds (randomise ``-c``/``-C``, or ``-F``/``-S``
-        for F tests).
-    cluster_connectivity : {6, 18, 26}, default 26
-        As FSL ``cluster``.
+    clusters : ClusterOptions, optional
+        Cluster extent and/or mass FWER (randomise ``-c``/``-C``, or
+        ``-F``/``-S`` for F tests); None: neither.
 
     Returns
     -------
@@ -52,23 +47,24 @@ def spatial_transforms(
         'clusterm': ...}`` (the requested ones), which the permutation
         engine writes as ``<root>_<name>_corrp_<stat>``; None when nothing
         is requested.
+
+    Notes
+    -----
+    The options objects checked their values when they were made, so a bad
+    option fails before any input is read.
     """
-    if tfce_params is None and cluster_extent is None and cluster_mass is None:
+    clusters = clusters or ClusterOptions()
+    if tfce is None and clusters.extent is None and clusters.mass is None:
         return None
-    if tfce_params is not None:
-        check_tfce_params(tfce_params["H"], tfce_params["E"], method)
-        connectivity_offsets(tfce_params["connectivity"])  # validate before any input is read
-        check_tfce_step(tfce_params.get("dh"), method)
-    connectivity_offsets(cluster_connectivity)
 
     def factory(mask: np.ndarray) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         out = {}
-        if tfce_params is not None:
-            out["tfce"] = tfce_transform(mask, method=method, **tfce_params)
-        if cluster_extent is not None:
-            out["clustere"] = cluster_transform(mask, cluster_extent, kind="extent", connectivity=cluster_connectivity)
-        if cluster_mass is not None:
-            out["clusterm"] = cluster_transform(mask, cluster_mass, kind="mass", connectivity=cluster_connectivity)
+        if tfce is not None:
+            out["tfce"] = tfce_transform(mask, tfce)
+        if clusters.extent is not None:
+            out["clustere"] = cluster_transform(mask, clusters.extent, kind="extent", connectivity=clusters.connectivity)
+        if clusters.mass is not None:
+            out["clusterm"] = cluster_transform(mask, clusters.mass, kind="mass", connectivity=clusters.connectivity)
         return out
 
     return factory

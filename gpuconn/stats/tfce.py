@@ -69,27 +69,21 @@ import numpy as np
 import torch
 
 from ..core.backend import chunk_size, cupy_launch, kernel_problem, load_kernel, map_launch, to_cupy, to_numpy
-from ..core.errors import InputError, OptionError
+from ..core.errors import InputError
 from .clusters import as_batch, neighbour_table
 from .numba_compat import njit, prange, warn_no_numba
+from .options import TfceOptions
 from .zstat import f_to_z
 
 __all__ = [
-    "TFCE_DEFAULTS",
-    "TFCE_2D",
     "TfceTransform",
     "tfce",
     "tfce_thresholds",
     "tfce_transform",
-    "check_tfce_params",
-    "check_tfce_step",
 ]
 
-#: randomise ``-T`` defaults.
-TFCE_DEFAULTS = {"H": 2.0, "E": 0.5, "connectivity": 6}
-#: randomise ``--T2`` (2D / TBSS skeleton) settings.
-TFCE_2D = {"H": 2.0, "E": 1.0, "connectivity": 26}
-_METHODS = ("stepped", "palm", "exact")
+# randomise -T's settings (the defaults of tfce()'s parameters).
+_RANDOMISE = TfceOptions()
 _MAX_STEPS = 100_000  # a dh this small is almost surely a unit mistake
 # CUDA working memory per voxel and map: order, measure, scratch, result and sort temporaries.
 _CUDA_BYTES_PER_VOXEL = 96
@@ -262,14 +256,6 @@ def tfce_thresholds(maxima: np.ndarray, dh: float | None = None) -> np.ndarray:
     return out
 
 
-def check_tfce_params(H: float, E: float, method: str) -> None:
-    """Raise InputError unless ``method`` is known and ``H``, ``E`` are positive."""
-    if method not in _METHODS:
-        raise InputError(f"TFCE method must be one of {', '.join(_METHODS)} (got {method!r})")
-    if not (H > 0 and E > 0):
-        raise InputError(f"TFCE H and E must be positive (got H={H}, E={E}); randomise uses H=2, E=0.5")
-
-
 def _step_scales(maxima: np.ndarray, method: str) -> np.ndarray:
     """Factor of each map's steps: its own dh = maximum / 100 for PALM's rule, else 1 (FSL's scale)."""
     if method == "palm":
@@ -370,11 +356,11 @@ def tfce(
     values,
     mask: np.ndarray,
     *,
-    H: float = 2.0,
-    E: float = 0.5,
-    connectivity: int = 6,
+    H: float = _RANDOMISE.H,
+    E: float = _RANDOMISE.E,
+    connectivity: int = _RANDOMISE.connectivity,
     dh: float | None = None,
-    method: str = "stepped",
+    method: str = _RANDOMISE.method,
 ) -> torch.Tensor:
     """TFCE of a batch of masked statistic maps.
 
@@ -398,6 +384,13 @@ def tfce(
     Tensor of float32, shape (n_maps, n_voxels), on the values' device
         0 where the statistic is <= 0.
 
+    Raises
+    ------
+    OptionError
+        A parameter :class:`~gpuconn.stats.options.TfceOptions` rejects.
+    InputError
+        ``values`` of the wrong shape, or not finite.
+
     Notes
     -----
     CPU tensors: Numba sweep, parallel over maps. CUDA tensors: torch sorts
@@ -407,21 +400,9 @@ def tfce(
     tensor = as_batch(values, int(np.count_nonzero(mask)), "values")
     if not bool(torch.isfinite(tensor).all()):
         raise InputError("TFCE input has NaN or Inf values; mask them out first")
-    check_tfce_params(H, E, method)
-    check_tfce_step(dh, method)
+    TfceOptions(H=H, E=E, connectivity=connectivity, dh=dh, method=method)  # its checks
     table = neighbour_table(mask, connectivity=connectivity)
     return _tfce_table(tensor, table, H=H, E=E, dh=dh, method=method)
-
-
-def check_tfce_step(dh: float | None, method: str) -> None:
-    """Raise OptionError unless ``dh`` is None, or a positive step of the stepped method (randomise ``--tfce_D``)."""
-    if dh is None:
-        return
-    if not dh > 0:
-        raise OptionError(f"{{dh}} must be positive, got {dh}")
-    if method != "stepped":
-        other = "the exact integral has none" if method == "exact" else "PALM's rule takes each map's own"
-        raise OptionError(f"{{dh}} sets the step of the stepped sum; {other}: drop one of them")
 
 
 def _f_as_z(stats: torch.Tensor, df: tuple[int, int]) -> torch.Tensor:
@@ -503,21 +484,18 @@ class TfceTransform:
         return _tfce_table(self._as_input(stats), self.table, H=self.H, E=self.E, dh=self.dh, method=self.method)
 
 
-def tfce_transform(
-    mask: np.ndarray,
-    *,
-    H: float = 2.0,
-    E: float = 0.5,
-    connectivity: int = 6,
-    dh: float | None = None,
-    method: str = "stepped",
-) -> TfceTransform:
+def tfce_transform(mask: np.ndarray, options: TfceOptions | None = None) -> TfceTransform:
     """A spatial transform for the permutation engine: maps → TFCE maps.
 
-    Parameters are those of :func:`tfce`, except ``dh``: None (randomise's
-    rule) fixes it from the unpermuted map when the engine binds the
-    transform to a contrast (:meth:`TfceTransform.bind`); the neighbour
-    table is built once.
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (x, y, z)
+    options : TfceOptions, optional
+        H, E, connectivity, step and method; default ``TfceOptions()``
+        (randomise ``-T``). ``dh`` None (randomise's rule) fixes the step
+        from the unpermuted map when the engine binds the transform to a
+        contrast (:meth:`TfceTransform.bind`); the neighbour table is built
+        once.
 
     Returns
     -------
@@ -525,7 +503,6 @@ def tfce_transform(
         ``f(stats)`` with ``stats`` a finite Tensor (n_perm_chunk, n_voxels)
         returns a float32 Tensor of the same shape and device.
     """
-    check_tfce_params(H, E, method)
-    check_tfce_step(dh, method)
-    return TfceTransform(neighbour_table(mask, connectivity=connectivity), float(H), float(E), int(connectivity), dh,
-                         method)
+    options = options or TfceOptions()
+    return TfceTransform(neighbour_table(mask, connectivity=options.connectivity), float(options.H), float(options.E),
+                         int(options.connectivity), options.dh, options.method)

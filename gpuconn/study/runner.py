@@ -69,9 +69,9 @@ from .demographics import table_one
 from .report import write_report
 from .results import corrp_path, denoised_outputs, map_keys, model_contrasts, run_dir, significant_voxels, stat_root
 from .roi_stats import roi_tests
-from .schema import (FLAME_METHODS, STEP_KEYS, Study, denoise_options, grf_options, load_study, permutation_options,
-                     model_design, model_table, network_names, region_files, region_names, study_keys,
-                     study_regions)
+from .schema import (FLAME_METHODS, STEP_KEYS, Study, cluster_options, denoise_options, grf_options, load_study,
+                     permutation_options, model_design, model_table, network_names, region_files, region_names,
+                     study_keys, study_regions, tfce_options)
 from .stamps import Stamps
 
 __all__ = [
@@ -221,13 +221,12 @@ def cluster_t_threshold(z_threshold: float, dof: int) -> float:
     return float(stats.t.isf(stats.norm.sf(z_threshold), dof))
 
 
-def _spatial(settings: dict, mask: np.ndarray, dof: int) -> dict:
+def _spatial(settings: dict, mask: np.ndarray, dof: int, path: Path) -> dict:
+    """The spatial statistics of ``[inference] method`` (tfce, cluster; none for voxel) on a model's mask and dof."""
     method = settings["method"]
-    factory = spatial_transforms(
-        tfce_params={"H": settings["tfce_H"], "E": settings["tfce_E"], "connectivity": 6} if method == "tfce" else None,
-        cluster_extent=cluster_t_threshold(settings["cluster_threshold"], dof) if method == "cluster" else None,
-        cluster_connectivity=settings["connectivity"],
-    )
+    extent = cluster_t_threshold(settings["cluster_threshold"], dof) if method == "cluster" else None
+    factory = spatial_transforms(tfce=tfce_options(settings, path) if method == "tfce" else None,
+                                 clusters=cluster_options(settings, path, extent=extent))
     return {} if factory is None else factory(mask)
 
 
@@ -314,7 +313,7 @@ def _step_group(ctx: _Context) -> list[Path]:
             permutation = settings["method"] not in ("grf", *FLAME_METHODS)
             if permutation:
                 dof = design.matrix.shape[0] - int(np.linalg.matrix_rank(design.matrix))
-                spatial = _spatial(settings, mask, dof)
+                spatial = _spatial(settings, mask, dof, study.path)
             family = []  # (root, result) of the model's permutation tests: one design, the same rearrangements
             for key in map_keys(model):
                 root = stat_root(ctx.out, model["name"], key)

@@ -39,7 +39,7 @@ from ..core.errors import InputError, OptionError
 from ..maps import ROI_RADIUS_MM, SEED_RADIUS_MM
 from ..maps.options import DualRegOptions, ICAOptions
 from ..maps.regions import Region, atlas_label, atlas_values, image_region, sphere_regions
-from ..stats.options import GrfOptions, PermutationOptions, check_connectivity
+from ..stats.options import ClusterOptions, GrfOptions, PermutationOptions, TfceOptions
 from ..stats.design import build_design
 from ..subject.options import DenoiseOptions, QcOptions
 
@@ -63,6 +63,8 @@ __all__ = [
     "model_table",
     "model_design",
     "grf_options",
+    "tfce_options",
+    "cluster_options",
     "denoise_options",
     "permutation_options",
     "STEP_KEYS",
@@ -171,6 +173,31 @@ def grf_options(inference: dict, path: Path) -> GrfOptions:
     return _options_object(GrfOptions, values, _GRF_KEYS, path)
 
 
+# TfceOptions field -> its [inference] key (method tfce; the TFCE connectivity stays randomise's 6, the step its rule).
+_TFCE_KEYS = {"H": "inference.tfce_H", "E": "inference.tfce_E"}
+
+
+def tfce_options(inference: dict, path: Path) -> TfceOptions:
+    """TFCE as a study's ``[inference]`` section sets it (``tfce_H``, ``tfce_E``; the rest randomise's ``-T``)."""
+    values = {name: inference[key.split(".")[1]] for name, key in _TFCE_KEYS.items()}
+    return _options_object(TfceOptions, values, _TFCE_KEYS, path)
+
+
+# ClusterOptions field -> its [inference] key (method cluster; the threshold is cluster_threshold as each model's t).
+_CLUSTER_KEYS = {"connectivity": "inference.connectivity"}
+
+
+def cluster_options(inference: dict, path: Path, *, extent: float | None = None) -> ClusterOptions:
+    """Permutation cluster inference as a study's ``[inference]`` sets it (``connectivity``).
+
+    ``extent`` is the cluster-forming t of a model (the runner turns
+    ``cluster_threshold``, a z, into the t of each model's dof); None checks
+    the section alone.
+    """
+    return _options_object(ClusterOptions, {"extent": extent, "connectivity": inference["connectivity"]},
+                           _CLUSTER_KEYS, path)
+
+
 # build_design parameter -> the study setting it comes from (model_design).
 _DESIGN_KEYS = {"group": "inputs.group_column", "levels": "models.contrast", "variable": "models.variable"}
 
@@ -181,11 +208,13 @@ STEP_KEYS: dict[str, dict[str, str]] = {
     "denoise": _DENOISE_KEYS,
     "ica": {f.name: f"ica.{f.name}" for f in fields(ICAOptions)},
     "group": {**_PERMUTATION_KEYS, "variance_groups": "inference.variance_groups", **_GRF_KEYS, **_DESIGN_KEYS,
-              "connectivity": "inference.connectivity"},
-    "clusters": {"connectivity": "inference.connectivity"},
+              **_TFCE_KEYS, **_CLUSTER_KEYS},
+    "clusters": _CLUSTER_KEYS,
 }
 # The defaults of [denoise] are DenoiseOptions' own.
 _DENOISE = DenoiseOptions()
+# The defaults of [inference]'s TFCE and cluster keys are their options objects' own.
+_TFCE, _CLUSTERS = TfceOptions(), ClusterOptions()
 
 #: Defaults of every scalar section; a key absent here is an error.
 _SECTIONS: dict[str, dict[str, Any]] = {
@@ -233,9 +262,9 @@ _SECTIONS: dict[str, dict[str, Any]] = {
         "n_perm": 500,
         "seed": 0,
         "cluster_threshold": 2.3,
-        "tfce_H": 2.0,
-        "tfce_E": 0.5,
-        "connectivity": 26,
+        "tfce_H": _TFCE.H,
+        "tfce_E": _TFCE.E,
+        "connectivity": _CLUSTERS.connectivity,
         "alpha": 0.05,
         # permutation methods only (cluster, tfce, voxel): PALM's tail/gamma acceleration of the FWER p, variance
         # groups (two-sample models: patients and controls), FWER across contrasts and/or the maps of a model
@@ -665,8 +694,9 @@ def _check_models(config: dict, path: Path) -> None:
 def _check_inference(config: dict, path: Path) -> None:
     inference = config["inference"]
     permutation_options(inference, path)  # n_perm, seed, accel (every method: their checks, worded with the keys)
-    with study_keys({"connectivity": "inference.connectivity"}, path):
-        check_connectivity(inference["connectivity"])
+    cluster_options(inference, path)  # connectivity (every method: the cluster tables use it)
+    if inference["method"] == "tfce":
+        tfce_options(inference, path)
     if not 0 < inference["alpha"] < 1:
         raise InputError(f"{path}: inference.alpha must be between 0 and 1, got {inference['alpha']}")
     if inference["method"] in ("grf", *FLAME_METHODS):
