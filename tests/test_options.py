@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import typer
@@ -11,7 +12,7 @@ from gpuconn.cli.app import app, option_flags
 from gpuconn.core.errors import InputError, OptionError
 from gpuconn.maps.options import DualRegOptions, ICAOptions, RegionOptions
 from gpuconn.subject.options import DenoiseOptions, QcOptions
-from gpuconn.stats.options import GrfOptions, McmcOptions, PermutationOptions
+from gpuconn.stats.options import ClusterOptions, GrfOptions, McmcOptions, PermutationOptions, TfceOptions
 from gpuconn.study import schema
 
 STAGES = [(ICAOptions, ["ica", "run"]), (GrfOptions, ["glm"]), (GrfOptions, ["flame"]), (McmcOptions, ["flame"]),
@@ -147,6 +148,15 @@ def test_option_error_names_each_parameter_once_per_mention():
         (lambda: PermutationOptions(n_perm=2.5), "n_perm must be a whole number >= 0 (0 = exhaustive), got 2.5"),
         (lambda: PermutationOptions(method="shuffle"), "method 'shuffle' is not one of auto, permute, flip, both"),
         (lambda: DualRegOptions(batch_size=0), "batch_size must be at least 1, got 0"),
+        (lambda: TfceOptions(H=0), "TFCE height exponent H must be positive, got 0 (randomise uses 2)"),
+        (lambda: TfceOptions(E=float("nan")), "TFCE extent exponent E must be positive, got nan (randomise uses 0.5; 1 "
+                                              "for 2D or skeleton data)"),
+        (lambda: TfceOptions(method="fast"), "TFCE method 'fast' is not one of stepped, palm, exact"),
+        (lambda: TfceOptions.skeleton(connectivity=8), "connectivity must be one of 6, 18, 26 (got 8)"),
+        (lambda: TfceOptions(dh=0.0), "dh must be positive, got 0.0"),
+        (lambda: TfceOptions(dh=0.1, method="palm"), "dh sets the step of the stepped sum; PALM's rule takes each "
+                                                     "map's own: drop one of them"),
+        (lambda: ClusterOptions(extent=2.3, connectivity=4), "connectivity must be one of 6, 18, 26 (got 4)"),
         (lambda: DualRegOptions(n_perm=-1), "n_perm must be 0 (no randomise), 1 (raw t maps) or more, got -1"),
         # a region option is named by the parameter of gpuconn seed/roi that sets it
         (lambda: RegionOptions(), "no seed given; use seed_coord, seed_table, seed_mask or seed_label"),
@@ -220,6 +230,118 @@ def test_randomise_options_are_checked_before_any_input_is_read(tmp_path, capsys
     assert capsys.readouterr().err == f"gpuconn: error: {message}\n"
     assert not list(tmp_path.iterdir())
 
+
+
+# randomise's spatial statistics: TfceOptions field -> CLI parameter of its flag (--tfce-exact sets method "exact").
+TFCE_CLI = {"H": "H", "E": "E", "connectivity": "connectivity", "dh": "dh", "method": "tfce_exact"}
+
+
+def test_randomise_spatial_fields_are_flags():
+    """Every TfceOptions field has a flag; -c/-C set ClusterOptions' thresholds (its connectivity is FSL's 26)."""
+    params = _params(["randomise"])
+    flags = option_flags(typer.main.get_command(app), ["randomise"])
+    assert [f.name for f in dataclasses.fields(TfceOptions)] == list(TFCE_CLI)
+    assert {name: flags[param] for name, param in TFCE_CLI.items()} == {
+        "H": "--tfce-H", "E": "--tfce-E", "connectivity": "--tfce-C", "dh": "--tfce-dh", "method": "--tfce-exact"}
+    # None: the -T or --T2 value, from the object (a flag given wins)
+    assert all(params[param].default in (None, False) for param in TFCE_CLI.values())
+    assert (flags["extent"], flags["mass"]) == ("-c", "-C")
+    assert params["extent"].default is None and params["mass"].default is None
+
+
+@pytest.mark.parametrize(
+    ("flags", "tfce", "clusters"),
+    [
+        (["-T"], TfceOptions(), ClusterOptions()),
+        (["--T2"], TfceOptions(H=2.0, E=1.0, connectivity=26), ClusterOptions()),
+        (["--T2", "--tfce-E", "0.7", "--tfce-exact"], TfceOptions(E=0.7, connectivity=26, method="exact"),
+         ClusterOptions()),
+        (["-T", "--tfce-H", "3", "--tfce-C", "18", "--tfce-dh", "0.1"], TfceOptions(H=3.0, connectivity=18, dh=0.1),
+         ClusterOptions()),
+        (["-c", "2.3", "-C", "3"], None, ClusterOptions(extent=2.3, mass=3.0)),
+    ],
+)
+def test_randomise_builds_the_spatial_options(monkeypatch, tmp_path, flags, tfce, clusters):
+    """The flags fill TfceOptions (-T: its defaults, --T2: TfceOptions.skeleton) and ClusterOptions."""
+    import gpuconn.stats.spatial
+    from gpuconn.cli.app import run
+
+    taken = []
+
+    def spatial_transforms(**options):
+        taken.append(options)
+        raise InputError("stop before any input is read")
+
+    monkeypatch.setattr(gpuconn.stats.spatial, "spatial_transforms", spatial_transforms)
+    assert run(["randomise", "-i", str(tmp_path / "in.nii.gz"), "-o", str(tmp_path / "r"), "-1", *flags]) == 2
+    assert taken == [{"tfce": tfce, "clusters": clusters}]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["-T", "--tfce-H", "-1"], "TFCE height exponent --tfce-H must be positive, got -1.0 (randomise uses 2)"),
+        (["--T2", "--tfce-E", "0"], "TFCE extent exponent --tfce-E must be positive, got 0.0 (randomise uses 0.5; 1 "
+                                    "for 2D or skeleton data)"),
+        (["-T", "--tfce-C", "8"], "--tfce-C must be one of 6, 18, 26 (got 8)"),
+        (["-T", "--tfce-dh", "-0.1"], "--tfce-dh must be positive, got -0.1"),
+        (["-T", "--tfce-exact", "--tfce-dh", "0.1"], "--tfce-dh sets the step of the stepped sum; the exact integral "
+                                                     "has none: drop one of them"),
+    ],
+)
+def test_randomise_spatial_options_are_named_by_their_flags(tmp_path, capsys, flags, message):
+    """TfceOptions checks the values; the CLI names the flags typed; nothing is read or written."""
+    from gpuconn.cli.app import run
+
+    assert run(["randomise", "-i", str(tmp_path / "missing.nii.gz"), "-o", str(tmp_path / "r"), "-1", *flags]) == 2
+    assert capsys.readouterr().err == f"gpuconn: error: {message}\n"
+    assert not list(tmp_path.iterdir())
+
+
+def test_inference_spatial_keys_take_the_objects_defaults():
+    """[inference] tfce_H, tfce_E and connectivity default to TfceOptions' and ClusterOptions' fields."""
+    keys = schema._SECTIONS["inference"]
+    for cls, fields in ((TfceOptions, schema._TFCE_KEYS), (ClusterOptions, schema._CLUSTER_KEYS)):
+        defaults = cls()
+        for name, key in fields.items():
+            assert keys[key.split(".")[1]] == getattr(defaults, name), key
+    inference = {**keys, "method": "tfce"}
+    assert schema.tfce_options(inference, Path("s.toml")) == TfceOptions()
+    assert schema.cluster_options(inference, Path("s.toml"), extent=2.5) == ClusterOptions(extent=2.5)
+
+
+@pytest.mark.parametrize(
+    ("method", "line", "message"),
+    [
+        ("tfce", "tfce_E = 0.0", "TFCE extent exponent inference.tfce_E must be positive, got 0.0 (randomise uses "
+                                 "0.5; 1 for 2D or skeleton data)"),
+        ("tfce", "tfce_H = -2", "TFCE height exponent inference.tfce_H must be positive, got -2.0 (randomise uses 2)"),
+        ("cluster", "connectivity = 8", "inference.connectivity must be one of 6, 18, 26 (got 8)"),
+    ],
+)
+def test_a_bad_inference_spatial_key_is_named_by_the_study(tmp_path, capsys, method, line, message):
+    """TfceOptions/ClusterOptions check [inference] at load; the study names the key, in one line, before any work."""
+    from gpuconn.cli.app import run
+
+    key = line.split(" = ")[0]
+    text = schema.template_text()
+    start = text.index(f"\n{key} = ", text.index("[inference]")) + 1
+    text = text[:start] + line + text[text.index("\n", start):]
+    path = tmp_path / "s.toml"
+    path.write_text(text.replace('method = "flame12"', f'method = "{method}"'))
+    with pytest.raises(OptionError) as info:
+        schema.load_study(path, check_inputs=False)
+    assert str(info.value) == f"{path}: {message}"
+    assert run(["study", "run", str(path), "-o", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"gpuconn: error: {path}: {message}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_tfce_keys_are_checked_only_for_tfce(tmp_path):
+    """A study that does not run TFCE keeps loading with unused TFCE keys (as GRF's keys for the other methods)."""
+    path = tmp_path / "s.toml"
+    path.write_text(schema.template_text().replace("tfce_H = 2.0", "tfce_H = 0.0"))
+    assert schema.load_study(path, check_inputs=False).section("inference")["tfce_H"] == 0.0
 
 
 # Library checks deeper than the options objects: the library names its parameters, the CLI the flags typed.

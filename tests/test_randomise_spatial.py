@@ -128,7 +128,7 @@ def test_spatial_factory_none_and_errors(capsys):
     assert spatial_transforms() is None
     rc = run(["randomise", "-i", "missing.nii.gz", "-o", "x", "-1", "-T", "--tfce-C", "7"])
     assert rc == 2
-    assert "connectivity must be one of 6, 18, 26 (got 7)" in capsys.readouterr().err
+    assert capsys.readouterr().err == "gpuconn: error: --tfce-C must be one of 6, 18, 26 (got 7)\n"
 
 
 def test_null_fwer_within_binomial_interval():
