@@ -23,6 +23,7 @@ from gpuconn.core.errors import InputError
 from gpuconn.study.simulate import simulate_study
 from gpuconn.study.runner import run_study
 from gpuconn.study.schema import load_study
+from study_text import PAIRED_CLUSTER
 
 STUDY = """
 [study]
@@ -40,14 +41,7 @@ name = "S1back"
 center = [-18, -38, 72]
 radius = 8.0
 mirror = "union"
-[[models]]
-name = "post_vs_pre"
-kind = "paired"
-[inference]
-method = "cluster"
-n_perm = 20
-cluster_threshold = 2.0
-"""
+""" + PAIRED_CLUSTER
 
 
 def _internal_to_afni(params: np.ndarray) -> np.ndarray:

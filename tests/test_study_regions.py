@@ -26,6 +26,7 @@ from gpuconn.study.report import write_report
 from gpuconn.study.runner import run_study
 from gpuconn.study.schema import load_study
 from gpuconn.study.simulate import simulate_study
+from study_text import PAIRED_CLUSTER, sphere_table
 
 COMMON = """
 [study]
@@ -36,36 +37,7 @@ derivatives = "data"
 [denoise]
 fwhm = 8.0
 acompcor = 3
-[[models]]
-name = "post_vs_pre"
-kind = "paired"
-[inference]
-method = "cluster"
-n_perm = 20
-cluster_threshold = 2.0
-"""
-
-SPHERES = COMMON + """
-[[seeds]]
-name = "S1back"
-center = [-18, -38, 72]
-radius = 8.0
-mirror = "union"
-[[rois]]
-name = "insula"
-center = [-32, 20, -2]
-radius = 8.0
-[[rois]]
-name = "dlPFC"
-center = [-26, 42, 32]
-radius = 8.0
-mirror = "none"
-[[rois]]
-name = "aTPJ"
-center = [-60, -32, 32]
-radius = 8.0
-mirror = "none"
-"""
+""" + PAIRED_CLUSTER
 
 # The same regions as images: the seed a mask, the ROIs labels of one atlas (by the name in the table beside it, by
 # number, and by a name from another table given with atlas_labels).
@@ -92,6 +64,11 @@ RADIUS = 8.0
 SEED = (-18.0, -38.0, 72.0)
 ATLAS = {3: ("Insula", (-32.0, 20.0, -2.0), True), 7: ("dlPFC", (-26.0, 42.0, 32.0), False),
          5: ("aTPJ", (-60.0, -32.0, 32.0), False)}  # label: name, centre, mirrored (the ROIs' default union)
+
+# The regions as spheres: what the images below are made of.
+SPHERES = COMMON + sphere_table("seeds", "S1back", SEED, RADIUS, "union") + "".join(
+    sphere_table("rois", roi, center, RADIUS, None if mirrored else "none")
+    for roi, (_, center, mirrored) in zip(("insula", "dlPFC", "aTPJ"), ATLAS.values()))
 
 
 def _sphere(grid: nib.Nifti1Image, center, radius: float = RADIUS, *, mirrored: bool) -> np.ndarray:
