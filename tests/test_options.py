@@ -299,14 +299,21 @@ def test_randomise_spatial_options_are_named_by_their_flags(tmp_path, capsys, fl
 
 
 def test_inference_spatial_keys_take_the_objects_defaults():
-    """[inference] tfce_H, tfce_E and connectivity default to TfceOptions' and ClusterOptions' fields."""
+    """[inference]'s tfce_* keys and connectivity default to TfceOptions' and ClusterOptions' fields (0 for None)."""
     keys = schema._SECTIONS["inference"]
     for cls, fields in ((TfceOptions, schema._TFCE_KEYS), (ClusterOptions, schema._CLUSTER_KEYS)):
         defaults = cls()
         for name, key in fields.items():
-            assert keys[key.split(".")[1]] == getattr(defaults, name), key
+            default = getattr(defaults, name)
+            assert keys[key.split(".")[1]] == (0 if default is None else default), key
+    assert set(schema._TFCE_KEYS) == {f.name for f in dataclasses.fields(TfceOptions)}  # every TFCE option is a key
     inference = {**keys, "method": "tfce"}
     assert schema.tfce_options(inference, Path("s.toml")) == TfceOptions()
+    given = {**inference, "tfce_connectivity": 26, "tfce_dh": 0.1, "tfce_method": "palm"}
+    with pytest.raises(InputError, match=r"^s\.toml: inference\.tfce_dh sets the step of the stepped sum; PALM"):
+        schema.tfce_options(given, Path("s.toml"))  # palm has no fixed step
+    assert schema.tfce_options({**given, "tfce_method": "stepped"}, Path("s.toml")) == TfceOptions(
+        connectivity=26, dh=0.1)
     assert schema.cluster_options(inference, Path("s.toml"), extent=2.5) == ClusterOptions(extent=2.5)
 
 

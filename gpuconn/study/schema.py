@@ -174,12 +174,15 @@ def grf_options(inference: dict, path: Path) -> GrfOptions:
 
 
 # TfceOptions field -> its [inference] key (method tfce; the TFCE connectivity stays randomise's 6, the step its rule).
-_TFCE_KEYS = {"H": "inference.tfce_H", "E": "inference.tfce_E"}
+_TFCE_KEYS = {"H": "inference.tfce_H", "E": "inference.tfce_E", "connectivity": "inference.tfce_connectivity",
+              "dh": "inference.tfce_dh", "method": "inference.tfce_method"}
 
 
 def tfce_options(inference: dict, path: Path) -> TfceOptions:
-    """TFCE as a study's ``[inference]`` section sets it (``tfce_H``, ``tfce_E``; the rest randomise's ``-T``)."""
+    """TFCE as a study's ``[inference]`` section sets it (``tfce_H``, ``tfce_E``, ``tfce_connectivity``,
+    ``tfce_dh`` with 0 for randomise's step, ``tfce_method``; the defaults are randomise ``-T``'s)."""
     values = {name: inference[key.split(".")[1]] for name, key in _TFCE_KEYS.items()}
+    values["dh"] = values["dh"] or None
     return _options_object(TfceOptions, values, _TFCE_KEYS, path)
 
 
@@ -264,6 +267,9 @@ _SECTIONS: dict[str, dict[str, Any]] = {
         "cluster_threshold": 2.3,
         "tfce_H": _TFCE.H,
         "tfce_E": _TFCE.E,
+        "tfce_connectivity": _TFCE.connectivity,
+        "tfce_dh": _TFCE.dh or 0.0,
+        "tfce_method": _TFCE.method,
         "connectivity": _CLUSTERS.connectivity,
         "alpha": 0.05,
         # permutation methods only (cluster, tfce, voxel): PALM's tail/gamma acceleration of the FWER p, variance
