@@ -176,3 +176,24 @@ def test_series_readers_raise_a_read_error_after_the_runs_before_it(tmp_path, ki
         for data in _reader(kind, paths, mask_path, mask, ahead=2):
             seen.append(data)
     assert len(seen) == 3
+
+
+def test_mean_epi_reads_ahead_in_the_callers_device_scope(tmp_path, monkeypatch):
+    """The report's mean EPI reads runs on threads through prefetch, each in the command's device scope, summed in order."""
+    from gpuconn.core import backend
+    from gpuconn.study import qc_maps
+
+    rng = np.random.default_rng(1)
+    runs = [rng.normal(100.0, 5.0, (4, 5, 3, 6)).astype(np.float32) for _ in range(5)]
+    paths = []
+    for i, run in enumerate(runs):
+        paths.append(tmp_path / f"run{i}.nii.gz")
+        nib.save(nib.Nifti1Image(run, np.eye(4)), paths[-1])
+    seen = []
+    real = qc_maps.io.load_header
+    monkeypatch.setattr(qc_maps.io, "load_header", lambda path, **kw: seen.append(backend.scoped_device()) or real(path, **kw))
+    with backend.device_scope("cpu"):
+        mean = qc_maps.mean_epi(paths, nib.Nifti1Image(np.zeros((4, 5, 3)), np.eye(4)))
+    assert seen == ["cpu"] * len(runs), "FEAT data resample on the command's device, also on the reading threads"
+    expected = sum(run.mean(axis=-1, dtype=np.float64) for run in runs) / len(runs)  # the same order of additions
+    np.testing.assert_array_equal(mean, expected)
