@@ -66,3 +66,13 @@ def test_a_truncated_gz_is_one_clear_error_with_either_decoder(tmp_path, monkeyp
         monkeypatch.setattr(nifti, "_igzip", None)
     with pytest.raises(InputError, match=r"cannot read BOLD .*bold\.nii\.gz.*is the file complete\?"):
         load_image(path, ndim=4, what="BOLD")
+
+
+def test_info_names_the_gzip_decoder(monkeypatch, capsys):
+    from gpuconn.cli.app import run
+
+    assert run(["info"]) == 0
+    assert "igzip (python-isal" in capsys.readouterr().out
+    monkeypatch.setattr(nifti, "_igzip", None)
+    assert run(["info"]) == 0
+    assert "stdlib gzip (faster, same arrays: gpuconn[fast-gzip])" in capsys.readouterr().out
