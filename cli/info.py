@@ -20,6 +20,17 @@ def _cupy_version() -> str:
     return f"{cupy.__version__} (CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()})"
 
 
+def _gzip_decoder() -> str:
+    """Which inflater reads ``.nii.gz`` (:mod:`gpuconn.core.nifti`)."""
+    from gpuconn.core import nifti
+
+    if nifti._igzip is None:
+        return "stdlib gzip (faster, same arrays: gpuconn[fast-gzip])"
+    import isal
+
+    return f"igzip (python-isal {isal.__version__})"
+
+
 def info() -> None:
     """Print package versions, the device gpuconn would use, and CUDA/CuPy status."""
     import nibabel
@@ -38,6 +49,7 @@ def info() -> None:
         ("scipy", scipy.__version__),
         ("torch", torch.__version__),
         ("nibabel", nibabel.__version__),
+        ("gzip decoder", _gzip_decoder()),
         ("device (auto)", str(resolve_device("auto"))),
         ("torch CUDA build", str(torch.version.cuda)),
         ("CUDA devices", str(torch.cuda.device_count())),

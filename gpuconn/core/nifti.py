@@ -5,6 +5,13 @@ AFNI datasets (:mod:`gpuconn.core.afni`) and FEAT folders
 (:mod:`gpuconn.core.feat`) to their modules and plain files here; the FEAT
 module and the resampler open the NIfTI files a FEAT folder holds here too,
 so none of them needs :mod:`gpuconn.core.io`.
+
+``.nii.gz`` data are inflated by python-isal's ``igzip`` where it is
+installed (the ``fast-gzip`` extra), else by the standard library's
+``gzip``: the same bytes (gzip is lossless), decoded by nibabel either way,
+so the arrays are identical; igzip inflates about 1.5x faster and releases
+the GIL, which matters where reading is the bound (seed maps, with
+read-ahead).
 """
 
 from __future__ import annotations
@@ -14,8 +21,14 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.arrayproxy import ArrayProxy
 
 from .errors import InputError
+
+try:
+    from isal import igzip as _igzip
+except ImportError:  # the stdlib's gzip, through nibabel
+    _igzip = None
 
 __all__ = ["NIFTI_SUFFIXES", "check_rank", "nifti_header", "read_data", "load_nifti"]
 
@@ -84,12 +97,26 @@ def read_data(img: nib.Nifti1Image, path: str | os.PathLike, *, ndim: int | None
         Truncated or corrupt data.
     """
     try:
-        data = np.asanyarray(img.dataobj)
+        data = _decoded(img.dataobj)
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise _unreadable(Path(path), what, exc) from exc
     if ndim == 3 and data.ndim == 4:
         data = data[..., 0]
     return nib.Nifti1Image(data, img.affine, img.header, extra=img.extra)
+
+
+def _decoded(proxy) -> np.ndarray:
+    """``np.asanyarray(proxy)``, a plain NIfTI ``.gz`` file's bytes inflated by igzip where python-isal is installed.
+
+    The igzip stream replaces only the file under nibabel's reader: shape,
+    storage dtype, offset, order and scaling are the proxy's own.
+    """
+    path = proxy.file_like if type(proxy) is ArrayProxy else None  # AFNI and FEAT proxies read their own way
+    if _igzip is None or not isinstance(path, str) or not path.endswith(".gz"):
+        return np.asanyarray(proxy)
+    with _igzip.open(path, "rb") as stream:
+        spec = (proxy.shape, proxy.dtype, proxy.offset, proxy.slope, proxy.inter)
+        return np.asanyarray(ArrayProxy(stream, spec, mmap=False, order=proxy.order))
 
 
 def load_nifti(path: str | os.PathLike, *, ndim: int | None = None, what: str = "image") -> nib.Nifti1Image:

@@ -223,8 +223,9 @@ def compute_seed_maps(
     Notes
     -----
     All headers, masks and seeds are checked before anything is written.
-    Subjects are read one at a time (the next one in a background thread
-    while the current one is on the device). In the subject layout each
+    Subjects are computed one at a time while the next ones are read on
+    threads (:func:`gpuconn.maps.series.stream_inputs`, bounded by host
+    memory). In the subject layout each
     run's files are written as soon as it is done; a data error found on
     reading (NaN inside the mask) stops the run after the runs before it.
     Voxels outside a run's mask are 0. A run with a censor file

@@ -5,24 +5,25 @@
   results with their censor file);
   :func:`prepare_inputs` validates them (headers only) and places the
   regions on each run's mask; :func:`stream_inputs` yields their data
-  without the censored volumes, reading the next run in a thread
+  without the censored volumes, reading the next runs on threads
   meanwhile (seed maps, ROI values).
 - :func:`check_subjects`, :func:`common_mask`, :func:`read_series` and
   :func:`iter_series`: subject series on one grid for group ICA and dual
-  regression (FSL's common mask; reading ahead in threads).
+  regression (FSL's common mask; reading ahead on threads).
 - :func:`matrix_text`: matrices as FSL-style text (``melodic_mix``,
   ``dr_stage1_*.txt``).
+
+Both readers read ahead through :func:`gpuconn.core.prefetch.prefetch`,
+bounded by host memory, with the data of a serial read.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextvars
+import functools
 import json
 import os
 import re
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from ..core.afni import read_censor_1d
 from ..core.bids import DEFAULT_SPACE, find_runs
 from ..core.errors import InputError, OptionError
 from ..core.io import check_same_grid, load_header, load_image, load_mask, masked_data, sidecar_path, split_ext
+from ..core.prefetch import items_ahead, prefetch
 from ..core.progress import progress_bar
 from ..subject.denoise import SPIKE_VOLUMES_KEY
 from .regions import Region, region_masks, region_weights
@@ -240,14 +242,17 @@ def _load_series(item: PreparedInput) -> np.ndarray:
 
 
 
-def stream_inputs(prepared: Sequence[PreparedInput]) -> Iterator[tuple[PreparedInput, np.ndarray]]:
-    """Yield each run with its ``(n_kept, n_voxels)`` float32 data, reading the next one in a thread meanwhile.
+def stream_inputs(prepared: Sequence[PreparedInput], *, ahead: int = 2) -> Iterator[tuple[PreparedInput, np.ndarray]]:
+    """Yield each run with its ``(n_kept, n_voxels)`` float32 data, reading the next ones on threads meanwhile.
 
     ``n_kept`` is the run's volumes less those its censor file leaves out
     (:attr:`PreparedInput.keep`).
 
-    The thread reads in a copy of the caller's context (its
-    :func:`gpuconn.core.backend.device_scope`: FEAT inputs resample there).
+    Reading goes through :func:`gpuconn.core.prefetch.prefetch`: up to
+    ``ahead`` runs are read on two threads in a copy of the caller's context
+    (its :func:`gpuconn.core.backend.device_scope`: FEAT inputs resample
+    there), fewer when they would take over a quarter of the host's
+    available memory; the data are those of a serial read. ``ahead=0`` reads each run when it is reached.
 
     Raises
     ------
@@ -255,13 +260,21 @@ def stream_inputs(prepared: Sequence[PreparedInput]) -> Iterator[tuple[PreparedI
         A BOLD file that does not decode or has NaN/Inf inside its mask
         (found on reading, after the runs before it were yielded).
     """
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(contextvars.copy_context().run, _load_series, prepared[0]) if prepared else None
-        for index, item in enumerate(prepared):
-            data = pending.result()
-            pending = (pool.submit(contextvars.copy_context().run, _load_series, prepared[index + 1])
-                       if index + 1 < len(prepared) else None)
-            yield item, data
+    ahead = _read_ahead([item.source.bold for item in prepared], ahead, what="BOLD")
+    yield from zip(prepared, prefetch(prepared, _load_series, ahead=ahead), strict=True)
+
+
+def _read_ahead(paths: Sequence[str | os.PathLike], wanted: int, *, what: str) -> int:
+    """Runs to read ahead: ``wanted``, fewer where they would hold over a quarter of the available host memory.
+
+    A run being read holds its 4D image decoded (float32 twice, or float64
+    when the file stores scaled integers), so one counts 8 bytes per voxel
+    and volume of the first run's header (the runs share a grid).
+    """
+    if wanted <= 0 or len(paths) < 2:
+        return 0
+    header = load_header(paths[0], what=what)
+    return items_ahead(8 * int(np.prod(header.shape)), wanted)
 
 
 
@@ -432,17 +445,15 @@ def common_mask(
 def iter_series(paths: Sequence[Path], mask: np.ndarray, n_ahead: int) -> Iterator[np.ndarray]:
     """Yield each subject's masked series, ``(n_volumes, n_voxels)`` float32, in order.
 
-    Up to ``n_ahead`` files are read ahead in two threads (NIfTI decoding
-    and gzip release the GIL), so reading overlaps the device work; memory
-    holds at most ``n_ahead + 1`` subjects.
+    Up to ``n_ahead`` files are read ahead on two threads
+    (:func:`gpuconn.core.prefetch.prefetch`; NIfTI decoding and gzip release
+    the GIL), so reading overlaps the device work; fewer when they would
+    take over a quarter of the host's available memory. Besides the
+    subjects the caller holds, memory holds at most ``n_ahead`` more; 0
+    reads each subject when it is reached.
     """
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        pending = [pool.submit(contextvars.copy_context().run, read_series, p, mask) for p in paths[:n_ahead]]
-        for index in range(len(paths)):
-            data = pending.pop(0).result()
-            if index + n_ahead < len(paths):
-                pending.append(pool.submit(contextvars.copy_context().run, read_series, paths[index + n_ahead], mask))
-            yield data
+    ahead = _read_ahead(paths, n_ahead, what="subject series")
+    yield from prefetch(paths, functools.partial(read_series, mask=mask), ahead=ahead)
 
 
 

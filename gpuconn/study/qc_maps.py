@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 from scipy import ndimage, stats
 
 from ..core import io
+from ..core.prefetch import prefetch
 
 __all__ = ["underlay", "resample_to", "mean_epi", "tsnr", "carpet", "censored_volumes", "qc_fc"]
 
@@ -54,8 +54,9 @@ def mean_epi(paths: Sequence[str | os.PathLike], reference: nib.Nifti1Image) -> 
     """Mean over runs of each run's temporal mean (float64), on the reference grid.
 
     A run on another grid is resampled (:func:`resample_to`). Runs are read
-    by a few threads (decompression releases the GIL); the sum is taken in
-    run order, so the result does not depend on the thread count.
+    ahead by a few threads (:func:`gpuconn.core.prefetch.prefetch`, in the
+    caller's device scope; decompression releases the GIL); the sum is
+    taken in run order, so the result does not depend on the thread count.
     """
 
     def run_mean(path) -> np.ndarray:
@@ -65,9 +66,9 @@ def mean_epi(paths: Sequence[str | os.PathLike], reference: nib.Nifti1Image) -> 
         return mean if same else resample_to(nib.Nifti1Image(mean, img.affine), reference)
 
     total = np.zeros(reference.shape[:3])
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        for mean in pool.map(run_mean, paths):
-            total += mean
+    threads = min(4, os.cpu_count() or 1)
+    for mean in prefetch(paths, run_mean, ahead=threads, workers=threads):  # a run in memory per thread
+        total += mean
     return total / max(len(paths), 1)
 
 
