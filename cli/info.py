@@ -21,14 +21,11 @@ def _cupy_version() -> str:
 
 
 def _gzip_decoder() -> str:
-    """Which inflater reads ``.nii.gz`` (:mod:`gpuconn.core.nifti`)."""
-    from gpuconn.core import nifti
+    """Which inflater reads ``.nii.gz`` (:func:`gpuconn.core.nifti.gzip_decoder`)."""
+    from gpuconn.core.nifti import gzip_decoder
 
-    if nifti._igzip is None:
-        return "stdlib gzip (faster, same arrays: gpuconn[fast-gzip])"
-    import isal
-
-    return f"igzip (python-isal {isal.__version__})"
+    version = gzip_decoder()
+    return "stdlib gzip (faster, same arrays: gpuconn[fast-gzip])" if version is None else f"igzip (python-isal {version})"
 
 
 def info() -> None:

@@ -30,7 +30,7 @@ try:
 except ImportError:  # the stdlib's gzip, through nibabel
     _igzip = None
 
-__all__ = ["NIFTI_SUFFIXES", "check_rank", "nifti_header", "read_data", "load_nifti"]
+__all__ = ["NIFTI_SUFFIXES", "check_rank", "nifti_header", "read_data", "load_nifti", "gzip_decoder"]
 
 #: File name endings read as NIfTI.
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -103,6 +103,15 @@ def read_data(img: nib.Nifti1Image, path: str | os.PathLike, *, ndim: int | None
     if ndim == 3 and data.ndim == 4:
         data = data[..., 0]
     return nib.Nifti1Image(data, img.affine, img.header, extra=img.extra)
+
+
+def gzip_decoder() -> str | None:
+    """The python-isal version whose igzip inflates ``.nii.gz`` files, or None when the stdlib's gzip does."""
+    if _igzip is None:
+        return None
+    import isal
+
+    return isal.__version__
 
 
 def _decoded(proxy) -> np.ndarray:
