@@ -126,7 +126,7 @@ def test_series_readers_read_ahead_through_prefetch_within_host_memory(tmp_path,
     """Both readers read ``ahead`` runs beyond the one consumed (``items_ahead``'s bound), in the caller's device scope."""
     import gpuconn.maps.series as series
     from gpuconn.core import backend
-    from gpuconn.core.io import load_image as real_load_image
+    from gpuconn.core.io import load_masked as real_load_masked
 
     paths, mask_path, mask = _series_files(tmp_path)
     serial = [series.read_series(p, mask) for p in paths]
@@ -135,13 +135,13 @@ def test_series_readers_read_ahead_through_prefetch_within_host_memory(tmp_path,
     monkeypatch.setattr(backend, "host_available_bytes", lambda: 4 * items_fit * item_bytes)  # a quarter holds items_fit
     lock, started = threading.Lock(), []
 
-    def load_image(path, **kwargs):
+    def load_masked(path, mask, **kwargs):
         with lock:
             started.append((Path(path), threading.current_thread() is threading.main_thread(),
                             backend.scoped_device()))
-        return real_load_image(path, **kwargs)
+        return real_load_masked(path, mask, **kwargs)
 
-    monkeypatch.setattr(series, "load_image", load_image)
+    monkeypatch.setattr(series, "load_masked", load_masked)
 
     def n_started():
         with lock:

@@ -32,7 +32,7 @@ import pandas as pd
 
 from .. import __version__
 from . import afni, feat
-from .nifti import NIFTI_SUFFIXES, check_rank, nifti_header, read_data
+from .nifti import NIFTI_SUFFIXES, check_rank, nifti_header, read_data, read_masked
 from .errors import GpuconnError, InputError
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "sidecar_path",
     "load_header",
     "load_image",
+    "load_masked",
     "load_mask",
     "check_same_grid",
     "masked_data",
@@ -231,9 +232,57 @@ def masked_data(
         NaN or infinite (the message counts them and suggests a tighter mask).
     """
     data = np.asarray(img.dataobj)
-    if data.shape[:3] != mask.shape:
-        raise InputError(f"{path} has shape {data.shape[:3]} but the mask has {mask.shape}")
-    values = data[mask]  # (n_voxels,) or (n_voxels, n_volumes)
+    _check_mask_shape(data.shape, mask, path)
+    return _volume_rows(data[mask], path, dtype)
+
+
+def load_masked(
+    path: str | os.PathLike,
+    mask: np.ndarray,
+    *,
+    ndim: int | None = None,
+    what: str = "image",
+    dtype: Any = np.float32,
+) -> np.ndarray:
+    """:func:`load_image` then :func:`masked_data`, scaling only the voxels inside ``mask``.
+
+    The same array bit for bit, without scaling the stored integers of the
+    whole box (:func:`gpuconn.core.nifti.read_masked`): for a brain mask,
+    three quarters of a 2 mm MNI image are left unscaled.
+
+    Parameters
+    ----------
+    path : path-like
+        As for :func:`load_header` (NIfTI, AFNI dataset or FEAT folder).
+    mask : ndarray of bool, shape (x, y, z)
+    ndim : {3, 4}, optional
+        Required dimensionality (a 4D image of one volume passes as 3D).
+    what : str
+        What the image is for, used in error messages (``'BOLD'``).
+    dtype : numpy dtype, default float32
+
+    Returns
+    -------
+    ndarray, shape (n_volumes, n_voxels)
+        ``(1, n_voxels)`` for a 3D image.
+
+    Raises
+    ------
+    InputError
+        Those of :func:`load_image` and :func:`masked_data`.
+    """
+    img = load_header(path, ndim=ndim, what=what)
+    _check_mask_shape(img.shape, mask, path)
+    return _volume_rows(read_masked(img, path, mask, what=what), path, dtype)
+
+
+def _check_mask_shape(shape: tuple[int, ...], mask: np.ndarray, path: str | os.PathLike) -> None:
+    if shape[:3] != mask.shape:
+        raise InputError(f"{path} has shape {shape[:3]} but the mask has {mask.shape}")
+
+
+def _volume_rows(values: np.ndarray, path: str | os.PathLike, dtype: Any) -> np.ndarray:
+    """Masked ``(n_voxels,)`` or ``(n_voxels, n_volumes)`` values as contiguous ``(n_volumes, n_voxels)``, all finite."""
     values = values[:, None] if values.ndim == 1 else values
     values = np.ascontiguousarray(values.T, dtype=dtype)
     bad = ~np.isfinite(values)

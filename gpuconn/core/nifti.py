@@ -12,16 +12,24 @@ installed (the ``fast-gzip`` extra), else by the standard library's
 so the arrays are identical; igzip inflates about 1.5x faster and releases
 the GIL, which matters where reading is the bound (seed maps, with
 read-ahead).
+
+:func:`read_masked` reads only the voxels of a mask as values: a plain
+file's stored numbers are masked first and only the kept ones scaled by
+``scl_slope``/``scl_inter`` (nibabel's own arithmetic), where reading the
+whole image would scale the whole box, mostly outside the brain.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from nibabel.arrayproxy import ArrayProxy
+from nibabel.volumeutils import apply_read_scaling
 
 from .errors import InputError
 
@@ -30,7 +38,7 @@ try:
 except ImportError:  # the stdlib's gzip, through nibabel
     _igzip = None
 
-__all__ = ["NIFTI_SUFFIXES", "check_rank", "nifti_header", "read_data", "load_nifti", "gzip_decoder"]
+__all__ = ["NIFTI_SUFFIXES", "check_rank", "nifti_header", "read_data", "read_masked", "load_nifti", "gzip_decoder"]
 
 #: File name endings read as NIfTI.
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -114,18 +122,74 @@ def gzip_decoder() -> str | None:
     return isal.__version__
 
 
-def _decoded(proxy) -> np.ndarray:
-    """``np.asanyarray(proxy)``, a plain NIfTI ``.gz`` file's bytes inflated by igzip where python-isal is installed.
+def read_masked(img: nib.Nifti1Image, path: str | os.PathLike, mask: np.ndarray, *,
+                what: str = "image") -> np.ndarray:
+    """The values of the voxels inside ``mask``, scaled as nibabel reads them, without scaling the others.
+
+    ``np.asanyarray(img.dataobj)[mask]`` bit for bit (same values, same
+    dtype): a plain NIfTI file's stored numbers are read unscaled (inflated
+    by igzip where installed), masked, and the kept ones scaled by
+    :func:`nibabel.volumeutils.apply_read_scaling` with the proxy's
+    ``slope`` and ``inter``, which is what nibabel's ``ArrayProxy`` applies to
+    the whole array (its scale factors are Python floats, from
+    ``get_slope_inter``, a zero or NaN slope read as 1). The scaling is
+    element-wise and its dtype depends on the stored dtype and the scale
+    factors only, never on the values, so masking first changes no bit.
+    AFNI datasets (per-volume scale factors) and FEAT views (resampled) are
+    read whole, then masked.
+
+    Parameters
+    ----------
+    img : nibabel.Nifti1Image
+        From :func:`nifti_header` (data still on disk) or another opener.
+    path : path-like
+        Its file, named in errors.
+    mask : ndarray of bool, shape (x, y, z)
+        On the image's grid (checked by the caller).
+    what : str
+        What the image is for, used in error messages.
+
+    Returns
+    -------
+    ndarray, shape (n_voxels,) for a 3D image or (n_voxels, n_volumes) for 4D
+        In nibabel's dtype for the image (float64 for scaled integers).
+
+    Raises
+    ------
+    InputError
+        Truncated or corrupt data.
+    """
+    proxy = img.dataobj
+    try:
+        if type(proxy) is not ArrayProxy:  # AFNI and FEAT proxies read their own way
+            return _decoded(proxy)[mask]
+        with _inflated(proxy) as source:
+            stored = source.get_unscaled()[mask]
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise _unreadable(Path(path), what, exc) from exc
+    return apply_read_scaling(stored, proxy.slope, proxy.inter)
+
+
+@contextlib.contextmanager
+def _inflated(proxy) -> Iterator:
+    """``proxy``, or for a plain NIfTI ``.gz`` file where python-isal is installed, its copy reading an igzip stream.
 
     The igzip stream replaces only the file under nibabel's reader: shape,
     storage dtype, offset, order and scaling are the proxy's own.
     """
     path = proxy.file_like if type(proxy) is ArrayProxy else None  # AFNI and FEAT proxies read their own way
     if _igzip is None or not isinstance(path, str) or not path.endswith(".gz"):
-        return np.asanyarray(proxy)
+        yield proxy
+        return
     with _igzip.open(path, "rb") as stream:
         spec = (proxy.shape, proxy.dtype, proxy.offset, proxy.slope, proxy.inter)
-        return np.asanyarray(ArrayProxy(stream, spec, mmap=False, order=proxy.order))
+        yield ArrayProxy(stream, spec, mmap=False, order=proxy.order)
+
+
+def _decoded(proxy) -> np.ndarray:
+    """``np.asanyarray(proxy)``, a plain NIfTI ``.gz`` file's bytes inflated by igzip where python-isal is installed."""
+    with _inflated(proxy) as source:
+        return np.asanyarray(source)
 
 
 def load_nifti(path: str | os.PathLike, *, ndim: int | None = None, what: str = "image") -> nib.Nifti1Image:

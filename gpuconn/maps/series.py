@@ -33,7 +33,7 @@ import numpy as np
 from ..core.afni import read_censor_1d
 from ..core.bids import DEFAULT_SPACE, find_runs
 from ..core.errors import InputError, OptionError
-from ..core.io import check_same_grid, load_header, load_image, load_mask, masked_data, sidecar_path, split_ext
+from ..core.io import check_same_grid, load_header, load_image, load_mask, load_masked, sidecar_path, split_ext
 from ..core.prefetch import items_ahead, prefetch
 from ..core.progress import progress_bar
 from ..subject.denoise import SPIKE_VOLUMES_KEY
@@ -236,8 +236,7 @@ def _censor_keep(item: BoldInput, n_volumes: int) -> tuple[np.ndarray | None, st
 
 
 def _load_series(item: PreparedInput) -> np.ndarray:
-    img = load_image(item.source.bold, ndim=4, what="BOLD")
-    data = masked_data(img, item.mask, path=item.source.bold)
+    data = load_masked(item.source.bold, item.mask, ndim=4, what="BOLD")
     return data if item.keep is None else data[item.keep]
 
 
@@ -267,9 +266,10 @@ def stream_inputs(prepared: Sequence[PreparedInput], *, ahead: int = 2) -> Itera
 def _read_ahead(paths: Sequence[str | os.PathLike], wanted: int, *, what: str) -> int:
     """Runs to read ahead: ``wanted``, fewer where they would hold over a quarter of the available host memory.
 
-    A run being read holds its 4D image decoded (float32 twice, or float64
-    when the file stores scaled integers), so one counts 8 bytes per voxel
-    and volume of the first run's header (the runs share a grid).
+    A run being read holds its 4D image as stored (:func:`gpuconn.core.io.load_masked`;
+    AFNI and FEAT inputs decoded whole, float32 or float64) and its masked
+    voxels, so one counts at most 8 bytes per voxel and volume of the first
+    run's header (the runs share a grid).
     """
     if wanted <= 0 or len(paths) < 2:
         return 0
@@ -393,8 +393,7 @@ def check_subjects(
 
 def read_series(path: str | os.PathLike, mask: np.ndarray) -> np.ndarray:
     """A subject's masked series, ``(n_volumes, n_voxels)`` float32."""
-    img = load_image(path, ndim=4, what="subject series")
-    return masked_data(img, mask, path=path)
+    return load_masked(path, mask, ndim=4, what="subject series")
 
 
 
