@@ -19,7 +19,9 @@ measured) and the files sit in the page cache after the first pass, so the
 figures are decode, not disk. Passes, alternated ``--repeats`` times:
 
 (a) decode alone: every run read and masked by the library's reader
-    (``stream_inputs(ahead=0)``), nothing computed;
+    (``stream_inputs(ahead=0)``: the stored values masked, then scaled), nothing computed;
+(w) the same runs read whole, the whole box scaled, then masked (``load_image`` +
+    ``masked_data``: the reader before ``load_masked``), nothing computed;
 (b) serial: ``compute_seed_maps``' loop without its file writes (read a
     run, correlate its 8 seeds, z back to the host), each run read when it
     is reached (``stream_inputs(ahead=0)``);
@@ -59,6 +61,7 @@ import torch
 
 from gpuconn.core import nifti
 from gpuconn.core.backend import as_data, to_numpy
+from gpuconn.core.io import load_image, masked_data
 from gpuconn.maps import seed as seed_module
 from gpuconn.maps.regions import sphere_regions
 from gpuconn.maps.series import bold_inputs, prepare_inputs, stream_inputs
@@ -190,6 +193,10 @@ def seed_bench(args) -> list[str]:
             for _ in stream_inputs(prepared, ahead=0):
                 pass
 
+        def decode_whole():
+            for item in prepared:
+                masked_data(load_image(item.source.bold, ndim=4, what="BOLD"), item.mask, path=item.source.bold)
+
         def loop(ahead: int | None):
             """compute_seed_maps' loop without its writes: read (ahead), correlate, z back to the host."""
             def run():
@@ -213,6 +220,8 @@ def seed_bench(args) -> list[str]:
             path.read_bytes()
         seed_module.compute_seed_maps(inputs[:2], regions, tmp / "warm-up", stats=("z",), device="cpu")
         passes = {}
+        for decoder in decoders:
+            passes[f"(w) decode alone, whole box scaled then masked, {decoder}"] = (decoder, decode_whole)
         for decoder in decoders:
             passes[f"(a) decode alone (read + mask), {decoder}"] = (decoder, decode)
         passes["(b) serial read + compute (ahead=0), gzip"] = ("gzip", loop(0))
@@ -250,6 +259,12 @@ def seed_bench(args) -> list[str]:
                 lines.append(f"- {decoder}: serial (gzip) / pipelined = {serial / piped:.2f}x")
             if decode_wall and library_wall:
                 lines.append(f"- {decoder}: compute_seed_maps / decode alone = {library_wall / decode_wall:.2f}x")
+        for decoder in decoders:
+            whole, masked = best.get(f"(w) decode alone, whole box scaled then masked, {decoder}"), \
+                best.get(f"(a) decode alone (read + mask), {decoder}")
+            if whole and masked:
+                lines.append(f"- {decoder}: whole box scaled (w) / mask's voxels scaled (a) = "
+                             f"**{whole[0] / masked[0]:.2f}x** wall, {whole[1] / masked[1]:.2f}x CPU")
         for kind in ("(a) decode alone (read + mask)", "(c) pipelined read + compute (default ahead)",
                      "(d) compute_seed_maps (pipelined, z maps written)"):
             if f"{kind}, igzip" in best and f"{kind}, gzip" in best:
@@ -269,7 +284,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--subjects", type=int, default=181, help="--seed: runs")
     parser.add_argument("--distinct", type=int, default=8, help="--seed: distinct files behind the runs' links")
-    parser.add_argument("--passes", default="a,b,c1,c,d", help="--seed: which passes (letters, comma-separated)")
+    parser.add_argument("--passes", default="w,a,b,c1,c,d", help="--seed: which passes (letters, comma-separated)")
     parser.add_argument("--tmp", default=None, help="folder for the data (default: the system's temporary folder)")
     parser.add_argument("--quick", action="store_true", help="seconds: tiny grid, few runs and volumes, 1 repeat")
     parser.add_argument("--append", action="store_true", help="append a section to bench/RESULTS.md")
