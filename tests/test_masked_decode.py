@@ -128,6 +128,15 @@ def test_a_3d_image_or_one_volume_gives_one_row(tmp_path, shape):
     assert np.array_equal(got, masked_data(nib.load(path), _mask()))
 
 
+def test_a_5d_image_keeps_its_trailing_axes(tmp_path):
+    shape = SHAPE[:3] + (3, 2)
+    path = _write(tmp_path / "image.nii.gz", _stored(np.int16, shape), slope=1 / 3, inter=0.1)
+    values = nifti.read_masked(nifti.nifti_header(path), path, _mask())
+    full = np.asanyarray(nib.load(path).dataobj)
+    assert values.shape == (int(_mask().sum()), 3, 2) and values.dtype == full.dtype
+    assert values.tobytes() == full[_mask()].tobytes()
+
+
 def test_read_series_reads_the_mask_only(tmp_path):
     path = _write(tmp_path / "sub-01.nii.gz", _stored(np.int16, SHAPE), slope=1 / 3, inter=0.1)
     mask = _mask()

@@ -164,10 +164,14 @@ def read_masked(img: nib.Nifti1Image, path: str | os.PathLike, mask: np.ndarray,
         if type(proxy) is not ArrayProxy:  # AFNI and FEAT proxies read their own way
             return _decoded(proxy)[mask]
         with _inflated(proxy) as source:
-            stored = source.get_unscaled()[mask]
+            stored = source.get_unscaled()
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise _unreadable(Path(path), what, exc) from exc
-    return apply_read_scaling(stored, proxy.slope, proxy.inter)
+    # stored[mask], gathered from whole volumes (NIfTI is x-fastest): each voxel's place in a volume, in C order
+    places = np.arange(mask.size).reshape(mask.shape, order="F")[mask]
+    volumes = stored.reshape((mask.size, -1), order="F").T  # (n_volumes, x*y*z), a view of the stored array
+    values = apply_read_scaling(np.take(volumes, places, axis=1), proxy.slope, proxy.inter)
+    return values.T.reshape(places.shape + stored.shape[3:], order="F")
 
 
 @contextlib.contextmanager
