@@ -266,10 +266,11 @@ def stream_inputs(prepared: Sequence[PreparedInput], *, ahead: int = 2) -> Itera
 def _read_ahead(paths: Sequence[str | os.PathLike], wanted: int, *, what: str) -> int:
     """Runs to read ahead: ``wanted``, fewer where they would hold over a quarter of the available host memory.
 
-    A run being read holds its 4D image as stored (:func:`gpuconn.core.io.load_masked`;
-    AFNI and FEAT inputs decoded whole, float32 or float64) and its masked
-    voxels, so one counts at most 8 bytes per voxel and volume of the first
-    run's header (the runs share a grid).
+    A run being read holds its 4D image as stored and its masked voxels
+    (:func:`gpuconn.core.io.load_masked`: float32 data 4 bytes per voxel and
+    volume, 4 more per masked one; scaled int16 2, and 14 per masked one;
+    AFNI and FEAT inputs decoded whole), so one counts 8 bytes per voxel and
+    volume of the first run's header (the runs share a grid).
     """
     if wanted <= 0 or len(paths) < 2:
         return 0
