@@ -268,7 +268,8 @@ def _read_ahead(paths: Sequence[str | os.PathLike], wanted: int, *, what: str) -
 
     A run being read holds its 4D image as stored and its masked voxels
     (:func:`gpuconn.core.io.load_masked`: float32 data 4 bytes per voxel and
-    volume, 4 more per masked one; scaled int16 2, and 14 per masked one;
+    volume, 4 more per masked one; scaled int16 2, and up to 20 per masked one
+    while scaling, where the whole box scaled took 18 per voxel;
     AFNI and FEAT inputs decoded whole), so one counts 8 bytes per voxel and
     volume of the first run's header (the runs share a grid).
     """
