@@ -268,10 +268,11 @@ def _read_ahead(paths: Sequence[str | os.PathLike], wanted: int, *, what: str) -
 
     A run being read holds its 4D image as stored and its masked voxels
     (:func:`gpuconn.core.io.load_masked`: float32 data 4 bytes per voxel and
-    volume, 4 more per masked one; scaled int16 2, and up to 20 per masked one
-    while scaling, where the whole box scaled took 18 per voxel;
-    AFNI and FEAT inputs decoded whole), so one counts 8 bytes per voxel and
-    volume of the first run's header (the runs share a grid).
+    volume, 4 more per masked one; scaled int16 2, and about 16 more per
+    masked one at the peak, 6 in all for a quarter of the box, where
+    scaling the whole box took 16; AFNI and FEAT inputs decoded whole), so
+    one counts 8 bytes per voxel and volume of the first run's header (the
+    runs share a grid).
     """
     if wanted <= 0 or len(paths) < 2:
         return 0
