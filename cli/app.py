@@ -158,9 +158,8 @@ def option_flags(command: Any, argv: list[str]) -> dict[str, str]:
 
 def _quiet_help_flags(command: Any) -> Any:
     """Show ``--help`` without a value type in every command's help, as the other on/off flags (:func:`options.Flag`)."""
-    import click
-
-    command.get_help_option(click.Context(command)).metavar = ""  # the option object is cached on the command
+    # typer vendors its own click: the command's own context class, not click's
+    command.get_help_option(command.context_class(command)).metavar = ""  # the option is cached on the command
     for subcommand in getattr(command, "commands", {}).values():
         _quiet_help_flags(subcommand)
     return command

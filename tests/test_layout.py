@@ -113,3 +113,13 @@ def test_no_module_uses_another_modules_private_names():
     paths = set(PACKAGE.rglob("*.py")) | set(cli.glob("*.py"))
     found = [use for path in sorted(paths) for use in _private_uses(path)]
     assert not found, found
+
+
+def test_nothing_imports_click():
+    """typer vendors its own click and gpuconn does not depend on click: an import of it fails on a fresh install."""
+    cli = Path(gpuconn.cli.__file__).parent
+    found = [f"{path.name}:{node.lineno}" for path in sorted(set(PACKAGE.rglob("*.py")) | set(cli.glob("*.py")))
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "click" for a in node.names)
+             or isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "click" and not node.level]
+    assert not found, found
