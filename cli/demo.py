@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from .options import Device, Quiet, Seed
-from .study import print_start, print_step
+from .study import print_start, print_step, resumable
 
 
 def demo(
@@ -30,7 +30,7 @@ def demo(
 
     console = Console(highlight=False, soft_wrap=True)
     began = time.perf_counter()
-    with output_lock(out, folder=True):
+    with resumable(f"gpuconn demo {out}"), output_lock(out, folder=True):
         result = run_demo(out, n_patients=n_patients, n_controls=n_controls, n_volumes=n_volumes,
                           voxel_size=voxel_size, n_perm=n_perm, device=device, seed=seed, progress=not quiet,
                           on_step=print_step, on_start=print_start, console=console)

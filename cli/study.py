@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -25,9 +27,26 @@ def print_step(record) -> None:
         _console.print(f"  {record.name:<9} disabled in the study file")
 
 
+_running: list[str] = []  # the step under way, for the interrupt message
+
+
 def print_start(name: str) -> None:
     """Say which step starts (its progress bars follow on standard error)."""
+    _running[:] = [name]
     _console.print(f"  {name:<9} running ...")
+
+
+@contextlib.contextmanager
+def resumable(command: str) -> Iterator[None]:
+    """Ctrl-C (or SIGTERM) in a study: one line saying what is kept and how to resume, exit code 130."""
+    _running.clear()
+    try:
+        yield
+    except KeyboardInterrupt:
+        during = f" during step {_running[0]}" if _running else ""
+        _console.print(f"interrupted{during}; the steps completed before it are kept: rerun '{command}' to resume "
+                       "(that step runs again)")
+        raise typer.Exit(130) from None
 
 
 @app.command("run")
@@ -51,7 +70,8 @@ def run(
             raise InputError(f"--template {template}: file not found; give a T1 image in the study's space")
         study.config["report"]["template"] = str(template.resolve())
     _console.print(f"study {study.path}: {len(study.runs)} runs -> {out}")
-    with output_lock(out, folder=True):  # a second run into the same folder stops instead of redoing its steps
+    with resumable(f"gpuconn study run {study_file} -o {out}"), output_lock(out, folder=True):
+        # the lock: a second run into the same folder stops instead of redoing its steps
         result = run_study(study, out, device=device, progress=not quiet, on_step=print_step, on_start=print_start)
     _console.print(f"report: {result.report}")
 

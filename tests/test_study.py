@@ -512,6 +512,25 @@ def test_interrupted_run_resumes_to_identical_results(tiny, monkeypatch):
     _assert_same_results(first, second)
 
 
+def test_cli_interrupt_says_what_is_kept_and_how_to_resume(tiny, monkeypatch, capsys):
+    """Ctrl-C or SIGTERM in `study run`: one line naming the step and the command that resumes, exit code 130."""
+    import gpuconn.study.runner as runner_module
+    from gpuconn.cli.app import run
+
+    root, path, _ = tiny
+
+    def interrupted(study, out, *, on_start, **kwargs):
+        on_start("group")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner_module, "run_study", interrupted)
+    assert run(["study", "run", str(path), "-o", str(root / "again")]) == 130
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "  group     running ...",
+        f"interrupted during step group; the steps completed before it are kept: rerun 'gpuconn study run {path} "
+        f"-o {root / 'again'}' to resume (that step runs again)"]
+
+
 _KILLER = """
 import os, signal, sys
 import gpuconn.stats.randomise as module
