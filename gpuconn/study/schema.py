@@ -173,7 +173,7 @@ def grf_options(inference: dict, path: Path) -> GrfOptions:
     return _options_object(GrfOptions, values, _GRF_KEYS, path)
 
 
-# TfceOptions field -> its [inference] key (method tfce; the TFCE connectivity stays randomise's 6, the step its rule).
+# TfceOptions field -> its [inference] key (method tfce; every field, defaults randomise -T's).
 _TFCE_KEYS = {"H": "inference.tfce_H", "E": "inference.tfce_E", "connectivity": "inference.tfce_connectivity",
               "dh": "inference.tfce_dh", "method": "inference.tfce_method"}
 
@@ -207,7 +207,7 @@ _DESIGN_KEYS = {"group": "inputs.group_column", "levels": "models.contrast", "va
 #: Library parameter -> study key, for the messages of each runner step's library calls
 #: (:func:`study_keys`; ``device`` is ``study.device`` unless ``study run --device`` gave it).
 STEP_KEYS: dict[str, dict[str, str]] = {
-    "qc": {key: f"qc.{key}" for key in ("abs_threshold", "rel_threshold", "outlier_metric", "outlier_threshold")},
+    "qc": {f.name: f"qc.{f.name}" for f in fields(QcOptions)},
     "denoise": _DENOISE_KEYS,
     "ica": {f.name: f"ica.{f.name}" for f in fields(ICAOptions)},
     "group": {**_PERMUTATION_KEYS, "variance_groups": "inference.variance_groups", **_GRF_KEYS, **_DESIGN_KEYS,
