@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextvars
+import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
-__all__ = ["prefetch", "items_ahead"]
+__all__ = ["prefetch", "items_ahead", "images_ahead"]
 
 T = TypeVar("T")
 U = TypeVar("U")
 
 #: Share of the host's available memory that read-ahead may hold.
 HOST_FRACTION = 0.25
+#: Host bytes a 4D image being read holds per voxel and volume (:func:`images_ahead`).
+IMAGE_BYTES_PER_VOXEL = 8
 
 
 def items_ahead(item_bytes: int, wanted: int, *, available: int | None = None, fraction: float = HOST_FRACTION) -> int:
@@ -52,6 +55,41 @@ def items_ahead(item_bytes: int, wanted: int, *, available: int | None = None, f
     if item_bytes <= 0:
         return max(0, wanted)
     return max(0, min(int(wanted), int(available * fraction) // int(item_bytes)))
+
+
+def images_ahead(first_image, wanted: int, *, n_items: int, images_per_item: int = 1, ndim: int | None = None,
+                 what: str = "image") -> int:
+    """How many items of images (runs, batches of runs on one grid) to read ahead: :func:`items_ahead` of their size.
+
+    An image being read counts :data:`IMAGE_BYTES_PER_VOXEL` bytes per voxel
+    and volume of ``first_image``'s header (the items share its grid): a
+    float32 image prepared beside its copy, or a stored image (scaled int16:
+    2 bytes) beside its masked values (:func:`gpuconn.core.io.load_masked`:
+    float32, about 6 bytes in all at the peak for a brain mask; AFNI and
+    FEAT inputs decoded whole).
+
+    Parameters
+    ----------
+    first_image : path-like
+        Read for its header only (:func:`gpuconn.core.io.load_header`).
+    wanted : int
+        Read-ahead asked for.
+    n_items : int
+        Items to read; with fewer than two there is nothing to read ahead (0).
+    images_per_item : int, default 1
+    ndim, what
+        Passed to :func:`~gpuconn.core.io.load_header`.
+
+    Returns
+    -------
+    int
+    """
+    if wanted <= 0 or n_items < 2:
+        return 0
+    from .io import load_header
+
+    header = load_header(first_image, ndim=ndim, what=what)
+    return items_ahead(IMAGE_BYTES_PER_VOXEL * math.prod(header.shape) * images_per_item, wanted)
 
 
 def prefetch(items: Sequence[T] | Iterable[T], load: Callable[[T], U], *, ahead: int = 1,

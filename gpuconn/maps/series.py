@@ -34,7 +34,7 @@ from ..core.afni import read_censor_1d
 from ..core.bids import DEFAULT_SPACE, find_runs
 from ..core.errors import InputError, OptionError
 from ..core.io import check_same_grid, load_header, load_image, load_mask, load_masked, sidecar_path, split_ext
-from ..core.prefetch import items_ahead, prefetch
+from ..core.prefetch import images_ahead, prefetch
 from ..core.progress import progress_bar
 from ..subject.denoise import SPIKE_VOLUMES_KEY
 from .regions import Region, region_masks, region_weights
@@ -259,26 +259,8 @@ def stream_inputs(prepared: Sequence[PreparedInput], *, ahead: int = 2) -> Itera
         A BOLD file that does not decode or has NaN/Inf inside its mask
         (found on reading, after the runs before it were yielded).
     """
-    ahead = _read_ahead([item.source.bold for item in prepared], ahead, what="BOLD")
+    ahead = images_ahead(prepared[0].source.bold, ahead, n_items=len(prepared), what="BOLD") if prepared else 0
     yield from zip(prepared, prefetch(prepared, _load_series, ahead=ahead), strict=True)
-
-
-def _read_ahead(paths: Sequence[str | os.PathLike], wanted: int, *, what: str) -> int:
-    """Runs to read ahead: ``wanted``, fewer where they would hold over a quarter of the available host memory.
-
-    A run being read holds its 4D image as stored and its masked voxels
-    (:func:`gpuconn.core.io.load_masked`: float32 data 4 bytes per voxel and
-    volume, 4 more per masked one; scaled int16 2, and about 16 more per
-    masked one at the peak, 6 in all for a quarter of the box, where
-    scaling the whole box took 16; AFNI and FEAT inputs decoded whole), so
-    one counts 8 bytes per voxel and volume of the first run's header (the
-    runs share a grid).
-    """
-    if wanted <= 0 or len(paths) < 2:
-        return 0
-    header = load_header(paths[0], what=what)
-    return items_ahead(8 * int(np.prod(header.shape)), wanted)
-
 
 
 def _run_label(path: Path) -> str:
@@ -454,7 +436,7 @@ def iter_series(paths: Sequence[Path], mask: np.ndarray, n_ahead: int) -> Iterat
     subjects the caller holds, memory holds at most ``n_ahead`` more; 0
     reads each subject when it is reached.
     """
-    ahead = _read_ahead(paths, n_ahead, what="subject series")
+    ahead = images_ahead(paths[0], n_ahead, n_items=len(paths), what="subject series") if paths else 0
     yield from prefetch(paths, functools.partial(read_series, mask=mask), ahead=ahead)
 
 

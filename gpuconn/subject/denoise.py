@@ -71,7 +71,7 @@ from ..core.io import (
     check_same_grid, load_header, load_image, load_mask, masked_data, read_tsv, save_image, sidecar_path, split_ext,
     write_tsv,
 )
-from ..core.prefetch import items_ahead, prefetch
+from ..core.prefetch import images_ahead, prefetch
 from ..core.tasks import map_tasks
 from . import confounds as cf
 from .options import DenoiseOptions
@@ -848,9 +848,8 @@ def denoise_runs(
         return
     device = resolve_device(device)
     starts = range(0, len(files), batch_size)
-    if read_ahead > 0 and len(starts) > 1:  # a batch of 4D float32 images, held twice while prepared
-        header = load_header(files[0].bold, ndim=4, what="BOLD")
-        read_ahead = items_ahead(8 * int(np.prod(header.shape)) * batch_size, read_ahead)
+    read_ahead = images_ahead(files[0].bold, read_ahead, n_items=len(starts), images_per_item=batch_size, ndim=4,
+                              what="BOLD") if files else 0
     batches = prefetch(starts, lambda start: [prepare_run(f, options, device=device)
                                               for f in files[start : start + batch_size]], ahead=read_ahead)
     for start, batch in zip(starts, batches):
